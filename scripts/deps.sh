@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Installs what keyward needs to build and test on Debian: SoftHSM2 (the dev
+# and test HSM), protoc (compiles proto/), and for the tests cargo-nextest and
+# Python's eth-account (an independent EIP-712 verifier).
+# Usage: scripts/deps.sh [--test]
+set -euo pipefail
+
+need=()
+command -v softhsm2-util >/dev/null 2>&1 || need+=(softhsm2)
+command -v protoc >/dev/null 2>&1 || need+=(protobuf-compiler)
+if [ ${#need[@]} -gt 0 ]; then
+  echo "installing Debian packages: ${need[*]}" >&2
+  SUDO=""
+  [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+
+if [ "${1:-}" = "--test" ]; then
+  if ! cargo nextest --version >/dev/null 2>&1; then
+    echo "installing cargo-nextest" >&2
+    cargo install --locked cargo-nextest
+  fi
+  if ! python3 -c 'import eth_account' >/dev/null 2>&1; then
+    echo "installing eth-account (Python)" >&2
+    python3 -m pip install --quiet eth-account
+  fi
+fi

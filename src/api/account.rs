@@ -1,0 +1,104 @@
+//! AccountService: CreateAccount, GetAccount.
+
+use tonic::{Request, Response, Status};
+
+use super::pb::account_service_server::AccountService;
+use super::pb::{Account, CreateAccountRequest, GetAccountRequest};
+use super::{AccountApi, ApiError};
+use crate::authz::Action;
+use crate::crypto::eth::Address;
+use crate::keys::{public_keys, NewAccount};
+use crate::store::AccountRecord;
+use crate::types::KeyAlg;
+
+const MAX_LABEL_CHARS: usize = 128;
+const MAX_ALLOW: usize = 64;
+const MAX_IDENTITY_BYTES: usize = 1024;
+
+fn to_proto(record: &AccountRecord) -> Result<Account, ApiError> {
+    let (secp, ed) = public_keys(record)?;
+    let (kek_version, key_version) = record
+        .keys
+        .iter()
+        .find(|k| k.alg == KeyAlg::Secp256k1)
+        .map(|k| (k.kek_version, k.key_version))
+        .unwrap_or_default();
+    Ok(Account {
+        account_id: record.id.clone(),
+        label: record.label.clone().unwrap_or_default(),
+        controller: record.controller.clone(),
+        eth_address: Address::from_public_key(&secp).to_checksum(),
+        secp256k1_public_key: secp.to_encoded_point(true).as_bytes().to_vec(),
+        ed25519_public_key: ed.to_bytes().to_vec(),
+        created_by: record.created_by.clone(),
+        created_at: record.created_at,
+        allowed: record.allowed.clone(),
+        kek_version,
+        key_version,
+    })
+}
+
+/// Checks an account id's shape before it reaches the store.
+pub(super) fn check_account_id(id: &str) -> Result<(), ApiError> {
+    if id.is_empty() {
+        return Err(ApiError::invalid("account_id", "is required"));
+    }
+    if uuid::Uuid::parse_str(id).is_err() {
+        return Err(ApiError::invalid("account_id", "is not an account id (UUID)"));
+    }
+    Ok(())
+}
+
+#[tonic::async_trait]
+impl AccountService for AccountApi {
+    async fn create_account(&self, request: Request<CreateAccountRequest>) -> Result<Response<Account>, Status> {
+        let d = &self.0;
+        d.handle("CreateAccount", request, |identity, req| async move {
+            let controller =
+                Address::parse(req.controller.trim()).map_err(|e| ApiError::invalid("controller", e.to_string()))?;
+            if req.label.chars().count() > MAX_LABEL_CHARS {
+                return Err(ApiError::invalid(
+                    "label",
+                    format!("at most {MAX_LABEL_CHARS} characters"),
+                ));
+            }
+            if req.label.chars().any(char::is_control) {
+                return Err(ApiError::invalid("label", "must not contain control characters"));
+            }
+            if req.allow.len() > MAX_ALLOW {
+                return Err(ApiError::invalid("allow", format!("at most {MAX_ALLOW} identities")));
+            }
+            for (i, a) in req.allow.iter().enumerate() {
+                if a.is_empty() || a.len() > MAX_IDENTITY_BYTES || a.chars().any(char::is_control) {
+                    return Err(ApiError::invalid(format!("allow[{i}]"), "not a client identity"));
+                }
+            }
+            d.authz.decide(&identity, Action::CreateAccount, None)?;
+            let record = d
+                .keys
+                .create_account(NewAccount {
+                    controller,
+                    label: (!req.label.is_empty()).then_some(req.label),
+                    created_by: identity,
+                    allowed: req.allow,
+                })
+                .await?;
+            if d.log_details {
+                tracing::info!(account = %record.id, "account created");
+            }
+            to_proto(&record)
+        })
+        .await
+    }
+
+    async fn get_account(&self, request: Request<GetAccountRequest>) -> Result<Response<Account>, Status> {
+        let d = &self.0;
+        d.handle("GetAccount", request, |identity, req| async move {
+            check_account_id(&req.account_id)?;
+            let record = d.keys.record(&req.account_id).await?;
+            d.authz.decide(&identity, Action::ShowAccount, Some(&record))?;
+            to_proto(&record)
+        })
+        .await
+    }
+}

@@ -1,0 +1,90 @@
+//! The one place that picks gRPC status codes.
+//!
+//! | error | status |
+//! |---|---|
+//! | no client identity | UNAUTHENTICATED |
+//! | malformed field | INVALID_ARGUMENT (names the field) |
+//! | interim rules refuse | PERMISSION_DENIED (names the rule) |
+//! | unknown account | NOT_FOUND |
+//! | account already exists | ALREADY_EXISTS |
+//! | stored key does not match its account | DATA_LOSS |
+//! | HSM or store down, token missing or locked, stale handle | UNAVAILABLE |
+//! | blob wrapped under a KEK the token lacks | FAILED_PRECONDITION |
+//! | anything else | INTERNAL |
+
+use tonic::Status;
+
+use crate::authz::Denied;
+use crate::hsm::HsmError;
+use crate::keys::KeyError;
+use crate::store::StoreError;
+
+/// Why an RPC failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ApiError {
+    /// The connection carried no client identity.
+    #[error("no client identity on this connection")]
+    Unauthenticated,
+    /// A request field is malformed.
+    #[error("{field}: {reason}")]
+    Invalid {
+        /// The field path.
+        field: String,
+        /// Why.
+        reason: String,
+    },
+    /// Authorization refused.
+    #[error("permission denied: {0}")]
+    Denied(#[from] Denied),
+    /// The key layer failed.
+    #[error(transparent)]
+    Key(#[from] KeyError),
+}
+
+impl ApiError {
+    /// A malformed field.
+    pub fn invalid(field: impl Into<String>, reason: impl Into<String>) -> ApiError {
+        ApiError::Invalid {
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+fn store_status(e: &StoreError, msg: String) -> Status {
+    match e {
+        StoreError::Unavailable { .. } => Status::unavailable(msg),
+        StoreError::Conflict { .. } => Status::already_exists(msg),
+        StoreError::Corrupt { .. } => Status::data_loss(msg),
+        _ => Status::internal(msg),
+    }
+}
+
+fn hsm_status(e: &HsmError, msg: String) -> Status {
+    match e {
+        HsmError::KekMissing { .. } => Status::failed_precondition(msg),
+        HsmError::KeyMismatch { .. } => Status::data_loss(msg),
+        HsmError::Internal { .. } | HsmError::Unsupported { .. } => Status::internal(msg),
+        _ => Status::unavailable(msg),
+    }
+}
+
+impl From<ApiError> for Status {
+    fn from(e: ApiError) -> Status {
+        let msg = e.to_string();
+        match &e {
+            ApiError::Unauthenticated => Status::unauthenticated(msg),
+            ApiError::Invalid { .. } => Status::invalid_argument(msg),
+            ApiError::Denied(_) => Status::permission_denied(msg),
+            ApiError::Key(k) => match k {
+                KeyError::AccountNotFound(_) => Status::not_found(msg),
+                KeyError::Binding { .. } | KeyError::MissingKey { .. } => Status::data_loss(msg),
+                KeyError::Hsm(h) => hsm_status(h, msg),
+                KeyError::Store(s) => store_status(s, msg),
+                KeyError::Signature(_) => Status::data_loss(msg),
+                _ => Status::internal(msg),
+            },
+        }
+    }
+}

@@ -1,0 +1,460 @@
+//! `keyward bench`: a load generator over real mutual TLS. It creates
+//! accounts, drives signing RPCs at a given concurrency for a given time, and
+//! in the same run measures the ceilings the daemon is compared with: a bare
+//! tonic server that only signs with k256, raw k256/Ed25519 signing, and
+//! (with --hsm-baseline) raw SoftHSM C_Sign. Figures are printed as ratios,
+//! since the machines are shared and noisy.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use clap::{Args, ValueEnum};
+use ed25519_dalek::Signer as _;
+use serde_json::json;
+use tonic::transport::Channel;
+use tonic::{Request, Response, Status};
+
+use crate::api::pb::account_service_client::AccountServiceClient;
+use crate::api::pb::signing_service_client::SigningServiceClient;
+use crate::api::pb::signing_service_server::{SigningService, SigningServiceServer};
+use crate::api::pb::{
+    CreateAccountRequest, SignMessageRequest, SignMessageResponse, SignTypedDataRequest, SignTypedDataResponse,
+    SignatureAlgorithm,
+};
+use crate::cli::client::RpcError;
+use crate::cli::ClientOpts;
+use crate::crypto::eip712::keccak256;
+use crate::types::KeyAlg;
+
+/// `keyward bench` options.
+#[derive(Debug, Clone, Args)]
+pub struct BenchArgs {
+    /// Accounts to create and sign with.
+    #[arg(long, default_value_t = 100)]
+    pub accounts: usize,
+    /// Requests in flight.
+    #[arg(long, default_value_t = 64)]
+    pub concurrency: usize,
+    /// HTTP/2 connections the requests are spread over.
+    #[arg(long, default_value_t = 4)]
+    pub connections: usize,
+    /// Seconds of load per measurement.
+    #[arg(long, default_value_t = 10)]
+    pub duration: u64,
+    /// The operation.
+    #[arg(long, value_enum, default_value_t = BenchOp::TypedData)]
+    pub op: BenchOp,
+    /// Also measure raw SoftHSM C_Sign on the dev token (set when the daemon runs custody hsm).
+    #[arg(long)]
+    pub hsm_baseline: bool,
+    /// Skip the bare tonic baseline.
+    #[arg(long)]
+    pub no_tonic_baseline: bool,
+}
+
+/// What the load generator asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BenchOp {
+    /// SignTypedData with the EIP-712 Mail document (secp256k1).
+    TypedData,
+    /// SignMessage with Ed25519.
+    Ed25519,
+}
+
+const MAIL: &str = r#"{"types":{"EIP712Domain":[{"name":"name","type":"string"},{"name":"version","type":"string"},{"name":"chainId","type":"uint256"},{"name":"verifyingContract","type":"address"}],"Person":[{"name":"name","type":"string"},{"name":"wallet","type":"address"}],"Mail":[{"name":"from","type":"Person"},{"name":"to","type":"Person"},{"name":"contents","type":"string"}]},"primaryType":"Mail","domain":{"name":"Ether Mail","version":"1","chainId":1,"verifyingContract":"0xCcCCccccCCCCcCCCCCCcCcCccCcCCCcCcccccccC"},"message":{"from":{"name":"Cow","wallet":"0xCD2a3d9F938E13CD947Ec05AbC7FE734Df8DD826"},"to":{"name":"Bob","wallet":"0xbBbBBBBbbBBBbbbBbbBbbbbBBbBbbbbBbBbbBBbB"},"contents":"Hello, Bob!"}}"#;
+
+/// Throughput and latency of one measurement.
+#[derive(Debug, Clone, Default)]
+pub struct LoadResult {
+    /// Successful requests.
+    pub ok: u64,
+    /// Failed requests.
+    pub errors: u64,
+    /// Requests per second.
+    pub per_sec: f64,
+    /// Latency percentiles in microseconds: p50, p95, p99.
+    pub p50_us: u64,
+    /// 95th percentile.
+    pub p95_us: u64,
+    /// 99th percentile.
+    pub p99_us: u64,
+}
+
+impl LoadResult {
+    fn json(&self) -> serde_json::Value {
+        json!({"ok": self.ok, "errors": self.errors, "per_sec": self.per_sec.round(),
+               "p50_us": self.p50_us, "p95_us": self.p95_us, "p99_us": self.p99_us})
+    }
+}
+
+fn percentile(sorted: &[u32], p: f64) -> u64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    u64::from(sorted[idx.min(sorted.len() - 1)])
+}
+
+/// Drives `op` over `channels` for `duration`.
+async fn drive(
+    channels: &[Channel],
+    accounts: Arc<Vec<String>>,
+    op: BenchOp,
+    concurrency: usize,
+    duration: Duration,
+) -> LoadResult {
+    let deadline = Instant::now() + duration;
+    let errors = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let mut tasks = Vec::with_capacity(concurrency);
+    for t in 0..concurrency {
+        let ch = channels[t % channels.len()].clone();
+        let accounts = accounts.clone();
+        let errors = errors.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut client = SigningServiceClient::new(ch);
+            let mut lat = Vec::with_capacity(4096);
+            let mut i = t;
+            while Instant::now() < deadline {
+                let account_id = accounts[i % accounts.len()].clone();
+                i = i.wrapping_add(concurrency);
+                let t0 = Instant::now();
+                let r = match op {
+                    BenchOp::TypedData => client
+                        .sign_typed_data(SignTypedDataRequest {
+                            account_id,
+                            typed_data_json: MAIL.to_string(),
+                        })
+                        .await
+                        .map(|_| ()),
+                    BenchOp::Ed25519 => client
+                        .sign_message(SignMessageRequest {
+                            account_id,
+                            alg: SignatureAlgorithm::Ed25519 as i32,
+                            data: b"keyward bench message".to_vec(),
+                        })
+                        .await
+                        .map(|_| ()),
+                };
+                match r {
+                    Ok(()) => lat.push(u32::try_from(t0.elapsed().as_micros()).unwrap_or(u32::MAX)),
+                    Err(_) => {
+                        errors.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+            lat
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        if let Ok(mut l) = t.await {
+            all.append(&mut l);
+        }
+    }
+    let elapsed = started.elapsed().as_secs_f64().max(1e-9);
+    all.sort_unstable();
+    LoadResult {
+        ok: all.len() as u64,
+        errors: errors.load(Ordering::Relaxed),
+        per_sec: all.len() as f64 / elapsed,
+        p50_us: percentile(&all, 0.50),
+        p95_us: percentile(&all, 0.95),
+        p99_us: percentile(&all, 0.99),
+    }
+}
+
+async fn channels(home: &Path, opts: &ClientOpts, n: usize) -> anyhow::Result<Vec<Channel>> {
+    let mut out = Vec::with_capacity(n.max(1));
+    for _ in 0..n.max(1) {
+        out.push(crate::cli::client::connect(home, opts).await?);
+    }
+    Ok(out)
+}
+
+async fn create_accounts(ch: &Channel, n: usize) -> anyhow::Result<Vec<String>> {
+    let sem = Arc::new(tokio::sync::Semaphore::new(8));
+    let mut tasks = Vec::with_capacity(n);
+    for i in 0..n {
+        let mut c = AccountServiceClient::new(ch.clone());
+        let sem = sem.clone();
+        tasks.push(tokio::spawn(async move {
+            let _permit = sem.acquire().await;
+            c.create_account(CreateAccountRequest {
+                controller: format!("0x{:040x}", i + 1),
+                label: format!("bench-{i}"),
+                allow: vec![],
+            })
+            .await
+            .map(|r| r.into_inner().account_id)
+        }));
+    }
+    let mut ids = Vec::with_capacity(n);
+    for t in tasks {
+        ids.push(t.await.context("account task")?.map_err(RpcError)?);
+    }
+    Ok(ids)
+}
+
+/// The bare ceiling: a tonic service that only signs with one k256 (or Ed25519) key.
+#[derive(Debug)]
+struct Bare {
+    secp: k256::ecdsa::SigningKey,
+    ed: ed25519_dalek::SigningKey,
+}
+
+#[tonic::async_trait]
+impl SigningService for Bare {
+    async fn sign_typed_data(
+        &self,
+        r: Request<SignTypedDataRequest>,
+    ) -> Result<Response<SignTypedDataResponse>, Status> {
+        let digest = keccak256(r.into_inner().typed_data_json.as_bytes());
+        let (sig, v) = self
+            .secp
+            .sign_prehash_recoverable(&digest)
+            .map_err(|_| Status::internal("sign"))?;
+        let mut out = sig.to_bytes().to_vec();
+        out.push(27 + v.to_byte());
+        Ok(Response::new(SignTypedDataResponse {
+            digest: digest.to_vec(),
+            signature: out,
+            signer: String::new(),
+        }))
+    }
+    async fn sign_message(&self, r: Request<SignMessageRequest>) -> Result<Response<SignMessageResponse>, Status> {
+        let sig = self.ed.sign(&r.into_inner().data);
+        Ok(Response::new(SignMessageResponse {
+            signature: sig.to_bytes().to_vec(),
+            public_key: Vec::new(),
+            digest: Vec::new(),
+        }))
+    }
+}
+
+async fn bare_tonic(home: &Path, opts: &ClientOpts, args: &BenchArgs) -> anyhow::Result<LoadResult> {
+    let pki = home.join("pki");
+    let tls = crate::tls::ServerTls::load(crate::tls::TlsPaths {
+        cert: pki.join("server.pem"),
+        key: pki.join("server-key.pem"),
+        client_ca: pki.join("ca.pem"),
+    })?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let bare = Bare {
+        secp: k256::ecdsa::SigningKey::random(&mut rand::thread_rng()),
+        ed: ed25519_dalek::SigningKey::generate(&mut rand::thread_rng()),
+    };
+    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .tcp_nodelay(true)
+            .add_service(SigningServiceServer::new(bare))
+            .serve_with_incoming_shutdown(crate::tls::incoming(listener, tls), async move {
+                let _ = stop_rx.wait_for(|s| *s).await;
+            }),
+    );
+    let mut opts = opts.clone();
+    opts.endpoint = Some(format!("https://{addr}"));
+    let chans = channels(home, &opts, args.connections).await?;
+    let ids = Arc::new(vec!["00000000-0000-4000-8000-000000000000".to_string()]);
+    let result = drive(
+        &chans,
+        ids,
+        args.op,
+        args.concurrency,
+        Duration::from_secs(args.duration),
+    )
+    .await;
+    let _ = stop_tx.send(true);
+    let _ = server.await;
+    Ok(result)
+}
+
+/// Signatures per second on `threads` threads for `secs`.
+fn raw_crypto(op: BenchOp, threads: usize, secs: f64) -> f64 {
+    let deadline = Instant::now() + Duration::from_secs_f64(secs);
+    let handles: Vec<_> = (0..threads)
+        .map(|_| {
+            std::thread::spawn(move || {
+                let secp = k256::ecdsa::SigningKey::random(&mut rand::thread_rng());
+                let ed = ed25519_dalek::SigningKey::generate(&mut rand::thread_rng());
+                let mut n = 0u64;
+                let mut digest = keccak256(MAIL.as_bytes());
+                while Instant::now() < deadline {
+                    match op {
+                        BenchOp::TypedData => {
+                            if let Ok((sig, _)) = secp.sign_prehash_recoverable(&digest) {
+                                digest[0] ^= sig.to_bytes()[0];
+                            }
+                        }
+                        BenchOp::Ed25519 => {
+                            let sig = ed.sign(&digest);
+                            digest[0] ^= sig.to_bytes()[0];
+                        }
+                    }
+                    n += 1;
+                }
+                n
+            })
+        })
+        .collect();
+    let total: u64 = handles.into_iter().filter_map(|h| h.join().ok()).sum();
+    total as f64 / secs
+}
+
+/// Raw C_Sign on the dev token with as many threads as the daemon's pool.
+fn raw_hsm(home: &Path, op: BenchOp, secs: f64) -> anyhow::Result<f64> {
+    let config = crate::config::Config::load(&home.join("keyward.toml"))?;
+    let hsm = crate::hsm::Hsm::open(&crate::hsm::HsmConfig {
+        module: config.hsm.module.clone(),
+        token_label: config.hsm.token_label.clone(),
+        pin: config.hsm_pin()?,
+        pool_size: config.hsm.pool_size,
+        kek_label_prefix: config.hsm.kek_label_prefix.clone(),
+    })?;
+    let alg = match op {
+        BenchOp::TypedData => KeyAlg::Secp256k1,
+        BenchOp::Ed25519 => KeyAlg::Ed25519,
+    };
+    let w = hsm.generate_wrapped(alg)?;
+    let key = Arc::new(hsm.unwrap_for_signing(
+        alg,
+        &crate::hsm::WrappedRef {
+            public_key: &w.public_key,
+            wrapped: &w.wrapped,
+            kek_version: w.kek_version,
+        },
+    )?);
+    let deadline = Instant::now() + Duration::from_secs_f64(secs);
+    let handles: Vec<_> = (0..config.hsm.pool_size)
+        .map(|_| {
+            let hsm = hsm.clone();
+            let key = key.clone();
+            std::thread::spawn(move || {
+                let digest = keccak256(MAIL.as_bytes());
+                let mut n = 0u64;
+                while Instant::now() < deadline {
+                    if hsm.sign(&key, &digest).is_ok() {
+                        n += 1;
+                    }
+                }
+                n
+            })
+        })
+        .collect();
+    let total: u64 = handles.into_iter().filter_map(|h| h.join().ok()).sum();
+    Ok(total as f64 / secs)
+}
+
+/// Runs the benchmark and prints its figures.
+pub async fn run(home: &Path, opts: &ClientOpts, args: BenchArgs) -> anyhow::Result<()> {
+    let dur = Duration::from_secs(args.duration.max(1));
+    let chans = channels(home, opts, args.connections).await?;
+    let t0 = Instant::now();
+    let ids = Arc::new(create_accounts(&chans[0], args.accounts.max(1)).await?);
+    let create_secs = t0.elapsed().as_secs_f64();
+    // Warm the daemon's key cache: one signature per account.
+    let t0 = Instant::now();
+    for chunk in ids.chunks(args.concurrency.max(1)) {
+        let futs: Vec<_> = chunk
+            .iter()
+            .enumerate()
+            .map(|(i, id)| {
+                let mut c = SigningServiceClient::new(chans[i % chans.len()].clone());
+                let id = id.clone();
+                async move {
+                    c.sign_message(SignMessageRequest {
+                        account_id: id,
+                        alg: SignatureAlgorithm::Ed25519 as i32,
+                        data: b"warm".to_vec(),
+                    })
+                    .await
+                }
+            })
+            .collect();
+        for f in futs {
+            f.await.map_err(RpcError)?;
+        }
+    }
+    let warm_secs = t0.elapsed().as_secs_f64();
+
+    let daemon = drive(&chans, ids.clone(), args.op, args.concurrency, dur).await;
+    let bare = if args.no_tonic_baseline {
+        None
+    } else {
+        Some(bare_tonic(home, opts, &args).await?)
+    };
+    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let op = args.op;
+    let raw_1 = tokio::task::spawn_blocking(move || raw_crypto(op, 1, 2.0)).await?;
+    let raw_all = tokio::task::spawn_blocking(move || raw_crypto(op, threads, 2.0)).await?;
+    let hsm = if args.hsm_baseline {
+        let home = home.to_path_buf();
+        Some(tokio::task::spawn_blocking(move || raw_hsm(&home, op, 3.0)).await??)
+    } else {
+        None
+    };
+
+    let ratio = |den: f64| if den > 0.0 { daemon.per_sec / den } else { 0.0 };
+    let out = json!({
+        "op": format!("{:?}", args.op),
+        "accounts": ids.len(),
+        "concurrency": args.concurrency,
+        "connections": args.connections,
+        "duration_s": args.duration,
+        "account_create_s": create_secs,
+        "cache_warm_s": warm_secs,
+        "daemon": daemon.json(),
+        "bare_tonic": bare.as_ref().map(LoadResult::json),
+        "raw_sign_per_sec_1_thread": raw_1.round(),
+        "raw_sign_per_sec_all_cores": raw_all.round(),
+        "raw_hsm_sign_per_sec": hsm.map(f64::round),
+        "ratio_daemon_to_bare_tonic": bare.as_ref().map(|b| ratio(b.per_sec)),
+        "ratio_daemon_to_raw_all_cores": ratio(raw_all),
+        "ratio_daemon_to_raw_hsm": hsm.map(ratio),
+    });
+    if opts.json {
+        println!("{out}");
+    } else {
+        println!(
+            "op {:?}, {} accounts, concurrency {}, {} connections, {} s",
+            args.op,
+            ids.len(),
+            args.concurrency,
+            args.connections,
+            args.duration
+        );
+        println!(
+            "  setup: {} accounts created in {:.1} s, cache warmed in {:.1} s",
+            ids.len(),
+            create_secs,
+            warm_secs
+        );
+        let line = |name: &str, r: &LoadResult| {
+            println!(
+                "  {name:<12} {:>9.0}/s  p50 {:>6} us  p95 {:>6} us  p99 {:>6} us  errors {}",
+                r.per_sec, r.p50_us, r.p95_us, r.p99_us, r.errors
+            )
+        };
+        line("daemon", &daemon);
+        if let Some(b) = &bare {
+            line("bare tonic", b);
+        }
+        println!("  raw sign     {raw_1:>9.0}/s on 1 thread, {raw_all:>9.0}/s on {threads} threads");
+        if let Some(h) = hsm {
+            println!("  raw SoftHSM  {h:>9.0}/s (C_Sign, pool-size threads)");
+        }
+        if let Some(b) = &bare {
+            println!("  ratio daemon / bare tonic+sign   {:.2}", ratio(b.per_sec));
+        }
+        println!("  ratio daemon / raw sign (all cores) {:.2}", ratio(raw_all));
+        if let Some(h) = hsm {
+            println!("  ratio daemon / raw SoftHSM C_Sign {:.2}", ratio(h));
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,288 @@
+//! Client commands: account create/show, sign typed-data/message.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context as _;
+use clap::{Subcommand, ValueEnum};
+use serde_json::json;
+use tonic::transport::Channel;
+
+use super::output::{emit, hex0x};
+use super::ClientOpts;
+use crate::api::pb::account_service_client::AccountServiceClient;
+use crate::api::pb::signing_service_client::SigningServiceClient;
+use crate::api::pb::{
+    Account, CreateAccountRequest, GetAccountRequest, SignMessageRequest, SignTypedDataRequest, SignatureAlgorithm,
+};
+use crate::dev::read_client_file;
+use crate::metrics::code_name;
+use crate::tls::ClientTlsFiles;
+
+/// A failed RPC, printed as its gRPC status name and message.
+#[derive(Debug, thiserror::Error)]
+#[error("{}: {}", code_name(.0.code()), .0.message())]
+pub struct RpcError(pub tonic::Status);
+
+/// Account commands.
+#[derive(Debug, Subcommand)]
+pub enum AccountCmd {
+    /// Create an account (secp256k1 + Ed25519 keys generated in the HSM).
+    Create {
+        /// Controller wallet address (0x...).
+        #[arg(long)]
+        controller: String,
+        /// Label.
+        #[arg(long, default_value = "")]
+        label: String,
+        /// Further identities allowed to have the account sign (repeatable).
+        #[arg(long)]
+        allow: Vec<String>,
+    },
+    /// Show an account.
+    Show {
+        /// Account id.
+        account_id: String,
+    },
+}
+
+/// Message signature algorithms.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum AlgArg {
+    /// Ed25519 (RFC 8032) over the raw message.
+    Ed25519,
+    /// secp256k1 EIP-191 personal_sign.
+    Secp256k1,
+}
+
+/// Signing commands.
+#[derive(Debug, Subcommand)]
+pub enum SignCmd {
+    /// Sign an EIP-712 document (eth_signTypedData_v4 JSON; `-` reads stdin).
+    TypedData {
+        /// Account id.
+        #[arg(long)]
+        account: String,
+        /// The JSON file.
+        #[arg(long)]
+        file: PathBuf,
+    },
+    /// Sign a message.
+    Message {
+        /// Account id.
+        #[arg(long)]
+        account: String,
+        /// Algorithm.
+        #[arg(long, value_enum)]
+        alg: AlgArg,
+        /// The message as hex.
+        #[arg(long, conflicts_with = "data")]
+        data_hex: Option<String>,
+        /// The message as UTF-8 text.
+        #[arg(long)]
+        data: Option<String>,
+    },
+}
+
+/// TLS files and endpoint for a profile, from flags or the home's client file.
+pub fn resolve(home: &Path, opts: &ClientOpts) -> anyhow::Result<(String, ClientTlsFiles)> {
+    let file = match (&opts.endpoint, &opts.ca, &opts.cert) {
+        (Some(_), Some(_), Some(_)) => None,
+        _ => Some(read_client_file(home)?),
+    };
+    let endpoint = match (&opts.endpoint, &file) {
+        (Some(e), _) => e.clone(),
+        (None, Some(f)) => f.endpoint.clone(),
+        (None, None) => anyhow::bail!("no endpoint: pass --endpoint"),
+    };
+    let ca = match (&opts.ca, &file) {
+        (Some(c), _) => c.clone(),
+        (None, Some(f)) => f.ca.clone(),
+        (None, None) => anyhow::bail!("no CA: pass --ca"),
+    };
+    let (cert, key) = match (&opts.cert, &opts.key, &file) {
+        (Some(c), Some(k), _) => (c.clone(), k.clone()),
+        (_, _, Some(f)) => {
+            let p = f.profiles.get(&opts.profile).with_context(|| {
+                format!(
+                    "no client profile {:?} (have: {})",
+                    opts.profile,
+                    f.profiles.keys().cloned().collect::<Vec<_>>().join(", ")
+                )
+            })?;
+            (p.cert.clone(), p.key.clone())
+        }
+        _ => anyhow::bail!("no client certificate: pass --cert and --key"),
+    };
+    let domain = opts
+        .domain
+        .clone()
+        .or_else(|| file.as_ref().map(|f| f.domain.clone()))
+        .unwrap_or_else(|| "localhost".into());
+    Ok((
+        endpoint,
+        ClientTlsFiles {
+            ca,
+            cert: Some(cert),
+            key: Some(key),
+            domain,
+        },
+    ))
+}
+
+/// Opens one mTLS channel.
+pub async fn connect(home: &Path, opts: &ClientOpts) -> anyhow::Result<Channel> {
+    let (endpoint, files) = resolve(home, opts)?;
+    crate::tls::connect(&endpoint, &files)
+        .await
+        .with_context(|| format!("cannot connect to {endpoint}"))
+}
+
+fn account_json(a: &Account) -> serde_json::Value {
+    json!({
+        "account_id": a.account_id,
+        "label": a.label,
+        "controller": a.controller,
+        "eth_address": a.eth_address,
+        "secp256k1_public_key": hex0x(&a.secp256k1_public_key),
+        "ed25519_public_key": hex0x(&a.ed25519_public_key),
+        "created_by": a.created_by,
+        "created_at": a.created_at,
+        "allowed": a.allowed,
+        "kek_version": a.kek_version,
+        "key_version": a.key_version,
+    })
+}
+
+fn print_account(json: bool, a: &Account) {
+    emit(
+        json,
+        &account_json(a),
+        &[
+            ("account_id", a.account_id.clone()),
+            ("label", a.label.clone()),
+            ("controller", a.controller.clone()),
+            ("eth_address", a.eth_address.clone()),
+            ("secp256k1", hex0x(&a.secp256k1_public_key)),
+            ("ed25519", hex0x(&a.ed25519_public_key)),
+            ("created_by", a.created_by.clone()),
+        ],
+    );
+}
+
+/// Runs an account command.
+pub async fn account(home: &Path, opts: &ClientOpts, cmd: AccountCmd) -> anyhow::Result<()> {
+    match cmd {
+        AccountCmd::Create {
+            controller,
+            label,
+            allow,
+        } => {
+            let mut c = AccountServiceClient::new(connect(home, opts).await?);
+            let a = c
+                .create_account(CreateAccountRequest {
+                    controller,
+                    label,
+                    allow,
+                })
+                .await
+                .map_err(RpcError)?
+                .into_inner();
+            print_account(opts.json, &a);
+        }
+        AccountCmd::Show { account_id } => {
+            let mut c = AccountServiceClient::new(connect(home, opts).await?);
+            let a = c
+                .get_account(GetAccountRequest { account_id })
+                .await
+                .map_err(RpcError)?
+                .into_inner();
+            print_account(opts.json, &a);
+        }
+    }
+    Ok(())
+}
+
+/// Runs a signing command.
+pub async fn sign(home: &Path, opts: &ClientOpts, cmd: SignCmd) -> anyhow::Result<()> {
+    match cmd {
+        SignCmd::TypedData { account, file } => {
+            let text = if file.as_os_str() == "-" {
+                std::io::read_to_string(std::io::stdin()).context("reading stdin")?
+            } else {
+                std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?
+            };
+            let mut c = SigningServiceClient::new(connect(home, opts).await?);
+            let r = c
+                .sign_typed_data(SignTypedDataRequest {
+                    account_id: account.clone(),
+                    typed_data_json: text,
+                })
+                .await
+                .map_err(RpcError)?
+                .into_inner();
+            emit(
+                opts.json,
+                &json!({
+                    "account_id": account,
+                    "digest": hex0x(&r.digest),
+                    "signature": hex0x(&r.signature),
+                    "signer": r.signer,
+                }),
+                &[
+                    ("digest", hex0x(&r.digest)),
+                    ("signature", hex0x(&r.signature)),
+                    ("signer", r.signer.clone()),
+                ],
+            );
+        }
+        SignCmd::Message {
+            account,
+            alg,
+            data_hex,
+            data,
+        } => {
+            let bytes = match (data_hex, data) {
+                (Some(h), None) => hex::decode(h.trim_start_matches("0x")).context("--data-hex is not hex")?,
+                (None, Some(t)) => t.into_bytes(),
+                _ => anyhow::bail!("pass one of --data-hex or --data"),
+            };
+            let alg_pb = match alg {
+                AlgArg::Ed25519 => SignatureAlgorithm::Ed25519,
+                AlgArg::Secp256k1 => SignatureAlgorithm::Secp256k1,
+            };
+            let mut c = SigningServiceClient::new(connect(home, opts).await?);
+            let r = c
+                .sign_message(SignMessageRequest {
+                    account_id: account.clone(),
+                    alg: alg_pb as i32,
+                    data: bytes,
+                })
+                .await
+                .map_err(RpcError)?
+                .into_inner();
+            let alg_name = match alg {
+                AlgArg::Ed25519 => "ed25519",
+                AlgArg::Secp256k1 => "secp256k1",
+            };
+            let mut v = json!({
+                "account_id": account,
+                "alg": alg_name,
+                "signature": hex0x(&r.signature),
+                "public_key": hex0x(&r.public_key),
+            });
+            if !r.digest.is_empty() {
+                v["digest"] = json!(hex0x(&r.digest));
+            }
+            emit(
+                opts.json,
+                &v,
+                &[
+                    ("alg", alg_name.to_string()),
+                    ("signature", hex0x(&r.signature)),
+                    ("public_key", hex0x(&r.public_key)),
+                ],
+            );
+        }
+    }
+    Ok(())
+}

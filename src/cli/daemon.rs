@@ -1,0 +1,156 @@
+//! Daemon commands: dev, serve, init. SOFTHSM2_CONF is set here, once, before
+//! the async runtime (and so any other thread) exists.
+
+use std::net::SocketAddr;
+use std::path::Path;
+
+use anyhow::Context as _;
+use clap::Args;
+
+use super::{runtime, CustodyArg};
+use crate::config::Config;
+use crate::server::{self, Endpoints};
+
+/// `keyward dev` options.
+#[derive(Debug, Args)]
+pub struct DevArgs {
+    /// Custody mode written into the config on first run (and forced for this run when given).
+    #[arg(long, value_enum)]
+    custody: Option<CustodyArg>,
+    /// gRPC listener (overrides the config).
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// HTTPS side listener (overrides the config).
+    #[arg(long)]
+    https_listen: Option<SocketAddr>,
+}
+
+fn export_softhsm_conf(config: &Config) {
+    if let Some(conf) = &config.hsm.softhsm_conf {
+        // Sound: called from the synchronous main thread before the runtime
+        // or any other thread is started.
+        std::env::set_var("SOFTHSM2_CONF", conf);
+    }
+}
+
+fn run_blocking<F: std::future::Future<Output = anyhow::Result<()>>>(f: F) -> anyhow::Result<()> {
+    let rt = runtime().map_err(|_| anyhow::anyhow!("cannot start the async runtime"))?;
+    rt.block_on(f)
+}
+
+async fn shutdown_signal(tls: std::sync::Arc<crate::tls::ServerTls>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (mut term, mut int, mut hup) = match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
+    ) {
+        (Ok(t), Ok(i), Ok(h)) => (t, i, h),
+        _ => {
+            tracing::error!("cannot install signal handlers; stop with SIGKILL");
+            return std::future::pending().await;
+        }
+    };
+    loop {
+        tokio::select! {
+            _ = term.recv() => return,
+            _ = int.recv() => return,
+            _ = hup.recv() => match tls.reload() {
+                Ok(()) => tracing::info!("SIGHUP: certificates reloaded"),
+                Err(e) => tracing::error!(error = %e, "SIGHUP: certificate reload failed; keeping the old ones"),
+            },
+        }
+    }
+}
+
+async fn run(config: Config, on_bound: impl FnOnce(Endpoints) -> anyhow::Result<()>) -> anyhow::Result<()> {
+    let running = server::start(&config).await?;
+    let (grpc, https) = server::bind(&config).await?;
+    let endpoints = Endpoints {
+        grpc: grpc.local_addr().context("gRPC listener address")?,
+        https: https.local_addr().context("HTTPS listener address")?,
+    };
+    on_bound(endpoints)?;
+    tracing::info!(
+        grpc = %endpoints.grpc,
+        https = %endpoints.https,
+        custody = config.keys.custody.as_str(),
+        store = running.daemon.keys.store().backend(),
+        "serving"
+    );
+    let tls = running.tls.clone();
+    server::serve(running, grpc, https, shutdown_signal(tls)).await?;
+    Ok(())
+}
+
+/// `keyward dev`.
+pub fn dev(home: &Path, args: DevArgs) -> anyhow::Result<()> {
+    let custody = args.custody.map(Into::into).unwrap_or_default();
+    let prepared = crate::dev::prepare(home, custody)?;
+    let mut config = Config::load(&prepared.config)?;
+    if let Some(c) = args.custody {
+        config.keys.custody = c.into();
+    }
+    if let Some(l) = args.listen {
+        config.server.listen = l;
+    }
+    if let Some(l) = args.https_listen {
+        config.server.https_listen = l;
+    }
+    export_softhsm_conf(&config);
+    run_blocking(async move {
+        let hsm = server::open_hsm(&config).await?;
+        let kek = tokio::task::spawn_blocking(move || hsm.ensure_kek())
+            .await
+            .context("KEK task")??;
+        tracing::info!(kek_version = kek, "key-encryption key ready");
+        let home = prepared.home.clone();
+        let pki = prepared.pki;
+        run(config, move |ep| {
+            crate::dev::write_client_file(&home, &pki, ep)?;
+            println!("keyward dev daemon");
+            println!("  home         {}", home.display());
+            println!("  gRPC (mTLS)  https://{}", ep.grpc);
+            println!("  metrics      https://{}/metrics", ep.https);
+            println!("  health       https://{}/healthz", ep.https);
+            println!("  clients      admin, marketplace, wallet-gateway (--as NAME)");
+            println!("ready");
+            Ok(())
+        })
+        .await
+    })
+}
+
+/// `keyward serve`.
+pub fn serve(config_path: &Path) -> anyhow::Result<()> {
+    let config = Config::load(config_path)?;
+    export_softhsm_conf(&config);
+    run_blocking(run(config, |_| Ok(())))
+}
+
+/// `keyward init`.
+pub fn init(config_path: &Path) -> anyhow::Result<()> {
+    let config = Config::load(config_path)?;
+    export_softhsm_conf(&config);
+    run_blocking(async move {
+        let hsm = server::open_hsm(&config).await?;
+        let kek = tokio::task::spawn_blocking(move || hsm.ensure_kek())
+            .await
+            .context("KEK task")??;
+        let store = crate::store::open(&config.store.url).await?;
+        println!(
+            "key-encryption key version {kek} ready; store ({}) migrated",
+            store.backend()
+        );
+        Ok(())
+    })
+}
+
+/// Before the runtime starts: `bench --hsm-baseline` opens the dev token too.
+pub fn prepare_bench(home: &Path, args: &crate::bench::BenchArgs) -> anyhow::Result<()> {
+    if args.hsm_baseline {
+        let config = Config::load(&home.join("keyward.toml"))?;
+        export_softhsm_conf(&config);
+    }
+    Ok(())
+}

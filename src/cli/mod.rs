@@ -1,0 +1,164 @@
+//! The `keyward` command line: daemon commands (dev, serve, init) and client
+//! commands that talk to a daemon over mutual TLS.
+
+pub(crate) mod client;
+mod daemon;
+mod output;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::config::Custody;
+
+/// keyward: custodial key management and signing.
+#[derive(Debug, Parser)]
+#[command(name = "keyward", version, about)]
+pub struct Cli {
+    /// Home folder of the dev daemon and of the CLI's client profiles.
+    #[arg(long, global = true, env = "KEYWARD_HOME", default_value = ".keyward")]
+    pub home: PathBuf,
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Human)]
+    pub log_format: LogFormat,
+    /// How client commands reach the daemon.
+    #[command(flatten)]
+    pub client: ClientOpts,
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// How logs are written.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Human,
+    /// One JSON object per line.
+    Json,
+}
+
+/// How client commands reach the daemon.
+#[derive(Debug, Clone, Args)]
+pub struct ClientOpts {
+    /// Client profile in the home folder: admin, marketplace, wallet-gateway.
+    #[arg(long = "as", global = true, default_value = "admin")]
+    pub profile: String,
+    /// gRPC endpoint (default: the one `dev` wrote into the home folder).
+    #[arg(long, global = true)]
+    pub endpoint: Option<String>,
+    /// CA certificate that signed the server's certificate.
+    #[arg(long, global = true)]
+    pub ca: Option<PathBuf>,
+    /// Client certificate (PEM).
+    #[arg(long, global = true, requires = "key")]
+    pub cert: Option<PathBuf>,
+    /// Client private key (PEM).
+    #[arg(long, global = true, requires = "cert")]
+    pub key: Option<PathBuf>,
+    /// Server name to verify.
+    #[arg(long, global = true)]
+    pub domain: Option<String>,
+    /// Print one JSON object on stdout.
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Start a development daemon: SoftHSM token, SQLite file and dev
+    /// certificates under --home, created on first run.
+    Dev(daemon::DevArgs),
+    /// Start the daemon from a config file.
+    Serve {
+        /// The TOML config.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Create the key-encryption key on the token and the store's schema.
+    Init {
+        /// The TOML config.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Accounts.
+    #[command(subcommand)]
+    Account(client::AccountCmd),
+    /// Signing.
+    #[command(subcommand)]
+    Sign(client::SignCmd),
+    /// Load generator over real mTLS, with raw-crypto baselines measured in the same run.
+    Bench(crate::bench::BenchArgs),
+}
+
+/// Custody as a CLI value.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum CustodyArg {
+    /// Keys stay in the HSM.
+    Hsm,
+    /// Keys are unwrapped into host memory.
+    Host,
+}
+
+impl From<CustodyArg> for Custody {
+    fn from(c: CustodyArg) -> Custody {
+        match c {
+            CustodyArg::Hsm => Custody::Hsm,
+            CustodyArg::Host => Custody::Host,
+        }
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Human => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| {
+            eprintln!("error: cannot start the async runtime: {e}");
+            ExitCode::FAILURE
+        })
+}
+
+/// Entry point: parses arguments and runs the command.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    let result = match cli.command {
+        Command::Dev(args) => daemon::dev(&cli.home, args),
+        Command::Serve { config } => daemon::serve(&config),
+        Command::Init { config } => daemon::init(&config),
+        Command::Account(cmd) => match runtime() {
+            Ok(rt) => rt.block_on(client::account(&cli.home, &cli.client, cmd)),
+            Err(code) => return code,
+        },
+        Command::Sign(cmd) => match runtime() {
+            Ok(rt) => rt.block_on(client::sign(&cli.home, &cli.client, cmd)),
+            Err(code) => return code,
+        },
+        Command::Bench(args) => {
+            match daemon::prepare_bench(&cli.home, &args).and(runtime().map_err(|_| anyhow::anyhow!("runtime"))) {
+                Ok(rt) => rt.block_on(crate::bench::run(&cli.home, &cli.client, args)),
+                Err(e) => Err(e),
+            }
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

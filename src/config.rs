@@ -1,0 +1,427 @@
+//! The daemon's TOML configuration, parsed into types once and validated at
+//! load. Secrets (the HSM PIN) come from an environment variable or a file,
+//! never from the file itself or the command line.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use secrecy::SecretString;
+use serde::Deserialize;
+
+/// A configuration that cannot be used, naming the key at fault.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The TOML does not parse or has an unknown or mistyped key.
+    #[error("config {path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// What toml said, including the key.
+        message: String,
+    },
+    /// A value is out of its allowed range.
+    #[error("config key `{key}`: {reason}")]
+    Invalid {
+        /// The dotted key.
+        key: &'static str,
+        /// Why.
+        reason: String,
+    },
+    /// The PIN source named in `hsm.pin_env` / `hsm.pin_file` gave nothing.
+    #[error("config key `{key}`: {reason}")]
+    Secret {
+        /// The dotted key.
+        key: &'static str,
+        /// Why (never the secret).
+        reason: String,
+    },
+}
+
+/// Where account private keys are used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Custody {
+    /// Keys are unwrapped into the HSM as session objects and sign there.
+    #[default]
+    Hsm,
+    /// The HSM unwraps key material into zeroized host memory; the daemon signs in software.
+    Host,
+}
+
+impl Custody {
+    /// The config name of the mode.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Custody::Hsm => "hsm",
+            Custody::Host => "host",
+        }
+    }
+}
+
+/// The whole configuration file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Listeners and request limits.
+    pub server: ServerConfig,
+    /// Certificates.
+    pub tls: TlsConfig,
+    /// The PKCS#11 token.
+    pub hsm: HsmSection,
+    /// Account keys.
+    #[serde(default)]
+    pub keys: KeysConfig,
+    /// Persistent state.
+    pub store: StoreConfig,
+    /// Interim authorization.
+    #[serde(default)]
+    pub authz: AuthzConfig,
+    /// Logs.
+    #[serde(default)]
+    pub log: LogConfig,
+}
+
+/// `[server]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// The gRPC (mutual TLS) listener.
+    pub listen: SocketAddr,
+    /// The HTTPS side port (server TLS only): /metrics, /healthz.
+    pub https_listen: SocketAddr,
+    /// Largest gRPC message accepted, in bytes.
+    #[serde(default = "default_max_message")]
+    pub max_message_bytes: usize,
+    /// Concurrent requests per connection.
+    #[serde(default = "default_concurrency")]
+    pub max_concurrent_streams: u32,
+}
+
+fn default_max_message() -> usize {
+    16 * 1024 * 1024
+}
+fn default_concurrency() -> u32 {
+    256
+}
+
+/// `[tls]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// Server certificate chain (PEM).
+    pub cert: PathBuf,
+    /// Server private key (PEM).
+    pub key: PathBuf,
+    /// CA that client certificates must chain to (PEM).
+    pub client_ca: PathBuf,
+}
+
+/// `[hsm]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HsmSection {
+    /// The PKCS#11 module.
+    pub module: PathBuf,
+    /// The token, chosen by label.
+    pub token_label: String,
+    /// Environment variable that holds the user PIN.
+    pub pin_env: Option<String>,
+    /// File that holds the user PIN (mode 0600 recommended).
+    pub pin_file: Option<PathBuf>,
+    /// PKCS#11 sessions in the pool.
+    #[serde(default = "default_pool")]
+    pub pool_size: usize,
+    /// SoftHSM only: the softhsm2.conf to use (sets SOFTHSM2_CONF at start-up).
+    pub softhsm_conf: Option<PathBuf>,
+    /// Label prefix of the key-encryption keys.
+    #[serde(default = "default_kek_prefix")]
+    pub kek_label_prefix: String,
+}
+
+fn default_pool() -> usize {
+    4
+}
+fn default_kek_prefix() -> String {
+    "keyward-kek".to_string()
+}
+
+/// `[keys]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeysConfig {
+    /// Custody mode.
+    #[serde(default)]
+    pub custody: Custody,
+    /// Unwrapped keys kept ready, at most.
+    #[serde(default = "default_cache")]
+    pub cache_capacity: usize,
+}
+
+impl Default for KeysConfig {
+    fn default() -> Self {
+        KeysConfig {
+            custody: Custody::Hsm,
+            cache_capacity: default_cache(),
+        }
+    }
+}
+
+fn default_cache() -> usize {
+    100_000
+}
+
+/// `[store]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreConfig {
+    /// `sqlite://PATH` or `postgres://...`.
+    pub url: String,
+}
+
+/// `[authz]` — the interim rules until the policy engine lands.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthzConfig {
+    /// Identities that may create accounts and read any account.
+    #[serde(default)]
+    pub admins: Vec<String>,
+}
+
+/// `[log]`
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// Log account ids and request details (off by default: private logs).
+    #[serde(default)]
+    pub log_request_details: bool,
+}
+
+impl Config {
+    /// Reads, parses and validates a config file; relative paths are taken
+    /// relative to the file's folder.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let base = path.parent().unwrap_or_else(|| Path::new("."));
+        Config::parse(&text, base).map_err(|e| match e {
+            ConfigError::Parse { message, .. } => ConfigError::Parse {
+                path: path.to_path_buf(),
+                message,
+            },
+            other => other,
+        })
+    }
+
+    /// Parses and validates TOML text; `base` anchors relative paths.
+    pub fn parse(text: &str, base: &Path) -> Result<Config, ConfigError> {
+        let mut cfg: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: PathBuf::new(),
+            message: e.to_string(),
+        })?;
+        cfg.resolve_paths(base);
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn resolve_paths(&mut self, base: &Path) {
+        let fix = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        fix(&mut self.tls.cert);
+        fix(&mut self.tls.key);
+        fix(&mut self.tls.client_ca);
+        if let Some(p) = self.hsm.pin_file.as_mut() {
+            fix(p);
+        }
+        if let Some(p) = self.hsm.softhsm_conf.as_mut() {
+            fix(p);
+        }
+        if let Some(rest) = self.store.url.strip_prefix("sqlite://") {
+            let p = Path::new(rest);
+            if p.is_relative() && !rest.starts_with(':') {
+                self.store.url = format!("sqlite://{}", base.join(p).display());
+            }
+        }
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.server.max_message_bytes < 64 * 1024 || self.server.max_message_bytes > 64 * 1024 * 1024 {
+            return Err(ConfigError::Invalid {
+                key: "server.max_message_bytes",
+                reason: "must be between 65536 and 67108864".into(),
+            });
+        }
+        if self.server.max_concurrent_streams == 0 {
+            return Err(ConfigError::Invalid {
+                key: "server.max_concurrent_streams",
+                reason: "must be at least 1".into(),
+            });
+        }
+        if self.hsm.pool_size == 0 || self.hsm.pool_size > 256 {
+            return Err(ConfigError::Invalid {
+                key: "hsm.pool_size",
+                reason: "must be between 1 and 256".into(),
+            });
+        }
+        if self.hsm.token_label.is_empty() || self.hsm.token_label.len() > 32 {
+            return Err(ConfigError::Invalid {
+                key: "hsm.token_label",
+                reason: "must be 1 to 32 characters (PKCS#11 label)".into(),
+            });
+        }
+        match (&self.hsm.pin_env, &self.hsm.pin_file) {
+            (Some(_), Some(_)) => {
+                return Err(ConfigError::Invalid {
+                    key: "hsm.pin_env",
+                    reason: "set either hsm.pin_env or hsm.pin_file, not both".into(),
+                })
+            }
+            (None, None) => {
+                return Err(ConfigError::Invalid {
+                    key: "hsm.pin_env",
+                    reason: "one of hsm.pin_env or hsm.pin_file is required".into(),
+                })
+            }
+            _ => {}
+        }
+        if self.keys.cache_capacity == 0 {
+            return Err(ConfigError::Invalid {
+                key: "keys.cache_capacity",
+                reason: "must be at least 1".into(),
+            });
+        }
+        let url = &self.store.url;
+        if !(url.starts_with("sqlite://") || url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+            return Err(ConfigError::Invalid {
+                key: "store.url",
+                reason: "must start with sqlite://, postgres:// or postgresql://".into(),
+            });
+        }
+        for a in &self.authz.admins {
+            if a.is_empty() {
+                return Err(ConfigError::Invalid {
+                    key: "authz.admins",
+                    reason: "identities must not be empty".into(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads the HSM PIN from its configured source.
+    pub fn hsm_pin(&self) -> Result<SecretString, ConfigError> {
+        if let Some(var) = &self.hsm.pin_env {
+            let value = std::env::var(var).map_err(|_| ConfigError::Secret {
+                key: "hsm.pin_env",
+                reason: format!("environment variable {var} is not set"),
+            })?;
+            return non_empty(value, "hsm.pin_env");
+        }
+        if let Some(path) = &self.hsm.pin_file {
+            let value = std::fs::read_to_string(path).map_err(|e| ConfigError::Secret {
+                key: "hsm.pin_file",
+                reason: format!("cannot read {}: {e}", path.display()),
+            })?;
+            return non_empty(value.trim_end_matches(['\n', '\r']).to_string(), "hsm.pin_file");
+        }
+        Err(ConfigError::Secret {
+            key: "hsm.pin_env",
+            reason: "no PIN source configured".into(),
+        })
+    }
+}
+
+fn non_empty(value: String, key: &'static str) -> Result<SecretString, ConfigError> {
+    if value.is_empty() {
+        return Err(ConfigError::Secret {
+            key,
+            reason: "the PIN is empty".into(),
+        });
+    }
+    Ok(SecretString::from(value))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[server]
+listen = "127.0.0.1:7443"
+https_listen = "127.0.0.1:7444"
+[tls]
+cert = "pki/server.pem"
+key = "pki/server-key.pem"
+client_ca = "/abs/ca.pem"
+[hsm]
+module = "/usr/lib/softhsm/libsofthsm2.so"
+token_label = "keyward"
+pin_file = "hsm-pin"
+[store]
+url = "sqlite://keyward.db"
+[authz]
+admins = ["spiffe://example.org/admin"]
+"#;
+
+    #[test]
+    fn parses_and_resolves_relative_paths() {
+        let cfg = Config::parse(GOOD, Path::new("/home/k")).expect("valid");
+        assert_eq!(cfg.tls.cert, PathBuf::from("/home/k/pki/server.pem"));
+        assert_eq!(cfg.tls.client_ca, PathBuf::from("/abs/ca.pem"));
+        assert_eq!(cfg.store.url, "sqlite:///home/k/keyward.db");
+        assert_eq!(cfg.keys.custody, Custody::Hsm);
+        assert_eq!(cfg.hsm.pool_size, 4);
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let text = GOOD.replace("[store]", "[store]\nurll = 1");
+        match Config::parse(&text, Path::new("/")) {
+            Err(ConfigError::Parse { message, .. }) => assert!(message.contains("urll"), "{message}"),
+            other => panic!("expected a parse error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn invalid_values_name_their_key() {
+        let cases = [
+            (GOOD.replace("pin_file = \"hsm-pin\"", ""), "hsm.pin_env"),
+            (GOOD.replace("[hsm]", "[hsm]\npool_size = 0"), "hsm.pool_size"),
+            (GOOD.replace("sqlite://keyward.db", "mysql://x"), "store.url"),
+            (
+                GOOD.replace("pin_file = \"hsm-pin\"", "pin_file = \"a\"\npin_env = \"B\""),
+                "hsm.pin_env",
+            ),
+        ];
+        for (text, key) in cases {
+            match Config::parse(&text, Path::new("/")) {
+                Err(ConfigError::Invalid { key: k, .. }) => assert_eq!(k, key),
+                other => panic!("expected invalid {key}, got {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn pin_from_file_and_debug_hides_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("hsm-pin"), "s3cret-pin\n").expect("write");
+        let cfg = Config::parse(GOOD, dir.path()).expect("valid");
+        let pin = cfg.hsm_pin().expect("pin");
+        use secrecy::ExposeSecret;
+        assert_eq!(pin.expose_secret(), "s3cret-pin");
+        assert!(!format!("{pin:?}").contains("s3cret"));
+    }
+}

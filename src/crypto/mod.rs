@@ -1,0 +1,5 @@
+//! Key types and pure cryptography: EIP-712 encoding, Ethereum addresses,
+//! signature normalisation and recovery ids. Never touches the HSM or the store.
+
+pub mod eip712;
+pub mod eth;

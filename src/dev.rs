@@ -1,0 +1,281 @@
+//! `keyward dev`: everything a developer needs under one home folder, created
+//! on first run and reused after — dev certificates, a SoftHSM2 token with a
+//! random PIN (stored 0600), a config file, a SQLite store and the client
+//! profile file the CLI reads.
+
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use rand::RngCore;
+use serde::{Deserialize, Serialize};
+
+use crate::tls::devpki::{ensure_dev_pki, DevPki};
+
+/// The dev client identities.
+pub const DEV_CLIENTS: [&str; 3] = ["admin", "marketplace", "wallet-gateway"];
+/// The dev token's label.
+pub const DEV_TOKEN_LABEL: &str = "keyward-dev";
+/// Default gRPC listener in dev mode.
+pub const DEV_LISTEN: &str = "127.0.0.1:7443";
+/// Default HTTPS side listener in dev mode.
+pub const DEV_HTTPS_LISTEN: &str = "127.0.0.1:7444";
+
+/// A dev home that could not be prepared.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DevError {
+    /// Filesystem trouble.
+    #[error("{path}: {source}")]
+    Io {
+        /// Where.
+        path: PathBuf,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// Certificates.
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
+    /// softhsm2-util failed.
+    #[error("softhsm2-util: {0}")]
+    SoftHsm(String),
+    /// The client profile file.
+    #[error("client profile {path}: {reason}")]
+    Profile {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> DevError + '_ {
+    move |source| DevError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// What `prepare` set up.
+#[derive(Debug)]
+pub struct DevHome {
+    /// The home folder.
+    pub home: PathBuf,
+    /// The server config file.
+    pub config: PathBuf,
+    /// The softhsm2.conf to export as SOFTHSM2_CONF.
+    pub softhsm_conf: PathBuf,
+    /// The certificates.
+    pub pki: DevPki,
+}
+
+fn random_hex(bytes: usize) -> String {
+    let mut b = vec![0u8; bytes];
+    rand::thread_rng().fill_bytes(&mut b);
+    hex::encode(b)
+}
+
+fn write_new(path: &Path, contents: &str, mode: u32) -> Result<(), DevError> {
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(path)
+        .map_err(io(path))?;
+    f.write_all(contents.as_bytes()).map_err(io(path))
+}
+
+/// The SoftHSM2 library, from `KEYWARD_PKCS11_MODULE` or Debian's paths.
+pub fn softhsm_module() -> PathBuf {
+    crate::testkit::SoftHsmToken::module_path()
+}
+
+/// Creates (first run) or reuses the dev home.
+pub fn prepare(home: &Path, custody: crate::config::Custody) -> Result<DevHome, DevError> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(home)
+        .map_err(io(home))?;
+    let home = home.canonicalize().map_err(io(home))?;
+    let pki = ensure_dev_pki(&home.join("pki"), &DEV_CLIENTS)?;
+
+    let tokens = home.join("tokens");
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&tokens)
+        .map_err(io(&tokens))?;
+    let softhsm_conf = home.join("softhsm2.conf");
+    if !softhsm_conf.exists() {
+        write_new(
+            &softhsm_conf,
+            &format!(
+                "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\nslots.removable = false\n",
+                tokens.display()
+            ),
+            0o600,
+        )?;
+    }
+    let pin_file = home.join("hsm-pin");
+    if !pin_file.exists() {
+        let pin = random_hex(16);
+        let so_pin = random_hex(16);
+        let out = Command::new("softhsm2-util")
+            .env("SOFTHSM2_CONF", &softhsm_conf)
+            .args([
+                "--init-token",
+                "--free",
+                "--label",
+                DEV_TOKEN_LABEL,
+                "--pin",
+                &pin,
+                "--so-pin",
+                &so_pin,
+            ])
+            .output()
+            .map_err(|e| DevError::SoftHsm(format!("cannot run softhsm2-util (install Debian's softhsm2): {e}")))?;
+        if !out.status.success() {
+            return Err(DevError::SoftHsm(
+                String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            ));
+        }
+        write_new(&home.join("hsm-so-pin"), &format!("{so_pin}\n"), 0o600)?;
+        write_new(&pin_file, &format!("{pin}\n"), 0o600)?;
+    }
+
+    let config = home.join("keyward.toml");
+    if !config.exists() {
+        write_new(&config, &dev_config_text(&home, custody), 0o600)?;
+    }
+    Ok(DevHome {
+        home,
+        config,
+        softhsm_conf,
+        pki,
+    })
+}
+
+fn dev_config_text(home: &Path, custody: crate::config::Custody) -> String {
+    format!(
+        r#"# keyward dev configuration, written by `keyward dev` on first run.
+# See deploy/keyward.example.toml for every key.
+
+[server]
+listen = "{DEV_LISTEN}"
+https_listen = "{DEV_HTTPS_LISTEN}"
+
+[tls]
+cert = "pki/server.pem"
+key = "pki/server-key.pem"
+client_ca = "pki/ca.pem"
+
+[hsm]
+module = "{module}"
+token_label = "{DEV_TOKEN_LABEL}"
+pin_file = "hsm-pin"
+pool_size = 4
+softhsm_conf = "softhsm2.conf"
+
+[keys]
+custody = "{custody}"
+
+[store]
+url = "sqlite://{db}"
+
+[authz]
+admins = ["spiffe://example.org/admin"]
+"#,
+        module = softhsm_module().display(),
+        custody = custody.as_str(),
+        db = home.join("keyward.db").display(),
+    )
+}
+
+/// The CLI's view of a home folder: where the daemon listens and which
+/// certificate each client profile uses.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientFile {
+    /// gRPC endpoint, `https://host:port`.
+    pub endpoint: String,
+    /// HTTPS side endpoint.
+    pub https: String,
+    /// CA that signed the server certificate.
+    pub ca: PathBuf,
+    /// Name the server certificate carries.
+    pub domain: String,
+    /// Profiles by name.
+    pub profiles: std::collections::BTreeMap<String, Profile>,
+}
+
+/// One client identity.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Profile {
+    /// The identity its certificate carries.
+    pub identity: String,
+    /// Certificate (PEM).
+    pub cert: PathBuf,
+    /// Private key (PEM).
+    pub key: PathBuf,
+}
+
+/// Where the client file lives in a home.
+pub fn client_file_path(home: &Path) -> PathBuf {
+    home.join("client.toml")
+}
+
+/// Writes the client profile file for a serving daemon (atomically).
+pub fn write_client_file(home: &Path, pki: &DevPki, endpoints: crate::server::Endpoints) -> Result<(), DevError> {
+    let file = ClientFile {
+        endpoint: format!("https://{}", endpoints.grpc),
+        https: format!("https://{}", endpoints.https),
+        ca: pki.ca_cert.clone(),
+        domain: "localhost".into(),
+        profiles: pki
+            .clients
+            .iter()
+            .map(|c| {
+                (
+                    c.name.clone(),
+                    Profile {
+                        identity: c.identity.clone(),
+                        cert: c.cert.clone(),
+                        key: c.key.clone(),
+                    },
+                )
+            })
+            .collect(),
+    };
+    let path = client_file_path(home);
+    let text = toml::to_string_pretty(&file).map_err(|e| DevError::Profile {
+        path: path.clone(),
+        reason: e.to_string(),
+    })?;
+    let tmp = home.join(".client.toml.tmp");
+    let _ = std::fs::remove_file(&tmp);
+    write_new(
+        &tmp,
+        &format!("# written by `keyward dev`; read by the keyward CLI\n{text}"),
+        0o644,
+    )?;
+    std::fs::rename(&tmp, &path).map_err(io(&path))
+}
+
+/// Reads a home's client profile file.
+pub fn read_client_file(home: &Path) -> Result<ClientFile, DevError> {
+    let path = client_file_path(home);
+    let text = std::fs::read_to_string(&path).map_err(|e| DevError::Profile {
+        path: path.clone(),
+        reason: format!(
+            "{e} (start `keyward dev --home {}` first, or pass --endpoint and certificate flags)",
+            home.display()
+        ),
+    })?;
+    toml::from_str(&text).map_err(|e| DevError::Profile {
+        path,
+        reason: e.to_string(),
+    })
+}

@@ -1,0 +1,345 @@
+//! Key generation inside the token and wrapping under the current KEK.
+//!
+//! Ed25519 on tokens whose C_WrapKey refuses EdDSA keys (SoftHSM 2.6.1: CKR_KEY_NOT_WRAPPABLE):
+//! the pair is still generated in the token, but the seed is read out once, framed as the RFC 8410
+//! PKCS#8 `PrivateKeyInfo` a native wrap would produce, loaded into a sensitive generic-secret
+//! session object and wrapped from there. The blob format (AES-KWP of PKCS#8) is the same either
+//! way; the seed is held only in zeroizing buffers.
+
+use std::sync::atomic::Ordering;
+
+use cryptoki::error::{Error as CkError, RvError};
+use cryptoki::mechanism::Mechanism;
+use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
+use cryptoki::session::Session;
+use zeroize::{Zeroize, Zeroizing};
+
+use super::error::{rv_of, settle, Breakage, Fail, HsmError};
+use super::kek::Kek;
+use super::Hsm;
+use crate::types::KeyAlg;
+
+/// DER of the secp256k1 curve OID 1.3.132.0.10.
+pub(crate) const SECP256K1_PARAMS: &[u8] = &[0x06, 0x05, 0x2b, 0x81, 0x04, 0x00, 0x0a];
+/// DER of the Ed25519 OID 1.3.101.112.
+pub(crate) const ED25519_PARAMS: &[u8] = &[0x06, 0x03, 0x2b, 0x65, 0x70];
+/// DER PrintableString "edwards25519" (SoftHSM 2.6 reports the curve this way).
+pub(crate) const ED25519_PARAMS_NAME: &[u8] = b"\x13\x0cedwards25519";
+/// RFC 8410 PKCS#8 v1 prefix of an Ed25519 private key; the 32-byte seed follows.
+pub(crate) const ED25519_PKCS8_PREFIX: &[u8] = &[
+    0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22, 0x04, 0x20,
+];
+
+pub(crate) fn ec_params(alg: KeyAlg) -> &'static [u8] {
+    match alg {
+        KeyAlg::Secp256k1 => SECP256K1_PARAMS,
+        KeyAlg::Ed25519 => ED25519_PARAMS,
+    }
+}
+
+pub(crate) fn params_match(alg: KeyAlg, params: &[u8]) -> bool {
+    match alg {
+        KeyAlg::Secp256k1 => params == SECP256K1_PARAMS,
+        KeyAlg::Ed25519 => params == ED25519_PARAMS || params == ED25519_PARAMS_NAME,
+    }
+}
+
+pub(crate) fn key_type(alg: KeyAlg) -> KeyType {
+    match alg {
+        KeyAlg::Secp256k1 => KeyType::EC,
+        KeyAlg::Ed25519 => KeyType::EC_EDWARDS,
+    }
+}
+
+pub(crate) fn public_key_len(alg: KeyAlg) -> usize {
+    match alg {
+        KeyAlg::Secp256k1 => 65,
+        KeyAlg::Ed25519 => 32,
+    }
+}
+
+/// The wrapping mechanism for account keys (`CKM_AES_KEY_WRAP_PAD`, RFC 5649).
+pub(crate) fn wrap_mechanism() -> Mechanism<'static> {
+    Mechanism::AesKeyWrapPad
+}
+
+/// A freshly generated key: public key plus the private key wrapped under `kek_version`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WrappedKey {
+    /// secp256k1: 65-byte uncompressed SEC1 point; ed25519: 32 bytes.
+    pub public_key: Vec<u8>,
+    /// The private key (PKCS#8 PrivateKeyInfo) under `CKM_AES_KEY_WRAP_PAD`.
+    pub wrapped: Vec<u8>,
+    /// KEK version used.
+    pub kek_version: u32,
+}
+
+/// Strip the DER OCTET STRING that PKCS#11 v2.40+ puts around CKA_EC_POINT (tolerates raw).
+pub(crate) fn decode_ec_point(alg: KeyAlg, raw: &[u8]) -> Option<Vec<u8>> {
+    let want = public_key_len(alg);
+    let inner = if raw.len() == want {
+        raw
+    } else {
+        match raw {
+            [0x04, len, rest @ ..] if (*len as usize) < 0x80 && *len as usize == rest.len() => rest,
+            [0x04, 0x81, len, rest @ ..] if *len as usize == rest.len() => rest,
+            _ => return None,
+        }
+    };
+    if inner.len() != want {
+        return None;
+    }
+    if alg == KeyAlg::Secp256k1 && inner.first() != Some(&0x04) {
+        return None;
+    }
+    Some(inner.to_vec())
+}
+
+/// Frame an Ed25519 seed as RFC 8410 PKCS#8.
+pub(crate) fn ed25519_pkcs8(seed: &[u8]) -> Option<Zeroizing<Vec<u8>>> {
+    if seed.len() != 32 {
+        return None;
+    }
+    let mut out = Zeroizing::new(Vec::with_capacity(48));
+    out.extend_from_slice(ED25519_PKCS8_PREFIX);
+    out.extend_from_slice(seed);
+    Some(out)
+}
+
+/// The seed inside an Ed25519 PKCS#8 `PrivateKeyInfo` (v1 or v2 with trailing public key).
+pub(crate) fn ed25519_seed_from_pkcs8(der: &[u8]) -> Option<Zeroizing<Vec<u8>>> {
+    // SEQUENCE { INTEGER version, SEQUENCE { OID 1.3.101.112 }, OCTET STRING { OCTET STRING seed } .. }
+    let alg_and_key: &[u8] = &ED25519_PKCS8_PREFIX[5..];
+    let (&tag, rest) = der.split_first()?;
+    if tag != 0x30 {
+        return None;
+    }
+    let (&len, body) = rest.split_first()?;
+    if len as usize != body.len() || len >= 0x80 {
+        return None;
+    }
+    let body = match body {
+        [0x02, 0x01, 0x00 | 0x01, b @ ..] => b,
+        _ => return None,
+    };
+    let seed = body.strip_prefix(alg_and_key)?.get(..32)?;
+    Some(Zeroizing::new(seed.to_vec()))
+}
+
+/// Best-effort destroy of a session object we created.
+pub(crate) fn destroy_quietly(s: &Session, h: ObjectHandle, what: &str) {
+    if let Err(e) = s.destroy_object(h) {
+        tracing::debug!(object = what, error = %e, "C_DestroyObject failed");
+    }
+}
+
+/// CKA_VALUE of an object (zeroizing), if present.
+pub(crate) fn read_value(s: &Session, h: ObjectHandle) -> Result<Option<Zeroizing<Vec<u8>>>, CkError> {
+    let mut found = None;
+    for a in s.get_attributes(h, &[AttributeType::Value])? {
+        if let Attribute::Value(v) = a {
+            found = Some(Zeroizing::new(v));
+        }
+    }
+    Ok(found)
+}
+
+/// Zeroize the CKA_VALUE inside a template after use.
+pub(crate) fn scrub(template: &mut [Attribute]) {
+    for a in template.iter_mut() {
+        if let Attribute::Value(v) = a {
+            v.zeroize();
+        }
+    }
+}
+
+fn generate_pair(s: &Session, alg: KeyAlg, sensitive: bool) -> Result<(ObjectHandle, ObjectHandle), CkError> {
+    let mech = match alg {
+        KeyAlg::Secp256k1 => Mechanism::EccKeyPairGen,
+        KeyAlg::Ed25519 => Mechanism::EccEdwardsKeyPairGen,
+    };
+    let public = [
+        Attribute::Token(false),
+        Attribute::Private(false),
+        Attribute::Verify(true),
+        Attribute::EcParams(ec_params(alg).to_vec()),
+    ];
+    let private = [
+        Attribute::Token(false),
+        Attribute::Private(true),
+        Attribute::Sensitive(sensitive),
+        Attribute::Extractable(true),
+        Attribute::Sign(true),
+        Attribute::Derive(false),
+    ];
+    s.generate_key_pair(&mech, &public, &private)
+}
+
+fn read_point(s: &Session, public: ObjectHandle, alg: KeyAlg) -> Result<Vec<u8>, Fail> {
+    let point = s
+        .get_attributes(public, &[AttributeType::EcPoint])?
+        .into_iter()
+        .find_map(|a| match a {
+            Attribute::EcPoint(p) => Some(p),
+            _ => None,
+        });
+    point.as_deref().and_then(|p| decode_ec_point(alg, p)).ok_or_else(|| {
+        Fail::Hsm(HsmError::Internal {
+            op: "generate_wrapped",
+            rv: "unexpected CKA_EC_POINT encoding".to_string(),
+        })
+    })
+}
+
+/// Generate with a sensitive private key and wrap it directly (PKCS#8 inside the token).
+fn generate_native(s: &Session, alg: KeyAlg, kek: &Kek) -> Result<(Vec<u8>, Vec<u8>), Fail> {
+    let (public, private) = generate_pair(s, alg, true)?;
+    let point = read_point(s, public, alg);
+    let wrapped = s.wrap_key(&wrap_mechanism(), kek.handle, private);
+    destroy_quietly(s, private, "generated private key");
+    destroy_quietly(s, public, "generated public key");
+    Ok((point?, wrapped?))
+}
+
+/// Wrap an Ed25519 seed as PKCS#8 through a generic-secret carrier object.
+pub(crate) fn wrap_ed25519_seed(s: &Session, seed: &[u8], kek: &Kek) -> Result<Vec<u8>, Fail> {
+    let pkcs8 = ed25519_pkcs8(seed).ok_or_else(|| HsmError::Internal {
+        op: "generate_wrapped",
+        rv: "Ed25519 seed is not 32 bytes".to_string(),
+    })?;
+    let mut template = vec![
+        Attribute::Class(ObjectClass::SECRET_KEY),
+        Attribute::KeyType(KeyType::GENERIC_SECRET),
+        Attribute::Token(false),
+        Attribute::Private(true),
+        Attribute::Sensitive(true),
+        Attribute::Extractable(true),
+        Attribute::Value(pkcs8.to_vec()),
+    ];
+    let carrier = s.create_object(&template);
+    scrub(&mut template);
+    let carrier = carrier?;
+    let wrapped = s.wrap_key(&wrap_mechanism(), kek.handle, carrier);
+    destroy_quietly(s, carrier, "PKCS#8 carrier");
+    Ok(wrapped?)
+}
+
+/// Ed25519 on tokens that cannot wrap EdDSA keys (see module docs).
+fn generate_ed25519_via_seed(s: &Session, kek: &Kek) -> Result<(Vec<u8>, Vec<u8>), Fail> {
+    let (public, private) = generate_pair(s, KeyAlg::Ed25519, false)?;
+    let point = read_point(s, public, KeyAlg::Ed25519);
+    let seed = read_value(s, private);
+    destroy_quietly(s, private, "generated private key");
+    destroy_quietly(s, public, "generated public key");
+    let point = point?;
+    let seed = seed?.ok_or_else(|| HsmError::Internal {
+        op: "generate_wrapped",
+        rv: "Ed25519 private key has no CKA_VALUE".to_string(),
+    })?;
+    let wrapped = wrap_ed25519_seed(s, &seed, kek)?;
+    Ok((point, wrapped))
+}
+
+/// Errors meaning "this token cannot wrap/unwrap an EdDSA private key natively".
+pub(crate) fn is_no_native_eddsa(f: &Fail) -> bool {
+    match f {
+        Fail::Ck(e) => matches!(
+            rv_of(e),
+            Some(
+                RvError::KeyNotWrappable
+                    | RvError::MechanismInvalid
+                    | RvError::FunctionFailed
+                    | RvError::TemplateInconsistent
+                    | RvError::KeyTypeInconsistent
+                    | RvError::AttributeValueInvalid
+                    | RvError::FunctionNotSupported
+            )
+        ),
+        Fail::Hsm(_) => false,
+    }
+}
+
+impl Hsm {
+    /// Generate a key pair inside the token (session objects), read the public key, wrap the
+    /// private key under the current KEK, destroy all objects (also on error) and return.
+    pub fn generate_wrapped(&self, alg: KeyAlg) -> Result<WrappedKey, HsmError> {
+        self.retry_on_kek(|| self.generate_wrapped_once(alg))
+    }
+
+    fn generate_wrapped_once(&self, alg: KeyAlg) -> Result<WrappedKey, HsmError> {
+        const OP: &str = "generate_wrapped";
+        let kek = self.kek(None)?;
+        let label = self.inner.pool.label.clone();
+        let native_flag = &self.inner.ed25519_native;
+        let mut kek_bad = false;
+        let res = self.inner.pool.with_session(OP, |p| {
+            if p.epoch != kek.epoch {
+                // KEK handles are from before a re-initialisation: reload them and retry.
+                kek_bad = true;
+                let e = HsmError::Unavailable {
+                    op: OP,
+                    rv: "pool re-initialised during call".to_string(),
+                };
+                return (Err(e), Breakage::None);
+            }
+            let s = &p.session;
+            let r = match alg {
+                KeyAlg::Secp256k1 => generate_native(s, alg, &kek),
+                KeyAlg::Ed25519 if native_flag.load(Ordering::Relaxed) => match generate_native(s, alg, &kek) {
+                    Err(f) if is_no_native_eddsa(&f) => {
+                        tracing::info!("token cannot wrap Ed25519 keys natively; using PKCS#8 carrier");
+                        native_flag.store(false, Ordering::Relaxed);
+                        generate_ed25519_via_seed(s, &kek)
+                    }
+                    other => other,
+                },
+                KeyAlg::Ed25519 => generate_ed25519_via_seed(s, &kek),
+            };
+            if let Err(f) = &r {
+                kek_bad = f.kek_suspect();
+            }
+            let r = r.map(|(public_key, wrapped)| WrappedKey {
+                public_key,
+                wrapped,
+                kek_version: kek.version,
+            });
+            settle(r, OP, &label)
+        });
+        if kek_bad {
+            self.kek_failed();
+        }
+        res
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ec_point_decoding() {
+        let mut der = vec![0x04, 0x41, 0x04];
+        der.extend_from_slice(&[7u8; 64]);
+        let p = decode_ec_point(KeyAlg::Secp256k1, &der);
+        assert_eq!(p.as_ref().map(|v| v.len()), Some(65));
+        let mut ed = vec![0x04, 0x20];
+        ed.extend_from_slice(&[9u8; 32]);
+        assert_eq!(decode_ec_point(KeyAlg::Ed25519, &ed), Some(vec![9u8; 32]));
+        assert_eq!(decode_ec_point(KeyAlg::Ed25519, &[0x04, 0x02, 1, 2]), None);
+        assert_eq!(decode_ec_point(KeyAlg::Secp256k1, &[0x04, 0x41]), None);
+    }
+
+    #[test]
+    fn ed25519_pkcs8_roundtrip() {
+        let seed = [5u8; 32];
+        let der = ed25519_pkcs8(&seed).map(|d| d.to_vec()).unwrap_or_default();
+        assert_eq!(der.len(), 48);
+        let back = ed25519_seed_from_pkcs8(&der).map(|s| s.to_vec());
+        assert_eq!(back, Some(seed.to_vec()));
+        assert!(ed25519_seed_from_pkcs8(&der[..40]).is_none());
+        assert!(ed25519_pkcs8(&[1u8; 31]).is_none());
+        let mut other = der.clone();
+        other[11] = 0x71; // Ed448 OID
+        assert!(ed25519_seed_from_pkcs8(&other).is_none());
+    }
+}

@@ -1,0 +1,122 @@
+//! Signing with an unwrapped session key, and the key's lifetime.
+
+use std::fmt;
+
+use cryptoki::mechanism::eddsa::{EddsaParams, EddsaSignatureScheme};
+use cryptoki::mechanism::Mechanism;
+use cryptoki::object::ObjectHandle;
+
+use super::error::{breakage, is_handle_invalid, map_err, Breakage, HsmError};
+use super::pool::Origin;
+use super::Hsm;
+use crate::types::KeyAlg;
+
+/// A private key unwrapped into a pool session (custody "hsm"). Dropping it destroys the
+/// session object (best effort). Not `Clone`: one owner destroys it.
+pub struct HsmKey {
+    hsm: Hsm,
+    handle: ObjectHandle,
+    alg: KeyAlg,
+    origin: Origin,
+}
+
+impl fmt::Debug for HsmKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HsmKey")
+            .field("alg", &self.alg)
+            .field("epoch", &self.origin.epoch)
+            .finish()
+    }
+}
+
+impl HsmKey {
+    pub(crate) fn new(hsm: Hsm, handle: ObjectHandle, alg: KeyAlg, origin: Origin) -> Self {
+        HsmKey {
+            hsm,
+            handle,
+            alg,
+            origin,
+        }
+    }
+
+    /// The key's algorithm.
+    pub fn alg(&self) -> KeyAlg {
+        self.alg
+    }
+
+    /// False once the pool was re-initialised or the creating session was lost.
+    pub fn is_current(&self) -> bool {
+        self.hsm.inner.pool.is_current(self.origin)
+    }
+}
+
+impl Drop for HsmKey {
+    fn drop(&mut self) {
+        let pool = &self.hsm.inner.pool;
+        if !pool.is_current(self.origin) {
+            return; // its session (and so the object) is gone already
+        }
+        let (handle, origin) = (self.handle, self.origin);
+        let res = pool.with_session("destroy_key", |p| {
+            if p.epoch != origin.epoch || !pool.is_current(origin) {
+                return (Ok(None), Breakage::None);
+            }
+            match p.session.destroy_object(handle) {
+                Ok(()) => (Ok(None), Breakage::None),
+                Err(e) => (Ok(Some(e.to_string())), breakage(&e)),
+            }
+        });
+        match res {
+            Ok(None) => {}
+            Ok(Some(e)) => tracing::debug!(error = %e, "destroying unwrapped key failed"),
+            Err(e) => tracing::debug!(error = %e, "destroying unwrapped key failed"),
+        }
+    }
+}
+
+impl Hsm {
+    /// Sign with an unwrapped key. secp256k1: `CKM_ECDSA` over a 32-byte prehash, returns raw
+    /// `r‖s` (64 bytes, NOT low-s normalised: the caller normalises and finds v). ed25519:
+    /// `CKM_EDDSA` over the message, 64 bytes. A key from an older pool epoch gives `StaleKey`.
+    pub fn sign(&self, key: &HsmKey, data: &[u8]) -> Result<Vec<u8>, HsmError> {
+        const OP: &str = "sign";
+        if !Hsm::same(&self.inner, &key.hsm.inner) {
+            return Err(HsmError::StaleKey);
+        }
+        if key.alg == KeyAlg::Secp256k1 && data.len() != 32 {
+            return Err(HsmError::Unsupported {
+                what: format!("secp256k1 signing takes a 32-byte prehash, got {} bytes", data.len()),
+            });
+        }
+        let pool = &self.inner.pool;
+        if !pool.is_current(key.origin) {
+            return Err(HsmError::StaleKey);
+        }
+        let label = pool.label.clone();
+        let mech = match key.alg {
+            KeyAlg::Secp256k1 => Mechanism::Ecdsa,
+            KeyAlg::Ed25519 => Mechanism::Eddsa(EddsaParams::new(EddsaSignatureScheme::Pure)),
+        };
+        let sig = pool.with_session(OP, |p| {
+            if p.epoch != key.origin.epoch || !pool.is_current(key.origin) {
+                return (Err(HsmError::StaleKey), Breakage::None);
+            }
+            match p.session.sign(&mech, key.handle, data) {
+                Ok(sig) => (Ok(sig), Breakage::None),
+                Err(e) if is_handle_invalid(&e) => (Err(HsmError::StaleKey), Breakage::None),
+                Err(e) => (Err(map_err(OP, &e, &label)), breakage(&e)),
+            }
+        })?;
+        if sig.len() != 64 {
+            return Err(HsmError::Internal {
+                op: OP,
+                rv: format!("signature of {} bytes", sig.len()),
+            });
+        }
+        Ok(sig)
+    }
+
+    fn same(a: &std::sync::Arc<super::Inner>, b: &std::sync::Arc<super::Inner>) -> bool {
+        std::sync::Arc::ptr_eq(a, b)
+    }
+}

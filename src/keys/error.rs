@@ -1,0 +1,43 @@
+//! Errors of the key layer.
+
+use crate::crypto::eth::EthError;
+use crate::hsm::HsmError;
+use crate::store::StoreError;
+use crate::types::KeyAlg;
+
+/// Why a key operation failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum KeyError {
+    /// No such account.
+    #[error("account {0} not found")]
+    AccountNotFound(String),
+    /// The unwrapped key is not the account's key (a blob moved between rows).
+    #[error("account {account}: the stored {alg} key does not match its public key; refusing to sign")]
+    Binding {
+        /// The account.
+        account: String,
+        /// Which key.
+        alg: KeyAlg,
+    },
+    /// The account has no key of this algorithm, or it does not decode.
+    #[error("account {account}: no usable {alg} key")]
+    MissingKey {
+        /// The account.
+        account: String,
+        /// Which key.
+        alg: KeyAlg,
+    },
+    /// The HSM failed.
+    #[error(transparent)]
+    Hsm(#[from] HsmError),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A signature did not check out.
+    #[error("signature check failed: {0}")]
+    Signature(#[from] EthError),
+    /// A bug or a panicked task.
+    #[error("internal error: {0}")]
+    Internal(&'static str),
+}

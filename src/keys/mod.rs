@@ -1,0 +1,220 @@
+//! Account keys: creation (generated in the HSM, stored wrapped), and signing
+//! in either custody mode through a bounded cache of unwrapped keys.
+//!
+//! Never writes a plaintext private key anywhere; host-custody key bytes live
+//! only in zeroizing types. Every unwrapped key is proven to belong to its
+//! account (its signature must verify under the stored public key) before
+//! it is cached or used.
+
+mod cache;
+mod error;
+mod signer;
+
+pub use cache::KeyCache;
+pub use error::KeyError;
+pub use signer::{public_keys, AccountKeys};
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::config::Custody;
+use crate::crypto::eth::Address;
+use crate::hsm::{Hsm, HsmError};
+use crate::metrics::Metrics;
+use crate::store::{AccountRecord, KeyRecord, Store};
+use crate::types::KeyAlg;
+
+/// The key version new accounts get.
+pub const INITIAL_KEY_VERSION: u32 = 1;
+
+/// What a new account is made from.
+#[derive(Debug, Clone)]
+pub struct NewAccount {
+    /// The controlling wallet.
+    pub controller: Address,
+    /// Free-form label.
+    pub label: Option<String>,
+    /// The creating identity.
+    pub created_by: String,
+    /// Further identities allowed to have it sign.
+    pub allowed: Vec<String>,
+}
+
+/// Creates accounts and signs with their keys.
+#[derive(Debug, Clone)]
+pub struct KeyService {
+    hsm: Hsm,
+    store: Arc<dyn Store>,
+    custody: Custody,
+    cache: Arc<KeyCache>,
+    metrics: Arc<Metrics>,
+}
+
+impl KeyService {
+    /// Wires the service.
+    pub fn new(
+        hsm: Hsm,
+        store: Arc<dyn Store>,
+        custody: Custody,
+        cache_capacity: usize,
+        metrics: Arc<Metrics>,
+    ) -> KeyService {
+        KeyService {
+            hsm,
+            store,
+            custody,
+            cache: Arc::new(KeyCache::new(cache_capacity)),
+            metrics,
+        }
+    }
+
+    /// The custody mode in force.
+    pub fn custody(&self) -> Custody {
+        self.custody
+    }
+
+    /// The HSM behind the service.
+    pub fn hsm(&self) -> &Hsm {
+        &self.hsm
+    }
+
+    /// The store behind the service.
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    /// Generates both keys in the HSM, wraps them under the current KEK and
+    /// stores the account in one transaction.
+    pub async fn create_account(&self, new: NewAccount) -> Result<AccountRecord, KeyError> {
+        let hsm = self.hsm.clone();
+        let metrics = self.metrics.clone();
+        let wrapped = tokio::task::spawn_blocking(move || -> Result<Vec<KeyRecord>, HsmError> {
+            let mut keys = Vec::with_capacity(KeyAlg::ALL.len());
+            for alg in KeyAlg::ALL {
+                let started = Instant::now();
+                let w = hsm.generate_wrapped(alg);
+                metrics.observe_hsm("generate_wrapped", started);
+                let w = w?;
+                keys.push(KeyRecord {
+                    alg,
+                    public_key: w.public_key,
+                    wrapped: w.wrapped,
+                    kek_version: w.kek_version,
+                    key_version: INITIAL_KEY_VERSION,
+                });
+            }
+            Ok(keys)
+        })
+        .await
+        .map_err(|_| KeyError::Internal("key generation task failed"))??;
+
+        let mut allowed = new.allowed;
+        allowed.sort();
+        allowed.dedup();
+        let record = AccountRecord {
+            id: uuid::Uuid::new_v4().to_string(),
+            label: new.label,
+            controller: new.controller.to_checksum(),
+            created_by: new.created_by,
+            created_at: crate::clock::unix_now(),
+            allowed,
+            keys: wrapped,
+        };
+        // Check the public keys decode before anything is stored.
+        signer::public_keys(&record)?;
+        self.store.create_account(&record).await?;
+        Ok(record)
+    }
+
+    /// The account's record without unwrapping keys.
+    pub async fn record(&self, id: &str) -> Result<AccountRecord, KeyError> {
+        if let Some(keys) = self.cache.get(id) {
+            return Ok(keys.record().clone());
+        }
+        self.store
+            .get_account(id)
+            .await?
+            .ok_or_else(|| KeyError::AccountNotFound(id.to_string()))
+    }
+
+    /// The account with its keys ready to sign (cached).
+    pub async fn account(&self, id: &str) -> Result<Arc<AccountKeys>, KeyError> {
+        if let Some(keys) = self.cache.get(id) {
+            return Ok(keys);
+        }
+        let record = self
+            .store
+            .get_account(id)
+            .await?
+            .ok_or_else(|| KeyError::AccountNotFound(id.to_string()))?;
+        let hsm = self.hsm.clone();
+        let custody = self.custody;
+        let metrics = self.metrics.clone();
+        let keys = tokio::task::spawn_blocking(move || {
+            let started = Instant::now();
+            let out = AccountKeys::unwrap(&hsm, custody, record);
+            metrics.observe_hsm("unwrap", started);
+            out
+        })
+        .await
+        .map_err(|_| KeyError::Internal("unwrap task failed"))??;
+        Ok(self.cache.insert(Arc::new(keys)))
+    }
+
+    /// Signs a 32-byte Ethereum digest (EIP-712 or EIP-191) with the
+    /// account's secp256k1 key: r‖s‖v, low-s, v ∈ {27, 28}.
+    pub async fn sign_eth_digest(&self, id: &str, digest: [u8; 32]) -> Result<(Arc<AccountKeys>, [u8; 65]), KeyError> {
+        self.with_retry(id, move |keys, hsm, metrics| {
+            keys.sign_eth_digest(hsm, metrics, &digest)
+        })
+        .await
+    }
+
+    /// Signs a message with the account's Ed25519 key.
+    pub async fn sign_ed25519(&self, id: &str, msg: Vec<u8>) -> Result<(Arc<AccountKeys>, [u8; 64]), KeyError> {
+        self.with_retry(id, move |keys, hsm, metrics| keys.sign_ed25519(hsm, metrics, &msg))
+            .await
+    }
+
+    async fn with_retry<T, F>(&self, id: &str, op: F) -> Result<(Arc<AccountKeys>, T), KeyError>
+    where
+        T: Send + 'static,
+        F: Fn(&AccountKeys, &Hsm, &Metrics) -> Result<T, KeyError> + Send + Sync + 'static,
+    {
+        let op = Arc::new(op);
+        for attempt in 0..2 {
+            let keys = self.account(id).await?;
+            let result = if keys.signs_on_host() {
+                op(&keys, &self.hsm, &self.metrics)
+            } else {
+                let hsm = self.hsm.clone();
+                let metrics = self.metrics.clone();
+                let k = keys.clone();
+                let op = op.clone();
+                tokio::task::spawn_blocking(move || op(&k, &hsm, &metrics))
+                    .await
+                    .map_err(|_| KeyError::Internal("signing task failed"))?
+            };
+            match result {
+                Ok(v) => return Ok((keys, v)),
+                // The HSM was re-initialised and forgot the unwrapped handle:
+                // drop it and unwrap again, once.
+                Err(KeyError::Hsm(HsmError::StaleKey)) if attempt == 0 => {
+                    self.cache.remove(id);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(KeyError::Hsm(HsmError::StaleKey))
+    }
+
+    /// Destroys every unwrapped key (at shutdown).
+    pub fn clear_cache(&self) {
+        self.cache.clear();
+    }
+
+    /// How many accounts have keys ready.
+    pub fn cached(&self) -> usize {
+        self.cache.len()
+    }
+}

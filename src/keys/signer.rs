@@ -1,0 +1,211 @@
+//! One account's keys, unwrapped and proven to be the account's own, ready
+//! to sign in the custody mode chosen at start-up.
+
+use std::time::Instant;
+
+use ed25519_dalek::Signer as _;
+use k256::ecdsa::VerifyingKey;
+
+use super::KeyError;
+use crate::config::Custody;
+use crate::crypto::eip712::keccak256;
+use crate::crypto::eth::{self, Address};
+use crate::hsm::{Hsm, HsmKey, WrappedRef};
+use crate::metrics::Metrics;
+use crate::store::{AccountRecord, KeyRecord};
+use crate::types::KeyAlg;
+
+/// What the binding check signs: any fixed message will do, since only the
+/// public key that verifies it matters.
+const BINDING_MESSAGE: &[u8] = b"keyward: unwrapped key binding check";
+
+enum Secp {
+    Hsm(HsmKey),
+    Host(k256::ecdsa::SigningKey),
+}
+
+enum Ed {
+    Hsm(HsmKey),
+    Host(ed25519_dalek::SigningKey),
+}
+
+/// An account with both keys usable. Dropping it destroys the HSM session
+/// objects (custody `hsm`) or zeroizes the key bytes (custody `host`).
+pub struct AccountKeys {
+    record: AccountRecord,
+    eth_address: Address,
+    secp_public: VerifyingKey,
+    ed_public: ed25519_dalek::VerifyingKey,
+    secp: Secp,
+    ed: Ed,
+}
+
+impl std::fmt::Debug for AccountKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AccountKeys")
+            .field("account", &self.record.id)
+            .field("eth_address", &self.eth_address)
+            .finish_non_exhaustive()
+    }
+}
+
+fn key_record(record: &AccountRecord, alg: KeyAlg) -> Result<&KeyRecord, KeyError> {
+    record
+        .keys
+        .iter()
+        .filter(|k| k.alg == alg)
+        .max_by_key(|k| k.key_version)
+        .ok_or_else(|| KeyError::MissingKey {
+            account: record.id.clone(),
+            alg,
+        })
+}
+
+/// Decodes an account's stored public keys.
+pub fn public_keys(record: &AccountRecord) -> Result<(VerifyingKey, ed25519_dalek::VerifyingKey), KeyError> {
+    let missing = |alg| KeyError::MissingKey {
+        account: record.id.clone(),
+        alg,
+    };
+    let secp = key_record(record, KeyAlg::Secp256k1)?;
+    let secp = VerifyingKey::from_sec1_bytes(&secp.public_key).map_err(|_| missing(KeyAlg::Secp256k1))?;
+    let ed = key_record(record, KeyAlg::Ed25519)?;
+    let ed_bytes: [u8; 32] = ed
+        .public_key
+        .as_slice()
+        .try_into()
+        .map_err(|_| missing(KeyAlg::Ed25519))?;
+    let ed = ed25519_dalek::VerifyingKey::from_bytes(&ed_bytes).map_err(|_| missing(KeyAlg::Ed25519))?;
+    Ok((secp, ed))
+}
+
+fn wref(k: &KeyRecord) -> WrappedRef<'_> {
+    WrappedRef {
+        public_key: &k.public_key,
+        wrapped: &k.wrapped,
+        kek_version: k.kek_version,
+    }
+}
+
+impl AccountKeys {
+    /// Unwraps both keys of `record` (blocking HSM calls) and proves each is
+    /// the key its stored public key names.
+    pub fn unwrap(hsm: &Hsm, custody: Custody, record: AccountRecord) -> Result<AccountKeys, KeyError> {
+        let (secp_public, ed_public) = public_keys(&record)?;
+        let binding = |alg| KeyError::Binding {
+            account: record.id.clone(),
+            alg,
+        };
+        let secp_rec = key_record(&record, KeyAlg::Secp256k1)?;
+        let ed_rec = key_record(&record, KeyAlg::Ed25519)?;
+        let (secp, ed) = match custody {
+            Custody::Hsm => {
+                let secp_key = hsm.unwrap_for_signing(KeyAlg::Secp256k1, &wref(secp_rec))?;
+                let digest = keccak256(BINDING_MESSAGE);
+                let raw = hsm.sign(&secp_key, &digest)?;
+                eth::to_recoverable(&secp_public, &digest, &raw).map_err(|_| binding(KeyAlg::Secp256k1))?;
+
+                let ed_key = hsm.unwrap_for_signing(KeyAlg::Ed25519, &wref(ed_rec))?;
+                let raw = hsm.sign(&ed_key, BINDING_MESSAGE)?;
+                let sig = ed25519_dalek::Signature::from_slice(&raw).map_err(|_| binding(KeyAlg::Ed25519))?;
+                ed_public
+                    .verify_strict(BINDING_MESSAGE, &sig)
+                    .map_err(|_| binding(KeyAlg::Ed25519))?;
+                (Secp::Hsm(secp_key), Ed::Hsm(ed_key))
+            }
+            Custody::Host => {
+                let scalar = hsm.unwrap_to_host(KeyAlg::Secp256k1, &wref(secp_rec))?;
+                let sk = k256::ecdsa::SigningKey::from_slice(&scalar).map_err(|_| binding(KeyAlg::Secp256k1))?;
+                if *sk.verifying_key() != secp_public {
+                    return Err(binding(KeyAlg::Secp256k1));
+                }
+                let seed = hsm.unwrap_to_host(KeyAlg::Ed25519, &wref(ed_rec))?;
+                let seed: &[u8; 32] = seed.as_slice().try_into().map_err(|_| binding(KeyAlg::Ed25519))?;
+                let ek = ed25519_dalek::SigningKey::from_bytes(seed);
+                if ek.verifying_key() != ed_public {
+                    return Err(binding(KeyAlg::Ed25519));
+                }
+                (Secp::Host(sk), Ed::Host(ek))
+            }
+        };
+        Ok(AccountKeys {
+            eth_address: Address::from_public_key(&secp_public),
+            record,
+            secp_public,
+            ed_public,
+            secp,
+            ed,
+        })
+    }
+
+    /// The stored account.
+    pub fn record(&self) -> &AccountRecord {
+        &self.record
+    }
+
+    /// The account's Ethereum address.
+    pub fn eth_address(&self) -> Address {
+        self.eth_address
+    }
+
+    /// secp256k1 public key, compressed SEC1.
+    pub fn secp256k1_public_compressed(&self) -> Vec<u8> {
+        self.secp_public.to_encoded_point(true).as_bytes().to_vec()
+    }
+
+    /// Ed25519 public key.
+    pub fn ed25519_public(&self) -> [u8; 32] {
+        self.ed_public.to_bytes()
+    }
+
+    /// Whether signing is cheap host work (no blocking HSM call).
+    pub fn signs_on_host(&self) -> bool {
+        matches!(self.secp, Secp::Host(_))
+    }
+
+    /// r‖s‖v over a 32-byte digest, low-s, v ∈ {27, 28}.
+    pub fn sign_eth_digest(&self, hsm: &Hsm, metrics: &Metrics, digest: &[u8; 32]) -> Result<[u8; 65], KeyError> {
+        match &self.secp {
+            Secp::Host(sk) => {
+                let (sig, recid) = sk
+                    .sign_prehash_recoverable(digest)
+                    .map_err(|_| KeyError::Internal("secp256k1 signing failed"))?;
+                let (sig, odd) = match sig.normalize_s() {
+                    Some(low) => (low, !recid.is_y_odd()),
+                    None => (sig, recid.is_y_odd()),
+                };
+                let mut out = [0u8; 65];
+                out[..64].copy_from_slice(&sig.to_bytes());
+                out[64] = 27 + u8::from(odd);
+                Ok(out)
+            }
+            Secp::Hsm(key) => {
+                let started = Instant::now();
+                let raw = hsm.sign(key, digest);
+                metrics.observe_hsm("sign_ecdsa", started);
+                let raw = raw?;
+                // Normalises to low-s, finds v, and verifies under the stored key.
+                eth::to_recoverable(&self.secp_public, digest, &raw).map_err(|_| KeyError::Binding {
+                    account: self.record.id.clone(),
+                    alg: KeyAlg::Secp256k1,
+                })
+            }
+        }
+    }
+
+    /// An RFC 8032 Ed25519 signature over `msg`.
+    pub fn sign_ed25519(&self, hsm: &Hsm, metrics: &Metrics, msg: &[u8]) -> Result<[u8; 64], KeyError> {
+        match &self.ed {
+            Ed::Host(sk) => Ok(sk.sign(msg).to_bytes()),
+            Ed::Hsm(key) => {
+                let started = Instant::now();
+                let raw = hsm.sign(key, msg);
+                metrics.observe_hsm("sign_eddsa", started);
+                let raw = raw?;
+                raw.as_slice()
+                    .try_into()
+                    .map_err(|_| KeyError::Internal("token returned an Ed25519 signature of the wrong length"))
+            }
+        }
+    }
+}

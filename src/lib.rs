@@ -1,0 +1,28 @@
+//! keyward: a custodial key-management and signing daemon. Account keys are
+//! wrapped under a key-encryption key that never leaves a PKCS#11 HSM; the
+//! daemon signs EIP-712 typed data and messages over mutual-TLS gRPC, only
+//! for callers its rules allow.
+//!
+//! Modules follow the request path: `tls` (who is calling) → `api` (decode,
+//! validate, map errors) → `authz` (may they) → `keys` (custody and signing)
+//! → `hsm` (the only cryptoki caller) and `store` (persistent state).
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod api;
+pub mod authz;
+pub mod bench;
+pub mod cli;
+pub mod clock;
+pub mod config;
+pub mod crypto;
+pub mod dev;
+pub mod hsm;
+pub mod http;
+pub mod keys;
+pub mod metrics;
+pub mod server;
+pub mod store;
+pub mod testkit;
+pub mod tls;
+pub mod types;

@@ -1,0 +1,127 @@
+//! Prometheus metrics: every component's series, registered in one place at
+//! start-up and rendered on the HTTPS side port. No labels carry account ids,
+//! identities or payloads.
+
+use std::time::Instant;
+
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+};
+
+/// The daemon's metric families.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    requests: IntCounterVec,
+    latency: HistogramVec,
+    hsm_latency: HistogramVec,
+    hsm_pool_in_use: IntGauge,
+    hsm_pool_size: IntGauge,
+    cached_keys: IntGauge,
+    handshake_failures: IntCounter,
+}
+
+const LATENCY_BUCKETS: &[f64] = &[
+    0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+];
+
+impl Metrics {
+    /// Registers every family.
+    pub fn new() -> Result<Metrics, prometheus::Error> {
+        let registry = Registry::new_custom(Some("keyward".into()), None)?;
+        let requests = IntCounterVec::new(
+            Opts::new("grpc_requests_total", "gRPC requests by method and status code"),
+            &["method", "code"],
+        )?;
+        let latency = HistogramVec::new(
+            HistogramOpts::new("grpc_request_duration_seconds", "gRPC request latency by method")
+                .buckets(LATENCY_BUCKETS.to_vec()),
+            &["method"],
+        )?;
+        let hsm_latency = HistogramVec::new(
+            HistogramOpts::new("hsm_operation_duration_seconds", "HSM operation latency by operation")
+                .buckets(LATENCY_BUCKETS.to_vec()),
+            &["op"],
+        )?;
+        let hsm_pool_in_use = IntGauge::new("hsm_pool_sessions_in_use", "PKCS#11 sessions in use")?;
+        let hsm_pool_size = IntGauge::new("hsm_pool_sessions", "PKCS#11 sessions in the pool")?;
+        let cached_keys = IntGauge::new("key_cache_accounts", "accounts with unwrapped keys cached")?;
+        let handshake_failures = IntCounter::new("tls_handshake_failures_total", "refused TLS handshakes")?;
+        registry.register(Box::new(requests.clone()))?;
+        registry.register(Box::new(latency.clone()))?;
+        registry.register(Box::new(hsm_latency.clone()))?;
+        registry.register(Box::new(hsm_pool_in_use.clone()))?;
+        registry.register(Box::new(hsm_pool_size.clone()))?;
+        registry.register(Box::new(cached_keys.clone()))?;
+        registry.register(Box::new(handshake_failures.clone()))?;
+        Ok(Metrics {
+            registry,
+            requests,
+            latency,
+            hsm_latency,
+            hsm_pool_in_use,
+            hsm_pool_size,
+            cached_keys,
+            handshake_failures,
+        })
+    }
+
+    /// Records one finished RPC.
+    pub fn observe_request(&self, method: &str, code: tonic::Code, started: Instant) {
+        self.requests.with_label_values(&[method, code_name(code)]).inc();
+        self.latency
+            .with_label_values(&[method])
+            .observe(started.elapsed().as_secs_f64());
+    }
+
+    /// Records one HSM call.
+    pub fn observe_hsm(&self, op: &str, started: Instant) {
+        self.hsm_latency
+            .with_label_values(&[op])
+            .observe(started.elapsed().as_secs_f64());
+    }
+
+    /// Point-in-time gauges, sampled at scrape.
+    pub fn set_gauges(&self, pool_in_use: usize, pool_size: usize, cached_keys: usize, handshake_failures: u64) {
+        self.hsm_pool_in_use.set(i64::try_from(pool_in_use).unwrap_or(i64::MAX));
+        self.hsm_pool_size.set(i64::try_from(pool_size).unwrap_or(i64::MAX));
+        self.cached_keys.set(i64::try_from(cached_keys).unwrap_or(i64::MAX));
+        let seen = self.handshake_failures.get();
+        if handshake_failures > seen {
+            self.handshake_failures.inc_by(handshake_failures - seen);
+        }
+    }
+
+    /// The text exposition format.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        if TextEncoder::new().encode(&self.registry.gather(), &mut buf).is_err() {
+            return String::new();
+        }
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+/// The canonical gRPC status name, as `grpc-status` docs spell it.
+pub fn code_name(code: tonic::Code) -> &'static str {
+    use tonic::Code::*;
+    match code {
+        Ok => "OK",
+        Cancelled => "CANCELLED",
+        Unknown => "UNKNOWN",
+        InvalidArgument => "INVALID_ARGUMENT",
+        DeadlineExceeded => "DEADLINE_EXCEEDED",
+        NotFound => "NOT_FOUND",
+        AlreadyExists => "ALREADY_EXISTS",
+        PermissionDenied => "PERMISSION_DENIED",
+        ResourceExhausted => "RESOURCE_EXHAUSTED",
+        FailedPrecondition => "FAILED_PRECONDITION",
+        Aborted => "ABORTED",
+        OutOfRange => "OUT_OF_RANGE",
+        Unimplemented => "UNIMPLEMENTED",
+        Internal => "INTERNAL",
+        Unavailable => "UNAVAILABLE",
+        DataLoss => "DATA_LOSS",
+        Unauthenticated => "UNAUTHENTICATED",
+    }
+}

@@ -1,0 +1,186 @@
+//! The daemon as a value: `start` builds it from config, `serve` runs it on
+//! listeners it is given until the shutdown future resolves, then finishes
+//! in-flight requests and destroys every unwrapped key.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tonic::transport::Server;
+
+use crate::api::pb::account_service_server::AccountServiceServer;
+use crate::api::pb::signing_service_server::SigningServiceServer;
+use crate::api::{AccountApi, Daemon, SigningApi};
+use crate::authz::Authz;
+use crate::config::{Config, ConfigError};
+use crate::hsm::{Hsm, HsmConfig, HsmError};
+use crate::keys::KeyService;
+use crate::metrics::Metrics;
+use crate::store::StoreError;
+use crate::tls::{ServerTls, TlsError, TlsPaths};
+
+/// Why the daemon could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServeError {
+    /// Bad configuration.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The HSM could not be opened.
+    #[error("HSM: {0}")]
+    Hsm(#[from] HsmError),
+    /// The store could not be opened.
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
+    /// Certificates could not be loaded.
+    #[error("TLS: {0}")]
+    Tls(#[from] TlsError),
+    /// The token has no key-encryption key yet.
+    #[error("the token has no key-encryption key: run `keyward init` first")]
+    NoKek,
+    /// A listener failed.
+    #[error("{what}: {source}")]
+    Io {
+        /// Which listener.
+        what: &'static str,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// gRPC server failure.
+    #[error("gRPC server: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    /// Metrics registry failure.
+    #[error("metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+    /// A background task failed.
+    #[error("internal: {0}")]
+    Internal(&'static str),
+}
+
+/// A daemon ready to serve.
+#[derive(Debug, Clone)]
+pub struct Running {
+    /// Shared handler state.
+    pub daemon: Arc<Daemon>,
+    /// Reloadable certificates.
+    pub tls: Arc<ServerTls>,
+    /// Largest gRPC message.
+    pub max_message_bytes: usize,
+    /// Streams per connection.
+    pub max_concurrent_streams: u32,
+}
+
+/// Opens the HSM (PIN from its configured source) with blocking calls.
+pub async fn open_hsm(config: &Config) -> Result<Hsm, ServeError> {
+    let hsm_config = HsmConfig {
+        module: config.hsm.module.clone(),
+        token_label: config.hsm.token_label.clone(),
+        pin: config.hsm_pin()?,
+        pool_size: config.hsm.pool_size,
+        kek_label_prefix: config.hsm.kek_label_prefix.clone(),
+    };
+    tokio::task::spawn_blocking(move || Hsm::open(&hsm_config))
+        .await
+        .map_err(|_| ServeError::Internal("HSM open task failed"))?
+        .map_err(ServeError::from)
+}
+
+/// Builds the daemon from config: HSM, KEK check, store, certificates.
+pub async fn start(config: &Config) -> Result<Running, ServeError> {
+    let tls = ServerTls::load(TlsPaths {
+        cert: config.tls.cert.clone(),
+        key: config.tls.key.clone(),
+        client_ca: config.tls.client_ca.clone(),
+    })?;
+    let hsm = open_hsm(config).await?;
+    if hsm.kek_version() == 0 {
+        return Err(ServeError::NoKek);
+    }
+    let store = crate::store::open(&config.store.url).await?;
+    let metrics = Arc::new(Metrics::new()?);
+    let keys = KeyService::new(
+        hsm,
+        store,
+        config.keys.custody,
+        config.keys.cache_capacity,
+        metrics.clone(),
+    );
+    let daemon = Arc::new(Daemon {
+        keys,
+        authz: Authz::new(config.authz.admins.clone()),
+        metrics,
+        log_details: config.log.log_request_details,
+    });
+    Ok(Running {
+        daemon,
+        tls,
+        max_message_bytes: config.server.max_message_bytes,
+        max_concurrent_streams: config.server.max_concurrent_streams,
+    })
+}
+
+/// Binds both listeners of a config.
+pub async fn bind(config: &Config) -> Result<(TcpListener, TcpListener), ServeError> {
+    let grpc = TcpListener::bind(config.server.listen)
+        .await
+        .map_err(|source| ServeError::Io {
+            what: "gRPC listener",
+            source,
+        })?;
+    let https = TcpListener::bind(config.server.https_listen)
+        .await
+        .map_err(|source| ServeError::Io {
+            what: "HTTPS listener",
+            source,
+        })?;
+    Ok((grpc, https))
+}
+
+/// Addresses a serving daemon listens on.
+#[derive(Debug, Clone, Copy)]
+pub struct Endpoints {
+    /// gRPC over mutual TLS.
+    pub grpc: SocketAddr,
+    /// HTTPS side port.
+    pub https: SocketAddr,
+}
+
+/// Serves until `shutdown` resolves, then drains in-flight requests and
+/// destroys cached keys.
+pub async fn serve<S>(running: Running, grpc: TcpListener, https: TcpListener, shutdown: S) -> Result<(), ServeError>
+where
+    S: Future<Output = ()> + Send + 'static,
+{
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter.set_serving::<AccountServiceServer<AccountApi>>().await;
+    health_reporter.set_serving::<SigningServiceServer<SigningApi>>().await;
+
+    let d = running.daemon.clone();
+    let max = running.max_message_bytes;
+    let grpc_server = Server::builder()
+        .max_concurrent_streams(running.max_concurrent_streams)
+        .tcp_nodelay(true)
+        .add_service(health_service)
+        .add_service(AccountServiceServer::new(AccountApi(d.clone())).max_decoding_message_size(max))
+        .add_service(SigningServiceServer::new(SigningApi(d.clone())).max_decoding_message_size(max));
+
+    let mut grpc_stop = stop_rx.clone();
+    let grpc_task = tokio::spawn(grpc_server.serve_with_incoming_shutdown(
+        crate::tls::incoming(grpc, running.tls.clone()),
+        async move {
+            let _ = grpc_stop.wait_for(|s| *s).await;
+        },
+    ));
+    let https_task = tokio::spawn(crate::http::serve(https, running.tls.clone(), d.clone(), stop_rx));
+
+    shutdown.await;
+    tracing::info!("shutting down: finishing in-flight requests");
+    let _ = stop_tx.send(true);
+    let grpc_result = grpc_task.await.map_err(|_| ServeError::Internal("gRPC task failed"))?;
+    let _ = https_task.await;
+    d.keys.clear_cache();
+    tracing::info!("stopped");
+    grpc_result.map_err(ServeError::from)
+}

@@ -1,0 +1,19 @@
+//! Mutual-TLS plumbing for the gRPC listener, the public HTTPS side port,
+//! gRPC clients, and a development PKI.
+
+pub mod client;
+pub mod devpki;
+pub mod error;
+pub mod identity;
+pub mod incoming;
+pub mod server;
+
+pub use client::{connect, endpoint, ClientTlsFiles};
+pub use devpki::{ensure_dev_pki, ClientProfile, DevPki, TRUST_DOMAIN};
+pub use error::TlsError;
+pub use identity::identity_from_cert;
+pub use incoming::{incoming, ConnInfo, TlsConn};
+pub use server::{ServerTls, TlsPaths};
+
+#[cfg(test)]
+mod tests;

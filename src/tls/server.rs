@@ -1,0 +1,190 @@
+//! Server-side TLS configuration: loading, reloading, and the two configs
+//! (mutual-TLS gRPC, and server-auth-only HTTPS for the public side port).
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::{self, PemObject};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{RootCertStore, ServerConfig};
+
+use super::error::TlsError;
+
+/// Where the server's TLS material lives on disk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsPaths {
+    /// PEM certificate chain presented by the server (leaf first).
+    pub cert: PathBuf,
+    /// PEM private key (PKCS#8, SEC1 or PKCS#1) for `cert`.
+    pub key: PathBuf,
+    /// PEM bundle of CA certificates that client certificates must chain to.
+    pub client_ca: PathBuf,
+}
+
+#[derive(Debug)]
+struct Configs {
+    grpc: Arc<ServerConfig>,
+    https: Arc<ServerConfig>,
+}
+
+/// Reloadable server TLS state shared by all listeners.
+#[derive(Debug)]
+pub struct ServerTls {
+    paths: TlsPaths,
+    configs: RwLock<Arc<Configs>>,
+    handshake_failures: AtomicU64,
+}
+
+impl ServerTls {
+    /// Read the three files and build both configurations.
+    pub fn load(paths: TlsPaths) -> Result<Arc<ServerTls>, TlsError> {
+        let configs = build_configs(&paths)?;
+        Ok(Arc::new(ServerTls {
+            paths,
+            configs: RwLock::new(Arc::new(configs)),
+            handshake_failures: AtomicU64::new(0),
+        }))
+    }
+
+    /// Re-read all three files. On error the current configuration stays in
+    /// force and the error is returned. Only new connections see the change.
+    pub fn reload(&self) -> Result<(), TlsError> {
+        let configs = build_configs(&self.paths)?;
+        let mut guard = self.configs.write().unwrap_or_else(|e| e.into_inner());
+        *guard = Arc::new(configs);
+        drop(guard);
+        tracing::info!(cert = %self.paths.cert.display(), "server TLS material reloaded");
+        Ok(())
+    }
+
+    /// Mutual-TLS config for the gRPC listener: TLS 1.3 only, ALPN `h2`,
+    /// client certificate required and verified against `client_ca`.
+    pub fn grpc_config(&self) -> Arc<ServerConfig> {
+        self.current().grpc.clone()
+    }
+
+    /// Server-auth-only config for the public HTTPS side port (JWKS,
+    /// metrics): TLS 1.3 only, ALPN `h2` and `http/1.1`, no client auth.
+    pub fn https_config(&self) -> Arc<ServerConfig> {
+        self.current().https.clone()
+    }
+
+    /// The files this state is loaded from.
+    pub fn paths(&self) -> &TlsPaths {
+        &self.paths
+    }
+
+    /// Number of inbound gRPC connections refused during the TLS handshake
+    /// (including timeouts and verified certificates without an identity).
+    pub fn handshake_failures(&self) -> u64 {
+        self.handshake_failures.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn record_handshake_failure(&self) {
+        self.handshake_failures.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn current(&self) -> Arc<Configs> {
+        self.configs.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn build_configs(paths: &TlsPaths) -> Result<Configs, TlsError> {
+    let chain = read_certs(&paths.cert)?;
+    let key = read_key(&paths.key)?;
+    let ca_certs = read_certs(&paths.client_ca)?;
+
+    let mut roots = RootCertStore::empty();
+    for ca in ca_certs {
+        roots.add(ca).map_err(|e| TlsError::Invalid {
+            path: paths.client_ca.clone(),
+            reason: format!("unusable CA certificate: {e}"),
+        })?;
+    }
+    let provider = provider();
+    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+        .build()
+        .map_err(|e| TlsError::Invalid {
+            path: paths.client_ca.clone(),
+            reason: format!("client verifier: {e}"),
+        })?;
+
+    let rustls_err = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| TlsError::Rustls { path, source }
+    };
+
+    let mut grpc = ServerConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(rustls_err(&paths.cert))?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain.clone(), key.clone_key())
+        .map_err(rustls_err(&paths.key))?;
+    grpc.alpn_protocols = vec![b"h2".to_vec()];
+
+    let mut https = ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(rustls_err(&paths.cert))?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .map_err(rustls_err(&paths.key))?;
+    https.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+
+    Ok(Configs {
+        grpc: Arc::new(grpc),
+        https: Arc::new(https),
+    })
+}
+
+pub(crate) fn read_file(path: &Path) -> Result<Vec<u8>, TlsError> {
+    std::fs::read(path).map_err(|source| TlsError::Read {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// Read every CERTIFICATE block of a PEM file; error if there is none.
+pub(crate) fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    parse_certs(path, &read_file(path)?)
+}
+
+/// Parse every CERTIFICATE block of PEM `bytes` read from `path`.
+pub(crate) fn parse_certs(path: &Path, bytes: &[u8]) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let certs = CertificateDer::pem_slice_iter(bytes)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| TlsError::Invalid {
+            path: path.to_path_buf(),
+            reason: format!("bad PEM: {e}"),
+        })?;
+    if certs.is_empty() {
+        return Err(TlsError::NoCertificate {
+            path: path.to_path_buf(),
+        });
+    }
+    Ok(certs)
+}
+
+/// Read the first private key block of a PEM file.
+pub(crate) fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+    parse_key(path, &read_file(path)?)
+}
+
+/// Parse the first private key block of PEM `bytes` read from `path`.
+pub(crate) fn parse_key(path: &Path, bytes: &[u8]) -> Result<PrivateKeyDer<'static>, TlsError> {
+    PrivateKeyDer::from_pem_slice(bytes).map_err(|e| match e {
+        pem::Error::NoItemsFound => TlsError::NoPrivateKey {
+            path: path.to_path_buf(),
+        },
+        other => TlsError::Invalid {
+            path: path.to_path_buf(),
+            reason: format!("bad PEM: {other}"),
+        },
+    })
+}
