@@ -13,6 +13,11 @@ pub enum Action {
     ShowAccount,
     /// Have an account sign.
     Sign,
+    /// Request session challenges, open sessions, read them, and revoke them
+    /// with the controller's signature.
+    ManageSessions,
+    /// Revoke a session without the controller's signature.
+    RevokeSession,
 }
 
 /// Why a request was refused.
@@ -31,12 +36,22 @@ pub struct Denied {
 #[derive(Debug, Clone, Default)]
 pub struct Authz {
     admins: Vec<String>,
+    wallet_gateways: Vec<String>,
 }
 
 impl Authz {
     /// Rules with these admin identities.
     pub fn new(admins: Vec<String>) -> Authz {
-        Authz { admins }
+        Authz {
+            admins,
+            wallet_gateways: Vec::new(),
+        }
+    }
+
+    /// Identities that relay wallets (challenges, opening, signed revocation) for any account.
+    pub fn with_wallet_gateways(mut self, gateways: Vec<String>) -> Authz {
+        self.wallet_gateways = gateways;
+        self
     }
 
     fn is_admin(&self, identity: &str) -> bool {
@@ -58,7 +73,15 @@ impl Authz {
             (Action::CreateAccount, _) => deny("only admins create accounts"),
             (Action::ShowAccount, Some(a)) if self.is_admin(identity) || listed(a) => Ok(()),
             (Action::Sign, Some(a)) if listed(a) => Ok(()),
-            (Action::ShowAccount | Action::Sign, _) => deny("identity is not allowed on this account"),
+            (Action::ManageSessions, Some(a))
+                if self.is_admin(identity) || listed(a) || self.wallet_gateways.iter().any(|g| g == identity) =>
+            {
+                Ok(())
+            }
+            (Action::RevokeSession, Some(a)) if self.is_admin(identity) || a.created_by == identity => Ok(()),
+            (Action::ShowAccount | Action::Sign | Action::ManageSessions | Action::RevokeSession, _) => {
+                deny("identity is not allowed on this account")
+            }
         }
     }
 }
@@ -101,5 +124,13 @@ mod tests {
             assert_eq!(z.decide(who, action, Some(&a)).is_ok(), allowed, "{who} {action:?}");
         }
         assert!(z.decide("spiffe://example.org/admin", Action::Sign, None).is_err());
+        let z = z.with_wallet_gateways(vec!["spiffe://example.org/wallet-gateway".into()]);
+        let gw = "spiffe://example.org/wallet-gateway";
+        assert!(z.decide(gw, Action::ManageSessions, Some(&a)).is_ok());
+        assert!(z.decide(gw, Action::RevokeSession, Some(&a)).is_err());
+        assert!(z.decide(gw, Action::Sign, Some(&a)).is_err());
+        assert!(z.decide("spiffe://example.org/admin", Action::RevokeSession, Some(&a)).is_ok());
+        assert!(z.decide("spiffe://example.org/marketplace", Action::RevokeSession, Some(&a)).is_err());
+        assert!(z.decide("spiffe://example.org/other", Action::ManageSessions, Some(&a)).is_err());
     }
 }

@@ -21,7 +21,8 @@ use crate::api::pb::account_service_client::AccountServiceClient;
 use crate::api::pb::signing_service_client::SigningServiceClient;
 use crate::api::pb::signing_service_server::{SigningService, SigningServiceServer};
 use crate::api::pb::{
-    CreateAccountRequest, SignMessageRequest, SignMessageResponse, SignTypedDataRequest, SignTypedDataResponse,
+    CreateAccountRequest, SignMessageRequest, SignMessageResponse, SignPaymentRequest, SignPaymentResponse,
+    SignTypedDataRequest, SignTypedDataResponse,
     SignatureAlgorithm,
 };
 use crate::cli::client::RpcError;
@@ -127,6 +128,7 @@ async fn drive(
                         .sign_typed_data(SignTypedDataRequest {
                             account_id,
                             typed_data_json: MAIL.to_string(),
+                            ..Default::default()
                         })
                         .await
                         .map(|_| ()),
@@ -224,6 +226,9 @@ impl SigningService for Bare {
             signature: out,
             signer: String::new(),
         }))
+    }
+    async fn sign_payment(&self, _: Request<SignPaymentRequest>) -> Result<Response<SignPaymentResponse>, Status> {
+        Err(Status::unimplemented("the bare baseline signs typed data and messages only"))
     }
     async fn sign_message(&self, r: Request<SignMessageRequest>) -> Result<Response<SignMessageResponse>, Status> {
         let sig = self.ed.sign(&r.into_inner().data);

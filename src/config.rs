@@ -85,6 +85,9 @@ pub struct Config {
     /// Interim authorization.
     #[serde(default)]
     pub authz: AuthzConfig,
+    /// Delegated sessions.
+    #[serde(default)]
+    pub sessions: SessionsConfig,
     /// Logs.
     #[serde(default)]
     pub log: LogConfig,
@@ -194,6 +197,55 @@ pub struct AuthzConfig {
     /// Identities that may create accounts and read any account.
     #[serde(default)]
     pub admins: Vec<String>,
+    /// Identities that relay wallets: request challenges, open sessions and
+    /// revoke with a controller signature, for any account.
+    #[serde(default)]
+    pub wallet_gateways: Vec<String>,
+}
+
+/// `[sessions]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SessionsConfig {
+    /// EIP-155 chain id of the SessionGrant domain.
+    #[serde(default = "default_chain_id")]
+    pub chain_id: u64,
+    /// Optional verifyingContract of the domain (0x address).
+    pub verifying_contract: Option<String>,
+    /// Seconds a challenge can be opened.
+    #[serde(default = "default_challenge_ttl")]
+    pub challenge_ttl_seconds: u64,
+    /// Longest session, seconds.
+    #[serde(default = "default_max_session_ttl")]
+    pub max_ttl_seconds: u64,
+    /// Tolerated clock difference between replicas, seconds.
+    #[serde(default = "default_skew")]
+    pub clock_skew_seconds: u64,
+}
+
+impl Default for SessionsConfig {
+    fn default() -> Self {
+        SessionsConfig {
+            chain_id: default_chain_id(),
+            verifying_contract: None,
+            challenge_ttl_seconds: default_challenge_ttl(),
+            max_ttl_seconds: default_max_session_ttl(),
+            clock_skew_seconds: default_skew(),
+        }
+    }
+}
+
+fn default_chain_id() -> u64 {
+    1
+}
+fn default_challenge_ttl() -> u64 {
+    300
+}
+fn default_max_session_ttl() -> u64 {
+    86_400
+}
+fn default_skew() -> u64 {
+    30
 }
 
 /// `[log]`
@@ -309,6 +361,33 @@ impl Config {
                 key: "store.url",
                 reason: "must start with sqlite://, postgres:// or postgresql://".into(),
             });
+        }
+        let s = &self.sessions;
+        if s.challenge_ttl_seconds == 0 || s.challenge_ttl_seconds > 86_400 {
+            return Err(ConfigError::Invalid {
+                key: "sessions.challenge_ttl_seconds",
+                reason: "must be between 1 and 86400".into(),
+            });
+        }
+        if s.max_ttl_seconds == 0 || s.max_ttl_seconds > 31 * 86_400 {
+            return Err(ConfigError::Invalid {
+                key: "sessions.max_ttl_seconds",
+                reason: "must be between 1 and 2678400 (31 days)".into(),
+            });
+        }
+        if s.clock_skew_seconds > 600 {
+            return Err(ConfigError::Invalid {
+                key: "sessions.clock_skew_seconds",
+                reason: "must be at most 600".into(),
+            });
+        }
+        if let Some(c) = &s.verifying_contract {
+            if crate::crypto::eth::Address::parse(c).is_err() {
+                return Err(ConfigError::Invalid {
+                    key: "sessions.verifying_contract",
+                    reason: "must be a 0x address".into(),
+                });
+            }
         }
         for a in &self.authz.admins {
             if a.is_empty() {

@@ -186,6 +186,7 @@ url = "sqlite://{db}"
 
 [authz]
 admins = ["spiffe://example.org/admin"]
+wallet_gateways = ["spiffe://example.org/wallet-gateway"]
 "#,
         module = softhsm_module().display(),
         custody = custody.as_str(),

@@ -22,6 +22,7 @@ pub mod http;
 pub mod keys;
 pub mod metrics;
 pub mod server;
+pub mod session;
 pub mod store;
 pub mod testkit;
 pub mod tls;

@@ -10,8 +10,12 @@ use tokio::net::TcpListener;
 use tonic::transport::Server;
 
 use crate::api::pb::account_service_server::AccountServiceServer;
+use crate::api::pb::session_service_server::SessionServiceServer;
 use crate::api::pb::signing_service_server::SigningServiceServer;
-use crate::api::{AccountApi, Daemon, SigningApi};
+use crate::api::{AccountApi, Daemon, SessionApi, SigningApi};
+use crate::clock::{Clock, SystemClock};
+use crate::issuer::Issuer;
+use crate::session::{Domain, SessionSettings, Sessions};
 use crate::authz::Authz;
 use crate::config::{Config, ConfigError};
 use crate::hsm::{Hsm, HsmConfig, HsmError};
@@ -53,6 +57,9 @@ pub enum ServeError {
     /// Metrics registry failure.
     #[error("metrics: {0}")]
     Metrics(#[from] prometheus::Error),
+    /// The issuer key ring could not be loaded.
+    #[error("issuer keys: {0}")]
+    Issuer(String),
     /// A background task failed.
     #[error("internal: {0}")]
     Internal(&'static str),
@@ -86,8 +93,25 @@ pub async fn open_hsm(config: &Config) -> Result<Hsm, ServeError> {
         .map_err(ServeError::from)
 }
 
+/// Creates what the token must hold (`keyward init`, and `dev` on first run):
+/// the key-encryption key and the issuer keys. Idempotent.
+pub async fn init_token(hsm: Hsm) -> Result<u32, ServeError> {
+    tokio::task::spawn_blocking(move || -> Result<u32, ServeError> {
+        let kek = hsm.ensure_kek()?;
+        Issuer::ensure(&hsm, &crate::issuer::DEFAULT_ALGS).map_err(|e| ServeError::Issuer(e.to_string()))?;
+        Ok(kek)
+    })
+    .await
+    .map_err(|_| ServeError::Internal("token initialisation task failed"))?
+}
+
 /// Builds the daemon from config: HSM, KEK check, store, certificates.
 pub async fn start(config: &Config) -> Result<Running, ServeError> {
+    start_with_clock(config, Arc::new(SystemClock)).await
+}
+
+/// As `start`, with a clock of the caller's (tests drive time with it).
+pub async fn start_with_clock(config: &Config, clock: Arc<dyn Clock>) -> Result<Running, ServeError> {
     let tls = ServerTls::load(TlsPaths {
         cert: config.tls.cert.clone(),
         key: config.tls.key.clone(),
@@ -97,8 +121,39 @@ pub async fn start(config: &Config) -> Result<Running, ServeError> {
     if hsm.kek_version() == 0 {
         return Err(ServeError::NoKek);
     }
+    let issuer = {
+        let hsm = hsm.clone();
+        tokio::task::spawn_blocking(move || Issuer::load(&hsm))
+            .await
+            .map_err(|_| ServeError::Internal("issuer load task failed"))?
+            .map_err(|e| ServeError::Issuer(e.to_string()))?
+    };
     let store = crate::store::open(&config.store.url).await?;
     let metrics = Arc::new(Metrics::new()?);
+    let verifying_contract = match &config.sessions.verifying_contract {
+        Some(c) => Some(crate::crypto::eth::Address::parse(c).map_err(|_| {
+            ServeError::Config(ConfigError::Invalid {
+                key: "sessions.verifying_contract",
+                reason: "must be a 0x address".into(),
+            })
+        })?),
+        None => None,
+    };
+    let secs = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+    let sessions = Sessions::new(
+        store.clone(),
+        Arc::new(issuer),
+        clock,
+        SessionSettings {
+            domain: Domain {
+                chain_id: config.sessions.chain_id,
+                verifying_contract,
+            },
+            challenge_ttl: secs(config.sessions.challenge_ttl_seconds),
+            max_ttl: secs(config.sessions.max_ttl_seconds),
+            clock_skew: secs(config.sessions.clock_skew_seconds),
+        },
+    );
     let keys = KeyService::new(
         hsm,
         store,
@@ -108,9 +163,10 @@ pub async fn start(config: &Config) -> Result<Running, ServeError> {
     );
     let daemon = Arc::new(Daemon {
         keys,
-        authz: Authz::new(config.authz.admins.clone()),
+        authz: Authz::new(config.authz.admins.clone()).with_wallet_gateways(config.authz.wallet_gateways.clone()),
         metrics,
         log_details: config.log.log_request_details,
+        sessions,
     });
     Ok(Running {
         daemon,
@@ -164,7 +220,8 @@ where
         .tcp_nodelay(true)
         .add_service(health_service)
         .add_service(AccountServiceServer::new(AccountApi(d.clone())).max_decoding_message_size(max))
-        .add_service(SigningServiceServer::new(SigningApi(d.clone())).max_decoding_message_size(max));
+        .add_service(SigningServiceServer::new(SigningApi(d.clone())).max_decoding_message_size(max))
+        .add_service(SessionServiceServer::new(SessionApi(d.clone())).max_decoding_message_size(max));
 
     let mut grpc_stop = stop_rx.clone();
     let grpc_task = tokio::spawn(grpc_server.serve_with_incoming_shutdown(

@@ -4,7 +4,11 @@
 //! |---|---|
 //! | no client identity | UNAUTHENTICATED |
 //! | malformed field | INVALID_ARGUMENT (names the field) |
-//! | interim rules refuse | PERMISSION_DENIED (names the rule) |
+//! | interim rules refuse, wrong wallet signer, not the delegate, outside scopes | PERMISSION_DENIED (names the rule) |
+//! | session token does not verify or was altered | UNAUTHENTICATED |
+//! | challenge used or expired, session revoked or expired | FAILED_PRECONDITION |
+//! | session cap exhausted | RESOURCE_EXHAUSTED |
+//! | same request_id still in progress | ABORTED |
 //! | unknown account | NOT_FOUND |
 //! | account already exists | ALREADY_EXISTS |
 //! | stored key does not match its account | DATA_LOSS |
@@ -17,6 +21,7 @@ use tonic::Status;
 use crate::authz::Denied;
 use crate::hsm::HsmError;
 use crate::keys::KeyError;
+use crate::session::SessionError;
 use crate::store::StoreError;
 
 /// Why an RPC failed.
@@ -40,6 +45,12 @@ pub enum ApiError {
     /// The key layer failed.
     #[error(transparent)]
     Key(#[from] KeyError),
+    /// A session refused or failed.
+    #[error(transparent)]
+    Session(#[from] SessionError),
+    /// A bug.
+    #[error("internal error: {0}")]
+    Internal(&'static str),
 }
 
 impl ApiError {
@@ -85,6 +96,25 @@ impl From<ApiError> for Status {
                 KeyError::Signature(_) => Status::data_loss(msg),
                 _ => Status::internal(msg),
             },
+            ApiError::Session(e) => match e {
+                SessionError::Invalid { .. } | SessionError::IdempotencyMismatch => Status::invalid_argument(msg),
+                SessionError::ChallengeNotFound(_) | SessionError::SessionNotFound(_) => Status::not_found(msg),
+                SessionError::ChallengeUsed(_)
+                | SessionError::ChallengeExpired(_)
+                | SessionError::Revoked(_)
+                | SessionError::Expired(_) => Status::failed_precondition(msg),
+                SessionError::WrongSigner { .. }
+                | SessionError::NotDelegate
+                | SessionError::Scope(_)
+                | SessionError::Forbidden(_) => Status::permission_denied(msg),
+                SessionError::Token(_) => Status::unauthenticated(msg),
+                SessionError::CapExhausted { .. } => Status::resource_exhausted(msg),
+                SessionError::InProgress => Status::aborted(msg),
+                SessionError::Store(s) => store_status(s, msg),
+                SessionError::Issuer(_) => Status::unavailable(msg),
+                _ => Status::internal(msg),
+            },
+            ApiError::Internal(_) => Status::internal(msg),
         }
     }
 }

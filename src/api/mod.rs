@@ -3,6 +3,7 @@
 
 mod account;
 mod error;
+mod session;
 mod signing;
 
 pub use error::ApiError;
@@ -40,6 +41,8 @@ pub struct Daemon {
     pub metrics: Arc<Metrics>,
     /// Whether logs may carry account ids.
     pub log_details: bool,
+    /// Delegated sessions.
+    pub sessions: crate::session::Sessions,
 }
 
 impl Daemon {
@@ -83,3 +86,7 @@ pub struct AccountApi(pub Arc<Daemon>);
 /// The signing service bound to the daemon.
 #[derive(Debug, Clone)]
 pub struct SigningApi(pub Arc<Daemon>);
+
+/// The session service bound to the daemon.
+#[derive(Debug, Clone)]
+pub struct SessionApi(pub Arc<Daemon>);

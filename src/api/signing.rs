@@ -5,12 +5,52 @@ use tonic::{Request, Response, Status};
 use super::account::check_account_id;
 use super::pb::signing_service_server::SigningService;
 use super::pb::{
-    SignMessageRequest, SignMessageResponse, SignTypedDataRequest, SignTypedDataResponse, SignatureAlgorithm,
+    SignMessageRequest, SignMessageResponse, SignPaymentRequest, SignPaymentResponse, SignTypedDataRequest,
+    SignTypedDataResponse, SignatureAlgorithm,
 };
 use super::{ApiError, SigningApi, MAX_MESSAGE_BYTES, MAX_TYPED_DATA_BYTES};
 use crate::authz::Action;
 use crate::crypto::eip712::TypedData;
-use crate::crypto::eth::personal_message_digest;
+use crate::crypto::eth::{personal_message_digest, Address};
+use crate::keys::public_keys;
+use crate::session::{payment, Payment, Spend};
+use prost::Message as _;
+use sha2::{Digest as _, Sha256};
+
+/// A hash of the fields that make a request what it is, for idempotency.
+fn body_hash(kind: &str, parts: &[&[u8]]) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update(kind.as_bytes());
+    for p in parts {
+        h.update((p.len() as u64).to_be_bytes());
+        h.update(p);
+    }
+    h.finalize().into()
+}
+
+fn check_currency(c: &str) -> Result<(), ApiError> {
+    if c.is_empty() || c.len() > 16 || !c.bytes().all(|b| b.is_ascii_uppercase() || b.is_ascii_digit()) {
+        return Err(ApiError::invalid("currency", "1-16 of [A-Z0-9]"));
+    }
+    Ok(())
+}
+
+fn check_license(l: &str) -> Result<(), ApiError> {
+    if l.is_empty() || l.chars().count() > 128 || l.chars().any(char::is_control) {
+        return Err(ApiError::invalid("license_id", "1-128 printable characters"));
+    }
+    Ok(())
+}
+
+fn parse_manifest(m: &str) -> Result<[u8; 32], ApiError> {
+    let m = m.strip_prefix("sha256:").unwrap_or(m);
+    let m = m.strip_prefix("0x").unwrap_or(m);
+    let mut out = [0u8; 32];
+    if m.len() != 64 || hex::decode_to_slice(m, &mut out).is_err() {
+        return Err(ApiError::invalid("manifest", "expected a SHA-256: 64 hex digits"));
+    }
+    Ok(out)
+}
 
 #[tonic::async_trait]
 impl SigningService for SigningApi {
@@ -39,15 +79,51 @@ impl SigningService for SigningApi {
                 };
                 ApiError::invalid(field, e.to_string())
             })?;
-            let record = d.keys.record(&req.account_id).await?;
-            d.authz.decide(&identity, Action::Sign, Some(&record))?;
             let digest = typed.signing_hash();
-            let (keys, signature) = d.keys.sign_eth_digest(&req.account_id, digest).await?;
-            Ok(SignTypedDataResponse {
-                digest: digest.to_vec(),
-                signature: signature.to_vec(),
-                signer: keys.eth_address().to_checksum(),
-            })
+            if req.session_token.is_empty() {
+                let record = d.keys.record(&req.account_id).await?;
+                d.authz.decide(&identity, Action::Sign, Some(&record))?;
+                let (keys, signature) = d.keys.sign_eth_digest(&req.account_id, digest).await?;
+                return Ok(SignTypedDataResponse {
+                    digest: digest.to_vec(),
+                    signature: signature.to_vec(),
+                    signer: keys.eth_address().to_checksum(),
+                });
+            }
+            // Inside a delegated session: the delegate, a covering scope, one
+            // recorded use (amount 0), idempotent per request_id.
+            let (session, scopes) = d.sessions.authorize(&req.session_token, &identity).await?;
+            if session.account_id != req.account_id {
+                return Err(ApiError::invalid("account_id", "is not the session's account"));
+            }
+            scopes
+                .check_typed_data(typed.domain_chain_id().as_deref(), typed.domain_verifying_contract().as_deref())
+                .map_err(crate::session::SessionError::from)?;
+            let hash = body_hash("typed-data", &[session.id.as_bytes(), &digest]);
+            let reserved = match d.sessions.begin_spend(&session, &req.request_id, hash, 0).await? {
+                Spend::Replay(bytes) => {
+                    return SignTypedDataResponse::decode(bytes.as_slice())
+                        .map_err(|_| ApiError::Internal("stored response does not decode"))
+                }
+                Spend::Reserved(r) => r,
+            };
+            match d.keys.sign_eth_digest(&session.account_id, digest).await {
+                Ok((keys, signature)) => {
+                    let resp = SignTypedDataResponse {
+                        digest: digest.to_vec(),
+                        signature: signature.to_vec(),
+                        signer: keys.eth_address().to_checksum(),
+                    };
+                    d.sessions
+                        .complete_spend(&session.id, &reserved.request_id, &resp.encode_to_vec())
+                        .await?;
+                    Ok(resp)
+                }
+                Err(e) => {
+                    let _ = d.sessions.release_spend(&session.id, &reserved.request_id).await;
+                    Err(e.into())
+                }
+            }
         })
         .await
     }
@@ -85,6 +161,88 @@ impl SigningService for SigningApi {
                         public_key: keys.secp256k1_public_compressed(),
                         digest: digest.to_vec(),
                     })
+                }
+            }
+        })
+        .await
+    }
+
+    async fn sign_payment(&self, request: Request<SignPaymentRequest>) -> Result<Response<SignPaymentResponse>, Status> {
+        let d = &self.0;
+        d.handle("SignPayment", request, |identity, req| async move {
+            let amount = crate::session::parse_amount("amount", &req.amount)?;
+            check_currency(&req.currency)?;
+            check_license(&req.license_id)?;
+            let manifest = parse_manifest(&req.manifest)?;
+            let payee = if req.payee.is_empty() {
+                Address([0u8; 20])
+            } else {
+                Address::parse(&req.payee).map_err(|e| ApiError::invalid("payee", e.to_string()))?
+            };
+            let (session, scopes) = d.sessions.authorize(&req.session_token, &identity).await?;
+            scopes
+                .check_payment(amount, &manifest)
+                .map_err(crate::session::SessionError::from)?;
+            let hash = body_hash(
+                "payment",
+                &[
+                    session.id.as_bytes(),
+                    &amount.to_be_bytes(),
+                    req.currency.as_bytes(),
+                    &manifest,
+                    req.license_id.as_bytes(),
+                    &payee.0,
+                ],
+            );
+            let reserved = match d.sessions.begin_spend(&session, &req.request_id, hash, amount).await? {
+                Spend::Replay(bytes) => {
+                    return SignPaymentResponse::decode(bytes.as_slice())
+                        .map_err(|_| ApiError::Internal("stored response does not decode"))
+                }
+                Spend::Reserved(r) => r,
+            };
+            let signed = async {
+                let account = d.keys.record(&session.account_id).await?;
+                let (secp, _) = public_keys(&account)?;
+                let doc = payment(
+                    d.sessions.domain(),
+                    &Payment {
+                        session_id: &session.id,
+                        payer_account: &session.account_id,
+                        payer: Address::from_public_key(&secp),
+                        payee,
+                        amount,
+                        currency: &req.currency,
+                        manifest,
+                        license_id: &req.license_id,
+                        nonce: reserved.nonce,
+                    },
+                );
+                let typed = TypedData::from_value(&doc).map_err(|_| ApiError::Internal("payment document"))?;
+                let digest = typed.signing_hash();
+                let (keys, signature) = d.keys.sign_eth_digest(&session.account_id, digest).await?;
+                Ok::<_, ApiError>(SignPaymentResponse {
+                    session_id: session.id.clone(),
+                    typed_data_json: doc.to_string(),
+                    digest: digest.to_vec(),
+                    signature: signature.to_vec(),
+                    signer: keys.eth_address().to_checksum(),
+                    remaining: reserved.remaining.to_string(),
+                    nonce: reserved.nonce,
+                    request_id: reserved.request_id.clone(),
+                })
+            }
+            .await;
+            match signed {
+                Ok(resp) => {
+                    d.sessions
+                        .complete_spend(&session.id, &reserved.request_id, &resp.encode_to_vec())
+                        .await?;
+                    Ok(resp)
+                }
+                Err(e) => {
+                    let _ = d.sessions.release_spend(&session.id, &reserved.request_id).await;
+                    Err(e)
                 }
             }
         })

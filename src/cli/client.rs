@@ -65,7 +65,15 @@ pub enum SignCmd {
         /// The JSON file.
         #[arg(long)]
         file: PathBuf,
+        /// Sign inside a delegated session (token from `session open`).
+        #[arg(long, default_value = "")]
+        session: String,
+        /// Idempotency key (session signing).
+        #[arg(long, default_value = "")]
+        request_id: String,
     },
+    /// Sign a Payment inside a delegated session.
+    Payment(super::session::PaymentArgs),
     /// Sign a message.
     Message {
         /// Account id.
@@ -205,7 +213,13 @@ pub async fn account(home: &Path, opts: &ClientOpts, cmd: AccountCmd) -> anyhow:
 /// Runs a signing command.
 pub async fn sign(home: &Path, opts: &ClientOpts, cmd: SignCmd) -> anyhow::Result<()> {
     match cmd {
-        SignCmd::TypedData { account, file } => {
+        SignCmd::Payment(args) => return super::session::sign_payment(home, opts, args).await,
+        SignCmd::TypedData {
+            account,
+            file,
+            session,
+            request_id,
+        } => {
             let text = if file.as_os_str() == "-" {
                 std::io::read_to_string(std::io::stdin()).context("reading stdin")?
             } else {
@@ -216,6 +230,8 @@ pub async fn sign(home: &Path, opts: &ClientOpts, cmd: SignCmd) -> anyhow::Resul
                 .sign_typed_data(SignTypedDataRequest {
                     account_id: account.clone(),
                     typed_data_json: text,
+                    session_token: session,
+                    request_id,
                 })
                 .await
                 .map_err(RpcError)?

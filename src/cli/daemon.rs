@@ -100,9 +100,7 @@ pub fn dev(home: &Path, args: DevArgs) -> anyhow::Result<()> {
     export_softhsm_conf(&config);
     run_blocking(async move {
         let hsm = server::open_hsm(&config).await?;
-        let kek = tokio::task::spawn_blocking(move || hsm.ensure_kek())
-            .await
-            .context("KEK task")??;
+        let kek = server::init_token(hsm).await?;
         tracing::info!(kek_version = kek, "key-encryption key ready");
         let home = prepared.home.clone();
         let pki = prepared.pki;
@@ -134,9 +132,7 @@ pub fn init(config_path: &Path) -> anyhow::Result<()> {
     export_softhsm_conf(&config);
     run_blocking(async move {
         let hsm = server::open_hsm(&config).await?;
-        let kek = tokio::task::spawn_blocking(move || hsm.ensure_kek())
-            .await
-            .context("KEK task")??;
+        let kek = server::init_token(hsm).await?;
         let store = crate::store::open(&config.store.url).await?;
         println!(
             "key-encryption key version {kek} ready; store ({}) migrated",
@@ -154,3 +150,4 @@ pub fn prepare_bench(home: &Path, args: &crate::bench::BenchArgs) -> anyhow::Res
     }
     Ok(())
 }
+

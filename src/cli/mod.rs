@@ -4,6 +4,7 @@
 pub(crate) mod client;
 mod daemon;
 mod output;
+mod session;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -87,6 +88,12 @@ enum Command {
     /// Signing.
     #[command(subcommand)]
     Sign(client::SignCmd),
+    /// Delegated sessions.
+    #[command(subcommand)]
+    Session(session::SessionCmd),
+    /// A software wallet for development and demos (the key sits in a file).
+    #[command(subcommand)]
+    Wallet(session::WalletCmd),
     /// Load generator over real mTLS, with raw-crypto baselines measured in the same run.
     Bench(crate::bench::BenchArgs),
 }
@@ -147,6 +154,11 @@ pub fn main() -> ExitCode {
             Ok(rt) => rt.block_on(client::sign(&cli.home, &cli.client, cmd)),
             Err(code) => return code,
         },
+        Command::Session(cmd) => match runtime() {
+            Ok(rt) => rt.block_on(session::session(&cli.home, &cli.client, cmd)),
+            Err(code) => return code,
+        },
+        Command::Wallet(cmd) => session::wallet(&cli.client, cmd),
         Command::Bench(args) => {
             match daemon::prepare_bench(&cli.home, &args).and(runtime().map_err(|_| anyhow::anyhow!("runtime"))) {
                 Ok(rt) => rt.block_on(crate::bench::run(&cli.home, &cli.client, args)),

@@ -74,6 +74,7 @@ cache_capacity = 1000
 url = "{store_url}"
 [authz]
 admins = ["spiffe://example.org/admin"]
+wallet_gateways = ["spiffe://example.org/wallet-gateway"]
 "#,
             module = SoftHsmToken::module_path().display(),
             label = token.label,
@@ -109,16 +110,21 @@ admins = ["spiffe://example.org/admin"]
     pub async fn init(&self) {
         let config = self.config();
         let hsm = keyward::server::open_hsm(&config).await.expect("hsm opens");
-        tokio::task::spawn_blocking(move || hsm.ensure_kek())
-            .await
-            .expect("task")
-            .expect("kek");
+        keyward::server::init_token(hsm).await.expect("KEK and issuer keys");
     }
 
     /// Starts an in-process daemon.
     pub async fn start(&self) -> Daemon {
+        self.start_with_clock(std::sync::Arc::new(keyward::clock::SystemClock)).await
+    }
+
+    /// Starts an in-process daemon whose time the test drives.
+    pub async fn start_with_clock(&self, clock: std::sync::Arc<dyn keyward::clock::Clock>) -> Daemon {
         let config = self.config();
-        let running = keyward::server::start(&config).await.expect("daemon starts");
+        let running = keyward::server::start_with_clock(&config, clock)
+            .await
+            .expect("daemon starts");
+        let state = running.daemon.clone();
         let (grpc, https) = keyward::server::bind(&config).await.expect("bind");
         let grpc_addr = grpc.local_addr().expect("addr");
         let https_addr = https.local_addr().expect("addr");
@@ -133,6 +139,7 @@ admins = ["spiffe://example.org/admin"]
             stop: Some(tx),
             handle: Some(handle),
             tls,
+            state,
         };
         d.wait_healthy(self).await;
         d
@@ -144,6 +151,7 @@ pub struct Daemon {
     pub grpc: String,
     pub https_addr: std::net::SocketAddr,
     pub tls: std::sync::Arc<keyward::tls::ServerTls>,
+    pub state: std::sync::Arc<keyward::api::Daemon>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     handle: Option<tokio::task::JoinHandle<Result<(), keyward::server::ServeError>>>,
 }

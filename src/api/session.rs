@@ -1,0 +1,163 @@
+//! SessionService: challenges, opening, reading, listing and revoking
+//! delegated sessions.
+
+use tonic::{Request, Response, Status};
+
+use super::account::check_account_id;
+use super::pb::session_service_server::SessionService;
+use super::pb::{
+    CreateSessionChallengeRequest, GetSessionRequest, ListSessionsRequest, ListSessionsResponse, OpenSessionRequest,
+    OpenSessionResponse, RevokeSessionRequest, Session, SessionChallenge, SessionState,
+};
+use super::{ApiError, Daemon, SessionApi};
+use crate::authz::Action;
+use crate::crypto::eth::Address;
+use crate::keys::public_keys;
+use crate::session::ChallengeRequest;
+use crate::store::{AccountRecord, SessionRecord};
+
+fn check_session_id(id: &str) -> Result<(), ApiError> {
+    if uuid::Uuid::parse_str(id).is_err() {
+        return Err(ApiError::invalid("session_id", "is not a session id (UUID)"));
+    }
+    Ok(())
+}
+
+impl Daemon {
+    /// The session's public description, with its revocation document.
+    pub(super) fn session_proto(&self, s: &SessionRecord, account: &AccountRecord) -> Session {
+        let now = self.sessions.now();
+        let state = if s.revoked_at.is_some() {
+            SessionState::Revoked
+        } else if now >= s.expires_at {
+            SessionState::Expired
+        } else {
+            SessionState::Active
+        };
+        let revocation = Address::parse(&account.controller)
+            .map(|c| self.sessions.revocation_document(s, c).to_string())
+            .unwrap_or_default();
+        Session {
+            session_id: s.id.clone(),
+            account_id: s.account_id.clone(),
+            delegate: s.delegate.clone(),
+            scopes: s.scopes.clone(),
+            cap: s.cap.to_string(),
+            remaining: s.remaining.to_string(),
+            uses: s.uses,
+            issued_at: s.issued_at,
+            expires_at: s.expires_at,
+            state: state as i32,
+            revoked_at: s.revoked_at.unwrap_or_default(),
+            revoked_by: s.revoked_by.clone().unwrap_or_default(),
+            revocation_typed_data_json: revocation,
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl SessionService for SessionApi {
+    async fn create_session_challenge(
+        &self,
+        request: Request<CreateSessionChallengeRequest>,
+    ) -> Result<Response<SessionChallenge>, Status> {
+        let d = &self.0;
+        d.handle("CreateSessionChallenge", request, |identity, req| async move {
+            check_account_id(&req.account_id)?;
+            let account = d.keys.record(&req.account_id).await?;
+            d.authz.decide(&identity, Action::ManageSessions, Some(&account))?;
+            let (secp, _) = public_keys(&account)?;
+            let (challenge, session_expires_at) = d
+                .sessions
+                .create_challenge(ChallengeRequest {
+                    account: &account,
+                    account_address: Address::from_public_key(&secp),
+                    delegate: &req.delegate,
+                    scopes: &req.scopes,
+                    cap: &req.cap,
+                    ttl: req.ttl_seconds,
+                })
+                .await?;
+            Ok(SessionChallenge {
+                challenge_id: challenge.id,
+                typed_data_json: challenge.typed_data,
+                expires_at: challenge.expires_at,
+                session_expires_at,
+            })
+        })
+        .await
+    }
+
+    async fn open_session(&self, request: Request<OpenSessionRequest>) -> Result<Response<OpenSessionResponse>, Status> {
+        let d = &self.0;
+        d.handle("OpenSession", request, |identity, req| async move {
+            if uuid::Uuid::parse_str(&req.challenge_id).is_err() {
+                return Err(ApiError::invalid("challenge_id", "is not a challenge id (UUID)"));
+            }
+            // Authorize against the challenge's account before touching it.
+            let account_id = d.sessions.challenge_account(&req.challenge_id).await?;
+            let account = d.keys.record(&account_id).await?;
+            d.authz.decide(&identity, Action::ManageSessions, Some(&account))?;
+            let (session, token) = d.sessions.open(&req.challenge_id, &req.signature).await?;
+            Ok(OpenSessionResponse {
+                session: Some(d.session_proto(&session, &account)),
+                token,
+            })
+        })
+        .await
+    }
+
+    async fn get_session(&self, request: Request<GetSessionRequest>) -> Result<Response<Session>, Status> {
+        let d = &self.0;
+        d.handle("GetSession", request, |identity, req| async move {
+            check_session_id(&req.session_id)?;
+            let session = d.sessions.get(&req.session_id).await?;
+            let account = d.keys.record(&session.account_id).await?;
+            if session.delegate != identity {
+                d.authz.decide(&identity, Action::ManageSessions, Some(&account))?;
+            }
+            Ok(d.session_proto(&session, &account))
+        })
+        .await
+    }
+
+    async fn list_sessions(&self, request: Request<ListSessionsRequest>) -> Result<Response<ListSessionsResponse>, Status> {
+        let d = &self.0;
+        d.handle("ListSessions", request, |identity, req| async move {
+            check_account_id(&req.account_id)?;
+            let account = d.keys.record(&req.account_id).await?;
+            d.authz.decide(&identity, Action::ManageSessions, Some(&account))?;
+            let sessions = d.sessions.list(&req.account_id).await?;
+            Ok(ListSessionsResponse {
+                sessions: sessions.iter().map(|s| d.session_proto(s, &account)).collect(),
+            })
+        })
+        .await
+    }
+
+    async fn revoke_session(&self, request: Request<RevokeSessionRequest>) -> Result<Response<Session>, Status> {
+        let d = &self.0;
+        d.handle("RevokeSession", request, |identity, req| async move {
+            check_session_id(&req.session_id)?;
+            let session = d.sessions.get(&req.session_id).await?;
+            let account = d.keys.record(&session.account_id).await?;
+            if req.controller_signature.is_empty() {
+                d.authz.decide(&identity, Action::RevokeSession, Some(&account))?;
+            } else {
+                d.authz.decide(&identity, Action::ManageSessions, Some(&account))?;
+                let controller = Address::parse(&account.controller)
+                    .map_err(|_| ApiError::invalid("controller", "stored controller is not an address"))?;
+                d.sessions
+                    .check_revocation_signature(&session, controller, &req.controller_signature)?;
+            }
+            let by = if req.controller_signature.is_empty() {
+                identity
+            } else {
+                format!("controller:{}", account.controller)
+            };
+            let revoked = d.sessions.revoke(&req.session_id, &by).await?;
+            Ok(d.session_proto(&revoked, &account))
+        })
+        .await
+    }
+}

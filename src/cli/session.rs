@@ -1,0 +1,374 @@
+//! Session commands (challenge, open, show, list, revoke), `sign payment`,
+//! and a software wallet for development and demos.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context as _;
+use clap::Subcommand;
+use serde_json::{json, Value};
+
+use super::client::{connect, RpcError};
+use super::output::{emit, hex0x};
+use super::ClientOpts;
+use crate::api::pb::session_service_client::SessionServiceClient;
+use crate::api::pb::signing_service_client::SigningServiceClient;
+use crate::api::pb::{
+    CreateSessionChallengeRequest, GetSessionRequest, ListSessionsRequest, OpenSessionRequest, RevokeSessionRequest,
+    Session, SessionState, SignPaymentRequest,
+};
+use crate::crypto::eip712::TypedData;
+use crate::crypto::eth::Address;
+
+/// Session commands.
+#[derive(Debug, Subcommand)]
+pub enum SessionCmd {
+    /// Ask for an EIP-712 SessionGrant for the account's controller to sign.
+    Challenge {
+        /// Account id.
+        #[arg(long)]
+        account: String,
+        /// The delegate's identity (URI SAN of its client certificate).
+        #[arg(long)]
+        delegate: String,
+        /// A scope (repeatable): payments:<min>-<max>, license:manifest:<sha256>,
+        /// typed-data:<chainId>:<verifyingContract>, attest:<dataset-id>.
+        #[arg(long = "scope", required = true)]
+        scopes: Vec<String>,
+        /// Cumulative cap in minor units.
+        #[arg(long)]
+        cap: String,
+        /// Session lifetime: 90s, 30m, 2h, 1d, or seconds.
+        #[arg(long, default_value = "30m")]
+        ttl: String,
+    },
+    /// Open a session with the controller's signature over the challenge.
+    Open {
+        /// Challenge id.
+        #[arg(long)]
+        challenge: String,
+        /// 65-byte signature, 0x-hex.
+        #[arg(long)]
+        signature: String,
+    },
+    /// Show a session.
+    Show {
+        /// Session id.
+        session_id: String,
+    },
+    /// List an account's sessions.
+    List {
+        /// Account id.
+        #[arg(long)]
+        account: String,
+    },
+    /// Revoke a session (as an account admin, or with the controller's signature).
+    Revoke {
+        /// Session id.
+        session_id: String,
+        /// The controller's signature over the session's SessionRevocation document.
+        #[arg(long)]
+        signature: Option<String>,
+    },
+}
+
+/// `sign payment` arguments.
+#[derive(Debug, clap::Args)]
+pub struct PaymentArgs {
+    /// Session token from `session open`.
+    #[arg(long)]
+    session: String,
+    /// Amount in minor units.
+    #[arg(long)]
+    amount: String,
+    /// Currency code.
+    #[arg(long)]
+    currency: String,
+    /// Dataset manifest SHA-256 (hex).
+    #[arg(long)]
+    manifest: String,
+    /// License id.
+    #[arg(long)]
+    license: String,
+    /// Payee address.
+    #[arg(long, default_value = "")]
+    payee: String,
+    /// Idempotency key: a retry with the same key returns the first result.
+    #[arg(long, default_value = "")]
+    request_id: String,
+}
+
+/// Software wallet commands (development and demos only: the key sits in a file).
+#[derive(Debug, Subcommand)]
+pub enum WalletCmd {
+    /// Create a secp256k1 key file (0600) and print its address.
+    New {
+        /// Where to write the key (hex).
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Sign an EIP-712 document (eth_signTypedData_v4 JSON; `-` reads stdin).
+    SignTypedData {
+        /// The key file.
+        #[arg(long)]
+        key: PathBuf,
+        /// The document.
+        #[arg(long)]
+        file: PathBuf,
+    },
+}
+
+/// Parses 90s / 30m / 2h / 1d / plain seconds.
+pub fn parse_ttl(s: &str) -> anyhow::Result<u64> {
+    let (num, mult) = match s.char_indices().last() {
+        Some((i, 's')) => (&s[..i], 1),
+        Some((i, 'm')) => (&s[..i], 60),
+        Some((i, 'h')) => (&s[..i], 3600),
+        Some((i, 'd')) => (&s[..i], 86_400),
+        _ => (s, 1),
+    };
+    let n: u64 = num.parse().with_context(|| format!("--ttl {s:?}: expected e.g. 90s, 30m, 2h, 1d"))?;
+    n.checked_mul(mult).context("--ttl is too large")
+}
+
+fn state_name(state: i32) -> &'static str {
+    match SessionState::try_from(state).unwrap_or(SessionState::Unspecified) {
+        SessionState::Active => "active",
+        SessionState::Revoked => "revoked",
+        SessionState::Expired => "expired",
+        SessionState::Unspecified => "unknown",
+    }
+}
+
+fn session_json(s: &Session) -> Value {
+    json!({
+        "session_id": s.session_id,
+        "account_id": s.account_id,
+        "delegate": s.delegate,
+        "scopes": s.scopes,
+        "cap": s.cap,
+        "remaining": s.remaining,
+        "uses": s.uses,
+        "issued_at": s.issued_at,
+        "expires_at": s.expires_at,
+        "state": state_name(s.state),
+        "revoked_at": (s.revoked_at != 0).then_some(s.revoked_at),
+        "revoked_by": (!s.revoked_by.is_empty()).then(|| s.revoked_by.clone()),
+        "revocation_typed_data": serde_json::from_str::<Value>(&s.revocation_typed_data_json).unwrap_or(Value::Null),
+    })
+}
+
+fn print_session(json: bool, s: &Session) {
+    emit(
+        json,
+        &session_json(s),
+        &[
+            ("session_id", s.session_id.clone()),
+            ("account_id", s.account_id.clone()),
+            ("delegate", s.delegate.clone()),
+            ("scopes", s.scopes.join(" ")),
+            ("remaining", format!("{} of {}", s.remaining, s.cap)),
+            ("uses", s.uses.to_string()),
+            ("state", state_name(s.state).to_string()),
+            ("expires_at", s.expires_at.to_string()),
+        ],
+    );
+}
+
+fn parse_sig(s: &str) -> anyhow::Result<Vec<u8>> {
+    hex::decode(s.trim().trim_start_matches("0x")).context("signature is not hex")
+}
+
+/// Runs a session command.
+pub async fn session(home: &Path, opts: &ClientOpts, cmd: SessionCmd) -> anyhow::Result<()> {
+    let mut c = SessionServiceClient::new(connect(home, opts).await?);
+    match cmd {
+        SessionCmd::Challenge {
+            account,
+            delegate,
+            scopes,
+            cap,
+            ttl,
+        } => {
+            let r = c
+                .create_session_challenge(CreateSessionChallengeRequest {
+                    account_id: account,
+                    delegate,
+                    scopes,
+                    cap,
+                    ttl_seconds: parse_ttl(&ttl)?,
+                })
+                .await
+                .map_err(RpcError)?
+                .into_inner();
+            let typed: Value = serde_json::from_str(&r.typed_data_json).context("typed data from the daemon")?;
+            emit(
+                opts.json,
+                &json!({
+                    "challenge_id": r.challenge_id,
+                    "typed_data": typed,
+                    "expires_at": r.expires_at,
+                    "session_expires_at": r.session_expires_at,
+                }),
+                &[
+                    ("challenge_id", r.challenge_id.clone()),
+                    ("expires_at", r.expires_at.to_string()),
+                    ("typed_data", r.typed_data_json.clone()),
+                ],
+            );
+        }
+        SessionCmd::Open { challenge, signature } => {
+            let r = c
+                .open_session(OpenSessionRequest {
+                    challenge_id: challenge,
+                    signature: parse_sig(&signature)?,
+                })
+                .await
+                .map_err(RpcError)?
+                .into_inner();
+            let s = r.session.context("daemon returned no session")?;
+            let mut v = session_json(&s);
+            v["token"] = json!(r.token);
+            emit(
+                opts.json,
+                &v,
+                &[
+                    ("session_id", s.session_id.clone()),
+                    ("token", r.token.clone()),
+                    ("expires_at", s.expires_at.to_string()),
+                    ("scopes", s.scopes.join(" ")),
+                    ("remaining", s.remaining.clone()),
+                ],
+            );
+        }
+        SessionCmd::Show { session_id } => {
+            let s = c
+                .get_session(GetSessionRequest { session_id })
+                .await
+                .map_err(RpcError)?
+                .into_inner();
+            print_session(opts.json, &s);
+        }
+        SessionCmd::List { account } => {
+            let r = c
+                .list_sessions(ListSessionsRequest { account_id: account })
+                .await
+                .map_err(RpcError)?
+                .into_inner();
+            if opts.json {
+                println!("{}", json!({"sessions": r.sessions.iter().map(session_json).collect::<Vec<_>>()}));
+            } else {
+                for s in &r.sessions {
+                    println!(
+                        "{}  {:<8} {} of {} left  {}",
+                        s.session_id,
+                        state_name(s.state),
+                        s.remaining,
+                        s.cap,
+                        s.delegate
+                    );
+                }
+            }
+        }
+        SessionCmd::Revoke { session_id, signature } => {
+            let controller_signature = match signature {
+                Some(s) => parse_sig(&s)?,
+                None => Vec::new(),
+            };
+            let s = c
+                .revoke_session(RevokeSessionRequest {
+                    session_id,
+                    controller_signature,
+                })
+                .await
+                .map_err(RpcError)?
+                .into_inner();
+            print_session(opts.json, &s);
+        }
+    }
+    Ok(())
+}
+
+/// Runs `sign payment`.
+pub async fn sign_payment(home: &Path, opts: &ClientOpts, a: PaymentArgs) -> anyhow::Result<()> {
+    let mut c = SigningServiceClient::new(connect(home, opts).await?);
+    let r = c
+        .sign_payment(SignPaymentRequest {
+            session_token: a.session,
+            amount: a.amount,
+            currency: a.currency,
+            manifest: a.manifest,
+            license_id: a.license,
+            payee: a.payee,
+            request_id: a.request_id,
+        })
+        .await
+        .map_err(RpcError)?
+        .into_inner();
+    let typed: Value = serde_json::from_str(&r.typed_data_json).context("typed data from the daemon")?;
+    emit(
+        opts.json,
+        &json!({
+            "session_id": r.session_id,
+            "request_id": r.request_id,
+            "typed_data": typed,
+            "digest": hex0x(&r.digest),
+            "signature": hex0x(&r.signature),
+            "signer": r.signer,
+            "remaining": r.remaining,
+            "nonce": r.nonce,
+        }),
+        &[
+            ("signature", hex0x(&r.signature)),
+            ("signer", r.signer.clone()),
+            ("remaining", r.remaining.clone()),
+            ("nonce", r.nonce.to_string()),
+        ],
+    );
+    Ok(())
+}
+
+/// Runs a wallet command.
+pub fn wallet(opts: &ClientOpts, cmd: WalletCmd) -> anyhow::Result<()> {
+    match cmd {
+        WalletCmd::New { out } => {
+            let key = k256::ecdsa::SigningKey::random(&mut rand::thread_rng());
+            let hexkey = zeroize::Zeroizing::new(hex::encode(key.to_bytes()));
+            crate::tls::devpki::write_private(&out, hexkey.as_bytes())?;
+            let address = Address::from_public_key(key.verifying_key()).to_checksum();
+            emit(
+                opts.json,
+                &json!({"address": address, "key_file": out}),
+                &[("address", address.clone()), ("key_file", out.display().to_string())],
+            );
+        }
+        WalletCmd::SignTypedData { key, file } => {
+            let text = zeroize::Zeroizing::new(std::fs::read_to_string(&key).with_context(|| format!("reading {}", key.display()))?);
+            let bytes = zeroize::Zeroizing::new(hex::decode(text.trim()).context("key file is not hex")?);
+            let sk = k256::ecdsa::SigningKey::from_slice(&bytes).context("not a secp256k1 private key")?;
+            let doc = if file.as_os_str() == "-" {
+                std::io::read_to_string(std::io::stdin()).context("reading stdin")?
+            } else {
+                std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?
+            };
+            // Accept either the document itself or `{"typed_data": ...}` as `session challenge --json` prints it.
+            let value: Value = serde_json::from_str(&doc).context("not JSON")?;
+            let value = if value.get("typed_data").is_some() { value["typed_data"].clone() } else { value };
+            let typed = TypedData::from_value(&value).map_err(|e| anyhow::anyhow!("typed data: {e}"))?;
+            let digest = typed.signing_hash();
+            let (sig, recid) = sk.sign_prehash_recoverable(&digest).context("signing")?;
+            let (sig, odd) = match sig.normalize_s() {
+                Some(low) => (low, !recid.is_y_odd()),
+                None => (sig, recid.is_y_odd()),
+            };
+            let mut out = sig.to_bytes().to_vec();
+            out.push(27 + u8::from(odd));
+            let address = Address::from_public_key(sk.verifying_key()).to_checksum();
+            emit(
+                opts.json,
+                &json!({"signature": hex0x(&out), "digest": hex0x(&digest), "address": address}),
+                &[("signature", hex0x(&out)), ("address", address.clone())],
+            );
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,76 @@
+//! Errors of delegated sessions.
+
+use crate::store::StoreError;
+
+/// Why a session operation was refused.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SessionError {
+    /// A request field is malformed.
+    #[error("{field}: {reason}")]
+    Invalid {
+        /// The field.
+        field: &'static str,
+        /// Why.
+        reason: String,
+    },
+    /// No such challenge.
+    #[error("challenge {0} not found")]
+    ChallengeNotFound(String),
+    /// The challenge was already opened.
+    #[error("challenge {0} was already used")]
+    ChallengeUsed(String),
+    /// The challenge expired.
+    #[error("challenge {0} has expired")]
+    ChallengeExpired(String),
+    /// The signature is not the controller's.
+    #[error("signature is not from the account's controller {expected}")]
+    WrongSigner {
+        /// The controller address.
+        expected: String,
+    },
+    /// The token does not verify or its claims are wrong.
+    #[error("session token refused: {0}")]
+    Token(String),
+    /// The caller is not the session's delegate.
+    #[error("caller is not this session's delegate")]
+    NotDelegate,
+    /// A scope does not cover the operation.
+    #[error("outside the session's scopes: {0}")]
+    Scope(#[from] super::ScopeDenied),
+    /// No such session.
+    #[error("session {0} not found")]
+    SessionNotFound(String),
+    /// The session was revoked.
+    #[error("session {0} was revoked")]
+    Revoked(String),
+    /// The session expired.
+    #[error("session {0} has expired")]
+    Expired(String),
+    /// The cap does not cover the amount.
+    #[error("session cap exhausted: {remaining} left, {requested} requested")]
+    CapExhausted {
+        /// Left in the cap.
+        remaining: u128,
+        /// Asked for.
+        requested: u128,
+    },
+    /// The request id was used with another body.
+    #[error("request_id was already used with a different request")]
+    IdempotencyMismatch,
+    /// The request id is being processed.
+    #[error("a request with this request_id is still in progress")]
+    InProgress,
+    /// The caller may not manage this session.
+    #[error("{0}")]
+    Forbidden(String),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The issuer key failed.
+    #[error("issuer: {0}")]
+    Issuer(String),
+    /// A bug or a panicked task.
+    #[error("internal error: {0}")]
+    Internal(&'static str),
+}

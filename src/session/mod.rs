@@ -1,0 +1,17 @@
+//! Delegated sessions: EIP-712 challenges a controller wallet signs, scoped
+//! short-lived session tokens, exact spend reservation and idempotency.
+//!
+//! Never trusts a token alone: every use re-reads the session's state from
+//! the store, so revocation takes effect at once.
+
+mod error;
+mod scope;
+mod service;
+mod token;
+mod typed;
+
+pub use error::SessionError;
+pub use scope::{Scope, ScopeDenied, ScopeError, Scopes, MAX_SCOPES};
+pub use service::{parse_amount, ChallengeRequest, SessionSettings, Sessions, Spend, SpendResult};
+pub use token::{SessionClaims, TOKEN_TYP};
+pub use typed::{payment, session_grant, session_revocation, Domain, Grant, Payment, DOMAIN_NAME, DOMAIN_VERSION};

@@ -1,0 +1,411 @@
+//! The session life cycle: challenge → open → use (reserve, sign, complete)
+//! → revoke or expire.
+
+use std::sync::Arc;
+
+use rand::RngCore;
+use serde_json::Value;
+
+use super::token::{SessionClaims, ISSUER, TOKEN_TYP};
+use super::typed::{session_grant, session_revocation, Domain, Grant};
+use super::{Scopes, SessionError};
+use crate::clock::Clock;
+use crate::crypto::eip712::TypedData;
+use crate::crypto::eth::{recover_address, Address};
+use crate::hsm::IssuerAlg;
+use crate::issuer::Issuer;
+use crate::store::{AccountRecord, ChallengeRecord, OpenOutcome, SessionRecord, SpendOutcome, SpendRequest, Store};
+
+/// Most characters in a delegate identity.
+const MAX_DELEGATE: usize = 1024;
+
+/// Session settings from config.
+#[derive(Debug, Clone)]
+pub struct SessionSettings {
+    /// The EIP-712 domain.
+    pub domain: Domain,
+    /// How long a challenge can be opened, seconds.
+    pub challenge_ttl: i64,
+    /// Longest session, seconds.
+    pub max_ttl: i64,
+    /// Tolerated clock difference between replicas, seconds.
+    pub clock_skew: i64,
+}
+
+/// What a challenge asks for.
+#[derive(Debug, Clone)]
+pub struct ChallengeRequest<'a> {
+    /// The account (already authorized).
+    pub account: &'a AccountRecord,
+    /// The account's own address.
+    pub account_address: Address,
+    /// Delegate identity.
+    pub delegate: &'a str,
+    /// Scope strings.
+    pub scopes: &'a [String],
+    /// Cap, decimal.
+    pub cap: &'a str,
+    /// Session lifetime, seconds.
+    pub ttl: u64,
+}
+
+/// A reservation, or the stored result of an earlier identical request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Spend {
+    /// Reserved: sign, then `complete` (or `release` on failure).
+    Reserved(SpendResult),
+    /// The same request succeeded before: its encoded response.
+    Replay(Vec<u8>),
+}
+
+/// A fresh reservation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SpendResult {
+    /// The idempotency key in force (given or generated).
+    pub request_id: String,
+    /// Cap left after this spend.
+    pub remaining: u128,
+    /// The session's use counter for this spend.
+    pub nonce: u64,
+}
+
+/// Delegated sessions over the store and the issuer key.
+#[derive(Debug, Clone)]
+pub struct Sessions {
+    store: Arc<dyn Store>,
+    issuer: Arc<Issuer>,
+    clock: Arc<dyn Clock>,
+    settings: SessionSettings,
+}
+
+fn invalid(field: &'static str, reason: impl Into<String>) -> SessionError {
+    SessionError::Invalid {
+        field,
+        reason: reason.into(),
+    }
+}
+
+/// Parses a decimal u128 amount.
+pub fn parse_amount(field: &'static str, s: &str) -> Result<u128, SessionError> {
+    if s.is_empty() || s.len() > 39 || !s.bytes().all(|b| b.is_ascii_digit()) || (s.len() > 1 && s.starts_with('0')) {
+        return Err(invalid(field, "expected a canonical decimal integer (u128)"));
+    }
+    s.parse().map_err(|_| invalid(field, "does not fit in u128"))
+}
+
+impl Sessions {
+    /// Wires the service.
+    pub fn new(store: Arc<dyn Store>, issuer: Arc<Issuer>, clock: Arc<dyn Clock>, settings: SessionSettings) -> Sessions {
+        Sessions {
+            store,
+            issuer,
+            clock,
+            settings,
+        }
+    }
+
+    /// Now, UTC seconds.
+    pub fn now(&self) -> i64 {
+        self.clock.now()
+    }
+
+    /// The issuer key ring.
+    pub fn issuer(&self) -> &Arc<Issuer> {
+        &self.issuer
+    }
+
+    /// Validates the request and stores a single-use SessionGrant challenge.
+    pub async fn create_challenge(&self, req: ChallengeRequest<'_>) -> Result<(ChallengeRecord, i64), SessionError> {
+        if req.delegate.is_empty() || req.delegate.len() > MAX_DELEGATE || req.delegate.chars().any(char::is_control) {
+            return Err(invalid("delegate", "not a client identity"));
+        }
+        let scopes = Scopes::parse(req.scopes).map_err(|e| invalid("scopes", e.to_string()))?;
+        let cap = parse_amount("cap", req.cap)?;
+        if cap == 0 {
+            return Err(invalid("cap", "must be greater than 0"));
+        }
+        let max = u64::try_from(self.settings.max_ttl).unwrap_or(0);
+        if req.ttl == 0 || req.ttl > max {
+            return Err(invalid("ttl_seconds", format!("must be between 1 and {max}")));
+        }
+        let controller =
+            Address::parse(&req.account.controller).map_err(|_| SessionError::Internal("stored controller address"))?;
+        let now = self.clock.now();
+        let session_expires_at = now.saturating_add(i64::try_from(req.ttl).unwrap_or(i64::MAX));
+        let mut nonce = [0u8; 32];
+        rand::thread_rng().fill_bytes(&mut nonce);
+        let canonical = scopes.to_strings();
+        let doc = session_grant(
+            &self.settings.domain,
+            &Grant {
+                account_id: &req.account.id,
+                account: req.account_address,
+                controller,
+                delegate: req.delegate,
+                scopes: &canonical,
+                cap,
+                nonce,
+                issued_at: now,
+                expires_at: session_expires_at,
+            },
+        );
+        let record = ChallengeRecord {
+            id: uuid::Uuid::new_v4().to_string(),
+            account_id: req.account.id.clone(),
+            delegate: req.delegate.to_string(),
+            scopes: canonical,
+            cap,
+            nonce,
+            typed_data: doc.to_string(),
+            issued_at: now,
+            expires_at: now.saturating_add(self.settings.challenge_ttl),
+        };
+        self.store.create_challenge(&record).await?;
+        Ok((record, session_expires_at))
+    }
+
+    /// Opens a session if the controller signed the challenge: the challenge
+    /// is consumed in the same transaction that creates the session.
+    pub async fn open(&self, challenge_id: &str, signature: &[u8]) -> Result<(SessionRecord, String), SessionError> {
+        let now = self.clock.now();
+        let (challenge, consumed) = self
+            .store
+            .get_challenge(challenge_id)
+            .await?
+            .ok_or_else(|| SessionError::ChallengeNotFound(challenge_id.to_string()))?;
+        if consumed.is_some() {
+            return Err(SessionError::ChallengeUsed(challenge_id.to_string()));
+        }
+        if now >= challenge.expires_at {
+            return Err(SessionError::ChallengeExpired(challenge_id.to_string()));
+        }
+        let typed = TypedData::from_json_str(&challenge.typed_data).map_err(|_| SessionError::Internal("stored challenge"))?;
+        let doc: Value =
+            serde_json::from_str(&challenge.typed_data).map_err(|_| SessionError::Internal("stored challenge"))?;
+        let controller = doc["message"]["controller"]
+            .as_str()
+            .and_then(|c| Address::parse(c).ok())
+            .ok_or(SessionError::Internal("stored challenge controller"))?;
+        let expires_at = doc["message"]["expiresAt"]
+            .as_i64()
+            .ok_or(SessionError::Internal("stored challenge expiry"))?;
+        if signature.len() != 65 {
+            return Err(invalid("signature", "expected 65 bytes r || s || v"));
+        }
+        let signer = recover_address(&typed.signing_hash(), signature)
+            .map_err(|e| invalid("signature", format!("{e} (high-s signatures are refused)")))?;
+        if signer != controller {
+            return Err(SessionError::WrongSigner {
+                expected: controller.to_checksum(),
+            });
+        }
+        if now >= expires_at {
+            return Err(SessionError::ChallengeExpired(challenge_id.to_string()));
+        }
+        let session = SessionRecord {
+            id: uuid::Uuid::new_v4().to_string(),
+            account_id: challenge.account_id.clone(),
+            delegate: challenge.delegate.clone(),
+            scopes: challenge.scopes.clone(),
+            cap: challenge.cap,
+            remaining: challenge.cap,
+            uses: 0,
+            issued_at: now,
+            expires_at,
+            challenge_id: challenge.id.clone(),
+            jti: uuid::Uuid::new_v4().to_string(),
+            revoked_at: None,
+            revoked_by: None,
+        };
+        let token = self.issue_token(&session).await?;
+        match self.store.open_session(challenge_id, now, &session).await? {
+            OpenOutcome::Opened => Ok((session, token)),
+            OpenOutcome::ChallengeNotFound => Err(SessionError::ChallengeNotFound(challenge_id.to_string())),
+            OpenOutcome::ChallengeUsed => Err(SessionError::ChallengeUsed(challenge_id.to_string())),
+            OpenOutcome::ChallengeExpired => Err(SessionError::ChallengeExpired(challenge_id.to_string())),
+        }
+    }
+
+    async fn issue_token(&self, s: &SessionRecord) -> Result<String, SessionError> {
+        let claims = SessionClaims {
+            iss: ISSUER.to_string(),
+            sid: s.id.clone(),
+            sub: s.account_id.clone(),
+            aud: s.delegate.clone(),
+            scope: s.scopes.join(" "),
+            cap: s.cap.to_string(),
+            iat: s.issued_at,
+            exp: s.expires_at,
+            jti: s.jti.clone(),
+        };
+        let claims = serde_json::to_value(&claims).map_err(|_| SessionError::Internal("claims"))?;
+        let issuer = self.issuer.clone();
+        tokio::task::spawn_blocking(move || issuer.sign_jws(IssuerAlg::EdDSA, TOKEN_TYP, &claims))
+            .await
+            .map_err(|_| SessionError::Internal("token signing task"))?
+            .map_err(|e| SessionError::Issuer(e.to_string()))
+    }
+
+    /// A session by id.
+    pub async fn get(&self, id: &str) -> Result<SessionRecord, SessionError> {
+        self.store
+            .get_session(id)
+            .await?
+            .ok_or_else(|| SessionError::SessionNotFound(id.to_string()))
+    }
+
+    /// An account's sessions, newest first.
+    pub async fn list(&self, account_id: &str) -> Result<Vec<SessionRecord>, SessionError> {
+        Ok(self.store.list_sessions(account_id).await?)
+    }
+
+    /// The SessionRevocation document for a session.
+    pub fn revocation_document(&self, s: &SessionRecord, controller: Address) -> Value {
+        session_revocation(&self.settings.domain, &s.id, &s.account_id, controller)
+    }
+
+    /// Checks the controller's signature over a session's revocation document.
+    pub fn check_revocation_signature(
+        &self,
+        s: &SessionRecord,
+        controller: Address,
+        signature: &[u8],
+    ) -> Result<(), SessionError> {
+        let doc = self.revocation_document(s, controller);
+        let typed = TypedData::from_value(&doc).map_err(|_| SessionError::Internal("revocation document"))?;
+        if signature.len() != 65 {
+            return Err(invalid("controller_signature", "expected 65 bytes r || s || v"));
+        }
+        let signer =
+            recover_address(&typed.signing_hash(), signature).map_err(|e| invalid("controller_signature", e.to_string()))?;
+        if signer != controller {
+            return Err(SessionError::WrongSigner {
+                expected: controller.to_checksum(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Revokes at once (idempotent).
+    pub async fn revoke(&self, id: &str, by: &str) -> Result<SessionRecord, SessionError> {
+        self.store
+            .revoke_session(id, by, self.clock.now())
+            .await?
+            .ok_or_else(|| SessionError::SessionNotFound(id.to_string()))
+    }
+
+    /// Verifies a token, checks the caller is its delegate, and reads the
+    /// session's live state: revoked or expired sessions are refused.
+    pub async fn authorize(&self, token: &str, caller: &str) -> Result<(SessionRecord, Scopes), SessionError> {
+        let verified = self
+            .issuer
+            .verify(token)
+            .map_err(|e| SessionError::Token(e.to_string()))?;
+        if verified.header.typ.as_deref() != Some(TOKEN_TYP) {
+            return Err(SessionError::Token("not a session token (typ)".into()));
+        }
+        let claims: SessionClaims =
+            serde_json::from_value(verified.claims).map_err(|e| SessionError::Token(format!("claims: {e}")))?;
+        if claims.iss != ISSUER {
+            return Err(SessionError::Token("wrong issuer".into()));
+        }
+        let now = self.clock.now();
+        if claims.iat > now.saturating_add(self.settings.clock_skew) {
+            return Err(SessionError::Token("issued in the future".into()));
+        }
+        if claims.aud != caller {
+            return Err(SessionError::NotDelegate);
+        }
+        let session = self.get(&claims.sid).await?;
+        // The token must be the one issued for this session, unaltered.
+        if session.jti != claims.jti
+            || session.account_id != claims.sub
+            || session.delegate != claims.aud
+            || session.scopes.join(" ") != claims.scope
+            || session.cap.to_string() != claims.cap
+            || session.expires_at != claims.exp
+        {
+            return Err(SessionError::Token("claims do not match the session".into()));
+        }
+        if session.revoked_at.is_some() {
+            return Err(SessionError::Revoked(session.id));
+        }
+        if now >= session.expires_at {
+            return Err(SessionError::Expired(session.id));
+        }
+        let scopes = Scopes::parse(&session.scopes).map_err(|_| SessionError::Internal("stored scopes"))?;
+        Ok((session, scopes))
+    }
+
+    /// Reserves `amount` against the session's cap and records the request,
+    /// atomically; or returns the stored result of the identical request.
+    pub async fn begin_spend(
+        &self,
+        session: &SessionRecord,
+        request_id: &str,
+        body_hash: [u8; 32],
+        amount: u128,
+    ) -> Result<Spend, SessionError> {
+        if request_id.len() > 128 || request_id.chars().any(char::is_control) {
+            return Err(invalid("request_id", "at most 128 printable characters"));
+        }
+        let request_id = if request_id.is_empty() {
+            uuid::Uuid::new_v4().to_string()
+        } else {
+            request_id.to_string()
+        };
+        let outcome = self
+            .store
+            .reserve_spend(&SpendRequest {
+                session_id: &session.id,
+                request_id: &request_id,
+                body_hash,
+                amount,
+                now: self.clock.now(),
+            })
+            .await?;
+        match outcome {
+            SpendOutcome::Reserved { remaining, nonce } => Ok(Spend::Reserved(SpendResult {
+                request_id,
+                remaining,
+                nonce,
+            })),
+            SpendOutcome::Replay { response } => Ok(Spend::Replay(response)),
+            SpendOutcome::InProgress => Err(SessionError::InProgress),
+            SpendOutcome::BodyMismatch => Err(SessionError::IdempotencyMismatch),
+            SpendOutcome::Insufficient { remaining } => Err(SessionError::CapExhausted {
+                remaining,
+                requested: amount,
+            }),
+            SpendOutcome::Revoked => Err(SessionError::Revoked(session.id.clone())),
+            SpendOutcome::Expired => Err(SessionError::Expired(session.id.clone())),
+            SpendOutcome::NotFound => Err(SessionError::SessionNotFound(session.id.clone())),
+        }
+    }
+
+    /// Records the response of a reserved request.
+    pub async fn complete_spend(&self, session_id: &str, request_id: &str, response: &[u8]) -> Result<(), SessionError> {
+        Ok(self.store.complete_spend(session_id, request_id, response).await?)
+    }
+
+    /// Gives a reservation back after signing failed.
+    pub async fn release_spend(&self, session_id: &str, request_id: &str) -> Result<(), SessionError> {
+        Ok(self.store.release_spend(session_id, request_id).await?)
+    }
+
+    /// The EIP-712 domain sessions use.
+    pub fn domain(&self) -> &Domain {
+        &self.settings.domain
+    }
+}
+
+impl Sessions {
+    /// The account a challenge is for (to authorize before opening).
+    pub async fn challenge_account(&self, challenge_id: &str) -> Result<String, SessionError> {
+        self.store
+            .get_challenge(challenge_id)
+            .await?
+            .map(|(c, _)| c.account_id)
+            .ok_or_else(|| SessionError::ChallengeNotFound(challenge_id.to_string()))
+    }
+}

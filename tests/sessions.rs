@@ -1,0 +1,547 @@
+//! Delegated sessions end to end: a real daemon, a real SoftHSM token, real
+//! mTLS, real stores; the controller wallet is a software secp256k1 key that
+//! signs exactly the typed data the daemon returned.
+
+mod common;
+
+use std::sync::Arc;
+
+use common::*;
+use k256::ecdsa::{Signature, SigningKey};
+use keyward::api::pb::session_service_client::SessionServiceClient;
+use keyward::api::pb::{
+    CreateAccountRequest, CreateSessionChallengeRequest, GetSessionRequest, ListSessionsRequest, OpenSessionRequest,
+    RevokeSessionRequest, SessionState, SignPaymentRequest, SignTypedDataRequest,
+};
+use keyward::clock::{Clock, ManualClock};
+use keyward::config::Custody;
+use keyward::crypto::eip712::TypedData;
+use keyward::crypto::eth::{recover_address, Address};
+use tonic::transport::Channel;
+use tonic::Code;
+
+const MANIFEST: &str = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08";
+const OTHER_MANIFEST: &str = "60303ae22b998861bce3b28f33eec1be758a213c86c93c076dbe9f558c11c752";
+const MARKETPLACE: &str = "spiffe://example.org/marketplace";
+const START: i64 = 1_800_000_000;
+
+/// The controller wallet: signs typed data like eth_signTypedData_v4.
+struct Wallet(SigningKey);
+
+impl Wallet {
+    fn new(seed: u8) -> Wallet {
+        Wallet(SigningKey::from_slice(&[seed; 32]).expect("key"))
+    }
+    fn address(&self) -> Address {
+        Address::from_public_key(self.0.verifying_key())
+    }
+    fn sign(&self, typed_data_json: &str) -> Vec<u8> {
+        let digest = TypedData::from_json_str(typed_data_json).expect("daemon typed data encodes").signing_hash();
+        let (sig, recid) = self.0.sign_prehash_recoverable(&digest).expect("sign");
+        let (sig, odd) = match sig.normalize_s() {
+            Some(low) => (low, !recid.is_y_odd()),
+            None => (sig, recid.is_y_odd()),
+        };
+        let mut out = sig.to_bytes().to_vec();
+        out.push(27 + u8::from(odd));
+        out
+    }
+}
+
+struct Story {
+    env: Env,
+    daemon: Daemon,
+    clock: Arc<ManualClock>,
+    wallet: Wallet,
+    account_id: String,
+    eth_address: String,
+}
+
+impl Story {
+    async fn start(env: Env) -> Story {
+        env.init().await;
+        let clock = Arc::new(ManualClock::new(START));
+        let daemon = env.start_with_clock(clock.clone()).await;
+        let wallet = Wallet::new(0x42);
+        let account = daemon
+            .accounts(&env, "admin")
+            .await
+            .create_account(CreateAccountRequest {
+                controller: wallet.address().to_checksum(),
+                label: "alice".into(),
+                allow: vec![],
+            })
+            .await
+            .expect("account")
+            .into_inner();
+        Story {
+            env,
+            daemon,
+            clock,
+            wallet,
+            account_id: account.account_id,
+            eth_address: account.eth_address,
+        }
+    }
+
+    async fn sessions(&self, profile: &str) -> SessionServiceClient<Channel> {
+        SessionServiceClient::new(self.daemon.channel(&self.env, profile).await)
+    }
+
+    async fn challenge(&self, scopes: &[&str], cap: &str, ttl: u64) -> Result<(String, String), tonic::Status> {
+        let r = self
+            .sessions("wallet-gateway")
+            .await
+            .create_session_challenge(CreateSessionChallengeRequest {
+                account_id: self.account_id.clone(),
+                delegate: MARKETPLACE.into(),
+                scopes: scopes.iter().map(|s| s.to_string()).collect(),
+                cap: cap.into(),
+                ttl_seconds: ttl,
+            })
+            .await?
+            .into_inner();
+        Ok((r.challenge_id, r.typed_data_json))
+    }
+
+    async fn open(&self, challenge_id: &str, signature: Vec<u8>) -> Result<(String, String), tonic::Status> {
+        let r = self
+            .sessions("wallet-gateway")
+            .await
+            .open_session(OpenSessionRequest {
+                challenge_id: challenge_id.into(),
+                signature,
+            })
+            .await?
+            .into_inner();
+        let s = r.session.expect("session");
+        Ok((s.session_id, r.token))
+    }
+
+    /// The story's default session: 0-100 per payment, one manifest, cap 1000, 30 minutes.
+    async fn session(&self, cap: &str) -> (String, String) {
+        let license = format!("license:manifest:{MANIFEST}");
+        let (id, typed) = self.challenge(&["payments:0-100", &license], cap, 1800).await.expect("challenge");
+        self.open(&id, self.wallet.sign(&typed)).await.expect("open")
+    }
+
+    async fn pay(&self, profile: &str, token: &str, amount: &str, manifest: &str, request_id: &str) -> Result<keyward::api::pb::SignPaymentResponse, tonic::Status> {
+        self.daemon
+            .signing(&self.env, profile)
+            .await
+            .sign_payment(SignPaymentRequest {
+                session_token: token.into(),
+                amount: amount.into(),
+                currency: "USDC".into(),
+                manifest: manifest.into(),
+                license_id: "lic-7".into(),
+                payee: String::new(),
+                request_id: request_id.into(),
+            })
+            .await
+            .map(|r| r.into_inner())
+    }
+
+    async fn remaining(&self, session_id: &str) -> (String, u64, i32) {
+        let s = self
+            .sessions("wallet-gateway")
+            .await
+            .get_session(GetSessionRequest {
+                session_id: session_id.into(),
+            })
+            .await
+            .expect("session")
+            .into_inner();
+        (s.remaining, s.uses, s.state)
+    }
+}
+
+#[test]
+fn full_story_payment_within_bounds_then_revoke() {
+    let env = Env::new(Custody::Hsm, StoreKind::Sqlite).expect("env");
+    block_on(async {
+        let st = Story::start(env).await;
+        let (session_id, token) = st.session("1000").await;
+        let r = st.pay("marketplace", &token, "40", MANIFEST, "").await.expect("payment signed");
+        assert_eq!(r.remaining, "960");
+        assert_eq!(r.nonce, 1);
+        // The signature is the account's, over the Payment document returned.
+        let typed = TypedData::from_json_str(&r.typed_data_json).expect("payment document");
+        assert_eq!(typed.primary_type(), "Payment");
+        assert_eq!(typed.signing_hash().to_vec(), r.digest);
+        let digest: [u8; 32] = r.digest.as_slice().try_into().expect("32");
+        assert_eq!(recover_address(&digest, &r.signature).expect("recovers").to_checksum(), st.eth_address);
+        if let Some(addr) = eth_account_recover(&r.typed_data_json, &format!("0x{}", hex::encode(&r.signature))) {
+            assert_eq!(addr, st.eth_address);
+        }
+        assert_eq!(st.remaining(&session_id).await, ("960".to_string(), 1, SessionState::Active as i32));
+
+        let list = st
+            .sessions("admin")
+            .await
+            .list_sessions(ListSessionsRequest {
+                account_id: st.account_id.clone(),
+            })
+            .await
+            .expect("list")
+            .into_inner();
+        assert_eq!(list.sessions.len(), 1);
+        assert_eq!(list.sessions[0].session_id, session_id);
+
+        // Revocation by the account's admin takes effect at once.
+        let revoked = st
+            .sessions("admin")
+            .await
+            .revoke_session(RevokeSessionRequest {
+                session_id: session_id.clone(),
+                controller_signature: vec![],
+            })
+            .await
+            .expect("revoke")
+            .into_inner();
+        assert_eq!(revoked.state, SessionState::Revoked as i32);
+        let err = st.pay("marketplace", &token, "1", MANIFEST, "").await.expect_err("revoked");
+        assert_eq!(err.code(), Code::FailedPrecondition, "{}", err.message());
+        st.daemon.stop().await;
+    });
+}
+
+#[test]
+fn opening_refusals_spend_nothing() {
+    let env = Env::new(Custody::Host, StoreKind::Sqlite).expect("env");
+    block_on(async {
+        let st = Story::start(env).await;
+        let license = format!("license:manifest:{MANIFEST}");
+        let (id, typed) = st.challenge(&["payments:0-100", &license], "1000", 1800).await.expect("challenge");
+
+        // Another wallet's signature.
+        let err = st.open(&id, Wallet::new(7).sign(&typed)).await.expect_err("wrong signer");
+        assert_eq!(err.code(), Code::PermissionDenied, "{}", err.message());
+        // The controller's signature over altered typed data (a bigger cap).
+        let altered = typed.replace("\"cap\":\"1000\"", "\"cap\":\"1000000\"");
+        assert_ne!(altered, typed);
+        let err = st.open(&id, st.wallet.sign(&altered)).await.expect_err("altered");
+        assert_eq!(err.code(), Code::PermissionDenied, "{}", err.message());
+        // A malleable (high-s) form of the controller's own valid signature.
+        let good = st.wallet.sign(&typed);
+        let sig = Signature::from_slice(&good[..64]).expect("sig");
+        let high = Signature::from_scalars(sig.r(), -*sig.s()).expect("high-s");
+        let mut malleable = high.to_bytes().to_vec();
+        malleable.push(if good[64] == 27 { 28 } else { 27 });
+        let err = st.open(&id, malleable).await.expect_err("high-s");
+        assert_eq!(err.code(), Code::InvalidArgument, "{}", err.message());
+        // Garbage.
+        let err = st.open(&id, vec![1, 2, 3]).await.expect_err("short");
+        assert_eq!(err.code(), Code::InvalidArgument);
+
+        // None of that consumed the challenge: the right signature opens it.
+        let (session_id, _) = st.open(&id, good.clone()).await.expect("opens after refusals");
+        assert_eq!(st.remaining(&session_id).await.0, "1000");
+        // Second open of the same challenge.
+        let err = st.open(&id, good).await.expect_err("reused");
+        assert_eq!(err.code(), Code::FailedPrecondition, "{}", err.message());
+
+        // An expired challenge (default TTL 300 s).
+        let (id, typed) = st.challenge(&["payments:0-100", &license], "1000", 1800).await.expect("challenge");
+        st.clock.advance(301);
+        let err = st.open(&id, st.wallet.sign(&typed)).await.expect_err("expired");
+        assert_eq!(err.code(), Code::FailedPrecondition, "{}", err.message());
+        let err = st
+            .sessions("wallet-gateway")
+            .await
+            .open_session(OpenSessionRequest {
+                challenge_id: uuid::Uuid::new_v4().to_string(),
+                signature: vec![0; 65],
+            })
+            .await
+            .expect_err("unknown challenge");
+        assert_eq!(err.code(), Code::NotFound);
+        st.daemon.stop().await;
+    });
+}
+
+#[test]
+fn malformed_challenges_are_refused_up_front() {
+    let env = Env::new(Custody::Host, StoreKind::Sqlite).expect("env");
+    block_on(async {
+        let st = Story::start(env).await;
+        for (scopes, cap, ttl) in [
+            (vec!["payments:100-0"], "10", 60),
+            (vec!["license:manifest:xyz"], "10", 60),
+            (vec!["typed-data:1:0x12"], "10", 60),
+            (vec!["admin:*"], "10", 60),
+            (vec![], "10", 60),
+            (vec!["payments:0-1"], "-5", 60),
+            (vec!["payments:0-1"], "0", 60),
+            (vec!["payments:0-1"], "340282366920938463463374607431768211456", 60),
+            (vec!["payments:0-1"], "10", 0),
+            (vec!["payments:0-1"], "10", 10 * 86_400),
+        ] {
+            let err = st.challenge(&scopes, cap, ttl).await.expect_err("malformed");
+            assert_eq!(err.code(), Code::InvalidArgument, "{scopes:?} {cap} {ttl}: {}", err.message());
+        }
+        // Identities not allowed on the account cannot ask for challenges.
+        let err = st
+            .sessions("marketplace")
+            .await
+            .create_session_challenge(CreateSessionChallengeRequest {
+                account_id: st.account_id.clone(),
+                delegate: MARKETPLACE.into(),
+                scopes: vec!["payments:0-1".into()],
+                cap: "1".into(),
+                ttl_seconds: 60,
+            })
+            .await
+            .expect_err("not a gateway");
+        assert_eq!(err.code(), Code::PermissionDenied);
+        st.daemon.stop().await;
+    });
+}
+
+#[test]
+fn scope_violations_are_refused_and_spend_nothing() {
+    let env = Env::new(Custody::Hsm, StoreKind::Sqlite).expect("env");
+    block_on(async {
+        let st = Story::start(env).await;
+        let (session_id, token) = st.session("150").await;
+        let cases = [
+            ("marketplace", "101", MANIFEST, Code::PermissionDenied, "amount out of range"),
+            ("marketplace", "5", OTHER_MANIFEST, Code::PermissionDenied, "other manifest"),
+            ("admin", "5", MANIFEST, Code::PermissionDenied, "other delegate"),
+            ("marketplace", "5.5", MANIFEST, Code::InvalidArgument, "not an integer"),
+        ];
+        for (profile, amount, manifest, code, what) in cases {
+            let err = st.pay(profile, &token, amount, manifest, "").await.expect_err(what);
+            assert_eq!(err.code(), code, "{what}: {}", err.message());
+        }
+        assert_eq!(st.remaining(&session_id).await.0, "150", "refusals spent nothing");
+        // Cap exhausted.
+        st.pay("marketplace", &token, "100", MANIFEST, "").await.expect("100 of 150");
+        let err = st.pay("marketplace", &token, "51", MANIFEST, "").await.expect_err("cap");
+        assert_eq!(err.code(), Code::ResourceExhausted, "{}", err.message());
+        st.pay("marketplace", &token, "50", MANIFEST, "").await.expect("exactly the rest");
+        assert_eq!(st.remaining(&session_id).await.0, "0");
+        // Expired.
+        let (_, token2) = st.session("1000").await;
+        st.clock.advance(1801);
+        let err = st.pay("marketplace", &token2, "1", MANIFEST, "").await.expect_err("expired");
+        assert_eq!(err.code(), Code::FailedPrecondition, "{}", err.message());
+        st.daemon.stop().await;
+    });
+}
+
+#[test]
+fn altered_tokens_are_unauthenticated() {
+    let env = Env::new(Custody::Host, StoreKind::Sqlite).expect("env");
+    block_on(async {
+        let st = Story::start(env).await;
+        let (_, token) = st.session("1000").await;
+        let parts: Vec<&str> = token.split('.').collect();
+        assert_eq!(parts.len(), 3);
+        use base64::Engine as _;
+        let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        let mut claims: serde_json::Value = serde_json::from_slice(&b64.decode(parts[1]).expect("b64")).expect("json");
+        claims["cap"] = "1000000".into();
+        let forged_claims = format!("{}.{}.{}", parts[0], b64.encode(claims.to_string()), parts[2]);
+        let mut sig = b64.decode(parts[2]).expect("b64");
+        sig[0] ^= 1;
+        let forged_sig = format!("{}.{}.{}", parts[0], parts[1], b64.encode(sig));
+        let none_alg = format!("{}.{}.", b64.encode(r#"{"alg":"none","typ":"keyward-session+jwt"}"#), parts[1]);
+        for (what, t) in [("claims", forged_claims), ("signature", forged_sig), ("alg none", none_alg), ("garbage", "x.y.z".to_string())] {
+            let err = st.pay("marketplace", &t, "1", MANIFEST, "").await.expect_err(what);
+            assert_eq!(err.code(), Code::Unauthenticated, "{what}: {}", err.message());
+        }
+        st.pay("marketplace", &token, "1", MANIFEST, "").await.expect("the real token works");
+        st.daemon.stop().await;
+    });
+}
+
+#[test]
+fn idempotent_retry_returns_the_same_result_and_spends_once() {
+    let env = Env::new(Custody::Hsm, StoreKind::Sqlite).expect("env");
+    block_on(async {
+        let st = Story::start(env).await;
+        let (session_id, token) = st.session("1000").await;
+        let first = st.pay("marketplace", &token, "40", MANIFEST, "order-1").await.expect("first");
+        let again = st.pay("marketplace", &token, "40", MANIFEST, "order-1").await.expect("retry");
+        assert_eq!(first, again, "same response, byte for byte");
+        assert_eq!(st.remaining(&session_id).await, ("960".to_string(), 1, SessionState::Active as i32));
+        let err = st.pay("marketplace", &token, "41", MANIFEST, "order-1").await.expect_err("other body");
+        assert_eq!(err.code(), Code::InvalidArgument, "{}", err.message());
+        assert_eq!(st.remaining(&session_id).await.0, "960");
+        st.daemon.stop().await;
+    });
+}
+
+fn cap_race(store: StoreKind) {
+    let Some(env) = Env::new(Custody::Host, store) else { return };
+    block_on(async {
+        let st = Arc::new(Story::start(env).await);
+        let (session_id, token) = st.session("1000").await;
+        let mut clients = Vec::new();
+        for _ in 0..8 {
+            clients.push(st.daemon.signing(&st.env, "marketplace").await);
+        }
+        let mut tasks = Vec::new();
+        for i in 0..200usize {
+            let mut c = clients[i % clients.len()].clone();
+            let token = token.clone();
+            tasks.push(tokio::spawn(async move {
+                c.sign_payment(SignPaymentRequest {
+                    session_token: token,
+                    amount: "7".into(),
+                    currency: "USDC".into(),
+                    manifest: MANIFEST.into(),
+                    license_id: "lic".into(),
+                    payee: String::new(),
+                    request_id: format!("race-{i}"),
+                })
+                .await
+            }));
+        }
+        let (mut ok, mut exhausted) = (0, 0);
+        let mut nonces = std::collections::BTreeSet::new();
+        for t in tasks {
+            match t.await.expect("task") {
+                Ok(r) => {
+                    ok += 1;
+                    assert!(nonces.insert(r.into_inner().nonce), "nonces are unique");
+                }
+                Err(e) if e.code() == Code::ResourceExhausted => exhausted += 1,
+                Err(e) => panic!("unexpected {e:?}"),
+            }
+        }
+        assert_eq!((ok, exhausted), (142, 58), "floor(1000 / 7) succeed, never more");
+        assert_eq!(st.remaining(&session_id).await, ("6".to_string(), 142, SessionState::Active as i32));
+    });
+}
+
+#[test]
+fn cap_race_sqlite() {
+    cap_race(StoreKind::Sqlite);
+}
+
+#[test]
+fn cap_race_postgres() {
+    cap_race(StoreKind::Postgres);
+}
+
+#[test]
+fn controller_revokes_with_its_own_signature() {
+    let env = Env::new(Custody::Host, StoreKind::Sqlite).expect("env");
+    block_on(async {
+        let st = Story::start(env).await;
+        let (session_id, token) = st.session("1000").await;
+        let s = st
+            .sessions("wallet-gateway")
+            .await
+            .get_session(GetSessionRequest {
+                session_id: session_id.clone(),
+            })
+            .await
+            .expect("get")
+            .into_inner();
+        let doc = s.revocation_typed_data_json;
+        assert!(doc.contains("SessionRevocation"));
+        // Without a signature the gateway may not revoke; with a stranger's it is refused.
+        let mut c = st.sessions("wallet-gateway").await;
+        let err = c
+            .revoke_session(RevokeSessionRequest {
+                session_id: session_id.clone(),
+                controller_signature: vec![],
+            })
+            .await
+            .expect_err("no signature");
+        assert_eq!(err.code(), Code::PermissionDenied);
+        let err = c
+            .revoke_session(RevokeSessionRequest {
+                session_id: session_id.clone(),
+                controller_signature: Wallet::new(9).sign(&doc),
+            })
+            .await
+            .expect_err("stranger");
+        assert_eq!(err.code(), Code::PermissionDenied);
+        st.pay("marketplace", &token, "1", MANIFEST, "").await.expect("still active");
+        let r = c
+            .revoke_session(RevokeSessionRequest {
+                session_id: session_id.clone(),
+                controller_signature: st.wallet.sign(&doc),
+            })
+            .await
+            .expect("controller revokes")
+            .into_inner();
+        assert_eq!(r.state, SessionState::Revoked as i32);
+        assert!(r.revoked_by.starts_with("controller:"));
+        let err = st.pay("marketplace", &token, "1", MANIFEST, "").await.expect_err("revoked");
+        assert_eq!(err.code(), Code::FailedPrecondition);
+        st.daemon.stop().await;
+    });
+}
+
+#[test]
+fn typed_data_inside_a_session_needs_a_domain_scope() {
+    let env = Env::new(Custody::Host, StoreKind::Sqlite).expect("env");
+    block_on(async {
+        let st = Story::start(env).await;
+        let (id, typed) = st
+            .challenge(&["typed-data:1:0xcccccccccccccccccccccccccccccccccccccccc"], "1", 600)
+            .await
+            .expect("challenge");
+        let (session_id, token) = st.open(&id, st.wallet.sign(&typed)).await.expect("open");
+        let mut signer = st.daemon.signing(&st.env, "marketplace").await;
+        let r = signer
+            .sign_typed_data(SignTypedDataRequest {
+                account_id: st.account_id.clone(),
+                typed_data_json: MAIL.into(),
+                session_token: token.clone(),
+                request_id: "mail-1".into(),
+            })
+            .await
+            .expect("Mail's domain is covered")
+            .into_inner();
+        let digest: [u8; 32] = r.digest.as_slice().try_into().expect("32");
+        assert_eq!(recover_address(&digest, &r.signature).expect("recovers").to_checksum(), st.eth_address);
+        let other = MAIL.replace("\"chainId\": 1", "\"chainId\": 5");
+        assert_ne!(other, MAIL);
+        let err = signer
+            .sign_typed_data(SignTypedDataRequest {
+                account_id: st.account_id.clone(),
+                typed_data_json: other,
+                session_token: token.clone(),
+                request_id: String::new(),
+            })
+            .await
+            .expect_err("other chain");
+        assert_eq!(err.code(), Code::PermissionDenied, "{}", err.message());
+        // Without the session, the marketplace may not have the account sign at all.
+        let err = signer
+            .sign_typed_data(SignTypedDataRequest {
+                account_id: st.account_id.clone(),
+                typed_data_json: MAIL.into(),
+                ..Default::default()
+            })
+            .await
+            .expect_err("no session");
+        assert_eq!(err.code(), Code::PermissionDenied);
+        assert_eq!(st.remaining(&session_id).await.1, 1, "one recorded use");
+        st.daemon.stop().await;
+    });
+}
+
+#[test]
+fn session_token_verifies_with_an_independent_jose_library() {
+    let env = Env::new(Custody::Hsm, StoreKind::Sqlite).expect("env");
+    block_on(async {
+        let st = Story::start(env).await;
+        let (session_id, token) = st.session("1000").await;
+        let jwks = serde_json::to_string(&st.daemon.state.sessions.issuer().jwks()).expect("jwks");
+        let claims = jose_verify(&jwks, &token).expect("independent JOSE verification");
+        assert_eq!(claims["sid"], session_id.as_str());
+        assert_eq!(claims["sub"], st.account_id.as_str());
+        assert_eq!(claims["aud"], MARKETPLACE);
+        assert_eq!(claims["cap"], "1000");
+        assert_eq!(claims["exp"], START + 1800);
+        assert_eq!(claims["iat"], st.clock.now());
+        st.daemon.stop().await;
+    });
+}
