@@ -25,4 +25,5 @@ if [ "${1:-}" = "--test" ]; then
     echo "installing eth-account (Python)" >&2
     python3 -m pip install --quiet eth-account
   fi
+  python3 -c 'import joserfc' >/dev/null 2>&1 || python3 -m pip install --quiet joserfc
 fi

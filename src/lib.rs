@@ -19,6 +19,7 @@ pub mod crypto;
 pub mod dev;
 pub mod hsm;
 pub mod http;
+pub mod issuer;
 pub mod keys;
 pub mod metrics;
 pub mod server;

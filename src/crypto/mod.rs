@@ -3,3 +3,5 @@
 
 pub mod eip712;
 pub mod eth;
+pub mod jwk;
+pub mod jws;

@@ -97,6 +97,18 @@ pub enum HsmError {
         /// What is not supported.
         what: String,
     },
+    /// No issuer key with this label in the cache (run `issuer_keys` / `keyward init`).
+    #[error("no issuer key labelled {label:?} on the token")]
+    IssuerKeyNotFound {
+        /// Issuer key label.
+        label: String,
+    },
+    /// The caller's kid for a new issuer key was refused (the new pair was destroyed).
+    #[error("issuer key id refused: {reason}")]
+    InvalidIssuerKid {
+        /// Why.
+        reason: String,
+    },
     /// Anything else: a bug or an unexpected token answer.
     #[error("internal HSM error during {op}: {rv}")]
     Internal {

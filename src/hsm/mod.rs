@@ -26,6 +26,7 @@ mod config;
 mod error;
 mod generate;
 mod inspect;
+mod issuer;
 mod kek;
 mod pool;
 mod sign;
@@ -38,6 +39,7 @@ pub use config::{HsmConfig, DEFAULT_KEK_LABEL_PREFIX};
 pub use error::{ckr_name, HsmError};
 pub use generate::WrappedKey;
 pub use inspect::ObjectInfo;
+pub use issuer::{issuer_label, IssuerAlg, IssuerKeyInfo, UnknownIssuerAlg, ISSUER_LABEL_PREFIX};
 pub use sign::HsmKey;
 pub use unwrap::WrappedRef;
 
@@ -56,6 +58,8 @@ struct Inner {
     kek_prefix: String,
     /// Whether the token wraps/unwraps Ed25519 private keys natively (learned on first use).
     ed25519_native: AtomicBool,
+    /// Cached issuer key handles (see `issuer.rs`).
+    issuer: issuer::IssuerCache,
 }
 
 impl std::fmt::Debug for Hsm {

@@ -374,6 +374,7 @@ impl Hsm {
                 kek_dirty: AtomicBool::new(false),
                 kek_prefix: cfg.kek_label_prefix.clone(),
                 ed25519_native: AtomicBool::new(true),
+                issuer: Default::default(),
             }),
         };
         hsm.load_keks()?;
