@@ -16,6 +16,9 @@ use crate::crypto::jwk::{Jwk, JwkError, Jwks};
 use crate::crypto::jws::{self, JwsAlg, JwsError};
 use crate::hsm::{Hsm, HsmError, IssuerAlg, IssuerKeyInfo};
 
+/// Issuer algorithms `keyward init` (and `dev`) create keys for.
+pub const DEFAULT_ALGS: [IssuerAlg; 2] = [IssuerAlg::EdDSA, IssuerAlg::ES256];
+
 /// Why the issuer ring cannot load or sign.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]

@@ -2,6 +2,8 @@
 //! EdDSA / ES256 / ES256K, verification by keyward and by an independent library (Python
 //! joserfc). Run with cargo-nextest (one process per test: SoftHSM reads SOFTHSM2_CONF once).
 
+mod common;
+
 use std::path::Path;
 
 use keyward::crypto::jwk::Jwks;
@@ -253,31 +255,6 @@ fn issuer_signing_recovers_after_pool_reinit() -> TestResult {
     Ok(())
 }
 
-/// Verifies with Python's joserfc (an independent implementation) when installed. Under
-/// `CI=true` it must be installed; otherwise a missing library prints a loud SKIPPED line.
-fn joserfc_verify(jwks_path: &Path, token: &str) -> Option<serde_json::Value> {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/interop/jose_verify.py");
-    let out = std::process::Command::new("python3")
-        .arg(&script)
-        .arg(jwks_path)
-        .arg(token)
-        .output();
-    match out {
-        Ok(o) if o.status.success() => {
-            let text = String::from_utf8_lossy(&o.stdout);
-            Some(serde_json::from_str(text.trim()).unwrap_or_else(|e| panic!("joserfc output {text:?}: {e}")))
-        }
-        Ok(o) => {
-            let err = String::from_utf8_lossy(&o.stderr);
-            if err.contains("No module named") && std::env::var("CI").as_deref() != Ok("true") {
-                eprintln!("SKIPPED independent JWS check: python joserfc is not installed (pip install joserfc)");
-                None
-            } else {
-                panic!("joserfc verification failed: {err}");
-            }
-        }
-        Err(e) => panic!("cannot run python3: {e}"),
-    }
 }
 
 #[test]
@@ -291,7 +268,7 @@ fn joserfc_verifies_hsm_issuer_tokens() -> TestResult {
             let mut c = claims(alg);
             c["i"] = json!(i);
             let token = issuer.sign_jws(alg, "keyward-receipt+jws", &c)?;
-            let Some(back) = joserfc_verify(&jwks_path, &token) else {
+            let Some(back) = common::joserfc_verify(&jwks_path, &token) else {
                 return Ok(());
             };
             assert_eq!(back, c, "{alg}");

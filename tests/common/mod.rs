@@ -265,3 +265,37 @@ pub fn eth_account_recover(typed_data_json: &str, signature_hex: &str) -> Option
         Err(e) => panic!("cannot run python3: {e}"),
     }
 }
+
+/// Verifies with Python's joserfc (an independent implementation) when installed. Under
+/// `CI=true` it must be installed; otherwise a missing library prints a loud SKIPPED line.
+pub fn joserfc_verify(jwks_path: &Path, token: &str) -> Option<serde_json::Value> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/interop/jose_verify.py");
+    let out = std::process::Command::new("python3")
+        .arg(&script)
+        .arg(jwks_path)
+        .arg(token)
+        .output();
+    match out {
+        Ok(o) if o.status.success() => {
+            let text = String::from_utf8_lossy(&o.stdout);
+            Some(serde_json::from_str(text.trim()).unwrap_or_else(|e| panic!("joserfc output {text:?}: {e}")))
+        }
+        Ok(o) => {
+            let err = String::from_utf8_lossy(&o.stderr);
+            if err.contains("No module named") && std::env::var("CI").as_deref() != Ok("true") {
+                eprintln!("SKIPPED independent JWS check: python joserfc is not installed (pip install joserfc)");
+                None
+            } else {
+                panic!("joserfc verification failed: {err}");
+            }
+        }
+        Err(e) => panic!("cannot run python3: {e}"),
+    }
+
+/// As `joserfc_verify`, with the JWKS given as JSON text.
+pub fn jose_verify(jwks_json: &str, token: &str) -> Option<serde_json::Value> {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("jwks.json");
+    std::fs::write(&path, jwks_json).expect("write jwks");
+    joserfc_verify(&path, token)
+}
