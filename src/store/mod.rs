@@ -68,6 +68,123 @@ impl fmt::Debug for KeyRecord {
     }
 }
 
+/// A session challenge (an EIP-712 `SessionGrant`) waiting for the
+/// controller's signature.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChallengeRecord {
+    /// Opaque challenge id.
+    pub id: String,
+    /// The account the session would act for.
+    pub account_id: String,
+    /// The identity the session would be delegated to.
+    pub delegate: String,
+    /// What the session may do, in order.
+    pub scopes: Vec<String>,
+    /// The most the session may spend in total.
+    pub cap: u128,
+    /// The grant's random nonce.
+    pub nonce: [u8; 32],
+    /// The typed-data JSON served to the wallet, stored verbatim.
+    pub typed_data: String,
+    /// Issue time, unix seconds UTC.
+    pub issued_at: i64,
+    /// The challenge can be used while `now < expires_at` (unix seconds).
+    pub expires_at: i64,
+}
+
+/// A delegated session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionRecord {
+    /// Opaque session id.
+    pub id: String,
+    /// The account the session acts for.
+    pub account_id: String,
+    /// The identity the session is delegated to.
+    pub delegate: String,
+    /// What the session may do, in order.
+    pub scopes: Vec<String>,
+    /// The most the session may spend in total.
+    pub cap: u128,
+    /// What is left of `cap` (pending spends count as spent).
+    pub remaining: u128,
+    /// How many spends were reserved (released ones included): the last
+    /// spend nonce handed out.
+    pub uses: u64,
+    /// Issue time, unix seconds UTC.
+    pub issued_at: i64,
+    /// The session can spend while `now < expires_at` (unix seconds).
+    pub expires_at: i64,
+    /// The challenge that opened the session.
+    pub challenge_id: String,
+    /// The id of the token issued for the session.
+    pub jti: String,
+    /// When the session was first revoked, unix seconds UTC.
+    pub revoked_at: Option<i64>,
+    /// Who first revoked the session.
+    pub revoked_by: Option<String>,
+}
+
+/// What [`Store::open_session`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OpenOutcome {
+    /// The challenge was consumed and the session stored.
+    Opened,
+    /// No challenge has this id.
+    ChallengeNotFound,
+    /// The challenge already opened a session.
+    ChallengeUsed,
+    /// The challenge expired before it was used.
+    ChallengeExpired,
+}
+
+/// One spend to reserve under a session (see [`Store::reserve_spend`]).
+#[derive(Debug, Clone)]
+pub struct SpendRequest<'a> {
+    /// The session to spend under.
+    pub session_id: &'a str,
+    /// The caller's idempotency key, unique within the session.
+    pub request_id: &'a str,
+    /// A hash of the request body, to tell a retry from a different request
+    /// reusing the id.
+    pub body_hash: [u8; 32],
+    /// How much the spend takes from the session's `remaining`.
+    pub amount: u128,
+    /// The current time, unix seconds UTC.
+    pub now: i64,
+}
+
+/// What [`Store::reserve_spend`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SpendOutcome {
+    /// The amount was taken from the session and a pending spend stored.
+    Reserved {
+        /// What is left of the cap afterwards.
+        remaining: u128,
+        /// The session's `uses` after the increment: 1, 2, ... (never reused).
+        nonce: u64,
+    },
+    /// The same request (same id and body) already completed: its response.
+    Replay {
+        /// The response stored by [`Store::complete_spend`].
+        response: Vec<u8>,
+    },
+    /// The same request (same id and body) is reserved but not completed.
+    InProgress,
+    /// The request id was already used with a different body.
+    BodyMismatch,
+    /// The amount exceeds what is left; nothing changed.
+    Insufficient {
+        /// What is left of the cap.
+        remaining: u128,
+    },
+    /// The session was revoked.
+    Revoked,
+    /// The session expired (`now >= expires_at`).
+    Expired,
+    /// No session has this id.
+    NotFound,
+}
+
 /// Why a store operation failed. Messages never contain a password from a
 /// connection URL.
 #[derive(Debug, thiserror::Error)]
@@ -140,6 +257,57 @@ pub trait Store: Send + Sync + fmt::Debug {
 
     /// How many accounts exist.
     async fn count_accounts(&self) -> Result<u64, StoreError>;
+
+    /// Stores a challenge. An existing id gives [`StoreError::Conflict`].
+    async fn create_challenge(&self, c: &ChallengeRecord) -> Result<(), StoreError>;
+
+    /// The challenge and when it was consumed (if it was), or `None` if no
+    /// challenge has this id.
+    async fn get_challenge(&self, id: &str) -> Result<Option<(ChallengeRecord, Option<i64>)>, StoreError>;
+
+    /// In one transaction: consumes the challenge (sets its `consumed_at`
+    /// to `now`) if it exists, is unconsumed and `now < expires_at`, and
+    /// stores `session`; otherwise changes nothing and says why. Of
+    /// concurrent opens of one challenge exactly one gets
+    /// [`OpenOutcome::Opened`]. `session.challenge_id` must equal
+    /// `challenge_id` (else [`StoreError::Backend`]); an existing session
+    /// id gives [`StoreError::Conflict`] and consumes nothing.
+    async fn open_session(
+        &self,
+        challenge_id: &str,
+        now: i64,
+        session: &SessionRecord,
+    ) -> Result<OpenOutcome, StoreError>;
+
+    /// The session, or `None` if no session has this id.
+    async fn get_session(&self, id: &str) -> Result<Option<SessionRecord>, StoreError>;
+
+    /// The account's sessions, newest first (`issued_at` descending, then
+    /// `id` ascending).
+    async fn list_sessions(&self, account_id: &str) -> Result<Vec<SessionRecord>, StoreError>;
+
+    /// Revokes the session, keeping the first revocation's time and
+    /// identity if it was already revoked. Returns the session as it is
+    /// afterwards, or `None` if no session has this id.
+    async fn revoke_session(&self, id: &str, by: &str, now: i64) -> Result<Option<SessionRecord>, StoreError>;
+
+    /// In one transaction, checking in this order: the session exists
+    /// ([`SpendOutcome::NotFound`]); a spend with this request id exists
+    /// (`Replay`, `InProgress` or `BodyMismatch`; nothing changed); the
+    /// session is revoked (`Revoked`); `now >= expires_at` (`Expired`);
+    /// `amount > remaining` (`Insufficient`). Otherwise takes `amount` from
+    /// `remaining`, increments `uses` and stores a pending spend whose nonce
+    /// is the new `uses`.
+    async fn reserve_spend(&self, r: &SpendRequest<'_>) -> Result<SpendOutcome, StoreError>;
+
+    /// Stores the response of a pending spend. A no-op if the spend is
+    /// missing or already completed (the first response is kept).
+    async fn complete_spend(&self, session_id: &str, request_id: &str, response: &[u8]) -> Result<(), StoreError>;
+
+    /// Signing failed: deletes the pending spend and gives its amount back
+    /// to the session's `remaining` (`uses` stays, so nonces are never
+    /// reused). A no-op if the spend is missing or completed.
+    async fn release_spend(&self, session_id: &str, request_id: &str) -> Result<(), StoreError>;
 
     /// Closes the connection pool, waiting for connections in use to be
     /// returned. Later calls fail with [`StoreError::Unavailable`].
@@ -357,5 +525,214 @@ pub(crate) fn grants(rec: &AccountRecord) -> Vec<&str> {
 pub(crate) fn count(n: i64) -> Result<u64, StoreError> {
     u64::try_from(n).map_err(|_| StoreError::Corrupt {
         what: format!("negative account count {n}"),
+    })
+}
+
+/// One `challenges` row as read, before it is checked.
+pub(crate) struct RawChallenge {
+    pub id: String,
+    pub account_id: String,
+    pub delegate: String,
+    pub scopes: String,
+    pub cap: String,
+    pub nonce: Vec<u8>,
+    pub typed_data: String,
+    pub issued_at: i64,
+    pub expires_at: i64,
+    pub consumed_at: Option<i64>,
+}
+
+impl RawChallenge {
+    /// Checks the row decodes.
+    pub(crate) fn decode(self) -> Result<(ChallengeRecord, Option<i64>), StoreError> {
+        let what = format!("challenge {}", self.id);
+        let nonce = <[u8; 32]>::try_from(self.nonce.as_slice()).map_err(|_| StoreError::Corrupt {
+            what: format!("{what}: nonce is {} bytes, not 32", self.nonce.len()),
+        })?;
+        let rec = ChallengeRecord {
+            scopes: decode_scopes(&what, &self.scopes)?,
+            cap: decode_amount(&what, "cap", &self.cap)?,
+            nonce,
+            id: self.id,
+            account_id: self.account_id,
+            delegate: self.delegate,
+            typed_data: self.typed_data,
+            issued_at: self.issued_at,
+            expires_at: self.expires_at,
+        };
+        Ok((rec, self.consumed_at))
+    }
+}
+
+/// One `sessions` row as read, before it is checked.
+pub(crate) struct RawSession {
+    pub id: String,
+    pub account_id: String,
+    pub delegate: String,
+    pub scopes: String,
+    pub cap: String,
+    pub remaining: String,
+    pub uses: i64,
+    pub issued_at: i64,
+    pub expires_at: i64,
+    pub challenge_id: String,
+    pub jti: String,
+    pub revoked_at: Option<i64>,
+    pub revoked_by: Option<String>,
+}
+
+impl RawSession {
+    /// Checks the row decodes.
+    pub(crate) fn decode(self) -> Result<SessionRecord, StoreError> {
+        let what = format!("session {}", self.id);
+        Ok(SessionRecord {
+            scopes: decode_scopes(&what, &self.scopes)?,
+            cap: decode_amount(&what, "cap", &self.cap)?,
+            remaining: decode_amount(&what, "remaining", &self.remaining)?,
+            uses: decode_uses(&what, self.uses)?,
+            id: self.id,
+            account_id: self.account_id,
+            delegate: self.delegate,
+            issued_at: self.issued_at,
+            expires_at: self.expires_at,
+            challenge_id: self.challenge_id,
+            jti: self.jti,
+            revoked_at: self.revoked_at,
+            revoked_by: self.revoked_by,
+        })
+    }
+}
+
+/// The columns of a `sessions` row, in [`RawSession`] order.
+pub(crate) const SESSION_COLUMNS: &str = "id, account_id, delegate, scopes, cap, remaining, uses, \
+     issued_at, expires_at, challenge_id, jti, revoked_at, revoked_by";
+
+/// The columns of a `challenges` row, in [`RawChallenge`] order.
+pub(crate) const CHALLENGE_COLUMNS: &str =
+    "id, account_id, delegate, scopes, cap, nonce, typed_data, issued_at, expires_at, consumed_at";
+
+/// A u128 amount as stored: decimal digits.
+pub(crate) fn encode_amount(v: u128) -> String {
+    v.to_string()
+}
+
+/// Parses a stored amount (plain decimal digits only).
+pub(crate) fn decode_amount(what: &str, field: &str, s: &str) -> Result<u128, StoreError> {
+    let corrupt = || StoreError::Corrupt {
+        what: format!("{what}: {field} {s:?} is not a u128"),
+    };
+    if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(corrupt());
+    }
+    s.parse::<u128>().map_err(|_| corrupt())
+}
+
+/// Scopes as stored: a JSON array of strings.
+pub(crate) fn encode_scopes(backend: &'static str, scopes: &[String]) -> Result<String, StoreError> {
+    serde_json::to_string(scopes).map_err(|e| StoreError::Backend {
+        backend,
+        reason: format!("cannot encode scopes: {e}"),
+    })
+}
+
+fn decode_scopes(what: &str, s: &str) -> Result<Vec<String>, StoreError> {
+    serde_json::from_str(s).map_err(|e| StoreError::Corrupt {
+        what: format!("{what}: scopes {s:?}: {e}"),
+    })
+}
+
+/// A stored use count (never negative).
+pub(crate) fn decode_uses(what: &str, uses: i64) -> Result<u64, StoreError> {
+    u64::try_from(uses).map_err(|_| StoreError::Corrupt {
+        what: format!("{what}: uses {uses} is negative"),
+    })
+}
+
+/// A use count to store.
+pub(crate) fn encode_uses(what: &str, uses: u64) -> Result<i64, StoreError> {
+    i64::try_from(uses).map_err(|_| StoreError::Corrupt {
+        what: format!("{what}: uses {uses} out of range"),
+    })
+}
+
+/// A spend's body hash as stored (exactly 32 bytes).
+pub(crate) fn decode_hash(what: &str, bytes: &[u8]) -> Result<[u8; 32], StoreError> {
+    <[u8; 32]>::try_from(bytes).map_err(|_| StoreError::Corrupt {
+        what: format!("{what}: body hash is {} bytes, not 32", bytes.len()),
+    })
+}
+
+/// The error for an `open_session` whose record names another challenge.
+pub(crate) fn challenge_mismatch(backend: &'static str, challenge_id: &str, session: &SessionRecord) -> StoreError {
+    StoreError::Backend {
+        backend,
+        reason: format!(
+            "session {} names challenge {}, not {challenge_id}",
+            session.id, session.challenge_id
+        ),
+    }
+}
+
+/// Puts sessions newest first (`issued_at` descending, then `id`),
+/// independent of the database's collation.
+pub(crate) fn sort_sessions(sessions: &mut [SessionRecord]) {
+    sessions.sort_by(|a, b| b.issued_at.cmp(&a.issued_at).then_with(|| a.id.cmp(&b.id)));
+}
+
+/// What `reserve_spend` decides from the locked session row and any
+/// existing spend row.
+pub(crate) enum SpendDecision {
+    /// Answer this without changing anything.
+    Answer(SpendOutcome),
+    /// Write the new remaining and uses, and insert the spend.
+    Reserve { remaining: u128, uses: u64 },
+}
+
+/// An existing `spends` row for the same request id, as read.
+pub(crate) struct RawSpend {
+    pub body_hash: Vec<u8>,
+    pub response: Option<Vec<u8>>,
+}
+
+/// The checks of `reserve_spend`, in the documented order, on the session
+/// row locked for update (or read under the writer lock).
+pub(crate) fn decide_spend(
+    r: &SpendRequest<'_>,
+    session: Option<SessionRecord>,
+    existing: Option<RawSpend>,
+) -> Result<SpendDecision, StoreError> {
+    let Some(session) = session else {
+        return Ok(SpendDecision::Answer(SpendOutcome::NotFound));
+    };
+    if let Some(spend) = existing {
+        let what = format!("spend {} of session {}", r.request_id, r.session_id);
+        let stored = decode_hash(&what, &spend.body_hash)?;
+        let outcome = if stored != r.body_hash {
+            SpendOutcome::BodyMismatch
+        } else {
+            match spend.response {
+                Some(response) => SpendOutcome::Replay { response },
+                None => SpendOutcome::InProgress,
+            }
+        };
+        return Ok(SpendDecision::Answer(outcome));
+    }
+    if session.revoked_at.is_some() {
+        return Ok(SpendDecision::Answer(SpendOutcome::Revoked));
+    }
+    if r.now >= session.expires_at {
+        return Ok(SpendDecision::Answer(SpendOutcome::Expired));
+    }
+    if r.amount > session.remaining {
+        return Ok(SpendDecision::Answer(SpendOutcome::Insufficient {
+            remaining: session.remaining,
+        }));
+    }
+    let uses = session.uses.checked_add(1).ok_or_else(|| StoreError::Corrupt {
+        what: format!("session {}: uses overflow", session.id),
+    })?;
+    Ok(SpendDecision::Reserve {
+        remaining: session.remaining - r.amount,
+        uses,
     })
 }

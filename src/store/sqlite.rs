@@ -11,11 +11,18 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
+};
 use sqlx::Row;
 use tokio::sync::Mutex;
 
-use super::{conflict_as, count, from_sqlx, grants, normalize, redact_url, AccountRecord, RawKey, Store, StoreError};
+use super::{
+    challenge_mismatch, conflict_as, count, decide_spend, decode_amount, encode_amount, encode_scopes, encode_uses,
+    from_sqlx, grants, normalize, redact_url, sort_sessions, AccountRecord, ChallengeRecord, OpenOutcome, RawChallenge,
+    RawKey, RawSession, RawSpend, SessionRecord, SpendDecision, SpendOutcome, SpendRequest, Store, StoreError,
+    CHALLENGE_COLUMNS, SESSION_COLUMNS,
+};
 
 const BACKEND: &str = "sqlite";
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -135,6 +142,55 @@ async fn prepare_file(path: &Path) -> Result<(), StoreError> {
         }
     }
     Ok(())
+}
+
+fn raw_challenge(row: &SqliteRow) -> Result<RawChallenge, StoreError> {
+    let err = |e| from_sqlx(BACKEND, e);
+    Ok(RawChallenge {
+        id: row.try_get("id").map_err(err)?,
+        account_id: row.try_get("account_id").map_err(err)?,
+        delegate: row.try_get("delegate").map_err(err)?,
+        scopes: row.try_get("scopes").map_err(err)?,
+        cap: row.try_get("cap").map_err(err)?,
+        nonce: row.try_get("nonce").map_err(err)?,
+        typed_data: row.try_get("typed_data").map_err(err)?,
+        issued_at: row.try_get("issued_at").map_err(err)?,
+        expires_at: row.try_get("expires_at").map_err(err)?,
+        consumed_at: row.try_get("consumed_at").map_err(err)?,
+    })
+}
+
+fn raw_session(row: &SqliteRow) -> Result<RawSession, StoreError> {
+    let err = |e| from_sqlx(BACKEND, e);
+    Ok(RawSession {
+        id: row.try_get("id").map_err(err)?,
+        account_id: row.try_get("account_id").map_err(err)?,
+        delegate: row.try_get("delegate").map_err(err)?,
+        scopes: row.try_get("scopes").map_err(err)?,
+        cap: row.try_get("cap").map_err(err)?,
+        remaining: row.try_get("remaining").map_err(err)?,
+        uses: row.try_get("uses").map_err(err)?,
+        issued_at: row.try_get("issued_at").map_err(err)?,
+        expires_at: row.try_get("expires_at").map_err(err)?,
+        challenge_id: row.try_get("challenge_id").map_err(err)?,
+        jti: row.try_get("jti").map_err(err)?,
+        revoked_at: row.try_get("revoked_at").map_err(err)?,
+        revoked_by: row.try_get("revoked_by").map_err(err)?,
+    })
+}
+
+/// Reads one session on `conn` (a transaction or the pool).
+async fn fetch_session<'e, E>(conn: E, id: &str) -> Result<Option<SessionRecord>, StoreError>
+where
+    E: sqlx::Executor<'e, Database = sqlx::Sqlite>,
+{
+    let sql = format!("SELECT {SESSION_COLUMNS} FROM sessions WHERE id = ?1");
+    let row = sqlx::query(&sql)
+        .bind(id)
+        .fetch_optional(conn)
+        .await
+        .map_err(|e| from_sqlx(BACKEND, e))?;
+    row.map(|row| raw_session(&row)?.decode()).transpose()
 }
 
 #[async_trait::async_trait]
@@ -262,6 +318,269 @@ impl Store for SqliteStore {
             .await
             .map_err(|e| from_sqlx(BACKEND, e))?;
         count(n)
+    }
+
+    async fn create_challenge(&self, c: &ChallengeRecord) -> Result<(), StoreError> {
+        let err = |e| from_sqlx(BACKEND, e);
+        let scopes = encode_scopes(BACKEND, &c.scopes)?;
+        let _writer = self.write.lock().await;
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await.map_err(err)?;
+        let inserted = sqlx::query(
+            "INSERT INTO challenges \
+             (id, account_id, delegate, scopes, cap, nonce, typed_data, issued_at, expires_at) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9) ON CONFLICT (id) DO NOTHING",
+        )
+        .bind(&c.id)
+        .bind(&c.account_id)
+        .bind(&c.delegate)
+        .bind(scopes)
+        .bind(encode_amount(c.cap))
+        .bind(&c.nonce[..])
+        .bind(&c.typed_data)
+        .bind(c.issued_at)
+        .bind(c.expires_at)
+        .execute(&mut *tx)
+        .await
+        .map_err(conflict_as(BACKEND, || format!("challenge {}", c.id)))?;
+        if inserted.rows_affected() == 0 {
+            return Err(StoreError::Conflict {
+                what: format!("challenge {}", c.id),
+            });
+        }
+        tx.commit().await.map_err(err)?;
+        Ok(())
+    }
+
+    async fn get_challenge(&self, id: &str) -> Result<Option<(ChallengeRecord, Option<i64>)>, StoreError> {
+        let sql = format!("SELECT {CHALLENGE_COLUMNS} FROM challenges WHERE id = ?1");
+        let row = sqlx::query(&sql)
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(|e| from_sqlx(BACKEND, e))?;
+        row.map(|row| raw_challenge(&row)?.decode()).transpose()
+    }
+
+    async fn open_session(
+        &self,
+        challenge_id: &str,
+        now: i64,
+        session: &SessionRecord,
+    ) -> Result<OpenOutcome, StoreError> {
+        let err = |e| from_sqlx(BACKEND, e);
+        if session.challenge_id != challenge_id {
+            return Err(challenge_mismatch(BACKEND, challenge_id, session));
+        }
+        let what = format!("session {}", session.id);
+        let scopes = encode_scopes(BACKEND, &session.scopes)?;
+        let uses = encode_uses(&what, session.uses)?;
+        let _writer = self.write.lock().await;
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await.map_err(err)?;
+        let row = sqlx::query("SELECT consumed_at, expires_at FROM challenges WHERE id = ?1")
+            .bind(challenge_id)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(err)?;
+        let refusal = match row {
+            None => Some(OpenOutcome::ChallengeNotFound),
+            Some(row) => {
+                let consumed_at: Option<i64> = row.try_get("consumed_at").map_err(err)?;
+                let expires_at: i64 = row.try_get("expires_at").map_err(err)?;
+                if consumed_at.is_some() {
+                    Some(OpenOutcome::ChallengeUsed)
+                } else if now >= expires_at {
+                    Some(OpenOutcome::ChallengeExpired)
+                } else {
+                    None
+                }
+            }
+        };
+        if let Some(outcome) = refusal {
+            tx.rollback().await.map_err(err)?;
+            return Ok(outcome);
+        }
+        sqlx::query("UPDATE challenges SET consumed_at = ?1 WHERE id = ?2")
+            .bind(now)
+            .bind(challenge_id)
+            .execute(&mut *tx)
+            .await
+            .map_err(err)?;
+        sqlx::query(
+            "INSERT INTO sessions \
+             (id, account_id, delegate, scopes, cap, remaining, uses, issued_at, expires_at, \
+              challenge_id, jti, revoked_at, revoked_by) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+        )
+        .bind(&session.id)
+        .bind(&session.account_id)
+        .bind(&session.delegate)
+        .bind(scopes)
+        .bind(encode_amount(session.cap))
+        .bind(encode_amount(session.remaining))
+        .bind(uses)
+        .bind(session.issued_at)
+        .bind(session.expires_at)
+        .bind(challenge_id)
+        .bind(&session.jti)
+        .bind(session.revoked_at)
+        .bind(&session.revoked_by)
+        .execute(&mut *tx)
+        .await
+        .map_err(conflict_as(BACKEND, || what.clone()))?;
+        tx.commit().await.map_err(err)?;
+        Ok(OpenOutcome::Opened)
+    }
+
+    async fn get_session(&self, id: &str) -> Result<Option<SessionRecord>, StoreError> {
+        fetch_session(&self.pool, id).await
+    }
+
+    async fn list_sessions(&self, account_id: &str) -> Result<Vec<SessionRecord>, StoreError> {
+        let sql = format!("SELECT {SESSION_COLUMNS} FROM sessions WHERE account_id = ?1 ORDER BY issued_at DESC, id");
+        let rows = sqlx::query(&sql)
+            .bind(account_id)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(|e| from_sqlx(BACKEND, e))?;
+        let mut sessions = rows
+            .iter()
+            .map(|row| raw_session(row)?.decode())
+            .collect::<Result<Vec<_>, _>>()?;
+        sort_sessions(&mut sessions);
+        Ok(sessions)
+    }
+
+    async fn revoke_session(&self, id: &str, by: &str, now: i64) -> Result<Option<SessionRecord>, StoreError> {
+        let err = |e| from_sqlx(BACKEND, e);
+        let _writer = self.write.lock().await;
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await.map_err(err)?;
+        sqlx::query("UPDATE sessions SET revoked_at = ?1, revoked_by = ?2 WHERE id = ?3 AND revoked_at IS NULL")
+            .bind(now)
+            .bind(by)
+            .bind(id)
+            .execute(&mut *tx)
+            .await
+            .map_err(err)?;
+        let session = fetch_session(&mut *tx, id).await?;
+        tx.commit().await.map_err(err)?;
+        Ok(session)
+    }
+
+    async fn reserve_spend(&self, r: &SpendRequest<'_>) -> Result<SpendOutcome, StoreError> {
+        let err = |e| from_sqlx(BACKEND, e);
+        let _writer = self.write.lock().await;
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await.map_err(err)?;
+        let session = fetch_session(&mut *tx, r.session_id).await?;
+        let existing = match session {
+            None => None,
+            Some(_) => sqlx::query("SELECT body_hash, response FROM spends WHERE session_id = ?1 AND request_id = ?2")
+                .bind(r.session_id)
+                .bind(r.request_id)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(err)?
+                .map(|row| -> Result<RawSpend, StoreError> {
+                    Ok(RawSpend {
+                        body_hash: row.try_get("body_hash").map_err(err)?,
+                        response: row.try_get("response").map_err(err)?,
+                    })
+                })
+                .transpose()?,
+        };
+        let (remaining, uses) = match decide_spend(r, session, existing)? {
+            SpendDecision::Answer(outcome) => {
+                tx.rollback().await.map_err(err)?;
+                return Ok(outcome);
+            }
+            SpendDecision::Reserve { remaining, uses } => (remaining, uses),
+        };
+        let what = format!("session {}", r.session_id);
+        let stored_uses = encode_uses(&what, uses)?;
+        sqlx::query("UPDATE sessions SET remaining = ?1, uses = ?2 WHERE id = ?3")
+            .bind(encode_amount(remaining))
+            .bind(stored_uses)
+            .bind(r.session_id)
+            .execute(&mut *tx)
+            .await
+            .map_err(err)?;
+        sqlx::query(
+            "INSERT INTO spends (session_id, request_id, body_hash, amount, nonce, created_at, response) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, NULL)",
+        )
+        .bind(r.session_id)
+        .bind(r.request_id)
+        .bind(&r.body_hash[..])
+        .bind(encode_amount(r.amount))
+        .bind(stored_uses)
+        .bind(r.now)
+        .execute(&mut *tx)
+        .await
+        .map_err(conflict_as(BACKEND, || {
+            format!("spend {} of session {}", r.request_id, r.session_id)
+        }))?;
+        tx.commit().await.map_err(err)?;
+        Ok(SpendOutcome::Reserved { remaining, nonce: uses })
+    }
+
+    async fn complete_spend(&self, session_id: &str, request_id: &str, response: &[u8]) -> Result<(), StoreError> {
+        let err = |e| from_sqlx(BACKEND, e);
+        let _writer = self.write.lock().await;
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await.map_err(err)?;
+        sqlx::query(
+            "UPDATE spends SET response = ?1 \
+             WHERE session_id = ?2 AND request_id = ?3 AND response IS NULL",
+        )
+        .bind(response)
+        .bind(session_id)
+        .bind(request_id)
+        .execute(&mut *tx)
+        .await
+        .map_err(err)?;
+        tx.commit().await.map_err(err)?;
+        Ok(())
+    }
+
+    async fn release_spend(&self, session_id: &str, request_id: &str) -> Result<(), StoreError> {
+        let err = |e| from_sqlx(BACKEND, e);
+        let _writer = self.write.lock().await;
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await.map_err(err)?;
+        let remaining: Option<String> = sqlx::query_scalar("SELECT remaining FROM sessions WHERE id = ?1")
+            .bind(session_id)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(err)?;
+        let pending: Option<String> = sqlx::query_scalar(
+            "SELECT amount FROM spends WHERE session_id = ?1 AND request_id = ?2 AND response IS NULL",
+        )
+        .bind(session_id)
+        .bind(request_id)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(err)?;
+        let (Some(remaining), Some(amount)) = (remaining, pending) else {
+            tx.rollback().await.map_err(err)?;
+            return Ok(());
+        };
+        let what = format!("session {session_id}");
+        let remaining = decode_amount(&what, "remaining", &remaining)?;
+        let amount = decode_amount(&format!("spend {request_id} of {what}"), "amount", &amount)?;
+        let restored = remaining.checked_add(amount).ok_or_else(|| StoreError::Corrupt {
+            what: format!("{what}: remaining {remaining} + released {amount} overflows"),
+        })?;
+        sqlx::query("DELETE FROM spends WHERE session_id = ?1 AND request_id = ?2")
+            .bind(session_id)
+            .bind(request_id)
+            .execute(&mut *tx)
+            .await
+            .map_err(err)?;
+        sqlx::query("UPDATE sessions SET remaining = ?1 WHERE id = ?2")
+            .bind(encode_amount(restored))
+            .bind(session_id)
+            .execute(&mut *tx)
+            .await
+            .map_err(err)?;
+        tx.commit().await.map_err(err)?;
+        Ok(())
     }
 
     async fn close(&self) {

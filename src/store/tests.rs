@@ -78,6 +78,35 @@ impl Fixture {
             c.close().await.unwrap();
         }
     }
+
+    /// Runs raw SQL (no binds) on the backend's own connection type,
+    /// bypassing the store.
+    async fn exec(&self, sql: &str) {
+        if self.backend == "sqlite" {
+            let mut c = sqlx::SqliteConnection::connect(&self.url).await.unwrap();
+            sqlx::raw_sql(sql).execute(&mut c).await.unwrap();
+            c.close().await.unwrap();
+        } else {
+            let mut c = sqlx::PgConnection::connect(&self.url).await.unwrap();
+            sqlx::raw_sql(sql).execute(&mut c).await.unwrap();
+            c.close().await.unwrap();
+        }
+    }
+
+    /// The `BIGINT` result of a raw query, bypassing the store.
+    async fn scalar(&self, sql: &str) -> i64 {
+        if self.backend == "sqlite" {
+            let mut c = sqlx::SqliteConnection::connect(&self.url).await.unwrap();
+            let n = sqlx::query_scalar(sql).fetch_one(&mut c).await.unwrap();
+            c.close().await.unwrap();
+            n
+        } else {
+            let mut c = sqlx::PgConnection::connect(&self.url).await.unwrap();
+            let n = sqlx::query_scalar(sql).fetch_one(&mut c).await.unwrap();
+            c.close().await.unwrap();
+            n
+        }
+    }
 }
 
 fn key(alg: KeyAlg, seed: u8, kek_version: u32) -> KeyRecord {
@@ -305,6 +334,509 @@ async fn corrupt_row(fx: &Fixture) {
     store.close().await;
 }
 
+// Delegated sessions.
+
+const T0: i64 = 1_763_900_000;
+
+fn challenge(id: &str, account_id: &str) -> ChallengeRecord {
+    ChallengeRecord {
+        id: id.to_string(),
+        account_id: account_id.to_string(),
+        delegate: "spiffe://example.org/agent «7»".into(),
+        // Deliberately unsorted: order is kept.
+        scopes: vec!["sign:tx".into(), "sign:message".into(), "admin:read".into()],
+        cap: u128::MAX,
+        nonce: std::array::from_fn(|i| (i as u8).wrapping_mul(37) ^ 0xff),
+        typed_data: r#"{"types":{"SessionGrant":[]},"message":{"cap":"340282366920938463463374607431768211455","note":"✓ \"quoted\""}}"#.into(),
+        issued_at: T0,
+        expires_at: T0 + 300,
+    }
+}
+
+fn session(id: &str, account_id: &str, challenge_id: &str, cap: u128) -> SessionRecord {
+    SessionRecord {
+        id: id.to_string(),
+        account_id: account_id.to_string(),
+        delegate: "spiffe://example.org/agent «7»".into(),
+        scopes: vec!["sign:tx".into(), "sign:message".into()],
+        cap,
+        remaining: cap,
+        uses: 0,
+        issued_at: T0 + 10,
+        expires_at: T0 + 3600,
+        challenge_id: challenge_id.to_string(),
+        jti: format!("jti-{id}"),
+        revoked_at: None,
+        revoked_by: None,
+    }
+}
+
+/// Creates account `acct` and a session `id` with `cap`, opened at `T0 + 10`.
+async fn open_new_session(store: &Arc<dyn Store>, acct: &str, id: &str, cap: u128) -> SessionRecord {
+    if store.get_account(acct).await.unwrap().is_none() {
+        store.create_account(&record(acct)).await.unwrap();
+    }
+    let ch = format!("ch-{id}");
+    store.create_challenge(&challenge(&ch, acct)).await.unwrap();
+    let s = session(id, acct, &ch, cap);
+    assert_eq!(store.open_session(&ch, T0 + 10, &s).await.unwrap(), OpenOutcome::Opened);
+    s
+}
+
+fn spend<'a>(session_id: &'a str, request_id: &'a str, body: u8, amount: u128) -> SpendRequest<'a> {
+    SpendRequest {
+        session_id,
+        request_id,
+        body_hash: [body; 32],
+        amount,
+        now: T0 + 100,
+    }
+}
+
+async fn challenge_round_trip(fx: &Fixture) {
+    let store = fx.open().await;
+    store.create_account(&record("acct")).await.unwrap();
+    let c = challenge("ch-1", "acct");
+    store.create_challenge(&c).await.unwrap();
+    assert_eq!(store.get_challenge("ch-1").await.unwrap(), Some((c.clone(), None)));
+    assert_eq!(store.get_challenge("ch-none").await.unwrap(), None);
+
+    let other = ChallengeRecord {
+        delegate: "impostor".into(),
+        cap: 0,
+        ..challenge("ch-1", "acct")
+    };
+    let err = store.create_challenge(&other).await.unwrap_err();
+    assert!(
+        matches!(&err, StoreError::Conflict { what } if what.contains("ch-1")),
+        "{err:?}"
+    );
+    assert_eq!(store.get_challenge("ch-1").await.unwrap(), Some((c, None)));
+
+    let small = ChallengeRecord {
+        cap: 0,
+        scopes: vec![],
+        nonce: [0; 32],
+        ..challenge("ch-2", "acct")
+    };
+    store.create_challenge(&small).await.unwrap();
+    assert_eq!(store.get_challenge("ch-2").await.unwrap(), Some((small, None)));
+
+    // The account must exist.
+    assert!(store
+        .create_challenge(&challenge("ch-3", "no-such-account"))
+        .await
+        .is_err());
+    assert_eq!(store.get_challenge("ch-3").await.unwrap(), None);
+    store.close().await;
+}
+
+async fn session_round_trip(fx: &Fixture) {
+    let store = fx.open().await;
+    store.create_account(&record("acct")).await.unwrap();
+    store.create_challenge(&challenge("ch-1", "acct")).await.unwrap();
+    let s = SessionRecord {
+        remaining: u128::MAX - 1,
+        uses: 3,
+        ..session("s-1", "acct", "ch-1", u128::MAX)
+    };
+    assert_eq!(
+        store.open_session("ch-1", T0 + 5, &s).await.unwrap(),
+        OpenOutcome::Opened
+    );
+    assert_eq!(store.get_session("s-1").await.unwrap(), Some(s.clone()));
+    assert_eq!(store.get_session("s-none").await.unwrap(), None);
+    let (_, consumed_at) = store.get_challenge("ch-1").await.unwrap().unwrap();
+    assert_eq!(consumed_at, Some(T0 + 5));
+    assert_eq!(store.list_sessions("acct").await.unwrap(), vec![s]);
+    store.close().await;
+}
+
+async fn open_outcomes(fx: &Fixture) {
+    let store = fx.open().await;
+    store.create_account(&record("acct")).await.unwrap();
+    store.create_challenge(&challenge("ch-1", "acct")).await.unwrap();
+    let first = session("s-1", "acct", "ch-1", 500);
+    assert_eq!(
+        store.open_session("ch-1", T0 + 1, &first).await.unwrap(),
+        OpenOutcome::Opened
+    );
+    let second = session("s-2", "acct", "ch-1", 500);
+    assert_eq!(
+        store.open_session("ch-1", T0 + 2, &second).await.unwrap(),
+        OpenOutcome::ChallengeUsed
+    );
+    assert_eq!(store.get_session("s-2").await.unwrap(), None);
+    assert_eq!(store.get_challenge("ch-1").await.unwrap().unwrap().1, Some(T0 + 1));
+
+    // Expired at exactly expires_at; nothing consumed.
+    store.create_challenge(&challenge("ch-old", "acct")).await.unwrap();
+    let late = session("s-late", "acct", "ch-old", 500);
+    assert_eq!(
+        store.open_session("ch-old", T0 + 300, &late).await.unwrap(),
+        OpenOutcome::ChallengeExpired
+    );
+    assert_eq!(store.get_challenge("ch-old").await.unwrap().unwrap().1, None);
+    assert_eq!(store.get_session("s-late").await.unwrap(), None);
+    // One second earlier it still opens.
+    assert_eq!(
+        store.open_session("ch-old", T0 + 299, &late).await.unwrap(),
+        OpenOutcome::Opened
+    );
+
+    let ghost = session("s-ghost", "acct", "ch-none", 500);
+    assert_eq!(
+        store.open_session("ch-none", T0, &ghost).await.unwrap(),
+        OpenOutcome::ChallengeNotFound
+    );
+    assert_eq!(store.get_session("s-ghost").await.unwrap(), None);
+
+    // A session id that exists already: Conflict, challenge not consumed.
+    store.create_challenge(&challenge("ch-3", "acct")).await.unwrap();
+    let dup = session("s-1", "acct", "ch-3", 1);
+    let err = store.open_session("ch-3", T0 + 3, &dup).await.unwrap_err();
+    assert!(matches!(err, StoreError::Conflict { .. }), "{err:?}");
+    assert_eq!(store.get_challenge("ch-3").await.unwrap().unwrap().1, None);
+    assert_eq!(store.get_session("s-1").await.unwrap(), Some(first));
+
+    // A record naming another challenge is refused and consumes nothing.
+    let wrong = session("s-wrong", "acct", "ch-1", 1);
+    assert!(store.open_session("ch-3", T0 + 3, &wrong).await.is_err());
+    assert_eq!(store.get_challenge("ch-3").await.unwrap().unwrap().1, None);
+    assert_eq!(store.list_sessions("acct").await.unwrap().len(), 2);
+    store.close().await;
+}
+
+async fn concurrent_opens(fx: &Fixture) {
+    let store = fx.open().await;
+    store.create_account(&record("acct")).await.unwrap();
+    store.create_challenge(&challenge("ch-race", "acct")).await.unwrap();
+    let tasks: Vec<_> = (0..20)
+        .map(|i| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let s = session(&format!("s-{i:02}"), "acct", "ch-race", 100);
+                store.open_session("ch-race", T0 + 1, &s).await.unwrap()
+            })
+        })
+        .collect();
+    let mut outcomes = Vec::new();
+    for t in tasks {
+        outcomes.push(t.await.unwrap());
+    }
+    let opened = outcomes.iter().filter(|o| **o == OpenOutcome::Opened).count();
+    let used = outcomes.iter().filter(|o| **o == OpenOutcome::ChallengeUsed).count();
+    assert_eq!((opened, used), (1, 19), "{outcomes:?}");
+    assert_eq!(store.list_sessions("acct").await.unwrap().len(), 1);
+    assert_eq!(fx.scalar("SELECT COUNT(*) FROM sessions").await, 1);
+    store.close().await;
+}
+
+async fn revoke_is_idempotent(fx: &Fixture) {
+    let store = fx.open().await;
+    let s = open_new_session(&store, "acct", "s-1", 100).await;
+    let after = store
+        .revoke_session("s-1", "spiffe://example.org/admin", T0 + 50)
+        .await
+        .unwrap();
+    let expected = SessionRecord {
+        revoked_at: Some(T0 + 50),
+        revoked_by: Some("spiffe://example.org/admin".into()),
+        ..s
+    };
+    assert_eq!(after, Some(expected.clone()));
+    let again = store.revoke_session("s-1", "someone-else", T0 + 60).await.unwrap();
+    assert_eq!(again, Some(expected.clone()));
+    assert_eq!(store.get_session("s-1").await.unwrap(), Some(expected));
+    assert_eq!(store.revoke_session("s-none", "x", T0).await.unwrap(), None);
+    assert_eq!(store.get_session("s-none").await.unwrap(), None);
+    store.close().await;
+}
+
+async fn list_newest_first(fx: &Fixture) {
+    let store = fx.open().await;
+    store.create_account(&record("acct")).await.unwrap();
+    store.create_account(&record("other")).await.unwrap();
+    assert_eq!(store.list_sessions("acct").await.unwrap(), vec![]);
+    for (id, acct, issued_at) in [
+        ("s-b", "acct", 7),
+        ("s-old", "acct", 3),
+        ("s-a", "acct", 7),
+        ("s-new", "acct", 9),
+        ("s-Z", "acct", 7),
+        ("s-x", "other", 8),
+    ] {
+        let ch = format!("ch-{id}");
+        store.create_challenge(&challenge(&ch, acct)).await.unwrap();
+        let s = SessionRecord {
+            issued_at: T0 + issued_at,
+            ..session(id, acct, &ch, 1)
+        };
+        assert_eq!(store.open_session(&ch, T0, &s).await.unwrap(), OpenOutcome::Opened);
+    }
+    let ids: Vec<String> = store
+        .list_sessions("acct")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|s| s.id)
+        .collect();
+    assert_eq!(ids, ["s-new", "s-Z", "s-a", "s-b", "s-old"]);
+    let other = store.list_sessions("other").await.unwrap();
+    assert_eq!(other.len(), 1);
+    assert_eq!(other[0].id, "s-x");
+    store.close().await;
+}
+
+async fn spend_lifecycle(fx: &Fixture) {
+    let store = fx.open().await;
+    open_new_session(&store, "acct", "s-1", 1000).await;
+    let remaining = |store: Arc<dyn Store>| async move {
+        let s = store.get_session("s-1").await.unwrap().unwrap();
+        (s.remaining, s.uses)
+    };
+
+    let r1 = spend("s-1", "req-1", 1, 100);
+    assert_eq!(
+        store.reserve_spend(&r1).await.unwrap(),
+        SpendOutcome::Reserved {
+            remaining: 900,
+            nonce: 1
+        }
+    );
+    assert_eq!(store.reserve_spend(&r1).await.unwrap(), SpendOutcome::InProgress);
+    assert_eq!(
+        store.reserve_spend(&spend("s-1", "req-1", 2, 100)).await.unwrap(),
+        SpendOutcome::BodyMismatch
+    );
+    let response: Vec<u8> = (0..=255u8).collect();
+    store.complete_spend("s-1", "req-1", &response).await.unwrap();
+    assert_eq!(
+        store.reserve_spend(&r1).await.unwrap(),
+        SpendOutcome::Replay {
+            response: response.clone()
+        }
+    );
+    // A second completion keeps the first response.
+    store.complete_spend("s-1", "req-1", b"other").await.unwrap();
+    // A replay answers even with another amount: the request id decides.
+    assert_eq!(
+        store.reserve_spend(&spend("s-1", "req-1", 1, 5)).await.unwrap(),
+        SpendOutcome::Replay { response }
+    );
+    assert_eq!(
+        store.reserve_spend(&spend("s-1", "req-1", 9, 100)).await.unwrap(),
+        SpendOutcome::BodyMismatch
+    );
+    assert_eq!(remaining(store.clone()).await, (900, 1));
+    // Releasing a completed or unknown spend changes nothing.
+    store.release_spend("s-1", "req-1").await.unwrap();
+    store.release_spend("s-1", "req-none").await.unwrap();
+    store.release_spend("s-none", "req-1").await.unwrap();
+    store.complete_spend("s-1", "req-none", b"x").await.unwrap();
+    assert_eq!(remaining(store.clone()).await, (900, 1));
+
+    // Release gives the amount back; the nonce is not reused.
+    let r2 = spend("s-1", "req-2", 2, 300);
+    assert_eq!(
+        store.reserve_spend(&r2).await.unwrap(),
+        SpendOutcome::Reserved {
+            remaining: 600,
+            nonce: 2
+        }
+    );
+    store.release_spend("s-1", "req-2").await.unwrap();
+    assert_eq!(remaining(store.clone()).await, (900, 2));
+    store.release_spend("s-1", "req-2").await.unwrap();
+    assert_eq!(remaining(store.clone()).await, (900, 2));
+    assert_eq!(
+        store.reserve_spend(&spend("s-1", "req-3", 3, 50)).await.unwrap(),
+        SpendOutcome::Reserved {
+            remaining: 850,
+            nonce: 3
+        }
+    );
+    // The released request id is free again.
+    assert_eq!(
+        store.reserve_spend(&r2).await.unwrap(),
+        SpendOutcome::Reserved {
+            remaining: 550,
+            nonce: 4
+        }
+    );
+    assert_eq!(remaining(store.clone()).await, (550, 4));
+    // The whole remainder, then nothing more; zero still fits.
+    assert_eq!(
+        store.reserve_spend(&spend("s-1", "req-4", 4, 550)).await.unwrap(),
+        SpendOutcome::Reserved { remaining: 0, nonce: 5 }
+    );
+    assert_eq!(
+        store.reserve_spend(&spend("s-1", "req-5", 5, 0)).await.unwrap(),
+        SpendOutcome::Reserved { remaining: 0, nonce: 6 }
+    );
+    assert_eq!(fx.scalar("SELECT COUNT(*) FROM spends").await, 5);
+    store.close().await;
+}
+
+async fn spend_refusals(fx: &Fixture) {
+    let store = fx.open().await;
+    let s = open_new_session(&store, "acct", "s-1", u128::MAX).await;
+    assert_eq!(
+        store.reserve_spend(&spend("s-none", "req-1", 1, 1)).await.unwrap(),
+        SpendOutcome::NotFound
+    );
+    // Big amounts survive the TEXT round trip.
+    assert_eq!(
+        store
+            .reserve_spend(&spend("s-1", "req-big", 1, u128::MAX - 10))
+            .await
+            .unwrap(),
+        SpendOutcome::Reserved {
+            remaining: 10,
+            nonce: 1
+        }
+    );
+    assert_eq!(
+        store.reserve_spend(&spend("s-1", "req-2", 2, 11)).await.unwrap(),
+        SpendOutcome::Insufficient { remaining: 10 }
+    );
+    let after = store.get_session("s-1").await.unwrap().unwrap();
+    assert_eq!((after.remaining, after.uses), (10, 1));
+    // An insufficient request left no row: the id is still free.
+    assert_eq!(
+        store.reserve_spend(&spend("s-1", "req-2", 2, 10)).await.unwrap(),
+        SpendOutcome::Reserved { remaining: 0, nonce: 2 }
+    );
+    store.release_spend("s-1", "req-big").await.unwrap();
+    assert_eq!(
+        store.get_session("s-1").await.unwrap().unwrap().remaining,
+        u128::MAX - 10
+    );
+
+    // Expired at exactly expires_at.
+    let late = SpendRequest {
+        now: s.expires_at,
+        ..spend("s-1", "req-late", 3, 1)
+    };
+    assert_eq!(store.reserve_spend(&late).await.unwrap(), SpendOutcome::Expired);
+    let in_time = SpendRequest {
+        request_id: "req-in-time",
+        now: s.expires_at - 1,
+        ..late.clone()
+    };
+    assert!(matches!(
+        store.reserve_spend(&in_time).await.unwrap(),
+        SpendOutcome::Reserved { nonce: 3, .. }
+    ));
+
+    store.complete_spend("s-1", "req-2", b"done").await.unwrap();
+    store.revoke_session("s-1", "admin", T0 + 200).await.unwrap();
+    assert_eq!(
+        store.reserve_spend(&spend("s-1", "req-4", 4, 1)).await.unwrap(),
+        SpendOutcome::Revoked
+    );
+    // Revoked comes before Expired.
+    assert_eq!(store.reserve_spend(&late).await.unwrap(), SpendOutcome::Revoked);
+    // An existing spend row answers first, even after revocation.
+    assert_eq!(
+        store.reserve_spend(&spend("s-1", "req-2", 2, 10)).await.unwrap(),
+        SpendOutcome::Replay {
+            response: b"done".to_vec()
+        }
+    );
+    assert_eq!(store.reserve_spend(&in_time).await.unwrap(), SpendOutcome::InProgress);
+    let after = store.get_session("s-1").await.unwrap().unwrap();
+    assert_eq!(after.uses, 3);
+    store.close().await;
+}
+
+async fn spend_cap_race(fx: &Fixture) {
+    let store = fx.open().await;
+    open_new_session(&store, "acct", "s-race", 1000).await;
+    let tasks: Vec<_> = (0..200)
+        .map(|i| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let request_id = format!("req-{i:03}");
+                let r = SpendRequest {
+                    body_hash: [i as u8; 32],
+                    ..spend("s-race", &request_id, 0, 7)
+                };
+                store.reserve_spend(&r).await.unwrap()
+            })
+        })
+        .collect();
+    let mut nonces = Vec::new();
+    let mut insufficient = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            SpendOutcome::Reserved { remaining, nonce } => {
+                assert!(remaining < 1000 && remaining % 7 == 1000 % 7, "{remaining}");
+                nonces.push(nonce);
+            }
+            SpendOutcome::Insufficient { remaining } => {
+                assert_eq!(remaining, 6);
+                insufficient += 1;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!((nonces.len(), insufficient), (142, 58));
+    nonces.sort_unstable();
+    assert_eq!(nonces, (1..=142).collect::<Vec<u64>>());
+    let s = store.get_session("s-race").await.unwrap().unwrap();
+    assert_eq!((s.remaining, s.uses), (1000 - 142 * 7, 142));
+    assert_eq!(
+        fx.scalar("SELECT COUNT(*) FROM spends WHERE session_id = 's-race'")
+            .await,
+        142
+    );
+    store.close().await;
+}
+
+async fn corrupt_session_rows(fx: &Fixture) {
+    let store = fx.open().await;
+    open_new_session(&store, "acct", "s-1", 100).await;
+    open_new_session(&store, "acct", "s-2", 100).await;
+    store.create_challenge(&challenge("ch-bad", "acct")).await.unwrap();
+    fx.exec("UPDATE sessions SET remaining = '12x' WHERE id = 's-1'").await;
+    fx.exec("UPDATE sessions SET scopes = 'not json' WHERE id = 's-2'")
+        .await;
+    let short_nonce = if fx.backend == "sqlite" {
+        "X'0102'"
+    } else {
+        "'\\x0102'::bytea"
+    };
+    fx.exec(&format!(
+        "UPDATE challenges SET nonce = {short_nonce} WHERE id = 'ch-bad'"
+    ))
+    .await;
+
+    let corrupt = |r: Result<_, StoreError>| matches!(r, Err(StoreError::Corrupt { .. }));
+    assert!(corrupt(store.get_session("s-1").await.map(|_| ())));
+    assert!(corrupt(store.get_session("s-2").await.map(|_| ())));
+    assert!(corrupt(store.list_sessions("acct").await.map(|_| ())));
+    assert!(corrupt(store.reserve_spend(&spend("s-1", "r", 1, 1)).await.map(|_| ())));
+    assert!(corrupt(store.get_challenge("ch-bad").await.map(|_| ())));
+    // The spend was not recorded; other rows still read.
+    assert_eq!(fx.scalar("SELECT COUNT(*) FROM spends").await, 0);
+    assert!(store.get_challenge("ch-s-1").await.unwrap().is_some());
+
+    // A pending spend whose amount is corrupt is not released.
+    fx.exec("UPDATE sessions SET remaining = '100', scopes = '[]'").await;
+    assert!(matches!(
+        store.reserve_spend(&spend("s-1", "r", 1, 1)).await.unwrap(),
+        SpendOutcome::Reserved {
+            remaining: 99,
+            nonce: 1
+        }
+    ));
+    fx.exec("UPDATE spends SET amount = '-1'").await;
+    assert!(corrupt(store.release_spend("s-1", "r").await));
+    assert_eq!(store.get_session("s-1").await.unwrap().unwrap().remaining, 99);
+    store.close().await;
+}
+
 /// Instantiates every case above for one backend.
 macro_rules! conformance_suite {
     ($backend:ident, $fixture:expr) => {
@@ -319,6 +851,16 @@ macro_rules! conformance_suite {
                 count,
                 reopen,
                 corrupt_row,
+                challenge_round_trip,
+                session_round_trip,
+                open_outcomes,
+                concurrent_opens,
+                revoke_is_idempotent,
+                list_newest_first,
+                spend_lifecycle,
+                spend_refusals,
+                spend_cap_race,
+                corrupt_session_rows,
             );
         }
     };
