@@ -129,8 +129,14 @@ mod tests {
         assert!(z.decide(gw, Action::ManageSessions, Some(&a)).is_ok());
         assert!(z.decide(gw, Action::RevokeSession, Some(&a)).is_err());
         assert!(z.decide(gw, Action::Sign, Some(&a)).is_err());
-        assert!(z.decide("spiffe://example.org/admin", Action::RevokeSession, Some(&a)).is_ok());
-        assert!(z.decide("spiffe://example.org/marketplace", Action::RevokeSession, Some(&a)).is_err());
-        assert!(z.decide("spiffe://example.org/other", Action::ManageSessions, Some(&a)).is_err());
+        assert!(z
+            .decide("spiffe://example.org/admin", Action::RevokeSession, Some(&a))
+            .is_ok());
+        assert!(z
+            .decide("spiffe://example.org/marketplace", Action::RevokeSession, Some(&a))
+            .is_err());
+        assert!(z
+            .decide("spiffe://example.org/other", Action::ManageSessions, Some(&a))
+            .is_err());
     }
 }

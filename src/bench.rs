@@ -22,8 +22,7 @@ use crate::api::pb::signing_service_client::SigningServiceClient;
 use crate::api::pb::signing_service_server::{SigningService, SigningServiceServer};
 use crate::api::pb::{
     CreateAccountRequest, SignMessageRequest, SignMessageResponse, SignPaymentRequest, SignPaymentResponse,
-    SignTypedDataRequest, SignTypedDataResponse,
-    SignatureAlgorithm,
+    SignTypedDataRequest, SignTypedDataResponse, SignatureAlgorithm,
 };
 use crate::cli::client::RpcError;
 use crate::cli::ClientOpts;
@@ -228,7 +227,9 @@ impl SigningService for Bare {
         }))
     }
     async fn sign_payment(&self, _: Request<SignPaymentRequest>) -> Result<Response<SignPaymentResponse>, Status> {
-        Err(Status::unimplemented("the bare baseline signs typed data and messages only"))
+        Err(Status::unimplemented(
+            "the bare baseline signs typed data and messages only",
+        ))
     }
     async fn sign_message(&self, r: Request<SignMessageRequest>) -> Result<Response<SignMessageResponse>, Status> {
         let sig = self.ed.sign(&r.into_inner().data);

@@ -13,14 +13,14 @@ use crate::api::pb::account_service_server::AccountServiceServer;
 use crate::api::pb::session_service_server::SessionServiceServer;
 use crate::api::pb::signing_service_server::SigningServiceServer;
 use crate::api::{AccountApi, Daemon, SessionApi, SigningApi};
-use crate::clock::{Clock, SystemClock};
-use crate::issuer::Issuer;
-use crate::session::{Domain, SessionSettings, Sessions};
 use crate::authz::Authz;
+use crate::clock::{Clock, SystemClock};
 use crate::config::{Config, ConfigError};
 use crate::hsm::{Hsm, HsmConfig, HsmError};
+use crate::issuer::Issuer;
 use crate::keys::KeyService;
 use crate::metrics::Metrics;
+use crate::session::{Domain, SessionSettings, Sessions};
 use crate::store::StoreError;
 use crate::tls::{ServerTls, TlsError, TlsPaths};
 

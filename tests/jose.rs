@@ -255,8 +255,6 @@ fn issuer_signing_recovers_after_pool_reinit() -> TestResult {
     Ok(())
 }
 
-}
-
 #[test]
 fn joserfc_verifies_hsm_issuer_tokens() -> TestResult {
     let (tok, hsm) = setup()?;

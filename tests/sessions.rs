@@ -36,7 +36,9 @@ impl Wallet {
         Address::from_public_key(self.0.verifying_key())
     }
     fn sign(&self, typed_data_json: &str) -> Vec<u8> {
-        let digest = TypedData::from_json_str(typed_data_json).expect("daemon typed data encodes").signing_hash();
+        let digest = TypedData::from_json_str(typed_data_json)
+            .expect("daemon typed data encodes")
+            .signing_hash();
         let (sig, recid) = self.0.sign_prehash_recoverable(&digest).expect("sign");
         let (sig, odd) = match sig.normalize_s() {
             Some(low) => (low, !recid.is_y_odd()),
@@ -121,11 +123,21 @@ impl Story {
     /// The story's default session: 0-100 per payment, one manifest, cap 1000, 30 minutes.
     async fn session(&self, cap: &str) -> (String, String) {
         let license = format!("license:manifest:{MANIFEST}");
-        let (id, typed) = self.challenge(&["payments:0-100", &license], cap, 1800).await.expect("challenge");
+        let (id, typed) = self
+            .challenge(&["payments:0-100", &license], cap, 1800)
+            .await
+            .expect("challenge");
         self.open(&id, self.wallet.sign(&typed)).await.expect("open")
     }
 
-    async fn pay(&self, profile: &str, token: &str, amount: &str, manifest: &str, request_id: &str) -> Result<keyward::api::pb::SignPaymentResponse, tonic::Status> {
+    async fn pay(
+        &self,
+        profile: &str,
+        token: &str,
+        amount: &str,
+        manifest: &str,
+        request_id: &str,
+    ) -> Result<keyward::api::pb::SignPaymentResponse, tonic::Status> {
         self.daemon
             .signing(&self.env, profile)
             .await
@@ -162,7 +174,10 @@ fn full_story_payment_within_bounds_then_revoke() {
     block_on(async {
         let st = Story::start(env).await;
         let (session_id, token) = st.session("1000").await;
-        let r = st.pay("marketplace", &token, "40", MANIFEST, "").await.expect("payment signed");
+        let r = st
+            .pay("marketplace", &token, "40", MANIFEST, "")
+            .await
+            .expect("payment signed");
         assert_eq!(r.remaining, "960");
         assert_eq!(r.nonce, 1);
         // The signature is the account's, over the Payment document returned.
@@ -170,11 +185,17 @@ fn full_story_payment_within_bounds_then_revoke() {
         assert_eq!(typed.primary_type(), "Payment");
         assert_eq!(typed.signing_hash().to_vec(), r.digest);
         let digest: [u8; 32] = r.digest.as_slice().try_into().expect("32");
-        assert_eq!(recover_address(&digest, &r.signature).expect("recovers").to_checksum(), st.eth_address);
+        assert_eq!(
+            recover_address(&digest, &r.signature).expect("recovers").to_checksum(),
+            st.eth_address
+        );
         if let Some(addr) = eth_account_recover(&r.typed_data_json, &format!("0x{}", hex::encode(&r.signature))) {
             assert_eq!(addr, st.eth_address);
         }
-        assert_eq!(st.remaining(&session_id).await, ("960".to_string(), 1, SessionState::Active as i32));
+        assert_eq!(
+            st.remaining(&session_id).await,
+            ("960".to_string(), 1, SessionState::Active as i32)
+        );
 
         let list = st
             .sessions("admin")
@@ -200,7 +221,10 @@ fn full_story_payment_within_bounds_then_revoke() {
             .expect("revoke")
             .into_inner();
         assert_eq!(revoked.state, SessionState::Revoked as i32);
-        let err = st.pay("marketplace", &token, "1", MANIFEST, "").await.expect_err("revoked");
+        let err = st
+            .pay("marketplace", &token, "1", MANIFEST, "")
+            .await
+            .expect_err("revoked");
         assert_eq!(err.code(), Code::FailedPrecondition, "{}", err.message());
         st.daemon.stop().await;
     });
@@ -212,10 +236,16 @@ fn opening_refusals_spend_nothing() {
     block_on(async {
         let st = Story::start(env).await;
         let license = format!("license:manifest:{MANIFEST}");
-        let (id, typed) = st.challenge(&["payments:0-100", &license], "1000", 1800).await.expect("challenge");
+        let (id, typed) = st
+            .challenge(&["payments:0-100", &license], "1000", 1800)
+            .await
+            .expect("challenge");
 
         // Another wallet's signature.
-        let err = st.open(&id, Wallet::new(7).sign(&typed)).await.expect_err("wrong signer");
+        let err = st
+            .open(&id, Wallet::new(7).sign(&typed))
+            .await
+            .expect_err("wrong signer");
         assert_eq!(err.code(), Code::PermissionDenied, "{}", err.message());
         // The controller's signature over altered typed data (a bigger cap).
         let altered = typed.replace("\"cap\":\"1000\"", "\"cap\":\"1000000\"");
@@ -242,7 +272,10 @@ fn opening_refusals_spend_nothing() {
         assert_eq!(err.code(), Code::FailedPrecondition, "{}", err.message());
 
         // An expired challenge (default TTL 300 s).
-        let (id, typed) = st.challenge(&["payments:0-100", &license], "1000", 1800).await.expect("challenge");
+        let (id, typed) = st
+            .challenge(&["payments:0-100", &license], "1000", 1800)
+            .await
+            .expect("challenge");
         st.clock.advance(301);
         let err = st.open(&id, st.wallet.sign(&typed)).await.expect_err("expired");
         assert_eq!(err.code(), Code::FailedPrecondition, "{}", err.message());
@@ -278,7 +311,12 @@ fn malformed_challenges_are_refused_up_front() {
             (vec!["payments:0-1"], "10", 10 * 86_400),
         ] {
             let err = st.challenge(&scopes, cap, ttl).await.expect_err("malformed");
-            assert_eq!(err.code(), Code::InvalidArgument, "{scopes:?} {cap} {ttl}: {}", err.message());
+            assert_eq!(
+                err.code(),
+                Code::InvalidArgument,
+                "{scopes:?} {cap} {ttl}: {}",
+                err.message()
+            );
         }
         // Identities not allowed on the account cannot ask for challenges.
         let err = st
@@ -305,8 +343,20 @@ fn scope_violations_are_refused_and_spend_nothing() {
         let st = Story::start(env).await;
         let (session_id, token) = st.session("150").await;
         let cases = [
-            ("marketplace", "101", MANIFEST, Code::PermissionDenied, "amount out of range"),
-            ("marketplace", "5", OTHER_MANIFEST, Code::PermissionDenied, "other manifest"),
+            (
+                "marketplace",
+                "101",
+                MANIFEST,
+                Code::PermissionDenied,
+                "amount out of range",
+            ),
+            (
+                "marketplace",
+                "5",
+                OTHER_MANIFEST,
+                Code::PermissionDenied,
+                "other manifest",
+            ),
             ("admin", "5", MANIFEST, Code::PermissionDenied, "other delegate"),
             ("marketplace", "5.5", MANIFEST, Code::InvalidArgument, "not an integer"),
         ];
@@ -316,15 +366,25 @@ fn scope_violations_are_refused_and_spend_nothing() {
         }
         assert_eq!(st.remaining(&session_id).await.0, "150", "refusals spent nothing");
         // Cap exhausted.
-        st.pay("marketplace", &token, "100", MANIFEST, "").await.expect("100 of 150");
-        let err = st.pay("marketplace", &token, "51", MANIFEST, "").await.expect_err("cap");
+        st.pay("marketplace", &token, "100", MANIFEST, "")
+            .await
+            .expect("100 of 150");
+        let err = st
+            .pay("marketplace", &token, "51", MANIFEST, "")
+            .await
+            .expect_err("cap");
         assert_eq!(err.code(), Code::ResourceExhausted, "{}", err.message());
-        st.pay("marketplace", &token, "50", MANIFEST, "").await.expect("exactly the rest");
+        st.pay("marketplace", &token, "50", MANIFEST, "")
+            .await
+            .expect("exactly the rest");
         assert_eq!(st.remaining(&session_id).await.0, "0");
         // Expired.
         let (_, token2) = st.session("1000").await;
         st.clock.advance(1801);
-        let err = st.pay("marketplace", &token2, "1", MANIFEST, "").await.expect_err("expired");
+        let err = st
+            .pay("marketplace", &token2, "1", MANIFEST, "")
+            .await
+            .expect_err("expired");
         assert_eq!(err.code(), Code::FailedPrecondition, "{}", err.message());
         st.daemon.stop().await;
     });
@@ -346,12 +406,23 @@ fn altered_tokens_are_unauthenticated() {
         let mut sig = b64.decode(parts[2]).expect("b64");
         sig[0] ^= 1;
         let forged_sig = format!("{}.{}.{}", parts[0], parts[1], b64.encode(sig));
-        let none_alg = format!("{}.{}.", b64.encode(r#"{"alg":"none","typ":"keyward-session+jwt"}"#), parts[1]);
-        for (what, t) in [("claims", forged_claims), ("signature", forged_sig), ("alg none", none_alg), ("garbage", "x.y.z".to_string())] {
+        let none_alg = format!(
+            "{}.{}.",
+            b64.encode(r#"{"alg":"none","typ":"keyward-session+jwt"}"#),
+            parts[1]
+        );
+        for (what, t) in [
+            ("claims", forged_claims),
+            ("signature", forged_sig),
+            ("alg none", none_alg),
+            ("garbage", "x.y.z".to_string()),
+        ] {
             let err = st.pay("marketplace", &t, "1", MANIFEST, "").await.expect_err(what);
             assert_eq!(err.code(), Code::Unauthenticated, "{what}: {}", err.message());
         }
-        st.pay("marketplace", &token, "1", MANIFEST, "").await.expect("the real token works");
+        st.pay("marketplace", &token, "1", MANIFEST, "")
+            .await
+            .expect("the real token works");
         st.daemon.stop().await;
     });
 }
@@ -362,11 +433,23 @@ fn idempotent_retry_returns_the_same_result_and_spends_once() {
     block_on(async {
         let st = Story::start(env).await;
         let (session_id, token) = st.session("1000").await;
-        let first = st.pay("marketplace", &token, "40", MANIFEST, "order-1").await.expect("first");
-        let again = st.pay("marketplace", &token, "40", MANIFEST, "order-1").await.expect("retry");
+        let first = st
+            .pay("marketplace", &token, "40", MANIFEST, "order-1")
+            .await
+            .expect("first");
+        let again = st
+            .pay("marketplace", &token, "40", MANIFEST, "order-1")
+            .await
+            .expect("retry");
         assert_eq!(first, again, "same response, byte for byte");
-        assert_eq!(st.remaining(&session_id).await, ("960".to_string(), 1, SessionState::Active as i32));
-        let err = st.pay("marketplace", &token, "41", MANIFEST, "order-1").await.expect_err("other body");
+        assert_eq!(
+            st.remaining(&session_id).await,
+            ("960".to_string(), 1, SessionState::Active as i32)
+        );
+        let err = st
+            .pay("marketplace", &token, "41", MANIFEST, "order-1")
+            .await
+            .expect_err("other body");
         assert_eq!(err.code(), Code::InvalidArgument, "{}", err.message());
         assert_eq!(st.remaining(&session_id).await.0, "960");
         st.daemon.stop().await;
@@ -374,7 +457,9 @@ fn idempotent_retry_returns_the_same_result_and_spends_once() {
 }
 
 fn cap_race(store: StoreKind) {
-    let Some(env) = Env::new(Custody::Host, store) else { return };
+    let Some(env) = Env::new(Custody::Host, store) else {
+        return;
+    };
     block_on(async {
         let st = Arc::new(Story::start(env).await);
         let (session_id, token) = st.session("1000").await;
@@ -412,7 +497,10 @@ fn cap_race(store: StoreKind) {
             }
         }
         assert_eq!((ok, exhausted), (142, 58), "floor(1000 / 7) succeed, never more");
-        assert_eq!(st.remaining(&session_id).await, ("6".to_string(), 142, SessionState::Active as i32));
+        assert_eq!(
+            st.remaining(&session_id).await,
+            ("6".to_string(), 142, SessionState::Active as i32)
+        );
     });
 }
 
@@ -461,7 +549,9 @@ fn controller_revokes_with_its_own_signature() {
             .await
             .expect_err("stranger");
         assert_eq!(err.code(), Code::PermissionDenied);
-        st.pay("marketplace", &token, "1", MANIFEST, "").await.expect("still active");
+        st.pay("marketplace", &token, "1", MANIFEST, "")
+            .await
+            .expect("still active");
         let r = c
             .revoke_session(RevokeSessionRequest {
                 session_id: session_id.clone(),
@@ -472,7 +562,10 @@ fn controller_revokes_with_its_own_signature() {
             .into_inner();
         assert_eq!(r.state, SessionState::Revoked as i32);
         assert!(r.revoked_by.starts_with("controller:"));
-        let err = st.pay("marketplace", &token, "1", MANIFEST, "").await.expect_err("revoked");
+        let err = st
+            .pay("marketplace", &token, "1", MANIFEST, "")
+            .await
+            .expect_err("revoked");
         assert_eq!(err.code(), Code::FailedPrecondition);
         st.daemon.stop().await;
     });
@@ -500,7 +593,10 @@ fn typed_data_inside_a_session_needs_a_domain_scope() {
             .expect("Mail's domain is covered")
             .into_inner();
         let digest: [u8; 32] = r.digest.as_slice().try_into().expect("32");
-        assert_eq!(recover_address(&digest, &r.signature).expect("recovers").to_checksum(), st.eth_address);
+        assert_eq!(
+            recover_address(&digest, &r.signature).expect("recovers").to_checksum(),
+            st.eth_address
+        );
         let other = MAIL.replace("\"chainId\": 1", "\"chainId\": 5");
         assert_ne!(other, MAIL);
         let err = signer

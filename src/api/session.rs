@@ -88,7 +88,10 @@ impl SessionService for SessionApi {
         .await
     }
 
-    async fn open_session(&self, request: Request<OpenSessionRequest>) -> Result<Response<OpenSessionResponse>, Status> {
+    async fn open_session(
+        &self,
+        request: Request<OpenSessionRequest>,
+    ) -> Result<Response<OpenSessionResponse>, Status> {
         let d = &self.0;
         d.handle("OpenSession", request, |identity, req| async move {
             if uuid::Uuid::parse_str(&req.challenge_id).is_err() {
@@ -121,7 +124,10 @@ impl SessionService for SessionApi {
         .await
     }
 
-    async fn list_sessions(&self, request: Request<ListSessionsRequest>) -> Result<Response<ListSessionsResponse>, Status> {
+    async fn list_sessions(
+        &self,
+        request: Request<ListSessionsRequest>,
+    ) -> Result<Response<ListSessionsResponse>, Status> {
         let d = &self.0;
         d.handle("ListSessions", request, |identity, req| async move {
             check_account_id(&req.account_id)?;

@@ -97,7 +97,10 @@ impl SigningService for SigningApi {
                 return Err(ApiError::invalid("account_id", "is not the session's account"));
             }
             scopes
-                .check_typed_data(typed.domain_chain_id().as_deref(), typed.domain_verifying_contract().as_deref())
+                .check_typed_data(
+                    typed.domain_chain_id().as_deref(),
+                    typed.domain_verifying_contract().as_deref(),
+                )
                 .map_err(crate::session::SessionError::from)?;
             let hash = body_hash("typed-data", &[session.id.as_bytes(), &digest]);
             let reserved = match d.sessions.begin_spend(&session, &req.request_id, hash, 0).await? {
@@ -167,7 +170,10 @@ impl SigningService for SigningApi {
         .await
     }
 
-    async fn sign_payment(&self, request: Request<SignPaymentRequest>) -> Result<Response<SignPaymentResponse>, Status> {
+    async fn sign_payment(
+        &self,
+        request: Request<SignPaymentRequest>,
+    ) -> Result<Response<SignPaymentResponse>, Status> {
         let d = &self.0;
         d.handle("SignPayment", request, |identity, req| async move {
             let amount = crate::session::parse_amount("amount", &req.amount)?;

@@ -150,4 +150,3 @@ pub fn prepare_bench(home: &Path, args: &crate::bench::BenchArgs) -> anyhow::Res
     }
     Ok(())
 }
-

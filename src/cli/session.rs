@@ -126,7 +126,9 @@ pub fn parse_ttl(s: &str) -> anyhow::Result<u64> {
         Some((i, 'd')) => (&s[..i], 86_400),
         _ => (s, 1),
     };
-    let n: u64 = num.parse().with_context(|| format!("--ttl {s:?}: expected e.g. 90s, 30m, 2h, 1d"))?;
+    let n: u64 = num
+        .parse()
+        .with_context(|| format!("--ttl {s:?}: expected e.g. 90s, 30m, 2h, 1d"))?;
     n.checked_mul(mult).context("--ttl is too large")
 }
 
@@ -255,7 +257,10 @@ pub async fn session(home: &Path, opts: &ClientOpts, cmd: SessionCmd) -> anyhow:
                 .map_err(RpcError)?
                 .into_inner();
             if opts.json {
-                println!("{}", json!({"sessions": r.sessions.iter().map(session_json).collect::<Vec<_>>()}));
+                println!(
+                    "{}",
+                    json!({"sessions": r.sessions.iter().map(session_json).collect::<Vec<_>>()})
+                );
             } else {
                 for s in &r.sessions {
                     println!(
@@ -342,7 +347,9 @@ pub fn wallet(opts: &ClientOpts, cmd: WalletCmd) -> anyhow::Result<()> {
             );
         }
         WalletCmd::SignTypedData { key, file } => {
-            let text = zeroize::Zeroizing::new(std::fs::read_to_string(&key).with_context(|| format!("reading {}", key.display()))?);
+            let text = zeroize::Zeroizing::new(
+                std::fs::read_to_string(&key).with_context(|| format!("reading {}", key.display()))?,
+            );
             let bytes = zeroize::Zeroizing::new(hex::decode(text.trim()).context("key file is not hex")?);
             let sk = k256::ecdsa::SigningKey::from_slice(&bytes).context("not a secp256k1 private key")?;
             let doc = if file.as_os_str() == "-" {
@@ -352,7 +359,11 @@ pub fn wallet(opts: &ClientOpts, cmd: WalletCmd) -> anyhow::Result<()> {
             };
             // Accept either the document itself or `{"typed_data": ...}` as `session challenge --json` prints it.
             let value: Value = serde_json::from_str(&doc).context("not JSON")?;
-            let value = if value.get("typed_data").is_some() { value["typed_data"].clone() } else { value };
+            let value = if value.get("typed_data").is_some() {
+                value["typed_data"].clone()
+            } else {
+                value
+            };
             let typed = TypedData::from_value(&value).map_err(|e| anyhow::anyhow!("typed data: {e}"))?;
             let digest = typed.signing_hash();
             let (sig, recid) = sk.sign_prehash_recoverable(&digest).context("signing")?;

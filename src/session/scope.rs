@@ -65,7 +65,9 @@ impl Scope {
             reason,
         };
         if let Some(rest) = s.strip_prefix("payments:") {
-            let (a, b) = rest.split_once('-').ok_or_else(|| err("expected payments:<min>-<max>"))?;
+            let (a, b) = rest
+                .split_once('-')
+                .ok_or_else(|| err("expected payments:<min>-<max>"))?;
             let min = parse_u128(a).ok_or_else(|| err("min is not a canonical unsigned integer"))?;
             let max = parse_u128(b).ok_or_else(|| err("max is not a canonical unsigned integer"))?;
             if min > max {
@@ -88,7 +90,8 @@ impl Scope {
             let chain_id = parse_u128(chain)
                 .and_then(|c| u64::try_from(c).ok())
                 .ok_or_else(|| err("chainId is not a canonical u64"))?;
-            let verifying_contract = Address::parse(contract).map_err(|_| err("verifyingContract is not an address"))?;
+            let verifying_contract =
+                Address::parse(contract).map_err(|_| err("verifyingContract is not an address"))?;
             return Ok(Scope::TypedData {
                 chain_id,
                 verifying_contract,
@@ -105,7 +108,9 @@ impl Scope {
             }
             return Ok(Scope::Attest(rest.to_string()));
         }
-        Err(err("unknown scope kind (payments, license:manifest, typed-data, attest)"))
+        Err(err(
+            "unknown scope kind (payments, license:manifest, typed-data, attest)",
+        ))
     }
 }
 
@@ -117,11 +122,7 @@ impl fmt::Display for Scope {
             Scope::TypedData {
                 chain_id,
                 verifying_contract,
-            } => write!(
-                f,
-                "typed-data:{chain_id}:0x{}",
-                hex::encode(verifying_contract.0)
-            ),
+            } => write!(f, "typed-data:{chain_id}:0x{}", hex::encode(verifying_contract.0)),
             Scope::Attest(d) => write!(f, "attest:{d}"),
         }
     }
@@ -142,7 +143,9 @@ pub enum ScopeDenied {
     #[error("manifest {0} is not covered by a license:manifest scope of the session")]
     Manifest(String),
     /// No typed-data scope names the domain.
-    #[error("EIP-712 domain (chainId {chain_id:?}, verifyingContract {contract:?}) is not covered by a typed-data scope")]
+    #[error(
+        "EIP-712 domain (chainId {chain_id:?}, verifyingContract {contract:?}) is not covered by a typed-data scope"
+    )]
     Domain {
         /// The document's chainId.
         chain_id: Option<String>,
@@ -289,7 +292,10 @@ mod tests {
         assert!(scopes.check_payment(0, &m).is_ok());
         assert!(scopes.check_payment(100, &m).is_ok());
         assert_eq!(scopes.check_payment(101, &m), Err(ScopeDenied::Amount(101)));
-        assert!(matches!(scopes.check_payment(5, &[0u8; 32]), Err(ScopeDenied::Manifest(_))));
+        assert!(matches!(
+            scopes.check_payment(5, &[0u8; 32]),
+            Err(ScopeDenied::Manifest(_))
+        ));
         // No manifest scope at all: payments are not covered.
         let no_manifest = Scopes::parse(&["payments:0-100"]).expect("valid");
         assert!(no_manifest.check_payment(5, &m).is_err());

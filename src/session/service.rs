@@ -95,7 +95,12 @@ pub fn parse_amount(field: &'static str, s: &str) -> Result<u128, SessionError> 
 
 impl Sessions {
     /// Wires the service.
-    pub fn new(store: Arc<dyn Store>, issuer: Arc<Issuer>, clock: Arc<dyn Clock>, settings: SessionSettings) -> Sessions {
+    pub fn new(
+        store: Arc<dyn Store>,
+        issuer: Arc<Issuer>,
+        clock: Arc<dyn Clock>,
+        settings: SessionSettings,
+    ) -> Sessions {
         Sessions {
             store,
             issuer,
@@ -179,7 +184,8 @@ impl Sessions {
         if now >= challenge.expires_at {
             return Err(SessionError::ChallengeExpired(challenge_id.to_string()));
         }
-        let typed = TypedData::from_json_str(&challenge.typed_data).map_err(|_| SessionError::Internal("stored challenge"))?;
+        let typed =
+            TypedData::from_json_str(&challenge.typed_data).map_err(|_| SessionError::Internal("stored challenge"))?;
         let doc: Value =
             serde_json::from_str(&challenge.typed_data).map_err(|_| SessionError::Internal("stored challenge"))?;
         let controller = doc["message"]["controller"]
@@ -276,8 +282,8 @@ impl Sessions {
         if signature.len() != 65 {
             return Err(invalid("controller_signature", "expected 65 bytes r || s || v"));
         }
-        let signer =
-            recover_address(&typed.signing_hash(), signature).map_err(|e| invalid("controller_signature", e.to_string()))?;
+        let signer = recover_address(&typed.signing_hash(), signature)
+            .map_err(|e| invalid("controller_signature", e.to_string()))?;
         if signer != controller {
             return Err(SessionError::WrongSigner {
                 expected: controller.to_checksum(),
@@ -384,7 +390,12 @@ impl Sessions {
     }
 
     /// Records the response of a reserved request.
-    pub async fn complete_spend(&self, session_id: &str, request_id: &str, response: &[u8]) -> Result<(), SessionError> {
+    pub async fn complete_spend(
+        &self,
+        session_id: &str,
+        request_id: &str,
+        response: &[u8],
+    ) -> Result<(), SessionError> {
         Ok(self.store.complete_spend(session_id, request_id, response).await?)
     }
 

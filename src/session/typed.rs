@@ -211,7 +211,10 @@ mod tests {
             );
             let t = TypedData::from_value(&g).expect("grant encodes");
             assert_eq!(t.primary_type(), "SessionGrant");
-            assert_eq!(t.domain_chain_id().as_deref(), Some(domain.chain_id.to_string().as_str()));
+            assert_eq!(
+                t.domain_chain_id().as_deref(),
+                Some(domain.chain_id.to_string().as_str())
+            );
             TypedData::from_value(&session_revocation(&domain, "s", "acc", a)).expect("revocation encodes");
             let p = payment(
                 &domain,

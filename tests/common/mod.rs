@@ -115,7 +115,8 @@ wallet_gateways = ["spiffe://example.org/wallet-gateway"]
 
     /// Starts an in-process daemon.
     pub async fn start(&self) -> Daemon {
-        self.start_with_clock(std::sync::Arc::new(keyward::clock::SystemClock)).await
+        self.start_with_clock(std::sync::Arc::new(keyward::clock::SystemClock))
+            .await
     }
 
     /// Starts an in-process daemon whose time the test drives.
@@ -291,6 +292,7 @@ pub fn joserfc_verify(jwks_path: &Path, token: &str) -> Option<serde_json::Value
         }
         Err(e) => panic!("cannot run python3: {e}"),
     }
+}
 
 /// As `joserfc_verify`, with the JWKS given as JSON text.
 pub fn jose_verify(jwks_json: &str, token: &str) -> Option<serde_json::Value> {
