@@ -487,6 +487,26 @@ fn sighup_reloads_server_certificate_and_keeps_last_good_one() {
     assert_eq!(status.code(), Some(0), "graceful exit on SIGTERM: {status:?}");
 }
 
+/// Signals sent the moment the daemon says "ready" are handled (reload,
+/// graceful stop), not fatal: the handlers exist before readiness.
+#[test]
+fn signals_right_after_ready_are_handled() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let home = dir.path().join("home");
+    // The window was narrow (between "ready" and the first poll of the
+    // shutdown future); several rounds make hitting it likely.
+    for round in 0..12 {
+        let mut dev = DevProcess::start(&home);
+        dev.signal("-HUP");
+        let status = dev.sigterm();
+        assert_eq!(
+            status.code(),
+            Some(0),
+            "round {round}: SIGHUP then SIGTERM right after ready: {status:?}"
+        );
+    }
+}
+
 // ---------------------------------------------------------------------------
 // 2. Client CA reload on SIGHUP.
 
