@@ -38,24 +38,32 @@ fn run_blocking<F: std::future::Future<Output = anyhow::Result<()>>>(f: F) -> an
     rt.block_on(f)
 }
 
-async fn shutdown_signal(tls: std::sync::Arc<crate::tls::ServerTls>) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (mut term, mut int, mut hup) = match (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::hangup()),
-    ) {
-        (Ok(t), Ok(i), Ok(h)) => (t, i, h),
-        _ => {
-            tracing::error!("cannot install signal handlers; stop with SIGKILL");
-            return std::future::pending().await;
-        }
-    };
+/// SIGTERM, SIGINT and SIGHUP streams. Installed before the daemon announces
+/// readiness: until then the default action (terminate) would apply, so a
+/// supervisor's SIGTERM or SIGHUP sent right after "ready" killed the process.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> anyhow::Result<Signals> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Signals {
+            term: signal(SignalKind::terminate()).context("cannot install the SIGTERM handler")?,
+            int: signal(SignalKind::interrupt()).context("cannot install the SIGINT handler")?,
+            hup: signal(SignalKind::hangup()).context("cannot install the SIGHUP handler")?,
+        })
+    }
+}
+
+async fn shutdown_signal(mut signals: Signals, tls: std::sync::Arc<crate::tls::ServerTls>) {
     loop {
         tokio::select! {
-            _ = term.recv() => return,
-            _ = int.recv() => return,
-            _ = hup.recv() => match tls.reload() {
+            _ = signals.term.recv() => return,
+            _ = signals.int.recv() => return,
+            _ = signals.hup.recv() => match tls.reload() {
                 Ok(()) => tracing::info!("SIGHUP: certificates reloaded"),
                 Err(e) => tracing::error!(error = %e, "SIGHUP: certificate reload failed; keeping the old ones"),
             },
@@ -70,6 +78,7 @@ async fn run(config: Config, on_bound: impl FnOnce(Endpoints) -> anyhow::Result<
         grpc: grpc.local_addr().context("gRPC listener address")?,
         https: https.local_addr().context("HTTPS listener address")?,
     };
+    let signals = Signals::install()?;
     on_bound(endpoints)?;
     tracing::info!(
         grpc = %endpoints.grpc,
@@ -79,7 +88,7 @@ async fn run(config: Config, on_bound: impl FnOnce(Endpoints) -> anyhow::Result<
         "serving"
     );
     let tls = running.tls.clone();
-    server::serve(running, grpc, https, shutdown_signal(tls)).await?;
+    server::serve(running, grpc, https, shutdown_signal(signals, tls)).await?;
     Ok(())
 }
 
