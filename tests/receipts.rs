@@ -566,3 +566,86 @@ fn keyward_verify_accepts_real_and_rejects_forgeries() {
         st.daemon.stop().await;
     });
 }
+
+#[test]
+fn keyward_sign_receipt_and_attestation_cli() {
+    let env = Env::new(Custody::Host, StoreKind::Sqlite).expect("env");
+    block_on(async {
+        let st = Story::start(env).await;
+        let files = st.env.client_files("admin");
+        let run = |args: &[&str]| -> serde_json::Value {
+            let out = Command::new(env!("CARGO_BIN_EXE_keyward"))
+                .arg("--endpoint")
+                .arg(&st.daemon.grpc)
+                .arg("--ca")
+                .arg(&files.ca)
+                .arg("--cert")
+                .arg(files.cert.as_ref().expect("cert"))
+                .arg("--key")
+                .arg(files.key.as_ref().expect("key"))
+                .arg("--json")
+                .args(args)
+                .env("RUST_LOG", "warn")
+                .output()
+                .expect("run keyward");
+            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+            serde_json::from_slice(&out.stdout).expect("one JSON object")
+        };
+        let acct = st.account_id.clone();
+        let base = [
+            "sign",
+            "receipt",
+            "--account",
+            &acct,
+            "--buyer",
+            BUYER,
+            "--amount",
+            "40",
+            "--currency",
+            "USDC",
+            "--manifest",
+            MANIFEST,
+            "--license",
+            "lic-7",
+        ];
+        let r1 = run(&[&base[..], &["--request-id", "cli-1"]].concat());
+        let r2 = run(&[&base[..], &["--request-id", "cli-1"]].concat());
+        let r3 = run(&base);
+        assert_eq!(r1, r2, "idempotent retry");
+        assert!(r3["audit_seq"].as_u64() > r1["audit_seq"].as_u64());
+        let receipt = r1["receipt"].as_str().expect("receipt");
+        let claims = st
+            .daemon
+            .state
+            .sessions
+            .issuer()
+            .verify(receipt)
+            .expect("verifies")
+            .claims;
+        assert_eq!(claims["receipt_id"], r1["receipt_id"]);
+        let a = run(&[
+            "sign",
+            "attestation",
+            "--account",
+            &acct,
+            "--alg",
+            "secp256k1",
+            "--dataset",
+            "ds-9",
+            "--contribution-hash",
+            &format!("sha256:{MANIFEST}"),
+            "--license",
+            "MIT",
+            "--purpose",
+            "fine-tuning",
+        ]);
+        assert_eq!(header(a["attestation"].as_str().expect("jws"))["kid"], a["kid"]);
+        let (code, out, err) = verify_cmd(
+            a["attestation"].as_str().expect("jws"),
+            &st.account_url(&acct),
+            Some(&st.env.pki.ca_cert),
+        );
+        assert_eq!(code, 0, "{out} {err}");
+        st.daemon.stop().await;
+    });
+}

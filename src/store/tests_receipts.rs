@@ -79,6 +79,46 @@ async fn suite(store: Arc<dyn Store>) {
         panic!("not recorded")
     };
     assert!(rec.seq > last);
+    // Concurrent: distinct requests get distinct seqs; one request id, one receipt.
+    let mut tasks = Vec::new();
+    for i in 0..8u8 {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            let rid = format!("c{i}");
+            let req = if i % 2 == 0 {
+                "same".to_string()
+            } else {
+                format!("own{i}")
+            };
+            let slow: ReceiptSigner = Box::new(|seq| {
+                Box::pin(async move {
+                    tokio::time::sleep(std::time::Duration::from_millis(30)).await;
+                    Ok(format!("jws.{seq}"))
+                })
+            });
+            store.record_receipt(&new(&rid, &req, 7), slow).await.unwrap()
+        }));
+    }
+    let mut recorded = Vec::new();
+    let mut same = Vec::new();
+    for (i, t) in tasks.into_iter().enumerate() {
+        match t.await.unwrap() {
+            ReceiptOutcome::Recorded(r) => {
+                if i % 2 == 0 {
+                    same.push(r.seq);
+                }
+                recorded.push(r.seq);
+            }
+            ReceiptOutcome::Replay(r) => same.push(r.seq),
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(recorded.len(), 5, "four own requests and one of the shared id");
+    let mut dedup = recorded.clone();
+    dedup.sort_unstable();
+    dedup.dedup();
+    assert_eq!(dedup.len(), recorded.len(), "distinct seqs");
+    assert!(same.iter().all(|s| *s == same[0]), "{same:?}");
     // Unknown account: refused by the foreign key, nothing returned.
     let mut orphan = new("r10", "q10", 1);
     orphan.account_id = "nope";
