@@ -231,6 +231,22 @@ impl SigningService for Bare {
             "the bare baseline signs typed data and messages only",
         ))
     }
+    async fn sign_receipt(
+        &self,
+        _: Request<crate::api::pb::SignReceiptRequest>,
+    ) -> Result<Response<crate::api::pb::SignReceiptResponse>, Status> {
+        Err(Status::unimplemented(
+            "the bare baseline signs typed data and messages only",
+        ))
+    }
+    async fn sign_attestation(
+        &self,
+        _: Request<crate::api::pb::SignAttestationRequest>,
+    ) -> Result<Response<crate::api::pb::SignAttestationResponse>, Status> {
+        Err(Status::unimplemented(
+            "the bare baseline signs typed data and messages only",
+        ))
+    }
     async fn sign_message(&self, r: Request<SignMessageRequest>) -> Result<Response<SignMessageResponse>, Status> {
         let sig = self.ed.sign(&r.into_inner().data);
         Ok(Response::new(SignMessageResponse {

@@ -16,6 +16,7 @@ use crate::api::Daemon;
 use crate::tls::ServerTls;
 
 fn router(daemon: Arc<Daemon>, tls: Arc<ServerTls>) -> Router {
+    let account_daemon = daemon.clone();
     Router::new()
         .route(
             "/metrics",
@@ -38,6 +39,67 @@ fn router(daemon: Arc<Daemon>, tls: Arc<ServerTls>) -> Router {
             }),
         )
         .route("/healthz", get(|| async { "ok\n" }))
+        .route("/v1/accounts/{id}/jwks.json", account_jwks_route(account_daemon))
+}
+
+/// `GET /v1/accounts/{id}/jwks.json` (issue 5): an account's public keys
+/// (Ed25519 alg EdDSA, secp256k1 alg ES256K, kid = RFC 7638 thumbprint), for
+/// verifiers of its attestations. Public; 404 for unknown or malformed ids.
+fn account_jwks_route(daemon: Arc<Daemon>) -> axum::routing::MethodRouter {
+    get(move |axum::extract::Path(id): axum::extract::Path<String>| {
+        let d = daemon.clone();
+        async move {
+            use http::{header, StatusCode};
+            let not_found = (
+                StatusCode::NOT_FOUND,
+                [
+                    (header::CACHE_CONTROL, "no-store"),
+                    (header::CONTENT_TYPE, "text/plain"),
+                ],
+                "not found\n".to_string(),
+            );
+            if uuid::Uuid::try_parse(&id).is_err() {
+                return not_found;
+            }
+            let record = match d.keys.record(&id).await {
+                Ok(r) => r,
+                Err(crate::keys::KeyError::AccountNotFound(_)) => return not_found,
+                Err(e) => {
+                    tracing::warn!(error = %e, "account JWKS: store failed");
+                    return (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        [
+                            (header::CACHE_CONTROL, "no-store"),
+                            (header::CONTENT_TYPE, "text/plain"),
+                        ],
+                        "unavailable\n".to_string(),
+                    );
+                }
+            };
+            match crate::receipt::AccountPublic::of(&record, d.sessions.domain().chain_id)
+                .ok()
+                .and_then(|p| serde_json::to_string(&p.jwks()).ok())
+            {
+                // Account keys never change under an id: safe to cache.
+                Some(body) => (
+                    StatusCode::OK,
+                    [
+                        (header::CACHE_CONTROL, "public, max-age=3600"),
+                        (header::CONTENT_TYPE, "application/jwk-set+json"),
+                    ],
+                    body,
+                ),
+                None => (
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    [
+                        (header::CACHE_CONTROL, "no-store"),
+                        (header::CONTENT_TYPE, "text/plain"),
+                    ],
+                    "internal error\n".to_string(),
+                ),
+            }
+        }
+    })
 }
 
 /// Serves the side port until `stop` turns true.

@@ -22,6 +22,7 @@ pub mod http;
 pub mod issuer;
 pub mod keys;
 pub mod metrics;
+pub mod receipt;
 pub mod server;
 pub mod session;
 pub mod store;

@@ -3,7 +3,7 @@
 use tonic::{Request, Response, Status};
 
 use super::pb::account_service_server::AccountService;
-use super::pb::{Account, CreateAccountRequest, GetAccountRequest};
+use super::pb::{Account, CreateAccountRequest, GetAccountJwksRequest, GetAccountJwksResponse, GetAccountRequest};
 use super::{AccountApi, ApiError};
 use crate::authz::Action;
 use crate::crypto::eth::Address;
@@ -98,6 +98,28 @@ impl AccountService for AccountApi {
             let record = d.keys.record(&req.account_id).await?;
             d.authz.decide(&identity, Action::ShowAccount, Some(&record))?;
             to_proto(&record)
+        })
+        .await
+    }
+
+    // ----- issue 5: per-account public keys -----------------------------------
+
+    async fn get_account_jwks(
+        &self,
+        request: Request<GetAccountJwksRequest>,
+    ) -> Result<Response<GetAccountJwksResponse>, Status> {
+        let d = &self.0;
+        d.handle("GetAccountJwks", request, |_identity, req| async move {
+            // Public information (also served without a client certificate).
+            check_account_id(&req.account_id)?;
+            let record = d.keys.record(&req.account_id).await?;
+            let public = crate::receipt::AccountPublic::of(&record, d.sessions.domain().chain_id)?;
+            Ok(GetAccountJwksResponse {
+                jwks_json: serde_json::to_string(&public.jwks())
+                    .map_err(|_| ApiError::Internal("JWKS does not encode"))?,
+                did_key: public.did_key,
+                did_pkh: public.did_pkh,
+            })
         })
         .await
     }

@@ -5,8 +5,9 @@ use tonic::{Request, Response, Status};
 use super::account::check_account_id;
 use super::pb::signing_service_server::SigningService;
 use super::pb::{
-    SignMessageRequest, SignMessageResponse, SignPaymentRequest, SignPaymentResponse, SignTypedDataRequest,
-    SignTypedDataResponse, SignatureAlgorithm,
+    SignAttestationRequest, SignAttestationResponse, SignMessageRequest, SignMessageResponse, SignPaymentRequest,
+    SignPaymentResponse, SignReceiptRequest, SignReceiptResponse, SignTypedDataRequest, SignTypedDataResponse,
+    SignatureAlgorithm,
 };
 use super::{ApiError, SigningApi, MAX_MESSAGE_BYTES, MAX_TYPED_DATA_BYTES};
 use crate::authz::Action;
@@ -253,5 +254,215 @@ impl SigningService for SigningApi {
             }
         })
         .await
+    }
+
+    // ----- issue 5: receipts and attestations -------------------------------
+
+    async fn sign_receipt(
+        &self,
+        request: Request<SignReceiptRequest>,
+    ) -> Result<Response<SignReceiptResponse>, Status> {
+        let d = &self.0;
+        d.handle("SignReceipt", request, |identity, req| {
+            receipts::sign_receipt(d, identity, req)
+        })
+        .await
+    }
+
+    async fn sign_attestation(
+        &self,
+        request: Request<SignAttestationRequest>,
+    ) -> Result<Response<SignAttestationResponse>, Status> {
+        let d = &self.0;
+        d.handle("SignAttestation", request, |identity, req| {
+            receipts::sign_attestation(d, identity, req)
+        })
+        .await
+    }
+}
+
+/// Receipts and attestations (issue 5): validation, authorization, signing.
+mod receipts {
+    use std::sync::Arc;
+
+    use super::super::pb::{SignAttestationRequest, SignAttestationResponse, SignReceiptRequest, SignReceiptResponse};
+    use super::super::{ApiError, Daemon};
+    use super::{body_hash, check_currency, check_license, parse_manifest};
+    use crate::authz::Action;
+    use crate::crypto::jws::JwsAlg;
+    use crate::hsm::IssuerAlg;
+    use crate::receipt::{
+        self, AccountPublic, AttestError, AttestationClaims, ReceiptClaims, Seller, ATTESTATION_CLAIM_TYP, RECEIPT_TYP,
+    };
+    use crate::session::{Scope, SessionError};
+    use crate::store::{NewReceipt, ReceiptOutcome, ReceiptRecord, ReceiptSigner, SignerError};
+
+    fn field((field, reason): receipt::FieldError) -> ApiError {
+        ApiError::invalid(field, reason)
+    }
+
+    fn response(r: ReceiptRecord) -> SignReceiptResponse {
+        SignReceiptResponse {
+            receipt: r.jws,
+            receipt_id: r.receipt_id,
+            audit_seq: r.seq,
+            request_id: r.request_id,
+        }
+    }
+
+    pub(super) async fn sign_receipt(
+        d: &Daemon,
+        identity: String,
+        req: SignReceiptRequest,
+    ) -> Result<SignReceiptResponse, ApiError> {
+        super::check_account_id(&req.account_id)?;
+        receipt::check_text("buyer", &req.buyer, true).map_err(field)?;
+        let amount = crate::session::parse_amount("amount", &req.amount)?;
+        check_currency(&req.currency)?;
+        check_license(&req.license_id)?;
+        let manifest = parse_manifest(&req.manifest)?;
+        receipt::check_text("payment_signature_ref", &req.payment_signature_ref, false).map_err(field)?;
+        if req.request_id.len() > 128 || req.request_id.chars().any(char::is_control) {
+            return Err(ApiError::invalid("request_id", "at most 128 printable characters"));
+        }
+        let record = d.keys.record(&req.account_id).await?;
+        let session_id = if req.session_token.is_empty() {
+            d.authz.decide(&identity, Action::Sign, Some(&record))?;
+            None
+        } else {
+            let (session, scopes) = d.sessions.authorize(&req.session_token, &identity).await?;
+            if session.account_id != req.account_id {
+                return Err(ApiError::invalid("account_id", "is not the session's account"));
+            }
+            scopes.check_payment(amount, &manifest).map_err(SessionError::from)?;
+            Some(session.id)
+        };
+        let public = AccountPublic::of(&record, d.sessions.domain().chain_id)?;
+        let manifest_hex = hex::encode(manifest);
+        let hash = body_hash(
+            "receipt",
+            &[
+                req.account_id.as_bytes(),
+                req.buyer.as_bytes(),
+                &amount.to_be_bytes(),
+                req.currency.as_bytes(),
+                &manifest,
+                req.license_id.as_bytes(),
+                session_id.as_deref().unwrap_or("").as_bytes(),
+                req.payment_signature_ref.as_bytes(),
+            ],
+        );
+        let request_id = if req.request_id.is_empty() {
+            uuid::Uuid::new_v4().to_string()
+        } else {
+            req.request_id.clone()
+        };
+        let receipt_id = uuid::Uuid::new_v4().to_string();
+        let now = d.sessions.now();
+        let mut claims = ReceiptClaims {
+            receipt_id: receipt_id.clone(),
+            audit_seq: 0,
+            iat: now,
+            buyer: req.buyer.clone(),
+            seller: Seller {
+                account_id: req.account_id.clone(),
+                did: public.did_key.clone(),
+            },
+            amount: amount.to_string(),
+            currency: req.currency.clone(),
+            manifest: manifest_hex,
+            license_id: req.license_id.clone(),
+            session_id: session_id.clone(),
+            payment_signature_ref: (!req.payment_signature_ref.is_empty()).then(|| req.payment_signature_ref.clone()),
+        };
+        let issuer = Arc::clone(d.sessions.issuer());
+        // Signs inside the store transaction that assigns the seq: no
+        // receipt exists without its row.
+        let sign: ReceiptSigner = Box::new(move |seq| {
+            claims.audit_seq = seq;
+            Box::pin(async move {
+                let value = serde_json::to_value(&claims).map_err(|e| Box::new(e) as SignerError)?;
+                tokio::task::spawn_blocking(move || issuer.sign_jws(IssuerAlg::EdDSA, RECEIPT_TYP, &value))
+                    .await
+                    .map_err(|_| SignerError::from("receipt signing task failed"))?
+                    .map_err(|e| Box::new(e) as SignerError)
+            })
+        });
+        let new = NewReceipt {
+            receipt_id: &receipt_id,
+            account_id: &req.account_id,
+            request_id: &request_id,
+            body_hash: hash,
+            session_id: session_id.as_deref(),
+            created_at: now,
+        };
+        let outcome = d
+            .keys
+            .store()
+            .record_receipt(&new, sign)
+            .await
+            .map_err(crate::keys::KeyError::from)?;
+        match outcome {
+            ReceiptOutcome::Recorded(r) | ReceiptOutcome::Replay(r) => Ok(response(r)),
+            ReceiptOutcome::BodyMismatch => Err(SessionError::IdempotencyMismatch.into()),
+            ReceiptOutcome::SignFailed(e) => Err(SessionError::Issuer(e.to_string()).into()),
+        }
+    }
+
+    pub(super) async fn sign_attestation(
+        d: &Daemon,
+        identity: String,
+        req: SignAttestationRequest,
+    ) -> Result<SignAttestationResponse, ApiError> {
+        super::check_account_id(&req.account_id)?;
+        let alg = match req.alg.as_str() {
+            "" | "EdDSA" => JwsAlg::EdDSA,
+            "ES256K" => JwsAlg::ES256K,
+            _ => return Err(ApiError::invalid("alg", "EdDSA or ES256K")),
+        };
+        receipt::check_dataset_id(&req.dataset_id).map_err(field)?;
+        receipt::check_contribution_hash(&req.contribution_hash).map_err(field)?;
+        receipt::check_spdx(&req.license).map_err(field)?;
+        receipt::check_purpose(&req.purpose).map_err(field)?;
+        let record = d.keys.record(&req.account_id).await?;
+        if req.session_token.is_empty() {
+            d.authz.decide(&identity, Action::Sign, Some(&record))?;
+        } else {
+            let (session, scopes) = d.sessions.authorize(&req.session_token, &identity).await?;
+            if session.account_id != req.account_id {
+                return Err(ApiError::invalid("account_id", "is not the session's account"));
+            }
+            if !scopes
+                .iter()
+                .any(|s| matches!(s, Scope::Attest(id) if *id == req.dataset_id))
+            {
+                return Err(SessionError::Forbidden(format!(
+                    "dataset {} is not covered by an attest scope of the session",
+                    req.dataset_id
+                ))
+                .into());
+            }
+        }
+        let public = AccountPublic::of(&record, d.sessions.domain().chain_id)?;
+        let claims = AttestationClaims {
+            iss: public.did(alg).to_string(),
+            sub: req.dataset_id,
+            typ: ATTESTATION_CLAIM_TYP,
+            iat: d.sessions.now(),
+            contribution_hash: req.contribution_hash,
+            license: req.license,
+            purpose: req.purpose,
+        };
+        let token = receipt::sign_attestation(&d.keys, &public, &req.account_id, alg, &claims)
+            .await
+            .map_err(|e| match e {
+                AttestError::Key(k) => ApiError::Key(k),
+                _ => ApiError::Internal("attestation does not verify under the account key"),
+            })?;
+        Ok(SignAttestationResponse {
+            attestation: token,
+            kid: public.jwk(alg).kid.clone(),
+            iss: claims.iss,
+        })
     }
 }

@@ -74,6 +74,10 @@ pub enum SignCmd {
     },
     /// Sign a Payment inside a delegated session.
     Payment(super::session::PaymentArgs),
+    /// A receipt signed by the daemon's issuer key, with its audit sequence number.
+    Receipt(super::receipt::ReceiptArgs),
+    /// A contribution attestation signed by the account's own key.
+    Attestation(super::receipt::AttestationArgs),
     /// Sign a message.
     Message {
         /// Account id.
@@ -214,6 +218,8 @@ pub async fn account(home: &Path, opts: &ClientOpts, cmd: AccountCmd) -> anyhow:
 pub async fn sign(home: &Path, opts: &ClientOpts, cmd: SignCmd) -> anyhow::Result<()> {
     match cmd {
         SignCmd::Payment(args) => return super::session::sign_payment(home, opts, args).await,
+        SignCmd::Receipt(args) => return super::receipt::sign_receipt(home, opts, args).await,
+        SignCmd::Attestation(args) => return super::receipt::sign_attestation(home, opts, args).await,
         SignCmd::TypedData {
             account,
             file,

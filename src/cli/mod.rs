@@ -4,7 +4,9 @@
 pub(crate) mod client;
 mod daemon;
 mod output;
+mod receipt;
 mod session;
+pub mod verify;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -94,6 +96,9 @@ enum Command {
     /// A software wallet for development and demos (the key sits in a file).
     #[command(subcommand)]
     Wallet(session::WalletCmd),
+    /// Verify a compact JWS against a JWKS (file or https URL): exit 0 with
+    /// the claims, or 1 with the reason.
+    Verify(verify::VerifyArgs),
     /// Load generator over real mTLS, with raw-crypto baselines measured in the same run.
     Bench(crate::bench::BenchArgs),
 }
@@ -159,6 +164,14 @@ pub fn main() -> ExitCode {
             Err(code) => return code,
         },
         Command::Wallet(cmd) => session::wallet(&cli.client, cmd),
+        Command::Verify(args) => match runtime() {
+            Ok(rt) => match rt.block_on(verify::verify(&cli.home, &cli.client, args)) {
+                Ok(true) => Ok(()),
+                Ok(false) => return ExitCode::FAILURE,
+                Err(e) => Err(e),
+            },
+            Err(code) => return code,
+        },
         Command::Bench(args) => {
             match daemon::prepare_bench(&cli.home, &args).and(runtime().map_err(|_| anyhow::anyhow!("runtime"))) {
                 Ok(rt) => rt.block_on(crate::bench::run(&cli.home, &cli.client, args)),

@@ -176,6 +176,19 @@ impl KeyService {
             .await
     }
 
+    /// ES256K over a SHA-256 prehash with the account's secp256k1 key: raw
+    /// r‖s (64 bytes), low-s. Both custody modes.
+    pub async fn sign_es256k_prehash(
+        &self,
+        id: &str,
+        prehash: [u8; 32],
+    ) -> Result<(Arc<AccountKeys>, [u8; 64]), KeyError> {
+        self.with_retry(id, move |keys, hsm, metrics| {
+            keys.sign_es256k_prehash(hsm, metrics, &prehash)
+        })
+        .await
+    }
+
     async fn with_retry<T, F>(&self, id: &str, op: F) -> Result<(Arc<AccountKeys>, T), KeyError>
     where
         T: Send + 'static,

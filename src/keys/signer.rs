@@ -208,4 +208,31 @@ impl AccountKeys {
             }
         }
     }
+
+    // ----- issue 5: ES256K (attestations) --------------------------------------
+
+    /// An ES256K (RFC 8812) signature over a SHA-256 prehash with the
+    /// account's secp256k1 key: raw r‖s, 64 bytes, low-s, checked against the
+    /// stored public key.
+    pub fn sign_es256k_prehash(&self, hsm: &Hsm, metrics: &Metrics, prehash: &[u8; 32]) -> Result<[u8; 64], KeyError> {
+        use k256::ecdsa::signature::hazmat::{PrehashSigner as _, PrehashVerifier as _};
+        let binding = || KeyError::Binding {
+            account: self.record.id.clone(),
+            alg: KeyAlg::Secp256k1,
+        };
+        let sig: k256::ecdsa::Signature = match &self.secp {
+            Secp::Host(sk) => sk
+                .sign_prehash(prehash)
+                .map_err(|_| KeyError::Internal("secp256k1 signing failed"))?,
+            Secp::Hsm(key) => {
+                let started = Instant::now();
+                let raw = hsm.sign(key, prehash);
+                metrics.observe_hsm("sign_ecdsa", started);
+                k256::ecdsa::Signature::from_slice(&raw?).map_err(|_| binding())?
+            }
+        };
+        let sig = sig.normalize_s().unwrap_or(sig);
+        self.secp_public.verify_prehash(prehash, &sig).map_err(|_| binding())?;
+        Ok(sig.to_bytes().into())
+    }
 }

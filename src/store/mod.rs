@@ -16,6 +16,8 @@ pub mod testing;
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_receipts;
 
 pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
@@ -312,7 +314,130 @@ pub trait Store: Send + Sync + fmt::Debug {
     /// Closes the connection pool, waiting for connections in use to be
     /// returned. Later calls fail with [`StoreError::Unavailable`].
     async fn close(&self);
+
+    // ----- Receipts (issue 5: receipts and attestations) -----------------
+
+    /// In one transaction: if a receipt with `(account_id, request_id)`
+    /// exists, answers `Replay` (same `body_hash`) or `BodyMismatch` and
+    /// changes nothing; otherwise assigns the next audit sequence number,
+    /// calls `sign(seq)` and stores the receipt it returns with its seq.
+    /// If signing fails nothing is stored (`SignFailed`); if the commit
+    /// fails the error is returned and the signed receipt is dropped.
+    async fn record_receipt(&self, r: &NewReceipt<'_>, sign: ReceiptSigner) -> Result<ReceiptOutcome, StoreError>;
+
+    /// The receipt recorded for `(account_id, request_id)`, if any.
+    async fn get_receipt(&self, account_id: &str, request_id: &str) -> Result<Option<ReceiptRecord>, StoreError>;
+    // ----- end receipts ------------------------------------------------------
 }
+
+// ----- Receipts (issue 5) ----------------------------------------------------
+
+/// An error from a receipt signer, passed through the store untouched.
+pub type SignerError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Signs a receipt once its audit sequence number is known: returns the
+/// compact JWS. Called inside the recording transaction.
+pub type ReceiptSigner = Box<
+    dyn FnOnce(u64) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<String, SignerError>> + Send>> + Send,
+>;
+
+/// A receipt to record (see [`Store::record_receipt`]).
+#[derive(Debug, Clone)]
+pub struct NewReceipt<'a> {
+    /// The receipt's id (a UUID).
+    pub receipt_id: &'a str,
+    /// The seller account.
+    pub account_id: &'a str,
+    /// Idempotency key, unique per account.
+    pub request_id: &'a str,
+    /// Hash of the request body, to tell a retry from a reuse of the id.
+    pub body_hash: [u8; 32],
+    /// The session the receipt was issued under, if any.
+    pub session_id: Option<&'a str>,
+    /// Issue time, unix seconds UTC.
+    pub created_at: i64,
+}
+
+/// A stored receipt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReceiptRecord {
+    /// Audit sequence number: assigned by the store, strictly increasing.
+    /// (The tamper-evident audit log, later work, takes this over.)
+    pub seq: u64,
+    /// The receipt's id.
+    pub receipt_id: String,
+    /// The seller account.
+    pub account_id: String,
+    /// Idempotency key.
+    pub request_id: String,
+    /// Hash of the request body.
+    pub body_hash: [u8; 32],
+    /// Session, if any.
+    pub session_id: Option<String>,
+    /// Issue time, unix seconds UTC.
+    pub created_at: i64,
+    /// The signed receipt (compact JWS).
+    pub jws: String,
+}
+
+/// What [`Store::record_receipt`] did.
+#[derive(Debug)]
+pub enum ReceiptOutcome {
+    /// Signed and stored.
+    Recorded(ReceiptRecord),
+    /// The same request was recorded before: its receipt.
+    Replay(ReceiptRecord),
+    /// The request id was used before with another body; nothing changed.
+    BodyMismatch,
+    /// The signer failed; nothing was stored.
+    SignFailed(SignerError),
+}
+
+/// A receipt row as read, before decoding.
+pub(crate) struct RawReceipt {
+    pub(crate) seq: i64,
+    pub(crate) receipt_id: String,
+    pub(crate) account_id: String,
+    pub(crate) request_id: String,
+    pub(crate) body_hash: Vec<u8>,
+    pub(crate) session_id: Option<String>,
+    pub(crate) created_at: i64,
+    pub(crate) jws: String,
+}
+
+/// Columns of a receipt row, in [`RawReceipt`] order.
+pub(crate) const RECEIPT_COLUMNS: &str =
+    "seq, receipt_id, account_id, request_id, body_hash, session_id, created_at, jws";
+
+impl RawReceipt {
+    /// Decodes a row.
+    pub(crate) fn decode(self) -> Result<ReceiptRecord, StoreError> {
+        let what = format!("receipt {}", self.receipt_id);
+        let seq = u64::try_from(self.seq).map_err(|_| StoreError::Corrupt {
+            what: format!("{what}: negative seq"),
+        })?;
+        Ok(ReceiptRecord {
+            seq,
+            body_hash: decode_hash(&what, &self.body_hash)?,
+            receipt_id: self.receipt_id,
+            account_id: self.account_id,
+            request_id: self.request_id,
+            session_id: self.session_id,
+            created_at: self.created_at,
+            jws: self.jws,
+        })
+    }
+}
+
+/// Replay or mismatch for an existing receipt.
+pub(crate) fn existing_receipt(r: &NewReceipt<'_>, existing: ReceiptRecord) -> ReceiptOutcome {
+    if existing.body_hash == r.body_hash {
+        ReceiptOutcome::Replay(existing)
+    } else {
+        ReceiptOutcome::BodyMismatch
+    }
+}
+// ----- end receipts ------------------------------------------------------------
 
 /// Opens the store named by `url` (`sqlite://PATH`, `postgres://...` or
 /// `postgresql://...`) and runs its migrations.

@@ -586,4 +586,109 @@ impl Store for SqliteStore {
     async fn close(&self) {
         self.pool.close().await;
     }
+
+    // ----- Receipts (issue 5) --------------------------------------------------
+
+    async fn record_receipt(
+        &self,
+        r: &super::NewReceipt<'_>,
+        sign: super::ReceiptSigner,
+    ) -> Result<super::ReceiptOutcome, StoreError> {
+        let err = |e| from_sqlx(BACKEND, e);
+        let _writer = self.write.lock().await;
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await.map_err(err)?;
+        if let Some(existing) = fetch_receipt(&mut *tx, r.account_id, r.request_id).await? {
+            tx.rollback().await.map_err(err)?;
+            return Ok(super::existing_receipt(r, existing));
+        }
+        // AUTOINCREMENT: seqs are never reused, and a rolled-back insert
+        // leaves no gap (sqlite_sequence is part of the transaction).
+        let seq: i64 = sqlx::query_scalar(
+            "INSERT INTO receipts (receipt_id, account_id, request_id, body_hash, session_id, created_at, jws) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, '') RETURNING seq",
+        )
+        .bind(r.receipt_id)
+        .bind(r.account_id)
+        .bind(r.request_id)
+        .bind(&r.body_hash[..])
+        .bind(r.session_id)
+        .bind(r.created_at)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(conflict_as(BACKEND, || format!("receipt {}", r.receipt_id)))?;
+        let seq_u = u64::try_from(seq).map_err(|_| StoreError::Corrupt {
+            what: format!("receipt {}: negative seq", r.receipt_id),
+        })?;
+        let jws = match sign(seq_u).await {
+            Ok(jws) => jws,
+            Err(e) => {
+                tx.rollback().await.map_err(err)?;
+                return Ok(super::ReceiptOutcome::SignFailed(e));
+            }
+        };
+        sqlx::query("UPDATE receipts SET jws = ?1 WHERE seq = ?2")
+            .bind(&jws)
+            .bind(seq)
+            .execute(&mut *tx)
+            .await
+            .map_err(err)?;
+        tx.commit().await.map_err(err)?;
+        Ok(super::ReceiptOutcome::Recorded(super::ReceiptRecord {
+            seq: seq_u,
+            receipt_id: r.receipt_id.to_string(),
+            account_id: r.account_id.to_string(),
+            request_id: r.request_id.to_string(),
+            body_hash: r.body_hash,
+            session_id: r.session_id.map(str::to_string),
+            created_at: r.created_at,
+            jws,
+        }))
+    }
+
+    async fn get_receipt(
+        &self,
+        account_id: &str,
+        request_id: &str,
+    ) -> Result<Option<super::ReceiptRecord>, StoreError> {
+        fetch_receipt(&self.pool, account_id, request_id).await
+    }
+    // ----- end receipts ----------------------------------------------------------
 }
+
+// ----- Receipts (issue 5) ----------------------------------------------------
+
+async fn fetch_receipt<'e, E>(
+    conn: E,
+    account_id: &str,
+    request_id: &str,
+) -> Result<Option<super::ReceiptRecord>, StoreError>
+where
+    E: sqlx::Executor<'e, Database = sqlx::Sqlite>,
+{
+    let err = |e| from_sqlx(BACKEND, e);
+    let sql = format!(
+        "SELECT {} FROM receipts WHERE account_id = ?1 AND request_id = ?2",
+        super::RECEIPT_COLUMNS
+    );
+    let row = sqlx::query(&sql)
+        .bind(account_id)
+        .bind(request_id)
+        .fetch_optional(conn)
+        .await
+        .map_err(err)?;
+    row.map(|row| -> Result<super::ReceiptRecord, StoreError> {
+        super::RawReceipt {
+            seq: row.try_get("seq").map_err(err)?,
+            receipt_id: row.try_get("receipt_id").map_err(err)?,
+            account_id: row.try_get("account_id").map_err(err)?,
+            request_id: row.try_get("request_id").map_err(err)?,
+            body_hash: row.try_get("body_hash").map_err(err)?,
+            session_id: row.try_get("session_id").map_err(err)?,
+            created_at: row.try_get("created_at").map_err(err)?,
+            jws: row.try_get("jws").map_err(err)?,
+        }
+        .decode()
+    })
+    .transpose()
+}
+// ----- end receipts ------------------------------------------------------------

@@ -1,0 +1,139 @@
+//! Receipts on every backend: seqs strictly increase, a retry replays, a
+//! reused request id with another body is refused, and a failed signer
+//! stores nothing.
+
+use std::sync::Arc;
+
+use super::testing::{sqlite_url_in, PgTestSchema};
+use super::*;
+
+async fn sqlite() -> (Arc<dyn Store>, tempfile::TempDir) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    (open(&sqlite_url_in(dir.path())).await.expect("open"), dir)
+}
+
+fn account(id: &str) -> AccountRecord {
+    AccountRecord {
+        id: id.into(),
+        label: None,
+        controller: "0x52908400098527886E0F7030069857D2E4169EE7".into(),
+        created_by: "spiffe://example.org/admin".into(),
+        created_at: 1,
+        allowed: vec![],
+        keys: vec![],
+    }
+}
+
+fn signer(tag: &'static str) -> ReceiptSigner {
+    Box::new(move |seq| Box::pin(async move { Ok(format!("{tag}.{seq}")) }))
+}
+
+fn failing() -> ReceiptSigner {
+    Box::new(|_| Box::pin(async { Err::<String, SignerError>("hsm down".into()) }))
+}
+
+fn new<'a>(receipt_id: &'a str, request_id: &'a str, body: u8) -> NewReceipt<'a> {
+    NewReceipt {
+        receipt_id,
+        account_id: "acct",
+        request_id,
+        body_hash: [body; 32],
+        session_id: None,
+        created_at: 10,
+    }
+}
+
+async fn suite(store: Arc<dyn Store>) {
+    store.create_account(&account("acct")).await.unwrap();
+    let mut last = 0;
+    for i in 0..3u8 {
+        let rid = format!("r{i}");
+        let req = format!("q{i}");
+        let ReceiptOutcome::Recorded(rec) = store.record_receipt(&new(&rid, &req, i), signer("jws")).await.unwrap()
+        else {
+            panic!("not recorded")
+        };
+        assert!(rec.seq > last, "seq {} after {last}", rec.seq);
+        assert_eq!(rec.jws, format!("jws.{}", rec.seq));
+        last = rec.seq;
+    }
+    // Retry: the first receipt, whatever the signer would say now.
+    let ReceiptOutcome::Replay(again) = store.record_receipt(&new("other", "q1", 1), signer("x")).await.unwrap() else {
+        panic!("not a replay")
+    };
+    assert_eq!(again.receipt_id, "r1");
+    assert!(again.jws.starts_with("jws."));
+    assert_eq!(store.get_receipt("acct", "q1").await.unwrap(), Some(again));
+    // Same id, other body.
+    assert!(matches!(
+        store.record_receipt(&new("other", "q1", 9), signer("x")).await.unwrap(),
+        ReceiptOutcome::BodyMismatch
+    ));
+    // A failed signer stores nothing; the next receipt still gets a higher seq.
+    assert!(matches!(
+        store.record_receipt(&new("failed", "qf", 5), failing()).await.unwrap(),
+        ReceiptOutcome::SignFailed(_)
+    ));
+    assert_eq!(store.get_receipt("acct", "qf").await.unwrap(), None);
+    let ReceiptOutcome::Recorded(rec) = store.record_receipt(&new("r9", "q9", 9), signer("jws")).await.unwrap() else {
+        panic!("not recorded")
+    };
+    assert!(rec.seq > last);
+    // Concurrent: distinct requests get distinct seqs; one request id, one receipt.
+    let mut tasks = Vec::new();
+    for i in 0..8u8 {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            let rid = format!("c{i}");
+            let req = if i % 2 == 0 {
+                "same".to_string()
+            } else {
+                format!("own{i}")
+            };
+            let slow: ReceiptSigner = Box::new(|seq| {
+                Box::pin(async move {
+                    tokio::time::sleep(std::time::Duration::from_millis(30)).await;
+                    Ok(format!("jws.{seq}"))
+                })
+            });
+            store.record_receipt(&new(&rid, &req, 7), slow).await.unwrap()
+        }));
+    }
+    let mut recorded = Vec::new();
+    let mut same = Vec::new();
+    for (i, t) in tasks.into_iter().enumerate() {
+        match t.await.unwrap() {
+            ReceiptOutcome::Recorded(r) => {
+                if i % 2 == 0 {
+                    same.push(r.seq);
+                }
+                recorded.push(r.seq);
+            }
+            ReceiptOutcome::Replay(r) => same.push(r.seq),
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(recorded.len(), 5, "four own requests and one of the shared id");
+    let mut dedup = recorded.clone();
+    dedup.sort_unstable();
+    dedup.dedup();
+    assert_eq!(dedup.len(), recorded.len(), "distinct seqs");
+    assert!(same.iter().all(|s| *s == same[0]), "{same:?}");
+    // Unknown account: refused by the foreign key, nothing returned.
+    let mut orphan = new("r10", "q10", 1);
+    orphan.account_id = "nope";
+    assert!(store.record_receipt(&orphan, signer("jws")).await.is_err());
+    store.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn receipts_sqlite() {
+    let (store, _dir) = sqlite().await;
+    suite(store).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn receipts_postgres() {
+    let Some(schema) = PgTestSchema::create() else { return };
+    suite(open(schema.url()).await.expect("open")).await;
+}
