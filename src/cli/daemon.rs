@@ -120,6 +120,7 @@ pub fn dev(home: &Path, args: DevArgs) -> anyhow::Result<()> {
             println!("  gRPC (mTLS)  https://{}", ep.grpc);
             println!("  metrics      https://{}/metrics", ep.https);
             println!("  health       https://{}/healthz", ep.https);
+            println!("  jwks         https://{}{}", ep.https, crate::http::JWKS_PATH);
             println!("  clients      admin, marketplace, wallet-gateway (--as NAME)");
             println!("ready");
             Ok(())
