@@ -330,7 +330,10 @@ impl JwksConfig {
         }
         for a in &self.algorithms {
             if crate::hsm::IssuerAlg::from_str(a).is_err() {
-                return invalid("jwks.algorithms", &format!("unknown algorithm {a:?} (EdDSA, ES256, ES256K)"));
+                return invalid(
+                    "jwks.algorithms",
+                    &format!("unknown algorithm {a:?} (EdDSA, ES256, ES256K)"),
+                );
             }
         }
         if !self.algorithms.iter().any(|a| a == "EdDSA") {
@@ -340,7 +343,10 @@ impl JwksConfig {
             return invalid("jwks.rotation_days", "must be between 1 and 3650");
         }
         if self.prepublish_hours == 0 || self.prepublish_hours >= self.rotation_days * 24 {
-            return invalid("jwks.prepublish_hours", "must be at least 1 and shorter than jwks.rotation_days");
+            return invalid(
+                "jwks.prepublish_hours",
+                "must be at least 1 and shorter than jwks.rotation_days",
+            );
         }
         if self.grace_days == 0 || self.grace_days > 3650 {
             return invalid("jwks.grace_days", "must be between 1 and 3650");

@@ -84,22 +84,6 @@ fn router(daemon: Arc<Daemon>, tls: Arc<ServerTls>) -> Router {
         .route("/healthz", get(|| async { "ok\n" }))
 }
 
-#[cfg(test)]
-mod tests {
-    use super::none_match;
-
-    #[test]
-    fn if_none_match() {
-        let tag = "\"abc\"";
-        assert!(none_match("\"abc\"", tag));
-        assert!(none_match("\"x\", \"abc\"", tag));
-        assert!(none_match("W/\"abc\"", tag));
-        assert!(none_match("*", tag));
-        assert!(!none_match("\"abd\"", tag));
-        assert!(!none_match("abc", tag));
-    }
-}
-
 /// Serves the side port until `stop` turns true.
 pub async fn serve(listener: TcpListener, tls: Arc<ServerTls>, daemon: Arc<Daemon>, mut stop: watch::Receiver<bool>) {
     let app = router(daemon, tls.clone());
@@ -130,5 +114,21 @@ pub async fn serve(listener: TcpListener, tls: Arc<ServerTls>, daemon: Arc<Daemo
                 tracing::debug!(%peer, error = %e, "HTTPS connection ended");
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::none_match;
+
+    #[test]
+    fn if_none_match() {
+        let tag = "\"abc\"";
+        assert!(none_match("\"abc\"", tag));
+        assert!(none_match("\"x\", \"abc\"", tag));
+        assert!(none_match("W/\"abc\"", tag));
+        assert!(none_match("*", tag));
+        assert!(!none_match("\"abd\"", tag));
+        assert!(!none_match("abc", tag));
     }
 }

@@ -6,8 +6,8 @@ use tonic::{Request, Response, Status};
 
 use super::pb::jwks_service_server::JwksService;
 use super::pb::{
-    GetJwksRequest, GetJwksResponse, IssuerKey, ListIssuerKeysRequest, ListIssuerKeysResponse,
-    RevokeIssuerKeyRequest, RevokeIssuerKeyResponse, RotateIssuerKeyRequest, RotateIssuerKeyResponse, Rotation,
+    GetJwksRequest, GetJwksResponse, IssuerKey, ListIssuerKeysRequest, ListIssuerKeysResponse, RevokeIssuerKeyRequest,
+    RevokeIssuerKeyResponse, RotateIssuerKeyRequest, RotateIssuerKeyResponse, Rotation,
 };
 use super::{ApiError, Daemon, JwksApi};
 use crate::hsm::IssuerAlg;

@@ -110,7 +110,12 @@ pub async fn jwks(home: &Path, opts: &ClientOpts, cmd: JwksCmd) -> anyhow::Resul
             let human: Vec<(&str, String)> = r
                 .rotations
                 .iter()
-                .map(|r| ("rotated", format!("{} active {} (next {})", r.alg, r.activated_kid, r.next_kid)))
+                .map(|r| {
+                    (
+                        "rotated",
+                        format!("{} active {} (next {})", r.alg, r.activated_kid, r.next_kid),
+                    )
+                })
                 .collect();
             emit(opts.json, &json!({ "rotations": rotations }), &human);
         }

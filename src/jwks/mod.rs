@@ -119,9 +119,7 @@ pub fn status(e: &JwksError, msg: String) -> Status {
         JwksError::TooEarly { .. } => Status::failed_precondition(msg),
         JwksError::KeyNotFound(_) => Status::not_found(msg),
         JwksError::Store(StoreError::Unavailable { .. }) => Status::unavailable(msg),
-        JwksError::Issuer(IssuerError::Hsm(h)) if !matches!(h, HsmError::Internal { .. }) => {
-            Status::unavailable(msg)
-        }
+        JwksError::Issuer(IssuerError::Hsm(h)) if !matches!(h, HsmError::Internal { .. }) => Status::unavailable(msg),
         _ => Status::internal(msg),
     }
 }
@@ -353,7 +351,10 @@ impl KeyLifecycle {
                 self.ensure_alg(alg, now, &mut report.created).await?;
                 continue;
             };
-            let due = active.activated_at.unwrap_or(active.created_at).saturating_add(s.rotation);
+            let due = active
+                .activated_at
+                .unwrap_or(active.created_at)
+                .saturating_add(s.rotation);
             if !rows.iter().any(|r| r.state == IssuerKeyState::Next) && now >= due.saturating_sub(s.prepublish) {
                 report.created.extend(self.add(alg, IssuerKeyState::Next, now).await?);
             }

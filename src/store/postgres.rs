@@ -645,7 +645,11 @@ impl Store for PgStore {
         let mut tx = self.pool.begin().await.map_err(err)?;
         lock_rotation(&mut tx, false).await?;
         let sql = format!("SELECT {ISSUER_KEY_COLUMNS} FROM issuer_keys WHERE kid = $1");
-        let row = sqlx::query(&sql).bind(kid).fetch_optional(&mut *tx).await.map_err(err)?;
+        let row = sqlx::query(&sql)
+            .bind(kid)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(err)?;
         let Some(before) = row.map(|r| raw_issuer_key(&r)?.decode()).transpose()? else {
             tx.rollback().await.map_err(err)?;
             return Ok(None);

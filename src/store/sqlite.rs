@@ -669,7 +669,11 @@ impl Store for SqliteStore {
         let _writer = self.write.lock().await;
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await.map_err(err)?;
         let sql = format!("SELECT {ISSUER_KEY_COLUMNS} FROM issuer_keys WHERE kid = ?1");
-        let row = sqlx::query(&sql).bind(kid).fetch_optional(&mut *tx).await.map_err(err)?;
+        let row = sqlx::query(&sql)
+            .bind(kid)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(err)?;
         let Some(before) = row.map(|r| raw_issuer_key(&r)?.decode()).transpose()? else {
             tx.rollback().await.map_err(err)?;
             return Ok(None);

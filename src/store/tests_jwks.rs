@@ -43,12 +43,30 @@ fn state_of(keys: &[IssuerKeyRecord], kid: &str) -> Option<IssuerKeyState> {
 
 async fn transitions(store: Arc<dyn Store>) {
     assert!(store.list_issuer_keys().await.unwrap().is_empty());
-    assert!(store.add_issuer_key(&rec("a1", "EdDSA", IssuerKeyState::Active, 100)).await.unwrap());
-    assert!(!store.add_issuer_key(&rec("a2", "EdDSA", IssuerKeyState::Active, 100)).await.unwrap());
-    assert!(store.add_issuer_key(&rec("n1", "EdDSA", IssuerKeyState::Next, 100)).await.unwrap());
-    assert!(!store.add_issuer_key(&rec("n2", "EdDSA", IssuerKeyState::Next, 100)).await.unwrap());
-    assert!(store.add_issuer_key(&rec("e1", "ES256", IssuerKeyState::Active, 100)).await.unwrap());
-    assert!(store.add_issuer_key(&rec("x", "EdDSA", IssuerKeyState::Retired, 100)).await.is_err());
+    assert!(store
+        .add_issuer_key(&rec("a1", "EdDSA", IssuerKeyState::Active, 100))
+        .await
+        .unwrap());
+    assert!(!store
+        .add_issuer_key(&rec("a2", "EdDSA", IssuerKeyState::Active, 100))
+        .await
+        .unwrap());
+    assert!(store
+        .add_issuer_key(&rec("n1", "EdDSA", IssuerKeyState::Next, 100))
+        .await
+        .unwrap());
+    assert!(!store
+        .add_issuer_key(&rec("n2", "EdDSA", IssuerKeyState::Next, 100))
+        .await
+        .unwrap());
+    assert!(store
+        .add_issuer_key(&rec("e1", "ES256", IssuerKeyState::Active, 100))
+        .await
+        .unwrap());
+    assert!(store
+        .add_issuer_key(&rec("x", "EdDSA", IssuerKeyState::Retired, 100))
+        .await
+        .is_err());
     let keys = store.list_issuer_keys().await.unwrap();
     assert_eq!(keys.len(), 3);
     assert_eq!(
@@ -88,7 +106,10 @@ async fn transitions(store: Arc<dyn Store>) {
     assert_eq!(keys.iter().find(|k| k.kid == "a1").unwrap().retired_at, Some(160));
 
     // Revoking the active key promotes the next one at once (no age rule).
-    assert!(store.add_issuer_key(&rec("n3", "EdDSA", IssuerKeyState::Next, 200)).await.unwrap());
+    assert!(store
+        .add_issuer_key(&rec("n3", "EdDSA", IssuerKeyState::Next, 200))
+        .await
+        .unwrap());
     let out = store.revoke_issuer_key("n1", 201).await.unwrap().unwrap();
     assert_eq!(out.before.state, IssuerKeyState::Active);
     assert_eq!(out.promoted.as_deref(), Some("n3"));
@@ -116,16 +137,24 @@ async fn concurrent_rotations(store: Arc<dyn Store>) {
     for round in 0..5i64 {
         let t = round * 1000;
         if round == 0 {
-            assert!(store.add_issuer_key(&rec("k0", "ES256", IssuerKeyState::Active, t)).await.unwrap());
+            assert!(store
+                .add_issuer_key(&rec("k0", "ES256", IssuerKeyState::Active, t))
+                .await
+                .unwrap());
         }
         let next = format!("k{}", round + 1);
-        assert!(store.add_issuer_key(&rec(&next, "ES256", IssuerKeyState::Next, t)).await.unwrap());
+        assert!(store
+            .add_issuer_key(&rec(&next, "ES256", IssuerKeyState::Next, t))
+            .await
+            .unwrap());
         let mut tasks = Vec::new();
         for i in 0..4 {
             let s = store.clone();
             // Half on demand, half scheduled.
             let due = (i % 2 == 0).then_some(t + 500);
-            tasks.push(tokio::spawn(async move { s.promote_issuer_key("ES256", t + 500, 100, due).await }));
+            tasks.push(tokio::spawn(async move {
+                s.promote_issuer_key("ES256", t + 500, 100, due).await
+            }));
         }
         let mut promoted = 0;
         for task in tasks {
@@ -162,12 +191,16 @@ macro_rules! both {
         mod $case {
             #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
             async fn sqlite() {
-                let Some((store, _place)) = super::sqlite().await else { return };
+                let Some((store, _place)) = super::sqlite().await else {
+                    return;
+                };
                 super::$case(store).await;
             }
             #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
             async fn postgres() {
-                let Some((store, _place)) = super::postgres().await else { return };
+                let Some((store, _place)) = super::postgres().await else {
+                    return;
+                };
                 super::$case(store).await;
             }
         }
