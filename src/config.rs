@@ -583,6 +583,41 @@ admins = ["spiffe://example.org/admin"]
     }
 
     #[test]
+    fn jwks_section_defaults_and_validation() {
+        let cfg = Config::parse(GOOD, Path::new("/")).expect("valid");
+        assert_eq!(cfg.jwks.algorithms, vec!["EdDSA".to_string(), "ES256".to_string()]);
+        assert_eq!(
+            (
+                cfg.jwks.rotation_days,
+                cfg.jwks.prepublish_hours,
+                cfg.jwks.grace_days,
+                cfg.jwks.max_age_seconds
+            ),
+            (30, 24, 90, 3600)
+        );
+        let with = |extra: &str| format!("{GOOD}[jwks]\n{extra}\n");
+        let cases = [
+            ("max_age_seconds = 86400", "jwks.max_age_seconds"),
+            ("prepublish_hours = 1\nmax_age_seconds = 3600", "jwks.max_age_seconds"),
+            ("algorithms = [\"ES256\"]", "jwks.algorithms"),
+            ("algorithms = [\"EdDSA\", \"HS256\"]", "jwks.algorithms"),
+            ("rotation_days = 1\nprepublish_hours = 24", "jwks.prepublish_hours"),
+        ];
+        for (extra, key) in cases {
+            match Config::parse(&with(extra), Path::new("/")) {
+                Err(ConfigError::Invalid { key: k, .. }) => assert_eq!(k, key, "{extra}"),
+                other => panic!("expected invalid {key} for {extra}, got {other:?}"),
+            }
+        }
+        let ok = Config::parse(
+            &with("algorithms = [\"EdDSA\", \"ES256K\"]\nmax_age_seconds = 300"),
+            Path::new("/"),
+        )
+        .expect("valid");
+        assert_eq!(ok.jwks.max_age_seconds, 300);
+    }
+
+    #[test]
     fn invalid_values_name_their_key() {
         let cases = [
             (GOOD.replace("pin_file = \"hsm-pin\"", ""), "hsm.pin_env"),

@@ -185,8 +185,8 @@ impl Issuer {
             let state = if seen.insert(info.alg) {
                 IssuerKeyState::Active
             } else {
-                tracing::warn!(alg = %info.alg, other = %jwk.kid,
-                    "several issuer keys for one algorithm; all published, the first signs");
+                tracing::debug!(alg = %info.alg, other = %jwk.kid,
+                    "several issuer keys for one algorithm; all published, the first signs (token-only view)");
                 IssuerKeyState::Retired
             };
             keys.push(IssuerKey { info, jwk, state });

@@ -544,3 +544,65 @@ fn scheduled_rotation_publishes_then_promotes() {
         st.daemon.stop().await;
     });
 }
+
+/// Runs the `keyward` binary as a client of the in-process daemon.
+fn cli(st: &Story, profile: &str, args: &[&str]) -> (bool, String, String) {
+    let p = st.env.pki.clients.iter().find(|c| c.name == profile).expect("profile");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_keyward"))
+        .arg("--home")
+        .arg(st.env.dir.path().join("cli-home"))
+        .arg("--endpoint")
+        .arg(&st.daemon.grpc)
+        .arg("--ca")
+        .arg(&st.env.pki.ca_cert)
+        .arg("--cert")
+        .arg(&p.cert)
+        .arg("--key")
+        .arg(&p.key)
+        .args(args)
+        .output()
+        .expect("run keyward");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).to_string(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    )
+}
+
+#[test]
+fn jwks_cli_show_rotate_revoke() {
+    let env = env_with_jwks(StoreKind::Sqlite).expect("env");
+    block_on(async {
+        let st = Story::start(env).await;
+        let (ok, out, err) = cli(&st, "admin", &["jwks", "show", "--json"]);
+        assert!(ok, "{err}");
+        let v: serde_json::Value = serde_json::from_str(out.trim()).expect("one JSON object");
+        assert_eq!(v["jwks"]["keys"].as_array().expect("keys").len(), 4);
+        assert_eq!(v["max_age_seconds"], MAX_AGE);
+        assert_eq!(v["issuer_keys"].as_array().expect("issuer keys").len(), 4);
+        // Non-admins see the published set only.
+        let (ok, out, err) = cli(&st, "marketplace", &["jwks", "show", "--json"]);
+        assert!(ok, "{err}");
+        let v: serde_json::Value = serde_json::from_str(out.trim()).expect("JSON");
+        assert!(v.get("issuer_keys").is_none());
+
+        let (ok, _, err) = cli(&st, "admin", &["jwks", "rotate", "--alg", "EdDSA"]);
+        assert!(!ok);
+        assert!(err.contains("FAILED_PRECONDITION"), "{err}");
+        st.clock.advance(MAX_AGE);
+        let (ok, out, err) = cli(&st, "admin", &["jwks", "rotate", "--alg", "EdDSA", "--json"]);
+        assert!(ok, "{err}");
+        let v: serde_json::Value = serde_json::from_str(out.trim()).expect("JSON");
+        let activated = v["rotations"][0]["activated"].as_str().expect("kid").to_string();
+        assert_eq!(v["rotations"][0]["alg"], "EdDSA");
+
+        let (ok, out, err) = cli(&st, "admin", &["jwks", "revoke", &activated, "--json"]);
+        assert!(ok, "{err}");
+        let v: serde_json::Value = serde_json::from_str(out.trim()).expect("JSON");
+        assert_eq!(v["revoked"], activated.as_str());
+        assert_eq!(v["before"]["state"], "active");
+        let (jwks, _) = st.fetch_jwks().await;
+        assert!(!kids(&jwks).contains(&activated));
+        st.daemon.stop().await;
+    });
+}
