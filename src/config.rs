@@ -280,7 +280,8 @@ pub struct JwksConfig {
     /// `Cache-Control: max-age` of the JWKS; must be shorter than the pre-publication window.
     #[serde(default = "default_jwks_max_age")]
     pub max_age_seconds: u64,
-    /// Seconds between two runs of the rotation scheduler.
+    /// Seconds between two runs of the rotation scheduler (also how soon other replicas see
+    /// lifecycle changes); must be shorter than `max_age_seconds`.
     #[serde(default = "default_jwks_tick")]
     pub tick_seconds: u64,
 }
@@ -357,8 +358,12 @@ impl JwksConfig {
                 "must be at least 1 and shorter than the pre-publication window (jwks.prepublish_hours)",
             );
         }
-        if self.tick_seconds == 0 || self.tick_seconds > 3600 {
-            return invalid("jwks.tick_seconds", "must be between 1 and 3600");
+        if self.tick_seconds == 0 || self.tick_seconds >= self.max_age_seconds {
+            // Replicas learn of a new next key on their tick: it must come well within max-age.
+            return invalid(
+                "jwks.tick_seconds",
+                "must be at least 1 and shorter than jwks.max_age_seconds",
+            );
         }
         Ok(())
     }
@@ -602,6 +607,7 @@ admins = ["spiffe://example.org/admin"]
             ("algorithms = [\"ES256\"]", "jwks.algorithms"),
             ("algorithms = [\"EdDSA\", \"HS256\"]", "jwks.algorithms"),
             ("rotation_days = 1\nprepublish_hours = 24", "jwks.prepublish_hours"),
+            ("max_age_seconds = 60\ntick_seconds = 60", "jwks.tick_seconds"),
         ];
         for (extra, key) in cases {
             match Config::parse(&with(extra), Path::new("/")) {
@@ -610,7 +616,7 @@ admins = ["spiffe://example.org/admin"]
             }
         }
         let ok = Config::parse(
-            &with("algorithms = [\"EdDSA\", \"ES256K\"]\nmax_age_seconds = 300"),
+            &with("algorithms = [\"EdDSA\", \"ES256K\"]\nmax_age_seconds = 300\ntick_seconds = 30"),
             Path::new("/"),
         )
         .expect("valid");

@@ -148,7 +148,7 @@ fn env_with_jwks(store: StoreKind) -> Option<Env> {
     let env = Env::new(Custody::Host, store)?;
     let mut text = std::fs::read_to_string(&env.config_path).expect("config");
     text.push_str(&format!(
-        "[jwks]\nalgorithms = [\"EdDSA\", \"ES256\"]\nmax_age_seconds = {MAX_AGE}\ntick_seconds = 3600\n"
+        "[jwks]\nalgorithms = [\"EdDSA\", \"ES256\"]\nmax_age_seconds = {MAX_AGE}\ntick_seconds = 300\n"
     ));
     std::fs::write(&env.config_path, text).expect("config");
     Some(env)
