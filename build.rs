@@ -7,6 +7,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_server(true)
         .build_client(true)
-        .compile_protos(&["proto/keyward/v1/keyward.proto"], &["proto"])?;
+        .compile_protos(
+            &["proto/keyward/v1/keyward.proto", "proto/keyward/v1/jwks.proto"],
+            &["proto"],
+        )?;
     Ok(())
 }

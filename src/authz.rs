@@ -54,7 +54,8 @@ impl Authz {
         self
     }
 
-    fn is_admin(&self, identity: &str) -> bool {
+    /// Whether `identity` is a configured admin.
+    pub fn is_admin(&self, identity: &str) -> bool {
         self.admins.iter().any(|a| a == identity)
     }
 

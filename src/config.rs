@@ -4,6 +4,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::str::FromStr as _;
 
 use secrecy::SecretString;
 use serde::Deserialize;
@@ -91,6 +92,9 @@ pub struct Config {
     /// Logs.
     #[serde(default)]
     pub log: LogConfig,
+    /// Issuer key rotation and the published JWKS.
+    #[serde(default)]
+    pub jwks: JwksConfig,
 }
 
 /// `[server]`
@@ -257,6 +261,114 @@ pub struct LogConfig {
     pub log_request_details: bool,
 }
 
+/// `[jwks]`: issuer key lifecycle and the published key set.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JwksConfig {
+    /// Issuer algorithms with an active key (JOSE names; EdDSA is required: sessions use it).
+    #[serde(default = "default_jwks_algorithms")]
+    pub algorithms: Vec<String>,
+    /// Days an active key signs before the scheduled rotation.
+    #[serde(default = "default_rotation_days")]
+    pub rotation_days: u64,
+    /// Hours before the rotation the next key is published.
+    #[serde(default = "default_prepublish_hours")]
+    pub prepublish_hours: u64,
+    /// Days a retired key stays published before it is removed and destroyed.
+    #[serde(default = "default_grace_days")]
+    pub grace_days: u64,
+    /// `Cache-Control: max-age` of the JWKS; must be shorter than the pre-publication window.
+    #[serde(default = "default_jwks_max_age")]
+    pub max_age_seconds: u64,
+    /// Seconds between two runs of the rotation scheduler (also how soon other replicas see
+    /// lifecycle changes); must be shorter than `max_age_seconds`.
+    #[serde(default = "default_jwks_tick")]
+    pub tick_seconds: u64,
+}
+
+impl Default for JwksConfig {
+    fn default() -> Self {
+        JwksConfig {
+            algorithms: default_jwks_algorithms(),
+            rotation_days: default_rotation_days(),
+            prepublish_hours: default_prepublish_hours(),
+            grace_days: default_grace_days(),
+            max_age_seconds: default_jwks_max_age(),
+            tick_seconds: default_jwks_tick(),
+        }
+    }
+}
+
+fn default_jwks_algorithms() -> Vec<String> {
+    vec!["EdDSA".into(), "ES256".into()]
+}
+fn default_rotation_days() -> u64 {
+    30
+}
+fn default_prepublish_hours() -> u64 {
+    24
+}
+fn default_grace_days() -> u64 {
+    90
+}
+fn default_jwks_max_age() -> u64 {
+    3600
+}
+fn default_jwks_tick() -> u64 {
+    60
+}
+
+impl JwksConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key, reason: &str| {
+            Err(ConfigError::Invalid {
+                key,
+                reason: reason.to_string(),
+            })
+        };
+        if self.algorithms.is_empty() {
+            return invalid("jwks.algorithms", "must name at least EdDSA");
+        }
+        for a in &self.algorithms {
+            if crate::hsm::IssuerAlg::from_str(a).is_err() {
+                return invalid(
+                    "jwks.algorithms",
+                    &format!("unknown algorithm {a:?} (EdDSA, ES256, ES256K)"),
+                );
+            }
+        }
+        if !self.algorithms.iter().any(|a| a == "EdDSA") {
+            return invalid("jwks.algorithms", "must include EdDSA (session tokens use it)");
+        }
+        if self.rotation_days == 0 || self.rotation_days > 3650 {
+            return invalid("jwks.rotation_days", "must be between 1 and 3650");
+        }
+        if self.prepublish_hours == 0 || self.prepublish_hours >= self.rotation_days * 24 {
+            return invalid(
+                "jwks.prepublish_hours",
+                "must be at least 1 and shorter than jwks.rotation_days",
+            );
+        }
+        if self.grace_days == 0 || self.grace_days > 3650 {
+            return invalid("jwks.grace_days", "must be between 1 and 3650");
+        }
+        if self.max_age_seconds == 0 || self.max_age_seconds >= self.prepublish_hours * 3600 {
+            return invalid(
+                "jwks.max_age_seconds",
+                "must be at least 1 and shorter than the pre-publication window (jwks.prepublish_hours)",
+            );
+        }
+        if self.tick_seconds == 0 || self.tick_seconds >= self.max_age_seconds {
+            // Replicas learn of a new next key on their tick: it must come well within max-age.
+            return invalid(
+                "jwks.tick_seconds",
+                "must be at least 1 and shorter than jwks.max_age_seconds",
+            );
+        }
+        Ok(())
+    }
+}
+
 impl Config {
     /// Reads, parses and validates a config file; relative paths are taken
     /// relative to the file's folder.
@@ -349,6 +461,7 @@ impl Config {
             }
             _ => {}
         }
+        self.jwks.validate()?;
         if self.keys.cache_capacity == 0 {
             return Err(ConfigError::Invalid {
                 key: "keys.cache_capacity",
@@ -472,6 +585,42 @@ admins = ["spiffe://example.org/admin"]
             Err(ConfigError::Parse { message, .. }) => assert!(message.contains("urll"), "{message}"),
             other => panic!("expected a parse error, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn jwks_section_defaults_and_validation() {
+        let cfg = Config::parse(GOOD, Path::new("/")).expect("valid");
+        assert_eq!(cfg.jwks.algorithms, vec!["EdDSA".to_string(), "ES256".to_string()]);
+        assert_eq!(
+            (
+                cfg.jwks.rotation_days,
+                cfg.jwks.prepublish_hours,
+                cfg.jwks.grace_days,
+                cfg.jwks.max_age_seconds
+            ),
+            (30, 24, 90, 3600)
+        );
+        let with = |extra: &str| format!("{GOOD}[jwks]\n{extra}\n");
+        let cases = [
+            ("max_age_seconds = 86400", "jwks.max_age_seconds"),
+            ("prepublish_hours = 1\nmax_age_seconds = 3600", "jwks.max_age_seconds"),
+            ("algorithms = [\"ES256\"]", "jwks.algorithms"),
+            ("algorithms = [\"EdDSA\", \"HS256\"]", "jwks.algorithms"),
+            ("rotation_days = 1\nprepublish_hours = 24", "jwks.prepublish_hours"),
+            ("max_age_seconds = 60\ntick_seconds = 60", "jwks.tick_seconds"),
+        ];
+        for (extra, key) in cases {
+            match Config::parse(&with(extra), Path::new("/")) {
+                Err(ConfigError::Invalid { key: k, .. }) => assert_eq!(k, key, "{extra}"),
+                other => panic!("expected invalid {key} for {extra}, got {other:?}"),
+            }
+        }
+        let ok = Config::parse(
+            &with("algorithms = [\"EdDSA\", \"ES256K\"]\nmax_age_seconds = 300\ntick_seconds = 30"),
+            Path::new("/"),
+        )
+        .expect("valid");
+        assert_eq!(ok.jwks.max_age_seconds, 300);
     }
 
     #[test]

@@ -1,5 +1,7 @@
 //! The HTTPS side port (server TLS, no client certificate): `/metrics` for
-//! Prometheus and `/healthz`. Later: the public JWKS.
+//! Prometheus, `/healthz`, and the public issuer key set at
+//! `/.well-known/jwks.json` (`Cache-Control: public, max-age=N`, strong ETag,
+//! `304` on a matching `If-None-Match`).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,9 +17,52 @@ use tokio_rustls::TlsAcceptor;
 use crate::api::Daemon;
 use crate::tls::ServerTls;
 
+/// The JWKS path on the side port.
+pub const JWKS_PATH: &str = "/.well-known/jwks.json";
+
+/// Whether an `If-None-Match` value matches `etag` (`*`, or any listed tag; weak
+/// comparison, as RFC 9110 prescribes for `If-None-Match`).
+fn none_match(header: &str, etag: &str) -> bool {
+    let bare = |t: &str| t.trim().trim_start_matches("W/").to_string();
+    header.trim() == "*" || header.split(',').any(|t| bare(t) == bare(etag))
+}
+
+async fn jwks(daemon: Arc<Daemon>, headers: http::HeaderMap) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let doc = daemon.jwks.document();
+    let cache = format!("public, max-age={}", doc.max_age);
+    let matched = headers
+        .get_all(http::header::IF_NONE_MATCH)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| none_match(v, &doc.etag));
+    if matched {
+        return (
+            http::StatusCode::NOT_MODIFIED,
+            [(http::header::ETAG, doc.etag), (http::header::CACHE_CONTROL, cache)],
+        )
+            .into_response();
+    }
+    (
+        [
+            (http::header::CONTENT_TYPE, "application/jwk-set+json".to_string()),
+            (http::header::ETAG, doc.etag),
+            (http::header::CACHE_CONTROL, cache),
+        ],
+        doc.body,
+    )
+        .into_response()
+}
+
 fn router(daemon: Arc<Daemon>, tls: Arc<ServerTls>) -> Router {
     let account_daemon = daemon.clone();
+
+    let jwks_daemon = daemon.clone();
     Router::new()
+        .route(
+            JWKS_PATH,
+            get(move |headers: http::HeaderMap| jwks(jwks_daemon.clone(), headers)),
+        )
         .route(
             "/metrics",
             get(move || {
@@ -132,5 +177,21 @@ pub async fn serve(listener: TcpListener, tls: Arc<ServerTls>, daemon: Arc<Daemo
                 tracing::debug!(%peer, error = %e, "HTTPS connection ended");
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::none_match;
+
+    #[test]
+    fn if_none_match() {
+        let tag = "\"abc\"";
+        assert!(none_match("\"abc\"", tag));
+        assert!(none_match("\"x\", \"abc\"", tag));
+        assert!(none_match("W/\"abc\"", tag));
+        assert!(none_match("*", tag));
+        assert!(!none_match("\"abd\"", tag));
+        assert!(!none_match("abc", tag));
     }
 }

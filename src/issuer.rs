@@ -3,18 +3,26 @@
 //! against the ring's own public keys.
 //!
 //! Kids are RFC 7638 thumbprints of the public JWK; the HSM stores them as CKA_ID and in the
-//! label. At load every key is checked: its kid must equal the thumbprint of its public key, and
-//! a probe JWS signed by the HSM must verify under that public key (so a mislabelled or
-//! mismatched object pair is found at startup, not by a verifier).
+//! label. Every key entering the ring is checked: its kid must equal the thumbprint of its public
+//! key, and a probe JWS signed by the HSM must verify under that public key (so a mislabelled or
+//! mismatched object pair is found when the key is loaded, not by a verifier).
 //!
-//! Rotation is later work: the ring already holds several keys per algorithm, but the active
-//! one is simply the first by kid, and every key is published.
+//! The daemon builds the ring from the store's lifecycle view ([`Issuer::from_records`],
+//! [`Issuer::refresh`], driven by [`crate::jwks`]): the `active` key of an algorithm signs;
+//! `next`, `active` and `retired` keys are published and verify; revoked or removed keys do
+//! neither. A refresh swaps the whole ring atomically; signing never searches the token (the
+//! token is searched only when a refresh meets a kid the ring does not hold yet).
+//! [`Issuer::load`] / [`Issuer::ensure`] build a ring from the token alone (first key per
+//! algorithm active, the others published), for `keyward init` and tools.
 
 use std::collections::BTreeMap;
+use std::str::FromStr;
+use std::sync::{Arc, RwLock};
 
 use crate::crypto::jwk::{Jwk, JwkError, Jwks};
 use crate::crypto::jws::{self, JwsAlg, JwsError};
 use crate::hsm::{Hsm, HsmError, IssuerAlg, IssuerKeyInfo};
+use crate::store::{IssuerKeyRecord, IssuerKeyState};
 
 /// Issuer algorithms `keyward init` (and `dev`) create keys for.
 pub const DEFAULT_ALGS: [IssuerAlg; 2] = [IssuerAlg::EdDSA, IssuerAlg::ES256];
@@ -60,26 +68,65 @@ pub enum IssuerError {
         /// The verification failure.
         source: JwsError,
     },
+    /// A stored issuer key does not decode or does not match its token object.
+    #[error("issuer key {kid}: {reason}")]
+    BadRecord {
+        /// The kid.
+        kid: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A stored issuer key has no object on the token.
+    #[error("issuer key {label} is in the store but not on the token")]
+    MissingOnToken {
+        /// Object label.
+        label: String,
+    },
 }
 
-/// One issuer key: the token object's description and its published JWK.
+/// One issuer key: the token object's description, its published JWK and its lifecycle state.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IssuerKey {
     /// The HSM's view (label, id, public key).
     pub info: IssuerKeyInfo,
     /// The public JWK (kid = thumbprint).
     pub jwk: Jwk,
+    /// Lifecycle state (never `Revoked` inside a ring).
+    pub state: IssuerKeyState,
 }
 
-/// The issuer key ring. Cheap to clone; `Send + Sync`.
-#[derive(Debug, Clone)]
-pub struct Issuer {
-    hsm: Hsm,
+/// One immutable view of the ring.
+#[derive(Debug, Default)]
+struct Ring {
     keys: Vec<IssuerKey>,
     /// Index into `keys` of the signing key per algorithm.
     active: BTreeMap<IssuerAlg, usize>,
     /// The JWKs of `keys`, in the same order (verification without cloning).
     published: Vec<Jwk>,
+}
+
+impl Ring {
+    fn new(mut keys: Vec<IssuerKey>) -> Ring {
+        keys.sort_by(|a, b| (a.info.alg, &a.jwk.kid).cmp(&(b.info.alg, &b.jwk.kid)));
+        let active = keys
+            .iter()
+            .enumerate()
+            .filter(|(_, k)| k.state == IssuerKeyState::Active)
+            .map(|(i, k)| (k.info.alg, i))
+            .collect();
+        Ring {
+            published: keys.iter().map(|k| k.jwk.clone()).collect(),
+            keys,
+            active,
+        }
+    }
+}
+
+/// The issuer key ring. Cheap to clone (clones share the ring); `Send + Sync`.
+#[derive(Debug, Clone)]
+pub struct Issuer {
+    hsm: Hsm,
+    ring: Arc<RwLock<Arc<Ring>>>,
 }
 
 /// The JWS algorithm of an issuer algorithm.
@@ -102,44 +149,57 @@ pub fn jwk_for(alg: IssuerAlg, public_key: &[u8]) -> Result<Jwk, JwkError> {
 
 const PROBE_TYP: &str = "keyward-probe";
 
+fn token_key(info: IssuerKeyInfo) -> Result<(IssuerKeyInfo, Jwk), IssuerError> {
+    let jwk = jwk_for(info.alg, &info.public_key).map_err(|source| IssuerError::BadPublicKey {
+        label: info.label.clone(),
+        source,
+    })?;
+    if jwk.kid.as_bytes() != info.id.as_slice() {
+        return Err(IssuerError::KidMismatch { label: info.label });
+    }
+    Ok((info, jwk))
+}
+
 impl Issuer {
+    fn with_ring(hsm: &Hsm, ring: Ring) -> Issuer {
+        Issuer {
+            hsm: hsm.clone(),
+            ring: Arc::new(RwLock::new(Arc::new(ring))),
+        }
+    }
+
+    fn ring(&self) -> Arc<Ring> {
+        self.ring.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
     /// Load every issuer key from the token (one token search), build and check the JWKs and
-    /// pick the active key per algorithm. Fails if there is no EdDSA key. Blocking.
+    /// pick the active key per algorithm (the first by kid; the others are published). Fails if
+    /// there is no EdDSA key. Blocking.
     pub fn load(hsm: &Hsm) -> Result<Issuer, IssuerError> {
         let mut keys = Vec::new();
-        for info in hsm.issuer_keys()? {
-            let jwk = jwk_for(info.alg, &info.public_key).map_err(|source| IssuerError::BadPublicKey {
-                label: info.label.clone(),
-                source,
-            })?;
-            if jwk.kid.as_bytes() != info.id.as_slice() {
-                return Err(IssuerError::KidMismatch { label: info.label });
-            }
-            keys.push(IssuerKey { info, jwk });
-        }
-        keys.sort_by(|a, b| (a.info.alg, &a.jwk.kid).cmp(&(b.info.alg, &b.jwk.kid)));
-        let mut active: BTreeMap<IssuerAlg, usize> = BTreeMap::new();
-        for (i, k) in keys.iter().enumerate() {
-            if let Some(first) = active.get(&k.info.alg) {
-                tracing::warn!(alg = %k.info.alg, active = %keys[*first].jwk.kid, other = %k.jwk.kid,
-                    "several issuer keys for one algorithm; all published, the first signs");
+        let mut seen = std::collections::BTreeSet::new();
+        let mut infos = hsm.issuer_keys()?;
+        infos.sort_by(|a, b| (a.alg, &a.id).cmp(&(b.alg, &b.id)));
+        for info in infos {
+            let (info, jwk) = token_key(info)?;
+            let state = if seen.insert(info.alg) {
+                IssuerKeyState::Active
             } else {
-                active.insert(k.info.alg, i);
-            }
+                tracing::debug!(alg = %info.alg, other = %jwk.kid,
+                    "several issuer keys for one algorithm; all published, the first signs (token-only view)");
+                IssuerKeyState::Retired
+            };
+            keys.push(IssuerKey { info, jwk, state });
         }
-        if !active.contains_key(&IssuerAlg::EdDSA) {
+        let ring = Ring::new(keys);
+        if !ring.active.contains_key(&IssuerAlg::EdDSA) {
             return Err(IssuerError::NoEdDsaKey);
         }
-        let issuer = Issuer {
-            hsm: hsm.clone(),
-            published: keys.iter().map(|k| k.jwk.clone()).collect(),
-            keys,
-            active,
-        };
-        for k in &issuer.keys {
+        let issuer = Issuer::with_ring(hsm, ring);
+        for k in &issuer.ring().keys {
             issuer.binding_check(k)?;
         }
-        tracing::info!(keys = issuer.keys.len(), "issuer keys loaded");
+        tracing::info!(keys = issuer.ring().keys.len(), "issuer keys loaded");
         Ok(issuer)
     }
 
@@ -151,11 +211,84 @@ impl Issuer {
             if present.contains(&alg) {
                 continue;
             }
-            let kid_for = move |pk: &[u8]| jwk_for(alg, pk).map(|j| j.kid).map_err(|e| e.to_string());
-            let info = hsm.create_issuer_key(alg, &kid_for)?;
-            tracing::info!(alg = %alg, label = %info.label, "created issuer key");
+            create_token_key(hsm, alg)?;
         }
         Issuer::load(hsm)
+    }
+
+    /// A ring with no key (fill it with [`Issuer::refresh`]).
+    pub fn empty(hsm: &Hsm) -> Issuer {
+        Issuer::with_ring(hsm, Ring::default())
+    }
+
+    /// The ring the store describes (see [`Issuer::refresh`]); fails without an active EdDSA
+    /// key. Blocking.
+    pub fn from_records(hsm: &Hsm, records: &[IssuerKeyRecord]) -> Result<Issuer, IssuerError> {
+        let issuer = Issuer::with_ring(hsm, Ring::default());
+        issuer.refresh(records)?;
+        if !issuer.ring().active.contains_key(&IssuerAlg::EdDSA) {
+            return Err(IssuerError::NoEdDsaKey);
+        }
+        Ok(issuer)
+    }
+
+    /// Replace the ring with the store's view: `next`, `active` and `retired` keys are
+    /// published, the `active` one of each algorithm signs, anything else is dropped. Keys the
+    /// ring already holds are reused; a new kid costs one token search and a binding check. On
+    /// error the previous ring stays. Blocking.
+    pub fn refresh(&self, records: &[IssuerKeyRecord]) -> Result<(), IssuerError> {
+        let current = self.ring();
+        let mut token: Option<Vec<IssuerKeyInfo>> = None;
+        let mut keys = Vec::new();
+        for rec in records.iter().filter(|r| r.state.published()) {
+            let bad = |reason: String| IssuerError::BadRecord {
+                kid: rec.kid.clone(),
+                reason,
+            };
+            if let Some(k) = current.keys.iter().find(|k| k.jwk.kid == rec.kid) {
+                keys.push(IssuerKey {
+                    state: rec.state,
+                    ..k.clone()
+                });
+                continue;
+            }
+            let alg = IssuerAlg::from_str(&rec.alg).map_err(|e| bad(e.to_string()))?;
+            let stored: Jwk = serde_json::from_str(&rec.jwk).map_err(|e| bad(format!("jwk: {e}")))?;
+            if stored.thumbprint() != rec.kid {
+                return Err(bad("kid is not the thumbprint of the stored JWK".into()));
+            }
+            if token.is_none() {
+                token = Some(self.hsm.issuer_keys()?);
+            }
+            let info = token
+                .as_ref()
+                .and_then(|t| t.iter().find(|i| i.label == rec.label && i.alg == alg))
+                .cloned()
+                .ok_or_else(|| IssuerError::MissingOnToken {
+                    label: rec.label.clone(),
+                })?;
+            let (info, jwk) = token_key(info)?;
+            if jwk.kid != rec.kid || jwk.x != stored.x || jwk.y != stored.y {
+                return Err(bad("the token's public key differs from the stored JWK".into()));
+            }
+            let key = IssuerKey {
+                info,
+                jwk,
+                state: rec.state,
+            };
+            self.binding_check(&key)?;
+            keys.push(key);
+        }
+        let ring = Arc::new(Ring::new(keys));
+        let changed = ring.keys != current.keys;
+        *self.ring.write().unwrap_or_else(|e| e.into_inner()) = ring;
+        if changed {
+            tracing::info!(
+                published = self.ring().keys.len(),
+                "issuer key ring refreshed from the store"
+            );
+        }
+        Ok(())
     }
 
     /// Sign a probe with the HSM key and verify it under the JWK.
@@ -176,36 +309,46 @@ impl Issuer {
     }
 
     /// The active key of `alg`.
-    pub fn active(&self, alg: IssuerAlg) -> Result<&IssuerKey, IssuerError> {
-        self.active
+    pub fn active(&self, alg: IssuerAlg) -> Result<IssuerKey, IssuerError> {
+        let ring = self.ring();
+        ring.active
             .get(&alg)
-            .and_then(|&i| self.keys.get(i))
+            .and_then(|&i| ring.keys.get(i))
+            .cloned()
             .ok_or(IssuerError::NoActiveKey { alg })
     }
 
     /// Every key in the ring (sorted by algorithm, then kid).
-    pub fn keys(&self) -> &[IssuerKey] {
-        &self.keys
+    pub fn keys(&self) -> Vec<IssuerKey> {
+        self.ring().keys.clone()
     }
 
     /// Sign `claims` (a JSON object) as a compact JWS with the active key of `alg`; header
     /// `{"alg","kid","typ"}`. Blocking HSM call: run it on a blocking thread.
     pub fn sign_jws(&self, alg: IssuerAlg, typ: &str, claims: &serde_json::Value) -> Result<String, IssuerError> {
         let key = self.active(alg)?;
-        self.sign_with(key, typ, claims)
+        self.sign_with(&key, typ, claims)
     }
 
-    /// The published key set (every key of the ring).
+    /// The published key set (`next`, `active` and `retired` keys).
     pub fn jwks(&self) -> Jwks {
         Jwks {
-            keys: self.published.clone(),
+            keys: self.ring().published.clone(),
         }
     }
 
-    /// Verify a token against the ring's public keys, on the host (no HSM call).
+    /// Verify a token against the published keys, on the host (no HSM call).
     pub fn verify(&self, token: &str) -> Result<jws::Verified, IssuerError> {
-        Ok(jws::verify_compact(token, &self.published)?)
+        Ok(jws::verify_compact(token, &self.ring().published)?)
     }
+}
+
+/// Generate a new token key of `alg` (kid = thumbprint). Blocking.
+pub fn create_token_key(hsm: &Hsm, alg: IssuerAlg) -> Result<(IssuerKeyInfo, Jwk), IssuerError> {
+    let kid_for = move |pk: &[u8]| jwk_for(alg, pk).map(|j| j.kid).map_err(|e| e.to_string());
+    let info = hsm.create_issuer_key(alg, &kid_for)?;
+    tracing::info!(alg = %alg, label = %info.label, "created issuer key");
+    token_key(info)
 }
 
 #[cfg(test)]

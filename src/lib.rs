@@ -20,6 +20,7 @@ pub mod dev;
 pub mod hsm;
 pub mod http;
 pub mod issuer;
+pub mod jwks;
 pub mod keys;
 pub mod metrics;
 pub mod receipt;

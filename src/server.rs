@@ -10,9 +10,10 @@ use tokio::net::TcpListener;
 use tonic::transport::Server;
 
 use crate::api::pb::account_service_server::AccountServiceServer;
+use crate::api::pb::jwks_service_server::JwksServiceServer;
 use crate::api::pb::session_service_server::SessionServiceServer;
 use crate::api::pb::signing_service_server::SigningServiceServer;
-use crate::api::{AccountApi, Daemon, SessionApi, SigningApi};
+use crate::api::{AccountApi, Daemon, JwksApi, SessionApi, SigningApi};
 use crate::authz::Authz;
 use crate::clock::{Clock, SystemClock};
 use crate::config::{Config, ConfigError};
@@ -121,14 +122,18 @@ pub async fn start_with_clock(config: &Config, clock: Arc<dyn Clock>) -> Result<
     if hsm.kek_version() == 0 {
         return Err(ServeError::NoKek);
     }
-    let issuer = {
-        let hsm = hsm.clone();
-        tokio::task::spawn_blocking(move || Issuer::load(&hsm))
-            .await
-            .map_err(|_| ServeError::Internal("issuer load task failed"))?
-            .map_err(|e| ServeError::Issuer(e.to_string()))?
-    };
     let store = crate::store::open(&config.store.url).await?;
+    let jwks = Arc::new(
+        crate::jwks::KeyLifecycle::start(
+            store.clone(),
+            hsm.clone(),
+            clock.clone(),
+            crate::jwks::JwksSettings::from_config(&config.jwks),
+        )
+        .await
+        .map_err(|e| ServeError::Issuer(e.to_string()))?,
+    );
+    let issuer = jwks.issuer().clone();
     let metrics = Arc::new(Metrics::new()?);
     let verifying_contract = match &config.sessions.verifying_contract {
         Some(c) => Some(crate::crypto::eth::Address::parse(c).map_err(|_| {
@@ -142,7 +147,7 @@ pub async fn start_with_clock(config: &Config, clock: Arc<dyn Clock>) -> Result<
     let secs = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
     let sessions = Sessions::new(
         store.clone(),
-        Arc::new(issuer),
+        issuer,
         clock,
         SessionSettings {
             domain: Domain {
@@ -167,6 +172,7 @@ pub async fn start_with_clock(config: &Config, clock: Arc<dyn Clock>) -> Result<
         metrics,
         log_details: config.log.log_request_details,
         sessions,
+        jwks,
     });
     Ok(Running {
         daemon,
@@ -221,7 +227,8 @@ where
         .add_service(health_service)
         .add_service(AccountServiceServer::new(AccountApi(d.clone())).max_decoding_message_size(max))
         .add_service(SigningServiceServer::new(SigningApi(d.clone())).max_decoding_message_size(max))
-        .add_service(SessionServiceServer::new(SessionApi(d.clone())).max_decoding_message_size(max));
+        .add_service(SessionServiceServer::new(SessionApi(d.clone())).max_decoding_message_size(max))
+        .add_service(JwksServiceServer::new(JwksApi(d.clone())).max_decoding_message_size(max));
 
     let mut grpc_stop = stop_rx.clone();
     let grpc_task = tokio::spawn(grpc_server.serve_with_incoming_shutdown(
@@ -230,6 +237,7 @@ where
             let _ = grpc_stop.wait_for(|s| *s).await;
         },
     ));
+    let jwks_task = tokio::spawn(d.jwks.clone().run(stop_rx.clone()));
     let https_task = tokio::spawn(crate::http::serve(https, running.tls.clone(), d.clone(), stop_rx));
 
     shutdown.await;
@@ -237,6 +245,7 @@ where
     let _ = stop_tx.send(true);
     let grpc_result = grpc_task.await.map_err(|_| ServeError::Internal("gRPC task failed"))?;
     let _ = https_task.await;
+    let _ = jwks_task.await;
     d.keys.clear_cache();
     tracing::info!("stopped");
     grpc_result.map_err(ServeError::from)

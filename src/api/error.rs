@@ -51,6 +51,9 @@ pub enum ApiError {
     /// A bug.
     #[error("internal error: {0}")]
     Internal(&'static str),
+    /// The issuer key lifecycle refused or failed.
+    #[error(transparent)]
+    Jwks(#[from] crate::jwks::JwksError),
 }
 
 impl ApiError {
@@ -115,6 +118,7 @@ impl From<ApiError> for Status {
                 _ => Status::internal(msg),
             },
             ApiError::Internal(_) => Status::internal(msg),
+            ApiError::Jwks(e) => crate::jwks::status(e, msg),
         }
     }
 }

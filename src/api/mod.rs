@@ -3,6 +3,7 @@
 
 mod account;
 mod error;
+mod jwks;
 mod session;
 mod signing;
 
@@ -43,6 +44,8 @@ pub struct Daemon {
     pub log_details: bool,
     /// Delegated sessions.
     pub sessions: crate::session::Sessions,
+    /// Issuer key lifecycle and the published JWKS.
+    pub jwks: Arc<crate::jwks::KeyLifecycle>,
 }
 
 impl Daemon {
@@ -90,3 +93,7 @@ pub struct SigningApi(pub Arc<Daemon>);
 /// The session service bound to the daemon.
 #[derive(Debug, Clone)]
 pub struct SessionApi(pub Arc<Daemon>);
+
+/// The JWKS service bound to the daemon.
+#[derive(Debug, Clone)]
+pub struct JwksApi(pub Arc<Daemon>);

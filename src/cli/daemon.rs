@@ -120,6 +120,7 @@ pub fn dev(home: &Path, args: DevArgs) -> anyhow::Result<()> {
             println!("  gRPC (mTLS)  https://{}", ep.grpc);
             println!("  metrics      https://{}/metrics", ep.https);
             println!("  health       https://{}/healthz", ep.https);
+            println!("  jwks         https://{}{}", ep.https, crate::http::JWKS_PATH);
             println!("  clients      admin, marketplace, wallet-gateway (--as NAME)");
             println!("ready");
             Ok(())
@@ -141,8 +142,16 @@ pub fn init(config_path: &Path) -> anyhow::Result<()> {
     export_softhsm_conf(&config);
     run_blocking(async move {
         let hsm = server::open_hsm(&config).await?;
-        let kek = server::init_token(hsm).await?;
+        let kek = server::init_token(hsm.clone()).await?;
         let store = crate::store::open(&config.store.url).await?;
+        // Each configured issuer algorithm: an active and a published next key.
+        crate::jwks::KeyLifecycle::start(
+            store.clone(),
+            hsm,
+            std::sync::Arc::new(crate::clock::SystemClock),
+            crate::jwks::JwksSettings::from_config(&config.jwks),
+        )
+        .await?;
         println!(
             "key-encryption key version {kek} ready; store ({}) migrated",
             store.backend()

@@ -3,6 +3,7 @@
 
 pub(crate) mod client;
 mod daemon;
+mod jwks;
 mod output;
 mod receipt;
 mod session;
@@ -93,6 +94,9 @@ enum Command {
     /// Delegated sessions.
     #[command(subcommand)]
     Session(session::SessionCmd),
+    /// Issuer keys and the published JWKS.
+    #[command(subcommand)]
+    Jwks(jwks::JwksCmd),
     /// A software wallet for development and demos (the key sits in a file).
     #[command(subcommand)]
     Wallet(session::WalletCmd),
@@ -161,6 +165,10 @@ pub fn main() -> ExitCode {
         },
         Command::Session(cmd) => match runtime() {
             Ok(rt) => rt.block_on(session::session(&cli.home, &cli.client, cmd)),
+            Err(code) => return code,
+        },
+        Command::Jwks(cmd) => match runtime() {
+            Ok(rt) => rt.block_on(jwks::jwks(&cli.home, &cli.client, cmd)),
             Err(code) => return code,
         },
         Command::Wallet(cmd) => session::wallet(&cli.client, cmd),

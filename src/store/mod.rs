@@ -17,6 +17,8 @@ pub mod testing;
 #[cfg(test)]
 mod tests;
 #[cfg(test)]
+mod tests_jwks;
+#[cfg(test)]
 mod tests_receipts;
 
 pub use postgres::PgStore;
@@ -328,6 +330,42 @@ pub trait Store: Send + Sync + fmt::Debug {
     /// The receipt recorded for `(account_id, request_id)`, if any.
     async fn get_receipt(&self, account_id: &str, request_id: &str) -> Result<Option<ReceiptRecord>, StoreError>;
     // ----- end receipts ------------------------------------------------------
+
+    // ---- Issuer keys (JWKS lifecycle, issue 5) ----
+
+    /// Every issuer key row (revoked ones included), by algorithm, then
+    /// creation time, then kid.
+    async fn list_issuer_keys(&self) -> Result<Vec<IssuerKeyRecord>, StoreError>;
+
+    /// Stores a new key whose state is `active` or `next`, only if its
+    /// algorithm has no key in that state yet; returns whether it was stored
+    /// (false: another writer was first, nothing written). Idempotent under
+    /// races: at most one active and one next key per algorithm result.
+    async fn add_issuer_key(&self, rec: &IssuerKeyRecord) -> Result<bool, StoreError>;
+
+    /// In one transaction: the oldest `next` key of `alg` becomes active
+    /// (`activated_at = now`) and the active key, if any, retired
+    /// (`retired_at = now`), provided the next key was created at least
+    /// `min_published` seconds before `now`. With `active_due_before`
+    /// (scheduled rotation) the active key must have been activated at or
+    /// before that time, and on PostgreSQL the rotation lock is only tried
+    /// (`pg_try_advisory_xact_lock`): exactly one replica rotates.
+    async fn promote_issuer_key(
+        &self,
+        alg: &str,
+        now: i64,
+        min_published: i64,
+        active_due_before: Option<i64>,
+    ) -> Result<PromoteOutcome, StoreError>;
+
+    /// In one transaction: revokes the key (`revoked_at = now`); if it was
+    /// active, the oldest `next` key of its algorithm becomes active at once.
+    /// `None` if no key has this kid; a revoked key stays as it was.
+    async fn revoke_issuer_key(&self, kid: &str, now: i64) -> Result<Option<RevokeOutcome>, StoreError>;
+
+    /// Deletes a retired or revoked key's row (after its grace period);
+    /// returns whether a row was deleted.
+    async fn delete_issuer_key(&self, kid: &str) -> Result<bool, StoreError>;
 }
 
 // ----- Receipts (issue 5) ----------------------------------------------------
@@ -860,4 +898,176 @@ pub(crate) fn decide_spend(
         remaining: session.remaining - r.amount,
         uses,
     })
+}
+
+// ---- Issuer keys (JWKS lifecycle, issue 5) -------------------------------
+
+/// Lifecycle state of an issuer key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum IssuerKeyState {
+    /// Published, not yet signing.
+    Next,
+    /// The one key of its algorithm that signs.
+    Active,
+    /// Published for verification of old signatures only.
+    Retired,
+    /// Compromised or withdrawn: not published, never verifies.
+    Revoked,
+}
+
+impl IssuerKeyState {
+    /// `next`, `active`, `retired` or `revoked`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            IssuerKeyState::Next => "next",
+            IssuerKeyState::Active => "active",
+            IssuerKeyState::Retired => "retired",
+            IssuerKeyState::Revoked => "revoked",
+        }
+    }
+
+    /// Parses a stored state.
+    pub fn parse(s: &str) -> Option<IssuerKeyState> {
+        [
+            IssuerKeyState::Next,
+            IssuerKeyState::Active,
+            IssuerKeyState::Retired,
+            IssuerKeyState::Revoked,
+        ]
+        .into_iter()
+        .find(|k| k.as_str() == s)
+    }
+
+    /// Whether keys in this state are in the JWKS.
+    pub fn published(self) -> bool {
+        !matches!(self, IssuerKeyState::Revoked)
+    }
+}
+
+/// One issuer key as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IssuerKeyRecord {
+    /// The RFC 7638 thumbprint.
+    pub kid: String,
+    /// JOSE algorithm name (`EdDSA`, `ES256`, `ES256K`).
+    pub alg: String,
+    /// The HSM object label.
+    pub label: String,
+    /// Lifecycle state.
+    pub state: IssuerKeyState,
+    /// When the key was created (and published as `next`), unix seconds.
+    pub created_at: i64,
+    /// When it became active.
+    pub activated_at: Option<i64>,
+    /// When it was retired.
+    pub retired_at: Option<i64>,
+    /// When it was revoked.
+    pub revoked_at: Option<i64>,
+    /// The public JWK, JSON.
+    pub jwk: String,
+}
+
+/// What [`Store::promote_issuer_key`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PromoteOutcome {
+    /// The oldest `next` key became active; the previous active key (if any) retired.
+    Promoted {
+        /// The new active key.
+        kid: String,
+        /// The key retired.
+        retired: Option<String>,
+    },
+    /// No `next` key of this algorithm.
+    NoNext,
+    /// The `next` key has not been published long enough.
+    TooEarly {
+        /// The next key.
+        kid: String,
+        /// When it may be promoted, unix seconds.
+        ready_at: i64,
+    },
+    /// Scheduled promotion: the active key is not due (another replica rotated first).
+    NotDue,
+    /// Scheduled promotion: another replica holds the rotation lock.
+    Busy,
+}
+
+/// What [`Store::revoke_issuer_key`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RevokeOutcome {
+    /// The key as it was before (state `revoked` if it already was).
+    pub before: IssuerKeyRecord,
+    /// The `next` key promoted because the revoked key was active.
+    pub promoted: Option<String>,
+}
+
+/// One `issuer_keys` row as read.
+pub(crate) struct RawIssuerKey {
+    pub kid: String,
+    pub alg: String,
+    pub label: String,
+    pub state: String,
+    pub created_at: i64,
+    pub activated_at: Option<i64>,
+    pub retired_at: Option<i64>,
+    pub revoked_at: Option<i64>,
+    pub jwk: String,
+}
+
+impl RawIssuerKey {
+    pub(crate) fn decode(self) -> Result<IssuerKeyRecord, StoreError> {
+        let state = IssuerKeyState::parse(&self.state).ok_or_else(|| StoreError::Corrupt {
+            what: format!("issuer key {}: state {:?}", self.kid, self.state),
+        })?;
+        Ok(IssuerKeyRecord {
+            kid: self.kid,
+            alg: self.alg,
+            label: self.label,
+            state,
+            created_at: self.created_at,
+            activated_at: self.activated_at,
+            retired_at: self.retired_at,
+            revoked_at: self.revoked_at,
+            jwk: self.jwk,
+        })
+    }
+}
+
+/// The columns of an `issuer_keys` row.
+pub(crate) const ISSUER_KEY_COLUMNS: &str =
+    "kid, alg, label, state, created_at, activated_at, retired_at, revoked_at, jwk";
+
+/// Orders keys by algorithm, then creation time, then kid.
+pub(crate) fn sort_issuer_keys(keys: &mut [IssuerKeyRecord]) {
+    keys.sort_by(|a, b| (&a.alg, a.created_at, &a.kid).cmp(&(&b.alg, b.created_at, &b.kid)));
+}
+
+/// What promotion decides from the rows of one algorithm (read under the lock).
+pub(crate) fn decide_promote(
+    keys: &[IssuerKeyRecord],
+    now: i64,
+    min_published: i64,
+    active_due_before: Option<i64>,
+) -> Result<(String, Option<String>), PromoteOutcome> {
+    let active = keys.iter().find(|k| k.state == IssuerKeyState::Active);
+    if let (Some(due), Some(a)) = (active_due_before, active) {
+        if a.activated_at.unwrap_or(a.created_at) > due {
+            return Err(PromoteOutcome::NotDue);
+        }
+    }
+    let next = keys
+        .iter()
+        .filter(|k| k.state == IssuerKeyState::Next)
+        .min_by(|a, b| (a.created_at, &a.kid).cmp(&(b.created_at, &b.kid)));
+    let Some(next) = next else {
+        return Err(PromoteOutcome::NoNext);
+    };
+    let ready_at = next.created_at.saturating_add(min_published);
+    if ready_at > now {
+        return Err(PromoteOutcome::TooEarly {
+            kid: next.kid.clone(),
+            ready_at,
+        });
+    }
+    Ok((next.kid.clone(), active.map(|a| a.kid.clone())))
 }

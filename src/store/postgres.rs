@@ -18,6 +18,10 @@ use super::{
     RawChallenge, RawKey, RawSession, RawSpend, SessionRecord, SpendDecision, SpendOutcome, SpendRequest, Store,
     StoreError, CHALLENGE_COLUMNS, SESSION_COLUMNS,
 };
+use super::{
+    decide_promote, sort_issuer_keys, IssuerKeyRecord, IssuerKeyState, PromoteOutcome, RawIssuerKey, RevokeOutcome,
+    ISSUER_KEY_COLUMNS,
+};
 
 const BACKEND: &str = "postgres";
 /// Bounds connecting as well as waiting for a pooled connection.
@@ -634,6 +638,210 @@ impl Store for PgStore {
         fetch_receipt(&self.pool, account_id, request_id).await
     }
     // ----- end receipts ----------------------------------------------------------
+
+    // ---- Issuer keys (JWKS lifecycle, issue 5) ----
+    // Every state change takes the rotation advisory lock in its transaction
+    // (scheduled promotion only tries it: one replica rotates, the others
+    // skip); the partial unique index keeps one active key per algorithm.
+
+    async fn list_issuer_keys(&self) -> Result<Vec<IssuerKeyRecord>, StoreError> {
+        issuer_keys_where(&self.pool, None).await
+    }
+
+    async fn add_issuer_key(&self, rec: &IssuerKeyRecord) -> Result<bool, StoreError> {
+        let err = |e| from_sqlx(BACKEND, e);
+        if !matches!(rec.state, IssuerKeyState::Active | IssuerKeyState::Next) {
+            return Err(StoreError::Backend {
+                backend: BACKEND,
+                reason: format!("a new issuer key must be next or active, not {}", rec.state.as_str()),
+            });
+        }
+        let mut tx = self.pool.begin().await.map_err(err)?;
+        lock_rotation(&mut tx, false).await?;
+        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM issuer_keys WHERE alg = $1 AND state = $2")
+            .bind(&rec.alg)
+            .bind(rec.state.as_str())
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(err)?;
+        if n > 0 {
+            tx.rollback().await.map_err(err)?;
+            return Ok(false);
+        }
+        sqlx::query(&format!(
+            "INSERT INTO issuer_keys ({ISSUER_KEY_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)"
+        ))
+        .bind(&rec.kid)
+        .bind(&rec.alg)
+        .bind(&rec.label)
+        .bind(rec.state.as_str())
+        .bind(rec.created_at)
+        .bind(rec.activated_at)
+        .bind(rec.retired_at)
+        .bind(rec.revoked_at)
+        .bind(&rec.jwk)
+        .execute(&mut *tx)
+        .await
+        .map_err(conflict_as(BACKEND, || format!("issuer key {}", rec.kid)))?;
+        tx.commit().await.map_err(err)?;
+        Ok(true)
+    }
+
+    async fn promote_issuer_key(
+        &self,
+        alg: &str,
+        now: i64,
+        min_published: i64,
+        active_due_before: Option<i64>,
+    ) -> Result<PromoteOutcome, StoreError> {
+        let err = |e| from_sqlx(BACKEND, e);
+        let mut tx = self.pool.begin().await.map_err(err)?;
+        if !lock_rotation(&mut tx, active_due_before.is_some()).await? {
+            tx.rollback().await.map_err(err)?;
+            return Ok(PromoteOutcome::Busy);
+        }
+        let keys = issuer_keys_where(&mut *tx, Some(alg)).await?;
+        let (next, active) = match decide_promote(&keys, now, min_published, active_due_before) {
+            Ok(v) => v,
+            Err(outcome) => {
+                tx.rollback().await.map_err(err)?;
+                return Ok(outcome);
+            }
+        };
+        promote_in(&mut tx, &next, active.as_deref(), now).await?;
+        tx.commit().await.map_err(err)?;
+        Ok(PromoteOutcome::Promoted {
+            kid: next,
+            retired: active,
+        })
+    }
+
+    async fn revoke_issuer_key(&self, kid: &str, now: i64) -> Result<Option<RevokeOutcome>, StoreError> {
+        let err = |e| from_sqlx(BACKEND, e);
+        let mut tx = self.pool.begin().await.map_err(err)?;
+        lock_rotation(&mut tx, false).await?;
+        let sql = format!("SELECT {ISSUER_KEY_COLUMNS} FROM issuer_keys WHERE kid = $1");
+        let row = sqlx::query(&sql)
+            .bind(kid)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(err)?;
+        let Some(before) = row.map(|r| raw_issuer_key(&r)?.decode()).transpose()? else {
+            tx.rollback().await.map_err(err)?;
+            return Ok(None);
+        };
+        if before.state == IssuerKeyState::Revoked {
+            tx.rollback().await.map_err(err)?;
+            return Ok(Some(RevokeOutcome { before, promoted: None }));
+        }
+        sqlx::query("UPDATE issuer_keys SET state = 'revoked', revoked_at = $1 WHERE kid = $2")
+            .bind(now)
+            .bind(kid)
+            .execute(&mut *tx)
+            .await
+            .map_err(err)?;
+        let mut promoted = None;
+        if before.state == IssuerKeyState::Active {
+            let keys = issuer_keys_where(&mut *tx, Some(&before.alg)).await?;
+            if let Ok((next, _)) = decide_promote(&keys, now, 0, None) {
+                promote_in(&mut tx, &next, None, now).await?;
+                promoted = Some(next);
+            }
+        }
+        tx.commit().await.map_err(err)?;
+        Ok(Some(RevokeOutcome { before, promoted }))
+    }
+
+    async fn delete_issuer_key(&self, kid: &str) -> Result<bool, StoreError> {
+        let r = sqlx::query("DELETE FROM issuer_keys WHERE kid = $1 AND state IN ('retired', 'revoked')")
+            .bind(kid)
+            .execute(&self.pool)
+            .await
+            .map_err(|e| from_sqlx(BACKEND, e))?;
+        Ok(r.rows_affected() > 0)
+    }
+}
+
+// ---- Issuer keys (JWKS lifecycle, issue 5) ----
+
+fn raw_issuer_key(row: &PgRow) -> Result<RawIssuerKey, StoreError> {
+    let err = |e| from_sqlx(BACKEND, e);
+    Ok(RawIssuerKey {
+        kid: row.try_get("kid").map_err(err)?,
+        alg: row.try_get("alg").map_err(err)?,
+        label: row.try_get("label").map_err(err)?,
+        state: row.try_get("state").map_err(err)?,
+        created_at: row.try_get("created_at").map_err(err)?,
+        activated_at: row.try_get("activated_at").map_err(err)?,
+        retired_at: row.try_get("retired_at").map_err(err)?,
+        revoked_at: row.try_get("revoked_at").map_err(err)?,
+        jwk: row.try_get("jwk").map_err(err)?,
+    })
+}
+
+async fn issuer_keys_where<'e, E>(conn: E, alg: Option<&str>) -> Result<Vec<IssuerKeyRecord>, StoreError>
+where
+    E: sqlx::Executor<'e, Database = sqlx::Postgres>,
+{
+    let sql = format!("SELECT {ISSUER_KEY_COLUMNS} FROM issuer_keys WHERE $1::TEXT IS NULL OR alg = $1");
+    let rows = sqlx::query(&sql)
+        .bind(alg)
+        .fetch_all(conn)
+        .await
+        .map_err(|e| from_sqlx(BACKEND, e))?;
+    let mut keys = rows
+        .iter()
+        .map(|r| raw_issuer_key(r)?.decode())
+        .collect::<Result<Vec<_>, _>>()?;
+    sort_issuer_keys(&mut keys);
+    Ok(keys)
+}
+
+async fn promote_in(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    next: &str,
+    active: Option<&str>,
+    now: i64,
+) -> Result<(), StoreError> {
+    let err = |e| from_sqlx(BACKEND, e);
+    if let Some(active) = active {
+        sqlx::query("UPDATE issuer_keys SET state = 'retired', retired_at = $1 WHERE kid = $2 AND state = 'active'")
+            .bind(now)
+            .bind(active)
+            .execute(&mut **tx)
+            .await
+            .map_err(err)?;
+    }
+    sqlx::query("UPDATE issuer_keys SET state = 'active', activated_at = $1 WHERE kid = $2 AND state = 'next'")
+        .bind(now)
+        .bind(next)
+        .execute(&mut **tx)
+        .await
+        .map_err(err)?;
+    Ok(())
+}
+
+/// Key of the advisory lock every issuer key state change takes ("keyward-jwks").
+const ROTATION_LOCK: i64 = 0x6b77_6a77_6b73_0001;
+
+/// Takes the rotation lock for the transaction (waiting), or only tries it
+/// when `try_only`; returns whether it is held.
+async fn lock_rotation(tx: &mut sqlx::Transaction<'_, sqlx::Postgres>, try_only: bool) -> Result<bool, StoreError> {
+    let err = |e| from_sqlx(BACKEND, e);
+    if try_only {
+        sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)")
+            .bind(ROTATION_LOCK)
+            .fetch_one(&mut **tx)
+            .await
+            .map_err(err)
+    } else {
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(ROTATION_LOCK)
+            .execute(&mut **tx)
+            .await
+            .map_err(err)?;
+        Ok(true)
+    }
 }
 
 // ----- Receipts (issue 5) ----------------------------------------------------

@@ -1,0 +1,115 @@
+//! JwksService: the published key set (any client) and the issuer key lifecycle (admins).
+
+use std::str::FromStr;
+
+use tonic::{Request, Response, Status};
+
+use super::pb::jwks_service_server::JwksService;
+use super::pb::{
+    GetJwksRequest, GetJwksResponse, IssuerKey, ListIssuerKeysRequest, ListIssuerKeysResponse, RevokeIssuerKeyRequest,
+    RevokeIssuerKeyResponse, RotateIssuerKeyRequest, RotateIssuerKeyResponse, Rotation,
+};
+use super::{ApiError, Daemon, JwksApi};
+use crate::hsm::IssuerAlg;
+use crate::jwks::JwksError;
+use crate::store::IssuerKeyRecord;
+
+fn key_proto(r: &IssuerKeyRecord) -> IssuerKey {
+    IssuerKey {
+        kid: r.kid.clone(),
+        alg: r.alg.clone(),
+        state: r.state.as_str().into(),
+        created_at: r.created_at,
+        activated_at: r.activated_at.unwrap_or_default(),
+        retired_at: r.retired_at.unwrap_or_default(),
+        revoked_at: r.revoked_at.unwrap_or_default(),
+        jwk_json: r.jwk.clone(),
+    }
+}
+
+impl Daemon {
+    fn require_admin(&self, identity: &str) -> Result<(), ApiError> {
+        if self.authz.is_admin(identity) {
+            Ok(())
+        } else {
+            Err(JwksError::NotAdmin(identity.to_string()).into())
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl JwksService for JwksApi {
+    async fn get_jwks(&self, request: Request<GetJwksRequest>) -> Result<Response<GetJwksResponse>, Status> {
+        let d = &self.0;
+        d.handle("GetJwks", request, |_identity, _req| async move {
+            let doc = d.jwks.document();
+            Ok(GetJwksResponse {
+                jwks_json: doc.body,
+                etag: doc.etag,
+                max_age_seconds: u64::try_from(doc.max_age).unwrap_or_default(),
+            })
+        })
+        .await
+    }
+
+    async fn list_issuer_keys(
+        &self,
+        request: Request<ListIssuerKeysRequest>,
+    ) -> Result<Response<ListIssuerKeysResponse>, Status> {
+        let d = &self.0;
+        d.handle("ListIssuerKeys", request, |identity, _req| async move {
+            d.require_admin(&identity)?;
+            let keys = d.jwks.list().await?;
+            Ok(ListIssuerKeysResponse {
+                keys: keys.iter().map(key_proto).collect(),
+            })
+        })
+        .await
+    }
+
+    async fn rotate_issuer_key(
+        &self,
+        request: Request<RotateIssuerKeyRequest>,
+    ) -> Result<Response<RotateIssuerKeyResponse>, Status> {
+        let d = &self.0;
+        d.handle("RotateIssuerKey", request, |identity, req| async move {
+            d.require_admin(&identity)?;
+            let alg = match req.alg.as_str() {
+                "" => None,
+                a => Some(IssuerAlg::from_str(a).map_err(|e| ApiError::invalid("alg", e.to_string()))?),
+            };
+            let rotations = d.jwks.rotate(alg).await?;
+            Ok(RotateIssuerKeyResponse {
+                rotations: rotations
+                    .into_iter()
+                    .map(|r| Rotation {
+                        alg: r.alg.as_str().into(),
+                        activated_kid: r.activated,
+                        retired_kid: r.retired.unwrap_or_default(),
+                        next_kid: r.next.unwrap_or_default(),
+                    })
+                    .collect(),
+            })
+        })
+        .await
+    }
+
+    async fn revoke_issuer_key(
+        &self,
+        request: Request<RevokeIssuerKeyRequest>,
+    ) -> Result<Response<RevokeIssuerKeyResponse>, Status> {
+        let d = &self.0;
+        d.handle("RevokeIssuerKey", request, |identity, req| async move {
+            d.require_admin(&identity)?;
+            if req.kid.is_empty() || req.kid.len() > 64 {
+                return Err(ApiError::invalid("kid", "must be 1 to 64 characters"));
+            }
+            let outcome = d.jwks.revoke(&req.kid).await?;
+            Ok(RevokeIssuerKeyResponse {
+                revoked: Some(key_proto(&outcome.before)),
+                promoted_kid: outcome.promoted.unwrap_or_default(),
+            })
+        })
+        .await
+    }
+}

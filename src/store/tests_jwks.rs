@@ -1,0 +1,211 @@
+//! Issuer key lifecycle rows, on every backend (SQLite in a temp dir, PostgreSQL in a fresh
+//! schema, skipped loudly when no server answers outside CI).
+
+use std::sync::Arc;
+
+use super::testing::{sqlite_url_in, PgTestSchema};
+use super::*;
+
+enum Place {
+    Dir(#[allow(dead_code)] tempfile::TempDir),
+    Schema(#[allow(dead_code)] PgTestSchema),
+}
+
+async fn sqlite() -> Option<(Arc<dyn Store>, Place)> {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(&sqlite_url_in(dir.path())).await.expect("open");
+    Some((store, Place::Dir(dir)))
+}
+
+async fn postgres() -> Option<(Arc<dyn Store>, Place)> {
+    let schema = PgTestSchema::create()?;
+    let store = open(schema.url()).await.expect("open");
+    Some((store, Place::Schema(schema)))
+}
+
+fn rec(kid: &str, alg: &str, state: IssuerKeyState, now: i64) -> IssuerKeyRecord {
+    IssuerKeyRecord {
+        kid: kid.into(),
+        alg: alg.into(),
+        label: format!("keyward-issuer-{alg}-{kid}"),
+        state,
+        created_at: now,
+        activated_at: (state == IssuerKeyState::Active).then_some(now),
+        retired_at: None,
+        revoked_at: None,
+        jwk: format!(r#"{{"kid":"{kid}"}}"#),
+    }
+}
+
+fn state_of(keys: &[IssuerKeyRecord], kid: &str) -> Option<IssuerKeyState> {
+    keys.iter().find(|k| k.kid == kid).map(|k| k.state)
+}
+
+async fn transitions(store: Arc<dyn Store>) {
+    assert!(store.list_issuer_keys().await.unwrap().is_empty());
+    assert!(store
+        .add_issuer_key(&rec("a1", "EdDSA", IssuerKeyState::Active, 100))
+        .await
+        .unwrap());
+    assert!(!store
+        .add_issuer_key(&rec("a2", "EdDSA", IssuerKeyState::Active, 100))
+        .await
+        .unwrap());
+    assert!(store
+        .add_issuer_key(&rec("n1", "EdDSA", IssuerKeyState::Next, 100))
+        .await
+        .unwrap());
+    assert!(!store
+        .add_issuer_key(&rec("n2", "EdDSA", IssuerKeyState::Next, 100))
+        .await
+        .unwrap());
+    assert!(store
+        .add_issuer_key(&rec("e1", "ES256", IssuerKeyState::Active, 100))
+        .await
+        .unwrap());
+    assert!(store
+        .add_issuer_key(&rec("x", "EdDSA", IssuerKeyState::Retired, 100))
+        .await
+        .is_err());
+    let keys = store.list_issuer_keys().await.unwrap();
+    assert_eq!(keys.len(), 3);
+    assert_eq!(
+        keys.iter().find(|k| k.kid == "a1"),
+        Some(&rec("a1", "EdDSA", IssuerKeyState::Active, 100))
+    );
+
+    // Too early: nothing changes.
+    assert_eq!(
+        store.promote_issuer_key("EdDSA", 150, 60, None).await.unwrap(),
+        PromoteOutcome::TooEarly {
+            kid: "n1".into(),
+            ready_at: 160
+        }
+    );
+    // Scheduled, not due yet.
+    assert_eq!(
+        store.promote_issuer_key("EdDSA", 500, 60, Some(50)).await.unwrap(),
+        PromoteOutcome::NotDue
+    );
+    assert_eq!(
+        store.promote_issuer_key("ES256", 500, 60, None).await.unwrap(),
+        PromoteOutcome::NoNext
+    );
+    assert_eq!(
+        store.promote_issuer_key("EdDSA", 160, 60, None).await.unwrap(),
+        PromoteOutcome::Promoted {
+            kid: "n1".into(),
+            retired: Some("a1".into())
+        }
+    );
+    let keys = store.list_issuer_keys().await.unwrap();
+    assert_eq!(state_of(&keys, "a1"), Some(IssuerKeyState::Retired));
+    assert_eq!(state_of(&keys, "n1"), Some(IssuerKeyState::Active));
+    let n1 = keys.iter().find(|k| k.kid == "n1").unwrap();
+    assert_eq!(n1.activated_at, Some(160));
+    assert_eq!(keys.iter().find(|k| k.kid == "a1").unwrap().retired_at, Some(160));
+
+    // Revoking the active key promotes the next one at once (no age rule).
+    assert!(store
+        .add_issuer_key(&rec("n3", "EdDSA", IssuerKeyState::Next, 200))
+        .await
+        .unwrap());
+    let out = store.revoke_issuer_key("n1", 201).await.unwrap().unwrap();
+    assert_eq!(out.before.state, IssuerKeyState::Active);
+    assert_eq!(out.promoted.as_deref(), Some("n3"));
+    let keys = store.list_issuer_keys().await.unwrap();
+    assert_eq!(state_of(&keys, "n1"), Some(IssuerKeyState::Revoked));
+    assert_eq!(keys.iter().find(|k| k.kid == "n1").unwrap().revoked_at, Some(201));
+    assert_eq!(state_of(&keys, "n3"), Some(IssuerKeyState::Active));
+    // Idempotent.
+    let again = store.revoke_issuer_key("n1", 300).await.unwrap().unwrap();
+    assert_eq!(again.before.state, IssuerKeyState::Revoked);
+    assert_eq!(again.before.revoked_at, Some(201));
+    assert_eq!(again.promoted, None);
+    assert!(store.revoke_issuer_key("nope", 300).await.unwrap().is_none());
+
+    // Deletion: only retired or revoked rows.
+    assert!(!store.delete_issuer_key("n3").await.unwrap());
+    assert!(store.delete_issuer_key("a1").await.unwrap());
+    assert!(!store.delete_issuer_key("a1").await.unwrap());
+    let keys = store.list_issuer_keys().await.unwrap();
+    assert_eq!(state_of(&keys, "a1"), None);
+    store.close().await;
+}
+
+async fn concurrent_rotations(store: Arc<dyn Store>) {
+    for round in 0..5i64 {
+        let t = round * 1000;
+        if round == 0 {
+            assert!(store
+                .add_issuer_key(&rec("k0", "ES256", IssuerKeyState::Active, t))
+                .await
+                .unwrap());
+        }
+        let next = format!("k{}", round + 1);
+        assert!(store
+            .add_issuer_key(&rec(&next, "ES256", IssuerKeyState::Next, t))
+            .await
+            .unwrap());
+        let mut tasks = Vec::new();
+        for i in 0..4 {
+            let s = store.clone();
+            // Half on demand, half scheduled.
+            let due = (i % 2 == 0).then_some(t + 500);
+            tasks.push(tokio::spawn(async move {
+                s.promote_issuer_key("ES256", t + 500, 100, due).await
+            }));
+        }
+        let mut promoted = 0;
+        for task in tasks {
+            if let PromoteOutcome::Promoted { kid, .. } = task.await.unwrap().unwrap() {
+                assert_eq!(kid, next);
+                promoted += 1;
+            }
+        }
+        assert_eq!(promoted, 1, "exactly one rotation wins");
+        let keys = store.list_issuer_keys().await.unwrap();
+        let active: Vec<_> = keys.iter().filter(|k| k.state == IssuerKeyState::Active).collect();
+        assert_eq!(active.len(), 1);
+        assert_eq!(active[0].kid, next);
+    }
+    // Concurrent adds of a next key: one wins.
+    let mut tasks = Vec::new();
+    for i in 0..4 {
+        let s = store.clone();
+        tasks.push(tokio::spawn(async move {
+            s.add_issuer_key(&rec(&format!("race{i}"), "ES256", IssuerKeyState::Next, 9000))
+                .await
+        }));
+    }
+    let mut added = 0;
+    for task in tasks {
+        added += usize::from(task.await.unwrap().unwrap());
+    }
+    assert_eq!(added, 1);
+    store.close().await;
+}
+
+macro_rules! both {
+    ($case:ident) => {
+        mod $case {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn sqlite() {
+                let Some((store, _place)) = super::sqlite().await else {
+                    return;
+                };
+                super::$case(store).await;
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn postgres() {
+                let Some((store, _place)) = super::postgres().await else {
+                    return;
+                };
+                super::$case(store).await;
+            }
+        }
+    };
+}
+
+both!(transitions);
+both!(concurrent_rotations);
