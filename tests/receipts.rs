@@ -161,8 +161,18 @@ impl Story {
         (r.session.expect("session").session_id, r.token)
     }
 
-    fn issuer_jwks(&self) -> String {
-        serde_json::to_string(&self.daemon.state.sessions.issuer().jwks()).expect("jwks")
+    /// The issuer JWKS as any verifier gets it: over HTTPS from the daemon's
+    /// public endpoint, checked against the daemon's own view.
+    async fn issuer_jwks(&self) -> String {
+        let url = format!("https://{}/.well-known/jwks.json", self.daemon.https_addr);
+        let (status, body) = keyward::cli::verify::https_get(&url, &self.env.pki.ca_cert, "localhost")
+            .await
+            .expect("HTTPS GET");
+        assert_eq!(status, 200);
+        let fetched: serde_json::Value = serde_json::from_str(&body).expect("JWKS JSON");
+        let own = serde_json::to_value(self.daemon.state.sessions.issuer().jwks()).expect("jwks");
+        assert_eq!(fetched, own, "the published JWKS is the issuer's");
+        body
     }
 
     fn account_url(&self, id: &str) -> String {
@@ -195,7 +205,7 @@ fn sign_and_verify(custody: Custody, store: StoreKind) {
         assert_eq!(h["alg"], "EdDSA");
         assert_eq!(h["typ"], "keyward-receipt+jwt");
         let ours = st.daemon.state.sessions.issuer().verify(&r1.receipt).expect("verifies");
-        let claims = jose_verify(&st.issuer_jwks(), &r1.receipt).unwrap_or(ours.claims);
+        let claims = jose_verify(&st.issuer_jwks().await, &r1.receipt).unwrap_or(ours.claims);
         assert_eq!(claims["receipt_id"], r1.receipt_id.as_str());
         assert_eq!(claims["audit_seq"].as_u64(), Some(r1.audit_seq));
         assert_eq!(claims["amount"], "40");
@@ -481,7 +491,7 @@ fn keyward_verify_accepts_real_and_rejects_forgeries() {
             .await
             .expect("receipt");
         let jwks_path = st.env.dir.path().join("issuer-jwks.json");
-        std::fs::write(&jwks_path, st.issuer_jwks()).expect("write jwks");
+        std::fs::write(&jwks_path, st.issuer_jwks().await).expect("write jwks");
         let jwks = jwks_path.to_str().expect("path");
 
         // The real one, as an argument and as a file.
