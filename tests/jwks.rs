@@ -17,8 +17,6 @@ use keyward::api::pb::{
 };
 use keyward::clock::{Clock, ManualClock};
 use keyward::config::Custody;
-use keyward::crypto::eip712::TypedData;
-use keyward::crypto::eth::Address;
 use keyward::crypto::jwk::Jwks;
 use keyward::crypto::jws::verify_compact;
 use keyward::hsm::IssuerAlg;
@@ -114,27 +112,6 @@ async fn https_get(addr: SocketAddr, ca: &Path, path: &str, extra: &[(&str, &str
 }
 
 // ---- the story fixture ----
-
-struct Wallet(SigningKey);
-
-impl Wallet {
-    fn address(&self) -> Address {
-        Address::from_public_key(self.0.verifying_key())
-    }
-    fn sign(&self, typed_data_json: &str) -> Vec<u8> {
-        let digest = TypedData::from_json_str(typed_data_json)
-            .expect("typed data")
-            .signing_hash();
-        let (sig, recid) = self.0.sign_prehash_recoverable(&digest).expect("sign");
-        let (sig, odd) = match sig.normalize_s() {
-            Some(low) => (low, !recid.is_y_odd()),
-            None => (sig, recid.is_y_odd()),
-        };
-        let mut out = sig.to_bytes().to_vec();
-        out.push(27 + u8::from(odd));
-        out
-    }
-}
 
 struct Story {
     env: Env,

@@ -20,7 +20,6 @@ use keyward::api::pb::{
 };
 use keyward::clock::ManualClock;
 use keyward::config::Custody;
-use keyward::crypto::eip712::TypedData;
 use keyward::crypto::eth::Address;
 use sha2::{Digest as _, Sha256};
 use tonic::Code;
@@ -30,27 +29,6 @@ const OTHER_MANIFEST: &str = "60303ae22b998861bce3b28f33eec1be758a213c86c93c076d
 const MARKETPLACE: &str = "spiffe://example.org/marketplace";
 const BUYER: &str = "did:key:z6MkiTBz1ymuepAQ4HEHYSF1H8quG5GLVVQR3djdX3mDooWp";
 const START: i64 = 1_800_000_000;
-
-struct Wallet(SigningKey);
-
-impl Wallet {
-    fn address(&self) -> Address {
-        Address::from_public_key(self.0.verifying_key())
-    }
-    fn sign(&self, typed_data_json: &str) -> Vec<u8> {
-        let digest = TypedData::from_json_str(typed_data_json)
-            .expect("typed data")
-            .signing_hash();
-        let (sig, recid) = self.0.sign_prehash_recoverable(&digest).expect("sign");
-        let (sig, odd) = match sig.normalize_s() {
-            Some(low) => (low, !recid.is_y_odd()),
-            None => (sig, recid.is_y_odd()),
-        };
-        let mut out = sig.to_bytes().to_vec();
-        out.push(27 + u8::from(odd));
-        out
-    }
-}
 
 struct Story {
     env: Env,

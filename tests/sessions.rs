@@ -7,7 +7,7 @@ mod common;
 use std::sync::Arc;
 
 use common::*;
-use k256::ecdsa::{Signature, SigningKey};
+use k256::ecdsa::Signature;
 use keyward::api::pb::session_service_client::SessionServiceClient;
 use keyward::api::pb::{
     CreateAccountRequest, CreateSessionChallengeRequest, GetSessionRequest, ListSessionsRequest, OpenSessionRequest,
@@ -16,7 +16,7 @@ use keyward::api::pb::{
 use keyward::clock::{Clock, ManualClock};
 use keyward::config::Custody;
 use keyward::crypto::eip712::TypedData;
-use keyward::crypto::eth::{recover_address, Address};
+use keyward::crypto::eth::recover_address;
 use tonic::transport::Channel;
 use tonic::Code;
 
@@ -24,31 +24,6 @@ const MANIFEST: &str = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15
 const OTHER_MANIFEST: &str = "60303ae22b998861bce3b28f33eec1be758a213c86c93c076dbe9f558c11c752";
 const MARKETPLACE: &str = "spiffe://example.org/marketplace";
 const START: i64 = 1_800_000_000;
-
-/// The controller wallet: signs typed data like eth_signTypedData_v4.
-struct Wallet(SigningKey);
-
-impl Wallet {
-    fn new(seed: u8) -> Wallet {
-        Wallet(SigningKey::from_slice(&[seed; 32]).expect("key"))
-    }
-    fn address(&self) -> Address {
-        Address::from_public_key(self.0.verifying_key())
-    }
-    fn sign(&self, typed_data_json: &str) -> Vec<u8> {
-        let digest = TypedData::from_json_str(typed_data_json)
-            .expect("daemon typed data encodes")
-            .signing_hash();
-        let (sig, recid) = self.0.sign_prehash_recoverable(&digest).expect("sign");
-        let (sig, odd) = match sig.normalize_s() {
-            Some(low) => (low, !recid.is_y_odd()),
-            None => (sig, recid.is_y_odd()),
-        };
-        let mut out = sig.to_bytes().to_vec();
-        out.push(27 + u8::from(odd));
-        out
-    }
-}
 
 struct Story {
     env: Env,

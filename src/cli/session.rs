@@ -366,13 +366,7 @@ pub fn wallet(opts: &ClientOpts, cmd: WalletCmd) -> anyhow::Result<()> {
             };
             let typed = TypedData::from_value(&value).map_err(|e| anyhow::anyhow!("typed data: {e}"))?;
             let digest = typed.signing_hash();
-            let (sig, recid) = sk.sign_prehash_recoverable(&digest).context("signing")?;
-            let (sig, odd) = match sig.normalize_s() {
-                Some(low) => (low, !recid.is_y_odd()),
-                None => (sig, recid.is_y_odd()),
-            };
-            let mut out = sig.to_bytes().to_vec();
-            out.push(27 + u8::from(odd));
+            let out = crate::crypto::eth::sign_digest(&sk, &digest).context("signing")?;
             let address = Address::from_public_key(sk.verifying_key()).to_checksum();
             emit(
                 opts.json,

@@ -142,6 +142,22 @@ pub fn to_recoverable(key: &VerifyingKey, prehash: &[u8; 32], raw_rs: &[u8]) -> 
     Ok(out)
 }
 
+/// Signs a 32-byte digest with a software key: r‖s‖v, low-s, v ∈ {27, 28}
+/// (what `eth_sign`-family wallets produce).
+pub fn sign_digest(key: &k256::ecdsa::SigningKey, digest: &[u8; 32]) -> Result<[u8; 65], EthError> {
+    let (sig, recid) = key
+        .sign_prehash_recoverable(digest)
+        .map_err(|_| EthError::MalformedSignature)?;
+    let (sig, odd) = match sig.normalize_s() {
+        Some(low) => (low, !recid.is_y_odd()),
+        None => (sig, recid.is_y_odd()),
+    };
+    let mut out = [0u8; 65];
+    out[..64].copy_from_slice(&sig.to_bytes());
+    out[64] = 27 + u8::from(odd);
+    Ok(out)
+}
+
 /// Recovers the address that signed `prehash`, from r‖s‖v (v ∈ {0,1,27,28}).
 /// High-s signatures are refused (EIP-2), as wallets and contracts do.
 pub fn recover_address(prehash: &[u8; 32], sig65: &[u8]) -> Result<Address, EthError> {

@@ -166,19 +166,7 @@ impl AccountKeys {
     /// r‖s‖v over a 32-byte digest, low-s, v ∈ {27, 28}.
     pub fn sign_eth_digest(&self, hsm: &Hsm, metrics: &Metrics, digest: &[u8; 32]) -> Result<[u8; 65], KeyError> {
         match &self.secp {
-            Secp::Host(sk) => {
-                let (sig, recid) = sk
-                    .sign_prehash_recoverable(digest)
-                    .map_err(|_| KeyError::Internal("secp256k1 signing failed"))?;
-                let (sig, odd) = match sig.normalize_s() {
-                    Some(low) => (low, !recid.is_y_odd()),
-                    None => (sig, recid.is_y_odd()),
-                };
-                let mut out = [0u8; 65];
-                out[..64].copy_from_slice(&sig.to_bytes());
-                out[64] = 27 + u8::from(odd);
-                Ok(out)
-            }
+            Secp::Host(sk) => eth::sign_digest(sk, digest).map_err(|_| KeyError::Internal("secp256k1 signing failed")),
             Secp::Hsm(key) => {
                 let started = Instant::now();
                 let raw = hsm.sign(key, digest);

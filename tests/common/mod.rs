@@ -301,3 +301,28 @@ pub fn jose_verify(jwks_json: &str, token: &str) -> Option<serde_json::Value> {
     std::fs::write(&path, jwks_json).expect("write jwks");
     joserfc_verify(&path, token)
 }
+
+/// A controller wallet: a software secp256k1 key that signs typed data the
+/// way `eth_signTypedData_v4` does.
+pub struct Wallet(pub k256::ecdsa::SigningKey);
+
+impl Wallet {
+    /// A deterministic wallet.
+    pub fn new(seed: u8) -> Wallet {
+        Wallet(k256::ecdsa::SigningKey::from_slice(&[seed; 32]).expect("key"))
+    }
+
+    pub fn address(&self) -> keyward::crypto::eth::Address {
+        keyward::crypto::eth::Address::from_public_key(self.0.verifying_key())
+    }
+
+    /// r‖s‖v over the document's EIP-712 signing hash.
+    pub fn sign(&self, typed_data_json: &str) -> Vec<u8> {
+        let digest = keyward::crypto::eip712::TypedData::from_json_str(typed_data_json)
+            .expect("typed data encodes")
+            .signing_hash();
+        keyward::crypto::eth::sign_digest(&self.0, &digest)
+            .expect("sign")
+            .to_vec()
+    }
+}
