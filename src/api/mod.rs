@@ -72,12 +72,14 @@ impl Daemon {
             Err(s) => s.code(),
         };
         self.metrics.observe_request(method, code, started);
-        tracing::info!(
-            method,
-            code = crate::metrics::code_name(code),
-            micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
-            "rpc"
-        );
+        // One line per refused or failed RPC at info; successes at debug (the
+        // metrics count them), so the hot path does not format a log line.
+        let micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+        if code == tonic::Code::Ok {
+            tracing::debug!(method, code = "OK", micros, "rpc");
+        } else {
+            tracing::info!(method, code = crate::metrics::code_name(code), micros, "rpc");
+        }
         result
     }
 }
