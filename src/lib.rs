@@ -10,6 +10,7 @@
 #![warn(missing_docs)]
 
 pub mod api;
+pub mod audit;
 pub mod authz;
 pub mod bench;
 pub mod cli;

@@ -395,6 +395,13 @@ mod receipts {
             body_hash: hash,
             session_id: session_id.as_deref(),
             created_at: now,
+            audit: crate::audit::context::in_transaction(hex::encode(hash), format!("receipt:{receipt_id}")).map(
+                |mut e| {
+                    e.request_id.clone_from(&request_id);
+                    e.session = session_id.clone().unwrap_or_default();
+                    e
+                },
+            ),
         };
         let outcome = d
             .keys
@@ -403,7 +410,13 @@ mod receipts {
             .await
             .map_err(crate::keys::KeyError::from)?;
         match outcome {
-            ReceiptOutcome::Recorded(r) | ReceiptOutcome::Replay(r) => Ok(response(r)),
+            ReceiptOutcome::Recorded(r) => {
+                if new.audit.is_some() {
+                    crate::audit::context::mark_recorded(r.seq);
+                }
+                Ok(response(r))
+            }
+            ReceiptOutcome::Replay(r) => Ok(response(r)),
             ReceiptOutcome::BodyMismatch => Err(SessionError::IdempotencyMismatch.into()),
             ReceiptOutcome::SignFailed(e) => Err(SessionError::Issuer(e.to_string()).into()),
         }

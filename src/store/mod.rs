@@ -17,6 +17,8 @@ pub mod testing;
 #[cfg(test)]
 mod tests;
 #[cfg(test)]
+mod tests_audit;
+#[cfg(test)]
 mod tests_jwks;
 #[cfg(test)]
 mod tests_receipts;
@@ -248,6 +250,9 @@ pub trait Store: Send + Sync + fmt::Debug {
     /// `"sqlite"` or `"postgres"`.
     fn backend(&self) -> &'static str;
 
+    /// The audit log's view of this store.
+    fn audit(&self) -> &dyn crate::audit::AuditStore;
+
     /// Checks the database answers.
     async fn ping(&self) -> Result<(), StoreError>;
 
@@ -394,13 +399,16 @@ pub struct NewReceipt<'a> {
     pub session_id: Option<&'a str>,
     /// Issue time, unix seconds UTC.
     pub created_at: i64,
+    /// The request's audit event, appended in the recording transaction;
+    /// its sequence number becomes the receipt's `audit_seq`.
+    pub audit: Option<crate::audit::NewEvent>,
 }
 
 /// A stored receipt.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReceiptRecord {
-    /// Audit sequence number: assigned by the store, strictly increasing.
-    /// (The tamper-evident audit log, later work, takes this over.)
+    /// Audit sequence number: the seq of the receipt's audit event (or,
+    /// for a receipt recorded without one, the receipts table's own seq).
     pub seq: u64,
     /// The receipt's id.
     pub receipt_id: String,
@@ -445,7 +453,7 @@ pub(crate) struct RawReceipt {
 
 /// Columns of a receipt row, in [`RawReceipt`] order.
 pub(crate) const RECEIPT_COLUMNS: &str =
-    "seq, receipt_id, account_id, request_id, body_hash, session_id, created_at, jws";
+    "COALESCE(audit_seq, seq) AS seq, receipt_id, account_id, request_id, body_hash, session_id, created_at, jws";
 
 impl RawReceipt {
     /// Decodes a row.

@@ -34,6 +34,13 @@ pub struct PgStore {
     url: String,
 }
 
+impl PgStore {
+    /// The connection pool (the audit log's store code).
+    pub(crate) fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+}
+
 impl fmt::Debug for PgStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("PgStore")
@@ -173,6 +180,10 @@ where
 impl Store for PgStore {
     fn backend(&self) -> &'static str {
         BACKEND
+    }
+
+    fn audit(&self) -> &dyn crate::audit::AuditStore {
+        self
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
@@ -604,6 +615,18 @@ impl Store for PgStore {
         let seq_u = u64::try_from(seq).map_err(|_| StoreError::Corrupt {
             what: format!("receipt {}: negative seq", r.receipt_id),
         })?;
+        // The receipt's audit event is appended in this transaction: its
+        // sequence number is the receipt's `audit_seq`.
+        let seq_u = match &r.audit {
+            Some(event) => {
+                let stored = crate::audit::postgres::append_in(&mut tx, std::slice::from_ref(event)).await?;
+                stored.first().map_or(seq_u, |e| e.seq)
+            }
+            None => seq_u,
+        };
+        let audit_seq = i64::try_from(seq_u).map_err(|_| StoreError::Corrupt {
+            what: format!("receipt {}: audit seq out of range", r.receipt_id),
+        })?;
         let jws = match sign(seq_u).await {
             Ok(jws) => jws,
             Err(e) => {
@@ -611,9 +634,10 @@ impl Store for PgStore {
                 return Ok(super::ReceiptOutcome::SignFailed(e));
             }
         };
-        sqlx::query("UPDATE receipts SET jws = $1 WHERE seq = $2")
+        sqlx::query("UPDATE receipts SET jws = $1, audit_seq = $3 WHERE seq = $2")
             .bind(&jws)
             .bind(seq)
+            .bind(audit_seq)
             .execute(&mut *tx)
             .await
             .map_err(err)?;

@@ -99,6 +99,16 @@ impl SqliteStore {
     pub fn path(&self) -> &Path {
         &self.path
     }
+
+    /// The connection pool (the audit log's store code).
+    pub(crate) fn pool(&self) -> &SqlitePool {
+        &self.pool
+    }
+
+    /// The single in-process writer lock.
+    pub(crate) fn writer(&self) -> &Mutex<()> {
+        &self.write
+    }
 }
 
 fn io_error(path: &Path, what: &str, e: std::io::Error) -> StoreError {
@@ -201,6 +211,10 @@ where
 impl Store for SqliteStore {
     fn backend(&self) -> &'static str {
         BACKEND
+    }
+
+    fn audit(&self) -> &dyn crate::audit::AuditStore {
+        self
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
@@ -623,6 +637,18 @@ impl Store for SqliteStore {
         let seq_u = u64::try_from(seq).map_err(|_| StoreError::Corrupt {
             what: format!("receipt {}: negative seq", r.receipt_id),
         })?;
+        // The receipt's audit event is appended in this transaction: its
+        // sequence number is the receipt's `audit_seq`.
+        let seq_u = match &r.audit {
+            Some(event) => {
+                let stored = crate::audit::sqlite::append_in(&mut tx, std::slice::from_ref(event)).await?;
+                stored.first().map_or(seq_u, |e| e.seq)
+            }
+            None => seq_u,
+        };
+        let audit_seq = i64::try_from(seq_u).map_err(|_| StoreError::Corrupt {
+            what: format!("receipt {}: audit seq out of range", r.receipt_id),
+        })?;
         let jws = match sign(seq_u).await {
             Ok(jws) => jws,
             Err(e) => {
@@ -630,9 +656,10 @@ impl Store for SqliteStore {
                 return Ok(super::ReceiptOutcome::SignFailed(e));
             }
         };
-        sqlx::query("UPDATE receipts SET jws = ?1 WHERE seq = ?2")
+        sqlx::query("UPDATE receipts SET jws = ?1, audit_seq = ?3 WHERE seq = ?2")
             .bind(&jws)
             .bind(seq)
+            .bind(audit_seq)
             .execute(&mut *tx)
             .await
             .map_err(err)?;
