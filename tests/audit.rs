@@ -681,3 +681,180 @@ fn offline_verify_export_prove_tamper_postgres() {
     }
     offline_commands(StoreKind::Postgres);
 }
+
+/// Starts `keyward dev` on `home` and waits for its "ready" line.
+fn start_dev(home: &Path) -> std::process::Child {
+    use std::io::BufRead as _;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_keyward"))
+        .arg("--home")
+        .arg(home)
+        .args(["dev", "--listen", "127.0.0.1:0", "--https-listen", "127.0.0.1:0"])
+        .env_remove("SOFTHSM2_CONF")
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::inherit())
+        .spawn()
+        .expect("spawn keyward dev");
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    loop {
+        match rx.recv_timeout(std::time::Duration::from_secs(60)) {
+            Ok(l) if l == "ready" => return child,
+            Ok(_) => {}
+            Err(e) => {
+                let _ = child.kill();
+                panic!("keyward dev did not print ready: {e}");
+            }
+        }
+    }
+}
+
+/// Sends `signal` to the child's PID and waits for it to exit.
+fn signal(child: &mut std::process::Child, signal: &str) {
+    let pid = child.id().to_string();
+    assert!(Command::new("kill")
+        .args([signal, &pid])
+        .status()
+        .expect("kill")
+        .success());
+    child.wait().expect("wait");
+}
+
+fn dev_channel(home: &Path, profile: &str) -> (String, keyward::tls::ClientTlsFiles) {
+    let f = keyward::dev::read_client_file(home).expect("client file");
+    let p = f.profiles.get(profile).expect("profile");
+    (
+        f.endpoint.clone(),
+        keyward::tls::ClientTlsFiles {
+            ca: f.ca.clone(),
+            cert: Some(p.cert.clone()),
+            key: Some(p.key.clone()),
+            domain: f.domain.clone(),
+        },
+    )
+}
+
+/// SIGKILL under concurrent signing load: after a restart, every signature
+/// a client received has its event (same digest and signature reference),
+/// and `keyward audit verify` passes.
+#[test]
+fn sigkill_under_load_loses_no_event() {
+    use keyward::api::pb::signing_service_client::SigningServiceClient;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let home = dir.path().join("home");
+    let mut child = start_dev(&home);
+    let out = Command::new(env!("CARGO_BIN_EXE_keyward"))
+        .arg("--home")
+        .arg(&home)
+        .args([
+            "account",
+            "create",
+            "--controller",
+            CONTROLLER,
+            "--allow",
+            MARKETPLACE,
+            "--json",
+        ])
+        .output()
+        .expect("account create");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let account: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let account_id = account["account_id"].as_str().expect("id").to_string();
+    let (endpoint, files) = dev_channel(&home, "marketplace");
+    let received = std::sync::Arc::new(std::sync::Mutex::new(Vec::<(Vec<u8>, Vec<u8>)>::new()));
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let workers: Vec<_> = (0..6u8)
+        .map(|w| {
+            let (endpoint, files, account_id, received) =
+                (endpoint.clone(), files.clone(), account_id.clone(), received.clone());
+            rt.spawn(async move {
+                let ch = keyward::tls::connect(&endpoint, &files).await.expect("connect");
+                let mut c = SigningServiceClient::new(ch);
+                for i in 0u32.. {
+                    let data = format!("worker {w} message {i}").into_bytes();
+                    let r = c
+                        .sign_message(SignMessageRequest {
+                            account_id: account_id.clone(),
+                            alg: SignatureAlgorithm::Ed25519 as i32,
+                            data: data.clone(),
+                        })
+                        .await;
+                    match r {
+                        Ok(r) => received.lock().expect("lock").push((data, r.into_inner().signature)),
+                        Err(_) => return,
+                    }
+                }
+            })
+        })
+        .collect();
+    // Let the load run until a good number of signatures arrived, then kill.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while received.lock().expect("lock").len() < 300 {
+        assert!(std::time::Instant::now() < deadline, "load did not get going");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    signal(&mut child, "-KILL");
+    for w in workers {
+        rt.block_on(w).expect("worker");
+    }
+    let received = received.lock().expect("lock").clone();
+    assert!(received.len() >= 300);
+
+    // Restart: the daemon comes back and appends after the recovered head.
+    let mut child = start_dev(&home);
+    let (endpoint, files) = dev_channel(&home, "marketplace");
+    rt.block_on(async {
+        let ch = keyward::tls::connect(&endpoint, &files).await.expect("connect");
+        SigningServiceClient::new(ch)
+            .sign_message(SignMessageRequest {
+                account_id: account_id.clone(),
+                alg: SignatureAlgorithm::Ed25519 as i32,
+                data: b"after restart".to_vec(),
+            })
+            .await
+            .expect("sign after restart");
+    });
+    signal(&mut child, "-TERM");
+
+    let store_url = format!("sqlite://{}", home.join("keyward.db").display());
+    let events = rt.block_on(async {
+        let s = keyward::store::open(&store_url).await.expect("store");
+        let mut all = Vec::new();
+        let mut after = 0;
+        loop {
+            let page = s.audit().events_after(after, 1000).await.expect("events");
+            let Some(last) = page.last().map(|e| e.seq) else { break };
+            after = last;
+            all.extend(page);
+        }
+        all
+    });
+    let by_ref: std::collections::HashMap<&str, &Event> =
+        events.iter().map(|e| (e.body.signature_ref.as_str(), e)).collect();
+    for (data, sig) in &received {
+        let e = by_ref
+            .get(format!("sig:{}", sha256_hex(sig)).as_str())
+            .unwrap_or_else(|| panic!("no event for a signature the client received"));
+        assert_eq!(e.body.digest, sha256_hex(data));
+        assert_eq!(e.body.action, "SignMessage");
+    }
+    assert_eq!(events.last().map(|e| e.body.action.as_str()), Some("SignMessage"));
+    let out = Command::new(env!("CARGO_BIN_EXE_keyward"))
+        .arg("--home")
+        .arg(&home)
+        .args(["audit", "verify", "--json"])
+        .output()
+        .expect("verify");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+}
