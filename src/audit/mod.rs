@@ -34,6 +34,7 @@
 //! `last_hash` (hex) and `iat`.
 
 pub mod appender;
+pub mod bench;
 pub mod chain;
 pub mod checkpoint;
 pub mod context;
