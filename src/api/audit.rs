@@ -138,7 +138,7 @@ impl AuditFacts for pb::SignAttestationRequest {
 }
 impl AuditFacts for pb::SignAttestationResponse {
     fn facts(&self, e: &mut NewEvent) {
-        e.signature_ref = format!("jws:{}", sha256_hex(self.attestation.as_bytes()));
+        e.signature_ref = crate::audit::event::jws_ref(&self.attestation);
     }
 }
 impl AuditFacts for pb::CreateSessionChallengeRequest {
@@ -161,7 +161,7 @@ impl AuditFacts for pb::OpenSessionResponse {
         if let Some(s) = &self.session {
             s.facts(e);
         }
-        e.signature_ref = format!("jws:{}", sha256_hex(self.token.as_bytes()));
+        e.signature_ref = crate::audit::event::jws_ref(&self.token);
     }
 }
 impl AuditFacts for pb::Session {

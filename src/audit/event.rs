@@ -69,6 +69,12 @@ pub struct Event {
     pub hash: [u8; 32],
 }
 
+/// The signature reference of an issued JWS: `jws:<hex SHA-256 of the token>`.
+pub fn jws_ref(token: &str) -> String {
+    use sha2::Digest as _;
+    format!("jws:{}", hex::encode(sha2::Sha256::digest(token.as_bytes())))
+}
+
 /// Serde helper: 32 bytes as lowercase hex.
 pub mod hex32 {
     use serde::{Deserialize, Deserializer, Serializer};

@@ -286,7 +286,19 @@ pub trait Store: Send + Sync + fmt::Debug {
         challenge_id: &str,
         now: i64,
         session: &SessionRecord,
-    ) -> Result<OpenOutcome, StoreError>;
+    ) -> Result<OpenOutcome, StoreError> {
+        Ok(self.open_session_audited(challenge_id, now, session, None).await?.0)
+    }
+
+    /// As [`Store::open_session`]; when the session is opened, also appends
+    /// `event` to the audit log in the same transaction and returns its seq.
+    async fn open_session_audited(
+        &self,
+        challenge_id: &str,
+        now: i64,
+        session: &SessionRecord,
+        event: Option<&crate::audit::NewEvent>,
+    ) -> Result<(OpenOutcome, Option<u64>), StoreError>;
 
     /// The session, or `None` if no session has this id.
     async fn get_session(&self, id: &str) -> Result<Option<SessionRecord>, StoreError>;

@@ -350,12 +350,13 @@ impl Store for PgStore {
         row.map(|row| raw_challenge(&row)?.decode()).transpose()
     }
 
-    async fn open_session(
+    async fn open_session_audited(
         &self,
         challenge_id: &str,
         now: i64,
         session: &SessionRecord,
-    ) -> Result<OpenOutcome, StoreError> {
+        event: Option<&crate::audit::NewEvent>,
+    ) -> Result<(OpenOutcome, Option<u64>), StoreError> {
         let err = |e| from_sqlx(BACKEND, e);
         if session.challenge_id != challenge_id {
             return Err(challenge_mismatch(BACKEND, challenge_id, session));
@@ -385,7 +386,7 @@ impl Store for PgStore {
         };
         if let Some(outcome) = refusal {
             tx.rollback().await.map_err(err)?;
-            return Ok(outcome);
+            return Ok((outcome, None));
         }
         sqlx::query("UPDATE challenges SET consumed_at = $1 WHERE id = $2")
             .bind(now)
@@ -415,8 +416,15 @@ impl Store for PgStore {
         .execute(&mut *tx)
         .await
         .map_err(conflict_as(BACKEND, || what.clone()))?;
+        let seq = match event {
+            Some(e) => crate::audit::postgres::append_in(&mut tx, std::slice::from_ref(e))
+                .await?
+                .first()
+                .map(|e| e.seq),
+            None => None,
+        };
         tx.commit().await.map_err(err)?;
-        Ok(OpenOutcome::Opened)
+        Ok((OpenOutcome::Opened, seq))
     }
 
     async fn get_session(&self, id: &str) -> Result<Option<SessionRecord>, StoreError> {
