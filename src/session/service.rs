@@ -415,6 +415,21 @@ impl Sessions {
         Ok(self.store.complete_spend(session_id, request_id, response).await?)
     }
 
+    /// As [`Sessions::complete_spend`], appending the request's audit
+    /// `event` in the same transaction; returns its seq if it was appended.
+    pub async fn complete_spend_audited(
+        &self,
+        session_id: &str,
+        request_id: &str,
+        response: &[u8],
+        event: Option<&crate::audit::NewEvent>,
+    ) -> Result<Option<u64>, SessionError> {
+        Ok(self
+            .store
+            .complete_spend_audited(session_id, request_id, response, event)
+            .await?)
+    }
+
     /// Gives a reservation back after signing failed.
     pub async fn release_spend(&self, session_id: &str, request_id: &str) -> Result<(), SessionError> {
         Ok(self.store.release_spend(session_id, request_id).await?)

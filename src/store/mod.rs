@@ -323,7 +323,22 @@ pub trait Store: Send + Sync + fmt::Debug {
 
     /// Stores the response of a pending spend. A no-op if the spend is
     /// missing or already completed (the first response is kept).
-    async fn complete_spend(&self, session_id: &str, request_id: &str, response: &[u8]) -> Result<(), StoreError>;
+    async fn complete_spend(&self, session_id: &str, request_id: &str, response: &[u8]) -> Result<(), StoreError> {
+        self.complete_spend_audited(session_id, request_id, response, None)
+            .await
+            .map(|_| ())
+    }
+
+    /// As [`Store::complete_spend`]; when the response is stored, also
+    /// appends `event` to the audit log in the same transaction and returns
+    /// its seq.
+    async fn complete_spend_audited(
+        &self,
+        session_id: &str,
+        request_id: &str,
+        response: &[u8],
+        event: Option<&crate::audit::NewEvent>,
+    ) -> Result<Option<u64>, StoreError>;
 
     /// Signing failed: deletes the pending spend and gives its amount back
     /// to the session's `remaining` (`uses` stays, so nonces are never

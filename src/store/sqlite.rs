@@ -548,11 +548,17 @@ impl Store for SqliteStore {
         Ok(SpendOutcome::Reserved { remaining, nonce: uses })
     }
 
-    async fn complete_spend(&self, session_id: &str, request_id: &str, response: &[u8]) -> Result<(), StoreError> {
+    async fn complete_spend_audited(
+        &self,
+        session_id: &str,
+        request_id: &str,
+        response: &[u8],
+        event: Option<&crate::audit::NewEvent>,
+    ) -> Result<Option<u64>, StoreError> {
         let err = |e| from_sqlx(BACKEND, e);
         let _writer = self.write.lock().await;
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await.map_err(err)?;
-        sqlx::query(
+        let completed = sqlx::query(
             "UPDATE spends SET response = ?1 \
              WHERE session_id = ?2 AND request_id = ?3 AND response IS NULL",
         )
@@ -561,9 +567,18 @@ impl Store for SqliteStore {
         .bind(request_id)
         .execute(&mut *tx)
         .await
-        .map_err(err)?;
+        .map_err(err)?
+        .rows_affected()
+            == 1;
+        let seq = match event.filter(|_| completed) {
+            Some(e) => crate::audit::sqlite::append_in(&mut tx, std::slice::from_ref(e))
+                .await?
+                .first()
+                .map(|e| e.seq),
+            None => None,
+        };
         tx.commit().await.map_err(err)?;
-        Ok(())
+        Ok(seq)
     }
 
     async fn release_spend(&self, session_id: &str, request_id: &str) -> Result<(), StoreError> {
