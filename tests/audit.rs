@@ -98,8 +98,7 @@ async fn enumeration(env: Env) {
         seen: 0,
         exercised: BTreeSet::new(),
     };
-    let admin_accounts = d.accounts(&env, "admin").await;
-    let mut accounts = admin_accounts.clone();
+    let mut accounts = d.accounts(&env, "admin").await;
     // AccountService
     let a = accounts
         .create_account(CreateAccountRequest {

@@ -52,7 +52,8 @@ pub struct Checkpointer {
     issuer: Arc<Issuer>,
     every_events: u64,
     every: Duration,
-    last: Mutex<Instant>,
+    /// When this process last signed, and the last event known to be covered.
+    last: Mutex<(Instant, u64)>,
 }
 
 impl std::fmt::Debug for Checkpointer {
@@ -72,7 +73,7 @@ impl Checkpointer {
             issuer,
             every_events: every_events.max(1),
             every: every.max(Duration::from_secs(1)),
-            last: Mutex::new(Instant::now()),
+            last: Mutex::new((Instant::now(), 0)),
         }
     }
 
@@ -86,11 +87,21 @@ impl Checkpointer {
     /// (or `force`).
     pub async fn maybe_checkpoint(&self, force: bool) -> Result<Option<Checkpoint>, AuditError> {
         let mut last = self.last.lock().await;
+        // Cheap test first (the head only), against the end of the last
+        // checkpoint this process saw; the store is read in full only when
+        // a checkpoint may be due.
+        let head = self.store.audit().audit_head().await?;
+        let due = |covered: u64, at: Instant| {
+            force || head.seq.saturating_sub(covered) >= self.every_events || at.elapsed() >= self.every
+        };
+        if !due(last.1, last.0) {
+            return Ok(None);
+        }
         let Some(claims) = pending_claims(self.store.as_ref()).await? else {
             return Ok(None);
         };
-        let pending = claims.last_seq - claims.first_seq + 1;
-        if !force && pending < self.every_events && last.elapsed() < self.every {
+        last.1 = claims.first_seq - 1;
+        if !due(last.1, last.0) {
             return Ok(None);
         }
         let value = serde_json::to_value(&claims).map_err(|e| AuditError::Sign(e.to_string()))?;
@@ -99,7 +110,7 @@ impl Checkpointer {
             .await
             .map_err(|_| AuditError::Sign("signing task failed".into()))?
             .map_err(|e| AuditError::Sign(e.to_string()))?;
-        *last = Instant::now();
+        *last = (Instant::now(), claims.last_seq);
         store_checkpoint(self.store.as_ref(), &claims, jws).await
     }
 }

@@ -91,6 +91,14 @@ pub(crate) async fn append_in(conn: &mut PgConnection, events: &[NewEvent]) -> R
     Ok(stored)
 }
 
+/// Appends `event`, if any, inside the caller's transaction; its seq.
+pub(crate) async fn append_one(conn: &mut PgConnection, event: Option<&NewEvent>) -> Result<Option<u64>, StoreError> {
+    match event {
+        Some(e) => Ok(append_in(conn, std::slice::from_ref(e)).await?.first().map(|e| e.seq)),
+        None => Ok(None),
+    }
+}
+
 #[async_trait::async_trait]
 impl AuditStore for PgStore {
     async fn append_events(&self, events: &[NewEvent]) -> Result<Vec<Event>, StoreError> {

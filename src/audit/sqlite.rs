@@ -88,6 +88,17 @@ pub(crate) async fn append_in(conn: &mut SqliteConnection, events: &[NewEvent]) 
     Ok(stored)
 }
 
+/// Appends `event`, if any, inside the caller's transaction; its seq.
+pub(crate) async fn append_one(
+    conn: &mut SqliteConnection,
+    event: Option<&NewEvent>,
+) -> Result<Option<u64>, StoreError> {
+    match event {
+        Some(e) => Ok(append_in(conn, std::slice::from_ref(e)).await?.first().map(|e| e.seq)),
+        None => Ok(None),
+    }
+}
+
 #[async_trait::async_trait]
 impl AuditStore for SqliteStore {
     async fn append_events(&self, events: &[NewEvent]) -> Result<Vec<Event>, StoreError> {

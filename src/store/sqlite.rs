@@ -446,13 +446,7 @@ impl Store for SqliteStore {
         .execute(&mut *tx)
         .await
         .map_err(conflict_as(BACKEND, || what.clone()))?;
-        let seq = match event {
-            Some(e) => crate::audit::sqlite::append_in(&mut tx, std::slice::from_ref(e))
-                .await?
-                .first()
-                .map(|e| e.seq),
-            None => None,
-        };
+        let seq = crate::audit::sqlite::append_one(&mut tx, event).await?;
         tx.commit().await.map_err(err)?;
         Ok((OpenOutcome::Opened, seq))
     }
@@ -570,13 +564,7 @@ impl Store for SqliteStore {
         .map_err(err)?
         .rows_affected()
             == 1;
-        let seq = match event.filter(|_| completed) {
-            Some(e) => crate::audit::sqlite::append_in(&mut tx, std::slice::from_ref(e))
-                .await?
-                .first()
-                .map(|e| e.seq),
-            None => None,
-        };
+        let seq = crate::audit::sqlite::append_one(&mut tx, event.filter(|_| completed)).await?;
         tx.commit().await.map_err(err)?;
         Ok(seq)
     }
@@ -662,13 +650,9 @@ impl Store for SqliteStore {
         })?;
         // The receipt's audit event is appended in this transaction: its
         // sequence number is the receipt's `audit_seq`.
-        let seq_u = match &r.audit {
-            Some(event) => {
-                let stored = crate::audit::sqlite::append_in(&mut tx, std::slice::from_ref(event)).await?;
-                stored.first().map_or(seq_u, |e| e.seq)
-            }
-            None => seq_u,
-        };
+        let seq_u = crate::audit::sqlite::append_one(&mut tx, r.audit.as_ref())
+            .await?
+            .unwrap_or(seq_u);
         let audit_seq = i64::try_from(seq_u).map_err(|_| StoreError::Corrupt {
             what: format!("receipt {}: audit seq out of range", r.receipt_id),
         })?;
