@@ -61,3 +61,28 @@ impl AuditConfig {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_validates_and_refuses_unknown_keys() {
+        let c: AuditConfig = toml::from_str("checkpoint_every_events = 10").expect("parses");
+        assert_eq!((c.checkpoint_every_events, c.checkpoint_every_seconds), (10, 60));
+        assert!(c.validate().is_ok());
+        assert!(toml::from_str::<AuditConfig>("checkpoint_every = 10").is_err());
+        for bad in [
+            "checkpoint_every_events = 0",
+            "checkpoint_every_seconds = 0",
+            "group_commit_max_batch = 0",
+            "group_commit_max_batch = 10001",
+        ] {
+            let c: AuditConfig = toml::from_str(bad).expect("parses");
+            assert!(
+                matches!(c.validate(), Err(ConfigError::Invalid { key, .. }) if bad.starts_with(key.trim_start_matches("audit."))),
+                "{bad}"
+            );
+        }
+    }
+}
