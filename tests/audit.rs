@@ -866,6 +866,21 @@ fn sigkill_under_load_loses_no_event() {
             .await
             .expect("sign after restart");
     });
+    // `keyward audit tail --json` replays from the start over the live stream.
+    let mut tail = Command::new(env!("CARGO_BIN_EXE_keyward"))
+        .arg("--home")
+        .arg(&home)
+        .args(["audit", "tail", "--json"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("tail");
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(tail.stdout.take().expect("stdout")));
+    for seq in 1..=3u64 {
+        let line = lines.next().expect("a line").expect("read");
+        let v: serde_json::Value = serde_json::from_str(&line).expect("json line");
+        assert_eq!(v["seq"].as_u64(), Some(seq), "{line}");
+    }
+    signal(&mut tail, "-TERM");
     signal(&mut child, "-TERM");
 
     let store_url = format!("sqlite://{}", home.join("keyward.db").display());
@@ -890,7 +905,14 @@ fn sigkill_under_load_loses_no_event() {
         assert_eq!(e.body.digest, sha256_hex(data));
         assert_eq!(e.body.action, "SignMessage");
     }
-    assert_eq!(events.last().map(|e| e.body.action.as_str()), Some("SignMessage"));
+    // After the restart: the signature, then the tail's own StreamEvents.
+    let n = events.len();
+    assert!(n >= 2);
+    assert_eq!(
+        (events[n - 2].body.action.as_str(), events[n - 2].body.digest.as_str()),
+        ("SignMessage", sha256_hex(b"after restart").as_str())
+    );
+    assert_eq!(events[n - 1].body.action, "StreamEvents");
     let out = Command::new(env!("CARGO_BIN_EXE_keyward"))
         .arg("--home")
         .arg(&home)
