@@ -439,10 +439,13 @@ async fn enumeration(env: Env) {
         .await
         .expect_err("admin only");
     c.one("RevokeIssuerKey", false).await;
-    jwks.revoke_issuer_key(RevokeIssuerKeyRequest { kid: es256_next })
-        .await
-        .expect("revoke");
-    c.one("RevokeIssuerKey", true).await;
+    jwks.revoke_issuer_key(RevokeIssuerKeyRequest {
+        kid: es256_next.clone(),
+    })
+    .await
+    .expect("revoke");
+    let e = c.one("RevokeIssuerKey", true).await;
+    assert_eq!(e.body.signature_ref, format!("kid:{es256_next}"));
 
     // AuditService: history, then a live event, over one stream.
     let mut audit = AuditServiceClient::new(d.channel(&env, "admin").await);

@@ -393,7 +393,19 @@ pub trait Store: Send + Sync + fmt::Debug {
     /// In one transaction: revokes the key (`revoked_at = now`); if it was
     /// active, the oldest `next` key of its algorithm becomes active at once.
     /// `None` if no key has this kid; a revoked key stays as it was.
-    async fn revoke_issuer_key(&self, kid: &str, now: i64) -> Result<Option<RevokeOutcome>, StoreError>;
+    async fn revoke_issuer_key(&self, kid: &str, now: i64) -> Result<Option<RevokeOutcome>, StoreError> {
+        Ok(self.revoke_issuer_key_audited(kid, now, None).await?.0)
+    }
+
+    /// As [`Store::revoke_issuer_key`]; when a key is revoked now (not
+    /// already revoked), also appends `event` to the audit log in the same
+    /// transaction and returns its seq.
+    async fn revoke_issuer_key_audited(
+        &self,
+        kid: &str,
+        now: i64,
+        event: Option<&crate::audit::NewEvent>,
+    ) -> Result<(Option<RevokeOutcome>, Option<u64>), StoreError>;
 
     /// Deletes a retired or revoked key's row (after its grace period);
     /// returns whether a row was deleted.

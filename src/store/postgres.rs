@@ -747,7 +747,12 @@ impl Store for PgStore {
         })
     }
 
-    async fn revoke_issuer_key(&self, kid: &str, now: i64) -> Result<Option<RevokeOutcome>, StoreError> {
+    async fn revoke_issuer_key_audited(
+        &self,
+        kid: &str,
+        now: i64,
+        event: Option<&crate::audit::NewEvent>,
+    ) -> Result<(Option<RevokeOutcome>, Option<u64>), StoreError> {
         let err = |e| from_sqlx(BACKEND, e);
         let mut tx = self.pool.begin().await.map_err(err)?;
         lock_rotation(&mut tx, false).await?;
@@ -759,11 +764,11 @@ impl Store for PgStore {
             .map_err(err)?;
         let Some(before) = row.map(|r| raw_issuer_key(&r)?.decode()).transpose()? else {
             tx.rollback().await.map_err(err)?;
-            return Ok(None);
+            return Ok((None, None));
         };
         if before.state == IssuerKeyState::Revoked {
             tx.rollback().await.map_err(err)?;
-            return Ok(Some(RevokeOutcome { before, promoted: None }));
+            return Ok((Some(RevokeOutcome { before, promoted: None }), None));
         }
         sqlx::query("UPDATE issuer_keys SET state = 'revoked', revoked_at = $1 WHERE kid = $2")
             .bind(now)
@@ -779,8 +784,9 @@ impl Store for PgStore {
                 promoted = Some(next);
             }
         }
+        let seq = crate::audit::postgres::append_one(&mut tx, event).await?;
         tx.commit().await.map_err(err)?;
-        Ok(Some(RevokeOutcome { before, promoted }))
+        Ok((Some(RevokeOutcome { before, promoted }), seq))
     }
 
     async fn delete_issuer_key(&self, kid: &str) -> Result<bool, StoreError> {

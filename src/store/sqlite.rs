@@ -765,7 +765,12 @@ impl Store for SqliteStore {
         })
     }
 
-    async fn revoke_issuer_key(&self, kid: &str, now: i64) -> Result<Option<RevokeOutcome>, StoreError> {
+    async fn revoke_issuer_key_audited(
+        &self,
+        kid: &str,
+        now: i64,
+        event: Option<&crate::audit::NewEvent>,
+    ) -> Result<(Option<RevokeOutcome>, Option<u64>), StoreError> {
         let err = |e| from_sqlx(BACKEND, e);
         let _writer = self.write.lock().await;
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await.map_err(err)?;
@@ -777,11 +782,11 @@ impl Store for SqliteStore {
             .map_err(err)?;
         let Some(before) = row.map(|r| raw_issuer_key(&r)?.decode()).transpose()? else {
             tx.rollback().await.map_err(err)?;
-            return Ok(None);
+            return Ok((None, None));
         };
         if before.state == IssuerKeyState::Revoked {
             tx.rollback().await.map_err(err)?;
-            return Ok(Some(RevokeOutcome { before, promoted: None }));
+            return Ok((Some(RevokeOutcome { before, promoted: None }), None));
         }
         sqlx::query("UPDATE issuer_keys SET state = 'revoked', revoked_at = ?1 WHERE kid = ?2")
             .bind(now)
@@ -797,8 +802,9 @@ impl Store for SqliteStore {
                 promoted = Some(next);
             }
         }
+        let seq = crate::audit::sqlite::append_one(&mut tx, event).await?;
         tx.commit().await.map_err(err)?;
-        Ok(Some(RevokeOutcome { before, promoted }))
+        Ok((Some(RevokeOutcome { before, promoted }), seq))
     }
 
     async fn delete_issuer_key(&self, kid: &str) -> Result<bool, StoreError> {
