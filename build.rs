@@ -8,7 +8,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_server(true)
         .build_client(true)
         .compile_protos(
-            &["proto/keyward/v1/keyward.proto", "proto/keyward/v1/jwks.proto"],
+            &[
+                "proto/keyward/v1/keyward.proto",
+                "proto/keyward/v1/jwks.proto",
+                "proto/keyward/v1/audit.proto",
+            ],
             &["proto"],
         )?;
     Ok(())

@@ -53,6 +53,9 @@ pub struct BenchArgs {
     /// Skip the bare tonic baseline.
     #[arg(long)]
     pub no_tonic_baseline: bool,
+    /// Skip the audit append measurement (group commit vs one commit per event).
+    #[arg(long)]
+    pub no_audit_baseline: bool,
 }
 
 /// What the load generator asks for.
@@ -421,8 +424,22 @@ pub async fn run(home: &Path, opts: &ClientOpts, args: BenchArgs) -> anyhow::Res
         None
     };
 
+    // Audit appends from `concurrency` writers on a scratch store beside the
+    // daemon's: group commit (the daemon's default) vs one commit per event.
+    let audit = if args.no_audit_baseline {
+        None
+    } else {
+        let secs = Duration::from_secs(2);
+        let grouped = crate::audit::bench::append_rate(home, 256, args.concurrency, secs).await?;
+        let single = crate::audit::bench::append_rate(home, 1, args.concurrency, secs).await?;
+        Some((grouped, single))
+    };
+
     let ratio = |den: f64| if den > 0.0 { daemon.per_sec / den } else { 0.0 };
     let out = json!({
+        "audit_appends_per_sec_group_commit": audit.map(|a| a.0.round()),
+        "audit_appends_per_sec_commit_per_event": audit.map(|a| a.1.round()),
+        "ratio_audit_group_to_per_event": audit.map(|a| if a.1 > 0.0 { a.0 / a.1 } else { 0.0 }),
         "op": format!("{:?}", args.op),
         "accounts": ids.len(),
         "concurrency": args.concurrency,
@@ -476,6 +493,12 @@ pub async fn run(home: &Path, opts: &ClientOpts, args: BenchArgs) -> anyhow::Res
         println!("  ratio daemon / raw sign (all cores) {:.2}", ratio(raw_all));
         if let Some(h) = hsm {
             println!("  ratio daemon / raw SoftHSM C_Sign {:.2}", ratio(h));
+        }
+        if let Some((grouped, single)) = audit {
+            println!(
+                "  audit appends {grouped:>9.0}/s group commit, {single:>9.0}/s one commit per event (ratio {:.1})",
+                if single > 0.0 { grouped / single } else { 0.0 }
+            );
         }
     }
     Ok(())

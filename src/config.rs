@@ -95,6 +95,9 @@ pub struct Config {
     /// Issuer key rotation and the published JWKS.
     #[serde(default)]
     pub jwks: JwksConfig,
+    /// The audit log.
+    #[serde(default)]
+    pub audit: crate::audit::AuditConfig,
 }
 
 /// `[server]`
@@ -462,6 +465,7 @@ impl Config {
             _ => {}
         }
         self.jwks.validate()?;
+        self.audit.validate()?;
         if self.keys.cache_capacity == 0 {
             return Err(ConfigError::Invalid {
                 key: "keys.cache_capacity",

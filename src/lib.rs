@@ -5,11 +5,13 @@
 //!
 //! Modules follow the request path: `tls` (who is calling) → `api` (decode,
 //! validate, map errors) → `authz` (may they) → `keys` (custody and signing)
-//! → `hsm` (the only cryptoki caller) and `store` (persistent state).
+//! → `hsm` (the only cryptoki caller) and `store` (persistent state); every
+//! request ends with one hash-chained `audit` event.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod api;
+pub mod audit;
 pub mod authz;
 pub mod bench;
 pub mod cli;

@@ -134,6 +134,19 @@ pub async fn start_with_clock(config: &Config, clock: Arc<dyn Clock>) -> Result<
         .map_err(|e| ServeError::Issuer(e.to_string()))?,
     );
     let issuer = jwks.issuer().clone();
+    let audit = Arc::new(crate::audit::Appender::start(
+        store.clone(),
+        crate::audit::AppenderSettings {
+            max_batch: config.audit.group_commit_max_batch,
+            ..Default::default()
+        },
+        Some(Arc::new(crate::audit::checkpoint::Checkpointer::new(
+            store.clone(),
+            issuer.clone(),
+            config.audit.checkpoint_every_events,
+            std::time::Duration::from_secs(config.audit.checkpoint_every_seconds),
+        ))),
+    ));
     let metrics = Arc::new(Metrics::new()?);
     let verifying_contract = match &config.sessions.verifying_contract {
         Some(c) => Some(crate::crypto::eth::Address::parse(c).map_err(|_| {
@@ -173,6 +186,7 @@ pub async fn start_with_clock(config: &Config, clock: Arc<dyn Clock>) -> Result<
         log_details: config.log.log_request_details,
         sessions,
         jwks,
+        audit,
     });
     Ok(Running {
         daemon,
@@ -228,7 +242,11 @@ where
         .add_service(AccountServiceServer::new(AccountApi(d.clone())).max_decoding_message_size(max))
         .add_service(SigningServiceServer::new(SigningApi(d.clone())).max_decoding_message_size(max))
         .add_service(SessionServiceServer::new(SessionApi(d.clone())).max_decoding_message_size(max))
-        .add_service(JwksServiceServer::new(JwksApi(d.clone())).max_decoding_message_size(max));
+        .add_service(JwksServiceServer::new(JwksApi(d.clone())).max_decoding_message_size(max))
+        .add_service(
+            crate::api::pb::audit_service_server::AuditServiceServer::new(crate::api::AuditApi(d.clone()))
+                .max_decoding_message_size(max),
+        );
 
     let mut grpc_stop = stop_rx.clone();
     let grpc_task = tokio::spawn(grpc_server.serve_with_incoming_shutdown(

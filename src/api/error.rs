@@ -14,10 +14,13 @@
 //! | stored key does not match its account | DATA_LOSS |
 //! | HSM or store down, token missing or locked, stale handle | UNAVAILABLE |
 //! | blob wrapped under a KEK the token lacks | FAILED_PRECONDITION |
+//! | audit log not writable (the response is withheld) | UNAVAILABLE |
+//! | audit RPC by a non-admin | PERMISSION_DENIED |
 //! | anything else | INTERNAL |
 
 use tonic::Status;
 
+use crate::audit::AuditError;
 use crate::authz::Denied;
 use crate::hsm::HsmError;
 use crate::keys::KeyError;
@@ -51,6 +54,9 @@ pub enum ApiError {
     /// A bug.
     #[error("internal error: {0}")]
     Internal(&'static str),
+    /// The audit log refused or failed.
+    #[error(transparent)]
+    Audit(#[from] crate::audit::AuditError),
     /// The issuer key lifecycle refused or failed.
     #[error(transparent)]
     Jwks(#[from] crate::jwks::JwksError),
@@ -119,6 +125,13 @@ impl From<ApiError> for Status {
             },
             ApiError::Internal(_) => Status::internal(msg),
             ApiError::Jwks(e) => crate::jwks::status(e, msg),
+            ApiError::Audit(e) => match e {
+                AuditError::NotAdmin(_) => Status::permission_denied(msg),
+                AuditError::Store(s) => store_status(s, msg),
+                AuditError::Invalid(_) => Status::invalid_argument(msg),
+                AuditError::Unavailable(_) | AuditError::Stopped | AuditError::Sign(_) => Status::unavailable(msg),
+                _ => Status::internal(msg),
+            },
         }
     }
 }

@@ -2,6 +2,7 @@
 //! and no policy logic lives here.
 
 mod account;
+pub mod audit;
 mod error;
 mod jwks;
 mod session;
@@ -46,10 +47,17 @@ pub struct Daemon {
     pub sessions: crate::session::Sessions,
     /// Issuer key lifecycle and the published JWKS.
     pub jwks: Arc<crate::jwks::KeyLifecycle>,
+    /// The audit log's group-commit appender.
+    pub audit: Arc<crate::audit::Appender>,
 }
 
 impl Daemon {
-    /// Runs one RPC: identity, handler, metrics, one log line, status mapping.
+    /// Runs one RPC: identity, handler, audit event, metrics, one log line,
+    /// status mapping. Every request, allowed, denied or failed, gets exactly
+    /// one audit event, durable before the response leaves: appended here
+    /// (group commit) unless the handler appended it inside its own store
+    /// transaction (see [`crate::audit::context`]). If the event cannot be
+    /// written the response is withheld and the caller gets UNAVAILABLE.
     async fn handle<Req, T, F, Fut>(
         &self,
         method: &'static str,
@@ -57,16 +65,49 @@ impl Daemon {
         f: F,
     ) -> Result<Response<T>, Status>
     where
+        Req: audit::AuditFacts,
+        T: audit::AuditFacts,
         F: FnOnce(String, Req) -> Fut,
         Fut: Future<Output = Result<T, ApiError>>,
     {
         let started = Instant::now();
         let identity = request.extensions().get::<ConnInfo>().map(|c| c.identity.clone());
-        let result = match identity {
-            Some(identity) => f(identity, request.into_inner()).await,
-            None => Err(ApiError::Unauthenticated),
+        let mut pending = crate::audit::context::Pending::default();
+        pending.event.time_ms = now_ms();
+        pending.event.identity = identity.clone().unwrap_or_default();
+        pending.event.action = method.to_string();
+        request.get_ref().facts(&mut pending.event);
+        let req = request.into_inner();
+        let (result, pending) = crate::audit::context::scope(pending, async move {
+            match identity {
+                Some(identity) => f(identity, req).await,
+                None => Err(ApiError::Unauthenticated),
+            }
+        })
+        .await;
+        let policies = audit::policies(&result);
+        let result = result.map_err(Status::from);
+        let result = match pending.recorded {
+            Some(_) => result,
+            None => {
+                let code = match &result {
+                    Ok(_) => tonic::Code::Ok,
+                    Err(s) => s.code(),
+                };
+                let mut event = pending.event;
+                event.decision = audit::decision(code).as_str().to_string();
+                event.policies = policies;
+                event.code = crate::metrics::code_name(code).to_string();
+                if let Ok(t) = &result {
+                    t.facts(&mut event);
+                }
+                match self.audit.append(event).await {
+                    Ok(_) => result,
+                    Err(e) => Err(Status::from(ApiError::from(e))),
+                }
+            }
         };
-        let result = result.map(Response::new).map_err(Status::from);
+        let result = result.map(Response::new);
         let code = match &result {
             Ok(_) => tonic::Code::Ok,
             Err(s) => s.code(),
@@ -95,6 +136,16 @@ pub struct SigningApi(pub Arc<Daemon>);
 /// The session service bound to the daemon.
 #[derive(Debug, Clone)]
 pub struct SessionApi(pub Arc<Daemon>);
+
+fn now_ms() -> i64 {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
+    now.map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+/// The audit service bound to the daemon.
+#[derive(Debug, Clone)]
+pub struct AuditApi(pub Arc<Daemon>);
 
 /// The JWKS service bound to the daemon.
 #[derive(Debug, Clone)]

@@ -53,6 +53,30 @@ fn parse_manifest(m: &str) -> Result<[u8; 32], ApiError> {
     Ok(out)
 }
 
+/// Stores a session spend's response; the request's audit event is appended
+/// in the same transaction.
+async fn complete<T: prost::Message + super::audit::AuditFacts>(
+    d: &super::Daemon,
+    session_id: &str,
+    request_id: &str,
+    resp: &T,
+) -> Result<(), ApiError> {
+    let event = crate::audit::context::in_transaction(String::new(), String::new()).map(|mut e| {
+        e.session = session_id.to_string();
+        e.request_id = request_id.to_string();
+        resp.facts(&mut e);
+        e
+    });
+    let seq = d
+        .sessions
+        .complete_spend_audited(session_id, request_id, &resp.encode_to_vec(), event.as_ref())
+        .await?;
+    if let Some(seq) = seq {
+        crate::audit::context::mark_recorded(seq);
+    }
+    Ok(())
+}
+
 #[tonic::async_trait]
 impl SigningService for SigningApi {
     async fn sign_typed_data(
@@ -118,9 +142,7 @@ impl SigningService for SigningApi {
                         signature: signature.to_vec(),
                         signer: keys.eth_address().to_checksum(),
                     };
-                    d.sessions
-                        .complete_spend(&session.id, &reserved.request_id, &resp.encode_to_vec())
-                        .await?;
+                    complete(d, &session.id, &reserved.request_id, &resp).await?;
                     Ok(resp)
                 }
                 Err(e) => {
@@ -242,9 +264,7 @@ impl SigningService for SigningApi {
             .await;
             match signed {
                 Ok(resp) => {
-                    d.sessions
-                        .complete_spend(&session.id, &reserved.request_id, &resp.encode_to_vec())
-                        .await?;
+                    complete(d, &session.id, &reserved.request_id, &resp).await?;
                     Ok(resp)
                 }
                 Err(e) => {
@@ -395,6 +415,13 @@ mod receipts {
             body_hash: hash,
             session_id: session_id.as_deref(),
             created_at: now,
+            audit: crate::audit::context::in_transaction(hex::encode(hash), format!("receipt:{receipt_id}")).map(
+                |mut e| {
+                    e.request_id.clone_from(&request_id);
+                    e.session = session_id.clone().unwrap_or_default();
+                    e
+                },
+            ),
         };
         let outcome = d
             .keys
@@ -403,7 +430,13 @@ mod receipts {
             .await
             .map_err(crate::keys::KeyError::from)?;
         match outcome {
-            ReceiptOutcome::Recorded(r) | ReceiptOutcome::Replay(r) => Ok(response(r)),
+            ReceiptOutcome::Recorded(r) => {
+                if new.audit.is_some() {
+                    crate::audit::context::mark_recorded(r.seq);
+                }
+                Ok(response(r))
+            }
+            ReceiptOutcome::Replay(r) => Ok(response(r)),
             ReceiptOutcome::BodyMismatch => Err(SessionError::IdempotencyMismatch.into()),
             ReceiptOutcome::SignFailed(e) => Err(SessionError::Issuer(e.to_string()).into()),
         }

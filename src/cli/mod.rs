@@ -1,6 +1,7 @@
 //! The `keyward` command line: daemon commands (dev, serve, init) and client
 //! commands that talk to a daemon over mutual TLS.
 
+mod audit;
 pub(crate) mod client;
 mod daemon;
 mod jwks;
@@ -103,6 +104,9 @@ enum Command {
     /// Verify a compact JWS against a JWKS (file or https URL): exit 0 with
     /// the claims, or 1 with the reason.
     Verify(verify::VerifyArgs),
+    /// The tamper-evident audit log: verify, export, prove, archive, tail.
+    #[command(subcommand)]
+    Audit(audit::AuditCmd),
     /// Load generator over real mTLS, with raw-crypto baselines measured in the same run.
     Bench(crate::bench::BenchArgs),
 }
@@ -174,6 +178,14 @@ pub fn main() -> ExitCode {
         Command::Wallet(cmd) => session::wallet(&cli.client, cmd),
         Command::Verify(args) => match runtime() {
             Ok(rt) => match rt.block_on(verify::verify(&cli.home, &cli.client, args)) {
+                Ok(true) => Ok(()),
+                Ok(false) => return ExitCode::FAILURE,
+                Err(e) => Err(e),
+            },
+            Err(code) => return code,
+        },
+        Command::Audit(cmd) => match runtime() {
+            Ok(rt) => match rt.block_on(audit::audit(&cli.home, &cli.client, cmd)) {
                 Ok(true) => Ok(()),
                 Ok(false) => return ExitCode::FAILURE,
                 Err(e) => Err(e),

@@ -49,18 +49,7 @@ pub async fn verify(home: &Path, opts: &ClientOpts, args: VerifyArgs) -> anyhow:
             )
         }
     };
-    let text = if source.starts_with("https://") {
-        let ca = match ca {
-            Some(c) => c,
-            None => default_ca(home),
-        };
-        let domain = opts.domain.clone().unwrap_or_else(|| "localhost".into());
-        let (status, body) = https_get(&source, &ca, &domain).await?;
-        anyhow::ensure!(status == 200, "GET {source}: HTTP {status}");
-        body
-    } else {
-        std::fs::read_to_string(&source).with_context(|| format!("reading JWKS {source}"))?
-    };
+    let text = read_jwks_source(home, opts, &source, ca).await?;
     let jwks: Jwks = serde_json::from_str(&text).with_context(|| format!("{source} is not a JWKS"))?;
     match jws::verify_compact(token, &jwks.keys) {
         Ok(v) => {
@@ -84,6 +73,28 @@ pub async fn verify(home: &Path, opts: &ClientOpts, args: VerifyArgs) -> anyhow:
             eprintln!("invalid: {e}");
             Ok(false)
         }
+    }
+}
+
+/// The text of a JWKS from an https URL (server-authenticated TLS trusting
+/// `ca`, default the dev home's CA) or a file.
+pub async fn read_jwks_source(
+    home: &Path,
+    opts: &ClientOpts,
+    source: &str,
+    ca: Option<PathBuf>,
+) -> anyhow::Result<String> {
+    if source.starts_with("https://") {
+        let ca = match ca {
+            Some(c) => c,
+            None => default_ca(home),
+        };
+        let domain = opts.domain.clone().unwrap_or_else(|| "localhost".into());
+        let (status, body) = https_get(source, &ca, &domain).await?;
+        anyhow::ensure!(status == 200, "GET {source}: HTTP {status}");
+        Ok(body)
+    } else {
+        std::fs::read_to_string(source).with_context(|| format!("reading JWKS {source}"))
     }
 }
 

@@ -469,11 +469,13 @@ impl KeyLifecycle {
     pub async fn revoke(&self, kid: &str) -> Result<RevokeOutcome, JwksError> {
         let _g = self.serial.lock().await;
         let now = self.clock.now();
-        let outcome = self
-            .store
-            .revoke_issuer_key(kid, now)
-            .await?
-            .ok_or_else(|| JwksError::KeyNotFound(kid.to_string()))?;
+        // The request's audit event is appended in the revoking transaction.
+        let event = crate::audit::context::in_transaction(String::new(), format!("kid:{kid}"));
+        let (outcome, seq) = self.store.revoke_issuer_key_audited(kid, now, event.as_ref()).await?;
+        if let Some(seq) = seq {
+            crate::audit::context::mark_recorded(seq);
+        }
+        let outcome = outcome.ok_or_else(|| JwksError::KeyNotFound(kid.to_string()))?;
         let before = &outcome.before;
         if before.state != IssuerKeyState::Revoked {
             tracing::warn!(kid = %kid, alg = %before.alg, was = before.state.as_str(), promoted = ?outcome.promoted,

@@ -224,8 +224,24 @@ impl Sessions {
             revoked_by: None,
         };
         let token = self.issue_token(&session).await?;
-        match self.store.open_session(challenge_id, now, &session).await? {
-            OpenOutcome::Opened => Ok((session, token)),
+        // The request's audit event is appended in the opening transaction.
+        let event =
+            crate::audit::context::in_transaction(String::new(), crate::audit::event::jws_ref(&token)).map(|mut e| {
+                e.account.clone_from(&session.account_id);
+                e.session.clone_from(&session.id);
+                e
+            });
+        let (outcome, seq) = self
+            .store
+            .open_session_audited(challenge_id, now, &session, event.as_ref())
+            .await?;
+        match outcome {
+            OpenOutcome::Opened => {
+                if let Some(seq) = seq {
+                    crate::audit::context::mark_recorded(seq);
+                }
+                Ok((session, token))
+            }
             OpenOutcome::ChallengeNotFound => Err(SessionError::ChallengeNotFound(challenge_id.to_string())),
             OpenOutcome::ChallengeUsed => Err(SessionError::ChallengeUsed(challenge_id.to_string())),
             OpenOutcome::ChallengeExpired => Err(SessionError::ChallengeExpired(challenge_id.to_string())),
@@ -397,6 +413,21 @@ impl Sessions {
         response: &[u8],
     ) -> Result<(), SessionError> {
         Ok(self.store.complete_spend(session_id, request_id, response).await?)
+    }
+
+    /// As [`Sessions::complete_spend`], appending the request's audit
+    /// `event` in the same transaction; returns its seq if it was appended.
+    pub async fn complete_spend_audited(
+        &self,
+        session_id: &str,
+        request_id: &str,
+        response: &[u8],
+        event: Option<&crate::audit::NewEvent>,
+    ) -> Result<Option<u64>, SessionError> {
+        Ok(self
+            .store
+            .complete_spend_audited(session_id, request_id, response, event)
+            .await?)
     }
 
     /// Gives a reservation back after signing failed.

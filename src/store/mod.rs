@@ -17,6 +17,8 @@ pub mod testing;
 #[cfg(test)]
 mod tests;
 #[cfg(test)]
+mod tests_audit;
+#[cfg(test)]
 mod tests_jwks;
 #[cfg(test)]
 mod tests_receipts;
@@ -248,6 +250,9 @@ pub trait Store: Send + Sync + fmt::Debug {
     /// `"sqlite"` or `"postgres"`.
     fn backend(&self) -> &'static str;
 
+    /// The audit log's view of this store.
+    fn audit(&self) -> &dyn crate::audit::AuditStore;
+
     /// Checks the database answers.
     async fn ping(&self) -> Result<(), StoreError>;
 
@@ -281,7 +286,19 @@ pub trait Store: Send + Sync + fmt::Debug {
         challenge_id: &str,
         now: i64,
         session: &SessionRecord,
-    ) -> Result<OpenOutcome, StoreError>;
+    ) -> Result<OpenOutcome, StoreError> {
+        Ok(self.open_session_audited(challenge_id, now, session, None).await?.0)
+    }
+
+    /// As [`Store::open_session`]; when the session is opened, also appends
+    /// `event` to the audit log in the same transaction and returns its seq.
+    async fn open_session_audited(
+        &self,
+        challenge_id: &str,
+        now: i64,
+        session: &SessionRecord,
+        event: Option<&crate::audit::NewEvent>,
+    ) -> Result<(OpenOutcome, Option<u64>), StoreError>;
 
     /// The session, or `None` if no session has this id.
     async fn get_session(&self, id: &str) -> Result<Option<SessionRecord>, StoreError>;
@@ -306,7 +323,22 @@ pub trait Store: Send + Sync + fmt::Debug {
 
     /// Stores the response of a pending spend. A no-op if the spend is
     /// missing or already completed (the first response is kept).
-    async fn complete_spend(&self, session_id: &str, request_id: &str, response: &[u8]) -> Result<(), StoreError>;
+    async fn complete_spend(&self, session_id: &str, request_id: &str, response: &[u8]) -> Result<(), StoreError> {
+        self.complete_spend_audited(session_id, request_id, response, None)
+            .await
+            .map(|_| ())
+    }
+
+    /// As [`Store::complete_spend`]; when the response is stored, also
+    /// appends `event` to the audit log in the same transaction and returns
+    /// its seq.
+    async fn complete_spend_audited(
+        &self,
+        session_id: &str,
+        request_id: &str,
+        response: &[u8],
+        event: Option<&crate::audit::NewEvent>,
+    ) -> Result<Option<u64>, StoreError>;
 
     /// Signing failed: deletes the pending spend and gives its amount back
     /// to the session's `remaining` (`uses` stays, so nonces are never
@@ -361,7 +393,19 @@ pub trait Store: Send + Sync + fmt::Debug {
     /// In one transaction: revokes the key (`revoked_at = now`); if it was
     /// active, the oldest `next` key of its algorithm becomes active at once.
     /// `None` if no key has this kid; a revoked key stays as it was.
-    async fn revoke_issuer_key(&self, kid: &str, now: i64) -> Result<Option<RevokeOutcome>, StoreError>;
+    async fn revoke_issuer_key(&self, kid: &str, now: i64) -> Result<Option<RevokeOutcome>, StoreError> {
+        Ok(self.revoke_issuer_key_audited(kid, now, None).await?.0)
+    }
+
+    /// As [`Store::revoke_issuer_key`]; when a key is revoked now (not
+    /// already revoked), also appends `event` to the audit log in the same
+    /// transaction and returns its seq.
+    async fn revoke_issuer_key_audited(
+        &self,
+        kid: &str,
+        now: i64,
+        event: Option<&crate::audit::NewEvent>,
+    ) -> Result<(Option<RevokeOutcome>, Option<u64>), StoreError>;
 
     /// Deletes a retired or revoked key's row (after its grace period);
     /// returns whether a row was deleted.
@@ -394,13 +438,16 @@ pub struct NewReceipt<'a> {
     pub session_id: Option<&'a str>,
     /// Issue time, unix seconds UTC.
     pub created_at: i64,
+    /// The request's audit event, appended in the recording transaction;
+    /// its sequence number becomes the receipt's `audit_seq`.
+    pub audit: Option<crate::audit::NewEvent>,
 }
 
 /// A stored receipt.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReceiptRecord {
-    /// Audit sequence number: assigned by the store, strictly increasing.
-    /// (The tamper-evident audit log, later work, takes this over.)
+    /// Audit sequence number: the seq of the receipt's audit event (or,
+    /// for a receipt recorded without one, the receipts table's own seq).
     pub seq: u64,
     /// The receipt's id.
     pub receipt_id: String,
@@ -445,7 +492,7 @@ pub(crate) struct RawReceipt {
 
 /// Columns of a receipt row, in [`RawReceipt`] order.
 pub(crate) const RECEIPT_COLUMNS: &str =
-    "seq, receipt_id, account_id, request_id, body_hash, session_id, created_at, jws";
+    "COALESCE(audit_seq, seq) AS seq, receipt_id, account_id, request_id, body_hash, session_id, created_at, jws";
 
 impl RawReceipt {
     /// Decodes a row.

@@ -34,6 +34,13 @@ pub struct PgStore {
     url: String,
 }
 
+impl PgStore {
+    /// The connection pool (the audit log's store code).
+    pub(crate) fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+}
+
 impl fmt::Debug for PgStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("PgStore")
@@ -173,6 +180,10 @@ where
 impl Store for PgStore {
     fn backend(&self) -> &'static str {
         BACKEND
+    }
+
+    fn audit(&self) -> &dyn crate::audit::AuditStore {
+        self
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
@@ -339,12 +350,13 @@ impl Store for PgStore {
         row.map(|row| raw_challenge(&row)?.decode()).transpose()
     }
 
-    async fn open_session(
+    async fn open_session_audited(
         &self,
         challenge_id: &str,
         now: i64,
         session: &SessionRecord,
-    ) -> Result<OpenOutcome, StoreError> {
+        event: Option<&crate::audit::NewEvent>,
+    ) -> Result<(OpenOutcome, Option<u64>), StoreError> {
         let err = |e| from_sqlx(BACKEND, e);
         if session.challenge_id != challenge_id {
             return Err(challenge_mismatch(BACKEND, challenge_id, session));
@@ -374,7 +386,7 @@ impl Store for PgStore {
         };
         if let Some(outcome) = refusal {
             tx.rollback().await.map_err(err)?;
-            return Ok(outcome);
+            return Ok((outcome, None));
         }
         sqlx::query("UPDATE challenges SET consumed_at = $1 WHERE id = $2")
             .bind(now)
@@ -404,8 +416,9 @@ impl Store for PgStore {
         .execute(&mut *tx)
         .await
         .map_err(conflict_as(BACKEND, || what.clone()))?;
+        let seq = crate::audit::postgres::append_one(&mut tx, event).await?;
         tx.commit().await.map_err(err)?;
-        Ok(OpenOutcome::Opened)
+        Ok((OpenOutcome::Opened, seq))
     }
 
     async fn get_session(&self, id: &str) -> Result<Option<SessionRecord>, StoreError> {
@@ -500,10 +513,16 @@ impl Store for PgStore {
         Ok(SpendOutcome::Reserved { remaining, nonce: uses })
     }
 
-    async fn complete_spend(&self, session_id: &str, request_id: &str, response: &[u8]) -> Result<(), StoreError> {
+    async fn complete_spend_audited(
+        &self,
+        session_id: &str,
+        request_id: &str,
+        response: &[u8],
+        event: Option<&crate::audit::NewEvent>,
+    ) -> Result<Option<u64>, StoreError> {
         let err = |e| from_sqlx(BACKEND, e);
         let mut tx = self.pool.begin().await.map_err(err)?;
-        sqlx::query(
+        let completed = sqlx::query(
             "UPDATE spends SET response = $1 \
              WHERE session_id = $2 AND request_id = $3 AND response IS NULL",
         )
@@ -512,9 +531,12 @@ impl Store for PgStore {
         .bind(request_id)
         .execute(&mut *tx)
         .await
-        .map_err(err)?;
+        .map_err(err)?
+        .rows_affected()
+            == 1;
+        let seq = crate::audit::postgres::append_one(&mut tx, event.filter(|_| completed)).await?;
         tx.commit().await.map_err(err)?;
-        Ok(())
+        Ok(seq)
     }
 
     async fn release_spend(&self, session_id: &str, request_id: &str) -> Result<(), StoreError> {
@@ -604,6 +626,14 @@ impl Store for PgStore {
         let seq_u = u64::try_from(seq).map_err(|_| StoreError::Corrupt {
             what: format!("receipt {}: negative seq", r.receipt_id),
         })?;
+        // The receipt's audit event is appended in this transaction: its
+        // sequence number is the receipt's `audit_seq`.
+        let seq_u = crate::audit::postgres::append_one(&mut tx, r.audit.as_ref())
+            .await?
+            .unwrap_or(seq_u);
+        let audit_seq = i64::try_from(seq_u).map_err(|_| StoreError::Corrupt {
+            what: format!("receipt {}: audit seq out of range", r.receipt_id),
+        })?;
         let jws = match sign(seq_u).await {
             Ok(jws) => jws,
             Err(e) => {
@@ -611,9 +641,10 @@ impl Store for PgStore {
                 return Ok(super::ReceiptOutcome::SignFailed(e));
             }
         };
-        sqlx::query("UPDATE receipts SET jws = $1 WHERE seq = $2")
+        sqlx::query("UPDATE receipts SET jws = $1, audit_seq = $3 WHERE seq = $2")
             .bind(&jws)
             .bind(seq)
+            .bind(audit_seq)
             .execute(&mut *tx)
             .await
             .map_err(err)?;
@@ -716,7 +747,12 @@ impl Store for PgStore {
         })
     }
 
-    async fn revoke_issuer_key(&self, kid: &str, now: i64) -> Result<Option<RevokeOutcome>, StoreError> {
+    async fn revoke_issuer_key_audited(
+        &self,
+        kid: &str,
+        now: i64,
+        event: Option<&crate::audit::NewEvent>,
+    ) -> Result<(Option<RevokeOutcome>, Option<u64>), StoreError> {
         let err = |e| from_sqlx(BACKEND, e);
         let mut tx = self.pool.begin().await.map_err(err)?;
         lock_rotation(&mut tx, false).await?;
@@ -728,11 +764,11 @@ impl Store for PgStore {
             .map_err(err)?;
         let Some(before) = row.map(|r| raw_issuer_key(&r)?.decode()).transpose()? else {
             tx.rollback().await.map_err(err)?;
-            return Ok(None);
+            return Ok((None, None));
         };
         if before.state == IssuerKeyState::Revoked {
             tx.rollback().await.map_err(err)?;
-            return Ok(Some(RevokeOutcome { before, promoted: None }));
+            return Ok((Some(RevokeOutcome { before, promoted: None }), None));
         }
         sqlx::query("UPDATE issuer_keys SET state = 'revoked', revoked_at = $1 WHERE kid = $2")
             .bind(now)
@@ -748,8 +784,9 @@ impl Store for PgStore {
                 promoted = Some(next);
             }
         }
+        let seq = crate::audit::postgres::append_one(&mut tx, event).await?;
         tx.commit().await.map_err(err)?;
-        Ok(Some(RevokeOutcome { before, promoted }))
+        Ok((Some(RevokeOutcome { before, promoted }), seq))
     }
 
     async fn delete_issuer_key(&self, kid: &str) -> Result<bool, StoreError> {

@@ -99,6 +99,16 @@ impl SqliteStore {
     pub fn path(&self) -> &Path {
         &self.path
     }
+
+    /// The connection pool (the audit log's store code).
+    pub(crate) fn pool(&self) -> &SqlitePool {
+        &self.pool
+    }
+
+    /// The single in-process writer lock.
+    pub(crate) fn writer(&self) -> &Mutex<()> {
+        &self.write
+    }
 }
 
 fn io_error(path: &Path, what: &str, e: std::io::Error) -> StoreError {
@@ -201,6 +211,10 @@ where
 impl Store for SqliteStore {
     fn backend(&self) -> &'static str {
         BACKEND
+    }
+
+    fn audit(&self) -> &dyn crate::audit::AuditStore {
+        self
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
@@ -365,12 +379,13 @@ impl Store for SqliteStore {
         row.map(|row| raw_challenge(&row)?.decode()).transpose()
     }
 
-    async fn open_session(
+    async fn open_session_audited(
         &self,
         challenge_id: &str,
         now: i64,
         session: &SessionRecord,
-    ) -> Result<OpenOutcome, StoreError> {
+        event: Option<&crate::audit::NewEvent>,
+    ) -> Result<(OpenOutcome, Option<u64>), StoreError> {
         let err = |e| from_sqlx(BACKEND, e);
         if session.challenge_id != challenge_id {
             return Err(challenge_mismatch(BACKEND, challenge_id, session));
@@ -401,7 +416,7 @@ impl Store for SqliteStore {
         };
         if let Some(outcome) = refusal {
             tx.rollback().await.map_err(err)?;
-            return Ok(outcome);
+            return Ok((outcome, None));
         }
         sqlx::query("UPDATE challenges SET consumed_at = ?1 WHERE id = ?2")
             .bind(now)
@@ -431,8 +446,9 @@ impl Store for SqliteStore {
         .execute(&mut *tx)
         .await
         .map_err(conflict_as(BACKEND, || what.clone()))?;
+        let seq = crate::audit::sqlite::append_one(&mut tx, event).await?;
         tx.commit().await.map_err(err)?;
-        Ok(OpenOutcome::Opened)
+        Ok((OpenOutcome::Opened, seq))
     }
 
     async fn get_session(&self, id: &str) -> Result<Option<SessionRecord>, StoreError> {
@@ -526,11 +542,17 @@ impl Store for SqliteStore {
         Ok(SpendOutcome::Reserved { remaining, nonce: uses })
     }
 
-    async fn complete_spend(&self, session_id: &str, request_id: &str, response: &[u8]) -> Result<(), StoreError> {
+    async fn complete_spend_audited(
+        &self,
+        session_id: &str,
+        request_id: &str,
+        response: &[u8],
+        event: Option<&crate::audit::NewEvent>,
+    ) -> Result<Option<u64>, StoreError> {
         let err = |e| from_sqlx(BACKEND, e);
         let _writer = self.write.lock().await;
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await.map_err(err)?;
-        sqlx::query(
+        let completed = sqlx::query(
             "UPDATE spends SET response = ?1 \
              WHERE session_id = ?2 AND request_id = ?3 AND response IS NULL",
         )
@@ -539,9 +561,12 @@ impl Store for SqliteStore {
         .bind(request_id)
         .execute(&mut *tx)
         .await
-        .map_err(err)?;
+        .map_err(err)?
+        .rows_affected()
+            == 1;
+        let seq = crate::audit::sqlite::append_one(&mut tx, event.filter(|_| completed)).await?;
         tx.commit().await.map_err(err)?;
-        Ok(())
+        Ok(seq)
     }
 
     async fn release_spend(&self, session_id: &str, request_id: &str) -> Result<(), StoreError> {
@@ -623,6 +648,14 @@ impl Store for SqliteStore {
         let seq_u = u64::try_from(seq).map_err(|_| StoreError::Corrupt {
             what: format!("receipt {}: negative seq", r.receipt_id),
         })?;
+        // The receipt's audit event is appended in this transaction: its
+        // sequence number is the receipt's `audit_seq`.
+        let seq_u = crate::audit::sqlite::append_one(&mut tx, r.audit.as_ref())
+            .await?
+            .unwrap_or(seq_u);
+        let audit_seq = i64::try_from(seq_u).map_err(|_| StoreError::Corrupt {
+            what: format!("receipt {}: audit seq out of range", r.receipt_id),
+        })?;
         let jws = match sign(seq_u).await {
             Ok(jws) => jws,
             Err(e) => {
@@ -630,9 +663,10 @@ impl Store for SqliteStore {
                 return Ok(super::ReceiptOutcome::SignFailed(e));
             }
         };
-        sqlx::query("UPDATE receipts SET jws = ?1 WHERE seq = ?2")
+        sqlx::query("UPDATE receipts SET jws = ?1, audit_seq = ?3 WHERE seq = ?2")
             .bind(&jws)
             .bind(seq)
+            .bind(audit_seq)
             .execute(&mut *tx)
             .await
             .map_err(err)?;
@@ -731,7 +765,12 @@ impl Store for SqliteStore {
         })
     }
 
-    async fn revoke_issuer_key(&self, kid: &str, now: i64) -> Result<Option<RevokeOutcome>, StoreError> {
+    async fn revoke_issuer_key_audited(
+        &self,
+        kid: &str,
+        now: i64,
+        event: Option<&crate::audit::NewEvent>,
+    ) -> Result<(Option<RevokeOutcome>, Option<u64>), StoreError> {
         let err = |e| from_sqlx(BACKEND, e);
         let _writer = self.write.lock().await;
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await.map_err(err)?;
@@ -743,11 +782,11 @@ impl Store for SqliteStore {
             .map_err(err)?;
         let Some(before) = row.map(|r| raw_issuer_key(&r)?.decode()).transpose()? else {
             tx.rollback().await.map_err(err)?;
-            return Ok(None);
+            return Ok((None, None));
         };
         if before.state == IssuerKeyState::Revoked {
             tx.rollback().await.map_err(err)?;
-            return Ok(Some(RevokeOutcome { before, promoted: None }));
+            return Ok((Some(RevokeOutcome { before, promoted: None }), None));
         }
         sqlx::query("UPDATE issuer_keys SET state = 'revoked', revoked_at = ?1 WHERE kid = ?2")
             .bind(now)
@@ -763,8 +802,9 @@ impl Store for SqliteStore {
                 promoted = Some(next);
             }
         }
+        let seq = crate::audit::sqlite::append_one(&mut tx, event).await?;
         tx.commit().await.map_err(err)?;
-        Ok(Some(RevokeOutcome { before, promoted }))
+        Ok((Some(RevokeOutcome { before, promoted }), seq))
     }
 
     async fn delete_issuer_key(&self, kid: &str) -> Result<bool, StoreError> {

@@ -40,6 +40,7 @@ fn new<'a>(receipt_id: &'a str, request_id: &'a str, body: u8) -> NewReceipt<'a>
         body_hash: [body; 32],
         session_id: None,
         created_at: 10,
+        audit: None,
     }
 }
 
