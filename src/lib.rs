@@ -4,13 +4,12 @@
 //! for callers its rules allow.
 //!
 //! Modules follow the request path: `tls` (who is calling) → `api` (decode,
-//! validate, map errors) → `authz` (may they) → `keys` (custody and signing)
+//! validate, map errors) → `policy` (may they: Cedar) → `keys` (custody and signing)
 //! → `hsm` (the only cryptoki caller) and `store` (persistent state).
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod api;
-pub mod authz;
 pub mod bench;
 pub mod cli;
 pub mod clock;
@@ -23,6 +22,7 @@ pub mod issuer;
 pub mod jwks;
 pub mod keys;
 pub mod metrics;
+pub mod policy;
 pub mod receipt;
 pub mod server;
 pub mod session;

@@ -15,7 +15,6 @@ use std::time::Instant;
 
 use tonic::{Request, Response, Status};
 
-use crate::authz::Authz;
 use crate::keys::KeyService;
 use crate::metrics::Metrics;
 use crate::tls::ConnInfo;
@@ -36,8 +35,8 @@ pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
 pub struct Daemon {
     /// Accounts and signing.
     pub keys: KeyService,
-    /// Who may do what.
-    pub authz: Authz,
+    /// Who may do what: the policy decision point every RPC asks.
+    pub policy: Arc<crate::policy::DecisionPoint>,
     /// Metrics.
     pub metrics: Arc<Metrics>,
     /// Whether logs may carry account ids.
@@ -49,6 +48,23 @@ pub struct Daemon {
 }
 
 impl Daemon {
+    /// Asks the decision point; a refusal carries the decision.
+    async fn decide(
+        &self,
+        identity: &str,
+        action: crate::policy::Action,
+        resource: crate::policy::Resource<'_>,
+        context: crate::policy::RequestContext,
+    ) -> Result<crate::policy::Decision, ApiError> {
+        let request = crate::policy::PolicyRequest {
+            principal: identity,
+            action,
+            resource,
+            context,
+        };
+        Ok(self.policy.authorize(request).await?)
+    }
+
     /// Runs one RPC: identity, handler, metrics, one log line, status mapping.
     async fn handle<Req, T, F, Fut>(
         &self,

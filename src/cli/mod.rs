@@ -5,6 +5,7 @@ pub(crate) mod client;
 mod daemon;
 mod jwks;
 mod output;
+mod policy;
 mod receipt;
 mod session;
 pub mod verify;
@@ -103,6 +104,9 @@ enum Command {
     /// Verify a compact JWS against a JWKS (file or https URL): exit 0 with
     /// the claims, or 1 with the reason.
     Verify(verify::VerifyArgs),
+    /// Check, test and explain a Cedar policy set (files only; no daemon).
+    #[command(subcommand)]
+    Policy(policy::PolicyCmd),
     /// Load generator over real mTLS, with raw-crypto baselines measured in the same run.
     Bench(crate::bench::BenchArgs),
 }
@@ -172,6 +176,11 @@ pub fn main() -> ExitCode {
             Err(code) => return code,
         },
         Command::Wallet(cmd) => session::wallet(&cli.client, cmd),
+        Command::Policy(cmd) => match policy::policy(cmd) {
+            Ok(true) => Ok(()),
+            Ok(false) => return ExitCode::FAILURE,
+            Err(e) => Err(e),
+        },
         Command::Verify(args) => match runtime() {
             Ok(rt) => match rt.block_on(verify::verify(&cli.home, &cli.client, args)) {
                 Ok(true) => Ok(()),
