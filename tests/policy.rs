@@ -431,13 +431,13 @@ fn policy_cli_checks_tests_and_explains() {
     assert!(err.contains("bad"), "{err}");
 }
 
-/// Waits (60 s at most) for a line containing `needle`.
+/// Waits (60 s at most) for a line containing `needle` (`ready`: that exact line).
 fn wait_line(rx: &std::sync::mpsc::Receiver<String>, needle: &str) {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     loop {
         let left = deadline.saturating_duration_since(std::time::Instant::now());
         match rx.recv_timeout(left) {
-            Ok(l) if l.contains(needle) => return,
+            Ok(l) if l == needle || (needle != "ready" && l.contains(needle)) => return,
             Ok(_) => {}
             Err(_) => panic!("no line containing {needle:?}"),
         }
@@ -521,7 +521,8 @@ fn dev_daemon_reloads_on_file_change_and_sighup() {
         policies.join("schema.cedarschema").exists(),
         "dev installed the default set"
     );
-    assert!(create().status.success());
+    let out = create();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     // A file change is picked up by the watcher.
     std::fs::write(policies.join("freeze.cedar"), freeze).expect("write");
     until(false, "freeze");
