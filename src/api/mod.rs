@@ -82,6 +82,12 @@ impl Daemon {
             Some(identity) => f(identity, request.into_inner()).await,
             None => Err(ApiError::Unauthenticated),
         };
+        // What decided a refusal (policy ids or limit), for the log line.
+        let decided_by = result
+            .as_ref()
+            .err()
+            .and_then(ApiError::decision)
+            .map(crate::policy::Decision::decided_by);
         let result = result.map(Response::new).map_err(Status::from);
         let code = match &result {
             Ok(_) => tonic::Code::Ok,
@@ -94,7 +100,13 @@ impl Daemon {
         if code == tonic::Code::Ok {
             tracing::debug!(method, code = "OK", micros, "rpc");
         } else {
-            tracing::info!(method, code = crate::metrics::code_name(code), micros, "rpc");
+            tracing::info!(
+                method,
+                code = crate::metrics::code_name(code),
+                micros,
+                policy = decided_by.as_deref(),
+                "rpc"
+            );
         }
         result
     }

@@ -150,6 +150,7 @@ impl DecisionPoint {
 
     fn count(&self, d: &Decision) {
         let outcome = if d.allowed { "allow" } else { "deny" };
+        tracing::debug!(action = d.action, outcome, policy = %d.decided_by(), "policy decision");
         if let Some(l) = &d.limit {
             self.decisions
                 .with_label_values(&[d.action, outcome, &format!("limit:{l}")])
