@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr as _;
 
 use cedar_policy::{
-    Authorizer, Context, Entities, Entity, EntityId, EntityTypeName, EntityUid, PolicyId, PolicySet, Request,
-    RestrictedExpression, Schema, ValidationMode, Validator,
+    ActionConstraint, Authorizer, Context, Entities, Entity, EntityId, EntityTypeName, EntityUid, PolicyId, PolicySet,
+    Request, RestrictedExpression, Schema, ValidationMode, Validator,
 };
 use serde::Deserialize;
 
@@ -48,6 +48,10 @@ struct ClientInfo {
 pub struct Policies {
     schema: Schema,
     set: PolicySet,
+    /// Per action, the policies whose action scope can match it: a policy
+    /// that cannot match an action cannot change its decision, and Cedar
+    /// evaluates every policy of the set it is given.
+    by_action: HashMap<&'static str, PolicySet>,
     clients: HashMap<String, ClientInfo>,
     actions: HashMap<&'static str, Entity>,
     reasons: BTreeMap<String, String>,
@@ -209,17 +213,34 @@ impl Policies {
             .action_entities()
             .map_err(|e| invalid(schema_path, e.to_string()))?;
         let mut actions = HashMap::new();
+        let mut by_action = HashMap::new();
         for a in Action::ALL {
             let id = uid("Keyward::Action", a.name())?;
             let entity = action_entities
                 .get(&id)
                 .cloned()
                 .ok_or_else(|| invalid(schema_path, format!("the schema has no action {}", a.name())))?;
+            let mut within: HashSet<EntityUid> =
+                action_entities.ancestors(&id).into_iter().flatten().cloned().collect();
+            within.insert(id.clone());
+            let subset = PolicySet::from_policies(
+                set.policies()
+                    .filter(|p| match p.action_constraint() {
+                        ActionConstraint::Eq(x) => x == id,
+                        ActionConstraint::In(xs) => xs.iter().any(|x| within.contains(x)),
+                        // Any, and whatever a later Cedar adds: kept.
+                        _ => true,
+                    })
+                    .cloned(),
+            )
+            .map_err(|e| invalid(schema_path, e.to_string()))?;
             actions.insert(a.name(), entity);
+            by_action.insert(a.name(), subset);
         }
         Ok(Policies {
             schema: parsed_schema,
             set,
+            by_action,
             clients,
             actions,
             reasons,
@@ -465,8 +486,11 @@ fn build(req: &PolicyRequest<'_>, p: &Policies) -> Result<(Request, Entities), P
     let mut seen = HashSet::new();
     entities.retain(|e| seen.insert(e.uid()));
     let ctx = context(&req.context)?;
-    let request = Request::new(principal, action, resource, ctx, Some(&p.schema))
-        .map_err(|e| PolicyError::Request(e.to_string()))?;
+    // The context is built here to the schema's shape: debug builds (every
+    // test) check each request against the schema, release builds skip it.
+    let schema = cfg!(debug_assertions).then_some(&p.schema);
+    let request =
+        Request::new(principal, action, resource, ctx, schema).map_err(|e| PolicyError::Request(e.to_string()))?;
     let entities = Entities::from_entities(entities, None).map_err(|e| PolicyError::Request(e.to_string()))?;
     Ok((request, entities))
 }
@@ -488,7 +512,8 @@ pub fn decide(req: &PolicyRequest<'_>, p: &Policies) -> Decision {
             };
         }
     };
-    let response = p.authorizer.is_authorized(&request, &p.set, &entities);
+    let set = p.by_action.get(action).unwrap_or(&p.set);
+    let response = p.authorizer.is_authorized(&request, set, &entities);
     for e in response.diagnostics().errors() {
         tracing::warn!(action, error = %e, "a policy failed to evaluate and was skipped");
     }
