@@ -55,12 +55,38 @@ pub struct Policies {
     clients: HashMap<String, ClientInfo>,
     actions: HashMap<&'static str, Entity>,
     reasons: BTreeMap<String, String>,
+    names: Names,
     authorizer: Authorizer,
     limits: Limits,
 }
 
 fn type_name(name: &str) -> Result<EntityTypeName, PolicyError> {
     EntityTypeName::from_str(name).map_err(|e| PolicyError::Request(e.to_string()))
+}
+
+/// The entity type names requests use, parsed once per set (parsing a name
+/// runs Cedar's parser: too slow for every request).
+#[derive(Debug)]
+struct Names {
+    client: EntityTypeName,
+    account: EntityTypeName,
+    session: EntityTypeName,
+    service: EntityTypeName,
+}
+
+impl Names {
+    fn new() -> Result<Names, PolicyError> {
+        Ok(Names {
+            client: type_name("Keyward::Client")?,
+            account: type_name("Keyward::Account")?,
+            session: type_name("Keyward::Session")?,
+            service: type_name("Keyward::Service")?,
+        })
+    }
+
+    fn client(&self, identity: &str) -> EntityUid {
+        EntityUid::from_type_name_and_id(self.client.clone(), EntityId::new(identity))
+    }
 }
 
 fn uid(ty: &str, id: &str) -> Result<EntityUid, PolicyError> {
@@ -244,6 +270,7 @@ impl Policies {
             clients,
             actions,
             reasons,
+            names: Names::new()?,
             authorizer: Authorizer::new(),
             limits,
         })
@@ -405,26 +432,23 @@ fn context(c: &RequestContext) -> Result<Context, PolicyError> {
         .map_err(|e| PolicyError::Request(e.to_string()))
 }
 
-fn client_uid(identity: &str) -> Result<EntityUid, PolicyError> {
-    uid("Keyward::Client", identity)
-}
-
-fn account_entity(a: &crate::store::AccountRecord) -> Result<Entity, PolicyError> {
+fn account_entity(n: &Names, a: &crate::store::AccountRecord) -> Result<Entity, PolicyError> {
     let allowed = a
         .allowed
         .iter()
-        .map(|x| client_uid(x).map(RestrictedExpression::new_entity_uid))
-        .collect::<Result<Vec<_>, _>>()?;
+        .map(|x| RestrictedExpression::new_entity_uid(n.client(x)))
+        .collect::<Vec<_>>();
     let attrs = HashMap::from([
         ("label".to_string(), string(a.label.as_deref().unwrap_or_default())),
         ("controller".to_string(), string(&a.controller.to_ascii_lowercase())),
         (
             "created_by".to_string(),
-            RestrictedExpression::new_entity_uid(client_uid(&a.created_by)?),
+            RestrictedExpression::new_entity_uid(n.client(&a.created_by)),
         ),
         ("allowed".to_string(), RestrictedExpression::new_set(allowed)),
     ]);
-    Entity::new(uid("Keyward::Account", &a.id)?, attrs, HashSet::new()).map_err(|e| PolicyError::Request(e.to_string()))
+    let id = EntityUid::from_type_name_and_id(n.account.clone(), EntityId::new(&a.id));
+    Entity::new(id, attrs, HashSet::new()).map_err(|e| PolicyError::Request(e.to_string()))
 }
 
 fn build(req: &PolicyRequest<'_>, p: &Policies) -> Result<(Request, Entities), PolicyError> {
@@ -433,7 +457,8 @@ fn build(req: &PolicyRequest<'_>, p: &Policies) -> Result<(Request, Entities), P
         .get(req.action.name())
         .ok_or_else(|| PolicyError::Request(format!("no action entity for {}", req.action.name())))?;
     let action = action_entity.uid();
-    let principal = client_uid(req.principal)?;
+    let n = &p.names;
+    let principal = n.client(req.principal);
     let info = p.clients.get(req.principal).cloned().unwrap_or_default();
     let mut entities = vec![action_entity.clone()];
     for r in &info.roles {
@@ -451,19 +476,19 @@ fn build(req: &PolicyRequest<'_>, p: &Policies) -> Result<(Request, Entities), P
     entities.push(client);
     let resource = match req.resource {
         Resource::Service => {
-            let id = uid("Keyward::Service", "keyward")?;
+            let id = EntityUid::from_type_name_and_id(n.service.clone(), EntityId::new("keyward"));
             entities.push(Entity::new_no_attrs(id.clone(), HashSet::new()));
             id
         }
         Resource::Account(a) => {
-            let e = account_entity(a)?;
+            let e = account_entity(n, a)?;
             let id = e.uid();
             entities.push(e);
             id
         }
         Resource::Session(s, a) => {
-            let account = account_entity(a)?;
-            let id = uid("Keyward::Session", &s.id)?;
+            let account = account_entity(n, a)?;
+            let id = EntityUid::from_type_name_and_id(n.session.clone(), EntityId::new(&s.id));
             let attrs = HashMap::from([
                 (
                     "account".to_string(),
@@ -471,7 +496,7 @@ fn build(req: &PolicyRequest<'_>, p: &Policies) -> Result<(Request, Entities), P
                 ),
                 (
                     "delegate".to_string(),
-                    RestrictedExpression::new_entity_uid(client_uid(&s.delegate)?),
+                    RestrictedExpression::new_entity_uid(n.client(&s.delegate)),
                 ),
                 ("scopes".to_string(), strings(&s.scopes)),
                 ("expires_at".to_string(), long(s.expires_at)),
