@@ -16,7 +16,7 @@ pub enum PolicyError {
         /// The action.
         action: &'static str,
         /// The decision, to record.
-        decision: Decision,
+        decision: Box<Decision>,
     },
     /// A limit refused the request.
     #[error("limit {limit} reached: {identity} may not {action} now ({detail})")]
@@ -30,7 +30,7 @@ pub enum PolicyError {
         /// What was exceeded.
         detail: String,
         /// The decision, to record.
-        decision: Decision,
+        decision: Box<Decision>,
     },
     /// A file of the set could not be read.
     #[error("policy set {path}: {source}")]

@@ -184,7 +184,7 @@ impl DecisionPoint {
                     action: decision.action,
                     limit,
                     detail,
-                    decision,
+                    decision: Box::new(decision),
                 });
             }
         }
@@ -195,7 +195,7 @@ impl DecisionPoint {
             Err(PolicyError::Denied {
                 identity: req.principal.to_string(),
                 action: decision.action,
-                decision,
+                decision: Box::new(decision),
             })
         }
     }
@@ -287,7 +287,7 @@ impl DecisionPoint {
             action: decision.action,
             limit: cap.name.clone(),
             detail: format!("the account's {currency} spend today would pass {}", cap.cap),
-            decision,
+            decision: Box::new(decision),
         })
     }
 

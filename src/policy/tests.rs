@@ -82,6 +82,9 @@ fn payment() -> Option<PaymentFacts> {
     })
 }
 
+/// (who, action, resource, context, allowed, deciding policies)
+type Case<'a> = (&'a str, Action, Resource<'a>, RequestContext, bool, &'a [&'a str]);
+
 #[test]
 fn default_set_allows_the_session_story_and_forbids_the_rest() {
     let p = default_policies().expect("the default set validates");
@@ -99,7 +102,7 @@ fn default_set_allows_the_session_story_and_forbids_the_rest() {
     };
     use Action::*;
     // (who, action, resource, context, allowed, deciding policies)
-    let cases: Vec<(&str, Action, Resource<'_>, RequestContext, bool, &[&str])> = vec![
+    let cases: Vec<Case<'_>> = vec![
         // Accounts.
         (ADMIN, CreateAccount, svc, ctx(), true, &["admins-manage-accounts"]),
         (MARKETPLACE, CreateAccount, svc, ctx(), false, &[]),
