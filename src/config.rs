@@ -83,9 +83,9 @@ pub struct Config {
     pub keys: KeysConfig,
     /// Persistent state.
     pub store: StoreConfig,
-    /// Interim authorization.
+    /// The policy set.
     #[serde(default)]
-    pub authz: AuthzConfig,
+    pub policy: PolicyConfig,
     /// Delegated sessions.
     #[serde(default)]
     pub sessions: SessionsConfig,
@@ -197,17 +197,33 @@ pub struct StoreConfig {
     pub url: String,
 }
 
-/// `[authz]` — the interim rules until the policy engine lands.
-#[derive(Debug, Default, Deserialize)]
+/// `[policy]`: where the Cedar policy set lives.
+#[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct AuthzConfig {
-    /// Identities that may create accounts and read any account.
-    #[serde(default)]
-    pub admins: Vec<String>,
-    /// Identities that relay wallets: request challenges, open sessions and
-    /// revoke with a controller signature, for any account.
-    #[serde(default)]
-    pub wallet_gateways: Vec<String>,
+pub struct PolicyConfig {
+    /// Folder holding schema.cedarschema, clients.toml, limits.toml and *.cedar
+    /// (relative to the config file's folder).
+    #[serde(default = "default_policy_dir")]
+    pub dir: PathBuf,
+    /// Seconds between two checks of the folder for changes (0: reload on SIGHUP only).
+    #[serde(default = "default_policy_watch")]
+    pub watch_seconds: u64,
+}
+
+impl Default for PolicyConfig {
+    fn default() -> Self {
+        PolicyConfig {
+            dir: default_policy_dir(),
+            watch_seconds: default_policy_watch(),
+        }
+    }
+}
+
+fn default_policy_dir() -> PathBuf {
+    PathBuf::from("policies")
+}
+fn default_policy_watch() -> u64 {
+    5
 }
 
 /// `[sessions]`
@@ -410,6 +426,7 @@ impl Config {
         fix(&mut self.tls.cert);
         fix(&mut self.tls.key);
         fix(&mut self.tls.client_ca);
+        fix(&mut self.policy.dir);
         if let Some(p) = self.hsm.pin_file.as_mut() {
             fix(p);
         }
@@ -506,13 +523,11 @@ impl Config {
                 });
             }
         }
-        for a in &self.authz.admins {
-            if a.is_empty() {
-                return Err(ConfigError::Invalid {
-                    key: "authz.admins",
-                    reason: "identities must not be empty".into(),
-                });
-            }
+        if self.policy.watch_seconds > 86_400 {
+            return Err(ConfigError::Invalid {
+                key: "policy.watch_seconds",
+                reason: "must be at most 86400".into(),
+            });
         }
         Ok(())
     }
@@ -568,8 +583,8 @@ token_label = "keyward"
 pin_file = "hsm-pin"
 [store]
 url = "sqlite://keyward.db"
-[authz]
-admins = ["spiffe://example.org/admin"]
+[policy]
+dir = "policies"
 "#;
 
     #[test]
@@ -580,6 +595,7 @@ admins = ["spiffe://example.org/admin"]
         assert_eq!(cfg.store.url, "sqlite:///home/k/keyward.db");
         assert_eq!(cfg.keys.custody, Custody::Hsm);
         assert_eq!(cfg.hsm.pool_size, 4);
+        assert_eq!(cfg.policy.dir, PathBuf::from("/home/k/policies"));
     }
 
     #[test]

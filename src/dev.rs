@@ -40,6 +40,9 @@ pub enum DevError {
     /// softhsm2-util failed.
     #[error("softhsm2-util: {0}")]
     SoftHsm(String),
+    /// The default policy set could not be written.
+    #[error("policies: {0}")]
+    Policy(String),
     /// The client profile file.
     #[error("client profile {path}: {reason}")]
     Profile {
@@ -145,6 +148,7 @@ pub fn prepare(home: &Path, custody: crate::config::Custody) -> Result<DevHome, 
         write_new(&pin_file, &format!("{pin}\n"), 0o600)?;
     }
 
+    crate::policy::install_defaults(&home.join("policies")).map_err(|e| DevError::Policy(e.to_string()))?;
     let config = home.join("keyward.toml");
     if !config.exists() {
         write_new(&config, &dev_config_text(&home, custody), 0o600)?;
@@ -184,9 +188,10 @@ custody = "{custody}"
 [store]
 url = "sqlite://{db}"
 
-[authz]
-admins = ["spiffe://example.org/admin"]
-wallet_gateways = ["spiffe://example.org/wallet-gateway"]
+[policy]
+# Written from the defaults shipped in the binary on first run; edit freely
+# (`keyward policy check --dir policies` validates, SIGHUP reloads).
+dir = "policies"
 "#,
         module = softhsm_module().display(),
         custody = custody.as_str(),

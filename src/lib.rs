@@ -4,7 +4,7 @@
 //! for callers its rules allow.
 //!
 //! Modules follow the request path: `tls` (who is calling) → `api` (decode,
-//! validate, map errors) → `authz` (may they) → `keys` (custody and signing)
+//! validate, map errors) → `policy` (may they: Cedar) → `keys` (custody and signing)
 //! → `hsm` (the only cryptoki caller) and `store` (persistent state); every
 //! request ends with one hash-chained `audit` event.
 #![forbid(unsafe_code)]
@@ -12,7 +12,6 @@
 
 pub mod api;
 pub mod audit;
-pub mod authz;
 pub mod bench;
 pub mod cli;
 pub mod clock;
@@ -25,6 +24,7 @@ pub mod issuer;
 pub mod jwks;
 pub mod keys;
 pub mod metrics;
+pub mod policy;
 pub mod receipt;
 pub mod server;
 pub mod session;

@@ -66,6 +66,11 @@ impl Metrics {
         })
     }
 
+    /// Registers a component's own series (the component keeps its handle).
+    pub fn register(&self, collector: Box<dyn prometheus::core::Collector>) -> Result<(), prometheus::Error> {
+        self.registry.register(collector)
+    }
+
     /// Records one finished RPC.
     pub fn observe_request(&self, method: &str, code: tonic::Code, started: Instant) {
         self.requests.with_label_values(&[method, code_name(code)]).inc();

@@ -14,7 +14,6 @@ use crate::api::pb::jwks_service_server::JwksServiceServer;
 use crate::api::pb::session_service_server::SessionServiceServer;
 use crate::api::pb::signing_service_server::SigningServiceServer;
 use crate::api::{AccountApi, Daemon, JwksApi, SessionApi, SigningApi};
-use crate::authz::Authz;
 use crate::clock::{Clock, SystemClock};
 use crate::config::{Config, ConfigError};
 use crate::hsm::{Hsm, HsmConfig, HsmError};
@@ -61,6 +60,9 @@ pub enum ServeError {
     /// The issuer key ring could not be loaded.
     #[error("issuer keys: {0}")]
     Issuer(String),
+    /// The policy set does not load.
+    #[error("{0}")]
+    Policy(#[from] crate::policy::PolicyError),
     /// A background task failed.
     #[error("internal: {0}")]
     Internal(&'static str),
@@ -148,6 +150,12 @@ pub async fn start_with_clock(config: &Config, clock: Arc<dyn Clock>) -> Result<
         ))),
     ));
     let metrics = Arc::new(Metrics::new()?);
+    // Refuses to start on a set that does not parse or validate.
+    let policy = Arc::new(
+        crate::policy::DecisionPoint::load(&config.policy.dir, &metrics, clock.clone())?
+            .with_watch_interval(config.policy.watch_seconds)
+            .with_store(store.clone()),
+    );
     let verifying_contract = match &config.sessions.verifying_contract {
         Some(c) => Some(crate::crypto::eth::Address::parse(c).map_err(|_| {
             ServeError::Config(ConfigError::Invalid {
@@ -181,7 +189,7 @@ pub async fn start_with_clock(config: &Config, clock: Arc<dyn Clock>) -> Result<
     );
     let daemon = Arc::new(Daemon {
         keys,
-        authz: Authz::new(config.authz.admins.clone()).with_wallet_gateways(config.authz.wallet_gateways.clone()),
+        policy,
         metrics,
         log_details: config.log.log_request_details,
         sessions,
@@ -256,6 +264,7 @@ where
         },
     ));
     let jwks_task = tokio::spawn(d.jwks.clone().run(stop_rx.clone()));
+    let policy_task = tokio::spawn(d.policy.clone().watch(stop_rx.clone()));
     let https_task = tokio::spawn(crate::http::serve(https, running.tls.clone(), d.clone(), stop_rx));
 
     shutdown.await;
@@ -264,6 +273,7 @@ where
     let grpc_result = grpc_task.await.map_err(|_| ServeError::Internal("gRPC task failed"))?;
     let _ = https_task.await;
     let _ = jwks_task.await;
+    let _ = policy_task.await;
     d.keys.clear_cache();
     tracing::info!("stopped");
     grpc_result.map_err(ServeError::from)

@@ -134,7 +134,7 @@ async fn enumeration(env: Env) {
     assert_eq!(denied.code(), tonic::Code::PermissionDenied);
     let e = c.one("CreateAccount", false).await;
     assert_eq!(e.body.decision, "deny");
-    assert_eq!(e.body.policies, vec!["interim:only admins create accounts".to_string()]);
+    assert_eq!(e.body.policies, vec!["default-deny".to_string()]);
 
     accounts
         .get_account(GetAccountRequest {
@@ -171,9 +171,11 @@ async fn enumeration(env: Env) {
     );
 
     // SigningService without sessions
+    // The operator (admin) signs directly; the marketplace only inside a session.
+    let mut op = d.signing(&env, "admin").await;
     let mut market = d.signing(&env, "marketplace").await;
     let mut gw = d.signing(&env, "wallet-gateway").await;
-    let typed = market
+    let typed = op
         .sign_typed_data(SignTypedDataRequest {
             account_id: a.account_id.clone(),
             typed_data_json: MAIL.into(),
@@ -198,7 +200,7 @@ async fn enumeration(env: Env) {
     let e = c.one("SignTypedData", false).await;
     assert_eq!(e.body.decision, "deny");
     assert_eq!(e.body.signature_ref, "");
-    let msg = market
+    let msg = op
         .sign_message(SignMessageRequest {
             account_id: a.account_id.clone(),
             alg: SignatureAlgorithm::Ed25519 as i32,
@@ -217,12 +219,12 @@ async fn enumeration(env: Env) {
             data: b"hello".to_vec(),
         })
         .await
-        .expect_err("not listed on b");
+        .expect_err("not in a session");
     c.one("SignMessage", false).await;
 
     // Receipts: the event is appended in the recording transaction and its
     // seq is the receipt's audit_seq.
-    let receipt = market
+    let receipt = op
         .sign_receipt(SignReceiptRequest {
             account_id: a.account_id.clone(),
             buyer: "did:example:buyer".into(),
@@ -254,7 +256,7 @@ async fn enumeration(env: Env) {
             request_id: "rcpt-2".into(),
         })
         .await
-        .expect_err("not listed on b");
+        .expect_err("not in a session");
     c.one("SignReceipt", false).await;
     let attestation = |account_id: &str| SignAttestationRequest {
         account_id: account_id.into(),
@@ -265,15 +267,12 @@ async fn enumeration(env: Env) {
         purpose: "training".into(),
         session_token: String::new(),
     };
-    market
-        .sign_attestation(attestation(&a.account_id))
-        .await
-        .expect("attest");
+    op.sign_attestation(attestation(&a.account_id)).await.expect("attest");
     c.one("SignAttestation", true).await;
     market
         .sign_attestation(attestation(&b.account_id))
         .await
-        .expect_err("not listed on b");
+        .expect_err("not in a session");
     c.one("SignAttestation", false).await;
 
     // SessionService
@@ -470,10 +469,7 @@ async fn enumeration(env: Env) {
         .expect_err("admin only");
     assert_eq!(refused.code(), tonic::Code::PermissionDenied);
     let e = c.one("StreamEvents", false).await;
-    assert_eq!(
-        e.body.policies,
-        vec!["interim:only admins read the audit log".to_string()]
-    );
+    assert_eq!(e.body.policies, vec!["default-deny".to_string()]);
     let live = stream.message().await.expect("stream").expect("live event");
     assert_eq!((live.seq, live.action.as_str()), (e.seq, "StreamEvents"));
     assert_eq!(live.hash, hex::encode(e.hash));
@@ -566,16 +562,15 @@ fn offline_commands(store: StoreKind) {
         env.init().await;
         let d = env.start().await;
         let a = create_account(&d, &env, &[MARKETPLACE]).await;
-        let mut market = d.signing(&env, "marketplace").await;
+        let mut op = d.signing(&env, "admin").await;
         for i in 0..11u8 {
-            market
-                .sign_message(SignMessageRequest {
-                    account_id: a.account_id.clone(),
-                    alg: SignatureAlgorithm::Secp256k1 as i32,
-                    data: vec![i; 10],
-                })
-                .await
-                .expect("sign");
+            op.sign_message(SignMessageRequest {
+                account_id: a.account_id.clone(),
+                alg: SignatureAlgorithm::Secp256k1 as i32,
+                data: vec![i; 10],
+            })
+            .await
+            .expect("sign");
         }
         d.stop().await;
     });
@@ -811,7 +806,7 @@ fn sigkill_under_load_loses_no_event() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let account: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
     let account_id = account["account_id"].as_str().expect("id").to_string();
-    let (endpoint, files) = dev_channel(&home, "marketplace");
+    let (endpoint, files) = dev_channel(&home, "admin");
     let received = std::sync::Arc::new(std::sync::Mutex::new(Vec::<(Vec<u8>, Vec<u8>)>::new()));
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -857,7 +852,7 @@ fn sigkill_under_load_loses_no_event() {
 
     // Restart: the daemon comes back and appends after the recovered head.
     let mut child = start_dev(&home);
-    let (endpoint, files) = dev_channel(&home, "marketplace");
+    let (endpoint, files) = dev_channel(&home, "admin");
     rt.block_on(async {
         let ch = keyward::tls::connect(&endpoint, &files).await.expect("connect");
         SigningServiceClient::new(ch)

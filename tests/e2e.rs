@@ -138,8 +138,18 @@ fn authorization_is_deny_by_default() {
                     .await
             }
         };
-        assert!(sign("admin").await.is_ok(), "creator may sign");
-        assert!(sign("marketplace").await.is_ok(), "listed identity may sign");
+        assert!(sign("admin").await.is_ok(), "creator (an operator) may sign");
+        // Listed, but a marketplace client signs only inside a session (default policy set).
+        let err = sign("marketplace").await.expect_err("outside a session");
+        assert_eq!(err.code(), Code::PermissionDenied);
+        // Listed clients still read the account.
+        d.accounts(&env, "marketplace")
+            .await
+            .get_account(GetAccountRequest {
+                account_id: account.account_id.clone(),
+            })
+            .await
+            .expect("listed identity reads the account");
         assert_eq!(
             sign("wallet-gateway").await.expect_err("not listed").code(),
             Code::PermissionDenied

@@ -5,9 +5,9 @@ use tonic::{Request, Response, Status};
 use super::pb::account_service_server::AccountService;
 use super::pb::{Account, CreateAccountRequest, GetAccountJwksRequest, GetAccountJwksResponse, GetAccountRequest};
 use super::{AccountApi, ApiError};
-use crate::authz::Action;
 use crate::crypto::eth::Address;
 use crate::keys::{public_keys, NewAccount};
+use crate::policy::{Action, RequestContext, Resource};
 use crate::store::AccountRecord;
 use crate::types::KeyAlg;
 
@@ -73,7 +73,13 @@ impl AccountService for AccountApi {
                     return Err(ApiError::invalid(format!("allow[{i}]"), "not a client identity"));
                 }
             }
-            d.authz.decide(&identity, Action::CreateAccount, None)?;
+            d.decide(
+                &identity,
+                Action::CreateAccount,
+                Resource::Service,
+                RequestContext::default(),
+            )
+            .await?;
             let record = d
                 .keys
                 .create_account(NewAccount {
@@ -96,7 +102,13 @@ impl AccountService for AccountApi {
         d.handle("GetAccount", request, |identity, req| async move {
             check_account_id(&req.account_id)?;
             let record = d.keys.record(&req.account_id).await?;
-            d.authz.decide(&identity, Action::ShowAccount, Some(&record))?;
+            d.decide(
+                &identity,
+                Action::GetAccount,
+                Resource::Account(&record),
+                RequestContext::default(),
+            )
+            .await?;
             to_proto(&record)
         })
         .await
@@ -109,10 +121,18 @@ impl AccountService for AccountApi {
         request: Request<GetAccountJwksRequest>,
     ) -> Result<Response<GetAccountJwksResponse>, Status> {
         let d = &self.0;
-        d.handle("GetAccountJwks", request, |_identity, req| async move {
-            // Public information (also served without a client certificate).
+        d.handle("GetAccountJwks", request, |identity, req| async move {
+            // Public information (also served without a client certificate);
+            // the default policy `public-keys` permits it to every client.
             check_account_id(&req.account_id)?;
             let record = d.keys.record(&req.account_id).await?;
+            d.decide(
+                &identity,
+                Action::GetAccountJwks,
+                Resource::Account(&record),
+                RequestContext::default(),
+            )
+            .await?;
             let public = crate::receipt::AccountPublic::of(&record, d.sessions.domain().chain_id)?;
             Ok(GetAccountJwksResponse {
                 jwks_json: serde_json::to_string(&public.jwks())

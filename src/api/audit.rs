@@ -206,15 +206,17 @@ impl AuditFacts for pb::RevokeIssuerKeyResponse {}
 impl AuditFacts for pb::StreamEventsRequest {}
 impl AuditFacts for EventStream {}
 
-/// The rules that refused the request, if it was refused by one.
-pub(super) fn policies<T>(result: &Result<T, ApiError>) -> Vec<String> {
-    match result {
-        Err(ApiError::Denied(d)) => vec![format!("interim:{}", d.rule)],
-        Err(ApiError::Audit(crate::audit::AuditError::NotAdmin(_))) => {
-            vec![format!("interim:{}", crate::audit::ADMIN_ONLY)]
-        }
-        _ => Vec::new(),
+/// What an event records as having decided: the matching policy ids,
+/// `limit:<name>` for a limit, `default-deny` when no permit matched.
+pub(super) fn decided_by(d: &crate::policy::Decision) -> Vec<String> {
+    let mut ids = d.policy_ids.clone();
+    if let Some(limit) = &d.limit {
+        ids.push(format!("limit:{limit}"));
     }
+    if ids.is_empty() && !d.allowed {
+        ids.push("default-deny".to_string());
+    }
+    ids
 }
 
 /// The decision a response status records: refusals by authorization,
@@ -264,9 +266,13 @@ impl AuditService for AuditApi {
         let d = self.0.clone();
         let d2 = d.clone();
         d.handle("StreamEvents", request, |identity, req| async move {
-            if !d2.authz.is_admin(&identity) {
-                return Err(crate::audit::AuditError::NotAdmin(identity).into());
-            }
+            d2.decide(
+                &identity,
+                crate::policy::Action::ReadAudit,
+                crate::policy::Resource::Service,
+                crate::policy::RequestContext::default(),
+            )
+            .await?;
             let (tx, rx) = tokio::sync::mpsc::channel(256);
             let store = d2.keys.store().clone();
             let mut committed = d2.audit.committed();

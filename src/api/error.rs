@@ -4,7 +4,9 @@
 //! |---|---|
 //! | no client identity | UNAUTHENTICATED |
 //! | malformed field | INVALID_ARGUMENT (names the field) |
-//! | interim rules refuse, wrong wallet signer, not the delegate, outside scopes | PERMISSION_DENIED (names the rule) |
+//! | a policy refuses (names the policy ids, or deny by default), wrong wallet signer, not the delegate, outside scopes | PERMISSION_DENIED |
+//! | a limit refuses (names the limit) | RESOURCE_EXHAUSTED |
+//! | policy set or limit counters unusable | INTERNAL / the store's status |
 //! | session token does not verify or was altered | UNAUTHENTICATED |
 //! | challenge used or expired, session revoked or expired | FAILED_PRECONDITION |
 //! | session cap exhausted | RESOURCE_EXHAUSTED |
@@ -21,7 +23,6 @@
 use tonic::Status;
 
 use crate::audit::AuditError;
-use crate::authz::Denied;
 use crate::hsm::HsmError;
 use crate::keys::KeyError;
 use crate::session::SessionError;
@@ -42,9 +43,9 @@ pub enum ApiError {
         /// Why.
         reason: String,
     },
-    /// Authorization refused.
-    #[error("permission denied: {0}")]
-    Denied(#[from] Denied),
+    /// The decision point refused (or could not decide).
+    #[error(transparent)]
+    Policy(#[from] crate::policy::PolicyError),
     /// The key layer failed.
     #[error(transparent)]
     Key(#[from] KeyError),
@@ -63,6 +64,14 @@ pub enum ApiError {
 }
 
 impl ApiError {
+    /// The policy decision a refusal carries, for the audit record.
+    pub fn decision(&self) -> Option<&crate::policy::Decision> {
+        match self {
+            ApiError::Policy(p) => p.decision(),
+            _ => None,
+        }
+    }
+
     /// A malformed field.
     pub fn invalid(field: impl Into<String>, reason: impl Into<String>) -> ApiError {
         ApiError::Invalid {
@@ -96,7 +105,12 @@ impl From<ApiError> for Status {
         match &e {
             ApiError::Unauthenticated => Status::unauthenticated(msg),
             ApiError::Invalid { .. } => Status::invalid_argument(msg),
-            ApiError::Denied(_) => Status::permission_denied(msg),
+            ApiError::Policy(p) => match p {
+                crate::policy::PolicyError::Denied { .. } => Status::permission_denied(msg),
+                crate::policy::PolicyError::Limited { .. } => Status::resource_exhausted(msg),
+                crate::policy::PolicyError::Store(s) => store_status(s, msg),
+                _ => Status::internal(msg),
+            },
             ApiError::Key(k) => match k {
                 KeyError::AccountNotFound(_) => Status::not_found(msg),
                 KeyError::Binding { .. } | KeyError::MissingKey { .. } => Status::data_loss(msg),
@@ -126,7 +140,6 @@ impl From<ApiError> for Status {
             ApiError::Internal(_) => Status::internal(msg),
             ApiError::Jwks(e) => crate::jwks::status(e, msg),
             ApiError::Audit(e) => match e {
-                AuditError::NotAdmin(_) => Status::permission_denied(msg),
                 AuditError::Store(s) => store_status(s, msg),
                 AuditError::Invalid(_) => Status::invalid_argument(msg),
                 AuditError::Unavailable(_) | AuditError::Stopped | AuditError::Sign(_) => Status::unavailable(msg),

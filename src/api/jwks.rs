@@ -1,4 +1,5 @@
-//! JwksService: the published key set (any client) and the issuer key lifecycle (admins).
+//! JwksService: the published key set (any client) and the issuer key lifecycle
+//! (admins, by the default policy set).
 
 use std::str::FromStr;
 
@@ -11,7 +12,7 @@ use super::pb::{
 };
 use super::{ApiError, Daemon, JwksApi};
 use crate::hsm::IssuerAlg;
-use crate::jwks::JwksError;
+use crate::policy::{Action, RequestContext, Resource};
 use crate::store::IssuerKeyRecord;
 
 fn key_proto(r: &IssuerKeyRecord) -> IssuerKey {
@@ -28,12 +29,10 @@ fn key_proto(r: &IssuerKeyRecord) -> IssuerKey {
 }
 
 impl Daemon {
-    fn require_admin(&self, identity: &str) -> Result<(), ApiError> {
-        if self.authz.is_admin(identity) {
-            Ok(())
-        } else {
-            Err(JwksError::NotAdmin(identity.to_string()).into())
-        }
+    async fn require(&self, identity: &str, action: Action) -> Result<(), ApiError> {
+        self.decide(identity, action, Resource::Service, RequestContext::default())
+            .await
+            .map(|_| ())
     }
 }
 
@@ -41,7 +40,9 @@ impl Daemon {
 impl JwksService for JwksApi {
     async fn get_jwks(&self, request: Request<GetJwksRequest>) -> Result<Response<GetJwksResponse>, Status> {
         let d = &self.0;
-        d.handle("GetJwks", request, |_identity, _req| async move {
+        d.handle("GetJwks", request, |identity, _req| async move {
+            // Public (the default policy `public-keys`), still decided.
+            d.require(&identity, Action::GetJwks).await?;
             let doc = d.jwks.document();
             Ok(GetJwksResponse {
                 jwks_json: doc.body,
@@ -58,7 +59,7 @@ impl JwksService for JwksApi {
     ) -> Result<Response<ListIssuerKeysResponse>, Status> {
         let d = &self.0;
         d.handle("ListIssuerKeys", request, |identity, _req| async move {
-            d.require_admin(&identity)?;
+            d.require(&identity, Action::ListIssuerKeys).await?;
             let keys = d.jwks.list().await?;
             Ok(ListIssuerKeysResponse {
                 keys: keys.iter().map(key_proto).collect(),
@@ -73,7 +74,7 @@ impl JwksService for JwksApi {
     ) -> Result<Response<RotateIssuerKeyResponse>, Status> {
         let d = &self.0;
         d.handle("RotateIssuerKey", request, |identity, req| async move {
-            d.require_admin(&identity)?;
+            d.require(&identity, Action::RotateIssuerKey).await?;
             let alg = match req.alg.as_str() {
                 "" => None,
                 a => Some(IssuerAlg::from_str(a).map_err(|e| ApiError::invalid("alg", e.to_string()))?),
@@ -100,7 +101,7 @@ impl JwksService for JwksApi {
     ) -> Result<Response<RevokeIssuerKeyResponse>, Status> {
         let d = &self.0;
         d.handle("RevokeIssuerKey", request, |identity, req| async move {
-            d.require_admin(&identity)?;
+            d.require(&identity, Action::RevokeIssuerKey).await?;
             if req.kid.is_empty() || req.kid.len() > 64 {
                 return Err(ApiError::invalid("kid", "must be 1 to 64 characters"));
             }

@@ -16,7 +16,6 @@ use std::time::Instant;
 
 use tonic::{Request, Response, Status};
 
-use crate::authz::Authz;
 use crate::keys::KeyService;
 use crate::metrics::Metrics;
 use crate::tls::ConnInfo;
@@ -37,8 +36,8 @@ pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
 pub struct Daemon {
     /// Accounts and signing.
     pub keys: KeyService,
-    /// Who may do what.
-    pub authz: Authz,
+    /// Who may do what: the policy decision point every RPC asks.
+    pub policy: Arc<crate::policy::DecisionPoint>,
     /// Metrics.
     pub metrics: Arc<Metrics>,
     /// Whether logs may carry account ids.
@@ -52,6 +51,33 @@ pub struct Daemon {
 }
 
 impl Daemon {
+    /// Asks the decision point; a refusal carries the decision. What
+    /// decided (policy ids or limit) goes into the request's audit event.
+    async fn decide(
+        &self,
+        identity: &str,
+        action: crate::policy::Action,
+        resource: crate::policy::Resource<'_>,
+        context: crate::policy::RequestContext,
+    ) -> Result<crate::policy::Decision, ApiError> {
+        let request = crate::policy::PolicyRequest {
+            principal: identity,
+            action,
+            resource,
+            context,
+        };
+        let outcome = self.policy.authorize(request).await;
+        match &outcome {
+            Ok(decision) => crate::audit::context::record_policies(audit::decided_by(decision)),
+            Err(e) => {
+                if let Some(decision) = e.decision() {
+                    crate::audit::context::record_policies(audit::decided_by(decision));
+                }
+            }
+        }
+        Ok(outcome?)
+    }
+
     /// Runs one RPC: identity, handler, audit event, metrics, one log line,
     /// status mapping. Every request, allowed, denied or failed, gets exactly
     /// one audit event, durable before the response leaves: appended here
@@ -85,7 +111,12 @@ impl Daemon {
             }
         })
         .await;
-        let policies = audit::policies(&result);
+        // What decided a refusal (policy ids or limit), for the log line.
+        let decided_by = result
+            .as_ref()
+            .err()
+            .and_then(ApiError::decision)
+            .map(crate::policy::Decision::decided_by);
         let result = result.map_err(Status::from);
         let result = match pending.recorded {
             Some(_) => result,
@@ -96,7 +127,6 @@ impl Daemon {
                 };
                 let mut event = pending.event;
                 event.decision = audit::decision(code).as_str().to_string();
-                event.policies = policies;
                 event.code = crate::metrics::code_name(code).to_string();
                 if let Ok(t) = &result {
                     t.facts(&mut event);
@@ -119,7 +149,13 @@ impl Daemon {
         if code == tonic::Code::Ok {
             tracing::debug!(method, code = "OK", micros, "rpc");
         } else {
-            tracing::info!(method, code = crate::metrics::code_name(code), micros, "rpc");
+            tracing::info!(
+                method,
+                code = crate::metrics::code_name(code),
+                micros,
+                policy = decided_by.as_deref(),
+                "rpc"
+            );
         }
         result
     }

@@ -10,9 +10,9 @@ use super::pb::{
     OpenSessionResponse, RevokeSessionRequest, Session, SessionChallenge, SessionState,
 };
 use super::{ApiError, Daemon, SessionApi};
-use crate::authz::Action;
 use crate::crypto::eth::Address;
 use crate::keys::public_keys;
+use crate::policy::{Action, RequestContext, Resource, SessionFacts};
 use crate::session::ChallengeRequest;
 use crate::store::{AccountRecord, SessionRecord};
 
@@ -65,19 +65,34 @@ impl SessionService for SessionApi {
         d.handle("CreateSessionChallenge", request, |identity, req| async move {
             check_account_id(&req.account_id)?;
             let account = d.keys.record(&req.account_id).await?;
-            d.authz.decide(&identity, Action::ManageSessions, Some(&account))?;
             let (secp, _) = public_keys(&account)?;
-            let (challenge, session_expires_at) = d
-                .sessions
-                .create_challenge(ChallengeRequest {
-                    account: &account,
-                    account_address: Address::from_public_key(&secp),
-                    delegate: &req.delegate,
-                    scopes: &req.scopes,
-                    cap: &req.cap,
-                    ttl: req.ttl_seconds,
-                })
-                .await?;
+            let challenge = ChallengeRequest {
+                account: &account,
+                account_address: Address::from_public_key(&secp),
+                delegate: &req.delegate,
+                scopes: &req.scopes,
+                cap: &req.cap,
+                ttl: req.ttl_seconds,
+            };
+            // Malformed requests are refused before the decision (and count against no limit).
+            let (scopes, cap) = d.sessions.check_challenge(&challenge)?;
+            let context = RequestContext {
+                session: SessionFacts {
+                    active: false,
+                    scopes: scopes.to_strings(),
+                    ttl_seconds: req.ttl_seconds,
+                    cap,
+                },
+                ..RequestContext::default()
+            };
+            d.decide(
+                &identity,
+                Action::CreateSessionChallenge,
+                Resource::Account(&account),
+                context,
+            )
+            .await?;
+            let (challenge, session_expires_at) = d.sessions.create_challenge(challenge).await?;
             Ok(SessionChallenge {
                 challenge_id: challenge.id,
                 typed_data_json: challenge.typed_data,
@@ -100,7 +115,13 @@ impl SessionService for SessionApi {
             // Authorize against the challenge's account before touching it.
             let account_id = d.sessions.challenge_account(&req.challenge_id).await?;
             let account = d.keys.record(&account_id).await?;
-            d.authz.decide(&identity, Action::ManageSessions, Some(&account))?;
+            d.decide(
+                &identity,
+                Action::OpenSession,
+                Resource::Account(&account),
+                RequestContext::default(),
+            )
+            .await?;
             let (session, token) = d.sessions.open(&req.challenge_id, &req.signature).await?;
             Ok(OpenSessionResponse {
                 session: Some(d.session_proto(&session, &account)),
@@ -116,9 +137,13 @@ impl SessionService for SessionApi {
             check_session_id(&req.session_id)?;
             let session = d.sessions.get(&req.session_id).await?;
             let account = d.keys.record(&session.account_id).await?;
-            if session.delegate != identity {
-                d.authz.decide(&identity, Action::ManageSessions, Some(&account))?;
-            }
+            d.decide(
+                &identity,
+                Action::GetSession,
+                Resource::Session(&session, &account),
+                RequestContext::default(),
+            )
+            .await?;
             Ok(d.session_proto(&session, &account))
         })
         .await
@@ -132,7 +157,13 @@ impl SessionService for SessionApi {
         d.handle("ListSessions", request, |identity, req| async move {
             check_account_id(&req.account_id)?;
             let account = d.keys.record(&req.account_id).await?;
-            d.authz.decide(&identity, Action::ManageSessions, Some(&account))?;
+            d.decide(
+                &identity,
+                Action::ListSessions,
+                Resource::Account(&account),
+                RequestContext::default(),
+            )
+            .await?;
             let sessions = d.sessions.list(&req.account_id).await?;
             Ok(ListSessionsResponse {
                 sessions: sessions.iter().map(|s| d.session_proto(s, &account)).collect(),
@@ -147,10 +178,18 @@ impl SessionService for SessionApi {
             check_session_id(&req.session_id)?;
             let session = d.sessions.get(&req.session_id).await?;
             let account = d.keys.record(&session.account_id).await?;
-            if req.controller_signature.is_empty() {
-                d.authz.decide(&identity, Action::RevokeSession, Some(&account))?;
-            } else {
-                d.authz.decide(&identity, Action::ManageSessions, Some(&account))?;
+            let context = RequestContext {
+                controller_signed: !req.controller_signature.is_empty(),
+                ..RequestContext::default()
+            };
+            d.decide(
+                &identity,
+                Action::RevokeSession,
+                Resource::Session(&session, &account),
+                context,
+            )
+            .await?;
+            if !req.controller_signature.is_empty() {
                 let controller = Address::parse(&account.controller)
                     .map_err(|_| ApiError::invalid("controller", "stored controller is not an address"))?;
                 d.sessions

@@ -10,10 +10,10 @@ use super::pb::{
     SignatureAlgorithm,
 };
 use super::{ApiError, SigningApi, MAX_MESSAGE_BYTES, MAX_TYPED_DATA_BYTES};
-use crate::authz::Action;
 use crate::crypto::eip712::TypedData;
 use crate::crypto::eth::{personal_message_digest, Address};
 use crate::keys::public_keys;
+use crate::policy::{Action, MessageFacts, PaymentFacts, RequestContext, Resource, SessionFacts, TypedDataFacts};
 use crate::session::{payment, Payment, Spend};
 use prost::Message as _;
 use sha2::{Digest as _, Sha256};
@@ -27,6 +27,15 @@ fn body_hash(kind: &str, parts: &[&[u8]]) -> [u8; 32] {
         h.update(p);
     }
     h.finalize().into()
+}
+
+/// What the policy knows of the session a request is made in.
+fn in_session(session: &crate::store::SessionRecord) -> SessionFacts {
+    SessionFacts {
+        active: true,
+        scopes: session.scopes.clone(),
+        ..SessionFacts::default()
+    }
 }
 
 fn check_currency(c: &str) -> Result<(), ApiError> {
@@ -105,9 +114,15 @@ impl SigningService for SigningApi {
                 ApiError::invalid(field, e.to_string())
             })?;
             let digest = typed.signing_hash();
+            let facts = TypedDataFacts::of(&typed);
             if req.session_token.is_empty() {
                 let record = d.keys.record(&req.account_id).await?;
-                d.authz.decide(&identity, Action::Sign, Some(&record))?;
+                let context = RequestContext {
+                    typed_data: Some(facts),
+                    ..RequestContext::default()
+                };
+                d.decide(&identity, Action::SignTypedData, Resource::Account(&record), context)
+                    .await?;
                 let (keys, signature) = d.keys.sign_eth_digest(&req.account_id, digest).await?;
                 return Ok(SignTypedDataResponse {
                     digest: digest.to_vec(),
@@ -121,6 +136,14 @@ impl SigningService for SigningApi {
             if session.account_id != req.account_id {
                 return Err(ApiError::invalid("account_id", "is not the session's account"));
             }
+            let record = d.keys.record(&session.account_id).await?;
+            let context = RequestContext {
+                session: in_session(&session),
+                typed_data: Some(facts),
+                ..RequestContext::default()
+            };
+            d.decide(&identity, Action::SignTypedData, Resource::Account(&record), context)
+                .await?;
             scopes
                 .check_typed_data(
                     typed.domain_chain_id().as_deref(),
@@ -169,7 +192,19 @@ impl SigningService for SigningApi {
                 return Err(ApiError::invalid("alg", "must be SECP256K1 or ED25519"));
             }
             let record = d.keys.record(&req.account_id).await?;
-            d.authz.decide(&identity, Action::Sign, Some(&record))?;
+            let context = RequestContext {
+                message: Some(MessageFacts {
+                    alg: if alg == SignatureAlgorithm::Ed25519 {
+                        "ed25519"
+                    } else {
+                        "secp256k1"
+                    },
+                    length: req.data.len(),
+                }),
+                ..RequestContext::default()
+            };
+            d.decide(&identity, Action::SignMessage, Resource::Account(&record), context)
+                .await?;
             match alg {
                 SignatureAlgorithm::Ed25519 => {
                     let (keys, sig) = d.keys.sign_ed25519(&req.account_id, req.data).await?;
@@ -209,6 +244,19 @@ impl SigningService for SigningApi {
                 Address::parse(&req.payee).map_err(|e| ApiError::invalid("payee", e.to_string()))?
             };
             let (session, scopes) = d.sessions.authorize(&req.session_token, &identity).await?;
+            let account = d.keys.record(&session.account_id).await?;
+            let context = RequestContext {
+                session: in_session(&session),
+                payment: Some(PaymentFacts {
+                    amount,
+                    currency: req.currency.clone(),
+                    manifest: hex::encode(manifest),
+                    license: req.license_id.clone(),
+                }),
+                ..RequestContext::default()
+            };
+            d.decide(&identity, Action::SignPayment, Resource::Account(&account), context)
+                .await?;
             scopes
                 .check_payment(amount, &manifest)
                 .map_err(crate::session::SessionError::from)?;
@@ -230,8 +278,19 @@ impl SigningService for SigningApi {
                 }
                 Spend::Reserved(r) => r,
             };
+            // The account's daily cap for the currency (a retry replays above and counts once).
+            let hold = match d
+                .policy
+                .hold_daily_spend(&identity, &session.account_id, &req.currency, amount)
+                .await
+            {
+                Ok(h) => h,
+                Err(e) => {
+                    let _ = d.sessions.release_spend(&session.id, &reserved.request_id).await;
+                    return Err(e.into());
+                }
+            };
             let signed = async {
-                let account = d.keys.record(&session.account_id).await?;
                 let (secp, _) = public_keys(&account)?;
                 let doc = payment(
                     d.sessions.domain(),
@@ -269,6 +328,9 @@ impl SigningService for SigningApi {
                 }
                 Err(e) => {
                     let _ = d.sessions.release_spend(&session.id, &reserved.request_id).await;
+                    if let Some(h) = hold {
+                        d.policy.release_daily_spend(h).await;
+                    }
                     Err(e)
                 }
             }
@@ -308,9 +370,9 @@ mod receipts {
     use super::super::pb::{SignAttestationRequest, SignAttestationResponse, SignReceiptRequest, SignReceiptResponse};
     use super::super::{ApiError, Daemon};
     use super::{body_hash, check_currency, check_license, parse_manifest};
-    use crate::authz::Action;
     use crate::crypto::jws::JwsAlg;
     use crate::hsm::IssuerAlg;
+    use crate::policy::{Action, PaymentFacts, RequestContext, Resource};
     use crate::receipt::{
         self, AccountPublic, AttestError, AttestationClaims, ReceiptClaims, Seller, ATTESTATION_CLAIM_TYP, RECEIPT_TYP,
     };
@@ -346,14 +408,27 @@ mod receipts {
             return Err(ApiError::invalid("request_id", "at most 128 printable characters"));
         }
         let record = d.keys.record(&req.account_id).await?;
+        let mut context = RequestContext {
+            payment: Some(PaymentFacts {
+                amount,
+                currency: req.currency.clone(),
+                manifest: hex::encode(manifest),
+                license: req.license_id.clone(),
+            }),
+            ..RequestContext::default()
+        };
         let session_id = if req.session_token.is_empty() {
-            d.authz.decide(&identity, Action::Sign, Some(&record))?;
+            d.decide(&identity, Action::SignReceipt, Resource::Account(&record), context)
+                .await?;
             None
         } else {
             let (session, scopes) = d.sessions.authorize(&req.session_token, &identity).await?;
             if session.account_id != req.account_id {
                 return Err(ApiError::invalid("account_id", "is not the session's account"));
             }
+            context.session = super::in_session(&session);
+            d.decide(&identity, Action::SignReceipt, Resource::Account(&record), context)
+                .await?;
             scopes.check_payment(amount, &manifest).map_err(SessionError::from)?;
             Some(session.id)
         };
@@ -458,13 +533,21 @@ mod receipts {
         receipt::check_spdx(&req.license).map_err(field)?;
         receipt::check_purpose(&req.purpose).map_err(field)?;
         let record = d.keys.record(&req.account_id).await?;
+        let mut context = RequestContext {
+            dataset: req.dataset_id.clone(),
+            ..RequestContext::default()
+        };
         if req.session_token.is_empty() {
-            d.authz.decide(&identity, Action::Sign, Some(&record))?;
+            d.decide(&identity, Action::SignAttestation, Resource::Account(&record), context)
+                .await?;
         } else {
             let (session, scopes) = d.sessions.authorize(&req.session_token, &identity).await?;
             if session.account_id != req.account_id {
                 return Err(ApiError::invalid("account_id", "is not the session's account"));
             }
+            context.session = super::in_session(&session);
+            d.decide(&identity, Action::SignAttestation, Resource::Account(&record), context)
+                .await?;
             if !scopes
                 .iter()
                 .any(|s| matches!(s, Scope::Attest(id) if *id == req.dataset_id))

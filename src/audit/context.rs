@@ -56,6 +56,11 @@ pub fn in_transaction(digest: String, signature_ref: String) -> Option<NewEvent>
     })
 }
 
+/// Records what decided the request (policy ids, `limit:<name>`), for its event.
+pub fn record_policies(ids: Vec<String>) {
+    with(|p| p.event.policies = ids);
+}
+
 /// Records that the request's event was appended in a store transaction.
 pub fn mark_recorded(seq: u64) {
     with(|p| p.recorded = Some(seq));

@@ -56,9 +56,6 @@ pub use store::{AuditStore, Checkpoint};
 /// The JWS `typ` of a checkpoint.
 pub const CHECKPOINT_TYP: &str = "keyward-audit-checkpoint+jwt";
 
-/// The interim rule for the audit RPCs.
-pub const ADMIN_ONLY: &str = "only admins read the audit log";
-
 /// Why an audit operation failed.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -66,9 +63,6 @@ pub enum AuditError {
     /// The store failed.
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
-    /// The caller is not an admin.
-    #[error("{0} may not read the audit log: {ADMIN_ONLY}")]
-    NotAdmin(String),
     /// The log could not be written; the request's response is withheld.
     #[error("audit log unavailable: {0}")]
     Unavailable(String),

@@ -58,15 +58,22 @@ impl Signals {
     }
 }
 
-async fn shutdown_signal(mut signals: Signals, tls: std::sync::Arc<crate::tls::ServerTls>) {
+async fn shutdown_signal(
+    mut signals: Signals,
+    tls: std::sync::Arc<crate::tls::ServerTls>,
+    policy: std::sync::Arc<crate::policy::DecisionPoint>,
+) {
     loop {
         tokio::select! {
             _ = signals.term.recv() => return,
             _ = signals.int.recv() => return,
-            _ = signals.hup.recv() => match tls.reload() {
-                Ok(()) => tracing::info!("SIGHUP: certificates reloaded"),
-                Err(e) => tracing::error!(error = %e, "SIGHUP: certificate reload failed; keeping the old ones"),
-            },
+            _ = signals.hup.recv() => {
+                match tls.reload() {
+                    Ok(()) => tracing::info!("SIGHUP: certificates reloaded"),
+                    Err(e) => tracing::error!(error = %e, "SIGHUP: certificate reload failed; keeping the old ones"),
+                }
+                policy.reload_logged("SIGHUP");
+            }
         }
     }
 }
@@ -88,7 +95,8 @@ async fn run(config: Config, on_bound: impl FnOnce(Endpoints) -> anyhow::Result<
         "serving"
     );
     let tls = running.tls.clone();
-    server::serve(running, grpc, https, shutdown_signal(signals, tls)).await?;
+    let policy = running.daemon.policy.clone();
+    server::serve(running, grpc, https, shutdown_signal(signals, tls, policy)).await?;
     Ok(())
 }
 
@@ -140,6 +148,9 @@ pub fn serve(config_path: &Path) -> anyhow::Result<()> {
 pub fn init(config_path: &Path) -> anyhow::Result<()> {
     let config = Config::load(config_path)?;
     export_softhsm_conf(&config);
+    if crate::policy::install_defaults(&config.policy.dir)? {
+        println!("default policy set written to {}", config.policy.dir.display());
+    }
     run_blocking(async move {
         let hsm = server::open_hsm(&config).await?;
         let kek = server::init_token(hsm.clone()).await?;

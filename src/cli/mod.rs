@@ -6,6 +6,7 @@ pub(crate) mod client;
 mod daemon;
 mod jwks;
 mod output;
+mod policy;
 mod receipt;
 mod session;
 pub mod verify;
@@ -107,6 +108,9 @@ enum Command {
     /// The tamper-evident audit log: verify, export, prove, archive, tail.
     #[command(subcommand)]
     Audit(audit::AuditCmd),
+    /// Check, test and explain a Cedar policy set (files only; no daemon).
+    #[command(subcommand)]
+    Policy(policy::PolicyCmd),
     /// Load generator over real mTLS, with raw-crypto baselines measured in the same run.
     Bench(crate::bench::BenchArgs),
 }
@@ -176,6 +180,11 @@ pub fn main() -> ExitCode {
             Err(code) => return code,
         },
         Command::Wallet(cmd) => session::wallet(&cli.client, cmd),
+        Command::Policy(cmd) => match policy::policy(cmd) {
+            Ok(true) => Ok(()),
+            Ok(false) => return ExitCode::FAILURE,
+            Err(e) => Err(e),
+        },
         Command::Verify(args) => match runtime() {
             Ok(rt) => match rt.block_on(verify::verify(&cli.home, &cli.client, args)) {
                 Ok(true) => Ok(()),

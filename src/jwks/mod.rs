@@ -82,9 +82,6 @@ pub enum JwksError {
     /// The issuer ring or the HSM failed.
     #[error(transparent)]
     Issuer(#[from] IssuerError),
-    /// The caller is not an admin.
-    #[error("permission denied: {0} may not manage issuer keys: only admins do")]
-    NotAdmin(String),
     /// The algorithm is not one of `jwks.algorithms`.
     #[error("alg: {0:?} is not a configured issuer algorithm")]
     NotConfigured(String),
@@ -114,7 +111,6 @@ pub enum JwksError {
 /// The gRPC status of a lifecycle error (used by `api::error`).
 pub fn status(e: &JwksError, msg: String) -> Status {
     match e {
-        JwksError::NotAdmin(_) => Status::permission_denied(msg),
         JwksError::NotConfigured(_) => Status::invalid_argument(msg),
         JwksError::TooEarly { .. } => Status::failed_precondition(msg),
         JwksError::KeyNotFound(_) => Status::not_found(msg),

@@ -119,8 +119,8 @@ impl Sessions {
         &self.issuer
     }
 
-    /// Validates the request and stores a single-use SessionGrant challenge.
-    pub async fn create_challenge(&self, req: ChallengeRequest<'_>) -> Result<(ChallengeRecord, i64), SessionError> {
+    /// Validates a challenge request without side effects: its parsed scopes and cap.
+    pub fn check_challenge(&self, req: &ChallengeRequest<'_>) -> Result<(Scopes, u128), SessionError> {
         if req.delegate.is_empty() || req.delegate.len() > MAX_DELEGATE || req.delegate.chars().any(char::is_control) {
             return Err(invalid("delegate", "not a client identity"));
         }
@@ -133,6 +133,12 @@ impl Sessions {
         if req.ttl == 0 || req.ttl > max {
             return Err(invalid("ttl_seconds", format!("must be between 1 and {max}")));
         }
+        Ok((scopes, cap))
+    }
+
+    /// Validates the request and stores a single-use SessionGrant challenge.
+    pub async fn create_challenge(&self, req: ChallengeRequest<'_>) -> Result<(ChallengeRecord, i64), SessionError> {
+        let (scopes, cap) = self.check_challenge(&req)?;
         let controller =
             Address::parse(&req.account.controller).map_err(|_| SessionError::Internal("stored controller address"))?;
         let now = self.clock.now();

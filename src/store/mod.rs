@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use crate::types::KeyAlg;
 
+pub mod limits;
 mod postgres;
 mod sqlite;
 pub mod testing;
@@ -20,6 +21,8 @@ mod tests;
 mod tests_audit;
 #[cfg(test)]
 mod tests_jwks;
+#[cfg(test)]
+mod tests_limits;
 #[cfg(test)]
 mod tests_receipts;
 
@@ -410,6 +413,18 @@ pub trait Store: Send + Sync + fmt::Debug {
     /// Deletes a retired or revoked key's row (after its grace period);
     /// returns whether a row was deleted.
     async fn delete_issuer_key(&self, kid: &str) -> Result<bool, StoreError>;
+
+    /// Takes one token from the bucket `key` (created full), atomically;
+    /// false, changing nothing, when it holds less than one token.
+    async fn take_token(&self, key: &str, bucket: limits::Bucket, now: i64) -> Result<bool, StoreError>;
+
+    /// Adds `amount` to the running total `key` unless the sum would pass
+    /// `cap`, atomically: the new total, or None changing nothing.
+    async fn add_to_total(&self, key: &str, amount: u128, cap: u128, now: i64) -> Result<Option<u128>, StoreError>;
+
+    /// Takes back `amount` from the total `key` (a request that failed after
+    /// its amount was added), never below zero.
+    async fn subtract_from_total(&self, key: &str, amount: u128, now: i64) -> Result<(), StoreError>;
 }
 
 // ----- Receipts (issue 5) ----------------------------------------------------

@@ -797,6 +797,95 @@ impl Store for PgStore {
             .map_err(|e| from_sqlx(BACKEND, e))?;
         Ok(r.rows_affected() > 0)
     }
+
+    async fn take_token(&self, key: &str, bucket: super::limits::Bucket, now: i64) -> Result<bool, StoreError> {
+        let err = |e| from_sqlx(BACKEND, e);
+        let mut tx = self.pool.begin().await.map_err(err)?;
+        // The row exists (created full) and is locked: replicas take tokens one at a time.
+        let full = i64::try_from(bucket.capacity)
+            .unwrap_or(i64::MAX / super::limits::MILLI)
+            .saturating_mul(super::limits::MILLI);
+        sqlx::query(
+            "INSERT INTO limit_buckets (key, tokens, updated_at) VALUES ($1, $2, $3) ON CONFLICT (key) DO NOTHING",
+        )
+        .bind(key)
+        .bind(full)
+        .bind(now)
+        .execute(&mut *tx)
+        .await
+        .map_err(err)?;
+        let stored: (i64, i64) =
+            sqlx::query_as("SELECT tokens, updated_at FROM limit_buckets WHERE key = $1 FOR UPDATE")
+                .bind(key)
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(err)?;
+        let Some((tokens, at)) = super::limits::take(Some(stored), now, bucket) else {
+            tx.rollback().await.map_err(err)?;
+            return Ok(false);
+        };
+        sqlx::query("UPDATE limit_buckets SET tokens = $2, updated_at = $3 WHERE key = $1")
+            .bind(key)
+            .bind(tokens)
+            .bind(at)
+            .execute(&mut *tx)
+            .await
+            .map_err(err)?;
+        tx.commit().await.map_err(err)?;
+        Ok(true)
+    }
+
+    async fn add_to_total(&self, key: &str, amount: u128, cap: u128, now: i64) -> Result<Option<u128>, StoreError> {
+        self.change_total(key, now, |t| super::limits::add(t, amount, cap))
+            .await
+    }
+
+    async fn subtract_from_total(&self, key: &str, amount: u128, now: i64) -> Result<(), StoreError> {
+        self.change_total(key, now, |t| Some(t.saturating_sub(amount)))
+            .await
+            .map(|_| ())
+    }
+}
+
+impl PgStore {
+    /// Reads the total `key` (0 when absent) under its row lock, applies `f`,
+    /// and stores its answer; None from `f` changes nothing.
+    async fn change_total(
+        &self,
+        key: &str,
+        now: i64,
+        f: impl FnOnce(u128) -> Option<u128> + Send,
+    ) -> Result<Option<u128>, StoreError> {
+        let err = |e| from_sqlx(BACKEND, e);
+        let mut tx = self.pool.begin().await.map_err(err)?;
+        sqlx::query(
+            "INSERT INTO limit_totals (key, total, updated_at) VALUES ($1, '0', $2) ON CONFLICT (key) DO NOTHING",
+        )
+        .bind(key)
+        .bind(now)
+        .execute(&mut *tx)
+        .await
+        .map_err(err)?;
+        let stored: String = sqlx::query_scalar("SELECT total FROM limit_totals WHERE key = $1 FOR UPDATE")
+            .bind(key)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(err)?;
+        let total = decode_amount(&format!("limit total {key}"), "total", &stored)?;
+        let Some(next) = f(total) else {
+            tx.rollback().await.map_err(err)?;
+            return Ok(None);
+        };
+        sqlx::query("UPDATE limit_totals SET total = $2, updated_at = $3 WHERE key = $1")
+            .bind(key)
+            .bind(encode_amount(next))
+            .bind(now)
+            .execute(&mut *tx)
+            .await
+            .map_err(err)?;
+        tx.commit().await.map_err(err)?;
+        Ok(Some(next))
+    }
 }
 
 // ---- Issuer keys (JWKS lifecycle, issue 5) ----

@@ -816,6 +816,84 @@ impl Store for SqliteStore {
             .map_err(|e| from_sqlx(BACKEND, e))?;
         Ok(r.rows_affected() > 0)
     }
+
+    async fn take_token(&self, key: &str, bucket: super::limits::Bucket, now: i64) -> Result<bool, StoreError> {
+        let err = |e| from_sqlx(BACKEND, e);
+        let _writer = self.write.lock().await;
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await.map_err(err)?;
+        let stored: Option<(i64, i64)> = sqlx::query_as("SELECT tokens, updated_at FROM limit_buckets WHERE key = ?1")
+            .bind(key)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(err)?;
+        let Some((tokens, at)) = super::limits::take(stored, now, bucket) else {
+            tx.rollback().await.map_err(err)?;
+            return Ok(false);
+        };
+        sqlx::query(
+            "INSERT INTO limit_buckets (key, tokens, updated_at) VALUES (?1, ?2, ?3) \
+             ON CONFLICT (key) DO UPDATE SET tokens = excluded.tokens, updated_at = excluded.updated_at",
+        )
+        .bind(key)
+        .bind(tokens)
+        .bind(at)
+        .execute(&mut *tx)
+        .await
+        .map_err(err)?;
+        tx.commit().await.map_err(err)?;
+        Ok(true)
+    }
+
+    async fn add_to_total(&self, key: &str, amount: u128, cap: u128, now: i64) -> Result<Option<u128>, StoreError> {
+        self.change_total(key, now, |t| super::limits::add(t, amount, cap))
+            .await
+    }
+
+    async fn subtract_from_total(&self, key: &str, amount: u128, now: i64) -> Result<(), StoreError> {
+        self.change_total(key, now, |t| Some(t.saturating_sub(amount)))
+            .await
+            .map(|_| ())
+    }
+}
+
+impl SqliteStore {
+    /// Reads the total `key` (0 when absent), applies `f`, and stores its
+    /// answer, in one write transaction; None from `f` changes nothing.
+    async fn change_total(
+        &self,
+        key: &str,
+        now: i64,
+        f: impl FnOnce(u128) -> Option<u128> + Send,
+    ) -> Result<Option<u128>, StoreError> {
+        let err = |e| from_sqlx(BACKEND, e);
+        let _writer = self.write.lock().await;
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await.map_err(err)?;
+        let stored: Option<String> = sqlx::query_scalar("SELECT total FROM limit_totals WHERE key = ?1")
+            .bind(key)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(err)?;
+        let total = stored
+            .map(|s| decode_amount(&format!("limit total {key}"), "total", &s))
+            .transpose()?
+            .unwrap_or(0);
+        let Some(next) = f(total) else {
+            tx.rollback().await.map_err(err)?;
+            return Ok(None);
+        };
+        sqlx::query(
+            "INSERT INTO limit_totals (key, total, updated_at) VALUES (?1, ?2, ?3) \
+             ON CONFLICT (key) DO UPDATE SET total = excluded.total, updated_at = excluded.updated_at",
+        )
+        .bind(key)
+        .bind(encode_amount(next))
+        .bind(now)
+        .execute(&mut *tx)
+        .await
+        .map_err(err)?;
+        tx.commit().await.map_err(err)?;
+        Ok(Some(next))
+    }
 }
 
 // ---- Issuer keys (JWKS lifecycle, issue 5) ----

@@ -72,9 +72,8 @@ custody = "{custody}"
 cache_capacity = 1000
 [store]
 url = "{store_url}"
-[authz]
-admins = ["spiffe://example.org/admin"]
-wallet_gateways = ["spiffe://example.org/wallet-gateway"]
+[policy]
+dir = "policies"
 "#,
             module = SoftHsmToken::module_path().display(),
             label = token.label,
@@ -82,6 +81,8 @@ wallet_gateways = ["spiffe://example.org/wallet-gateway"]
             custody = custody.as_str(),
         );
         std::fs::write(&config_path, text).expect("config");
+        // The default set shipped in the binary, as `dev` and `init` install it.
+        assert!(keyward::policy::install_defaults(&dir.path().join("policies")).expect("default policies"));
         Some(Env {
             dir,
             token,

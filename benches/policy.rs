@@ -1,0 +1,118 @@
+//! Decision latency against a signature's: the default policy set and a set
+//! of 1,000 policies, next to the k256 sign the decision guards, measured in
+//! the same run. Run: `cargo bench --bench policy`.
+
+use std::hint::black_box;
+use std::path::PathBuf;
+
+use criterion::Criterion;
+use keyward::crypto::eip712::keccak256;
+use keyward::policy::{
+    decide, default_policies, Action, MessageFacts, Policies, PolicyRequest, RequestContext, Resource, TypedDataFacts,
+    DEFAULT_FILES,
+};
+use keyward::store::AccountRecord;
+
+fn account() -> AccountRecord {
+    AccountRecord {
+        id: "5d7c2a4e-1111-4222-8333-444455556666".into(),
+        label: Some("alice".into()),
+        controller: "0xCD2a3d9F938E13CD947Ec05AbC7FE734Df8DD826".into(),
+        created_by: "spiffe://example.org/admin".into(),
+        created_at: 0,
+        allowed: vec!["spiffe://example.org/marketplace".into()],
+        keys: vec![],
+    }
+}
+
+/// The default set plus 1,000 generated policies of the shapes operators
+/// write: per-team permits, per-label forbids, per-domain forbids.
+fn thousand() -> Policies {
+    let file = |name: &str, text: String| (PathBuf::from(name), text);
+    let mut generated = String::new();
+    for i in 0..1000 {
+        let p = match i % 3 {
+            0 => format!(
+                "@id(\"team-{i}\") permit (principal, action == Keyward::Action::\"GetAccount\", resource is Keyward::Account) when {{ principal.team == \"team-{i}\" }};\n"
+            ),
+            1 => format!(
+                "@id(\"label-{i}\") forbid (principal, action in Keyward::Action::\"Sign\", resource is Keyward::Account) when {{ resource.label == \"frozen-{i}\" }};\n"
+            ),
+            _ => format!(
+                "@id(\"chain-{i}\") forbid (principal, action == Keyward::Action::\"SignTypedData\", resource) when {{ context.typed_data.chain_id == {} }};\n",
+                100_000 + i
+            ),
+        };
+        generated.push_str(&p);
+    }
+    let mut policies: Vec<_> = DEFAULT_FILES
+        .iter()
+        .filter(|(n, _)| n.ends_with(".cedar"))
+        .map(|(n, t)| file(n, t.to_string()))
+        .collect();
+    policies.push(file("generated.cedar", generated));
+    let schema = file(DEFAULT_FILES[0].0, DEFAULT_FILES[0].1.to_string());
+    let clients = file(DEFAULT_FILES[1].0, DEFAULT_FILES[1].1.to_string());
+    let p = Policies::from_sources(&schema, &policies, &clients, None).expect("the generated set validates");
+    assert!(p.len() >= 1000);
+    p
+}
+
+fn bench(c: &mut Criterion) {
+    let a = account();
+    let typed = RequestContext {
+        typed_data: Some(TypedDataFacts {
+            name: "Ether Mail".into(),
+            version: "1".into(),
+            chain_id: "1".into(),
+            verifying_contract: "0xcccccccccccccccccccccccccccccccccccccccc".into(),
+            primary_type: "Mail".into(),
+        }),
+        now: 1_800_000_000,
+        ..RequestContext::default()
+    };
+    let message = RequestContext {
+        message: Some(MessageFacts {
+            alg: "secp256k1",
+            length: 5,
+        }),
+        ..RequestContext::default()
+    };
+    let sets = [
+        ("default set", default_policies().expect("default set")),
+        ("1,000 policies", thousand()),
+    ];
+    for (name, set) in &sets {
+        let req = PolicyRequest {
+            principal: "spiffe://example.org/admin",
+            action: Action::SignTypedData,
+            resource: Resource::Account(&a),
+            context: typed.clone(),
+        };
+        assert!(decide(&req, set).allowed, "{name}");
+        c.bench_function(&format!("decide SignTypedData ({name})"), |b| {
+            b.iter(|| decide(black_box(&req), set))
+        });
+        let denied = PolicyRequest {
+            principal: "spiffe://example.org/wallet-gateway",
+            action: Action::SignMessage,
+            resource: Resource::Account(&a),
+            context: message.clone(),
+        };
+        assert!(!decide(&denied, set).allowed, "{name}");
+        c.bench_function(&format!("decide SignMessage denied ({name})"), |b| {
+            b.iter(|| decide(black_box(&denied), set))
+        });
+    }
+    let sk = k256::ecdsa::SigningKey::from_slice(&[7u8; 32]).expect("key");
+    let digest = keccak256(b"bench");
+    c.bench_function("k256 sign_prehash_recoverable", |b| {
+        b.iter(|| sk.sign_prehash_recoverable(black_box(&digest)))
+    });
+}
+
+fn main() {
+    let mut c = Criterion::default().configure_from_args();
+    bench(&mut c);
+    c.final_summary();
+}

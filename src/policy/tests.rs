@@ -1,0 +1,503 @@
+//! Table tests of the pure decision function with the default set, and of
+//! loading: what validates, what is refused and how it is named.
+
+use std::path::PathBuf;
+
+use super::*;
+use crate::store::{AccountRecord, SessionRecord};
+
+const ADMIN: &str = "spiffe://example.org/admin";
+const MARKETPLACE: &str = "spiffe://example.org/marketplace";
+const GATEWAY: &str = "spiffe://example.org/wallet-gateway";
+const STRANGER: &str = "spiffe://example.org/stranger";
+const MAIL_DOMAIN: &str = "0xcccccccccccccccccccccccccccccccccccccccc";
+
+fn account(allowed: &[&str]) -> AccountRecord {
+    AccountRecord {
+        id: "5d7c2a4e-1111-4222-8333-444455556666".into(),
+        label: Some("alice".into()),
+        controller: "0xCD2a3d9F938E13CD947Ec05AbC7FE734Df8DD826".into(),
+        created_by: ADMIN.into(),
+        created_at: 0,
+        allowed: allowed.iter().map(|s| s.to_string()).collect(),
+        keys: vec![],
+    }
+}
+
+fn session(a: &AccountRecord) -> SessionRecord {
+    SessionRecord {
+        id: "9a7c2a4e-1111-4222-8333-444455556666".into(),
+        account_id: a.id.clone(),
+        delegate: MARKETPLACE.into(),
+        scopes: vec!["payments:0-100".into()],
+        cap: 1000,
+        remaining: 1000,
+        uses: 0,
+        issued_at: 0,
+        expires_at: 3600,
+        challenge_id: "c".into(),
+        jti: "j".into(),
+        revoked_at: None,
+        revoked_by: None,
+    }
+}
+
+fn in_session() -> RequestContext {
+    RequestContext {
+        session: SessionFacts {
+            active: true,
+            scopes: vec!["payments:0-100".into()],
+            ..SessionFacts::default()
+        },
+        ..RequestContext::default()
+    }
+}
+
+fn typed(chain: &str, contract: &str) -> Option<TypedDataFacts> {
+    Some(TypedDataFacts {
+        name: "Ether Mail".into(),
+        version: "1".into(),
+        chain_id: chain.into(),
+        verifying_contract: contract.into(),
+        primary_type: "Mail".into(),
+    })
+}
+
+fn message(len: usize) -> RequestContext {
+    RequestContext {
+        message: Some(MessageFacts {
+            alg: "secp256k1",
+            length: len,
+        }),
+        ..RequestContext::default()
+    }
+}
+
+fn payment() -> Option<PaymentFacts> {
+    Some(PaymentFacts {
+        amount: 40,
+        currency: "USDC".into(),
+        manifest: "ab".repeat(32),
+        license: "lic-7".into(),
+    })
+}
+
+/// (who, action, resource, context, allowed, deciding policies)
+type Case<'a> = (&'a str, Action, Resource<'a>, RequestContext, bool, &'a [&'a str]);
+
+#[test]
+fn default_set_allows_the_session_story_and_forbids_the_rest() {
+    let p = default_policies().expect("the default set validates");
+    let a = account(&[]);
+    let listed = account(&[MARKETPLACE, GATEWAY]);
+    let s = session(&a);
+    let svc = Resource::Service;
+    let acct = Resource::Account(&a);
+    let sess = Resource::Session(&s, &a);
+    let ctx = RequestContext::default;
+    let with = |f: fn(&mut RequestContext)| {
+        let mut c = RequestContext::default();
+        f(&mut c);
+        c
+    };
+    use Action::*;
+    // (who, action, resource, context, allowed, deciding policies)
+    let cases: Vec<Case<'_>> = vec![
+        // Accounts.
+        (ADMIN, CreateAccount, svc, ctx(), true, &["admins-manage-accounts"]),
+        (MARKETPLACE, CreateAccount, svc, ctx(), false, &[]),
+        (STRANGER, CreateAccount, svc, ctx(), false, &[]),
+        (
+            ADMIN,
+            GetAccount,
+            acct,
+            ctx(),
+            true,
+            &["admins-manage-accounts", "listed-clients-read-account"],
+        ),
+        (GATEWAY, GetAccount, acct, ctx(), false, &[]),
+        (
+            GATEWAY,
+            GetAccount,
+            Resource::Account(&listed),
+            ctx(),
+            true,
+            &["listed-clients-read-account"],
+        ),
+        (STRANGER, GetAccountJwks, acct, ctx(), true, &["public-keys"]),
+        (STRANGER, GetJwks, svc, ctx(), true, &["public-keys"]),
+        // The session story: the gateway relays, the marketplace signs inside the session.
+        (
+            GATEWAY,
+            CreateSessionChallenge,
+            acct,
+            ctx(),
+            true,
+            &["wallet-gateways-relay"],
+        ),
+        (GATEWAY, OpenSession, acct, ctx(), true, &["wallet-gateways-relay"]),
+        (MARKETPLACE, CreateSessionChallenge, acct, ctx(), false, &[]),
+        (
+            MARKETPLACE,
+            SignPayment,
+            acct,
+            RequestContext {
+                payment: payment(),
+                ..in_session()
+            },
+            true,
+            &["marketplace-signs-in-sessions"],
+        ),
+        (
+            MARKETPLACE,
+            SignReceipt,
+            acct,
+            RequestContext {
+                payment: payment(),
+                ..in_session()
+            },
+            true,
+            &["marketplace-signs-in-sessions"],
+        ),
+        (
+            MARKETPLACE,
+            SignAttestation,
+            acct,
+            in_session(),
+            true,
+            &["marketplace-signs-in-sessions"],
+        ),
+        (
+            MARKETPLACE,
+            SignTypedData,
+            acct,
+            RequestContext {
+                typed_data: typed("1", MAIL_DOMAIN),
+                ..in_session()
+            },
+            true,
+            &["marketplace-signs-in-sessions"],
+        ),
+        (
+            MARKETPLACE,
+            GetSession,
+            sess,
+            ctx(),
+            true,
+            &["delegate-reads-its-session"],
+        ),
+        (GATEWAY, GetSession, sess, ctx(), true, &["wallet-gateways-relay"]),
+        (
+            GATEWAY,
+            RevokeSession,
+            sess,
+            with(|c| c.controller_signed = true),
+            true,
+            &["controller-signed-revocation"],
+        ),
+        (GATEWAY, RevokeSession, sess, ctx(), false, &[]),
+        (MARKETPLACE, RevokeSession, sess, ctx(), false, &[]),
+        (
+            ADMIN,
+            RevokeSession,
+            sess,
+            ctx(),
+            true,
+            &["admins-manage-sessions", "creator-reads-and-revokes-sessions"],
+        ),
+        // Outside sessions the marketplace signs nothing, even when listed.
+        (
+            MARKETPLACE,
+            SignMessage,
+            Resource::Account(&listed),
+            message(5),
+            false,
+            &[],
+        ),
+        (
+            MARKETPLACE,
+            SignTypedData,
+            Resource::Account(&listed),
+            RequestContext {
+                typed_data: typed("1", MAIL_DOMAIN),
+                ..ctx()
+            },
+            false,
+            &[],
+        ),
+        (
+            MARKETPLACE,
+            SignReceipt,
+            acct,
+            RequestContext {
+                payment: payment(),
+                ..ctx()
+            },
+            false,
+            &[],
+        ),
+        // Operators sign directly for accounts they are listed on.
+        (ADMIN, SignMessage, acct, message(5), true, &["operators-sign-directly"]),
+        (
+            ADMIN,
+            SignTypedData,
+            acct,
+            RequestContext {
+                typed_data: typed("1", MAIL_DOMAIN),
+                ..ctx()
+            },
+            true,
+            &["operators-sign-directly"],
+        ),
+        (
+            ADMIN,
+            SignReceipt,
+            acct,
+            RequestContext {
+                payment: payment(),
+                ..ctx()
+            },
+            true,
+            &["operators-sign-directly"],
+        ),
+        (GATEWAY, SignMessage, Resource::Account(&listed), message(5), false, &[]),
+        // Forbids override the operator's permit.
+        (ADMIN, SignMessage, acct, message(32), false, &["forbid-raw-digest"]),
+        (
+            ADMIN,
+            SignTypedData,
+            acct,
+            RequestContext {
+                typed_data: typed("5", MAIL_DOMAIN),
+                ..ctx()
+            },
+            false,
+            &["typed-data-allowed-domains"],
+        ),
+        (
+            MARKETPLACE,
+            SignTypedData,
+            acct,
+            RequestContext {
+                typed_data: typed("1", "0x0000000000000000000000000000000000000001"),
+                ..in_session()
+            },
+            false,
+            &["typed-data-allowed-domains"],
+        ),
+        // Issuer keys and the audit log: admins.
+        (ADMIN, RotateIssuerKey, svc, ctx(), true, &["admins-manage-issuer-keys"]),
+        (MARKETPLACE, RotateIssuerKey, svc, ctx(), false, &[]),
+        (GATEWAY, ListIssuerKeys, svc, ctx(), false, &[]),
+        (ADMIN, ReadAudit, svc, ctx(), true, &["admins-read-audit"]),
+        (MARKETPLACE, ReadAudit, svc, ctx(), false, &[]),
+    ];
+    for (who, action, resource, context, allowed, ids) in cases {
+        let d = decide(
+            &PolicyRequest {
+                principal: who,
+                action,
+                resource,
+                context,
+            },
+            &p,
+        );
+        let what = format!("{who} {action:?}");
+        assert_eq!(d.allowed, allowed, "{what}: {d:?}");
+        assert_eq!(d.policy_ids, ids, "{what}");
+        assert_eq!(d.action, action.name());
+        assert_eq!(d.limit, None);
+    }
+}
+
+fn set(policies: &str) -> Result<Policies, PolicyError> {
+    let schema = DEFAULT_FILES[0];
+    let clients = DEFAULT_FILES[1];
+    Policies::from_sources(
+        &(PathBuf::from(schema.0), schema.1.to_string()),
+        &[(PathBuf::from("test.cedar"), policies.to_string())],
+        &(PathBuf::from(clients.0), clients.1.to_string()),
+        None,
+    )
+}
+
+#[test]
+fn a_forbid_overrides_a_permit() {
+    let p = set(r#"
+        @id("everyone-signs") permit (principal, action, resource);
+        @id("no-frozen") forbid (principal, action in Keyward::Action::"Sign", resource is Keyward::Account)
+        when { resource.label == "frozen" };
+    "#)
+    .expect("valid");
+    let mut a = account(&[]);
+    let ask = |a: &AccountRecord| {
+        decide(
+            &PolicyRequest {
+                principal: STRANGER,
+                action: Action::SignMessage,
+                resource: Resource::Account(a),
+                context: message(5),
+            },
+            &p,
+        )
+    };
+    let d = ask(&a);
+    assert!(d.allowed);
+    assert_eq!(d.policy_ids, ["everyone-signs"]);
+    a.label = Some("frozen".into());
+    let d = ask(&a);
+    assert!(!d.allowed);
+    assert_eq!(d.policy_ids, ["no-frozen"]);
+    assert_eq!(d.decided_by(), "no-frozen");
+}
+
+#[test]
+fn time_context_drives_business_hour_rules() {
+    let p = set(r#"
+        @id("weekdays") permit (principal, action == Keyward::Action::"GetJwks", resource)
+        when { context.time.weekday <= 5 && context.time.hour >= 8 && context.time.hour < 18 };
+    "#)
+    .expect("valid");
+    let at = |now| {
+        decide(
+            &PolicyRequest {
+                principal: ADMIN,
+                action: Action::GetJwks,
+                resource: Resource::Service,
+                context: RequestContext {
+                    now,
+                    ..RequestContext::default()
+                },
+            },
+            &p,
+        )
+        .allowed
+    };
+    // 2026-11-23 is a Monday.
+    let monday = 1_795_392_000;
+    assert!(at(monday + 9 * 3600), "Monday 09:00");
+    assert!(!at(monday + 7 * 3600), "Monday 07:00");
+    assert!(!at(monday + 5 * 86_400 + 10 * 3600), "Saturday 10:00");
+}
+
+#[test]
+fn invalid_sets_are_refused_and_named() {
+    let cases = [
+        ("permit (principal, action, resource);", "@id"),
+        (
+            r#"@id("a") permit (principal, action, resource); @id("a") forbid (principal, action, resource);"#,
+            "also used",
+        ),
+        (
+            r#"@id("typo") permit (principal, action, resource) when { resource.labl == "x" };"#,
+            "typo",
+        ),
+        (
+            r#"@id("unknown-action") permit (principal, action == Keyward::Action::"Nope", resource);"#,
+            "unknown-action",
+        ),
+        (
+            "@id(\"x\")\npermit (principal, action, resource) when { 1 + };",
+            "line 2",
+        ),
+        (
+            r#"@id("t") permit (principal == ?principal, action, resource);"#,
+            "templates",
+        ),
+    ];
+    for (text, needle) in cases {
+        match set(text) {
+            Err(PolicyError::Invalid { reason, .. }) => {
+                assert!(reason.contains(needle), "{text}: {reason:?} should name {needle:?}")
+            }
+            other => panic!("{text}: expected invalid, got {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn every_rpc_of_the_proto_is_an_action_its_handler_asks_for() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut rpcs = Vec::new();
+    for entry in std::fs::read_dir(root.join("proto/keyward/v1")).expect("proto dir") {
+        let text = std::fs::read_to_string(entry.expect("entry").path()).expect("proto");
+        for line in text.lines() {
+            if let Some(rest) = line.trim().strip_prefix("rpc ") {
+                let name = rest.split('(').next().unwrap_or_default().trim().to_string();
+                rpcs.push(name);
+            }
+        }
+    }
+    assert!(rpcs.len() >= 17, "found the RPCs: {rpcs:?}");
+    let mut handlers = String::new();
+    for entry in std::fs::read_dir(root.join("src/api")).expect("api dir") {
+        handlers.push_str(&std::fs::read_to_string(entry.expect("entry").path()).expect("source"));
+    }
+    let p = default_policies().expect("default set");
+    for rpc in &rpcs {
+        let action = Action::for_rpc(rpc).unwrap_or_else(|| panic!("RPC {rpc} has no policy action"));
+        // The schema declares it (the set would not load otherwise) ...
+        assert!(p.declares(action), "{rpc}");
+        // ... and a handler puts it to the decision point.
+        assert!(
+            handlers.contains(&format!("Action::{}", action.name())),
+            "no handler in src/api asks the decision point for {rpc}"
+        );
+    }
+    // Every action is asked for by an RPC.
+    for a in Action::ALL {
+        assert!(rpcs.iter().any(|r| Action::for_rpc(r) == Some(a)), "{a:?}");
+    }
+}
+
+#[test]
+fn shipped_tables_pass_against_the_shipped_set() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("policies");
+    let p = Policies::load_dir(&root).expect("policies/ validates");
+    let mut cases = 0;
+    for entry in std::fs::read_dir(root.join("tests")).expect("policies/tests") {
+        let path = entry.expect("entry").path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            let table = table::Table::load(&path).expect("table parses");
+            for o in table.run(&path, &p).expect("table runs") {
+                assert!(o.failure.is_none(), "{}: {}: {:?}", path.display(), o.name, o.failure);
+                cases += 1;
+            }
+        }
+    }
+    assert!(cases >= 20, "ran {cases} cases");
+    // A table expecting the wrong outcome fails.
+    let wrong = root.join("tests/default.toml");
+    let text = std::fs::read_to_string(&wrong)
+        .expect("read")
+        .replacen("expect = \"allow\"", "expect = \"deny\"", 1);
+    let table: table::Table = toml::from_str(&text).expect("parses");
+    let failures = table
+        .run(&wrong, &p)
+        .expect("runs")
+        .iter()
+        .filter(|o| o.failure.is_some())
+        .count();
+    assert_eq!(failures, 1);
+}
+
+#[test]
+fn the_shipped_folder_is_the_built_in_set() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("policies");
+    for (name, text) in DEFAULT_FILES {
+        assert_eq!(std::fs::read_to_string(root.join(name)).expect(name), text, "{name}");
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let target = dir.path().join("policies");
+    assert!(install_defaults(&target).expect("installs"));
+    std::fs::write(target.join("mine.cedar"), "// an operator's file\n").expect("write");
+    assert!(
+        !install_defaults(&target).expect("second run"),
+        "an existing folder is kept"
+    );
+    assert!(target.join("mine.cedar").exists());
+    assert_eq!(
+        Policies::load_dir(&target).expect("loads").len(),
+        default_policies().expect("built-in").len()
+    );
+}
