@@ -120,7 +120,7 @@ impl PgStore {
                 backend: BACKEND,
                 reason: scrub(e.to_string(), url),
             })?;
-        tracing::info!(url = %redacted, "postgres store open");
+        tracing::debug!(url = %redacted, "postgres store open");
         Ok(PgStore { pool, url: redacted })
     }
 }

@@ -87,7 +87,7 @@ impl SqliteStore {
                 backend: BACKEND,
                 reason: e.to_string(),
             })?;
-        tracing::info!(path = %path.display(), "sqlite store open");
+        tracing::debug!(path = %path.display(), "sqlite store open");
         Ok(SqliteStore {
             pool,
             path,
