@@ -12,7 +12,7 @@ use cedar_policy::{
 use serde::Deserialize;
 
 use super::limits::{Limits, LIMITS_FILE};
-use super::request::{PolicyRequest, RequestContext, Resource};
+use super::request::{MessageFacts, PaymentFacts, PolicyRequest, RequestContext, Resource, TypedDataFacts};
 use super::{Action, Decision, PolicyError};
 
 /// The schema's file name in a policy folder.
@@ -365,10 +365,17 @@ fn hour_and_weekday(now: i64) -> (i64, i64) {
 
 fn context(c: &RequestContext) -> Result<Context, PolicyError> {
     let (hour, weekday) = hour_and_weekday(c.now);
-    let td = c.typed_data.clone().unwrap_or_default();
+    // Absent facts are empty records of the schema's shape (no clones of
+    // the request's facts on the signing path).
+    let (no_td, no_pay, no_msg) = (
+        TypedDataFacts::default(),
+        PaymentFacts::default(),
+        MessageFacts::default(),
+    );
+    let td = c.typed_data.as_ref().unwrap_or(&no_td);
     let chain_id = td.chain_id.parse::<u128>().unwrap_or(0);
-    let pay = c.payment.clone().unwrap_or_default();
-    let msg = c.message.clone().unwrap_or_default();
+    let pay = c.payment.as_ref().unwrap_or(&no_pay);
+    let msg = c.message.as_ref().unwrap_or(&no_msg);
     let pairs = vec![
         (
             "time",
