@@ -1,13 +1,15 @@
 //! The loaded policy set (schema, policies, client mapping), validated as a
 //! whole, and the pure decision function over it.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::str::FromStr as _;
+use std::sync::OnceLock;
 
 use cedar_policy::{
-    ActionConstraint, Authorizer, Context, Entities, Entity, EntityId, EntityTypeName, EntityUid, PolicyId, PolicySet,
-    Request, RestrictedExpression, Schema, ValidationMode, Validator,
+    ActionConstraint, Authorizer, Context, Entities, Entity, EntityId, EntityTypeName, EntityUid, Policy, PolicyId,
+    PolicySet, PrincipalConstraint, Request, ResourceConstraint, RestrictedExpression, Schema, ValidationMode,
+    Validator,
 };
 use serde::Deserialize;
 
@@ -54,6 +56,13 @@ pub struct Policies {
     by_action: HashMap<&'static str, PolicySet>,
     clients: HashMap<String, ClientInfo>,
     actions: HashMap<&'static str, Entity>,
+    /// Per client listed in the clients file, per action: what every such
+    /// request shares, prepared once per set (see [`Prepared`]).
+    prepared: HashMap<String, HashMap<&'static str, Prepared>>,
+    /// The same for a client the clients file does not list.
+    unlisted: HashMap<&'static str, Prepared>,
+    /// Per action, the context records its policies read.
+    reads: HashMap<&'static str, Reads>,
     reasons: BTreeMap<String, String>,
     names: Names,
     authorizer: Authorizer,
@@ -86,6 +95,179 @@ impl Names {
 
     fn client(&self, identity: &str) -> EntityUid {
         EntityUid::from_type_name_and_id(self.client.clone(), EntityId::new(identity))
+    }
+
+    fn service_uid(&self) -> EntityUid {
+        EntityUid::from_type_name_and_id(self.service.clone(), EntityId::new("keyward"))
+    }
+
+    /// The entity type of a resource kind.
+    fn resource_type(&self, r: &Resource<'_>) -> &EntityTypeName {
+        match r {
+            Resource::Service => &self.service,
+            Resource::Account(_) => &self.account,
+            Resource::Session(..) => &self.session,
+        }
+    }
+}
+
+/// Who the principal of a prepared request is, for slicing the policy set.
+#[derive(Debug)]
+enum Principal {
+    /// A client of the clients file: its uid and roles (its only ancestors).
+    Listed(EntityUid, Vec<EntityUid>),
+    /// Any other client: no roles, uid known only per request.
+    Unlisted,
+}
+
+/// What every request of one client and one action shares, prepared once
+/// per set so a decision does not rebuild it: the action entity (with its
+/// groups), the client entity and its roles, the service entity, with
+/// their transitive closure computed; and per resource kind, the policies
+/// that can match (the slice of the action's policies whose principal and
+/// resource scopes admit this client and kind), computed on first use.
+#[derive(Debug)]
+struct Prepared {
+    entities: Entities,
+    principal: Principal,
+    /// Service, Account, Session.
+    sets: [OnceLock<PolicySet>; 3],
+}
+
+fn kind_index(r: &Resource<'_>) -> usize {
+    match r {
+        Resource::Service => 0,
+        Resource::Account(_) => 1,
+        Resource::Session(..) => 2,
+    }
+}
+
+impl Prepared {
+    /// Whether a policy's principal scope can hold for this client. A
+    /// client's ancestors are exactly its roles (roles have no parents in
+    /// the entities the engine builds); an unlisted client has none.
+    fn principal_may_match(&self, c: &PrincipalConstraint, client_type: &EntityTypeName) -> bool {
+        let is_client = |u: &EntityUid| u.type_name() == client_type;
+        match (c, &self.principal) {
+            (PrincipalConstraint::Any, _) => true,
+            (PrincipalConstraint::Is(t), _) => t == client_type,
+            (PrincipalConstraint::Eq(u), Principal::Listed(me, _)) => u == me,
+            (PrincipalConstraint::In(u), Principal::Listed(me, roles))
+            | (PrincipalConstraint::IsIn(_, u), Principal::Listed(me, roles)) => {
+                let type_ok = match c {
+                    PrincipalConstraint::IsIn(t, _) => t == client_type,
+                    _ => true,
+                };
+                type_ok && (u == me || roles.contains(u))
+            }
+            (PrincipalConstraint::Eq(u), Principal::Unlisted) | (PrincipalConstraint::In(u), Principal::Unlisted) => {
+                is_client(u)
+            }
+            (PrincipalConstraint::IsIn(t, u), Principal::Unlisted) => t == client_type && is_client(u),
+        }
+    }
+
+    /// The policies of `subset` that can match this client on a resource
+    /// of `kind`. Accounts, sessions and the service have no ancestors, so
+    /// `resource in E` holds only for `E` itself.
+    fn slice(&self, subset: &PolicySet, n: &Names, kind: &EntityTypeName) -> PolicySet {
+        let resource_ok = |c: &ResourceConstraint| match c {
+            ResourceConstraint::Any => true,
+            ResourceConstraint::Is(t) => t == kind,
+            ResourceConstraint::Eq(u) | ResourceConstraint::In(u) => u.type_name() == kind,
+            ResourceConstraint::IsIn(t, u) => t == kind && u.type_name() == kind,
+        };
+        let kept = subset
+            .policies()
+            .filter(|p| self.principal_may_match(&p.principal_constraint(), &n.client) && resource_ok(&p.resource_constraint()))
+            .cloned();
+        // A subset of a valid set cannot hold duplicate ids; if it somehow
+        // did, the whole subset is the sound answer.
+        PolicySet::from_policies(kept).unwrap_or_else(|_| subset.clone())
+    }
+}
+
+/// What of the context an action's policies read: only that is built per
+/// request. Found in each policy's JSON form: `context.<record>.<field>`
+/// reads one field; any other use of a record (`context.r has x`, the
+/// record as a whole) reads all its fields; any other use of `context`
+/// (`context has x`, the whole context) reads everything.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct Reads {
+    all: bool,
+    /// Record (or top-level attribute) -> the fields read; `None`: all.
+    records: BTreeMap<String, Option<BTreeSet<String>>>,
+}
+
+impl Reads {
+    const EVERYTHING: Reads = Reads {
+        all: true,
+        records: BTreeMap::new(),
+    };
+
+    fn of<'a>(policies: impl Iterator<Item = &'a Policy>) -> Result<Reads, String> {
+        let mut reads = Reads::default();
+        for p in policies {
+            let json = p.to_json().map_err(|e| e.to_string())?;
+            reads.scan(&json);
+        }
+        Ok(reads)
+    }
+
+    fn scan(&mut self, v: &serde_json::Value) {
+        /// `(left, attr)` when `v` is an attribute access `left.attr`.
+        fn access(v: &serde_json::Value) -> Option<(&serde_json::Value, String)> {
+            let a = v.get(".")?;
+            Some((a.get("left")?, a.get("attr")?.as_str()?.to_string()))
+        }
+        use serde_json::Value;
+        let is_context = |v: &Value| v.get("Var").and_then(Value::as_str) == Some("context");
+        match v {
+            Value::Object(map) => {
+                if let Some((left, attr)) = access(v) {
+                    if let Some((inner, record)) = access(left) {
+                        if is_context(inner) {
+                            if let Some(fields) = self.records.entry(record).or_insert_with(|| Some(BTreeSet::new())) {
+                                fields.insert(attr);
+                            }
+                            return;
+                        }
+                    }
+                    if is_context(left) {
+                        self.records.insert(attr, None);
+                        return;
+                    }
+                }
+                if is_context(v) {
+                    self.all = true;
+                    return;
+                }
+                for value in map.values() {
+                    self.scan(value);
+                }
+            }
+            Value::Array(items) => {
+                for item in items {
+                    self.scan(item);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Whether the record (or top-level attribute) is read.
+    fn wants(&self, record: &str) -> bool {
+        self.all || self.records.contains_key(record)
+    }
+
+    /// Whether a record's field is read.
+    fn wants_field(&self, record: &str, field: &str) -> bool {
+        self.all
+            || match self.records.get(record) {
+                Some(None) => true,
+                Some(Some(fields)) => fields.contains(field),
+                None => false,
+            }
     }
 }
 
@@ -263,14 +445,53 @@ impl Policies {
             actions.insert(a.name(), entity);
             by_action.insert(a.name(), subset);
         }
+        let names = Names::new()?;
+        let mut reads = HashMap::new();
+        for (action, subset) in &by_action {
+            reads.insert(*action, Reads::of(subset.policies()).map_err(|e| invalid(schema_path, e))?);
+        }
+        let prepare = |client: Option<(&str, &ClientInfo)>| -> Result<HashMap<&'static str, Prepared>, PolicyError> {
+            let mut out = HashMap::new();
+            for (action, entity) in &actions {
+                // Roles and the service carry no attributes and roles have
+                // no parents: a client's roles are its ancestors, so neither
+                // needs to be in the store for `in`, `==` or `is` to hold.
+                let mut shared = vec![entity.clone()];
+                let principal = match client {
+                    Some((identity, info)) => {
+                        shared.push(client_entity(&names, identity, info)?);
+                        Principal::Listed(names.client(identity), info.roles.clone())
+                    }
+                    None => Principal::Unlisted,
+                };
+                let entities = Entities::from_entities(shared, None).map_err(|e| invalid(schema_path, e.to_string()))?;
+                out.insert(
+                    *action,
+                    Prepared {
+                        entities,
+                        principal,
+                        sets: Default::default(),
+                    },
+                );
+            }
+            Ok(out)
+        };
+        let mut prepared = HashMap::new();
+        for (identity, info) in &clients {
+            prepared.insert(identity.clone(), prepare(Some((identity, info)))?);
+        }
+        let unlisted = prepare(None)?;
         Ok(Policies {
             schema: parsed_schema,
             set,
             by_action,
             clients,
             actions,
+            prepared,
+            unlisted,
+            reads,
             reasons,
-            names: Names::new()?,
+            names,
             authorizer: Authorizer::new(),
             limits,
         })
@@ -345,11 +566,6 @@ fn long<T: TryInto<i64>>(v: T) -> RestrictedExpression {
     RestrictedExpression::new_long(v.try_into().unwrap_or(i64::MAX))
 }
 
-fn record(pairs: Vec<(&str, RestrictedExpression)>) -> Result<RestrictedExpression, PolicyError> {
-    RestrictedExpression::new_record(pairs.into_iter().map(|(k, v)| (k.to_string(), v)))
-        .map_err(|e| PolicyError::Request(e.to_string()))
-}
-
 fn strings(v: &[String]) -> RestrictedExpression {
     RestrictedExpression::new_set(v.iter().map(|s| string(s)))
 }
@@ -363,80 +579,112 @@ fn hour_and_weekday(now: i64) -> (i64, i64) {
     (hour, weekday)
 }
 
-fn context(c: &RequestContext) -> Result<Context, PolicyError> {
-    let (hour, weekday) = hour_and_weekday(c.now);
-    // Absent facts are empty records of the schema's shape (no clones of
-    // the request's facts on the signing path).
-    let (no_td, no_pay, no_msg) = (
-        TypedDataFacts::default(),
-        PaymentFacts::default(),
-        MessageFacts::default(),
-    );
-    let td = c.typed_data.as_ref().unwrap_or(&no_td);
-    let chain_id = td.chain_id.parse::<u128>().unwrap_or(0);
-    let pay = c.payment.as_ref().unwrap_or(&no_pay);
-    let msg = c.message.as_ref().unwrap_or(&no_msg);
-    let pairs = vec![
-        (
-            "time",
-            record(vec![
-                ("now", long(c.now)),
-                ("hour", long(hour)),
-                ("weekday", long(weekday)),
-            ])?,
-        ),
-        (
-            "session",
-            record(vec![
-                ("active", RestrictedExpression::new_bool(c.session.active)),
-                ("scopes", strings(&c.session.scopes)),
-                ("ttl_seconds", long(c.session.ttl_seconds)),
-                ("cap", long(c.session.cap)),
-            ])?,
-        ),
-        (
-            "typed_data",
-            record(vec![
-                ("present", RestrictedExpression::new_bool(c.typed_data.is_some())),
-                ("name", string(&td.name)),
-                ("version", string(&td.version)),
-                ("chain_id", long(chain_id)),
-                ("verifying_contract", string(&td.verifying_contract)),
-                (
-                    "domain_id",
-                    string(&if c.typed_data.is_some() {
-                        td.domain_id()
-                    } else {
-                        String::new()
-                    }),
-                ),
-                ("primary_type", string(&td.primary_type)),
-            ])?,
-        ),
-        (
-            "payment",
-            record(vec![
-                ("present", RestrictedExpression::new_bool(c.payment.is_some())),
-                ("amount", long(pay.amount)),
-                ("currency", string(&pay.currency)),
-                ("manifest", string(&pay.manifest)),
-                ("license", string(&pay.license)),
-            ])?,
-        ),
-        (
-            "message",
-            record(vec![
-                ("present", RestrictedExpression::new_bool(c.message.is_some())),
-                ("alg", string(msg.alg)),
-                ("length", long(msg.length)),
-                ("raw_digest", RestrictedExpression::new_bool(msg.raw_digest())),
-            ])?,
-        ),
-        ("controller_signed", RestrictedExpression::new_bool(c.controller_signed)),
-        ("dataset", string(&c.dataset)),
-    ];
-    Context::from_pairs(pairs.into_iter().map(|(k, v)| (k.to_string(), v)))
-        .map_err(|e| PolicyError::Request(e.to_string()))
+/// One record of the context, with the fields the policies read.
+struct Fields<'r> {
+    reads: &'r Reads,
+    record: &'static str,
+    pairs: Vec<(String, RestrictedExpression)>,
+}
+
+impl<'r> Fields<'r> {
+    fn new(reads: &'r Reads, record: &'static str) -> Fields<'r> {
+        Fields {
+            reads,
+            record,
+            pairs: Vec::new(),
+        }
+    }
+
+    fn field(mut self, name: &'static str, value: impl FnOnce() -> RestrictedExpression) -> Fields<'r> {
+        if self.reads.wants_field(self.record, name) {
+            self.pairs.push((name.to_string(), value()));
+        }
+        self
+    }
+
+    fn done(self) -> Result<RestrictedExpression, PolicyError> {
+        RestrictedExpression::new_record(self.pairs).map_err(|e| PolicyError::Request(e.to_string()))
+    }
+}
+
+/// The request context: what `reads` names (everything for the schema
+/// check in debug builds), each record to the schema's shape. Absent facts
+/// are empty records of that shape.
+fn context(c: &RequestContext, reads: &Reads) -> Result<Context, PolicyError> {
+    let mut pairs: Vec<(String, RestrictedExpression)> = Vec::with_capacity(7);
+    if reads.wants("time") {
+        let (hour, weekday) = hour_and_weekday(c.now);
+        let r = Fields::new(reads, "time")
+            .field("now", || long(c.now))
+            .field("hour", || long(hour))
+            .field("weekday", || long(weekday));
+        pairs.push(("time".into(), r.done()?));
+    }
+    if reads.wants("session") {
+        let s = &c.session;
+        let r = Fields::new(reads, "session")
+            .field("active", || RestrictedExpression::new_bool(s.active))
+            .field("scopes", || strings(&s.scopes))
+            .field("ttl_seconds", || long(s.ttl_seconds))
+            .field("cap", || long(s.cap));
+        pairs.push(("session".into(), r.done()?));
+    }
+    if reads.wants("typed_data") {
+        let none = TypedDataFacts::default();
+        let td = c.typed_data.as_ref().unwrap_or(&none);
+        let present = c.typed_data.is_some();
+        let r = Fields::new(reads, "typed_data")
+            .field("present", || RestrictedExpression::new_bool(present))
+            .field("name", || string(&td.name))
+            .field("version", || string(&td.version))
+            .field("chain_id", || long(td.chain_id.parse::<u128>().unwrap_or(0)))
+            .field("verifying_contract", || string(&td.verifying_contract))
+            .field("domain_id", || {
+                RestrictedExpression::new_string(if present { td.domain_id() } else { String::new() })
+            })
+            .field("primary_type", || string(&td.primary_type));
+        pairs.push(("typed_data".into(), r.done()?));
+    }
+    if reads.wants("payment") {
+        let none = PaymentFacts::default();
+        let pay = c.payment.as_ref().unwrap_or(&none);
+        let r = Fields::new(reads, "payment")
+            .field("present", || RestrictedExpression::new_bool(c.payment.is_some()))
+            .field("amount", || long(pay.amount))
+            .field("currency", || string(&pay.currency))
+            .field("manifest", || string(&pay.manifest))
+            .field("license", || string(&pay.license));
+        pairs.push(("payment".into(), r.done()?));
+    }
+    if reads.wants("message") {
+        let none = MessageFacts::default();
+        let msg = c.message.as_ref().unwrap_or(&none);
+        let r = Fields::new(reads, "message")
+            .field("present", || RestrictedExpression::new_bool(c.message.is_some()))
+            .field("alg", || string(msg.alg))
+            .field("length", || long(msg.length))
+            .field("raw_digest", || RestrictedExpression::new_bool(msg.raw_digest()));
+        pairs.push(("message".into(), r.done()?));
+    }
+    if reads.wants("controller_signed") {
+        pairs.push(("controller_signed".into(), RestrictedExpression::new_bool(c.controller_signed)));
+    }
+    if reads.wants("dataset") {
+        pairs.push(("dataset".into(), string(&c.dataset)));
+    }
+    Context::from_pairs(pairs).map_err(|e| PolicyError::Request(e.to_string()))
+}
+
+fn client_entity(n: &Names, identity: &str, info: &ClientInfo) -> Result<Entity, PolicyError> {
+    Entity::new(
+        n.client(identity),
+        HashMap::from([
+            ("identity".to_string(), string(identity)),
+            ("team".to_string(), string(&info.team)),
+        ]),
+        info.roles.iter().cloned().collect(),
+    )
+    .map_err(|e| PolicyError::Request(e.to_string()))
 }
 
 fn account_entity(n: &Names, a: &crate::store::AccountRecord) -> Result<Entity, PolicyError> {
@@ -458,39 +706,27 @@ fn account_entity(n: &Names, a: &crate::store::AccountRecord) -> Result<Entity, 
     Entity::new(id, attrs, HashSet::new()).map_err(|e| PolicyError::Request(e.to_string()))
 }
 
-fn build(req: &PolicyRequest<'_>, p: &Policies) -> Result<(Request, Entities), PolicyError> {
-    let action_entity = p
-        .actions
-        .get(req.action.name())
-        .ok_or_else(|| PolicyError::Request(format!("no action entity for {}", req.action.name())))?;
-    let action = action_entity.uid();
+/// The Cedar request, its entities and the policies that can match it.
+fn build<'p>(req: &PolicyRequest<'_>, p: &'p Policies) -> Result<(Request, Entities, &'p PolicySet), PolicyError> {
+    let name = req.action.name();
+    let missing = || PolicyError::Request(format!("no action entity for {name}"));
+    let action = p.actions.get(name).ok_or_else(missing)?.uid();
+    let subset = p.by_action.get(name).ok_or_else(missing)?;
+    let listed = p.prepared.get(req.principal);
+    let prepared = listed.unwrap_or(&p.unlisted).get(name).ok_or_else(missing)?;
     let n = &p.names;
     let principal = n.client(req.principal);
-    let info = p.clients.get(req.principal).cloned().unwrap_or_default();
-    let mut entities = vec![action_entity.clone()];
-    for r in &info.roles {
-        entities.push(Entity::new_no_attrs(r.clone(), HashSet::new()));
+    // Per request only what differs: the resource (and an unlisted client).
+    let mut extra = Vec::with_capacity(3);
+    if listed.is_none() {
+        extra.push(client_entity(n, req.principal, &ClientInfo::default())?);
     }
-    let client = Entity::new(
-        principal.clone(),
-        HashMap::from([
-            ("identity".to_string(), string(req.principal)),
-            ("team".to_string(), string(&info.team)),
-        ]),
-        info.roles.iter().cloned().collect(),
-    )
-    .map_err(|e| PolicyError::Request(e.to_string()))?;
-    entities.push(client);
     let resource = match req.resource {
-        Resource::Service => {
-            let id = EntityUid::from_type_name_and_id(n.service.clone(), EntityId::new("keyward"));
-            entities.push(Entity::new_no_attrs(id.clone(), HashSet::new()));
-            id
-        }
+        Resource::Service => n.service_uid(),
         Resource::Account(a) => {
             let e = account_entity(n, a)?;
             let id = e.uid();
-            entities.push(e);
+            extra.push(e);
             id
         }
         Resource::Session(s, a) => {
@@ -508,23 +744,28 @@ fn build(req: &PolicyRequest<'_>, p: &Policies) -> Result<(Request, Entities), P
                 ("scopes".to_string(), strings(&s.scopes)),
                 ("expires_at".to_string(), long(s.expires_at)),
             ]);
-            entities.push(account);
-            entities
-                .push(Entity::new(id.clone(), attrs, HashSet::new()).map_err(|e| PolicyError::Request(e.to_string()))?);
+            extra.push(account);
+            extra.push(Entity::new(id.clone(), attrs, HashSet::new()).map_err(|e| PolicyError::Request(e.to_string()))?);
             id
         }
     };
-    // A principal that is also the account's creator or delegate is one entity.
-    let mut seen = HashSet::new();
-    entities.retain(|e| seen.insert(e.uid()));
-    let ctx = context(&req.context)?;
-    // The context is built here to the schema's shape: debug builds (every
-    // test) check each request against the schema, release builds skip it.
-    let schema = cfg!(debug_assertions).then_some(&p.schema);
-    let request =
-        Request::new(principal, action, resource, ctx, schema).map_err(|e| PolicyError::Request(e.to_string()))?;
-    let entities = Entities::from_entities(entities, None).map_err(|e| PolicyError::Request(e.to_string()))?;
-    Ok((request, entities))
+    let entities = prepared
+        .entities
+        .clone()
+        .add_entities(extra, None)
+        .map_err(|e| PolicyError::Request(e.to_string()))?;
+    let set = prepared.sets[kind_index(&req.resource)].get_or_init(|| prepared.slice(subset, n, n.resource_type(&req.resource)));
+    // Debug builds (every test) check the full context against the schema;
+    // the request itself carries only the records the action's policies read.
+    if cfg!(debug_assertions) {
+        let full = context(&req.context, &Reads::EVERYTHING)?;
+        Request::new(principal.clone(), action.clone(), resource.clone(), full, Some(&p.schema))
+            .map_err(|e| PolicyError::Request(e.to_string()))?;
+    }
+    let reads = p.reads.get(name).ok_or_else(missing)?;
+    let ctx = context(&req.context, reads)?;
+    let request = Request::new(principal, action, resource, ctx, None).map_err(|e| PolicyError::Request(e.to_string()))?;
+    Ok((request, entities, set))
 }
 
 /// Decides one request against a set: deny by default, a forbid overrides
@@ -532,7 +773,7 @@ fn build(req: &PolicyRequest<'_>, p: &Policies) -> Result<(Request, Entities), P
 /// daemon cannot put to Cedar (a bug) is denied.
 pub fn decide(req: &PolicyRequest<'_>, p: &Policies) -> Decision {
     let action = req.action.name();
-    let (request, entities) = match build(req, p) {
+    let (request, entities, set) = match build(req, p) {
         Ok(x) => x,
         Err(e) => {
             tracing::error!(action, error = %e, "policy request could not be built: denied");
@@ -544,7 +785,6 @@ pub fn decide(req: &PolicyRequest<'_>, p: &Policies) -> Decision {
             };
         }
     };
-    let set = p.by_action.get(action).unwrap_or(&p.set);
     let response = p.authorizer.is_authorized(&request, set, &entities);
     for e in response.diagnostics().errors() {
         tracing::warn!(action, error = %e, "a policy failed to evaluate and was skipped");
@@ -556,5 +796,91 @@ pub fn decide(req: &PolicyRequest<'_>, p: &Policies) -> Decision {
         allowed: response.decision() == cedar_policy::Decision::Allow,
         policy_ids,
         limit: None,
+    }
+}
+
+/// The decision without anything prepared: every entity and the whole
+/// context built for the request, the whole set evaluated. Tests hold
+/// [`decide`] to it. `None`: the request does not fit the schema (a
+/// resource type the action does not take).
+#[cfg(test)]
+pub(crate) fn decide_unprepared(req: &PolicyRequest<'_>, p: &Policies) -> Option<Decision> {
+    let build = || -> Result<(Request, Entities), PolicyError> {
+        let n = &p.names;
+        let action = p
+            .actions
+            .get(req.action.name())
+            .ok_or_else(|| PolicyError::Request("no action".into()))?;
+        let info = p.clients.get(req.principal).cloned().unwrap_or_default();
+        let mut entities = vec![action.clone(), Entity::new_no_attrs(n.service_uid(), HashSet::new())];
+        for r in &info.roles {
+            entities.push(Entity::new_no_attrs(r.clone(), HashSet::new()));
+        }
+        entities.push(client_entity(n, req.principal, &info)?);
+        let resource = match req.resource {
+            Resource::Service => n.service_uid(),
+            Resource::Account(a) => {
+                let e = account_entity(n, a)?;
+                let id = e.uid();
+                entities.push(e);
+                id
+            }
+            Resource::Session(s, a) => {
+                let account = account_entity(n, a)?;
+                let id = EntityUid::from_type_name_and_id(n.session.clone(), EntityId::new(&s.id));
+                let attrs = HashMap::from([
+                    ("account".to_string(), RestrictedExpression::new_entity_uid(account.uid())),
+                    ("delegate".to_string(), RestrictedExpression::new_entity_uid(n.client(&s.delegate))),
+                    ("scopes".to_string(), strings(&s.scopes)),
+                    ("expires_at".to_string(), long(s.expires_at)),
+                ]);
+                entities.push(account);
+                entities.push(Entity::new(id.clone(), attrs, HashSet::new()).map_err(|e| PolicyError::Request(e.to_string()))?);
+                id
+            }
+        };
+        let ctx = context(&req.context, &Reads::EVERYTHING)?;
+        let request = Request::new(n.client(req.principal), action.uid(), resource, ctx, Some(&p.schema))
+            .map_err(|e| PolicyError::Request(e.to_string()))?;
+        let entities = Entities::from_entities(entities, None).map_err(|e| PolicyError::Request(e.to_string()))?;
+        Ok((request, entities))
+    };
+    let (request, entities) = build().ok()?;
+    let response = p.authorizer.is_authorized(&request, &p.set, &entities);
+    let mut policy_ids: Vec<String> = response.diagnostics().reason().map(|id| id.to_string()).collect();
+    policy_ids.sort();
+    Some(Decision {
+        action: req.action.name(),
+        allowed: response.decision() == cedar_policy::Decision::Allow,
+        policy_ids,
+        limit: None,
+    })
+}
+
+#[cfg(test)]
+mod reads_tests {
+    use super::*;
+
+    fn reads(text: &str) -> Reads {
+        let set = PolicySet::from_str(text).expect("parses");
+        Reads::of(set.policies()).expect("json")
+    }
+
+    #[test]
+    fn reads_names_fields_records_or_everything() {
+        let r = reads(r#"permit (principal, action, resource) when { context.typed_data.domain_id == "x" };"#);
+        assert!(!r.all);
+        assert!(r.wants_field("typed_data", "domain_id"));
+        assert!(!r.wants_field("typed_data", "name"));
+        assert!(!r.wants("session"));
+        let r = reads(r#"permit (principal, action, resource) when { context.session has scopes };"#);
+        assert!(r.wants_field("session", "scopes") && r.wants_field("session", "cap"));
+        assert!(!r.wants("payment"));
+        let r = reads(r#"permit (principal, action, resource) when { context has payment };"#);
+        assert!(r.all && r.wants_field("message", "alg"));
+        let r = reads(r#"permit (principal, action, resource) when { context.dataset == "d" && context["time"].hour > 3 };"#);
+        assert!(r.wants("dataset") && r.wants_field("time", "hour") && !r.wants_field("time", "now"));
+        let r = reads(r#"@reason("context.payment is not read here") permit (principal, action, resource);"#);
+        assert_eq!(r, Reads::default());
     }
 }

@@ -501,3 +501,66 @@ fn the_shipped_folder_is_the_built_in_set() {
         default_policies().expect("built-in").len()
     );
 }
+
+/// Policies of every scope form, for holding the prepared decision (sliced
+/// set, cached entities, partial context) to the unprepared one.
+const SCOPES: &str = r#"
+@id("eq-client") permit (principal == Keyward::Client::"spiffe://example.org/marketplace", action, resource);
+@id("eq-stranger") permit (principal == Keyward::Client::"spiffe://example.org/stranger", action == Keyward::Action::"GetSession", resource is Keyward::Session);
+@id("in-role") forbid (principal in Keyward::Role::"wallet-gateway", action in Keyward::Action::"Sign", resource);
+@id("is-client") permit (principal is Keyward::Client, action == Keyward::Action::"GetAccount", resource is Keyward::Account) when { resource.label == "alice" };
+@id("is-in-role") permit (principal is Keyward::Client in Keyward::Role::"operator", action == Keyward::Action::"SignMessage", resource) when { context.message.length < 10 };
+@id("eq-account") forbid (principal, action, resource == Keyward::Account::"5d7c2a4e-1111-4222-8333-444455556666") when { context.time.hour == 25 };
+@id("is-session") permit (principal, action == Keyward::Action::"RevokeSession", resource is Keyward::Session) when { context.controller_signed };
+@id("service") permit (principal in Keyward::Role::"admin", action, resource is Keyward::Service);
+@id("has") forbid (principal, action == Keyward::Action::"SignPayment", resource) when { context has payment && context.payment.amount > 50 };
+@id("team") permit (principal, action == Keyward::Action::"SignTypedData", resource) when { principal.team == "marketplace" && context.typed_data.chain_id == 1 };
+"#;
+
+#[test]
+fn prepared_decisions_equal_unprepared_ones() {
+    let a = account(&[MARKETPLACE]);
+    let s = session(&a);
+    let resources = [Resource::Service, Resource::Account(&a), Resource::Session(&s, &a)];
+    let mut pay = in_session();
+    pay.payment = Some(PaymentFacts {
+        amount: 60,
+        ..payment().unwrap_or_default()
+    });
+    let mut td = RequestContext::default();
+    td.typed_data = typed("1", MAIL_DOMAIN);
+    let mut revoke = RequestContext::default();
+    revoke.controller_signed = true;
+    let contexts = [RequestContext::default(), in_session(), message(5), message(32), pay, td, revoke];
+    let sets = [
+        ("default", default_policies().expect("default set")),
+        ("scopes", set(SCOPES).expect("scope forms validate")),
+    ];
+    let mut allowed = 0;
+    for (name, p) in &sets {
+        for who in [ADMIN, MARKETPLACE, GATEWAY, STRANGER] {
+            for action in Action::ALL {
+                for resource in resources {
+                    for context in &contexts {
+                        let req = PolicyRequest {
+                            principal: who,
+                            action,
+                            resource,
+                            context: context.clone(),
+                        };
+                        let got = decide(&req, p);
+                        let what = format!("{name}: {who} {action:?} {resource:?} {context:?}");
+                        match engine::decide_unprepared(&req, p) {
+                            Some(want) => assert_eq!(got, want, "{what}"),
+                            // Outside the schema: refused, nothing matched.
+                            None => assert!(!got.allowed && got.policy_ids.is_empty(), "{what}"),
+                        }
+                        allowed += usize::from(got.allowed);
+                    }
+                }
+            }
+        }
+    }
+    // The table reaches both outcomes.
+    assert!(allowed > 50, "{allowed}");
+}
