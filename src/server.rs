@@ -230,8 +230,8 @@ pub struct Endpoints {
     pub https: SocketAddr,
 }
 
-/// Serves until `shutdown` resolves, then drains in-flight requests and
-/// destroys cached keys.
+/// Serves until `shutdown` resolves, then drains in-flight requests, writes
+/// a final audit checkpoint and destroys cached keys.
 pub async fn serve<S>(running: Running, grpc: TcpListener, https: TcpListener, shutdown: S) -> Result<(), ServeError>
 where
     S: Future<Output = ()> + Send + 'static,
@@ -274,6 +274,17 @@ where
     let _ = https_task.await;
     let _ = jwks_task.await;
     let _ = policy_task.await;
+    // Nothing appends any more: write what is queued, then a final
+    // checkpoint over the events since the last one.
+    match d.audit.finish().await {
+        Ok(Some(cp)) => tracing::info!(
+            first_seq = cp.first_seq,
+            last_seq = cp.last_seq,
+            "final audit checkpoint"
+        ),
+        Ok(None) => {}
+        Err(e) => tracing::warn!(error = %e, "final audit checkpoint failed"),
+    }
     d.keys.clear_cache();
     tracing::info!("stopped");
     grpc_result.map_err(ServeError::from)

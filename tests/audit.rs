@@ -367,10 +367,23 @@ async fn enumeration(env: Env) {
         .await
         .expect("pay")
         .into_inner();
+    // The spend's event is appended with its reservation, before signing:
+    // the digest of what is signed, a reference to the stored response.
     let e = c.one("SignPayment", true).await;
     assert_eq!(e.body.session, session_id);
     assert_eq!(e.body.request_id, "p1");
+    assert_eq!(e.body.account, a.account_id);
     assert_eq!(e.body.digest, hex::encode(&paid.digest));
+    assert_eq!(e.body.signature_ref, format!("spend:{session_id}/p1"));
+    // A replay reserves nothing: one event for it, naming the stored signature.
+    let replayed = market
+        .sign_payment(pay(&opened.token, "p1"))
+        .await
+        .expect("replay")
+        .into_inner();
+    assert_eq!(replayed.signature, paid.signature);
+    let e = c.one("SignPayment", true).await;
+    assert_eq!(e.body.request_id, "p1");
     assert_eq!(e.body.signature_ref, format!("sig:{}", sha256_hex(&paid.signature)));
     gw.sign_payment(pay(&opened.token, "p2"))
         .await
@@ -416,10 +429,16 @@ async fn enumeration(env: Env) {
     c.one("ListIssuerKeys", false).await;
     // The next key must have been published for max-age before it signs.
     clock.advance(3601);
-    jwks.rotate_issuer_key(RotateIssuerKeyRequest { alg: "EdDSA".into() })
+    let rotated = jwks
+        .rotate_issuer_key(RotateIssuerKeyRequest { alg: "EdDSA".into() })
         .await
-        .expect("rotate");
-    c.one("RotateIssuerKey", true).await;
+        .expect("rotate")
+        .into_inner();
+    let e = c.one("RotateIssuerKey", true).await;
+    assert_eq!(
+        e.body.signature_ref,
+        format!("kid:{}", rotated.rotations[0].activated_kid)
+    );
     market_jwks
         .rotate_issuer_key(RotateIssuerKeyRequest { alg: "EdDSA".into() })
         .await
@@ -884,15 +903,7 @@ fn sigkill_under_load_loses_no_event() {
     let store_url = format!("sqlite://{}", home.join("keyward.db").display());
     let events = rt.block_on(async {
         let s = keyward::store::open(&store_url).await.expect("store");
-        let mut all = Vec::new();
-        let mut after = 0;
-        loop {
-            let page = s.audit().events_after(after, 1000).await.expect("events");
-            let Some(last) = page.last().map(|e| e.seq) else { break };
-            after = last;
-            all.extend(page);
-        }
-        all
+        all_events(s.as_ref()).await
     });
     let by_ref: std::collections::HashMap<&str, &Event> =
         events.iter().map(|e| (e.body.signature_ref.as_str(), e)).collect();
@@ -918,4 +929,313 @@ fn sigkill_under_load_loses_no_event() {
         .output()
         .expect("verify");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+}
+
+const DAY: i64 = 86_400;
+
+/// Every event in the store, in order.
+async fn all_events(store: &dyn keyward::store::Store) -> Vec<Event> {
+    let mut all = Vec::new();
+    let mut after = 0;
+    loop {
+        let page = store.audit().events_after(after, 1000).await.expect("events");
+        let Some(last) = page.last().map(|e| e.seq) else {
+            return all;
+        };
+        after = last;
+        all.extend(page);
+    }
+}
+
+/// Polls the log (with a deadline) until `done` holds for the events with `action`.
+async fn wait_for(d: &Daemon, action: &str, done: impl Fn(&[&Event]) -> bool) -> Vec<Event> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let events = all_events(d.state.keys.store().as_ref()).await;
+        let matching: Vec<&Event> = events.iter().filter(|e| e.body.action == action).collect();
+        if done(&matching) {
+            return events;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the scheduler did not record {action}: {events:#?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+/// The kids of `alg` in `state`.
+async fn kids_in(d: &Daemon, alg: &str, state: keyward::store::IssuerKeyState) -> Vec<String> {
+    d.state
+        .keys
+        .store()
+        .list_issuer_keys()
+        .await
+        .expect("keys")
+        .into_iter()
+        .filter(|k| k.alg == alg && k.state == state)
+        .map(|k| k.kid)
+        .collect()
+}
+
+/// The scheduler's own changes (publish, promote, retire, remove), driven
+/// by the daemon's clock, each get their event (identity `keyward`) and the
+/// chain verifies; a graceful stop then leaves a checkpoint over the last
+/// event, which `keyward audit verify` accepts.
+async fn scheduled_rotation_and_shutdown(env: Env) {
+    use keyward::store::IssuerKeyState::{Active, Next};
+    // No checkpoint before the shutdown's own; the scheduler runs every second.
+    audit_config(
+        &env,
+        "checkpoint_every_events = 100000\ncheckpoint_every_seconds = 3600\n[jwks]\ntick_seconds = 1\nmax_age_seconds = 60\n",
+    );
+    env.init().await;
+    let clock = std::sync::Arc::new(keyward::clock::ManualClock::new(keyward::clock::unix_now()));
+    let d = env.start_with_clock(clock.clone()).await;
+    create_account(&d, &env, &[]).await;
+    let algs = ["EdDSA", "ES256"];
+    let mut first_active = Vec::new();
+    let mut first_next = Vec::new();
+    for alg in algs {
+        first_active.extend(kids_in(&d, alg, Active).await);
+        first_next.extend(kids_in(&d, alg, Next).await);
+    }
+    assert_eq!((first_active.len(), first_next.len()), (2, 2));
+
+    // The rotation is due: each next key becomes active, each active key retires.
+    clock.advance(30 * DAY);
+    let events = wait_for(&d, "ScheduledRotation", |e| e.len() == 2).await;
+    let refs = |action: &str| -> BTreeSet<String> {
+        events
+            .iter()
+            .filter(|e| e.body.action == action)
+            .map(|e| e.body.signature_ref.clone())
+            .collect()
+    };
+    let kid_refs = |kids: &[String]| -> BTreeSet<String> { kids.iter().map(|k| format!("kid:{k}")).collect() };
+    assert_eq!(refs("ScheduledRotation"), kid_refs(&first_next));
+    assert_eq!(refs("IssuerKeyRetired"), kid_refs(&first_active));
+    for e in events.iter().filter(|e| e.body.identity == "keyward") {
+        assert_eq!(
+            (e.body.decision.as_str(), e.body.code.as_str()),
+            ("allow", "OK"),
+            "{e:?}"
+        );
+    }
+    assert_eq!(
+        events.iter().filter(|e| e.body.identity == "keyward").count(),
+        4,
+        "{events:#?}"
+    );
+
+    // Within the pre-publication window of the next rotation: a next key each.
+    clock.advance(29 * DAY);
+    let events = wait_for(&d, "IssuerKeyPublished", |e| e.len() == 2).await;
+    let mut published = Vec::new();
+    for alg in algs {
+        published.extend(kids_in(&d, alg, Next).await);
+    }
+    assert_eq!(
+        events
+            .iter()
+            .filter(|e| e.body.action == "IssuerKeyPublished")
+            .map(|e| e.body.signature_ref.clone())
+            .collect::<BTreeSet<_>>(),
+        kid_refs(&published)
+    );
+
+    // 90 days after they retired, the first keys are removed.
+    clock.advance(61 * DAY);
+    let events = wait_for(&d, "IssuerKeyRemoved", |e| e.len() == 2).await;
+    assert_eq!(
+        events
+            .iter()
+            .filter(|e| e.body.action == "IssuerKeyRemoved")
+            .map(|e| e.body.signature_ref.clone())
+            .collect::<BTreeSet<_>>(),
+        kid_refs(&first_active)
+    );
+    let store = d.state.keys.store().clone();
+    let keys = keyward::audit::verify::store_keys(store.as_ref()).await.expect("keys");
+    let report = keyward::audit::verify::verify_store(store.as_ref(), &keys)
+        .await
+        .expect("verify");
+    assert!(report.ok(), "{report:?}");
+    assert!(store.audit().checkpoints().await.expect("checkpoints").is_empty());
+
+    // A graceful stop: a final checkpoint over everything since the last one.
+    d.stop().await;
+    let head = store.audit().audit_head().await.expect("head").seq;
+    let checkpoints = store.audit().checkpoints().await.expect("checkpoints");
+    let last = checkpoints.last().expect("a checkpoint written at shutdown");
+    assert_eq!((last.first_seq, last.last_seq), (1, head));
+    let (code, out, err) = audit_cmd(&env, &["verify", "--json"]);
+    assert_eq!(code, 0, "{out} {err}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).expect("json");
+    assert_eq!(v["ok"], true);
+    assert_eq!(v["report"]["last_seq"].as_u64(), Some(head));
+    assert_eq!(v["report"]["checkpoints_verified"], 1);
+}
+
+#[test]
+fn scheduled_rotation_events_and_shutdown_checkpoint_sqlite() {
+    let env = Env::new(Custody::Hsm, StoreKind::Sqlite).expect("env");
+    block_on(scheduled_rotation_and_shutdown(env));
+}
+
+#[test]
+fn scheduled_rotation_events_and_shutdown_checkpoint_postgres() {
+    let Some(env) = Env::new(Custody::Host, StoreKind::Postgres) else {
+        return;
+    };
+    block_on(scheduled_rotation_and_shutdown(env));
+}
+
+/// SIGTERM to a real `keyward dev` process: the final checkpoint covers the
+/// last event (the time and count rules would not have made one yet).
+#[test]
+fn sigterm_writes_a_final_checkpoint() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let home = dir.path().join("home");
+    let mut child = start_dev(&home);
+    let out = Command::new(env!("CARGO_BIN_EXE_keyward"))
+        .arg("--home")
+        .arg(&home)
+        .args(["account", "create", "--controller", CONTROLLER, "--json"])
+        .output()
+        .expect("account create");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    signal(&mut child, "-TERM");
+    let store_url = format!("sqlite://{}", home.join("keyward.db").display());
+    let (head, checkpoints) = block_on(async {
+        let s = keyward::store::open(&store_url).await.expect("store");
+        let head = s.audit().audit_head().await.expect("head").seq;
+        let cps = s.audit().checkpoints().await.expect("checkpoints");
+        s.close().await;
+        (head, cps)
+    });
+    assert!(head >= 1);
+    assert_eq!(checkpoints.last().map(|c| c.last_seq), Some(head), "{checkpoints:?}");
+    let out = Command::new(env!("CARGO_BIN_EXE_keyward"))
+        .arg("--home")
+        .arg(&home)
+        .args(["audit", "verify", "--json"])
+        .output()
+        .expect("verify");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(v["report"]["last_seq"].as_u64(), Some(head));
+    assert!(v["report"]["checkpoints_verified"].as_u64() >= Some(1), "{v}");
+}
+
+/// A spend whose signing fails after its reservation (here: over the
+/// account's daily cap, checked after the session's cap) keeps its event and
+/// gets a compensating `ReleaseSpend` event, in the releasing transaction:
+/// two events for the request, the second naming the failure.
+#[test]
+fn failed_spend_is_compensated_by_release_spend() {
+    let env = Env::new(Custody::Host, StoreKind::Sqlite).expect("env");
+    std::fs::write(
+        env.dir.path().join("policies/limits.toml"),
+        "[[daily_spend]]\nname = \"usdc-day\"\ncurrency = \"USDC\"\ncap = \"10\"\n",
+    )
+    .expect("limits");
+    block_on(async {
+        env.init().await;
+        let d = env.start().await;
+        let wallet = Wallet::new(0x42);
+        let account = d
+            .accounts(&env, "admin")
+            .await
+            .create_account(CreateAccountRequest {
+                controller: wallet.address().to_checksum(),
+                label: String::new(),
+                allow: vec![MARKETPLACE.into()],
+            })
+            .await
+            .expect("account")
+            .into_inner();
+        let mut sessions = SessionServiceClient::new(d.channel(&env, "wallet-gateway").await);
+        let ch = sessions
+            .create_session_challenge(CreateSessionChallengeRequest {
+                account_id: account.account_id.clone(),
+                delegate: MARKETPLACE.into(),
+                scopes: vec!["payments:0-100".into(), format!("license:manifest:{MANIFEST}")],
+                cap: "1000".into(),
+                ttl_seconds: 1800,
+            })
+            .await
+            .expect("challenge")
+            .into_inner();
+        let opened = sessions
+            .open_session(OpenSessionRequest {
+                challenge_id: ch.challenge_id,
+                signature: wallet.sign(&ch.typed_data_json),
+            })
+            .await
+            .expect("open")
+            .into_inner();
+        let session_id = opened.session.expect("session").session_id;
+        let err = d
+            .signing(&env, "marketplace")
+            .await
+            .sign_payment(SignPaymentRequest {
+                session_token: opened.token,
+                amount: "50".into(),
+                currency: "USDC".into(),
+                manifest: MANIFEST.into(),
+                license_id: "lic-7".into(),
+                payee: String::new(),
+                request_id: "over-the-day".into(),
+            })
+            .await
+            .expect_err("over the daily cap");
+        assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{}", err.message());
+        let store = d.state.keys.store().clone();
+        let events = all_events(store.as_ref()).await;
+        let n = events.len();
+        let (spend, release) = (&events[n - 2].body, &events[n - 1].body);
+        let spend_ref = format!("spend:{session_id}/over-the-day");
+        assert_eq!(
+            (
+                spend.action.as_str(),
+                spend.decision.as_str(),
+                spend.signature_ref.as_str()
+            ),
+            ("SignPayment", "allow", spend_ref.as_str())
+        );
+        assert_eq!(
+            (
+                release.action.as_str(),
+                release.decision.as_str(),
+                release.code.as_str(),
+                release.signature_ref.as_str()
+            ),
+            ("ReleaseSpend", "deny", "RESOURCE_EXHAUSTED", spend_ref.as_str())
+        );
+        assert_eq!(
+            (
+                release.session.as_str(),
+                release.request_id.as_str(),
+                release.account.as_str(),
+                release.identity.as_str()
+            ),
+            (
+                session_id.as_str(),
+                "over-the-day",
+                account.account_id.as_str(),
+                MARKETPLACE
+            )
+        );
+        assert!(release.policies.iter().any(|p| p == "limit:usdc-day"), "{release:?}");
+        // The session got its amount back.
+        let s = store.get_session(&session_id).await.expect("session").expect("exists");
+        assert_eq!(s.remaining, 1000);
+        let keys = keyward::audit::verify::store_keys(store.as_ref()).await.expect("keys");
+        let report = keyward::audit::verify::verify_store(store.as_ref(), &keys)
+            .await
+            .expect("verify");
+        assert!(report.ok(), "{report:?}");
+        d.stop().await;
+    });
 }

@@ -80,15 +80,24 @@ impl AccountService for AccountApi {
                 RequestContext::default(),
             )
             .await?;
-            let record = d
+            // The request's audit event is appended in the account's
+            // insert transaction: no account exists without its event.
+            let event = crate::audit::context::in_transaction(String::new(), String::new());
+            let (record, seq) = d
                 .keys
-                .create_account(NewAccount {
-                    controller,
-                    label: (!req.label.is_empty()).then_some(req.label),
-                    created_by: identity,
-                    allowed: req.allow,
-                })
+                .create_account_audited(
+                    NewAccount {
+                        controller,
+                        label: (!req.label.is_empty()).then_some(req.label),
+                        created_by: identity,
+                        allowed: req.allow,
+                    },
+                    event,
+                )
                 .await?;
+            if let Some(seq) = seq {
+                crate::audit::context::mark_recorded(seq);
+            }
             if d.log_details {
                 tracing::info!(account = %record.id, "account created");
             }

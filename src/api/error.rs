@@ -101,8 +101,15 @@ fn hsm_status(e: &HsmError, msg: String) -> Status {
 
 impl From<ApiError> for Status {
     fn from(e: ApiError) -> Status {
-        let msg = e.to_string();
-        match &e {
+        e.status()
+    }
+}
+
+impl ApiError {
+    /// The status this error is answered with (see the table above).
+    pub fn status(&self) -> Status {
+        let msg = self.to_string();
+        match self {
             ApiError::Unauthenticated => Status::unauthenticated(msg),
             ApiError::Invalid { .. } => Status::invalid_argument(msg),
             ApiError::Policy(p) => match p {

@@ -99,7 +99,7 @@ impl Daemon {
         let started = Instant::now();
         let identity = request.extensions().get::<ConnInfo>().map(|c| c.identity.clone());
         let mut pending = crate::audit::context::Pending::default();
-        pending.event.time_ms = now_ms();
+        pending.event.time_ms = crate::audit::event::now_ms();
         pending.event.identity = identity.clone().unwrap_or_default();
         pending.event.action = method.to_string();
         request.get_ref().facts(&mut pending.event);
@@ -172,12 +172,6 @@ pub struct SigningApi(pub Arc<Daemon>);
 /// The session service bound to the daemon.
 #[derive(Debug, Clone)]
 pub struct SessionApi(pub Arc<Daemon>);
-
-fn now_ms() -> i64 {
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
-    now.map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
-}
 
 /// The audit service bound to the daemon.
 #[derive(Debug, Clone)]

@@ -62,28 +62,51 @@ fn parse_manifest(m: &str) -> Result<[u8; 32], ApiError> {
     Ok(out)
 }
 
-/// Stores a session spend's response; the request's audit event is appended
-/// in the same transaction.
-async fn complete<T: prost::Message + super::audit::AuditFacts>(
+/// Stores a session spend's response (the request's audit event was
+/// appended with the reservation).
+async fn complete<T: prost::Message>(
     d: &super::Daemon,
     session_id: &str,
     request_id: &str,
     resp: &T,
 ) -> Result<(), ApiError> {
-    let event = crate::audit::context::in_transaction(String::new(), String::new()).map(|mut e| {
-        e.session = session_id.to_string();
+    d.sessions
+        .complete_spend(session_id, request_id, &resp.encode_to_vec())
+        .await?;
+    Ok(())
+}
+
+/// Signing failed after the spend was reserved (and the request's event
+/// recorded as allowed): gives the spend back and appends the compensating
+/// `ReleaseSpend` event, with the failure's decision and code, in the same
+/// transaction. Returns the failure.
+async fn release(
+    d: &super::Daemon,
+    session: &crate::store::SessionRecord,
+    request_id: &str,
+    failure: ApiError,
+) -> ApiError {
+    let code = failure.status().code();
+    let event = crate::audit::context::compensating(
+        crate::audit::event::RELEASE_SPEND,
+        super::audit::decision(code),
+        crate::metrics::code_name(code),
+        crate::audit::event::spend_ref(&session.id, request_id),
+    )
+    .map(|mut e| {
+        e.account.clone_from(&session.account_id);
+        e.session.clone_from(&session.id);
         e.request_id = request_id.to_string();
-        resp.facts(&mut e);
+        // A refusal after the reservation (a limit) names what decided it.
+        if let Some(decision) = failure.decision() {
+            e.policies = super::audit::decided_by(decision);
+        }
         e
     });
-    let seq = d
-        .sessions
-        .complete_spend_audited(session_id, request_id, &resp.encode_to_vec(), event.as_ref())
-        .await?;
-    if let Some(seq) = seq {
-        crate::audit::context::mark_recorded(seq);
+    if let Err(e) = d.sessions.release_spend(&session.id, request_id, event.as_ref()).await {
+        tracing::warn!(error = %e, "could not release a failed spend");
     }
-    Ok(())
+    failure
 }
 
 #[tonic::async_trait]
@@ -151,7 +174,12 @@ impl SigningService for SigningApi {
                 )
                 .map_err(crate::session::SessionError::from)?;
             let hash = body_hash("typed-data", &[session.id.as_bytes(), &digest]);
-            let reserved = match d.sessions.begin_spend(&session, &req.request_id, hash, 0).await? {
+            let digest_hex = hex::encode(digest);
+            let reserved = match d
+                .sessions
+                .begin_spend(&session, &req.request_id, hash, 0, &|_| digest_hex.clone())
+                .await?
+            {
                 Spend::Replay(bytes) => {
                     return SignTypedDataResponse::decode(bytes.as_slice())
                         .map_err(|_| ApiError::Internal("stored response does not decode"))
@@ -168,10 +196,7 @@ impl SigningService for SigningApi {
                     complete(d, &session.id, &reserved.request_id, &resp).await?;
                     Ok(resp)
                 }
-                Err(e) => {
-                    let _ = d.sessions.release_spend(&session.id, &reserved.request_id).await;
-                    Err(e.into())
-                }
+                Err(e) => Err(release(d, &session, &reserved.request_id, e.into()).await),
             }
         })
         .await
@@ -271,7 +296,35 @@ impl SigningService for SigningApi {
                     &payee.0,
                 ],
             );
-            let reserved = match d.sessions.begin_spend(&session, &req.request_id, hash, amount).await? {
+            let (secp, _) = public_keys(&account)?;
+            let payer = Address::from_public_key(&secp);
+            // The signed document names the spend's nonce, given by the reservation.
+            let document = |nonce: u64| {
+                payment(
+                    d.sessions.domain(),
+                    &Payment {
+                        session_id: &session.id,
+                        payer_account: &session.account_id,
+                        payer,
+                        payee,
+                        amount,
+                        currency: &req.currency,
+                        manifest,
+                        license_id: &req.license_id,
+                        nonce,
+                    },
+                )
+            };
+            let digest_of = |nonce: u64| {
+                TypedData::from_value(&document(nonce))
+                    .map(|t| hex::encode(t.signing_hash()))
+                    .unwrap_or_default()
+            };
+            let reserved = match d
+                .sessions
+                .begin_spend(&session, &req.request_id, hash, amount, &digest_of)
+                .await?
+            {
                 Spend::Replay(bytes) => {
                     return SignPaymentResponse::decode(bytes.as_slice())
                         .map_err(|_| ApiError::Internal("stored response does not decode"))
@@ -285,27 +338,10 @@ impl SigningService for SigningApi {
                 .await
             {
                 Ok(h) => h,
-                Err(e) => {
-                    let _ = d.sessions.release_spend(&session.id, &reserved.request_id).await;
-                    return Err(e.into());
-                }
+                Err(e) => return Err(release(d, &session, &reserved.request_id, e.into()).await),
             };
             let signed = async {
-                let (secp, _) = public_keys(&account)?;
-                let doc = payment(
-                    d.sessions.domain(),
-                    &Payment {
-                        session_id: &session.id,
-                        payer_account: &session.account_id,
-                        payer: Address::from_public_key(&secp),
-                        payee,
-                        amount,
-                        currency: &req.currency,
-                        manifest,
-                        license_id: &req.license_id,
-                        nonce: reserved.nonce,
-                    },
-                );
+                let doc = document(reserved.nonce);
                 let typed = TypedData::from_value(&doc).map_err(|_| ApiError::Internal("payment document"))?;
                 let digest = typed.signing_hash();
                 let (keys, signature) = d.keys.sign_eth_digest(&session.account_id, digest).await?;
@@ -327,11 +363,10 @@ impl SigningService for SigningApi {
                     Ok(resp)
                 }
                 Err(e) => {
-                    let _ = d.sessions.release_spend(&session.id, &reserved.request_id).await;
                     if let Some(h) = hold {
                         d.policy.release_daily_spend(h).await;
                     }
-                    Err(e)
+                    Err(release(d, &session, &reserved.request_id, e).await)
                 }
             }
         })

@@ -1,8 +1,10 @@
 //! Group commit: one appender task per daemon drains the queue of events
 //! from concurrent requests and writes them in one transaction (one fsync),
 //! then wakes each waiter with its sequence number. A request's response is
-//! sent only after its event is durable. The same task makes checkpoints
-//! every N events or T seconds.
+//! sent only after its event is durable. The same task starts checkpoints
+//! every N events or T seconds, signed beside it so appends never wait on an
+//! HSM signature, and makes a final one at shutdown ([`Appender::finish`])
+//! over the events since the last.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,6 +13,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use super::checkpoint::Checkpointer;
 use super::event::NewEvent;
+use super::store::Checkpoint;
 use super::AuditError;
 use crate::store::Store;
 
@@ -33,9 +36,20 @@ impl Default for AppenderSettings {
     }
 }
 
-struct Job {
-    event: NewEvent,
-    done: oneshot::Sender<Result<u64, AuditError>>,
+// Appends are the hot variant: boxing their event would cost an allocation
+// per request to save space in a queue slot.
+#[allow(clippy::large_enum_variant)]
+enum Job {
+    /// Append an event; answer its seq.
+    Append {
+        event: NewEvent,
+        done: oneshot::Sender<Result<u64, AuditError>>,
+    },
+    /// After everything queued before it: a checkpoint over the events not
+    /// covered yet (none if there are none).
+    Checkpoint {
+        done: oneshot::Sender<Result<Option<Checkpoint>, AuditError>>,
+    },
 }
 
 /// The handle requests use to append their event.
@@ -47,7 +61,10 @@ pub struct Appender {
 
 impl std::fmt::Debug for Job {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Job").finish_non_exhaustive()
+        match self {
+            Job::Append { .. } => f.debug_struct("Append").finish_non_exhaustive(),
+            Job::Checkpoint { .. } => f.debug_struct("Checkpoint").finish_non_exhaustive(),
+        }
     }
 }
 
@@ -69,7 +86,21 @@ impl Appender {
     pub async fn append(&self, event: NewEvent) -> Result<u64, AuditError> {
         let (done, wait) = oneshot::channel();
         self.tx
-            .send(Job { event, done })
+            .send(Job::Append { event, done })
+            .await
+            .map_err(|_| AuditError::Stopped)?;
+        wait.await.map_err(|_| AuditError::Stopped)?
+    }
+
+    /// At shutdown, once no request appends any more: waits until every
+    /// queued event is written, then signs a checkpoint over the events the
+    /// last checkpoint does not cover (those appended in store transactions
+    /// included). `None` if every event is covered already or the daemon
+    /// runs without checkpoints.
+    pub async fn finish(&self) -> Result<Option<Checkpoint>, AuditError> {
+        let (done, wait) = oneshot::channel();
+        self.tx
+            .send(Job::Checkpoint { done })
             .await
             .map_err(|_| AuditError::Stopped)?;
         wait.await.map_err(|_| AuditError::Stopped)?
@@ -107,34 +138,85 @@ async fn run(
             }
             _ = tick.tick() => {
                 if let Some(c) = &checkpoints {
-                    if let Err(e) = c.maybe_checkpoint(false).await {
-                        tracing::warn!(error = %e, "audit checkpoint failed");
-                    }
+                    spawn_checkpoint(c);
                 }
                 continue;
             }
         }
-        let events: Vec<NewEvent> = batch.iter().map(|j| j.event.clone()).collect();
-        match store.audit().append_events(&events).await {
-            Ok(stored) => {
-                if let Some(last) = stored.last() {
-                    head.send_replace(last.seq);
-                }
-                for (job, e) in batch.drain(..).zip(stored) {
-                    let _ = job.done.send(Ok(e.seq));
-                }
-                if let Some(c) = &checkpoints {
-                    if let Err(e) = c.maybe_checkpoint(false).await {
-                        tracing::warn!(error = %e, "audit checkpoint failed");
+        // Appends queued before a checkpoint request are written first.
+        let mut waiting = Vec::new();
+        let mut appends = Vec::with_capacity(batch.len());
+        let mut events = Vec::with_capacity(batch.len());
+        for job in batch.drain(..) {
+            match job {
+                Job::Append { event, done } => {
+                    if waiting.is_empty() {
+                        events.push(event);
+                        appends.push(done);
+                    } else {
+                        // After a checkpoint request: the next round.
+                        waiting.push(Job::Append { event, done });
                     }
                 }
+                Job::Checkpoint { done } => waiting.push(Job::Checkpoint { done }),
             }
-            Err(e) => {
-                tracing::warn!(error = %e, events = batch.len(), "audit append failed");
-                let reason = e.to_string();
-                for job in batch.drain(..) {
-                    let _ = job.done.send(Err(AuditError::Unavailable(reason.clone())));
+        }
+        if !events.is_empty() {
+            append_batch(store.as_ref(), checkpoints.as_ref(), &head, events, appends).await;
+        }
+        for job in waiting {
+            match job {
+                Job::Checkpoint { done } => {
+                    let out = match &checkpoints {
+                        Some(c) => c.maybe_checkpoint(true).await,
+                        None => Ok(None),
+                    };
+                    let _ = done.send(out);
                 }
+                Job::Append { event, done } => {
+                    append_batch(store.as_ref(), checkpoints.as_ref(), &head, vec![event], vec![done]).await;
+                }
+            }
+        }
+    }
+}
+
+/// Checks (and signs, when one is due) a checkpoint in a task of its own.
+fn spawn_checkpoint(c: &Arc<Checkpointer>) {
+    let c = c.clone();
+    tokio::spawn(async move {
+        if let Err(e) = c.maybe_checkpoint(false).await {
+            tracing::warn!(error = %e, "audit checkpoint failed");
+        }
+    });
+}
+
+/// Writes one batch in one transaction, answers its waiters, and starts a
+/// checkpoint check.
+async fn append_batch(
+    store: &dyn Store,
+    checkpoints: Option<&Arc<Checkpointer>>,
+    head: &watch::Sender<u64>,
+    events: Vec<NewEvent>,
+    waiters: Vec<oneshot::Sender<Result<u64, AuditError>>>,
+) {
+    match store.audit().append_events(&events).await {
+        Ok(stored) => {
+            if let Some(last) = stored.last() {
+                head.send_replace(last.seq);
+            }
+            for (done, e) in waiters.into_iter().zip(stored) {
+                let _ = done.send(Ok(e.seq));
+            }
+            if let Some(c) = checkpoints {
+                spawn_checkpoint(c);
+            }
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, events = events.len(), "audit append failed");
+            let reason = e.to_string();
+            for done in waiters {
+                let _ = done.send(Err(AuditError::Unavailable(reason.clone())));
             }
         }
     }

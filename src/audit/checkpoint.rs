@@ -84,9 +84,18 @@ impl Checkpointer {
 
     /// Signs a checkpoint over the events since the previous one if there
     /// are at least `every_events` of them, or any and `every` has passed
-    /// (or `force`).
+    /// (or `force`). Without `force`, a call while another is signing does
+    /// nothing (`None`): that one, or the next call, covers the events; with
+    /// `force` it waits for it.
     pub async fn maybe_checkpoint(&self, force: bool) -> Result<Option<Checkpoint>, AuditError> {
-        let mut last = self.last.lock().await;
+        let mut last = if force {
+            self.last.lock().await
+        } else {
+            match self.last.try_lock() {
+                Ok(last) => last,
+                Err(_) => return Ok(None),
+            }
+        };
         // Cheap test first (the head only), against the end of the last
         // checkpoint this process saw; the store is read in full only when
         // a checkpoint may be due.

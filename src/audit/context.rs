@@ -56,6 +56,22 @@ pub fn in_transaction(digest: String, signature_ref: String) -> Option<NewEvent>
     })
 }
 
+/// An event compensating for the request's event already appended in a
+/// transaction (e.g. `ReleaseSpend` when signing failed after a spend was
+/// reserved): the request's facts with `action`, `decision` and `code` of
+/// the failure, or `None` outside a request.
+pub fn compensating(action: &str, decision: Decision, code: &str, signature_ref: String) -> Option<NewEvent> {
+    with(|p| {
+        let mut e = p.event.clone();
+        e.action = action.into();
+        e.decision = decision.as_str().into();
+        e.code = code.into();
+        e.digest = String::new();
+        e.signature_ref = signature_ref;
+        e
+    })
+}
+
 /// Records what decided the request (policy ids, `limit:<name>`), for its event.
 pub fn record_policies(ids: Vec<String>) {
     with(|p| p.event.policies = ids);

@@ -1,4 +1,36 @@
 //! The audit event: what one request decided and what it signed.
+//!
+//! # Actions
+//!
+//! An RPC's event carries the RPC's name as its action (`SignPayment`,
+//! `RotateIssuerKey`, ...), the caller's mTLS identity, and is appended in
+//! the store transaction of the state change it records when there is one:
+//! `CreateAccount` with the account row, `OpenSession` with the session,
+//! `SignReceipt` with the receipt, `RevokeIssuerKey` and `RotateIssuerKey`
+//! with the key state change (a rotation of several algorithms is one
+//! event whose `signature_ref` is `kid:` and the new active kids,
+//! comma-separated), and the session spends `SignPayment` and
+//! `SignTypedData` (in a session) with the reservation, before anything is
+//! signed: `digest` is what will be signed, `signature_ref`
+//! `spend:<session id>/<request id>` (the signature is in the stored
+//! response). A replayed spend (same request id and body, already
+//! completed) reserves nothing and gets an ordinary event for the replay.
+//!
+//! Events the daemon records without a request, identity
+//! [`DAEMON_IDENTITY`]:
+//!
+//! | action | recorded when (same transaction) | decision, code | `signature_ref` |
+//! |---|---|---|---|
+//! | [`RELEASE_SPEND`] | a reserved spend is released because signing failed after its event was recorded; the compensating event names the session and request id of the spend | `deny` or `error` and the code of the failure | `spend:<session id>/<request id>` |
+//! | [`ISSUER_KEY_PUBLISHED`] | the scheduler creates a key (`next`, or `active` when an algorithm has no active key) | `allow`, `OK` | `kid:<kid>` |
+//! | [`SCHEDULED_ROTATION`] | the scheduler promotes the `next` key to `active` | `allow`, `OK` | `kid:<new active kid>` |
+//! | [`ISSUER_KEY_RETIRED`] | the same promotion retires the previous active key | `allow`, `OK` | `kid:<retired kid>` |
+//! | [`ISSUER_KEY_REMOVED`] | the scheduler removes a retired key after its grace period | `allow`, `OK` | `kid:<kid>` |
+//!
+//! A `ReleaseSpend` event keeps the identity of the request it compensates
+//! (the spend's caller); a reader pairs it with the spend's event by session
+//! and request id: the spend was reserved, nothing was signed, and the
+//! amount went back to the session.
 
 use serde::{Deserialize, Serialize};
 
@@ -25,6 +57,44 @@ impl Decision {
     }
 }
 
+/// The identity of the events the daemon records on its own (no request).
+pub const DAEMON_IDENTITY: &str = "keyward";
+/// A reserved spend released after signing failed (compensating event).
+pub const RELEASE_SPEND: &str = "ReleaseSpend";
+/// The scheduler created an issuer key.
+pub const ISSUER_KEY_PUBLISHED: &str = "IssuerKeyPublished";
+/// The scheduler promoted an issuer key to active.
+pub const SCHEDULED_ROTATION: &str = "ScheduledRotation";
+/// A scheduled promotion retired the previous active key.
+pub const ISSUER_KEY_RETIRED: &str = "IssuerKeyRetired";
+/// The scheduler removed a retired key after its grace period.
+pub const ISSUER_KEY_REMOVED: &str = "IssuerKeyRemoved";
+
+/// Now, unix milliseconds UTC (0 before 1970).
+pub fn now_ms() -> i64 {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
+    now.map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+/// An allowed event the daemon records on its own, now.
+pub fn daemon_event(action: &str, signature_ref: String) -> NewEvent {
+    NewEvent {
+        time_ms: now_ms(),
+        identity: DAEMON_IDENTITY.into(),
+        action: action.into(),
+        decision: Decision::Allow.as_str().into(),
+        code: "OK".into(),
+        signature_ref,
+        ..NewEvent::default()
+    }
+}
+
+/// The signature reference of a session spend: `spend:<session>/<request>`.
+pub fn spend_ref(session_id: &str, request_id: &str) -> String {
+    format!("spend:{session_id}/{request_id}")
+}
+
 /// An event before the log assigns its sequence number and hashes.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct NewEvent {
@@ -49,7 +119,8 @@ pub struct NewEvent {
     /// Hex SHA-256 of what was signed, or empty.
     pub digest: String,
     /// Reference to the result: `sig:<hex sha256 of the signature>`,
-    /// `receipt:<id>`, `session:<id>`, ... or empty.
+    /// `receipt:<id>`, `jws:<hex sha256>`, `kid:<kid>[,<kid>...]`,
+    /// `spend:<session>/<request>`, ... or empty.
     pub signature_ref: String,
 }
 

@@ -24,6 +24,24 @@
 //! lowercase hex SHA-256 of what was signed (empty when nothing was),
 //! `decision` is `allow`, `deny` or `error`, `code` the gRPC status name.
 //!
+//! # One transaction with the state change
+//!
+//! A request that changes state appends its event inside the store
+//! transaction of that change ([`context`]), so there is never a change,
+//! or a signature, without its event: account creation, session opening,
+//! receipts, issuer key revocation and forced rotation, and session spends.
+//! A spend's event is appended with its reservation, before signing, with
+//! the digest that will be signed and `signature_ref`
+//! `spend:<session>/<request id>`; completion (storing the response with the
+//! signature) appends nothing. If signing fails after the reservation, the
+//! spend is released and a compensating `ReleaseSpend` event, with the
+//! failure's decision (`deny` or `error`) and status code, is appended in the
+//! releasing transaction: reading the log, a spend event followed by its
+//! `ReleaseSpend` (same session and request id) means nothing was signed and
+//! the amount went back to the session. The issuer key scheduler records
+//! each change it makes the same way, as the daemon (identity `keyward`); the
+//! actions are listed in [`event`].
+//!
 //! # Checkpoints
 //!
 //! A checkpoint covers the events `first_seq..=last_seq` since the previous
@@ -31,7 +49,9 @@
 //! values (leaf = SHA-256(0x00 || hash), node = SHA-256(0x01 || left ||
 //! right)), signed as a compact JWS (`typ` [`CHECKPOINT_TYP`]) by the active
 //! EdDSA issuer key, with the claims `first_seq`, `last_seq`, `root` (hex),
-//! `last_hash` (hex) and `iat`.
+//! `last_hash` (hex) and `iat`. A graceful shutdown writes a final
+//! checkpoint over the events since the last one, once the appender has
+//! written everything queued ([`Appender::finish`]).
 
 pub mod appender;
 pub mod bench;

@@ -18,6 +18,11 @@
 //! destroyed again. Rows are deleted before their token key is destroyed, so a crash in between
 //! leaves an unpublished orphan object on the token, never a published key without a private key.
 //!
+//! Every change the scheduler makes ([`KeyLifecycle::tick`]: a key created, promoted, retired,
+//! removed) appends its audit event (identity `keyward`, see [`crate::audit::event`]) in the
+//! store transaction that makes it; an on-demand rotation appends the request's one event in the
+//! transaction that promotes the next keys of every algorithm rotated.
+//!
 //! The only exception to pre-publication is bootstrap (the very first key of an algorithm
 //! signs at once: no verifier can have fetched anything yet) and revocation: see
 //! [`KeyLifecycle::revoke`].
@@ -29,11 +34,14 @@ use std::time::Duration;
 use sha2::{Digest, Sha256};
 use tonic::Status;
 
+use crate::audit::event::{
+    daemon_event, ISSUER_KEY_PUBLISHED, ISSUER_KEY_REMOVED, ISSUER_KEY_RETIRED, SCHEDULED_ROTATION,
+};
 use crate::clock::Clock;
 use crate::config::JwksConfig;
 use crate::hsm::{Hsm, HsmError, IssuerAlg};
 use crate::issuer::{create_token_key, jwk_for, Issuer, IssuerError};
-use crate::store::{IssuerKeyRecord, IssuerKeyState, PromoteOutcome, RevokeOutcome, Store, StoreError};
+use crate::store::{IssuerKeyRecord, IssuerKeyState, PromoteAudit, PromoteOutcome, RevokeOutcome, Store, StoreError};
 
 /// Lifecycle settings, in seconds.
 #[derive(Debug, Clone)]
@@ -233,7 +241,7 @@ impl KeyLifecycle {
         {
             let _g = lc.serial.lock().await;
             for alg in lc.settings.algorithms.clone() {
-                lc.ensure_alg(alg, now, &mut Vec::new()).await?;
+                lc.ensure_alg(alg, now, &mut Vec::new(), None).await?;
             }
         }
         let records = lc.store.list_issuer_keys().await?;
@@ -282,12 +290,20 @@ impl KeyLifecycle {
     }
 
     /// Creates a token key and stores it in `state` unless another writer stored one first (the
-    /// token key is then destroyed). Returns the kid stored.
-    async fn add(&self, alg: IssuerAlg, state: IssuerKeyState, now: i64) -> Result<Option<String>, JwksError> {
+    /// token key is then destroyed). Returns the kid stored. With `action`, the daemon's audit
+    /// event for it (`kid:<kid>`) is appended in the storing transaction.
+    async fn add(
+        &self,
+        alg: IssuerAlg,
+        state: IssuerKeyState,
+        now: i64,
+        action: Option<&str>,
+    ) -> Result<Option<String>, JwksError> {
         let hsm = self.hsm.clone();
         let (info, jwk) = blocking(move || Ok(create_token_key(&hsm, alg)?)).await?;
         let rec = record(alg, &info.label, &jwk, state, now)?;
-        if self.store.add_issuer_key(&rec).await? {
+        let event = action.map(|a| daemon_event(a, format!("kid:{}", rec.kid)));
+        if self.store.add_issuer_key_audited(&rec, event.as_ref()).await?.0 {
             tracing::info!(alg = %alg, kid = %rec.kid, state = state.as_str(), "issuer key published");
             Ok(Some(rec.kid))
         } else {
@@ -308,8 +324,14 @@ impl KeyLifecycle {
     }
 
     /// Makes sure `alg` has an active key (bootstrap, or after revoking the last key) and a
-    /// next key.
-    async fn ensure_alg(&self, alg: IssuerAlg, now: i64, created: &mut Vec<String>) -> Result<(), JwksError> {
+    /// next key; `action` as for [`KeyLifecycle::add`].
+    async fn ensure_alg(
+        &self,
+        alg: IssuerAlg,
+        now: i64,
+        created: &mut Vec<String>,
+        action: Option<&str>,
+    ) -> Result<(), JwksError> {
         let rows: Vec<IssuerKeyRecord> = self
             .store
             .list_issuer_keys()
@@ -318,10 +340,10 @@ impl KeyLifecycle {
             .filter(|r| alg_of(r) == Some(alg))
             .collect();
         if !rows.iter().any(|r| r.state == IssuerKeyState::Active) {
-            created.extend(self.add(alg, IssuerKeyState::Active, now).await?);
+            created.extend(self.add(alg, IssuerKeyState::Active, now, action).await?);
         }
         if !rows.iter().any(|r| r.state == IssuerKeyState::Next) {
-            created.extend(self.add(alg, IssuerKeyState::Next, now).await?);
+            created.extend(self.add(alg, IssuerKeyState::Next, now, action).await?);
         }
         Ok(())
     }
@@ -329,7 +351,8 @@ impl KeyLifecycle {
     /// One scheduler run at `now`: per configured algorithm, publish a next key once the active
     /// key is within the pre-publication window of its rotation time, promote it when the
     /// rotation is due; then remove (and destroy on the token) retired keys past their grace
-    /// period, and refresh the ring. Idempotent; replicas may run it concurrently.
+    /// period, and refresh the ring. Idempotent; replicas may run it concurrently. Each change
+    /// appends its audit event in its own transaction (see [`crate::audit::event`]).
     pub async fn tick(&self, now: i64) -> Result<TickReport, JwksError> {
         let _g = self.serial.lock().await;
         let mut report = TickReport::default();
@@ -344,7 +367,8 @@ impl KeyLifecycle {
                 .collect();
             let Some(active) = rows.iter().find(|r| r.state == IssuerKeyState::Active) else {
                 // Bootstrap (or every key revoked): sign at once.
-                self.ensure_alg(alg, now, &mut report.created).await?;
+                self.ensure_alg(alg, now, &mut report.created, Some(ISSUER_KEY_PUBLISHED))
+                    .await?;
                 continue;
             };
             let due = active
@@ -352,13 +376,29 @@ impl KeyLifecycle {
                 .unwrap_or(active.created_at)
                 .saturating_add(s.rotation);
             if !rows.iter().any(|r| r.state == IssuerKeyState::Next) && now >= due.saturating_sub(s.prepublish) {
-                report.created.extend(self.add(alg, IssuerKeyState::Next, now).await?);
+                report.created.extend(
+                    self.add(alg, IssuerKeyState::Next, now, Some(ISSUER_KEY_PUBLISHED))
+                        .await?,
+                );
             }
             if now >= due {
-                match self
+                let audit = PromoteAudit {
+                    promoted: daemon_event(SCHEDULED_ROTATION, String::new()),
+                    retired: Some(daemon_event(ISSUER_KEY_RETIRED, String::new())),
+                };
+                let (mut outcomes, _) = self
                     .store
-                    .promote_issuer_key(alg.as_str(), now, s.max_age, Some(now.saturating_sub(s.rotation)))
-                    .await?
+                    .promote_issuer_keys_audited(
+                        &[alg.as_str()],
+                        now,
+                        s.max_age,
+                        Some(now.saturating_sub(s.rotation)),
+                        Some(&audit),
+                    )
+                    .await?;
+                match outcomes
+                    .pop()
+                    .ok_or(JwksError::Internal("promotion answered nothing"))?
                 {
                     PromoteOutcome::Promoted { kid, retired } => {
                         tracing::info!(alg = %alg, kid = %kid, retired = ?retired, "scheduled issuer key rotation");
@@ -374,7 +414,11 @@ impl KeyLifecycle {
         for rec in self.store.list_issuer_keys().await? {
             let expired = rec.state == IssuerKeyState::Retired
                 && rec.retired_at.unwrap_or(rec.created_at).saturating_add(s.grace) <= now;
-            if expired && self.store.delete_issuer_key(&rec.kid).await? {
+            if !expired {
+                continue;
+            }
+            let event = daemon_event(ISSUER_KEY_REMOVED, format!("kid:{}", rec.kid));
+            if self.store.delete_issuer_key_audited(&rec.kid, Some(&event)).await?.0 {
                 tracing::info!(alg = %rec.alg, kid = %rec.kid, "retired issuer key removed after the grace period");
                 self.destroy(rec.label.clone()).await;
                 report.removed.push(rec.kid);
@@ -387,7 +431,8 @@ impl KeyLifecycle {
     /// On-demand rotation of `alg` (every configured algorithm if `None`): the next key becomes
     /// active (the active key retires) only if it has been published for at least
     /// `max_age_seconds` (else [`JwksError::TooEarly`], saying when it can be, and nothing
-    /// changes); then a fresh next key is published. Algorithms without a next key get one and
+    /// changes); every algorithm is promoted in one transaction, with the request's audit event
+    /// (all or nothing); then a fresh next key is published. Algorithms without a next key get one and
     /// the call fails with `TooEarly`.
     pub async fn rotate(&self, alg: Option<IssuerAlg>) -> Result<Vec<Rotation>, JwksError> {
         let algs = match alg {
@@ -409,7 +454,7 @@ impl KeyLifecycle {
             let (kid, ready_at) = match next {
                 Some(n) => (n.kid.clone(), n.created_at.saturating_add(self.settings.max_age)),
                 None => {
-                    let kid = self.add(a, IssuerKeyState::Next, now).await?.unwrap_or_default();
+                    let kid = self.add(a, IssuerKeyState::Next, now, None).await?.unwrap_or_default();
                     self.refresh().await?;
                     (kid, now.saturating_add(self.settings.max_age))
                 }
@@ -423,34 +468,54 @@ impl KeyLifecycle {
                 });
             }
         }
-        let mut out = Vec::new();
-        for a in algs {
-            match self
-                .store
-                .promote_issuer_key(a.as_str(), now, self.settings.max_age, None)
-                .await?
-            {
-                PromoteOutcome::Promoted { kid, retired } => {
-                    tracing::info!(alg = %a, kid = %kid, retired = ?retired, "issuer key rotated on demand");
-                    self.refresh().await?;
-                    let next = self.add(a, IssuerKeyState::Next, now).await?;
-                    out.push(Rotation {
-                        alg: a,
-                        activated: kid,
-                        retired,
-                        next,
-                    });
-                }
+        // One transaction promotes every algorithm and appends the request's
+        // one audit event (`kid:` and the new active kids).
+        let audit = crate::audit::context::in_transaction(String::new(), String::new()).map(|promoted| PromoteAudit {
+            promoted,
+            retired: None,
+        });
+        let names: Vec<&str> = algs.iter().map(|a| a.as_str()).collect();
+        let (outcomes, seq) = self
+            .store
+            .promote_issuer_keys_audited(&names, now, self.settings.max_age, None, audit.as_ref())
+            .await?;
+        if let Some(seq) = seq {
+            crate::audit::context::mark_recorded(seq);
+        }
+        let mut promoted = Vec::with_capacity(algs.len());
+        for outcome in outcomes {
+            match outcome {
+                PromoteOutcome::Promoted { kid, retired } => promoted.push((kid, retired)),
+                // Another writer changed the keys since the check above.
                 PromoteOutcome::TooEarly { kid, ready_at } => {
-                    return Err(JwksError::TooEarly {
-                        alg: a,
-                        kid,
-                        ready_at,
-                        in_secs: ready_at - now,
-                    })
+                    let alg = rows.iter().find(|r| r.kid == kid).and_then(alg_of);
+                    return Err(match alg {
+                        Some(alg) => JwksError::TooEarly {
+                            alg,
+                            kid,
+                            ready_at,
+                            in_secs: ready_at - now,
+                        },
+                        None => JwksError::Internal("rotation raced with another writer; retry"),
+                    });
                 }
                 _ => return Err(JwksError::Internal("rotation raced with another writer; retry")),
             }
+        }
+        if promoted.len() != algs.len() {
+            return Err(JwksError::Internal("rotation raced with another writer; retry"));
+        }
+        self.refresh().await?;
+        let mut out = Vec::with_capacity(promoted.len());
+        for (a, (kid, retired)) in algs.into_iter().zip(promoted) {
+            tracing::info!(alg = %a, kid = %kid, retired = ?retired, "issuer key rotated on demand");
+            let next = self.add(a, IssuerKeyState::Next, now, None).await?;
+            out.push(Rotation {
+                alg: a,
+                activated: kid,
+                retired,
+                next,
+            });
         }
         self.refresh().await?;
         Ok(out)
@@ -482,7 +547,7 @@ impl KeyLifecycle {
             self.destroy(before.label.clone()).await;
         }
         if let Some(alg) = alg_of(before).filter(|a| self.settings.algorithms.contains(a)) {
-            self.ensure_alg(alg, now, &mut Vec::new()).await?;
+            self.ensure_alg(alg, now, &mut Vec::new(), None).await?;
             self.refresh().await?;
         }
         Ok(outcome)

@@ -86,6 +86,17 @@ impl KeyService {
     /// Generates both keys in the HSM, wraps them under the current KEK and
     /// stores the account in one transaction.
     pub async fn create_account(&self, new: NewAccount) -> Result<AccountRecord, KeyError> {
+        Ok(self.create_account_audited(new, None).await?.0)
+    }
+
+    /// As [`KeyService::create_account`]; `event` (the request's audit
+    /// event) is given the new account's id and appended in the storing
+    /// transaction: the seq it got, if one was given.
+    pub async fn create_account_audited(
+        &self,
+        new: NewAccount,
+        event: Option<crate::audit::NewEvent>,
+    ) -> Result<(AccountRecord, Option<u64>), KeyError> {
         let hsm = self.hsm.clone();
         let metrics = self.metrics.clone();
         let wrapped = tokio::task::spawn_blocking(move || -> Result<Vec<KeyRecord>, HsmError> {
@@ -122,8 +133,12 @@ impl KeyService {
         };
         // Check the public keys decode before anything is stored.
         signer::public_keys(&record)?;
-        self.store.create_account(&record).await?;
-        Ok(record)
+        let event = event.map(|mut e| {
+            e.account.clone_from(&record.id);
+            e
+        });
+        let seq = self.store.create_account_audited(&record, event.as_ref()).await?;
+        Ok((record, seq))
     }
 
     /// The account's record without unwrapping keys.

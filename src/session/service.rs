@@ -14,7 +14,9 @@ use crate::crypto::eip712::TypedData;
 use crate::crypto::eth::{recover_address, Address};
 use crate::hsm::IssuerAlg;
 use crate::issuer::Issuer;
-use crate::store::{AccountRecord, ChallengeRecord, OpenOutcome, SessionRecord, SpendOutcome, SpendRequest, Store};
+use crate::store::{
+    AccountRecord, ChallengeRecord, OpenOutcome, SessionRecord, SpendEvent, SpendOutcome, SpendRequest, Store,
+};
 
 /// Most characters in a delegate identity.
 const MAX_DELEGATE: usize = 1024;
@@ -367,12 +369,17 @@ impl Sessions {
 
     /// Reserves `amount` against the session's cap and records the request,
     /// atomically; or returns the stored result of the identical request.
+    /// Inside a request the request's audit event is appended in the
+    /// reserving transaction, before anything is signed: `digest` gives the
+    /// hex digest of what will be signed from the spend's nonce, the
+    /// signature reference is `spend:<session>/<request id>`.
     pub async fn begin_spend(
         &self,
         session: &SessionRecord,
         request_id: &str,
         body_hash: [u8; 32],
         amount: u128,
+        digest: &(dyn Fn(u64) -> String + Send + Sync),
     ) -> Result<Spend, SessionError> {
         if request_id.len() > 128 || request_id.chars().any(char::is_control) {
             return Err(invalid("request_id", "at most 128 printable characters"));
@@ -382,16 +389,37 @@ impl Sessions {
         } else {
             request_id.to_string()
         };
-        let outcome = self
+        let event = crate::audit::context::in_transaction(
+            String::new(),
+            crate::audit::event::spend_ref(&session.id, &request_id),
+        )
+        .map(|mut e| {
+            e.account.clone_from(&session.account_id);
+            e.session.clone_from(&session.id);
+            e.request_id.clone_from(&request_id);
+            e
+        });
+        let build = |nonce: u64| {
+            let mut e = event.clone().unwrap_or_default();
+            e.digest = digest(nonce);
+            e
+        };
+        let (outcome, seq) = self
             .store
-            .reserve_spend(&SpendRequest {
-                session_id: &session.id,
-                request_id: &request_id,
-                body_hash,
-                amount,
-                now: self.clock.now(),
-            })
+            .reserve_spend_audited(
+                &SpendRequest {
+                    session_id: &session.id,
+                    request_id: &request_id,
+                    body_hash,
+                    amount,
+                    now: self.clock.now(),
+                },
+                event.as_ref().map(|_| &build as SpendEvent<'_>),
+            )
             .await?;
+        if let Some(seq) = seq {
+            crate::audit::context::mark_recorded(seq);
+        }
         match outcome {
             SpendOutcome::Reserved { remaining, nonce } => Ok(Spend::Reserved(SpendResult {
                 request_id,
@@ -411,7 +439,8 @@ impl Sessions {
         }
     }
 
-    /// Records the response of a reserved request.
+    /// Records the response of a reserved request (its audit event was
+    /// appended with the reservation).
     pub async fn complete_spend(
         &self,
         session_id: &str,
@@ -421,24 +450,16 @@ impl Sessions {
         Ok(self.store.complete_spend(session_id, request_id, response).await?)
     }
 
-    /// As [`Sessions::complete_spend`], appending the request's audit
-    /// `event` in the same transaction; returns its seq if it was appended.
-    pub async fn complete_spend_audited(
+    /// Gives a reservation back after signing failed, appending the
+    /// compensating audit `event` in the same transaction; its seq if one
+    /// was appended.
+    pub async fn release_spend(
         &self,
         session_id: &str,
         request_id: &str,
-        response: &[u8],
         event: Option<&crate::audit::NewEvent>,
     ) -> Result<Option<u64>, SessionError> {
-        Ok(self
-            .store
-            .complete_spend_audited(session_id, request_id, response, event)
-            .await?)
-    }
-
-    /// Gives a reservation back after signing failed.
-    pub async fn release_spend(&self, session_id: &str, request_id: &str) -> Result<(), SessionError> {
-        Ok(self.store.release_spend(session_id, request_id).await?)
+        Ok(self.store.release_spend_audited(session_id, request_id, event).await?)
     }
 
     /// The EIP-712 domain sessions use.

@@ -20,6 +20,8 @@ mod tests;
 #[cfg(test)]
 mod tests_audit;
 #[cfg(test)]
+mod tests_audit_txn;
+#[cfg(test)]
 mod tests_jwks;
 #[cfg(test)]
 mod tests_limits;
@@ -162,6 +164,11 @@ pub struct SpendRequest<'a> {
     pub now: i64,
 }
 
+/// Builds a spend's audit event from the nonce its reservation is given
+/// (a payment's signed document includes the nonce, so its digest is known
+/// only then). Called inside the reserving transaction.
+pub type SpendEvent<'a> = &'a (dyn Fn(u64) -> crate::audit::NewEvent + Send + Sync);
+
 /// What [`Store::reserve_spend`] did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SpendOutcome {
@@ -261,7 +268,18 @@ pub trait Store: Send + Sync + fmt::Debug {
 
     /// Stores the account, its keys and its grants in one transaction. An
     /// existing id gives [`StoreError::Conflict`] and writes nothing.
-    async fn create_account(&self, rec: &AccountRecord) -> Result<(), StoreError>;
+    async fn create_account(&self, rec: &AccountRecord) -> Result<(), StoreError> {
+        self.create_account_audited(rec, None).await.map(|_| ())
+    }
+
+    /// As [`Store::create_account`]; also appends `event` (the request's
+    /// audit event, naming the account) to the audit log in the same
+    /// transaction and returns its seq. A conflict writes neither.
+    async fn create_account_audited(
+        &self,
+        rec: &AccountRecord,
+        event: Option<&crate::audit::NewEvent>,
+    ) -> Result<Option<u64>, StoreError>;
 
     /// The account, or `None` if no account has this id. Keys come ordered
     /// by algorithm name (then key version); `allowed` comes sorted.
@@ -322,31 +340,44 @@ pub trait Store: Send + Sync + fmt::Debug {
     /// `amount > remaining` (`Insufficient`). Otherwise takes `amount` from
     /// `remaining`, increments `uses` and stores a pending spend whose nonce
     /// is the new `uses`.
-    async fn reserve_spend(&self, r: &SpendRequest<'_>) -> Result<SpendOutcome, StoreError>;
-
-    /// Stores the response of a pending spend. A no-op if the spend is
-    /// missing or already completed (the first response is kept).
-    async fn complete_spend(&self, session_id: &str, request_id: &str, response: &[u8]) -> Result<(), StoreError> {
-        self.complete_spend_audited(session_id, request_id, response, None)
-            .await
-            .map(|_| ())
+    async fn reserve_spend(&self, r: &SpendRequest<'_>) -> Result<SpendOutcome, StoreError> {
+        Ok(self.reserve_spend_audited(r, None).await?.0)
     }
 
-    /// As [`Store::complete_spend`]; when the response is stored, also
-    /// appends `event` to the audit log in the same transaction and returns
-    /// its seq.
-    async fn complete_spend_audited(
+    /// As [`Store::reserve_spend`]; when the spend is reserved, also appends
+    /// the event `event` builds from the spend's nonce (the request's audit
+    /// event: it is recorded before anything is signed) in the same
+    /// transaction and returns its seq. Any other outcome appends nothing.
+    async fn reserve_spend_audited(
         &self,
-        session_id: &str,
-        request_id: &str,
-        response: &[u8],
-        event: Option<&crate::audit::NewEvent>,
-    ) -> Result<Option<u64>, StoreError>;
+        r: &SpendRequest<'_>,
+        event: Option<SpendEvent<'_>>,
+    ) -> Result<(SpendOutcome, Option<u64>), StoreError>;
+
+    /// Stores the response of a pending spend. A no-op if the spend is
+    /// missing or already completed (the first response is kept). Appends
+    /// no audit event: the request's event was appended with the
+    /// reservation.
+    async fn complete_spend(&self, session_id: &str, request_id: &str, response: &[u8]) -> Result<(), StoreError>;
 
     /// Signing failed: deletes the pending spend and gives its amount back
     /// to the session's `remaining` (`uses` stays, so nonces are never
     /// reused). A no-op if the spend is missing or completed.
-    async fn release_spend(&self, session_id: &str, request_id: &str) -> Result<(), StoreError>;
+    async fn release_spend(&self, session_id: &str, request_id: &str) -> Result<(), StoreError> {
+        self.release_spend_audited(session_id, request_id, None)
+            .await
+            .map(|_| ())
+    }
+
+    /// As [`Store::release_spend`]; when a pending spend is released, also
+    /// appends `event` (the compensating `ReleaseSpend` event) in the same
+    /// transaction and returns its seq.
+    async fn release_spend_audited(
+        &self,
+        session_id: &str,
+        request_id: &str,
+        event: Option<&crate::audit::NewEvent>,
+    ) -> Result<Option<u64>, StoreError>;
 
     /// Closes the connection pool, waiting for connections in use to be
     /// returned. Later calls fail with [`StoreError::Unavailable`].
@@ -376,7 +407,17 @@ pub trait Store: Send + Sync + fmt::Debug {
     /// algorithm has no key in that state yet; returns whether it was stored
     /// (false: another writer was first, nothing written). Idempotent under
     /// races: at most one active and one next key per algorithm result.
-    async fn add_issuer_key(&self, rec: &IssuerKeyRecord) -> Result<bool, StoreError>;
+    async fn add_issuer_key(&self, rec: &IssuerKeyRecord) -> Result<bool, StoreError> {
+        Ok(self.add_issuer_key_audited(rec, None).await?.0)
+    }
+
+    /// As [`Store::add_issuer_key`]; when the key is stored, also appends
+    /// `event` in the same transaction and returns its seq.
+    async fn add_issuer_key_audited(
+        &self,
+        rec: &IssuerKeyRecord,
+        event: Option<&crate::audit::NewEvent>,
+    ) -> Result<(bool, Option<u64>), StoreError>;
 
     /// In one transaction: the oldest `next` key of `alg` becomes active
     /// (`activated_at = now`) and the active key, if any, retired
@@ -391,7 +432,31 @@ pub trait Store: Send + Sync + fmt::Debug {
         now: i64,
         min_published: i64,
         active_due_before: Option<i64>,
-    ) -> Result<PromoteOutcome, StoreError>;
+    ) -> Result<PromoteOutcome, StoreError> {
+        let (mut outcomes, _) = self
+            .promote_issuer_keys_audited(&[alg], now, min_published, active_due_before, None)
+            .await?;
+        outcomes.pop().ok_or_else(|| StoreError::Backend {
+            backend: self.backend(),
+            reason: "promotion answered nothing".into(),
+        })
+    }
+
+    /// As [`Store::promote_issuer_key`] for every algorithm of `algs`, in
+    /// one transaction, all or nothing: when every one is promoted the
+    /// answer holds one [`PromoteOutcome::Promoted`] per algorithm, in
+    /// order, the events of `audit` are appended in the same transaction
+    /// (see [`PromoteAudit`]) and the seq of the first is returned;
+    /// otherwise the answer holds exactly one outcome, the first refusal,
+    /// and nothing changed.
+    async fn promote_issuer_keys_audited(
+        &self,
+        algs: &[&str],
+        now: i64,
+        min_published: i64,
+        active_due_before: Option<i64>,
+        audit: Option<&PromoteAudit>,
+    ) -> Result<(Vec<PromoteOutcome>, Option<u64>), StoreError>;
 
     /// In one transaction: revokes the key (`revoked_at = now`); if it was
     /// active, the oldest `next` key of its algorithm becomes active at once.
@@ -412,7 +477,17 @@ pub trait Store: Send + Sync + fmt::Debug {
 
     /// Deletes a retired or revoked key's row (after its grace period);
     /// returns whether a row was deleted.
-    async fn delete_issuer_key(&self, kid: &str) -> Result<bool, StoreError>;
+    async fn delete_issuer_key(&self, kid: &str) -> Result<bool, StoreError> {
+        Ok(self.delete_issuer_key_audited(kid, None).await?.0)
+    }
+
+    /// As [`Store::delete_issuer_key`]; when a row is deleted, also appends
+    /// `event` in the same transaction and returns its seq.
+    async fn delete_issuer_key_audited(
+        &self,
+        kid: &str,
+        event: Option<&crate::audit::NewEvent>,
+    ) -> Result<(bool, Option<u64>), StoreError>;
 
     /// Takes one token from the bucket `key` (created full), atomically;
     /// false, changing nothing, when it holds less than one token.
@@ -1054,6 +1129,37 @@ pub enum PromoteOutcome {
     Busy,
 }
 
+/// The audit events a promotion appends in its transaction (see
+/// [`Store::promote_issuer_keys_audited`]).
+#[derive(Debug, Clone)]
+pub struct PromoteAudit {
+    /// Appended once for the whole promotion; its `signature_ref` becomes
+    /// `kid:` followed by the kids made active, comma-separated.
+    pub promoted: crate::audit::NewEvent,
+    /// If set, appended after it once per key retired, `signature_ref`
+    /// `kid:<retired kid>` (scheduled rotations record the retirement as a
+    /// change of its own).
+    pub retired: Option<crate::audit::NewEvent>,
+}
+
+impl PromoteAudit {
+    /// The events to append for the promotions `(promoted kid, retired kid)`.
+    pub(crate) fn events(&self, promoted: &[(String, Option<String>)]) -> Vec<crate::audit::NewEvent> {
+        let mut first = self.promoted.clone();
+        let kids: Vec<&str> = promoted.iter().map(|(kid, _)| kid.as_str()).collect();
+        first.signature_ref = format!("kid:{}", kids.join(","));
+        let mut out = vec![first];
+        if let Some(template) = &self.retired {
+            for retired in promoted.iter().filter_map(|(_, r)| r.as_ref()) {
+                let mut e = template.clone();
+                e.signature_ref = format!("kid:{retired}");
+                out.push(e);
+            }
+        }
+        out
+    }
+}
+
 /// What [`Store::revoke_issuer_key`] did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RevokeOutcome {
@@ -1102,6 +1208,14 @@ pub(crate) const ISSUER_KEY_COLUMNS: &str =
 /// Orders keys by algorithm, then creation time, then kid.
 pub(crate) fn sort_issuer_keys(keys: &mut [IssuerKeyRecord]) {
     keys.sort_by(|a, b| (&a.alg, a.created_at, &a.kid).cmp(&(&b.alg, b.created_at, &b.kid)));
+}
+
+/// The answer of a promotion that succeeded, from its `(promoted, retired)` kids.
+pub(crate) fn promoted_outcomes(promoted: Vec<(String, Option<String>)>) -> Vec<PromoteOutcome> {
+    promoted
+        .into_iter()
+        .map(|(kid, retired)| PromoteOutcome::Promoted { kid, retired })
+        .collect()
 }
 
 /// What promotion decides from the rows of one algorithm (read under the lock).

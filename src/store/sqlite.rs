@@ -24,8 +24,8 @@ use super::{
     CHALLENGE_COLUMNS, SESSION_COLUMNS,
 };
 use super::{
-    decide_promote, sort_issuer_keys, IssuerKeyRecord, IssuerKeyState, PromoteOutcome, RawIssuerKey, RevokeOutcome,
-    ISSUER_KEY_COLUMNS,
+    decide_promote, promoted_outcomes, sort_issuer_keys, IssuerKeyRecord, IssuerKeyState, PromoteAudit, PromoteOutcome,
+    RawIssuerKey, RevokeOutcome, SpendEvent, ISSUER_KEY_COLUMNS,
 };
 
 const BACKEND: &str = "sqlite";
@@ -225,7 +225,11 @@ impl Store for SqliteStore {
         Ok(())
     }
 
-    async fn create_account(&self, rec: &AccountRecord) -> Result<(), StoreError> {
+    async fn create_account_audited(
+        &self,
+        rec: &AccountRecord,
+        event: Option<&crate::audit::NewEvent>,
+    ) -> Result<Option<u64>, StoreError> {
         let err = |e| from_sqlx(BACKEND, e);
         let _writer = self.write.lock().await;
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await.map_err(err)?;
@@ -274,8 +278,9 @@ impl Store for SqliteStore {
                     format!("grant {identity} on account {}", rec.id)
                 }))?;
         }
+        let seq = crate::audit::sqlite::append_one(&mut tx, event).await?;
         tx.commit().await.map_err(err)?;
-        Ok(())
+        Ok(seq)
     }
 
     async fn get_account(&self, id: &str) -> Result<Option<AccountRecord>, StoreError> {
@@ -486,7 +491,11 @@ impl Store for SqliteStore {
         Ok(session)
     }
 
-    async fn reserve_spend(&self, r: &SpendRequest<'_>) -> Result<SpendOutcome, StoreError> {
+    async fn reserve_spend_audited(
+        &self,
+        r: &SpendRequest<'_>,
+        event: Option<SpendEvent<'_>>,
+    ) -> Result<(SpendOutcome, Option<u64>), StoreError> {
         let err = |e| from_sqlx(BACKEND, e);
         let _writer = self.write.lock().await;
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await.map_err(err)?;
@@ -510,7 +519,7 @@ impl Store for SqliteStore {
         let (remaining, uses) = match decide_spend(r, session, existing)? {
             SpendDecision::Answer(outcome) => {
                 tx.rollback().await.map_err(err)?;
-                return Ok(outcome);
+                return Ok((outcome, None));
             }
             SpendDecision::Reserve { remaining, uses } => (remaining, uses),
         };
@@ -538,38 +547,33 @@ impl Store for SqliteStore {
         .map_err(conflict_as(BACKEND, || {
             format!("spend {} of session {}", r.request_id, r.session_id)
         }))?;
+        let event = event.map(|build| build(uses));
+        let seq = crate::audit::sqlite::append_one(&mut tx, event.as_ref()).await?;
         tx.commit().await.map_err(err)?;
-        Ok(SpendOutcome::Reserved { remaining, nonce: uses })
+        Ok((SpendOutcome::Reserved { remaining, nonce: uses }, seq))
     }
 
-    async fn complete_spend_audited(
-        &self,
-        session_id: &str,
-        request_id: &str,
-        response: &[u8],
-        event: Option<&crate::audit::NewEvent>,
-    ) -> Result<Option<u64>, StoreError> {
-        let err = |e| from_sqlx(BACKEND, e);
+    async fn complete_spend(&self, session_id: &str, request_id: &str, response: &[u8]) -> Result<(), StoreError> {
         let _writer = self.write.lock().await;
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await.map_err(err)?;
-        let completed = sqlx::query(
+        sqlx::query(
             "UPDATE spends SET response = ?1 \
              WHERE session_id = ?2 AND request_id = ?3 AND response IS NULL",
         )
         .bind(response)
         .bind(session_id)
         .bind(request_id)
-        .execute(&mut *tx)
+        .execute(&self.pool)
         .await
-        .map_err(err)?
-        .rows_affected()
-            == 1;
-        let seq = crate::audit::sqlite::append_one(&mut tx, event.filter(|_| completed)).await?;
-        tx.commit().await.map_err(err)?;
-        Ok(seq)
+        .map_err(|e| from_sqlx(BACKEND, e))?;
+        Ok(())
     }
 
-    async fn release_spend(&self, session_id: &str, request_id: &str) -> Result<(), StoreError> {
+    async fn release_spend_audited(
+        &self,
+        session_id: &str,
+        request_id: &str,
+        event: Option<&crate::audit::NewEvent>,
+    ) -> Result<Option<u64>, StoreError> {
         let err = |e| from_sqlx(BACKEND, e);
         let _writer = self.write.lock().await;
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await.map_err(err)?;
@@ -588,7 +592,7 @@ impl Store for SqliteStore {
         .map_err(err)?;
         let (Some(remaining), Some(amount)) = (remaining, pending) else {
             tx.rollback().await.map_err(err)?;
-            return Ok(());
+            return Ok(None);
         };
         let what = format!("session {session_id}");
         let remaining = decode_amount(&what, "remaining", &remaining)?;
@@ -608,8 +612,9 @@ impl Store for SqliteStore {
             .execute(&mut *tx)
             .await
             .map_err(err)?;
+        let seq = crate::audit::sqlite::append_one(&mut tx, event).await?;
         tx.commit().await.map_err(err)?;
-        Ok(())
+        Ok(seq)
     }
 
     async fn close(&self) {
@@ -700,7 +705,11 @@ impl Store for SqliteStore {
         issuer_keys_where(&self.pool, None).await
     }
 
-    async fn add_issuer_key(&self, rec: &IssuerKeyRecord) -> Result<bool, StoreError> {
+    async fn add_issuer_key_audited(
+        &self,
+        rec: &IssuerKeyRecord,
+        event: Option<&crate::audit::NewEvent>,
+    ) -> Result<(bool, Option<u64>), StoreError> {
         let err = |e| from_sqlx(BACKEND, e);
         if !matches!(rec.state, IssuerKeyState::Active | IssuerKeyState::Next) {
             return Err(StoreError::Backend {
@@ -718,7 +727,7 @@ impl Store for SqliteStore {
             .map_err(err)?;
         if n > 0 {
             tx.rollback().await.map_err(err)?;
-            return Ok(false);
+            return Ok((false, None));
         }
         sqlx::query(&format!(
             "INSERT INTO issuer_keys ({ISSUER_KEY_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)"
@@ -735,34 +744,43 @@ impl Store for SqliteStore {
         .execute(&mut *tx)
         .await
         .map_err(conflict_as(BACKEND, || format!("issuer key {}", rec.kid)))?;
+        let seq = crate::audit::sqlite::append_one(&mut tx, event).await?;
         tx.commit().await.map_err(err)?;
-        Ok(true)
+        Ok((true, seq))
     }
 
-    async fn promote_issuer_key(
+    async fn promote_issuer_keys_audited(
         &self,
-        alg: &str,
+        algs: &[&str],
         now: i64,
         min_published: i64,
         active_due_before: Option<i64>,
-    ) -> Result<PromoteOutcome, StoreError> {
+        audit: Option<&PromoteAudit>,
+    ) -> Result<(Vec<PromoteOutcome>, Option<u64>), StoreError> {
         let err = |e| from_sqlx(BACKEND, e);
         let _writer = self.write.lock().await;
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await.map_err(err)?;
-        let keys = issuer_keys_where(&mut *tx, Some(alg)).await?;
-        let (next, active) = match decide_promote(&keys, now, min_published, active_due_before) {
-            Ok(v) => v,
-            Err(outcome) => {
-                tx.rollback().await.map_err(err)?;
-                return Ok(outcome);
+        let mut promoted = Vec::with_capacity(algs.len());
+        for alg in algs {
+            let keys = issuer_keys_where(&mut *tx, Some(alg)).await?;
+            match decide_promote(&keys, now, min_published, active_due_before) {
+                Ok((next, active)) => {
+                    promote_in(&mut tx, &next, active.as_deref(), now).await?;
+                    promoted.push((next, active));
+                }
+                Err(outcome) => {
+                    tx.rollback().await.map_err(err)?;
+                    return Ok((vec![outcome], None));
+                }
             }
-        };
-        promote_in(&mut tx, &next, active.as_deref(), now).await?;
+        }
+        let events = audit.map(|a| a.events(&promoted)).unwrap_or_default();
+        let seq = crate::audit::sqlite::append_in(&mut tx, &events)
+            .await?
+            .first()
+            .map(|e| e.seq);
         tx.commit().await.map_err(err)?;
-        Ok(PromoteOutcome::Promoted {
-            kid: next,
-            retired: active,
-        })
+        Ok((promoted_outcomes(promoted), seq))
     }
 
     async fn revoke_issuer_key_audited(
@@ -807,14 +825,26 @@ impl Store for SqliteStore {
         Ok((Some(RevokeOutcome { before, promoted }), seq))
     }
 
-    async fn delete_issuer_key(&self, kid: &str) -> Result<bool, StoreError> {
+    async fn delete_issuer_key_audited(
+        &self,
+        kid: &str,
+        event: Option<&crate::audit::NewEvent>,
+    ) -> Result<(bool, Option<u64>), StoreError> {
+        let err = |e| from_sqlx(BACKEND, e);
         let _writer = self.write.lock().await;
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await.map_err(err)?;
         let r = sqlx::query("DELETE FROM issuer_keys WHERE kid = ?1 AND state IN ('retired', 'revoked')")
             .bind(kid)
-            .execute(&self.pool)
+            .execute(&mut *tx)
             .await
-            .map_err(|e| from_sqlx(BACKEND, e))?;
-        Ok(r.rows_affected() > 0)
+            .map_err(err)?;
+        if r.rows_affected() == 0 {
+            tx.rollback().await.map_err(err)?;
+            return Ok((false, None));
+        }
+        let seq = crate::audit::sqlite::append_one(&mut tx, event).await?;
+        tx.commit().await.map_err(err)?;
+        Ok((true, seq))
     }
 
     async fn take_token(&self, key: &str, bucket: super::limits::Bucket, now: i64) -> Result<bool, StoreError> {

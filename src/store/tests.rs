@@ -12,15 +12,15 @@ use super::testing::{sqlite_url_in, PgTestSchema};
 use super::*;
 
 /// A place for one test's store; removed when dropped.
-struct Fixture {
-    backend: &'static str,
-    url: String,
+pub(super) struct Fixture {
+    pub(super) backend: &'static str,
+    pub(super) url: String,
     _dir: Option<tempfile::TempDir>,
     _schema: Option<PgTestSchema>,
 }
 
 impl Fixture {
-    fn sqlite() -> Option<Fixture> {
+    pub(super) fn sqlite() -> Option<Fixture> {
         let dir = tempfile::tempdir().expect("tempdir");
         Some(Fixture {
             backend: "sqlite",
@@ -30,7 +30,7 @@ impl Fixture {
         })
     }
 
-    fn postgres() -> Option<Fixture> {
+    pub(super) fn postgres() -> Option<Fixture> {
         let schema = PgTestSchema::create()?;
         Some(Fixture {
             backend: "postgres",
@@ -40,7 +40,7 @@ impl Fixture {
         })
     }
 
-    async fn open(&self) -> Arc<dyn Store> {
+    pub(super) async fn open(&self) -> Arc<dyn Store> {
         open(&self.url).await.expect("open store")
     }
 
@@ -81,7 +81,7 @@ impl Fixture {
 
     /// Runs raw SQL (no binds) on the backend's own connection type,
     /// bypassing the store.
-    async fn exec(&self, sql: &str) {
+    pub(super) async fn exec(&self, sql: &str) {
         if self.backend == "sqlite" {
             let mut c = sqlx::SqliteConnection::connect(&self.url).await.unwrap();
             sqlx::raw_sql(sql).execute(&mut c).await.unwrap();
@@ -120,7 +120,7 @@ fn key(alg: KeyAlg, seed: u8, kek_version: u32) -> KeyRecord {
     }
 }
 
-fn record(id: &str) -> AccountRecord {
+pub(super) fn record(id: &str) -> AccountRecord {
     AccountRecord {
         id: id.to_string(),
         label: Some(format!("treasury «{id}» ✓")),
@@ -372,7 +372,7 @@ fn session(id: &str, account_id: &str, challenge_id: &str, cap: u128) -> Session
 }
 
 /// Creates account `acct` and a session `id` with `cap`, opened at `T0 + 10`.
-async fn open_new_session(store: &Arc<dyn Store>, acct: &str, id: &str, cap: u128) -> SessionRecord {
+pub(super) async fn open_new_session(store: &Arc<dyn Store>, acct: &str, id: &str, cap: u128) -> SessionRecord {
     if store.get_account(acct).await.unwrap().is_none() {
         store.create_account(&record(acct)).await.unwrap();
     }
@@ -383,7 +383,7 @@ async fn open_new_session(store: &Arc<dyn Store>, acct: &str, id: &str, cap: u12
     s
 }
 
-fn spend<'a>(session_id: &'a str, request_id: &'a str, body: u8, amount: u128) -> SpendRequest<'a> {
+pub(super) fn spend<'a>(session_id: &'a str, request_id: &'a str, body: u8, amount: u128) -> SpendRequest<'a> {
     SpendRequest {
         session_id,
         request_id,

@@ -23,7 +23,7 @@ async fn postgres() -> Option<(Arc<dyn Store>, Place)> {
     Some((store, Place::Schema(schema)))
 }
 
-fn rec(kid: &str, alg: &str, state: IssuerKeyState, now: i64) -> IssuerKeyRecord {
+pub(super) fn rec(kid: &str, alg: &str, state: IssuerKeyState, now: i64) -> IssuerKeyRecord {
     IssuerKeyRecord {
         kid: kid.into(),
         alg: alg.into(),
