@@ -179,7 +179,9 @@ impl Prepared {
         };
         let kept = subset
             .policies()
-            .filter(|p| self.principal_may_match(&p.principal_constraint(), &n.client) && resource_ok(&p.resource_constraint()))
+            .filter(|p| {
+                self.principal_may_match(&p.principal_constraint(), &n.client) && resource_ok(&p.resource_constraint())
+            })
             .cloned();
         // A subset of a valid set cannot hold duplicate ids; if it somehow
         // did, the whole subset is the sound answer.
@@ -448,7 +450,10 @@ impl Policies {
         let names = Names::new()?;
         let mut reads = HashMap::new();
         for (action, subset) in &by_action {
-            reads.insert(*action, Reads::of(subset.policies()).map_err(|e| invalid(schema_path, e))?);
+            reads.insert(
+                *action,
+                Reads::of(subset.policies()).map_err(|e| invalid(schema_path, e))?,
+            );
         }
         let prepare = |client: Option<(&str, &ClientInfo)>| -> Result<HashMap<&'static str, Prepared>, PolicyError> {
             let mut out = HashMap::new();
@@ -464,7 +469,8 @@ impl Policies {
                     }
                     None => Principal::Unlisted,
                 };
-                let entities = Entities::from_entities(shared, None).map_err(|e| invalid(schema_path, e.to_string()))?;
+                let entities =
+                    Entities::from_entities(shared, None).map_err(|e| invalid(schema_path, e.to_string()))?;
                 out.insert(
                     *action,
                     Prepared {
@@ -667,7 +673,10 @@ fn context(c: &RequestContext, reads: &Reads) -> Result<Context, PolicyError> {
         pairs.push(("message".into(), r.done()?));
     }
     if reads.wants("controller_signed") {
-        pairs.push(("controller_signed".into(), RestrictedExpression::new_bool(c.controller_signed)));
+        pairs.push((
+            "controller_signed".into(),
+            RestrictedExpression::new_bool(c.controller_signed),
+        ));
     }
     if reads.wants("dataset") {
         pairs.push(("dataset".into(), string(&c.dataset)));
@@ -745,7 +754,8 @@ fn build<'p>(req: &PolicyRequest<'_>, p: &'p Policies) -> Result<(Request, Entit
                 ("expires_at".to_string(), long(s.expires_at)),
             ]);
             extra.push(account);
-            extra.push(Entity::new(id.clone(), attrs, HashSet::new()).map_err(|e| PolicyError::Request(e.to_string()))?);
+            extra
+                .push(Entity::new(id.clone(), attrs, HashSet::new()).map_err(|e| PolicyError::Request(e.to_string()))?);
             id
         }
     };
@@ -754,17 +764,25 @@ fn build<'p>(req: &PolicyRequest<'_>, p: &'p Policies) -> Result<(Request, Entit
         .clone()
         .add_entities(extra, None)
         .map_err(|e| PolicyError::Request(e.to_string()))?;
-    let set = prepared.sets[kind_index(&req.resource)].get_or_init(|| prepared.slice(subset, n, n.resource_type(&req.resource)));
+    let set = prepared.sets[kind_index(&req.resource)]
+        .get_or_init(|| prepared.slice(subset, n, n.resource_type(&req.resource)));
     // Debug builds (every test) check the full context against the schema;
     // the request itself carries only the records the action's policies read.
     if cfg!(debug_assertions) {
         let full = context(&req.context, &Reads::EVERYTHING)?;
-        Request::new(principal.clone(), action.clone(), resource.clone(), full, Some(&p.schema))
-            .map_err(|e| PolicyError::Request(e.to_string()))?;
+        Request::new(
+            principal.clone(),
+            action.clone(),
+            resource.clone(),
+            full,
+            Some(&p.schema),
+        )
+        .map_err(|e| PolicyError::Request(e.to_string()))?;
     }
     let reads = p.reads.get(name).ok_or_else(missing)?;
     let ctx = context(&req.context, reads)?;
-    let request = Request::new(principal, action, resource, ctx, None).map_err(|e| PolicyError::Request(e.to_string()))?;
+    let request =
+        Request::new(principal, action, resource, ctx, None).map_err(|e| PolicyError::Request(e.to_string()))?;
     Ok((request, entities, set))
 }
 
@@ -829,13 +847,21 @@ pub(crate) fn decide_unprepared(req: &PolicyRequest<'_>, p: &Policies) -> Option
                 let account = account_entity(n, a)?;
                 let id = EntityUid::from_type_name_and_id(n.session.clone(), EntityId::new(&s.id));
                 let attrs = HashMap::from([
-                    ("account".to_string(), RestrictedExpression::new_entity_uid(account.uid())),
-                    ("delegate".to_string(), RestrictedExpression::new_entity_uid(n.client(&s.delegate))),
+                    (
+                        "account".to_string(),
+                        RestrictedExpression::new_entity_uid(account.uid()),
+                    ),
+                    (
+                        "delegate".to_string(),
+                        RestrictedExpression::new_entity_uid(n.client(&s.delegate)),
+                    ),
                     ("scopes".to_string(), strings(&s.scopes)),
                     ("expires_at".to_string(), long(s.expires_at)),
                 ]);
                 entities.push(account);
-                entities.push(Entity::new(id.clone(), attrs, HashSet::new()).map_err(|e| PolicyError::Request(e.to_string()))?);
+                entities.push(
+                    Entity::new(id.clone(), attrs, HashSet::new()).map_err(|e| PolicyError::Request(e.to_string()))?,
+                );
                 id
             }
         };
@@ -878,7 +904,9 @@ mod reads_tests {
         assert!(!r.wants("payment"));
         let r = reads(r#"permit (principal, action, resource) when { context has payment };"#);
         assert!(r.all && r.wants_field("message", "alg"));
-        let r = reads(r#"permit (principal, action, resource) when { context.dataset == "d" && context["time"].hour > 3 };"#);
+        let r = reads(
+            r#"permit (principal, action, resource) when { context.dataset == "d" && context["time"].hour > 3 };"#,
+        );
         assert!(r.wants("dataset") && r.wants_field("time", "hour") && !r.wants_field("time", "now"));
         let r = reads(r#"@reason("context.payment is not read here") permit (principal, action, resource);"#);
         assert_eq!(r, Reads::default());

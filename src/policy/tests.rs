@@ -527,11 +527,23 @@ fn prepared_decisions_equal_unprepared_ones() {
         amount: 60,
         ..payment().unwrap_or_default()
     });
-    let mut td = RequestContext::default();
-    td.typed_data = typed("1", MAIL_DOMAIN);
-    let mut revoke = RequestContext::default();
-    revoke.controller_signed = true;
-    let contexts = [RequestContext::default(), in_session(), message(5), message(32), pay, td, revoke];
+    let td = RequestContext {
+        typed_data: typed("1", MAIL_DOMAIN),
+        ..RequestContext::default()
+    };
+    let revoke = RequestContext {
+        controller_signed: true,
+        ..RequestContext::default()
+    };
+    let contexts = [
+        RequestContext::default(),
+        in_session(),
+        message(5),
+        message(32),
+        pay,
+        td,
+        revoke,
+    ];
     let sets = [
         ("default", default_policies().expect("default set")),
         ("scopes", set(SCOPES).expect("scope forms validate")),
