@@ -715,27 +715,15 @@ fn account_entity(n: &Names, a: &crate::store::AccountRecord) -> Result<Entity, 
     Entity::new(id, attrs, HashSet::new()).map_err(|e| PolicyError::Request(e.to_string()))
 }
 
-/// The Cedar request, its entities and the policies that can match it.
-fn build<'p>(req: &PolicyRequest<'_>, p: &'p Policies) -> Result<(Request, Entities, &'p PolicySet), PolicyError> {
-    let name = req.action.name();
-    let missing = || PolicyError::Request(format!("no action entity for {name}"));
-    let action = p.actions.get(name).ok_or_else(missing)?.uid();
-    let subset = p.by_action.get(name).ok_or_else(missing)?;
-    let listed = p.prepared.get(req.principal);
-    let prepared = listed.unwrap_or(&p.unlisted).get(name).ok_or_else(missing)?;
-    let n = &p.names;
-    let principal = n.client(req.principal);
-    // Per request only what differs: the resource (and an unlisted client).
-    let mut extra = Vec::with_capacity(3);
-    if listed.is_none() {
-        extra.push(client_entity(n, req.principal, &ClientInfo::default())?);
-    }
-    let resource = match req.resource {
+/// The request's resource: its uid, with its entities (account; session
+/// and its account) pushed to `out`. The service needs none.
+fn resource_entities(n: &Names, resource: &Resource<'_>, out: &mut Vec<Entity>) -> Result<EntityUid, PolicyError> {
+    Ok(match resource {
         Resource::Service => n.service_uid(),
         Resource::Account(a) => {
             let e = account_entity(n, a)?;
             let id = e.uid();
-            extra.push(e);
+            out.push(e);
             id
         }
         Resource::Session(s, a) => {
@@ -753,12 +741,29 @@ fn build<'p>(req: &PolicyRequest<'_>, p: &'p Policies) -> Result<(Request, Entit
                 ("scopes".to_string(), strings(&s.scopes)),
                 ("expires_at".to_string(), long(s.expires_at)),
             ]);
-            extra.push(account);
-            extra
-                .push(Entity::new(id.clone(), attrs, HashSet::new()).map_err(|e| PolicyError::Request(e.to_string()))?);
+            out.push(account);
+            out.push(Entity::new(id.clone(), attrs, HashSet::new()).map_err(|e| PolicyError::Request(e.to_string()))?);
             id
         }
-    };
+    })
+}
+
+/// The Cedar request, its entities and the policies that can match it.
+fn build<'p>(req: &PolicyRequest<'_>, p: &'p Policies) -> Result<(Request, Entities, &'p PolicySet), PolicyError> {
+    let name = req.action.name();
+    let missing = || PolicyError::Request(format!("no action entity for {name}"));
+    let action = p.actions.get(name).ok_or_else(missing)?.uid();
+    let subset = p.by_action.get(name).ok_or_else(missing)?;
+    let listed = p.prepared.get(req.principal);
+    let prepared = listed.unwrap_or(&p.unlisted).get(name).ok_or_else(missing)?;
+    let n = &p.names;
+    let principal = n.client(req.principal);
+    // Per request only what differs: the resource (and an unlisted client).
+    let mut extra = Vec::with_capacity(3);
+    if listed.is_none() {
+        extra.push(client_entity(n, req.principal, &ClientInfo::default())?);
+    }
+    let resource = resource_entities(n, &req.resource, &mut extra)?;
     let entities = prepared
         .entities
         .clone()
@@ -835,36 +840,7 @@ pub(crate) fn decide_unprepared(req: &PolicyRequest<'_>, p: &Policies) -> Option
             entities.push(Entity::new_no_attrs(r.clone(), HashSet::new()));
         }
         entities.push(client_entity(n, req.principal, &info)?);
-        let resource = match req.resource {
-            Resource::Service => n.service_uid(),
-            Resource::Account(a) => {
-                let e = account_entity(n, a)?;
-                let id = e.uid();
-                entities.push(e);
-                id
-            }
-            Resource::Session(s, a) => {
-                let account = account_entity(n, a)?;
-                let id = EntityUid::from_type_name_and_id(n.session.clone(), EntityId::new(&s.id));
-                let attrs = HashMap::from([
-                    (
-                        "account".to_string(),
-                        RestrictedExpression::new_entity_uid(account.uid()),
-                    ),
-                    (
-                        "delegate".to_string(),
-                        RestrictedExpression::new_entity_uid(n.client(&s.delegate)),
-                    ),
-                    ("scopes".to_string(), strings(&s.scopes)),
-                    ("expires_at".to_string(), long(s.expires_at)),
-                ]);
-                entities.push(account);
-                entities.push(
-                    Entity::new(id.clone(), attrs, HashSet::new()).map_err(|e| PolicyError::Request(e.to_string()))?,
-                );
-                id
-            }
-        };
+        let resource = resource_entities(n, &req.resource, &mut entities)?;
         let ctx = context(&req.context, &Reads::EVERYTHING)?;
         let request = Request::new(n.client(req.principal), action.uid(), resource, ctx, Some(&p.schema))
             .map_err(|e| PolicyError::Request(e.to_string()))?;
