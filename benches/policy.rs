@@ -26,21 +26,40 @@ fn account() -> AccountRecord {
 }
 
 /// The default set plus 1,000 generated policies of the shapes operators
-/// write: per-team permits, per-label forbids, per-domain forbids.
-fn thousand() -> Policies {
+/// write: per-team permits, per-label forbids, per-chain forbids. Written
+/// as equalities (`==`, which the engine indexes) or, `indexable` false,
+/// as the same rules in shapes it cannot index (`like`, ranges): Cedar then
+/// evaluates every one whose scope can match.
+fn thousand(indexable: bool) -> Policies {
     let file = |name: &str, text: String| (PathBuf::from(name), text);
     let mut generated = String::new();
     for i in 0..1000 {
+        let chain = 100_000 + i;
+        let (team, label, chain) = if indexable {
+            (
+                format!("principal.team == \"team-{i}\""),
+                format!("resource.label == \"frozen-{i}\""),
+                format!("context.typed_data.chain_id == {chain}"),
+            )
+        } else {
+            (
+                format!("principal.team like \"team-{i}*\""),
+                format!("resource.label like \"frozen-{i}*\""),
+                format!(
+                    "context.typed_data.chain_id >= {chain} && context.typed_data.chain_id < {}",
+                    chain + 1
+                ),
+            )
+        };
         let p = match i % 3 {
             0 => format!(
-                "@id(\"team-{i}\") permit (principal, action == Keyward::Action::\"GetAccount\", resource is Keyward::Account) when {{ principal.team == \"team-{i}\" }};\n"
+                "@id(\"team-{i}\") permit (principal, action == Keyward::Action::\"GetAccount\", resource is Keyward::Account) when {{ {team} }};\n"
             ),
             1 => format!(
-                "@id(\"label-{i}\") forbid (principal, action in Keyward::Action::\"Sign\", resource is Keyward::Account) when {{ resource.label == \"frozen-{i}\" }};\n"
+                "@id(\"label-{i}\") forbid (principal, action in Keyward::Action::\"Sign\", resource is Keyward::Account) when {{ {label} }};\n"
             ),
             _ => format!(
-                "@id(\"chain-{i}\") forbid (principal, action == Keyward::Action::\"SignTypedData\", resource) when {{ context.typed_data.chain_id == {} }};\n",
-                100_000 + i
+                "@id(\"chain-{i}\") forbid (principal, action == Keyward::Action::\"SignTypedData\", resource) when {{ {chain} }};\n"
             ),
         };
         generated.push_str(&p);
@@ -78,9 +97,14 @@ fn bench(c: &mut Criterion) {
         }),
         ..RequestContext::default()
     };
+    let frozen = AccountRecord {
+        label: Some("frozen-1".into()),
+        ..account()
+    };
     let sets = [
         ("default set", default_policies().expect("default set")),
-        ("1,000 policies", thousand()),
+        ("1,000 indexed policies", thousand(true)),
+        ("1,000 unindexed policies", thousand(false)),
     ];
     for (name, set) in &sets {
         let req = PolicyRequest {
@@ -103,6 +127,18 @@ fn bench(c: &mut Criterion) {
         c.bench_function(&format!("decide SignMessage denied ({name})"), |b| {
             b.iter(|| decide(black_box(&denied), set))
         });
+        if *name != "default set" {
+            // A request one generated forbid matches (label "frozen-1").
+            let forbidden = PolicyRequest {
+                resource: Resource::Account(&frozen),
+                ..req.clone()
+            };
+            let d = decide(&forbidden, set);
+            assert_eq!(d.policy_ids, ["label-1"], "{name}");
+            c.bench_function(&format!("decide SignTypedData forbidden by label ({name})"), |b| {
+                b.iter(|| decide(black_box(&forbidden), set))
+            });
+        }
     }
     let sk = k256::ecdsa::SigningKey::from_slice(&[7u8; 32]).expect("key");
     let digest = keccak256(b"bench");

@@ -13,6 +13,7 @@ use cedar_policy::{
 };
 use serde::Deserialize;
 
+use super::index::{Attr, Scalar, Slice};
 use super::limits::{Limits, LIMITS_FILE};
 use super::request::{MessageFacts, PaymentFacts, PolicyRequest, RequestContext, Resource, TypedDataFacts};
 use super::{Action, Decision, PolicyError};
@@ -131,7 +132,7 @@ struct Prepared {
     entities: Entities,
     principal: Principal,
     /// Service, Account, Session.
-    sets: [OnceLock<PolicySet>; 3],
+    sets: [OnceLock<Slice>; 3],
 }
 
 fn kind_index(r: &Resource<'_>) -> usize {
@@ -168,24 +169,25 @@ impl Prepared {
     }
 
     /// The policies of `subset` that can match this client on a resource
-    /// of `kind`. Accounts, sessions and the service have no ancestors, so
+    /// of `kind`, indexed by the attribute literals they compare with.
+    /// Accounts, sessions and the service have no ancestors, so
     /// `resource in E` holds only for `E` itself.
-    fn slice(&self, subset: &PolicySet, n: &Names, kind: &EntityTypeName) -> PolicySet {
+    fn slice(&self, subset: &PolicySet, n: &Names, kind: &EntityTypeName) -> Slice {
         let resource_ok = |c: &ResourceConstraint| match c {
             ResourceConstraint::Any => true,
             ResourceConstraint::Is(t) => t == kind,
             ResourceConstraint::Eq(u) | ResourceConstraint::In(u) => u.type_name() == kind,
             ResourceConstraint::IsIn(t, u) => t == kind && u.type_name() == kind,
         };
-        let kept = subset
-            .policies()
-            .filter(|p| {
-                self.principal_may_match(&p.principal_constraint(), &n.client) && resource_ok(&p.resource_constraint())
-            })
-            .cloned();
+        let kept = subset.policies().filter(|p| {
+            self.principal_may_match(&p.principal_constraint(), &n.client) && resource_ok(&p.resource_constraint())
+        });
         // A subset of a valid set cannot hold duplicate ids; if it somehow
-        // did, the whole subset is the sound answer.
-        PolicySet::from_policies(kept).unwrap_or_else(|_| subset.clone())
+        // did, the whole subset, unindexed, is the sound answer.
+        Slice::build(kept, |path| readable(n, kind, path)).unwrap_or_else(|| Slice {
+            general: subset.clone(),
+            indexed: Vec::new(),
+        })
     }
 }
 
@@ -585,103 +587,189 @@ fn hour_and_weekday(now: i64) -> (i64, i64) {
     (hour, weekday)
 }
 
-/// One record of the context, with the fields the policies read.
-struct Fields<'r> {
-    reads: &'r Reads,
-    record: &'static str,
-    pairs: Vec<(String, RestrictedExpression)>,
+/// The context's records and their fields, as the schema declares them.
+const RECORDS: &[(&str, &[&str])] = &[
+    ("time", &["now", "hour", "weekday"]),
+    ("session", &["active", "scopes", "ttl_seconds", "cap"]),
+    (
+        "typed_data",
+        &[
+            "present",
+            "name",
+            "version",
+            "chain_id",
+            "verifying_contract",
+            "domain_id",
+            "primary_type",
+        ],
+    ),
+    ("payment", &["present", "amount", "currency", "manifest", "license"]),
+    ("message", &["present", "alg", "length", "raw_digest"]),
+];
+
+/// The context's attributes that are not records.
+const TOP: &[&str] = &["controller_signed", "dataset"];
+
+/// One value of the context or of an entity, before it becomes Cedar's.
+enum Field<'a> {
+    Bool(bool),
+    Long(i64),
+    Str(std::borrow::Cow<'a, str>),
+    Set(&'a [String]),
 }
 
-impl<'r> Fields<'r> {
-    fn new(reads: &'r Reads, record: &'static str) -> Fields<'r> {
-        Fields {
-            reads,
-            record,
-            pairs: Vec::new(),
+fn to_long<T: TryInto<i64>>(v: T) -> i64 {
+    v.try_into().unwrap_or(i64::MAX)
+}
+
+impl Field<'_> {
+    fn expr(self) -> RestrictedExpression {
+        match self {
+            Field::Bool(b) => RestrictedExpression::new_bool(b),
+            Field::Long(v) => RestrictedExpression::new_long(v),
+            Field::Str(s) => RestrictedExpression::new_string(s.into_owned()),
+            Field::Set(v) => strings(v),
         }
     }
 
-    fn field(mut self, name: &'static str, value: impl FnOnce() -> RestrictedExpression) -> Fields<'r> {
-        if self.reads.wants_field(self.record, name) {
-            self.pairs.push((name.to_string(), value()));
+    fn scalar(self) -> Option<Scalar> {
+        match self {
+            Field::Bool(b) => Some(Scalar::Bool(b)),
+            Field::Long(v) => Some(Scalar::Long(v)),
+            Field::Str(s) => Some(Scalar::Str(s.into_owned())),
+            Field::Set(_) => None,
         }
-        self
     }
+}
 
-    fn done(self) -> Result<RestrictedExpression, PolicyError> {
-        RestrictedExpression::new_record(self.pairs).map_err(|e| PolicyError::Request(e.to_string()))
+/// `context.<record>.<name>` of a request (absent facts read as the empty
+/// record of the schema's shape); `None` for a field the schema lacks.
+fn context_field<'a>(c: &'a RequestContext, record: &str, name: &str) -> Option<Field<'a>> {
+    use std::borrow::Cow::{Borrowed, Owned};
+    Some(match (record, name) {
+        ("time", "now") => Field::Long(c.now),
+        ("time", "hour") => Field::Long(hour_and_weekday(c.now).0),
+        ("time", "weekday") => Field::Long(hour_and_weekday(c.now).1),
+        ("session", "active") => Field::Bool(c.session.active),
+        ("session", "scopes") => Field::Set(&c.session.scopes),
+        ("session", "ttl_seconds") => Field::Long(to_long(c.session.ttl_seconds)),
+        ("session", "cap") => Field::Long(to_long(c.session.cap)),
+        ("typed_data", "present") => Field::Bool(c.typed_data.is_some()),
+        ("typed_data", "domain_id") => Field::Str(match &c.typed_data {
+            Some(td) => Owned(td.domain_id()),
+            None => Borrowed(""),
+        }),
+        ("typed_data", "chain_id") => Field::Long(match &c.typed_data {
+            Some(td) => to_long(td.chain_id.parse::<u128>().unwrap_or(0)),
+            None => 0,
+        }),
+        ("typed_data", f) => {
+            let td = c.typed_data.as_ref();
+            let s = |get: fn(&TypedDataFacts) -> &str| Field::Str(Borrowed(td.map(get).unwrap_or_default()));
+            match f {
+                "name" => s(|t| &t.name),
+                "version" => s(|t| &t.version),
+                "verifying_contract" => s(|t| &t.verifying_contract),
+                "primary_type" => s(|t| &t.primary_type),
+                _ => return None,
+            }
+        }
+        ("payment", "present") => Field::Bool(c.payment.is_some()),
+        ("payment", "amount") => Field::Long(c.payment.as_ref().map(|p| to_long(p.amount)).unwrap_or(0)),
+        ("payment", f) => {
+            let pay = c.payment.as_ref();
+            let s = |get: fn(&PaymentFacts) -> &str| Field::Str(Borrowed(pay.map(get).unwrap_or_default()));
+            match f {
+                "currency" => s(|p| &p.currency),
+                "manifest" => s(|p| &p.manifest),
+                "license" => s(|p| &p.license),
+                _ => return None,
+            }
+        }
+        ("message", "present") => Field::Bool(c.message.is_some()),
+        ("message", "alg") => Field::Str(Borrowed(c.message.as_ref().map(|m| m.alg).unwrap_or_default())),
+        ("message", "length") => Field::Long(c.message.as_ref().map(|m| to_long(m.length)).unwrap_or(0)),
+        ("message", "raw_digest") => Field::Bool(c.message.as_ref().is_some_and(MessageFacts::raw_digest)),
+        _ => return None,
+    })
+}
+
+/// `context.<name>` for the attributes that are not records.
+fn context_top<'a>(c: &'a RequestContext, name: &str) -> Option<Field<'a>> {
+    match name {
+        "controller_signed" => Some(Field::Bool(c.controller_signed)),
+        "dataset" => Some(Field::Str(std::borrow::Cow::Borrowed(&c.dataset))),
+        _ => None,
     }
 }
 
 /// The request context: what `reads` names (everything for the schema
-/// check in debug builds), each record to the schema's shape. Absent facts
-/// are empty records of that shape.
+/// check in debug builds), each record to the schema's shape.
 fn context(c: &RequestContext, reads: &Reads) -> Result<Context, PolicyError> {
-    let mut pairs: Vec<(String, RestrictedExpression)> = Vec::with_capacity(7);
-    if reads.wants("time") {
-        let (hour, weekday) = hour_and_weekday(c.now);
-        let r = Fields::new(reads, "time")
-            .field("now", || long(c.now))
-            .field("hour", || long(hour))
-            .field("weekday", || long(weekday));
-        pairs.push(("time".into(), r.done()?));
+    let mut pairs: Vec<(String, RestrictedExpression)> = Vec::with_capacity(RECORDS.len() + TOP.len());
+    for (record, fields) in RECORDS {
+        if !reads.wants(record) {
+            continue;
+        }
+        let mut values = Vec::with_capacity(fields.len());
+        for name in fields.iter().filter(|f| reads.wants_field(record, f)) {
+            let value = context_field(c, record, name)
+                .ok_or_else(|| PolicyError::Request(format!("no context field {record}.{name}")))?;
+            values.push((name.to_string(), value.expr()));
+        }
+        let value = RestrictedExpression::new_record(values).map_err(|e| PolicyError::Request(e.to_string()))?;
+        pairs.push((record.to_string(), value));
     }
-    if reads.wants("session") {
-        let s = &c.session;
-        let r = Fields::new(reads, "session")
-            .field("active", || RestrictedExpression::new_bool(s.active))
-            .field("scopes", || strings(&s.scopes))
-            .field("ttl_seconds", || long(s.ttl_seconds))
-            .field("cap", || long(s.cap));
-        pairs.push(("session".into(), r.done()?));
-    }
-    if reads.wants("typed_data") {
-        let none = TypedDataFacts::default();
-        let td = c.typed_data.as_ref().unwrap_or(&none);
-        let present = c.typed_data.is_some();
-        let r = Fields::new(reads, "typed_data")
-            .field("present", || RestrictedExpression::new_bool(present))
-            .field("name", || string(&td.name))
-            .field("version", || string(&td.version))
-            .field("chain_id", || long(td.chain_id.parse::<u128>().unwrap_or(0)))
-            .field("verifying_contract", || string(&td.verifying_contract))
-            .field("domain_id", || {
-                RestrictedExpression::new_string(if present { td.domain_id() } else { String::new() })
-            })
-            .field("primary_type", || string(&td.primary_type));
-        pairs.push(("typed_data".into(), r.done()?));
-    }
-    if reads.wants("payment") {
-        let none = PaymentFacts::default();
-        let pay = c.payment.as_ref().unwrap_or(&none);
-        let r = Fields::new(reads, "payment")
-            .field("present", || RestrictedExpression::new_bool(c.payment.is_some()))
-            .field("amount", || long(pay.amount))
-            .field("currency", || string(&pay.currency))
-            .field("manifest", || string(&pay.manifest))
-            .field("license", || string(&pay.license));
-        pairs.push(("payment".into(), r.done()?));
-    }
-    if reads.wants("message") {
-        let none = MessageFacts::default();
-        let msg = c.message.as_ref().unwrap_or(&none);
-        let r = Fields::new(reads, "message")
-            .field("present", || RestrictedExpression::new_bool(c.message.is_some()))
-            .field("alg", || string(msg.alg))
-            .field("length", || long(msg.length))
-            .field("raw_digest", || RestrictedExpression::new_bool(msg.raw_digest()));
-        pairs.push(("message".into(), r.done()?));
-    }
-    if reads.wants("controller_signed") {
-        pairs.push((
-            "controller_signed".into(),
-            RestrictedExpression::new_bool(c.controller_signed),
-        ));
-    }
-    if reads.wants("dataset") {
-        pairs.push(("dataset".into(), string(&c.dataset)));
+    for name in TOP.iter().filter(|t| reads.wants(t)) {
+        let value = context_top(c, name).ok_or_else(|| PolicyError::Request(format!("no context field {name}")))?;
+        pairs.push((name.to_string(), value.expr()));
     }
     Context::from_pairs(pairs).map_err(|e| PolicyError::Request(e.to_string()))
+}
+
+/// An account's scalar attributes, as its entity carries them.
+fn account_field<'a>(a: &'a crate::store::AccountRecord, name: &str) -> Option<Field<'a>> {
+    match name {
+        "label" => Some(Field::Str(std::borrow::Cow::Borrowed(
+            a.label.as_deref().unwrap_or_default(),
+        ))),
+        "controller" => Some(Field::Str(std::borrow::Cow::Owned(a.controller.to_ascii_lowercase()))),
+        _ => None,
+    }
+}
+
+/// The value of an indexed attribute for a request, exactly as the
+/// entities and context built for Cedar carry it; `None`: not readable.
+fn scalar_of(req: &PolicyRequest<'_>, p: &Policies, path: &Attr) -> Option<Scalar> {
+    match path {
+        Attr::Context(record, name) => context_field(&req.context, record, name)?.scalar(),
+        Attr::ContextTop(name) => context_top(&req.context, name)?.scalar(),
+        Attr::Resource(name) => match req.resource {
+            Resource::Account(a) => account_field(a, name)?.scalar(),
+            Resource::Session(s, _) if name == "expires_at" => Some(Scalar::Long(to_long(s.expires_at))),
+            _ => None,
+        },
+        Attr::Principal(name) => match name.as_str() {
+            "identity" => Some(Scalar::Str(req.principal.to_string())),
+            "team" => Some(Scalar::Str(
+                p.clients.get(req.principal).map(|c| c.team.clone()).unwrap_or_default(),
+            )),
+            _ => None,
+        },
+    }
+}
+
+/// Whether [`scalar_of`] reads `path` for every request on a resource of `kind`.
+fn readable(n: &Names, kind: &EntityTypeName, path: &Attr) -> bool {
+    match path {
+        Attr::Context(record, name) => RECORDS.iter().any(|(r, fs)| r == record && fs.contains(&name.as_str())),
+        Attr::ContextTop(name) => TOP.contains(&name.as_str()),
+        Attr::Resource(name) => {
+            (kind == &n.account && matches!(name.as_str(), "label" | "controller"))
+                || (kind == &n.session && name == "expires_at")
+        }
+        Attr::Principal(name) => matches!(name.as_str(), "identity" | "team"),
+    }
 }
 
 fn client_entity(n: &Names, identity: &str, info: &ClientInfo) -> Result<Entity, PolicyError> {
@@ -696,6 +784,10 @@ fn client_entity(n: &Names, identity: &str, info: &ClientInfo) -> Result<Entity,
     .map_err(|e| PolicyError::Request(e.to_string()))
 }
 
+fn field_expr(f: Option<Field<'_>>) -> RestrictedExpression {
+    f.map(Field::expr).unwrap_or_else(|| string(""))
+}
+
 fn account_entity(n: &Names, a: &crate::store::AccountRecord) -> Result<Entity, PolicyError> {
     let allowed = a
         .allowed
@@ -703,8 +795,8 @@ fn account_entity(n: &Names, a: &crate::store::AccountRecord) -> Result<Entity, 
         .map(|x| RestrictedExpression::new_entity_uid(n.client(x)))
         .collect::<Vec<_>>();
     let attrs = HashMap::from([
-        ("label".to_string(), string(a.label.as_deref().unwrap_or_default())),
-        ("controller".to_string(), string(&a.controller.to_ascii_lowercase())),
+        ("label".to_string(), field_expr(account_field(a, "label"))),
+        ("controller".to_string(), field_expr(account_field(a, "controller"))),
         (
             "created_by".to_string(),
             RestrictedExpression::new_entity_uid(n.client(&a.created_by)),
@@ -748,8 +840,8 @@ fn resource_entities(n: &Names, resource: &Resource<'_>, out: &mut Vec<Entity>) 
     })
 }
 
-/// The Cedar request, its entities and the policies that can match it.
-fn build<'p>(req: &PolicyRequest<'_>, p: &'p Policies) -> Result<(Request, Entities, &'p PolicySet), PolicyError> {
+/// The Cedar request, its entities and the slice of policies that can match it.
+fn build<'p>(req: &PolicyRequest<'_>, p: &'p Policies) -> Result<(Request, Entities, &'p Slice), PolicyError> {
     let name = req.action.name();
     let missing = || PolicyError::Request(format!("no action entity for {name}"));
     let action = p.actions.get(name).ok_or_else(missing)?.uid();
@@ -796,7 +888,7 @@ fn build<'p>(req: &PolicyRequest<'_>, p: &'p Policies) -> Result<(Request, Entit
 /// daemon cannot put to Cedar (a bug) is denied.
 pub fn decide(req: &PolicyRequest<'_>, p: &Policies) -> Decision {
     let action = req.action.name();
-    let (request, entities, set) = match build(req, p) {
+    let (request, entities, slice) = match build(req, p) {
         Ok(x) => x,
         Err(e) => {
             tracing::error!(action, error = %e, "policy request could not be built: denied");
@@ -808,15 +900,36 @@ pub fn decide(req: &PolicyRequest<'_>, p: &Policies) -> Decision {
             };
         }
     };
-    let response = p.authorizer.is_authorized(&request, set, &entities);
-    for e in response.diagnostics().errors() {
-        tracing::warn!(action, error = %e, "a policy failed to evaluate and was skipped");
+    // The slice's general policies, and of each indexed attribute the
+    // group whose literal is the request's value. Cedar decides each set;
+    // together: a matching forbid denies, else a matching permit allows,
+    // else deny — Cedar's own rule over the union.
+    let mut sets = vec![&slice.general];
+    for (path, buckets) in &slice.indexed {
+        match scalar_of(req, p, path) {
+            Some(value) => sets.extend(buckets.get(&value)),
+            // Not readable here after all: every group is evaluated.
+            None => sets.extend(buckets.values()),
+        }
     }
-    let mut policy_ids: Vec<String> = response.diagnostics().reason().map(|id| id.to_string()).collect();
+    let (mut permits, mut forbids) = (Vec::new(), Vec::new());
+    for set in sets {
+        let response = p.authorizer.is_authorized(&request, set, &entities);
+        for e in response.diagnostics().errors() {
+            tracing::warn!(action, error = %e, "a policy failed to evaluate and was skipped");
+        }
+        let ids = response.diagnostics().reason().map(|id| id.to_string());
+        match response.decision() {
+            cedar_policy::Decision::Allow => permits.extend(ids),
+            cedar_policy::Decision::Deny => forbids.extend(ids),
+        }
+    }
+    let allowed = forbids.is_empty() && !permits.is_empty();
+    let mut policy_ids = if allowed { permits } else { forbids };
     policy_ids.sort();
     Decision {
         action,
-        allowed: response.decision() == cedar_policy::Decision::Allow,
+        allowed,
         policy_ids,
         limit: None,
     }
@@ -857,6 +970,18 @@ pub(crate) fn decide_unprepared(req: &PolicyRequest<'_>, p: &Policies) -> Option
         policy_ids,
         limit: None,
     })
+}
+
+/// How many indexed attributes the slices built so far hold.
+#[cfg(test)]
+pub(crate) fn indexed_attributes(p: &Policies) -> usize {
+    p.prepared
+        .values()
+        .flat_map(HashMap::values)
+        .chain(p.unlisted.values())
+        .flat_map(|prepared| prepared.sets.iter().filter_map(OnceLock::get))
+        .map(|slice| slice.indexed.len())
+        .sum()
 }
 
 #[cfg(test)]

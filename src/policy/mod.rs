@@ -10,6 +10,7 @@ mod action;
 mod defaults;
 mod engine;
 mod error;
+mod index;
 pub mod limits;
 mod point;
 mod request;

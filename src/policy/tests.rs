@@ -544,9 +544,36 @@ fn prepared_decisions_equal_unprepared_ones() {
         td,
         revoke,
     ];
+    // Groups of equalities large enough to be indexed, on every kind of
+    // attribute the index reads, with literals the requests do and do not
+    // carry (including a Long compared with a string-looking value).
+    let mut indexed = String::from(SCOPES);
+    for i in 0..5 {
+        let label = if i == 0 {
+            "alice".to_string()
+        } else {
+            format!("frozen-{i}")
+        };
+        let team = ["marketplace", "platform", "wallets", "", "x"][i];
+        indexed.push_str(&format!(
+            r#"@id("label-{i}") forbid (principal, action in Keyward::Action::"Sign", resource is Keyward::Account) when {{ resource.label == "{label}" }};
+@id("chain-{i}") forbid (principal, action == Keyward::Action::"SignTypedData", resource) when {{ context.typed_data.chain_id == {i} }};
+@id("team-{i}") permit (principal, action == Keyward::Action::"GetAccount", resource) when {{ principal.team == "{team}" }};
+@id("len-{i}") permit (principal, action == Keyward::Action::"SignMessage", resource) when {{ {} == context.message.length }};
+@id("signed-{i}") permit (principal, action == Keyward::Action::"RevokeSession", resource) when {{ context.controller_signed == {} }};
+@id("expiry-{i}") forbid (principal, action == Keyward::Action::"GetSession", resource is Keyward::Session) when {{ resource.expires_at == {} }};
+@id("controller-{i}") permit (principal, action == Keyward::Action::"GetAccount", resource is Keyward::Account) when {{ resource.controller == "{}" }};
+"#,
+            [5, 32, 7, 0, 1][i],
+            i % 2 == 0,
+            [3600, 0, 1, 2, 3][i],
+            if i == 1 { "0xcd2a3d9f938e13cd947ec05abc7fe734df8dd826" } else { "0x00" },
+        ));
+    }
     let sets = [
         ("default", default_policies().expect("default set")),
         ("scopes", set(SCOPES).expect("scope forms validate")),
+        ("indexed", set(&indexed).expect("indexed groups validate")),
     ];
     let mut allowed = 0;
     for (name, p) in &sets {
@@ -573,6 +600,16 @@ fn prepared_decisions_equal_unprepared_ones() {
             }
         }
     }
-    // The table reaches both outcomes.
+    // The table reaches both outcomes, and the index was in use.
     assert!(allowed > 50, "{allowed}");
+    assert_eq!(
+        engine::indexed_attributes(&sets[0].1),
+        0,
+        "the default set has no large groups"
+    );
+    assert!(
+        engine::indexed_attributes(&sets[2].1) >= 7,
+        "{}",
+        engine::indexed_attributes(&sets[2].1)
+    );
 }
