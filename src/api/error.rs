@@ -138,7 +138,7 @@ impl ApiError {
                 | SessionError::Scope(_)
                 | SessionError::Forbidden(_) => Status::permission_denied(msg),
                 SessionError::Token(_) => Status::unauthenticated(msg),
-                SessionError::CapExhausted { .. } => Status::resource_exhausted(msg),
+                SessionError::CapExhausted { .. } | SessionError::TooManyOpen(_) => Status::resource_exhausted(msg),
                 SessionError::InProgress => Status::aborted(msg),
                 SessionError::Store(s) => store_status(s, msg),
                 SessionError::Issuer(_) => Status::unavailable(msg),

@@ -78,6 +78,16 @@ impl Daemon {
         Ok(outcome?)
     }
 
+    /// A limit enforced in a store transaction refused the request: the
+    /// refusal, counted, with the limit recorded for the request's event.
+    fn limited(&self, identity: &str, action: crate::policy::Action, limit: &str, detail: String) -> ApiError {
+        let e = self.policy.refused_by_limit(identity, action, limit, detail);
+        if let Some(decision) = e.decision() {
+            crate::audit::context::record_policies(audit::decided_by(decision));
+        }
+        ApiError::from(e)
+    }
+
     /// Runs one RPC: identity, handler, audit event, metrics, one log line,
     /// status mapping. Every request, allowed, denied or failed, gets exactly
     /// one audit event, durable before the response leaves: appended here

@@ -122,7 +122,20 @@ impl SessionService for SessionApi {
                 RequestContext::default(),
             )
             .await?;
-            let (session, token) = d.sessions.open(&req.challenge_id, &req.signature).await?;
+            // The open-session limit is checked again where it is exact: in
+            // the opening transaction (the check above sees no concurrent opens).
+            let max_open = d.policy.current().limits().sessions.max_open_per_account;
+            let (session, token) = match d.sessions.open(&req.challenge_id, &req.signature, max_open).await {
+                Err(crate::session::SessionError::TooManyOpen(open)) => {
+                    return Err(d.limited(
+                        &identity,
+                        Action::OpenSession,
+                        "sessions.max_open_per_account",
+                        format!("{open} sessions already open"),
+                    ))
+                }
+                opened => opened?,
+            };
             Ok(OpenSessionResponse {
                 session: Some(d.session_proto(&session, &account)),
                 token,

@@ -255,6 +255,26 @@ impl DecisionPoint {
         Ok(None)
     }
 
+    /// A limit checked where the state changes (in a store transaction)
+    /// refused a request the policies allowed: counted like any limit
+    /// refusal, and returned as one.
+    pub fn refused_by_limit(&self, identity: &str, action: Action, limit: &str, detail: String) -> PolicyError {
+        let decision = Decision {
+            action: action.name(),
+            allowed: false,
+            policy_ids: Vec::new(),
+            limit: Some(limit.to_string()),
+        };
+        self.count(&decision);
+        PolicyError::Limited {
+            identity: identity.to_string(),
+            action: decision.action,
+            limit: limit.to_string(),
+            detail,
+            decision: Box::new(decision),
+        }
+    }
+
     /// Adds a payment to its account's daily total for its currency, when a
     /// daily cap applies: the hold to release if the request then fails.
     pub async fn hold_daily_spend(

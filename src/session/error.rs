@@ -23,6 +23,10 @@ pub enum SessionError {
     /// The challenge expired.
     #[error("challenge {0} has expired")]
     ChallengeExpired(String),
+    /// The account has as many open sessions as the limit allows
+    /// (`sessions.max_open_per_account`, checked in the opening transaction).
+    #[error("{0} sessions already open for this account")]
+    TooManyOpen(u64),
     /// The signature is not the controller's.
     #[error("signature is not from the account's controller {expected}")]
     WrongSigner {

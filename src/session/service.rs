@@ -179,7 +179,12 @@ impl Sessions {
 
     /// Opens a session if the controller signed the challenge: the challenge
     /// is consumed in the same transaction that creates the session.
-    pub async fn open(&self, challenge_id: &str, signature: &[u8]) -> Result<(SessionRecord, String), SessionError> {
+    pub async fn open(
+        &self,
+        challenge_id: &str,
+        signature: &[u8],
+        max_open: Option<u64>,
+    ) -> Result<(SessionRecord, String), SessionError> {
         let now = self.clock.now();
         let (challenge, consumed) = self
             .store
@@ -241,7 +246,7 @@ impl Sessions {
             });
         let (outcome, seq) = self
             .store
-            .open_session_audited(challenge_id, now, &session, event.as_ref())
+            .open_session_audited(challenge_id, now, &session, max_open, event.as_ref())
             .await?;
         match outcome {
             OpenOutcome::Opened => {
@@ -253,6 +258,7 @@ impl Sessions {
             OpenOutcome::ChallengeNotFound => Err(SessionError::ChallengeNotFound(challenge_id.to_string())),
             OpenOutcome::ChallengeUsed => Err(SessionError::ChallengeUsed(challenge_id.to_string())),
             OpenOutcome::ChallengeExpired => Err(SessionError::ChallengeExpired(challenge_id.to_string())),
+            OpenOutcome::TooManyOpen(open) => Err(SessionError::TooManyOpen(open)),
         }
     }
 

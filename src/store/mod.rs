@@ -146,6 +146,9 @@ pub enum OpenOutcome {
     ChallengeUsed,
     /// The challenge expired before it was used.
     ChallengeExpired,
+    /// The account already has this many unrevoked, unexpired sessions,
+    /// as many as the limit allows; nothing changed.
+    TooManyOpen(u64),
 }
 
 /// One spend to reserve under a session (see [`Store::reserve_spend`]).
@@ -308,16 +311,24 @@ pub trait Store: Send + Sync + fmt::Debug {
         now: i64,
         session: &SessionRecord,
     ) -> Result<OpenOutcome, StoreError> {
-        Ok(self.open_session_audited(challenge_id, now, session, None).await?.0)
+        Ok(self
+            .open_session_audited(challenge_id, now, session, None, None)
+            .await?
+            .0)
     }
 
-    /// As [`Store::open_session`]; when the session is opened, also appends
-    /// `event` to the audit log in the same transaction and returns its seq.
+    /// As [`Store::open_session`]; with `max_open`, refuses with
+    /// [`OpenOutcome::TooManyOpen`] (consuming nothing) when the account
+    /// already has that many sessions neither revoked nor expired at `now`,
+    /// counted in the same transaction, so concurrent opens on any replica
+    /// never pass the limit. When the session is opened, also appends
+    /// `event` to the audit log in that transaction and returns its seq.
     async fn open_session_audited(
         &self,
         challenge_id: &str,
         now: i64,
         session: &SessionRecord,
+        max_open: Option<u64>,
         event: Option<&crate::audit::NewEvent>,
     ) -> Result<(OpenOutcome, Option<u64>), StoreError>;
 

@@ -360,6 +360,7 @@ impl Store for PgStore {
         challenge_id: &str,
         now: i64,
         session: &SessionRecord,
+        max_open: Option<u64>,
         event: Option<&crate::audit::NewEvent>,
     ) -> Result<(OpenOutcome, Option<u64>), StoreError> {
         let err = |e| from_sqlx(BACKEND, e);
@@ -388,6 +389,28 @@ impl Store for PgStore {
                     None
                 }
             }
+        };
+        let refusal = match (refusal, max_open) {
+            (None, Some(max)) => {
+                // Opens of one account wait for each other here, so the
+                // count below is of committed sessions only.
+                sqlx::query("SELECT id FROM accounts WHERE id = $1 FOR UPDATE")
+                    .bind(&session.account_id)
+                    .fetch_optional(&mut *tx)
+                    .await
+                    .map_err(err)?;
+                let open: i64 = sqlx::query_scalar(
+                    "SELECT COUNT(*) FROM sessions WHERE account_id = $1 AND revoked_at IS NULL AND expires_at > $2",
+                )
+                .bind(&session.account_id)
+                .bind(now)
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(err)?;
+                let open = count(open)?;
+                (open >= max).then_some(OpenOutcome::TooManyOpen(open))
+            }
+            (refusal, _) => refusal,
         };
         if let Some(outcome) = refusal {
             tx.rollback().await.map_err(err)?;

@@ -389,6 +389,7 @@ impl Store for SqliteStore {
         challenge_id: &str,
         now: i64,
         session: &SessionRecord,
+        max_open: Option<u64>,
         event: Option<&crate::audit::NewEvent>,
     ) -> Result<(OpenOutcome, Option<u64>), StoreError> {
         let err = |e| from_sqlx(BACKEND, e);
@@ -418,6 +419,21 @@ impl Store for SqliteStore {
                     None
                 }
             }
+        };
+        let refusal = match (refusal, max_open) {
+            (None, Some(max)) => {
+                let open: i64 = sqlx::query_scalar(
+                    "SELECT COUNT(*) FROM sessions WHERE account_id = ?1 AND revoked_at IS NULL AND expires_at > ?2",
+                )
+                .bind(&session.account_id)
+                .bind(now)
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(err)?;
+                let open = count(open)?;
+                (open >= max).then_some(OpenOutcome::TooManyOpen(open))
+            }
+            (refusal, _) => refusal,
         };
         if let Some(outcome) = refusal {
             tx.rollback().await.map_err(err)?;

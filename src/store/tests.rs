@@ -532,6 +532,72 @@ async fn concurrent_opens(fx: &Fixture) {
     store.close().await;
 }
 
+async fn open_limit_is_exact(fx: &Fixture) {
+    let store = fx.open().await;
+    store.create_account(&record("acct")).await.unwrap();
+    let open = |ch: String, id: String, max: u64| {
+        let store = store.clone();
+        async move {
+            let s = session(&id, "acct", &ch, 100);
+            store
+                .open_session_audited(&ch, T0 + 1, &s, Some(max), None)
+                .await
+                .unwrap()
+                .0
+        }
+    };
+    for i in 0..3 {
+        store
+            .create_challenge(&challenge(&format!("ch-{i}"), "acct"))
+            .await
+            .unwrap();
+    }
+    assert_eq!(open("ch-0".into(), "s-0".into(), 2).await, OpenOutcome::Opened);
+    assert_eq!(open("ch-1".into(), "s-1".into(), 2).await, OpenOutcome::Opened);
+    // At the limit: refused, the challenge stays usable.
+    assert_eq!(open("ch-2".into(), "s-2".into(), 2).await, OpenOutcome::TooManyOpen(2));
+    assert_eq!(store.get_challenge("ch-2").await.unwrap().unwrap().1, None);
+    assert_eq!(store.get_session("s-2").await.unwrap(), None);
+    // A revoked session no longer counts.
+    store
+        .revoke_session("s-0", "spiffe://example.org/admin", T0 + 1)
+        .await
+        .unwrap();
+    assert_eq!(open("ch-2".into(), "s-2".into(), 2).await, OpenOutcome::Opened);
+
+    // Concurrent opens of one account never pass the limit.
+    for i in 0..12 {
+        store
+            .create_challenge(&challenge(&format!("race-{i}"), "acct"))
+            .await
+            .unwrap();
+    }
+    let tasks: Vec<_> = (0..12)
+        .map(|i| tokio::spawn(open(format!("race-{i}"), format!("r-{i:02}"), 5)))
+        .collect();
+    let mut outcomes = Vec::new();
+    for t in tasks {
+        outcomes.push(t.await.unwrap());
+    }
+    let opened = outcomes.iter().filter(|o| **o == OpenOutcome::Opened).count();
+    assert_eq!(opened, 3, "2 were open, limit 5: {outcomes:?}");
+    assert!(
+        outcomes
+            .iter()
+            .all(|o| matches!(o, OpenOutcome::Opened | OpenOutcome::TooManyOpen(_))),
+        "{outcomes:?}"
+    );
+    let live = store
+        .list_sessions("acct")
+        .await
+        .unwrap()
+        .iter()
+        .filter(|s| s.revoked_at.is_none())
+        .count();
+    assert_eq!(live, 5);
+    store.close().await;
+}
+
 async fn revoke_is_idempotent(fx: &Fixture) {
     let store = fx.open().await;
     let s = open_new_session(&store, "acct", "s-1", 100).await;
@@ -855,6 +921,7 @@ macro_rules! conformance_suite {
                 session_round_trip,
                 open_outcomes,
                 concurrent_opens,
+                open_limit_is_exact,
                 revoke_is_idempotent,
                 list_newest_first,
                 spend_lifecycle,
