@@ -50,10 +50,14 @@ struct Checker<'a> {
     d: &'a Daemon,
     seen: u64,
     exercised: BTreeSet<String>,
+    /// The daemon's own events (identity `keyward`: issuer keys it
+    /// created), since the last request event.
+    daemon: Vec<Event>,
 }
 
 impl Checker<'_> {
-    /// Exactly one new event, for `action`, with this decision class.
+    /// Exactly one new request event, for `action`, with this decision
+    /// class; the daemon's own events since the last one go to `daemon`.
     async fn one(&mut self, action: &str, allowed: bool) -> Event {
         let events = self
             .d
@@ -64,9 +68,14 @@ impl Checker<'_> {
             .events_after(self.seen, 100)
             .await
             .expect("events");
-        assert_eq!(events.len(), 1, "{action}: {events:#?}");
-        let e = events.into_iter().next().expect("one");
-        assert_eq!(e.seq, self.seen + 1);
+        let last = events.last().map(|e| e.seq).unwrap_or(self.seen);
+        let (daemon, requests): (Vec<Event>, Vec<Event>) = events
+            .into_iter()
+            .partition(|e| e.body.identity == keyward::audit::event::DAEMON_IDENTITY);
+        assert_eq!(requests.len(), 1, "{action}: {requests:#?}");
+        let e = requests.into_iter().next().expect("one");
+        assert!(e.seq > self.seen);
+        self.daemon = daemon;
         assert_eq!(e.body.action, action);
         if allowed {
             assert_eq!(
@@ -78,7 +87,7 @@ impl Checker<'_> {
             assert_ne!(e.body.decision, "allow", "{action}");
             assert_ne!(e.body.code, "OK", "{action}");
         }
-        self.seen = e.seq;
+        self.seen = last;
         self.exercised.insert(action.to_string());
         e
     }
@@ -97,6 +106,7 @@ async fn enumeration(env: Env) {
         d: &d,
         seen: 0,
         exercised: BTreeSet::new(),
+        daemon: Vec::new(),
     };
     let mut accounts = d.accounts(&env, "admin").await;
     // AccountService
@@ -439,6 +449,16 @@ async fn enumeration(env: Env) {
         e.body.signature_ref,
         format!("kid:{}", rotated.rotations[0].activated_kid)
     );
+    // The fresh next key the rotation created has the daemon's own event.
+    let published = |c: &Checker<'_>| -> Vec<String> {
+        c.daemon
+            .iter()
+            .filter(|e| e.body.action == keyward::audit::event::ISSUER_KEY_PUBLISHED)
+            .map(|e| e.body.signature_ref.clone())
+            .collect()
+    };
+    assert!(!rotated.rotations[0].next_kid.is_empty());
+    assert_eq!(published(&c), [format!("kid:{}", rotated.rotations[0].next_kid)]);
     market_jwks
         .rotate_issuer_key(RotateIssuerKeyRequest { alg: "EdDSA".into() })
         .await
@@ -464,6 +484,10 @@ async fn enumeration(env: Env) {
     .expect("revoke");
     let e = c.one("RevokeIssuerKey", true).await;
     assert_eq!(e.body.signature_ref, format!("kid:{es256_next}"));
+    // Revoking the next key made the daemon publish a new one, with its event.
+    let replaced = published(&c);
+    assert_eq!(replaced.len(), 1, "{replaced:?}");
+    assert_ne!(replaced[0], format!("kid:{es256_next}"));
 
     // AuditService: history, then a live event, over one stream.
     let mut audit = AuditServiceClient::new(d.channel(&env, "admin").await);
@@ -593,15 +617,16 @@ fn offline_commands(store: StoreKind) {
         }
         d.stop().await;
     });
-    // 12 events; checkpoints are made after each commit once 5 are pending.
+    // 12 request events after the daemon's own (the issuer keys it created
+    // at first start); checkpoints after each commit once 5 are pending.
     let (code, out, err) = audit_cmd(&env, &["verify", "--json"]);
     assert_eq!(code, 0, "{out} {err}");
     let v: serde_json::Value = serde_json::from_str(out.trim()).expect("json");
     assert_eq!(v["ok"], true);
-    assert_eq!(v["report"]["last_seq"], 12);
+    let total = v["report"]["last_seq"].as_u64().expect("last_seq");
     assert!(v["report"]["checkpoints_verified"].as_u64().expect("n") >= 2, "{v}");
 
-    // Export from seq 3: lines 4..=12, each an event.
+    // Export from seq 3: lines 4..=total, each an event.
     let (code, out, err) = audit_cmd(&env, &["export", "--since", "3", "--format", "jsonl"]);
     assert_eq!(code, 0, "{err}");
     let events: Vec<Event> = out
@@ -610,8 +635,19 @@ fn offline_commands(store: StoreKind) {
         .collect();
     assert_eq!(
         events.iter().map(|e| e.seq).collect::<Vec<_>>(),
-        (4..=12).collect::<Vec<_>>()
+        (4..=total).collect::<Vec<_>>()
     );
+    let (code, out, _) = audit_cmd(&env, &["export", "--format", "jsonl"]);
+    assert_eq!(code, 0);
+    let all: Vec<Event> = out.lines().map(|l| serde_json::from_str(l).expect("event")).collect();
+    let (daemon, requests): (Vec<&Event>, Vec<&Event>) = all
+        .iter()
+        .partition(|e| e.body.identity == keyward::audit::event::DAEMON_IDENTITY);
+    assert_eq!(requests.len(), 12);
+    assert!(!daemon.is_empty(), "first start publishes issuer keys");
+    assert!(daemon
+        .iter()
+        .all(|e| e.body.action == keyward::audit::event::ISSUER_KEY_PUBLISHED && e.seq <= daemon.len() as u64));
     // A whole export verifies on its own, with the JWKS given as a file.
     let file = env.dir.path().join("export.jsonl");
     let (code, _, err) = audit_cmd(&env, &["export", "--out", file.to_str().expect("path")]);
@@ -674,7 +710,7 @@ fn offline_commands(store: StoreKind) {
     assert_eq!(code, 0, "{err}");
     let p: serde_json::Value = serde_json::from_str(out.trim()).expect("json");
     let through = p["checkpoint"]["last_seq"].as_u64().expect("last_seq");
-    assert!(through < 9, "the first checkpoint ends at {through}");
+    assert!(through < total - 3, "the first checkpoint ends at {through}");
     let archive = env.dir.path().join("archive.jsonl");
     let (code, out, err) = audit_cmd(
         &env,
@@ -708,12 +744,18 @@ fn offline_commands(store: StoreKind) {
     assert_eq!(v["report"]["first_seq"].as_u64(), Some(through + 1));
     let (code, out, _) = audit_cmd(&env, &["export", "--format", "jsonl"]);
     assert_eq!(code, 0);
-    assert_eq!(out.lines().count() as u64, 12 - through, "archived events are pruned");
+    assert_eq!(
+        out.lines().count() as u64,
+        total - through,
+        "archived events are pruned"
+    );
 
     // Tampering, through the binary: exit 1 and the seq named.
+    let target = total - 2;
     block_on(async {
         let url = &env.store_url;
-        let sql = "UPDATE audit_events SET digest = 'x' WHERE seq = 9";
+        let sql = format!("UPDATE audit_events SET digest = 'x' WHERE seq = {target}");
+        let sql = sql.as_str();
         if url.starts_with("sqlite:") {
             let pool = sqlx::SqlitePool::connect(url).await.expect("db");
             sqlx::query(sql).execute(&pool).await.expect("tamper");
@@ -724,7 +766,7 @@ fn offline_commands(store: StoreKind) {
     });
     let (code, out, _) = audit_cmd(&env, &["verify"]);
     assert_eq!(code, 1, "{out}");
-    assert!(out.contains("FAILED at seq 9"), "{out}");
+    assert!(out.contains(&format!("FAILED at seq {target}")), "{out}");
 }
 
 #[test]
@@ -1022,15 +1064,19 @@ async fn scheduled_rotation_and_shutdown(env: Env) {
             "{e:?}"
         );
     }
+    // First start published the first keys; the rotation is two events an algorithm.
+    let mut first = first_active.clone();
+    first.extend(first_next.iter().cloned());
+    assert_eq!(refs("IssuerKeyPublished"), kid_refs(&first));
     assert_eq!(
         events.iter().filter(|e| e.body.identity == "keyward").count(),
-        4,
+        4 + 4,
         "{events:#?}"
     );
 
     // Within the pre-publication window of the next rotation: a next key each.
     clock.advance(29 * DAY);
-    let events = wait_for(&d, "IssuerKeyPublished", |e| e.len() == 2).await;
+    let events = wait_for(&d, "IssuerKeyPublished", |e| e.len() == 4 + 2).await;
     let mut published = Vec::new();
     for alg in algs {
         published.extend(kids_in(&d, alg, Next).await);
@@ -1040,6 +1086,7 @@ async fn scheduled_rotation_and_shutdown(env: Env) {
             .iter()
             .filter(|e| e.body.action == "IssuerKeyPublished")
             .map(|e| e.body.signature_ref.clone())
+            .filter(|r| !kid_refs(&first).contains(r))
             .collect::<BTreeSet<_>>(),
         kid_refs(&published)
     );

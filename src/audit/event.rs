@@ -22,7 +22,7 @@
 //! | action | recorded when (same transaction) | decision, code | `signature_ref` |
 //! |---|---|---|---|
 //! | [`RELEASE_SPEND`] | a reserved spend is released because signing failed after its event was recorded; the compensating event names the session and request id of the spend | `deny` or `error` and the code of the failure | `spend:<session id>/<request id>` |
-//! | [`ISSUER_KEY_PUBLISHED`] | the scheduler creates a key (`next`, or `active` when an algorithm has no active key) | `allow`, `OK` | `kid:<kid>` |
+//! | [`ISSUER_KEY_PUBLISHED`] | the daemon creates an issuer key (or adopts one the token holds and the store does not know): on first start, when the scheduler publishes a `next` key (or an `active` one when an algorithm has none), and after a rotation or revocation made by a request (the request's own event is separate; this one carries the daemon's identity) | `allow`, `OK` | `kid:<kid>` |
 //! | [`SCHEDULED_ROTATION`] | the scheduler promotes the `next` key to `active` | `allow`, `OK` | `kid:<new active kid>` |
 //! | [`ISSUER_KEY_RETIRED`] | the same promotion retires the previous active key | `allow`, `OK` | `kid:<retired kid>` |
 //! | [`ISSUER_KEY_REMOVED`] | the scheduler removes a retired key after its grace period | `allow`, `OK` | `kid:<kid>` |

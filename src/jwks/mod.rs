@@ -224,7 +224,8 @@ impl KeyLifecycle {
                     source,
                 })?;
                 let rec = record(alg, &info.label, &jwk, IssuerKeyState::Active, now)?;
-                if store.add_issuer_key(&rec).await? {
+                let event = daemon_event(ISSUER_KEY_PUBLISHED, format!("kid:{}", rec.kid));
+                if store.add_issuer_key_audited(&rec, Some(&event)).await?.0 {
                     tracing::info!(alg = %alg, kid = %rec.kid, "adopted token issuer key as active");
                 }
             }
@@ -241,7 +242,7 @@ impl KeyLifecycle {
         {
             let _g = lc.serial.lock().await;
             for alg in lc.settings.algorithms.clone() {
-                lc.ensure_alg(alg, now, &mut Vec::new(), None).await?;
+                lc.ensure_alg(alg, now, &mut Vec::new()).await?;
             }
         }
         let records = lc.store.list_issuer_keys().await?;
@@ -290,20 +291,15 @@ impl KeyLifecycle {
     }
 
     /// Creates a token key and stores it in `state` unless another writer stored one first (the
-    /// token key is then destroyed). Returns the kid stored. With `action`, the daemon's audit
-    /// event for it (`kid:<kid>`) is appended in the storing transaction.
-    async fn add(
-        &self,
-        alg: IssuerAlg,
-        state: IssuerKeyState,
-        now: i64,
-        action: Option<&str>,
-    ) -> Result<Option<String>, JwksError> {
+    /// token key is then destroyed). Returns the kid stored. The daemon's audit event for it
+    /// (`IssuerKeyPublished`, `kid:<kid>`) is appended in the storing transaction, whoever
+    /// asked (first start, the scheduler, or a rotation or revocation a request made).
+    async fn add(&self, alg: IssuerAlg, state: IssuerKeyState, now: i64) -> Result<Option<String>, JwksError> {
         let hsm = self.hsm.clone();
         let (info, jwk) = blocking(move || Ok(create_token_key(&hsm, alg)?)).await?;
         let rec = record(alg, &info.label, &jwk, state, now)?;
-        let event = action.map(|a| daemon_event(a, format!("kid:{}", rec.kid)));
-        if self.store.add_issuer_key_audited(&rec, event.as_ref()).await?.0 {
+        let event = daemon_event(ISSUER_KEY_PUBLISHED, format!("kid:{}", rec.kid));
+        if self.store.add_issuer_key_audited(&rec, Some(&event)).await?.0 {
             tracing::info!(alg = %alg, kid = %rec.kid, state = state.as_str(), "issuer key published");
             Ok(Some(rec.kid))
         } else {
@@ -324,14 +320,8 @@ impl KeyLifecycle {
     }
 
     /// Makes sure `alg` has an active key (bootstrap, or after revoking the last key) and a
-    /// next key; `action` as for [`KeyLifecycle::add`].
-    async fn ensure_alg(
-        &self,
-        alg: IssuerAlg,
-        now: i64,
-        created: &mut Vec<String>,
-        action: Option<&str>,
-    ) -> Result<(), JwksError> {
+    /// next key.
+    async fn ensure_alg(&self, alg: IssuerAlg, now: i64, created: &mut Vec<String>) -> Result<(), JwksError> {
         let rows: Vec<IssuerKeyRecord> = self
             .store
             .list_issuer_keys()
@@ -340,10 +330,10 @@ impl KeyLifecycle {
             .filter(|r| alg_of(r) == Some(alg))
             .collect();
         if !rows.iter().any(|r| r.state == IssuerKeyState::Active) {
-            created.extend(self.add(alg, IssuerKeyState::Active, now, action).await?);
+            created.extend(self.add(alg, IssuerKeyState::Active, now).await?);
         }
         if !rows.iter().any(|r| r.state == IssuerKeyState::Next) {
-            created.extend(self.add(alg, IssuerKeyState::Next, now, action).await?);
+            created.extend(self.add(alg, IssuerKeyState::Next, now).await?);
         }
         Ok(())
     }
@@ -367,8 +357,7 @@ impl KeyLifecycle {
                 .collect();
             let Some(active) = rows.iter().find(|r| r.state == IssuerKeyState::Active) else {
                 // Bootstrap (or every key revoked): sign at once.
-                self.ensure_alg(alg, now, &mut report.created, Some(ISSUER_KEY_PUBLISHED))
-                    .await?;
+                self.ensure_alg(alg, now, &mut report.created).await?;
                 continue;
             };
             let due = active
@@ -376,10 +365,7 @@ impl KeyLifecycle {
                 .unwrap_or(active.created_at)
                 .saturating_add(s.rotation);
             if !rows.iter().any(|r| r.state == IssuerKeyState::Next) && now >= due.saturating_sub(s.prepublish) {
-                report.created.extend(
-                    self.add(alg, IssuerKeyState::Next, now, Some(ISSUER_KEY_PUBLISHED))
-                        .await?,
-                );
+                report.created.extend(self.add(alg, IssuerKeyState::Next, now).await?);
             }
             if now >= due {
                 let audit = PromoteAudit {
@@ -454,7 +440,7 @@ impl KeyLifecycle {
             let (kid, ready_at) = match next {
                 Some(n) => (n.kid.clone(), n.created_at.saturating_add(self.settings.max_age)),
                 None => {
-                    let kid = self.add(a, IssuerKeyState::Next, now, None).await?.unwrap_or_default();
+                    let kid = self.add(a, IssuerKeyState::Next, now).await?.unwrap_or_default();
                     self.refresh().await?;
                     (kid, now.saturating_add(self.settings.max_age))
                 }
@@ -509,7 +495,7 @@ impl KeyLifecycle {
         let mut out = Vec::with_capacity(promoted.len());
         for (a, (kid, retired)) in algs.into_iter().zip(promoted) {
             tracing::info!(alg = %a, kid = %kid, retired = ?retired, "issuer key rotated on demand");
-            let next = self.add(a, IssuerKeyState::Next, now, None).await?;
+            let next = self.add(a, IssuerKeyState::Next, now).await?;
             out.push(Rotation {
                 alg: a,
                 activated: kid,
@@ -547,7 +533,7 @@ impl KeyLifecycle {
             self.destroy(before.label.clone()).await;
         }
         if let Some(alg) = alg_of(before).filter(|a| self.settings.algorithms.contains(a)) {
-            self.ensure_alg(alg, now, &mut Vec::new(), None).await?;
+            self.ensure_alg(alg, now, &mut Vec::new()).await?;
             self.refresh().await?;
         }
         Ok(outcome)
