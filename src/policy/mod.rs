@@ -7,6 +7,7 @@
 //! holds the loaded set (swapped atomically on reload) and counts decisions.
 
 mod action;
+mod context;
 mod defaults;
 mod engine;
 mod error;
