@@ -265,6 +265,11 @@ where
     ));
     let jwks_task = tokio::spawn(d.jwks.clone().run(stop_rx.clone()));
     let policy_task = tokio::spawn(d.policy.clone().watch(stop_rx.clone()));
+    let prune_task = tokio::spawn(
+        d.policy
+            .clone()
+            .prune(std::time::Duration::from_secs(3600), stop_rx.clone()),
+    );
     let https_task = tokio::spawn(crate::http::serve(https, running.tls.clone(), d.clone(), stop_rx));
 
     shutdown.await;
@@ -274,6 +279,7 @@ where
     let _ = https_task.await;
     let _ = jwks_task.await;
     let _ = policy_task.await;
+    let _ = prune_task.await;
     // Nothing appends any more: write what is queued, then a final
     // checkpoint over the events since the last one.
     match d.audit.finish().await {

@@ -207,6 +207,12 @@ cap = "100"
         clock.advance(86_400);
         let (_, token) = session(&d, &env, &account).await;
         assert_eq!(pay(&d, &env, &token, "100").await.expect("a new day"), "900");
+        // Pruning keeps today's and yesterday's totals; two days on, both go.
+        let policy = d.state.policy.clone();
+        assert_eq!(policy.prune_counters().await.expect("prune"), 0);
+        clock.advance(2 * 86_400);
+        assert_eq!(policy.prune_counters().await.expect("prune"), 2);
+        assert_eq!(policy.prune_counters().await.expect("prune"), 0);
         d.stop().await;
     });
 }

@@ -255,6 +255,47 @@ impl DecisionPoint {
         Ok(None)
     }
 
+    /// Deletes the limit counters that hold nothing any more: daily totals
+    /// of days before yesterday (their keys name a UTC day, so no request
+    /// reads them again), and each rate's buckets untouched for longer than
+    /// an empty bucket takes to refill (a missing bucket is a full one).
+    /// Buckets of rates no longer configured are kept. Returns the rows deleted.
+    pub async fn prune_counters(&self) -> Result<u64, PolicyError> {
+        let Some(store) = &self.store else { return Ok(0) };
+        let now = self.clock.now();
+        let policies = self.current.load_full();
+        let buckets: Vec<(String, i64)> = policies
+            .limits()
+            .rates
+            .iter()
+            .filter_map(|r| {
+                let full = crate::store::limits::full_after(r.bucket)?;
+                Some((format!("rate:{}:", r.name), now.saturating_sub(full)))
+            })
+            .collect();
+        let today = now.div_euclid(86_400).saturating_mul(86_400);
+        Ok(store
+            .prune_limit_counters(today.saturating_sub(86_400), &buckets)
+            .await?)
+    }
+
+    /// Prunes limit counters every `every` until `stop` turns true.
+    pub async fn prune(self: Arc<Self>, every: std::time::Duration, mut stop: tokio::sync::watch::Receiver<bool>) {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = stop.wait_for(|s| *s) => return,
+                _ = tick.tick() => {}
+            }
+            match self.prune_counters().await {
+                Ok(0) => {}
+                Ok(n) => tracing::debug!(rows = n, "limit counters pruned"),
+                Err(e) => tracing::warn!(error = %e, "limit counters could not be pruned"),
+            }
+        }
+    }
+
     /// A limit checked where the state changes (in a store transaction)
     /// refused a request the policies allowed: counted like any limit
     /// refusal, and returned as one.

@@ -36,6 +36,18 @@ pub fn take(stored: Option<(i64, i64)>, now: i64, b: Bucket) -> Option<(i64, i64
     (tokens >= MILLI).then(|| (tokens - MILLI, at))
 }
 
+/// Seconds an empty bucket takes to be full again (None: it never refills).
+/// A bucket row untouched for that long holds exactly what a missing row
+/// does (a full bucket), so it can be deleted.
+pub fn full_after(b: Bucket) -> Option<i64> {
+    if b.refill_milli_per_second == 0 {
+        return None;
+    }
+    let full = u128::from(b.capacity).saturating_mul(MILLI as u128);
+    let secs = full.div_ceil(u128::from(b.refill_milli_per_second));
+    i64::try_from(secs).ok()
+}
+
 /// Adds `amount` to `total` unless the sum passes `cap`.
 pub fn add(total: u128, amount: u128, cap: u128) -> Option<u128> {
     total.checked_add(amount).filter(|t| *t <= cap)
@@ -44,6 +56,27 @@ pub fn add(total: u128, amount: u128, cap: u128) -> Option<u128> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_bucket_untouched_past_full_after_is_full() {
+        let b = Bucket {
+            capacity: 3,
+            refill_milli_per_second: 700,
+        };
+        let after = full_after(b).expect("refills");
+        assert_eq!(after, 5, "3000 milli-tokens at 700/s: 4.3 s, rounded up");
+        // Empty at t=0; at `after` it holds what a new (missing) bucket holds.
+        let empty = Some((0, 0));
+        assert_eq!(take(empty, after, b), take(None, after, b));
+        assert_ne!(take(empty, after - 1, b), take(None, after - 1, b));
+        assert_eq!(
+            full_after(Bucket {
+                capacity: 3,
+                refill_milli_per_second: 0
+            }),
+            None
+        );
+    }
 
     #[test]
     fn bucket_empties_and_refills() {

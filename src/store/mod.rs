@@ -511,6 +511,12 @@ pub trait Store: Send + Sync + fmt::Debug {
     /// Takes back `amount` from the total `key` (a request that failed after
     /// its amount was added), never below zero.
     async fn subtract_from_total(&self, key: &str, amount: u128, now: i64) -> Result<(), StoreError>;
+
+    /// Deletes limit counters that hold nothing any more, in one
+    /// transaction: totals last changed before `totals_before`, and for each
+    /// `(prefix, before)` the buckets whose key starts with `prefix`, last
+    /// changed before `before`. Returns how many rows went.
+    async fn prune_limit_counters(&self, totals_before: i64, buckets: &[(String, i64)]) -> Result<u64, StoreError>;
 }
 
 // ----- Receipts (issue 5) ----------------------------------------------------

@@ -898,6 +898,28 @@ impl Store for PgStore {
             .await
             .map(|_| ())
     }
+
+    async fn prune_limit_counters(&self, totals_before: i64, buckets: &[(String, i64)]) -> Result<u64, StoreError> {
+        let err = |e| from_sqlx(BACKEND, e);
+        let mut tx = self.pool.begin().await.map_err(err)?;
+        let mut gone = sqlx::query("DELETE FROM limit_totals WHERE updated_at < $1")
+            .bind(totals_before)
+            .execute(&mut *tx)
+            .await
+            .map_err(err)?
+            .rows_affected();
+        for (prefix, before) in buckets {
+            gone += sqlx::query("DELETE FROM limit_buckets WHERE substr(key, 1, length($1)) = $1 AND updated_at < $2")
+                .bind(prefix)
+                .bind(before)
+                .execute(&mut *tx)
+                .await
+                .map_err(err)?
+                .rows_affected();
+        }
+        tx.commit().await.map_err(err)?;
+        Ok(gone)
+    }
 }
 
 impl PgStore {

@@ -75,6 +75,42 @@ async fn suite(store: Arc<dyn Store>) {
     }
     assert_eq!(added, 10);
     assert_eq!(store.add_to_total("spend:z", 1, 100, 3).await.expect("add"), None);
+
+    // Pruning: buckets emptied at 100 (one token, no refill), totals at 0 and 50.
+    let one = Bucket {
+        capacity: 1,
+        refill_milli_per_second: 0,
+    };
+    for key in ["rate:p:old", "rate:pp:old", "rate:q:old"] {
+        assert!(store.take_token(key, one, 100).await.expect("take"));
+    }
+    assert!(store.take_token("rate:p:new", one, 300).await.expect("take"));
+    store.add_to_total("spend:old", 7, 100, 0).await.expect("add");
+    store.add_to_total("spend:new", 7, 100, 50).await.expect("add");
+    // Totals changed before 1 (spend:x..z changed at 2 and 3 stay); "rate:p:" buckets before 200.
+    let gone = store
+        .prune_limit_counters(1, &[("rate:p:".to_string(), 200)])
+        .await
+        .expect("prune");
+    assert_eq!(gone, 2, "spend:old and rate:p:old");
+    assert!(
+        store.take_token("rate:p:old", one, 300).await.expect("take"),
+        "pruned: full again"
+    );
+    assert!(
+        !store.take_token("rate:p:new", one, 300).await.expect("take"),
+        "changed after the cut"
+    );
+    assert!(
+        !store.take_token("rate:pp:old", one, 300).await.expect("take"),
+        "another prefix"
+    );
+    assert!(
+        !store.take_token("rate:q:old", one, 300).await.expect("take"),
+        "another rate"
+    );
+    assert_eq!(store.add_to_total("spend:old", 0, 100, 60).await.expect("add"), Some(0));
+    assert_eq!(store.add_to_total("spend:new", 0, 100, 60).await.expect("add"), Some(7));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
