@@ -171,6 +171,60 @@ refill_per_second = 0.5
     });
 }
 
+#[test]
+fn open_session_limit_is_checked_where_the_session_opens() {
+    let env = Env::new(Custody::Host, StoreKind::Sqlite).expect("env");
+    write_limits(&env, "[sessions]\nmax_open_per_account = 1\n");
+    block_on(async {
+        env.init().await;
+        let d = env.start().await;
+        let account = create(&d, &env, "admin").await.expect("account");
+        let mut s = SessionServiceClient::new(d.channel(&env, "wallet-gateway").await);
+        // Two challenges while none is open: both are handed out.
+        let mut challenges = Vec::new();
+        for _ in 0..2 {
+            let c = s
+                .create_session_challenge(CreateSessionChallengeRequest {
+                    account_id: account.clone(),
+                    delegate: MARKETPLACE.into(),
+                    scopes: vec!["payments:0-100".into()],
+                    cap: "1000".into(),
+                    ttl_seconds: 1800,
+                })
+                .await
+                .expect("challenge")
+                .into_inner();
+            challenges.push(c);
+        }
+        let open = |c: &keyward::api::pb::SessionChallenge| OpenSessionRequest {
+            challenge_id: c.challenge_id.clone(),
+            signature: Wallet::new(0x42).sign(&c.typed_data_json),
+        };
+        s.open_session(open(&challenges[0])).await.expect("the first opens");
+        let err = s.open_session(open(&challenges[1])).await.expect_err("the limit");
+        assert_eq!(err.code(), Code::ResourceExhausted, "{}", err.message());
+        assert!(
+            err.message().contains("sessions.max_open_per_account"),
+            "{}",
+            err.message()
+        );
+        // Refused where it opens: the challenge was not consumed.
+        let (_, consumed) = d
+            .state
+            .keys
+            .store()
+            .get_challenge(&challenges[1].challenge_id)
+            .await
+            .expect("store")
+            .expect("challenge");
+        assert_eq!(consumed, None);
+        assert!(d.state.metrics.render().contains(
+            r#"keyward_policy_decisions_total{action="OpenSession",outcome="deny",policy="limit:sessions.max_open_per_account"} 1"#
+        ));
+        d.stop().await;
+    });
+}
+
 fn daily_cap_survives_a_restart(store: StoreKind) {
     let Some(env) = Env::new(Custody::Host, store) else {
         return;

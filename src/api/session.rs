@@ -122,8 +122,8 @@ impl SessionService for SessionApi {
                 RequestContext::default(),
             )
             .await?;
-            // The open-session limit is checked again where it is exact: in
-            // the opening transaction (the check above sees no concurrent opens).
+            // The open-session limit is checked where it is exact: in the
+            // opening transaction, which sees concurrent opens.
             let max_open = d.policy.current().limits().sessions.max_open_per_account;
             let (session, token) = match d.sessions.open(&req.challenge_id, &req.signature, max_open).await {
                 Err(crate::session::SessionError::TooManyOpen(open)) => {

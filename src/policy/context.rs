@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use cedar_policy::{Context, Policy, RestrictedExpression};
 
-use super::index::Scalar;
+use super::index::{access, var, Scalar};
 use super::request::{MessageFacts, PaymentFacts, RequestContext, TypedDataFacts};
 use super::PolicyError;
 
@@ -39,26 +39,25 @@ impl Reads {
     }
 
     fn scan(&mut self, v: &serde_json::Value) {
-        /// `(left, attr)` when `v` is an attribute access `left.attr`.
-        fn access(v: &serde_json::Value) -> Option<(&serde_json::Value, String)> {
-            let a = v.get(".")?;
-            Some((a.get("left")?, a.get("attr")?.as_str()?.to_string()))
-        }
         use serde_json::Value;
-        let is_context = |v: &Value| v.get("Var").and_then(Value::as_str) == Some("context");
+        let is_context = |v: &Value| var(v) == Some("context");
         match v {
             Value::Object(map) => {
                 if let Some((left, attr)) = access(v) {
                     if let Some((inner, record)) = access(left) {
                         if is_context(inner) {
-                            if let Some(fields) = self.records.entry(record).or_insert_with(|| Some(BTreeSet::new())) {
-                                fields.insert(attr);
+                            let fields = self
+                                .records
+                                .entry(record.to_string())
+                                .or_insert_with(|| Some(BTreeSet::new()));
+                            if let Some(fields) = fields {
+                                fields.insert(attr.to_string());
                             }
                             return;
                         }
                     }
                     if is_context(left) {
-                        self.records.insert(attr, None);
+                        self.records.insert(attr.to_string(), None);
                         return;
                     }
                 }

@@ -115,13 +115,14 @@ fn literal(v: &Value) -> Option<Scalar> {
     }
 }
 
-/// `(left, attr)` of an attribute access `left.attr`.
-fn access(v: &Value) -> Option<(&Value, &str)> {
+/// `(left, attr)` of an attribute access `left.attr` in a policy's JSON form.
+pub(super) fn access(v: &Value) -> Option<(&Value, &str)> {
     let a = v.get(".")?;
     Some((a.get("left")?, a.get("attr")?.as_str()?))
 }
 
-fn var(v: &Value) -> Option<&str> {
+/// The variable (`principal`, `context`, ...) a JSON expression names.
+pub(super) fn var(v: &Value) -> Option<&str> {
     v.get("Var")?.as_str()
 }
 

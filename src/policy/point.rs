@@ -236,9 +236,9 @@ impl DecisionPoint {
                 return Ok(Some(("sessions.max_cap".into(), format!("cap above {max}"))));
             }
         }
-        if let (Some(max), Some(a), Action::CreateSessionChallenge | Action::OpenSession) =
-            (s.max_open_per_account, account, req.action)
-        {
+        // Asking for a challenge is refused early; opening is checked
+        // exactly in the opening transaction (`Store::open_session_audited`).
+        if let (Some(max), Some(a), Action::CreateSessionChallenge) = (s.max_open_per_account, account, req.action) {
             let open = store
                 .list_sessions(&a.id)
                 .await?
