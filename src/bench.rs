@@ -179,28 +179,73 @@ async fn channels(home: &Path, opts: &ClientOpts, n: usize) -> anyhow::Result<Ve
     Ok(out)
 }
 
-async fn create_accounts(ch: &Channel, n: usize) -> anyhow::Result<Vec<String>> {
+/// How account creation went: the limit it met and the time it waited.
+#[derive(Debug, Clone, Copy, Default)]
+struct Creation {
+    /// RESOURCE_EXHAUSTED answers (the `client-account-creation` bucket).
+    refused: u64,
+    /// Seconds spent waiting for the bucket to refill.
+    waited: f64,
+}
+
+/// Creates `n` accounts, pacing itself to the daemon's account-creation
+/// limit: a RESOURCE_EXHAUSTED answer is retried after a back-off (the
+/// bucket refills), counted and reported, never fatal. Any other error ends
+/// the run with the daemon's message.
+async fn create_accounts(ch: &Channel, n: usize) -> anyhow::Result<(Vec<String>, Creation)> {
     let sem = Arc::new(tokio::sync::Semaphore::new(8));
+    let refused = Arc::new(AtomicU64::new(0));
+    let waited_ms = Arc::new(AtomicU64::new(0));
     let mut tasks = Vec::with_capacity(n);
     for i in 0..n {
         let mut c = AccountServiceClient::new(ch.clone());
         let sem = sem.clone();
+        let refused = refused.clone();
+        let waited_ms = waited_ms.clone();
         tasks.push(tokio::spawn(async move {
             let _permit = sem.acquire().await;
-            c.create_account(CreateAccountRequest {
-                controller: format!("0x{:040x}", i + 1),
-                label: format!("bench-{i}"),
-                allow: vec![],
-            })
-            .await
-            .map(|r| r.into_inner().account_id)
+            let mut backoff = Duration::from_millis(50);
+            loop {
+                let r = c
+                    .create_account(CreateAccountRequest {
+                        controller: format!("0x{:040x}", i + 1),
+                        label: format!("bench-{i}"),
+                        allow: vec![],
+                    })
+                    .await;
+                match r {
+                    Ok(r) => return Ok(r.into_inner().account_id),
+                    Err(s) if s.code() == tonic::Code::ResourceExhausted => {
+                        refused.fetch_add(1, Ordering::Relaxed);
+                        waited_ms.fetch_add(
+                            u64::try_from(backoff.as_millis()).unwrap_or(u64::MAX),
+                            Ordering::Relaxed,
+                        );
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(1));
+                    }
+                    Err(s) => return Err(s),
+                }
+            }
         }));
     }
     let mut ids = Vec::with_capacity(n);
     for t in tasks {
         ids.push(t.await.context("account task")?.map_err(RpcError)?);
     }
-    Ok(ids)
+    let creation = Creation {
+        refused: refused.load(Ordering::Relaxed),
+        waited: waited_ms.load(Ordering::Relaxed) as f64 / 1000.0 / 8.0,
+    };
+    if creation.refused > 0 {
+        eprintln!(
+            "note: account creation met the daemon's `client-account-creation` limit {} times and paced itself \
+             (about {:.1} s of waiting); raise its capacity and refill_per_second in policies/limits.toml \
+             for a faster set-up",
+            creation.refused, creation.waited
+        );
+    }
+    Ok((ids, creation))
 }
 
 /// The bare ceiling: a tonic service that only signs with one k256 (or Ed25519) key.
@@ -380,7 +425,8 @@ pub async fn run(home: &Path, opts: &ClientOpts, args: BenchArgs) -> anyhow::Res
     let dur = Duration::from_secs(args.duration.max(1));
     let chans = channels(home, opts, args.connections).await?;
     let t0 = Instant::now();
-    let ids = Arc::new(create_accounts(&chans[0], args.accounts.max(1)).await?);
+    let (ids, creation) = create_accounts(&chans[0], args.accounts.max(1)).await?;
+    let ids = Arc::new(ids);
     let create_secs = t0.elapsed().as_secs_f64();
     // Warm the daemon's key cache: one signature per account.
     let t0 = Instant::now();
@@ -446,6 +492,7 @@ pub async fn run(home: &Path, opts: &ClientOpts, args: BenchArgs) -> anyhow::Res
         "connections": args.connections,
         "duration_s": args.duration,
         "account_create_s": create_secs,
+        "account_create_refused": creation.refused,
         "cache_warm_s": warm_secs,
         "daemon": daemon.json(),
         "bare_tonic": bare.as_ref().map(LoadResult::json),
@@ -468,9 +515,10 @@ pub async fn run(home: &Path, opts: &ClientOpts, args: BenchArgs) -> anyhow::Res
             args.duration
         );
         println!(
-            "  setup: {} accounts created in {:.1} s, cache warmed in {:.1} s",
+            "  setup: {} accounts created in {:.1} s ({} paced by the creation limit), cache warmed in {:.1} s",
             ids.len(),
             create_secs,
+            creation.refused,
             warm_secs
         );
         let line = |name: &str, r: &LoadResult| {

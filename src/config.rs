@@ -114,6 +114,17 @@ pub struct ServerConfig {
     /// Concurrent requests per connection.
     #[serde(default = "default_concurrency")]
     pub max_concurrent_streams: u32,
+    /// Requests the daemon works on at once, all connections together. A
+    /// request runs to its end even when its client gives up (see
+    /// `Daemon::handle`), so this bounds the work clients can leave behind;
+    /// requests beyond it wait, before any of their work starts, for one to
+    /// finish (and give up cleanly if their client does).
+    #[serde(default = "default_max_in_flight")]
+    pub max_requests_in_flight: usize,
+}
+
+fn default_max_in_flight() -> usize {
+    512
 }
 
 fn default_max_message() -> usize {
@@ -244,6 +255,13 @@ pub struct SessionsConfig {
     /// Tolerated clock difference between replicas, seconds.
     #[serde(default = "default_skew")]
     pub clock_skew_seconds: u64,
+    /// The recovery bound: a session spend still pending this many seconds
+    /// after its reservation (its request died between reserving and
+    /// completing: a crash, a failed store) is released, with its audit
+    /// event, by a sweep that runs every quarter of it. Must exceed the
+    /// longest signing a request can take.
+    #[serde(default = "default_pending_spend_timeout")]
+    pub pending_spend_timeout_seconds: u64,
 }
 
 impl Default for SessionsConfig {
@@ -254,8 +272,13 @@ impl Default for SessionsConfig {
             challenge_ttl_seconds: default_challenge_ttl(),
             max_ttl_seconds: default_max_session_ttl(),
             clock_skew_seconds: default_skew(),
+            pending_spend_timeout_seconds: default_pending_spend_timeout(),
         }
     }
+}
+
+fn default_pending_spend_timeout() -> u64 {
+    60
 }
 
 fn default_chain_id() -> u64 {
@@ -446,6 +469,18 @@ impl Config {
             return Err(ConfigError::Invalid {
                 key: "server.max_message_bytes",
                 reason: "must be between 65536 and 67108864".into(),
+            });
+        }
+        if self.sessions.pending_spend_timeout_seconds == 0 || self.sessions.pending_spend_timeout_seconds > 86_400 {
+            return Err(ConfigError::Invalid {
+                key: "sessions.pending_spend_timeout_seconds",
+                reason: "must be between 1 and 86400".into(),
+            });
+        }
+        if self.server.max_requests_in_flight == 0 || self.server.max_requests_in_flight > 1 << 20 {
+            return Err(ConfigError::Invalid {
+                key: "server.max_requests_in_flight",
+                reason: "must be between 1 and 1048576".into(),
             });
         }
         if self.server.max_concurrent_streams == 0 {

@@ -58,6 +58,7 @@ fn router(daemon: Arc<Daemon>, tls: Arc<ServerTls>) -> Router {
     let account_daemon = daemon.clone();
 
     let jwks_daemon = daemon.clone();
+    let ready_daemon = daemon.clone();
     Router::new()
         .route(
             JWKS_PATH,
@@ -76,6 +77,7 @@ fn router(daemon: Arc<Daemon>, tls: Arc<ServerTls>) -> Router {
                         d.keys.cached(),
                         t.handshake_failures(),
                     );
+                    d.metrics.set_store_pool(d.keys.store().pool_stats());
                     (
                         [(http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
                         d.metrics.render(),
@@ -84,6 +86,7 @@ fn router(daemon: Arc<Daemon>, tls: Arc<ServerTls>) -> Router {
             }),
         )
         .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(move || readyz(ready_daemon.clone())))
         .route("/v1/accounts/{id}/jwks.json", account_jwks_route(account_daemon))
 }
 
@@ -177,6 +180,23 @@ pub async fn serve(listener: TcpListener, tls: Arc<ServerTls>, daemon: Arc<Daemo
                 tracing::debug!(%peer, error = %e, "HTTPS connection ended");
             }
         });
+    }
+}
+
+/// `GET /readyz`: 200 `ready` while every component answers the readiness
+/// probe, else 503 naming the component and the cause.
+async fn readyz(d: Arc<Daemon>) -> (http::StatusCode, [(http::HeaderName, &'static str); 2], String) {
+    let headers = [
+        (http::header::CACHE_CONTROL, "no-store"),
+        (http::header::CONTENT_TYPE, "text/plain"),
+    ];
+    match d.health.readiness() {
+        crate::health::Readiness::Ready => (http::StatusCode::OK, headers, "ready\n".into()),
+        crate::health::Readiness::NotReady { component, reason } => (
+            http::StatusCode::SERVICE_UNAVAILABLE,
+            headers,
+            format!("not ready: {component}: {reason}\n"),
+        ),
     }
 }
 

@@ -18,6 +18,7 @@ pub mod clock;
 pub mod config;
 pub mod crypto;
 pub mod dev;
+pub mod health;
 pub mod hsm;
 pub mod http;
 pub mod issuer;

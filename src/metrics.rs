@@ -19,6 +19,9 @@ pub struct Metrics {
     hsm_pool_size: IntGauge,
     cached_keys: IntGauge,
     handshake_failures: IntCounter,
+    store_pool_size: IntGauge,
+    store_pool_idle: IntGauge,
+    in_flight: IntGauge,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -47,6 +50,12 @@ impl Metrics {
         let hsm_pool_size = IntGauge::new("hsm_pool_sessions", "PKCS#11 sessions in the pool")?;
         let cached_keys = IntGauge::new("key_cache_accounts", "accounts with unwrapped keys cached")?;
         let handshake_failures = IntCounter::new("tls_handshake_failures_total", "refused TLS handshakes")?;
+        let in_flight = IntGauge::new(
+            "requests_in_flight",
+            "requests being worked on (each runs to its end, even when its client gave up)",
+        )?;
+        let store_pool_size = IntGauge::new("store_pool_connections", "store connections open (idle or in use)")?;
+        let store_pool_idle = IntGauge::new("store_pool_idle_connections", "store connections idle in the pool")?;
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(latency.clone()))?;
         registry.register(Box::new(hsm_latency.clone()))?;
@@ -54,6 +63,12 @@ impl Metrics {
         registry.register(Box::new(hsm_pool_size.clone()))?;
         registry.register(Box::new(cached_keys.clone()))?;
         registry.register(Box::new(handshake_failures.clone()))?;
+        registry.register(Box::new(in_flight.clone()))?;
+        registry.register(Box::new(store_pool_size.clone()))?;
+        registry.register(Box::new(store_pool_idle.clone()))?;
+        // Resident memory, open file descriptors, CPU time of this process
+        // (keyward_process_*), read from /proc at scrape.
+        registry.register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))?;
         Ok(Metrics {
             registry,
             requests,
@@ -63,6 +78,9 @@ impl Metrics {
             hsm_pool_size,
             cached_keys,
             handshake_failures,
+            store_pool_size,
+            store_pool_idle,
+            in_flight,
         })
     }
 
@@ -95,6 +113,17 @@ impl Metrics {
         if handshake_failures > seen {
             self.handshake_failures.inc_by(handshake_failures - seen);
         }
+    }
+
+    /// The gauge of requests being worked on.
+    pub fn in_flight(&self) -> &IntGauge {
+        &self.in_flight
+    }
+
+    /// The store's connection pool, sampled at scrape.
+    pub fn set_store_pool(&self, pool: crate::store::PoolStats) {
+        self.store_pool_size.set(i64::from(pool.size));
+        self.store_pool_idle.set(i64::try_from(pool.idle).unwrap_or(i64::MAX));
     }
 
     /// The text exposition format.

@@ -150,6 +150,8 @@ pub async fn start_with_clock(config: &Config, clock: Arc<dyn Clock>) -> Result<
         ))),
     ));
     let metrics = Arc::new(Metrics::new()?);
+    metrics.register(Box::new(store.tx_stats().begin_wait.clone()))?;
+    metrics.register(Box::new(store.tx_stats().begin_failures.clone()))?;
     // Refuses to start on a set that does not parse or validate.
     let policy = Arc::new(
         crate::policy::DecisionPoint::load(&config.policy.dir, &metrics, clock.clone())?
@@ -166,7 +168,8 @@ pub async fn start_with_clock(config: &Config, clock: Arc<dyn Clock>) -> Result<
         None => None,
     };
     let secs = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
-    let sessions = Sessions::new(
+    let clock_for_health = clock.clone();
+    let sessions = Arc::new(Sessions::new(
         store.clone(),
         issuer,
         clock,
@@ -178,8 +181,17 @@ pub async fn start_with_clock(config: &Config, clock: Arc<dyn Clock>) -> Result<
             challenge_ttl: secs(config.sessions.challenge_ttl_seconds),
             max_ttl: secs(config.sessions.max_ttl_seconds),
             clock_skew: secs(config.sessions.clock_skew_seconds),
+            pending_spend_timeout: secs(config.sessions.pending_spend_timeout_seconds),
         },
-    );
+    ));
+    let health = Arc::new(crate::health::Health::new(
+        store.clone(),
+        clock_for_health,
+        &metrics,
+        crate::health::HealthSettings::default(),
+    )?);
+    // Serving starts with a known answer.
+    health.probe().await;
     let keys = KeyService::new(
         hsm,
         store,
@@ -195,6 +207,8 @@ pub async fn start_with_clock(config: &Config, clock: Arc<dyn Clock>) -> Result<
         sessions,
         jwks,
         audit,
+        health,
+        in_flight: Arc::new(tokio::sync::Semaphore::new(config.server.max_requests_in_flight)),
     });
     Ok(Running {
         daemon,
@@ -238,8 +252,7 @@ where
 {
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
-    health_reporter.set_serving::<AccountServiceServer<AccountApi>>().await;
-    health_reporter.set_serving::<SigningServiceServer<SigningApi>>().await;
+    set_health(&health_reporter, d_ready(&running)).await;
 
     let d = running.daemon.clone();
     let max = running.max_message_bytes;
@@ -270,6 +283,14 @@ where
             .clone()
             .prune(std::time::Duration::from_secs(3600), stop_rx.clone()),
     );
+    let health_task = tokio::spawn(d.health.clone().run(stop_rx.clone()));
+    let reporter_task = tokio::spawn(report_health(d.health.subscribe(), health_reporter, stop_rx.clone()));
+    let sweep_every = std::time::Duration::from_secs(
+        u64::try_from(d.sessions.settings().pending_spend_timeout / 4)
+            .unwrap_or(1)
+            .max(1),
+    );
+    let sweep_task = tokio::spawn(d.sessions.clone().sweep(sweep_every, stop_rx.clone()));
     let https_task = tokio::spawn(crate::http::serve(https, running.tls.clone(), d.clone(), stop_rx));
 
     shutdown.await;
@@ -280,6 +301,9 @@ where
     let _ = jwks_task.await;
     let _ = policy_task.await;
     let _ = prune_task.await;
+    let _ = health_task.await;
+    let _ = reporter_task.await;
+    let _ = sweep_task.await;
     // Nothing appends any more: write what is queued, then a final
     // checkpoint over the events since the last one.
     match d.audit.finish().await {
@@ -294,4 +318,53 @@ where
     d.keys.clear_cache();
     tracing::info!("stopped");
     grpc_result.map_err(ServeError::from)
+}
+
+fn d_ready(running: &Running) -> bool {
+    running.daemon.health.readiness().is_ready()
+}
+
+/// Sets the gRPC health status of the whole server (`""`) and of each service.
+async fn set_health(reporter: &tonic_health::server::HealthReporter, ready: bool) {
+    use tonic_health::ServingStatus;
+    let status = if ready {
+        ServingStatus::Serving
+    } else {
+        ServingStatus::NotServing
+    };
+    reporter.set_service_status("", status).await;
+    reporter
+        .set_service_status(
+            <AccountServiceServer<AccountApi> as tonic::server::NamedService>::NAME,
+            status,
+        )
+        .await;
+    reporter
+        .set_service_status(
+            <SigningServiceServer<SigningApi> as tonic::server::NamedService>::NAME,
+            status,
+        )
+        .await;
+    reporter
+        .set_service_status(
+            <SessionServiceServer<SessionApi> as tonic::server::NamedService>::NAME,
+            status,
+        )
+        .await;
+}
+
+/// Mirrors readiness into the gRPC health service until `stop` turns true.
+async fn report_health(
+    mut readiness: tokio::sync::watch::Receiver<crate::health::Readiness>,
+    reporter: tonic_health::server::HealthReporter,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    loop {
+        let ready = readiness.borrow_and_update().is_ready();
+        set_health(&reporter, ready).await;
+        tokio::select! {
+            _ = stop.wait_for(|s| *s) => return,
+            changed = readiness.changed() => if changed.is_err() { return },
+        }
+    }
 }

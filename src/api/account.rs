@@ -52,75 +52,75 @@ pub(super) fn check_account_id(id: &str) -> Result<(), ApiError> {
 #[tonic::async_trait]
 impl AccountService for AccountApi {
     async fn create_account(&self, request: Request<CreateAccountRequest>) -> Result<Response<Account>, Status> {
-        let d = &self.0;
-        d.handle("CreateAccount", request, |identity, req| async move {
-            let controller =
-                Address::parse(req.controller.trim()).map_err(|e| ApiError::invalid("controller", e.to_string()))?;
-            if req.label.chars().count() > MAX_LABEL_CHARS {
-                return Err(ApiError::invalid(
-                    "label",
-                    format!("at most {MAX_LABEL_CHARS} characters"),
-                ));
-            }
-            if req.label.chars().any(char::is_control) {
-                return Err(ApiError::invalid("label", "must not contain control characters"));
-            }
-            if req.allow.len() > MAX_ALLOW {
-                return Err(ApiError::invalid("allow", format!("at most {MAX_ALLOW} identities")));
-            }
-            for (i, a) in req.allow.iter().enumerate() {
-                if a.is_empty() || a.len() > MAX_IDENTITY_BYTES || a.chars().any(char::is_control) {
-                    return Err(ApiError::invalid(format!("allow[{i}]"), "not a client identity"));
+        self.0
+            .handle("CreateAccount", request, |d, identity, req| async move {
+                let controller = Address::parse(req.controller.trim())
+                    .map_err(|e| ApiError::invalid("controller", e.to_string()))?;
+                if req.label.chars().count() > MAX_LABEL_CHARS {
+                    return Err(ApiError::invalid(
+                        "label",
+                        format!("at most {MAX_LABEL_CHARS} characters"),
+                    ));
                 }
-            }
-            d.decide(
-                &identity,
-                Action::CreateAccount,
-                Resource::Service,
-                RequestContext::default(),
-            )
-            .await?;
-            // The request's audit event is appended in the account's
-            // insert transaction: no account exists without its event.
-            let event = crate::audit::context::in_transaction(String::new(), String::new());
-            let (record, seq) = d
-                .keys
-                .create_account_audited(
-                    NewAccount {
-                        controller,
-                        label: (!req.label.is_empty()).then_some(req.label),
-                        created_by: identity,
-                        allowed: req.allow,
-                    },
-                    event,
+                if req.label.chars().any(char::is_control) {
+                    return Err(ApiError::invalid("label", "must not contain control characters"));
+                }
+                if req.allow.len() > MAX_ALLOW {
+                    return Err(ApiError::invalid("allow", format!("at most {MAX_ALLOW} identities")));
+                }
+                for (i, a) in req.allow.iter().enumerate() {
+                    if a.is_empty() || a.len() > MAX_IDENTITY_BYTES || a.chars().any(char::is_control) {
+                        return Err(ApiError::invalid(format!("allow[{i}]"), "not a client identity"));
+                    }
+                }
+                d.decide(
+                    &identity,
+                    Action::CreateAccount,
+                    Resource::Service,
+                    RequestContext::default(),
                 )
                 .await?;
-            if let Some(seq) = seq {
-                crate::audit::context::mark_recorded(seq);
-            }
-            if d.log_details {
-                tracing::info!(account = %record.id, "account created");
-            }
-            to_proto(&record)
-        })
-        .await
+                // The request's audit event is appended in the account's
+                // insert transaction: no account exists without its event.
+                let event = crate::audit::context::in_transaction(String::new(), String::new());
+                let (record, seq) = d
+                    .keys
+                    .create_account_audited(
+                        NewAccount {
+                            controller,
+                            label: (!req.label.is_empty()).then_some(req.label),
+                            created_by: identity,
+                            allowed: req.allow,
+                        },
+                        event,
+                    )
+                    .await?;
+                if let Some(seq) = seq {
+                    crate::audit::context::mark_recorded(seq);
+                }
+                if d.log_details {
+                    tracing::info!(account = %record.id, "account created");
+                }
+                to_proto(&record)
+            })
+            .await
     }
 
     async fn get_account(&self, request: Request<GetAccountRequest>) -> Result<Response<Account>, Status> {
-        let d = &self.0;
-        d.handle("GetAccount", request, |identity, req| async move {
-            check_account_id(&req.account_id)?;
-            let record = d.keys.record(&req.account_id).await?;
-            d.decide(
-                &identity,
-                Action::GetAccount,
-                Resource::Account(&record),
-                RequestContext::default(),
-            )
-            .await?;
-            to_proto(&record)
-        })
-        .await
+        self.0
+            .handle("GetAccount", request, |d, identity, req| async move {
+                check_account_id(&req.account_id)?;
+                let record = d.keys.record(&req.account_id).await?;
+                d.decide(
+                    &identity,
+                    Action::GetAccount,
+                    Resource::Account(&record),
+                    RequestContext::default(),
+                )
+                .await?;
+                to_proto(&record)
+            })
+            .await
     }
 
     // ----- issue 5: per-account public keys -----------------------------------
@@ -129,27 +129,27 @@ impl AccountService for AccountApi {
         &self,
         request: Request<GetAccountJwksRequest>,
     ) -> Result<Response<GetAccountJwksResponse>, Status> {
-        let d = &self.0;
-        d.handle("GetAccountJwks", request, |identity, req| async move {
-            // Public information (also served without a client certificate);
-            // the default policy `public-keys` permits it to every client.
-            check_account_id(&req.account_id)?;
-            let record = d.keys.record(&req.account_id).await?;
-            d.decide(
-                &identity,
-                Action::GetAccountJwks,
-                Resource::Account(&record),
-                RequestContext::default(),
-            )
-            .await?;
-            let public = crate::receipt::AccountPublic::of(&record, d.sessions.domain().chain_id)?;
-            Ok(GetAccountJwksResponse {
-                jwks_json: serde_json::to_string(&public.jwks())
-                    .map_err(|_| ApiError::Internal("JWKS does not encode"))?,
-                did_key: public.did_key,
-                did_pkh: public.did_pkh,
+        self.0
+            .handle("GetAccountJwks", request, |d, identity, req| async move {
+                // Public information (also served without a client certificate);
+                // the default policy `public-keys` permits it to every client.
+                check_account_id(&req.account_id)?;
+                let record = d.keys.record(&req.account_id).await?;
+                d.decide(
+                    &identity,
+                    Action::GetAccountJwks,
+                    Resource::Account(&record),
+                    RequestContext::default(),
+                )
+                .await?;
+                let public = crate::receipt::AccountPublic::of(&record, d.sessions.domain().chain_id)?;
+                Ok(GetAccountJwksResponse {
+                    jwks_json: serde_json::to_string(&public.jwks())
+                        .map_err(|_| ApiError::Internal("JWKS does not encode"))?,
+                    did_key: public.did_key,
+                    did_pkh: public.did_pkh,
+                })
             })
-        })
-        .await
+            .await
     }
 }

@@ -263,49 +263,48 @@ impl AuditService for AuditApi {
     type StreamEventsStream = EventStream;
 
     async fn stream_events(&self, request: Request<pb::StreamEventsRequest>) -> Result<Response<EventStream>, Status> {
-        let d = self.0.clone();
-        let d2 = d.clone();
-        d.handle("StreamEvents", request, |identity, req| async move {
-            d2.decide(
-                &identity,
-                crate::policy::Action::ReadAudit,
-                crate::policy::Resource::Service,
-                crate::policy::RequestContext::default(),
-            )
-            .await?;
-            let (tx, rx) = tokio::sync::mpsc::channel(256);
-            let store = d2.keys.store().clone();
-            let mut committed = d2.audit.committed();
-            tokio::spawn(async move {
-                let mut cursor = req.since_seq;
-                loop {
-                    let page = match store.audit().events_after(cursor, 500).await {
-                        Ok(p) => p,
-                        Err(e) => {
-                            let _ = tx
-                                .send(Err(Status::from(ApiError::from(crate::audit::AuditError::from(e)))))
-                                .await;
-                            return;
+        self.0
+            .handle("StreamEvents", request, |d2, identity, req| async move {
+                d2.decide(
+                    &identity,
+                    crate::policy::Action::ReadAudit,
+                    crate::policy::Resource::Service,
+                    crate::policy::RequestContext::default(),
+                )
+                .await?;
+                let (tx, rx) = tokio::sync::mpsc::channel(256);
+                let store = d2.keys.store().clone();
+                let mut committed = d2.audit.committed();
+                tokio::spawn(async move {
+                    let mut cursor = req.since_seq;
+                    loop {
+                        let page = match store.audit().events_after(cursor, 500).await {
+                            Ok(p) => p,
+                            Err(e) => {
+                                let _ = tx
+                                    .send(Err(Status::from(ApiError::from(crate::audit::AuditError::from(e)))))
+                                    .await;
+                                return;
+                            }
+                        };
+                        if page.is_empty() {
+                            tokio::select! {
+                                _ = committed.changed() => {}
+                                _ = tokio::time::sleep(POLL) => {}
+                                _ = tx.closed() => return,
+                            }
+                            continue;
                         }
-                    };
-                    if page.is_empty() {
-                        tokio::select! {
-                            _ = committed.changed() => {}
-                            _ = tokio::time::sleep(POLL) => {}
-                            _ = tx.closed() => return,
+                        for e in page {
+                            cursor = e.seq;
+                            if tx.send(Ok(to_proto(e))).await.is_err() {
+                                return;
+                            }
                         }
-                        continue;
                     }
-                    for e in page {
-                        cursor = e.seq;
-                        if tx.send(Ok(to_proto(e))).await.is_err() {
-                            return;
-                        }
-                    }
-                }
-            });
-            Ok(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx)) as EventStream)
-        })
-        .await
+                });
+                Ok(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx)) as EventStream)
+            })
+            .await
     }
 }

@@ -139,7 +139,7 @@ impl ApiError {
                 | SessionError::Forbidden(_) => Status::permission_denied(msg),
                 SessionError::Token(_) => Status::unauthenticated(msg),
                 SessionError::CapExhausted { .. } | SessionError::TooManyOpen(_) => Status::resource_exhausted(msg),
-                SessionError::InProgress => Status::aborted(msg),
+                SessionError::InProgress | SessionError::Released => Status::aborted(msg),
                 SessionError::Store(s) => store_status(s, msg),
                 SessionError::Issuer(_) => Status::unavailable(msg),
                 _ => Status::internal(msg),

@@ -43,11 +43,15 @@ pub struct Daemon {
     /// Whether logs may carry account ids.
     pub log_details: bool,
     /// Delegated sessions.
-    pub sessions: crate::session::Sessions,
+    pub sessions: Arc<crate::session::Sessions>,
     /// Issuer key lifecycle and the published JWKS.
     pub jwks: Arc<crate::jwks::KeyLifecycle>,
     /// The audit log's group-commit appender.
     pub audit: Arc<crate::audit::Appender>,
+    /// Readiness (the store probe), for `/readyz` and gRPC health.
+    pub health: Arc<crate::health::Health>,
+    /// Permits for requests being worked on (`server.max_requests_in_flight`).
+    pub in_flight: Arc<tokio::sync::Semaphore>,
 }
 
 impl Daemon {
@@ -94,29 +98,75 @@ impl Daemon {
     /// (group commit) unless the handler appended it inside its own store
     /// transaction (see [`crate::audit::context`]). If the event cannot be
     /// written the response is withheld and the caller gets UNAVAILABLE.
+    ///
+    /// Cancellation: the handler, its audit event, its metrics and its log
+    /// line run in a task of their own, which the request cannot cancel.
+    /// When the client gives up (deadline, reset stream, connection gone)
+    /// tonic drops the request future, and with it only the wait for this
+    /// task: a reservation it made is completed or released, a transaction it
+    /// opened commits or rolls back, and its audit event is written, exactly
+    /// as if the client had waited. Handlers may therefore await freely; none
+    /// of their awaits is where a request can stop half-way.
     async fn handle<Req, T, F, Fut>(
-        &self,
+        self: &Arc<Self>,
         method: &'static str,
         request: Request<Req>,
         f: F,
     ) -> Result<Response<T>, Status>
     where
-        Req: audit::AuditFacts,
-        T: audit::AuditFacts,
-        F: FnOnce(String, Req) -> Fut,
-        Fut: Future<Output = Result<T, ApiError>>,
+        Req: audit::AuditFacts + Send + 'static,
+        T: audit::AuditFacts + Send + 'static,
+        F: FnOnce(Arc<Daemon>, String, Req) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<T, ApiError>> + Send + 'static,
     {
         let started = Instant::now();
         let identity = request.extensions().get::<ConnInfo>().map(|c| c.identity.clone());
+        let req = request.into_inner();
+        // Waiting here starts nothing: a client that gives up while waiting
+        // leaves nothing behind.
+        let Ok(permit) = self.in_flight.clone().acquire_owned().await else {
+            return Err(Status::unavailable("the daemon is shutting down"));
+        };
+        let daemon = self.clone();
+        let task = tokio::spawn(async move {
+            let _in_flight = InFlight::new(daemon.metrics.in_flight().clone(), permit);
+            daemon.run(method, started, identity, req, f).await
+        });
+        match task.await {
+            Ok(result) => result.map(Response::new),
+            Err(e) => {
+                // A handler panicked (a bug): the client gets INTERNAL, the
+                // daemon keeps serving. Its event may be missing; the log says so.
+                tracing::error!(method, error = %e, "request task failed");
+                Err(Status::from(ApiError::Internal("request task failed")))
+            }
+        }
+    }
+
+    /// The body of [`Daemon::handle`], inside the request's own task.
+    async fn run<Req, T, F, Fut>(
+        self: Arc<Self>,
+        method: &'static str,
+        started: Instant,
+        identity: Option<String>,
+        req: Req,
+        f: F,
+    ) -> Result<T, Status>
+    where
+        Req: audit::AuditFacts,
+        T: audit::AuditFacts,
+        F: FnOnce(Arc<Daemon>, String, Req) -> Fut,
+        Fut: Future<Output = Result<T, ApiError>>,
+    {
         let mut pending = crate::audit::context::Pending::default();
         pending.event.time_ms = crate::audit::event::now_ms();
         pending.event.identity = identity.clone().unwrap_or_default();
         pending.event.action = method.to_string();
-        request.get_ref().facts(&mut pending.event);
-        let req = request.into_inner();
+        req.facts(&mut pending.event);
+        let daemon = self.clone();
         let (result, pending) = crate::audit::context::scope(pending, async move {
             match identity {
-                Some(identity) => f(identity, req).await,
+                Some(identity) => f(daemon, identity, req).await,
                 None => Err(ApiError::Unauthenticated),
             }
         })
@@ -147,7 +197,6 @@ impl Daemon {
                 }
             }
         };
-        let result = result.map(Response::new);
         let code = match &result {
             Ok(_) => tonic::Code::Ok,
             Err(s) => s.code(),
@@ -168,6 +217,26 @@ impl Daemon {
             );
         }
         result
+    }
+}
+
+/// A request being worked on: counted in the gauge and holding its permit
+/// until the task ends, however it ends.
+struct InFlight {
+    gauge: prometheus::IntGauge,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl InFlight {
+    fn new(gauge: prometheus::IntGauge, permit: tokio::sync::OwnedSemaphorePermit) -> InFlight {
+        gauge.inc();
+        InFlight { gauge, _permit: permit }
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.gauge.dec();
     }
 }
 

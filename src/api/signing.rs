@@ -115,262 +115,271 @@ impl SigningService for SigningApi {
         &self,
         request: Request<SignTypedDataRequest>,
     ) -> Result<Response<SignTypedDataResponse>, Status> {
-        let d = &self.0;
-        d.handle("SignTypedData", request, |identity, req| async move {
-            check_account_id(&req.account_id)?;
-            if req.typed_data_json.len() > MAX_TYPED_DATA_BYTES {
-                return Err(ApiError::invalid(
-                    "typed_data_json",
-                    format!(
-                        "document is {} bytes; at most {MAX_TYPED_DATA_BYTES}",
-                        req.typed_data_json.len()
-                    ),
-                ));
-            }
-            let typed = TypedData::from_slice(req.typed_data_json.as_bytes()).map_err(|e| {
-                let path = e.path();
-                let field = if path.is_empty() {
-                    "typed_data_json".to_string()
-                } else {
-                    format!("typed_data_json.{path}")
-                };
-                ApiError::invalid(field, e.to_string())
-            })?;
-            let digest = typed.signing_hash();
-            let facts = TypedDataFacts::of(&typed);
-            if req.session_token.is_empty() {
-                let record = d.keys.record(&req.account_id).await?;
+        self.0
+            .handle("SignTypedData", request, |d, identity, req| async move {
+                check_account_id(&req.account_id)?;
+                if req.typed_data_json.len() > MAX_TYPED_DATA_BYTES {
+                    return Err(ApiError::invalid(
+                        "typed_data_json",
+                        format!(
+                            "document is {} bytes; at most {MAX_TYPED_DATA_BYTES}",
+                            req.typed_data_json.len()
+                        ),
+                    ));
+                }
+                let typed = TypedData::from_slice(req.typed_data_json.as_bytes()).map_err(|e| {
+                    let path = e.path();
+                    let field = if path.is_empty() {
+                        "typed_data_json".to_string()
+                    } else {
+                        format!("typed_data_json.{path}")
+                    };
+                    ApiError::invalid(field, e.to_string())
+                })?;
+                let digest = typed.signing_hash();
+                let facts = TypedDataFacts::of(&typed);
+                if req.session_token.is_empty() {
+                    let record = d.keys.record(&req.account_id).await?;
+                    let context = RequestContext {
+                        typed_data: Some(facts),
+                        ..RequestContext::default()
+                    };
+                    d.decide(&identity, Action::SignTypedData, Resource::Account(&record), context)
+                        .await?;
+                    let (keys, signature) = d.keys.sign_eth_digest(&req.account_id, digest).await?;
+                    return Ok(SignTypedDataResponse {
+                        digest: digest.to_vec(),
+                        signature: signature.to_vec(),
+                        signer: keys.eth_address().to_checksum(),
+                    });
+                }
+                // Inside a delegated session: the delegate, a covering scope, one
+                // recorded use (amount 0), idempotent per request_id.
+                let (session, scopes) = d.sessions.authorize(&req.session_token, &identity).await?;
+                if session.account_id != req.account_id {
+                    return Err(ApiError::invalid("account_id", "is not the session's account"));
+                }
+                let record = d.keys.record(&session.account_id).await?;
                 let context = RequestContext {
+                    session: in_session(&session),
                     typed_data: Some(facts),
                     ..RequestContext::default()
                 };
                 d.decide(&identity, Action::SignTypedData, Resource::Account(&record), context)
                     .await?;
-                let (keys, signature) = d.keys.sign_eth_digest(&req.account_id, digest).await?;
-                return Ok(SignTypedDataResponse {
-                    digest: digest.to_vec(),
-                    signature: signature.to_vec(),
-                    signer: keys.eth_address().to_checksum(),
-                });
-            }
-            // Inside a delegated session: the delegate, a covering scope, one
-            // recorded use (amount 0), idempotent per request_id.
-            let (session, scopes) = d.sessions.authorize(&req.session_token, &identity).await?;
-            if session.account_id != req.account_id {
-                return Err(ApiError::invalid("account_id", "is not the session's account"));
-            }
-            let record = d.keys.record(&session.account_id).await?;
-            let context = RequestContext {
-                session: in_session(&session),
-                typed_data: Some(facts),
-                ..RequestContext::default()
-            };
-            d.decide(&identity, Action::SignTypedData, Resource::Account(&record), context)
-                .await?;
-            scopes
-                .check_typed_data(
-                    typed.domain_chain_id().as_deref(),
-                    typed.domain_verifying_contract().as_deref(),
-                )
-                .map_err(crate::session::SessionError::from)?;
-            let hash = body_hash("typed-data", &[session.id.as_bytes(), &digest]);
-            let digest_hex = hex::encode(digest);
-            let reserved = match d
-                .sessions
-                .begin_spend(&session, &req.request_id, hash, 0, &|_| digest_hex.clone())
-                .await?
-            {
-                Spend::Replay(bytes) => {
-                    return SignTypedDataResponse::decode(bytes.as_slice())
-                        .map_err(|_| ApiError::Internal("stored response does not decode"))
+                scopes
+                    .check_typed_data(
+                        typed.domain_chain_id().as_deref(),
+                        typed.domain_verifying_contract().as_deref(),
+                    )
+                    .map_err(crate::session::SessionError::from)?;
+                let hash = body_hash("typed-data", &[session.id.as_bytes(), &digest]);
+                let digest_hex = hex::encode(digest);
+                let reserved = match d
+                    .sessions
+                    .begin_spend(&session, &req.request_id, hash, 0, &|_| digest_hex.clone())
+                    .await?
+                {
+                    Spend::Replay(bytes) => {
+                        return SignTypedDataResponse::decode(bytes.as_slice())
+                            .map_err(|_| ApiError::Internal("stored response does not decode"))
+                    }
+                    Spend::Reserved(r) => r,
+                };
+                match d.keys.sign_eth_digest(&session.account_id, digest).await {
+                    Ok((keys, signature)) => {
+                        let resp = SignTypedDataResponse {
+                            digest: digest.to_vec(),
+                            signature: signature.to_vec(),
+                            signer: keys.eth_address().to_checksum(),
+                        };
+                        match complete(&d, &session.id, &reserved.request_id, &resp).await {
+                            Ok(()) => Ok(resp),
+                            // The signature is withheld: give the reservation back.
+                            Err(e) => Err(release(&d, &session, &reserved.request_id, e).await),
+                        }
+                    }
+                    Err(e) => Err(release(&d, &session, &reserved.request_id, e.into()).await),
                 }
-                Spend::Reserved(r) => r,
-            };
-            match d.keys.sign_eth_digest(&session.account_id, digest).await {
-                Ok((keys, signature)) => {
-                    let resp = SignTypedDataResponse {
-                        digest: digest.to_vec(),
-                        signature: signature.to_vec(),
-                        signer: keys.eth_address().to_checksum(),
-                    };
-                    complete(d, &session.id, &reserved.request_id, &resp).await?;
-                    Ok(resp)
-                }
-                Err(e) => Err(release(d, &session, &reserved.request_id, e.into()).await),
-            }
-        })
-        .await
+            })
+            .await
     }
 
     async fn sign_message(
         &self,
         request: Request<SignMessageRequest>,
     ) -> Result<Response<SignMessageResponse>, Status> {
-        let d = &self.0;
-        d.handle("SignMessage", request, |identity, req| async move {
-            check_account_id(&req.account_id)?;
-            if req.data.len() > MAX_MESSAGE_BYTES {
-                return Err(ApiError::invalid("data", format!("at most {MAX_MESSAGE_BYTES} bytes")));
-            }
-            let alg = SignatureAlgorithm::try_from(req.alg).unwrap_or(SignatureAlgorithm::Unspecified);
-            if alg == SignatureAlgorithm::Unspecified {
-                return Err(ApiError::invalid("alg", "must be SECP256K1 or ED25519"));
-            }
-            let record = d.keys.record(&req.account_id).await?;
-            let context = RequestContext {
-                message: Some(MessageFacts {
-                    alg: if alg == SignatureAlgorithm::Ed25519 {
-                        "ed25519"
-                    } else {
-                        "secp256k1"
-                    },
-                    length: req.data.len(),
-                }),
-                ..RequestContext::default()
-            };
-            d.decide(&identity, Action::SignMessage, Resource::Account(&record), context)
-                .await?;
-            match alg {
-                SignatureAlgorithm::Ed25519 => {
-                    let (keys, sig) = d.keys.sign_ed25519(&req.account_id, req.data).await?;
-                    Ok(SignMessageResponse {
-                        signature: sig.to_vec(),
-                        public_key: keys.ed25519_public().to_vec(),
-                        digest: Vec::new(),
-                    })
+        self.0
+            .handle("SignMessage", request, |d, identity, req| async move {
+                check_account_id(&req.account_id)?;
+                if req.data.len() > MAX_MESSAGE_BYTES {
+                    return Err(ApiError::invalid("data", format!("at most {MAX_MESSAGE_BYTES} bytes")));
                 }
-                _ => {
-                    let digest = personal_message_digest(&req.data);
-                    let (keys, sig) = d.keys.sign_eth_digest(&req.account_id, digest).await?;
-                    Ok(SignMessageResponse {
-                        signature: sig.to_vec(),
-                        public_key: keys.secp256k1_public_compressed(),
-                        digest: digest.to_vec(),
-                    })
+                let alg = SignatureAlgorithm::try_from(req.alg).unwrap_or(SignatureAlgorithm::Unspecified);
+                if alg == SignatureAlgorithm::Unspecified {
+                    return Err(ApiError::invalid("alg", "must be SECP256K1 or ED25519"));
                 }
-            }
-        })
-        .await
+                let record = d.keys.record(&req.account_id).await?;
+                let context = RequestContext {
+                    message: Some(MessageFacts {
+                        alg: if alg == SignatureAlgorithm::Ed25519 {
+                            "ed25519"
+                        } else {
+                            "secp256k1"
+                        },
+                        length: req.data.len(),
+                    }),
+                    ..RequestContext::default()
+                };
+                d.decide(&identity, Action::SignMessage, Resource::Account(&record), context)
+                    .await?;
+                match alg {
+                    SignatureAlgorithm::Ed25519 => {
+                        let (keys, sig) = d.keys.sign_ed25519(&req.account_id, req.data).await?;
+                        Ok(SignMessageResponse {
+                            signature: sig.to_vec(),
+                            public_key: keys.ed25519_public().to_vec(),
+                            digest: Vec::new(),
+                        })
+                    }
+                    _ => {
+                        let digest = personal_message_digest(&req.data);
+                        let (keys, sig) = d.keys.sign_eth_digest(&req.account_id, digest).await?;
+                        Ok(SignMessageResponse {
+                            signature: sig.to_vec(),
+                            public_key: keys.secp256k1_public_compressed(),
+                            digest: digest.to_vec(),
+                        })
+                    }
+                }
+            })
+            .await
     }
 
     async fn sign_payment(
         &self,
         request: Request<SignPaymentRequest>,
     ) -> Result<Response<SignPaymentResponse>, Status> {
-        let d = &self.0;
-        d.handle("SignPayment", request, |identity, req| async move {
-            let amount = crate::session::parse_amount("amount", &req.amount)?;
-            check_currency(&req.currency)?;
-            check_license(&req.license_id)?;
-            let manifest = parse_manifest(&req.manifest)?;
-            let payee = if req.payee.is_empty() {
-                Address([0u8; 20])
-            } else {
-                Address::parse(&req.payee).map_err(|e| ApiError::invalid("payee", e.to_string()))?
-            };
-            let (session, scopes) = d.sessions.authorize(&req.session_token, &identity).await?;
-            let account = d.keys.record(&session.account_id).await?;
-            let context = RequestContext {
-                session: in_session(&session),
-                payment: Some(PaymentFacts {
-                    amount,
-                    currency: req.currency.clone(),
-                    manifest: hex::encode(manifest),
-                    license: req.license_id.clone(),
-                }),
-                ..RequestContext::default()
-            };
-            d.decide(&identity, Action::SignPayment, Resource::Account(&account), context)
-                .await?;
-            scopes
-                .check_payment(amount, &manifest)
-                .map_err(crate::session::SessionError::from)?;
-            let hash = body_hash(
-                "payment",
-                &[
-                    session.id.as_bytes(),
-                    &amount.to_be_bytes(),
-                    req.currency.as_bytes(),
-                    &manifest,
-                    req.license_id.as_bytes(),
-                    &payee.0,
-                ],
-            );
-            let (secp, _) = public_keys(&account)?;
-            let payer = Address::from_public_key(&secp);
-            // The signed document names the spend's nonce, given by the reservation.
-            let document = |nonce: u64| {
-                payment(
-                    d.sessions.domain(),
-                    &Payment {
-                        session_id: &session.id,
-                        payer_account: &session.account_id,
-                        payer,
-                        payee,
+        self.0
+            .handle("SignPayment", request, |d, identity, req| async move {
+                let amount = crate::session::parse_amount("amount", &req.amount)?;
+                check_currency(&req.currency)?;
+                check_license(&req.license_id)?;
+                let manifest = parse_manifest(&req.manifest)?;
+                let payee = if req.payee.is_empty() {
+                    Address([0u8; 20])
+                } else {
+                    Address::parse(&req.payee).map_err(|e| ApiError::invalid("payee", e.to_string()))?
+                };
+                let (session, scopes) = d.sessions.authorize(&req.session_token, &identity).await?;
+                let account = d.keys.record(&session.account_id).await?;
+                let context = RequestContext {
+                    session: in_session(&session),
+                    payment: Some(PaymentFacts {
                         amount,
-                        currency: &req.currency,
-                        manifest,
-                        license_id: &req.license_id,
-                        nonce,
-                    },
-                )
-            };
-            let digest_of = |nonce: u64| {
-                TypedData::from_value(&document(nonce))
-                    .map(|t| hex::encode(t.signing_hash()))
-                    .unwrap_or_default()
-            };
-            let reserved = match d
-                .sessions
-                .begin_spend(&session, &req.request_id, hash, amount, &digest_of)
-                .await?
-            {
-                Spend::Replay(bytes) => {
-                    return SignPaymentResponse::decode(bytes.as_slice())
-                        .map_err(|_| ApiError::Internal("stored response does not decode"))
-                }
-                Spend::Reserved(r) => r,
-            };
-            // The account's daily cap for the currency (a retry replays above and counts once).
-            let hold = match d
-                .policy
-                .hold_daily_spend(&identity, &session.account_id, &req.currency, amount)
-                .await
-            {
-                Ok(h) => h,
-                Err(e) => return Err(release(d, &session, &reserved.request_id, e.into()).await),
-            };
-            let signed = async {
-                let doc = document(reserved.nonce);
-                let typed = TypedData::from_value(&doc).map_err(|_| ApiError::Internal("payment document"))?;
-                let digest = typed.signing_hash();
-                let (keys, signature) = d.keys.sign_eth_digest(&session.account_id, digest).await?;
-                Ok::<_, ApiError>(SignPaymentResponse {
-                    session_id: session.id.clone(),
-                    typed_data_json: doc.to_string(),
-                    digest: digest.to_vec(),
-                    signature: signature.to_vec(),
-                    signer: keys.eth_address().to_checksum(),
-                    remaining: reserved.remaining.to_string(),
-                    nonce: reserved.nonce,
-                    request_id: reserved.request_id.clone(),
-                })
-            }
-            .await;
-            match signed {
-                Ok(resp) => {
-                    complete(d, &session.id, &reserved.request_id, &resp).await?;
-                    Ok(resp)
-                }
-                Err(e) => {
-                    if let Some(h) = hold {
-                        d.policy.release_daily_spend(h).await;
+                        currency: req.currency.clone(),
+                        manifest: hex::encode(manifest),
+                        license: req.license_id.clone(),
+                    }),
+                    ..RequestContext::default()
+                };
+                d.decide(&identity, Action::SignPayment, Resource::Account(&account), context)
+                    .await?;
+                scopes
+                    .check_payment(amount, &manifest)
+                    .map_err(crate::session::SessionError::from)?;
+                let hash = body_hash(
+                    "payment",
+                    &[
+                        session.id.as_bytes(),
+                        &amount.to_be_bytes(),
+                        req.currency.as_bytes(),
+                        &manifest,
+                        req.license_id.as_bytes(),
+                        &payee.0,
+                    ],
+                );
+                let (secp, _) = public_keys(&account)?;
+                let payer = Address::from_public_key(&secp);
+                // The signed document names the spend's nonce, given by the reservation.
+                let document = |nonce: u64| {
+                    payment(
+                        d.sessions.domain(),
+                        &Payment {
+                            session_id: &session.id,
+                            payer_account: &session.account_id,
+                            payer,
+                            payee,
+                            amount,
+                            currency: &req.currency,
+                            manifest,
+                            license_id: &req.license_id,
+                            nonce,
+                        },
+                    )
+                };
+                let digest_of = |nonce: u64| {
+                    TypedData::from_value(&document(nonce))
+                        .map(|t| hex::encode(t.signing_hash()))
+                        .unwrap_or_default()
+                };
+                let reserved = match d
+                    .sessions
+                    .begin_spend(&session, &req.request_id, hash, amount, &digest_of)
+                    .await?
+                {
+                    Spend::Replay(bytes) => {
+                        return SignPaymentResponse::decode(bytes.as_slice())
+                            .map_err(|_| ApiError::Internal("stored response does not decode"))
                     }
-                    Err(release(d, &session, &reserved.request_id, e).await)
+                    Spend::Reserved(r) => r,
+                };
+                // The account's daily cap for the currency (a retry replays above and counts once).
+                let hold = match d
+                    .policy
+                    .hold_daily_spend(&identity, &session.account_id, &req.currency, amount)
+                    .await
+                {
+                    Ok(h) => h,
+                    Err(e) => return Err(release(&d, &session, &reserved.request_id, e.into()).await),
+                };
+                let signed = async {
+                    let doc = document(reserved.nonce);
+                    let typed = TypedData::from_value(&doc).map_err(|_| ApiError::Internal("payment document"))?;
+                    let digest = typed.signing_hash();
+                    let (keys, signature) = d.keys.sign_eth_digest(&session.account_id, digest).await?;
+                    Ok::<_, ApiError>(SignPaymentResponse {
+                        session_id: session.id.clone(),
+                        typed_data_json: doc.to_string(),
+                        digest: digest.to_vec(),
+                        signature: signature.to_vec(),
+                        signer: keys.eth_address().to_checksum(),
+                        remaining: reserved.remaining.to_string(),
+                        nonce: reserved.nonce,
+                        request_id: reserved.request_id.clone(),
+                    })
                 }
-            }
-        })
-        .await
+                .await;
+                match signed {
+                    Ok(resp) => match complete(&d, &session.id, &reserved.request_id, &resp).await {
+                        Ok(()) => Ok(resp),
+                        Err(e) => {
+                            // The signature is withheld: give back what it held.
+                            if let Some(h) = hold {
+                                d.policy.release_daily_spend(h).await;
+                            }
+                            Err(release(&d, &session, &reserved.request_id, e).await)
+                        }
+                    },
+                    Err(e) => {
+                        if let Some(h) = hold {
+                            d.policy.release_daily_spend(h).await;
+                        }
+                        Err(release(&d, &session, &reserved.request_id, e).await)
+                    }
+                }
+            })
+            .await
     }
 
     // ----- issue 5: receipts and attestations -------------------------------
@@ -379,22 +388,22 @@ impl SigningService for SigningApi {
         &self,
         request: Request<SignReceiptRequest>,
     ) -> Result<Response<SignReceiptResponse>, Status> {
-        let d = &self.0;
-        d.handle("SignReceipt", request, |identity, req| {
-            receipts::sign_receipt(d, identity, req)
-        })
-        .await
+        self.0
+            .handle("SignReceipt", request, |d, identity, req| async move {
+                receipts::sign_receipt(&d, identity, req).await
+            })
+            .await
     }
 
     async fn sign_attestation(
         &self,
         request: Request<SignAttestationRequest>,
     ) -> Result<Response<SignAttestationResponse>, Status> {
-        let d = &self.0;
-        d.handle("SignAttestation", request, |identity, req| {
-            receipts::sign_attestation(d, identity, req)
-        })
-        .await
+        self.0
+            .handle("SignAttestation", request, |d, identity, req| async move {
+                receipts::sign_attestation(&d, identity, req).await
+            })
+            .await
     }
 }
 

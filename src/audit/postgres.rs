@@ -102,7 +102,7 @@ pub(crate) async fn append_one(conn: &mut PgConnection, event: Option<&NewEvent>
 #[async_trait::async_trait]
 impl AuditStore for PgStore {
     async fn append_events(&self, events: &[NewEvent]) -> Result<Vec<Event>, StoreError> {
-        let mut tx = self.pool().begin().await.map_err(err)?;
+        let mut tx = crate::store::begin(BACKEND, self.pool(), crate::store::Store::tx_stats(self), None).await?;
         let stored = append_in(&mut tx, events).await?;
         tx.commit().await.map_err(err)?;
         Ok(stored)
@@ -160,7 +160,7 @@ impl AuditStore for PgStore {
     }
 
     async fn prune_events(&self, through: u64) -> Result<u64, StoreError> {
-        let mut tx = self.pool().begin().await.map_err(err)?;
+        let mut tx = crate::store::begin(BACKEND, self.pool(), crate::store::Store::tx_stats(self), None).await?;
         read_head(&mut tx, true).await?;
         let hash: Option<Vec<u8>> = sqlx::query_scalar("SELECT hash FROM audit_events WHERE seq = $1")
             .bind(seq_i64(through)?)

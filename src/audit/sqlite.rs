@@ -103,7 +103,13 @@ pub(crate) async fn append_one(
 impl AuditStore for SqliteStore {
     async fn append_events(&self, events: &[NewEvent]) -> Result<Vec<Event>, StoreError> {
         let _writer = self.writer().lock().await;
-        let mut tx = self.pool().begin_with("BEGIN IMMEDIATE").await.map_err(err)?;
+        let mut tx = crate::store::begin(
+            BACKEND,
+            self.pool(),
+            crate::store::Store::tx_stats(self),
+            Some("BEGIN IMMEDIATE"),
+        )
+        .await?;
         let stored = append_in(&mut tx, events).await?;
         tx.commit().await.map_err(err)?;
         Ok(stored)
@@ -163,7 +169,13 @@ impl AuditStore for SqliteStore {
 
     async fn prune_events(&self, through: u64) -> Result<u64, StoreError> {
         let _writer = self.writer().lock().await;
-        let mut tx = self.pool().begin_with("BEGIN IMMEDIATE").await.map_err(err)?;
+        let mut tx = crate::store::begin(
+            BACKEND,
+            self.pool(),
+            crate::store::Store::tx_stats(self),
+            Some("BEGIN IMMEDIATE"),
+        )
+        .await?;
         let hash: Option<Vec<u8>> = sqlx::query_scalar("SELECT hash FROM audit_events WHERE seq = ?1")
             .bind(seq_i64(through)?)
             .fetch_optional(&mut *tx)

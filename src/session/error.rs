@@ -65,6 +65,11 @@ pub enum SessionError {
     /// The request id is being processed.
     #[error("a request with this request_id is still in progress")]
     InProgress,
+    /// The reservation was released by the recovery sweep before the
+    /// signature was recorded (signing outlasted the recovery bound): the
+    /// signature is withheld; a retry with the same request id signs anew.
+    #[error("the request's reservation was released before it completed; retry with the same request_id")]
+    Released,
     /// The caller may not manage this session.
     #[error("{0}")]
     Forbidden(String),

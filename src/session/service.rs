@@ -32,6 +32,9 @@ pub struct SessionSettings {
     pub max_ttl: i64,
     /// Tolerated clock difference between replicas, seconds.
     pub clock_skew: i64,
+    /// The recovery bound, seconds: a spend still pending this long after
+    /// its reservation is released by [`Sessions::sweep_pending`].
+    pub pending_spend_timeout: i64,
 }
 
 /// What a challenge asks for.
@@ -79,6 +82,13 @@ pub struct Sessions {
     clock: Arc<dyn Clock>,
     settings: SessionSettings,
 }
+
+/// How long a retry waits for its first attempt, still running, to finish
+/// before it is refused as in progress (ABORTED, retry later).
+pub const IN_PROGRESS_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// The rule a recovery release names in its audit event.
+pub const RECOVERY_RULE: &str = "recovery:pending-spend-timeout";
 
 fn invalid(field: &'static str, reason: impl Into<String>) -> SessionError {
     SessionError::Invalid {
@@ -410,19 +420,31 @@ impl Sessions {
             e.digest = digest(nonce);
             e
         };
-        let (outcome, seq) = self
-            .store
-            .reserve_spend_audited(
-                &SpendRequest {
-                    session_id: &session.id,
-                    request_id: &request_id,
-                    body_hash,
-                    amount,
-                    now: self.clock.now(),
-                },
-                event.as_ref().map(|_| &build as SpendEvent<'_>),
-            )
-            .await?;
+        // A retry that finds its first attempt still running (its client
+        // gave up, its task did not) waits for that attempt's answer a
+        // little, and returns it, rather than refusing at once.
+        let waited = std::time::Instant::now();
+        let mut pause = std::time::Duration::from_millis(5);
+        let (outcome, seq) = loop {
+            let (outcome, seq) = self
+                .store
+                .reserve_spend_audited(
+                    &SpendRequest {
+                        session_id: &session.id,
+                        request_id: &request_id,
+                        body_hash,
+                        amount,
+                        now: self.clock.now(),
+                    },
+                    event.as_ref().map(|_| &build as SpendEvent<'_>),
+                )
+                .await?;
+            if outcome != SpendOutcome::InProgress || waited.elapsed() >= IN_PROGRESS_WAIT {
+                break (outcome, seq);
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(std::time::Duration::from_millis(100));
+        };
         if let Some(seq) = seq {
             crate::audit::context::mark_recorded(seq);
         }
@@ -446,14 +468,20 @@ impl Sessions {
     }
 
     /// Records the response of a reserved request (its audit event was
-    /// appended with the reservation).
+    /// appended with the reservation). [`SessionError::Released`] when the
+    /// recovery sweep gave the reservation back first: the caller must then
+    /// withhold what it signed.
     pub async fn complete_spend(
         &self,
         session_id: &str,
         request_id: &str,
         response: &[u8],
     ) -> Result<(), SessionError> {
-        Ok(self.store.complete_spend(session_id, request_id, response).await?)
+        if self.store.complete_spend(session_id, request_id, response).await? {
+            Ok(())
+        } else {
+            Err(SessionError::Released)
+        }
     }
 
     /// Gives a reservation back after signing failed, appending the
@@ -466,6 +494,69 @@ impl Sessions {
         event: Option<&crate::audit::NewEvent>,
     ) -> Result<Option<u64>, SessionError> {
         Ok(self.store.release_spend_audited(session_id, request_id, event).await?)
+    }
+
+    /// Releases every spend still pending [`SessionSettings::pending_spend_timeout`]
+    /// seconds after its reservation, each with its compensating
+    /// `ReleaseSpend` event (identity `keyward`, code `DEADLINE_EXCEEDED`,
+    /// rule `recovery:pending-spend-timeout`) in the releasing transaction.
+    /// A request's own task completes or releases its spend whatever its
+    /// client does; what is left pending here is what a crash, or a store
+    /// that failed at completion, left behind. Returns how many were released.
+    pub async fn sweep_pending(&self) -> Result<usize, SessionError> {
+        let before = self.clock.now().saturating_sub(self.settings.pending_spend_timeout);
+        let mut released = 0;
+        loop {
+            let stale = self.store.stale_spends(before, 256).await?;
+            let page = stale.len();
+            for p in stale {
+                let mut e = crate::audit::event::daemon_event(
+                    crate::audit::event::RELEASE_SPEND,
+                    crate::audit::event::spend_ref(&p.session_id, &p.request_id),
+                );
+                e.decision = crate::audit::Decision::Error.as_str().into();
+                e.code = "DEADLINE_EXCEEDED".into();
+                e.policies = vec![RECOVERY_RULE.into()];
+                e.account = p.account_id;
+                e.session.clone_from(&p.session_id);
+                e.request_id.clone_from(&p.request_id);
+                if self
+                    .store
+                    .release_spend_audited(&p.session_id, &p.request_id, Some(&e))
+                    .await?
+                    .is_some()
+                {
+                    released += 1;
+                }
+            }
+            if page < 256 {
+                if released > 0 {
+                    // Which ones: their ReleaseSpend events in the audit log.
+                    tracing::warn!(released, "released spends left pending past the recovery bound");
+                }
+                return Ok(released);
+            }
+        }
+    }
+
+    /// Runs [`Sessions::sweep_pending`] every `every` until `stop` turns true.
+    pub async fn sweep(self: Arc<Self>, every: std::time::Duration, mut stop: tokio::sync::watch::Receiver<bool>) {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = stop.wait_for(|s| *s) => return,
+                _ = tick.tick() => {}
+            }
+            if let Err(e) = self.sweep_pending().await {
+                tracing::debug!(error = %e, "pending spends could not be swept; will retry");
+            }
+        }
+    }
+
+    /// The settings the service runs with.
+    pub fn settings(&self) -> &SessionSettings {
+        &self.settings
     }
 
     /// The EIP-712 domain sessions use.

@@ -172,6 +172,19 @@ pub struct SpendRequest<'a> {
 /// only then). Called inside the reserving transaction.
 pub type SpendEvent<'a> = &'a (dyn Fn(u64) -> crate::audit::NewEvent + Send + Sync);
 
+/// A pending spend (see [`Store::stale_spends`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PendingSpend {
+    /// The session it was reserved under.
+    pub session_id: String,
+    /// The session's account.
+    pub account_id: String,
+    /// The request's idempotency key.
+    pub request_id: String,
+    /// When it was reserved, unix seconds UTC.
+    pub created_at: i64,
+}
+
 /// What [`Store::reserve_spend`] did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SpendOutcome {
@@ -369,7 +382,26 @@ pub trait Store: Send + Sync + fmt::Debug {
     /// missing or already completed (the first response is kept). Appends
     /// no audit event: the request's event was appended with the
     /// reservation.
-    async fn complete_spend(&self, session_id: &str, request_id: &str, response: &[u8]) -> Result<(), StoreError>;
+    ///
+    /// Returns whether this call stored the response: false when the spend
+    /// is gone (released by [`Store::stale_spends`]' recovery sweep because
+    /// signing outlasted the recovery bound) or was already completed. A
+    /// caller holding a signature must not hand it out when this is false:
+    /// the amount may have been given back to the session.
+    async fn complete_spend(&self, session_id: &str, request_id: &str, response: &[u8]) -> Result<bool, StoreError>;
+
+    /// Spends still pending (reserved, neither completed nor released) that
+    /// were reserved before `before` (unix seconds), oldest first, at most
+    /// `limit`: what the recovery sweep releases (a request that died between
+    /// its reservation and its completion: a crash, a store error at
+    /// completion).
+    async fn stale_spends(&self, before: i64, limit: u32) -> Result<Vec<PendingSpend>, StoreError>;
+
+    /// A write the store must be able to make for the daemon to be ready:
+    /// takes the write lock (SQLite) or a row lock (PostgreSQL), writes the
+    /// heartbeat row and commits. Fails while the database is unreachable,
+    /// locked by another holder, or cannot write (disk full, read-only).
+    async fn probe_write(&self, now: i64) -> Result<(), StoreError>;
 
     /// Signing failed: deletes the pending spend and gives its amount back
     /// to the session's `remaining` (`uses` stays, so nonces are never
@@ -389,6 +421,12 @@ pub trait Store: Send + Sync + fmt::Debug {
         request_id: &str,
         event: Option<&crate::audit::NewEvent>,
     ) -> Result<Option<u64>, StoreError>;
+
+    /// The connection pool's state now.
+    fn pool_stats(&self) -> PoolStats;
+
+    /// What the store measures of its transactions.
+    fn tx_stats(&self) -> &TxStats;
 
     /// Closes the connection pool, waiting for connections in use to be
     /// returned. Later calls fail with [`StoreError::Unavailable`].
@@ -720,6 +758,100 @@ pub(crate) fn scrub(text: String, url: &str) -> String {
 }
 
 /// Maps a sqlx error to a [`StoreError`] for `backend`.
+/// Begins a transaction on a connection of `pool` (with `statement`, such
+/// as `BEGIN IMMEDIATE`, or the driver's plain `BEGIN`) in a task of its
+/// own, and hands the open transaction over.
+///
+/// Why a task: sqlx's SQLite driver is not cancel-safe between the worker
+/// thread's `BEGIN` and the `Transaction` value it returns. With a custom
+/// statement it awaits a second round trip to the worker (to check that the
+/// statement opened a transaction) after the `BEGIN` ran; a caller dropped in
+/// that window (a request's deadline, a reset stream, a client gone) leaves
+/// the connection inside the transaction — holding SQLite's write lock — with
+/// no `Transaction` to roll it back, and the pool hands it out again: every
+/// later writer then waits for a lock nobody will release, and that
+/// connection answers "attempted to call begin_with at non-zero transaction
+/// depth". Inside a spawned task the `Transaction` always comes to exist, and
+/// once it exists dropping it, wherever that happens, queues its rollback.
+/// The same helper serves PostgreSQL, so both backends open transactions the
+/// same way.
+///
+/// The time from the call to the open transaction (waiting for a pooled
+/// connection, then `BEGIN`; on SQLite `BEGIN IMMEDIATE` also waits for the
+/// write lock) is observed in `stats`.
+pub(crate) async fn begin<DB: sqlx::Database>(
+    backend: &'static str,
+    pool: &sqlx::Pool<DB>,
+    stats: &TxStats,
+    statement: Option<&'static str>,
+) -> Result<sqlx::Transaction<'static, DB>, StoreError> {
+    let started = std::time::Instant::now();
+    let pool = pool.clone();
+    let task = tokio::spawn(async move {
+        match statement {
+            Some(s) => pool.begin_with(s).await,
+            None => pool.begin().await,
+        }
+    });
+    let result = match task.await {
+        Ok(result) => result.map_err(|e| from_sqlx(backend, e)),
+        Err(e) => Err(StoreError::Unavailable {
+            backend,
+            reason: format!("transaction start did not finish: {e}"),
+        }),
+    };
+    stats.begin_wait.observe(started.elapsed().as_secs_f64());
+    if result.is_err() {
+        stats.begin_failures.inc();
+    }
+    result
+}
+
+/// What a store measures of its transactions (see [`begin`]); the daemon
+/// registers these series at start-up ([`Store::register_metrics`]).
+#[derive(Debug, Clone)]
+pub struct TxStats {
+    /// Seconds from asking for a transaction to having it open.
+    pub begin_wait: prometheus::Histogram,
+    /// Transactions that could not be opened.
+    pub begin_failures: prometheus::IntCounter,
+}
+
+impl TxStats {
+    pub(crate) fn new(backend: &'static str) -> Result<TxStats, StoreError> {
+        let err = |e: prometheus::Error| StoreError::Backend {
+            backend,
+            reason: format!("store metrics: {e}"),
+        };
+        Ok(TxStats {
+            begin_wait: prometheus::Histogram::with_opts(
+                prometheus::HistogramOpts::new(
+                    "store_begin_wait_seconds",
+                    "time from asking for a store transaction to having it open (pool wait, BEGIN, write lock)",
+                )
+                .buckets(vec![
+                    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.05, 0.25, 1.0, 5.0,
+                ]),
+            )
+            .map_err(err)?,
+            begin_failures: prometheus::IntCounter::new(
+                "store_begin_failures_total",
+                "store transactions that could not be opened",
+            )
+            .map_err(err)?,
+        })
+    }
+}
+
+/// The connection pool's state, for metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PoolStats {
+    /// Connections open (idle or in use).
+    pub size: u32,
+    /// Connections idle in the pool.
+    pub idle: usize,
+}
+
 pub(crate) fn from_sqlx(backend: &'static str, e: sqlx::Error) -> StoreError {
     use sqlx::Error as E;
     match e {

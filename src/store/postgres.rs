@@ -32,6 +32,7 @@ const MAX_CONNECTIONS: u32 = 10;
 pub struct PgStore {
     pool: PgPool,
     url: String,
+    tx: super::TxStats,
 }
 
 impl PgStore {
@@ -121,7 +122,11 @@ impl PgStore {
                 reason: scrub(e.to_string(), url),
             })?;
         tracing::debug!(url = %redacted, "postgres store open");
-        Ok(PgStore { pool, url: redacted })
+        Ok(PgStore {
+            pool,
+            url: redacted,
+            tx: super::TxStats::new(BACKEND)?,
+        })
     }
 }
 
@@ -200,7 +205,7 @@ impl Store for PgStore {
         event: Option<&crate::audit::NewEvent>,
     ) -> Result<Option<u64>, StoreError> {
         let err = |e| from_sqlx(BACKEND, e);
-        let mut tx = self.pool.begin().await.map_err(err)?;
+        let mut tx = super::begin(BACKEND, &self.pool, &self.tx, None).await?;
         let inserted = sqlx::query(
             "INSERT INTO accounts (id, label, controller, created_by, created_at) \
              VALUES ($1, $2, $3, $4, $5) ON CONFLICT (id) DO NOTHING",
@@ -254,11 +259,13 @@ impl Store for PgStore {
     async fn get_account(&self, id: &str) -> Result<Option<AccountRecord>, StoreError> {
         let err = |e| from_sqlx(BACKEND, e);
         // One snapshot for the three reads.
-        let mut tx = self
-            .pool
-            .begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
-            .await
-            .map_err(err)?;
+        let mut tx = super::begin(
+            BACKEND,
+            &self.pool,
+            &self.tx,
+            Some("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"),
+        )
+        .await?;
         let Some(row) = sqlx::query("SELECT id, label, controller, created_by, created_at FROM accounts WHERE id = $1")
             .bind(id)
             .fetch_optional(&mut *tx)
@@ -318,7 +325,7 @@ impl Store for PgStore {
     async fn create_challenge(&self, c: &ChallengeRecord) -> Result<(), StoreError> {
         let err = |e| from_sqlx(BACKEND, e);
         let scopes = encode_scopes(BACKEND, &c.scopes)?;
-        let mut tx = self.pool.begin().await.map_err(err)?;
+        let mut tx = super::begin(BACKEND, &self.pool, &self.tx, None).await?;
         let inserted = sqlx::query(
             "INSERT INTO challenges \
              (id, account_id, delegate, scopes, cap, nonce, typed_data, issued_at, expires_at) \
@@ -370,7 +377,7 @@ impl Store for PgStore {
         let what = format!("session {}", session.id);
         let scopes = encode_scopes(BACKEND, &session.scopes)?;
         let uses = encode_uses(&what, session.uses)?;
-        let mut tx = self.pool.begin().await.map_err(err)?;
+        let mut tx = super::begin(BACKEND, &self.pool, &self.tx, None).await?;
         let row = sqlx::query("SELECT consumed_at, expires_at FROM challenges WHERE id = $1 FOR UPDATE")
             .bind(challenge_id)
             .fetch_optional(&mut *tx)
@@ -472,7 +479,7 @@ impl Store for PgStore {
         let err = |e| from_sqlx(BACKEND, e);
         // The update locks the row: a concurrent revocation waits, then
         // finds it revoked and changes nothing.
-        let mut tx = self.pool.begin().await.map_err(err)?;
+        let mut tx = super::begin(BACKEND, &self.pool, &self.tx, None).await?;
         sqlx::query("UPDATE sessions SET revoked_at = $1, revoked_by = $2 WHERE id = $3 AND revoked_at IS NULL")
             .bind(now)
             .bind(by)
@@ -491,7 +498,7 @@ impl Store for PgStore {
         event: Option<SpendEvent<'_>>,
     ) -> Result<(SpendOutcome, Option<u64>), StoreError> {
         let err = |e| from_sqlx(BACKEND, e);
-        let mut tx = self.pool.begin().await.map_err(err)?;
+        let mut tx = super::begin(BACKEND, &self.pool, &self.tx, None).await?;
         // The row lock serialises spends of one session.
         let session = fetch_session(&mut *tx, r.session_id, true).await?;
         let existing = match session {
@@ -547,8 +554,8 @@ impl Store for PgStore {
         Ok((SpendOutcome::Reserved { remaining, nonce: uses }, seq))
     }
 
-    async fn complete_spend(&self, session_id: &str, request_id: &str, response: &[u8]) -> Result<(), StoreError> {
-        sqlx::query(
+    async fn complete_spend(&self, session_id: &str, request_id: &str, response: &[u8]) -> Result<bool, StoreError> {
+        let done = sqlx::query(
             "UPDATE spends SET response = $1 \
              WHERE session_id = $2 AND request_id = $3 AND response IS NULL",
         )
@@ -558,6 +565,46 @@ impl Store for PgStore {
         .execute(&self.pool)
         .await
         .map_err(|e| from_sqlx(BACKEND, e))?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn stale_spends(&self, before: i64, limit: u32) -> Result<Vec<super::PendingSpend>, StoreError> {
+        let err = |e| from_sqlx(BACKEND, e);
+        let rows = sqlx::query(
+            "SELECT p.session_id, s.account_id, p.request_id, p.created_at \
+             FROM spends p JOIN sessions s ON s.id = p.session_id \
+             WHERE p.response IS NULL AND p.created_at < $1 \
+             ORDER BY p.created_at, p.session_id, p.request_id LIMIT $2",
+        )
+        .bind(before)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(err)?;
+        rows.iter()
+            .map(|row| {
+                Ok(super::PendingSpend {
+                    session_id: row.try_get("session_id").map_err(err)?,
+                    account_id: row.try_get("account_id").map_err(err)?,
+                    request_id: row.try_get("request_id").map_err(err)?,
+                    created_at: row.try_get("created_at").map_err(err)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn probe_write(&self, now: i64) -> Result<(), StoreError> {
+        let err = |e| from_sqlx(BACKEND, e);
+        let mut tx = super::begin(BACKEND, &self.pool, &self.tx, None).await?;
+        sqlx::query(
+            "INSERT INTO store_health (id, probed_at) VALUES (1, $1) \
+             ON CONFLICT (id) DO UPDATE SET probed_at = excluded.probed_at",
+        )
+        .bind(now)
+        .execute(&mut *tx)
+        .await
+        .map_err(err)?;
+        tx.commit().await.map_err(err)?;
         Ok(())
     }
 
@@ -568,7 +615,7 @@ impl Store for PgStore {
         event: Option<&crate::audit::NewEvent>,
     ) -> Result<Option<u64>, StoreError> {
         let err = |e| from_sqlx(BACKEND, e);
-        let mut tx = self.pool.begin().await.map_err(err)?;
+        let mut tx = super::begin(BACKEND, &self.pool, &self.tx, None).await?;
         let remaining: Option<String> = sqlx::query_scalar("SELECT remaining FROM sessions WHERE id = $1 FOR UPDATE")
             .bind(session_id)
             .fetch_optional(&mut *tx)
@@ -609,6 +656,17 @@ impl Store for PgStore {
         Ok(seq)
     }
 
+    fn pool_stats(&self) -> super::PoolStats {
+        super::PoolStats {
+            size: self.pool.size(),
+            idle: self.pool.num_idle(),
+        }
+    }
+
+    fn tx_stats(&self) -> &super::TxStats {
+        &self.tx
+    }
+
     async fn close(&self) {
         self.pool.close().await;
     }
@@ -621,7 +679,7 @@ impl Store for PgStore {
         sign: super::ReceiptSigner,
     ) -> Result<super::ReceiptOutcome, StoreError> {
         let err = |e| from_sqlx(BACKEND, e);
-        let mut tx = self.pool.begin().await.map_err(err)?;
+        let mut tx = super::begin(BACKEND, &self.pool, &self.tx, None).await?;
         if let Some(existing) = fetch_receipt(&mut *tx, r.account_id, r.request_id).await? {
             tx.rollback().await.map_err(err)?;
             return Ok(super::existing_receipt(r, existing));
@@ -719,7 +777,7 @@ impl Store for PgStore {
                 reason: format!("a new issuer key must be next or active, not {}", rec.state.as_str()),
             });
         }
-        let mut tx = self.pool.begin().await.map_err(err)?;
+        let mut tx = super::begin(BACKEND, &self.pool, &self.tx, None).await?;
         lock_rotation(&mut tx, false).await?;
         let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM issuer_keys WHERE alg = $1 AND state = $2")
             .bind(&rec.alg)
@@ -760,7 +818,7 @@ impl Store for PgStore {
         audit: Option<&PromoteAudit>,
     ) -> Result<(Vec<PromoteOutcome>, Option<u64>), StoreError> {
         let err = |e| from_sqlx(BACKEND, e);
-        let mut tx = self.pool.begin().await.map_err(err)?;
+        let mut tx = super::begin(BACKEND, &self.pool, &self.tx, None).await?;
         if !lock_rotation(&mut tx, active_due_before.is_some()).await? {
             tx.rollback().await.map_err(err)?;
             return Ok((vec![PromoteOutcome::Busy], None));
@@ -795,7 +853,7 @@ impl Store for PgStore {
         event: Option<&crate::audit::NewEvent>,
     ) -> Result<(Option<RevokeOutcome>, Option<u64>), StoreError> {
         let err = |e| from_sqlx(BACKEND, e);
-        let mut tx = self.pool.begin().await.map_err(err)?;
+        let mut tx = super::begin(BACKEND, &self.pool, &self.tx, None).await?;
         lock_rotation(&mut tx, false).await?;
         let sql = format!("SELECT {ISSUER_KEY_COLUMNS} FROM issuer_keys WHERE kid = $1");
         let row = sqlx::query(&sql)
@@ -836,7 +894,7 @@ impl Store for PgStore {
         event: Option<&crate::audit::NewEvent>,
     ) -> Result<(bool, Option<u64>), StoreError> {
         let err = |e| from_sqlx(BACKEND, e);
-        let mut tx = self.pool.begin().await.map_err(err)?;
+        let mut tx = super::begin(BACKEND, &self.pool, &self.tx, None).await?;
         let r = sqlx::query("DELETE FROM issuer_keys WHERE kid = $1 AND state IN ('retired', 'revoked')")
             .bind(kid)
             .execute(&mut *tx)
@@ -853,7 +911,7 @@ impl Store for PgStore {
 
     async fn take_token(&self, key: &str, bucket: super::limits::Bucket, now: i64) -> Result<bool, StoreError> {
         let err = |e| from_sqlx(BACKEND, e);
-        let mut tx = self.pool.begin().await.map_err(err)?;
+        let mut tx = super::begin(BACKEND, &self.pool, &self.tx, None).await?;
         // The row exists (created full) and is locked: replicas take tokens one at a time.
         let full = i64::try_from(bucket.capacity)
             .unwrap_or(i64::MAX / super::limits::MILLI)
@@ -901,7 +959,7 @@ impl Store for PgStore {
 
     async fn prune_limit_counters(&self, totals_before: i64, buckets: &[(String, i64)]) -> Result<u64, StoreError> {
         let err = |e| from_sqlx(BACKEND, e);
-        let mut tx = self.pool.begin().await.map_err(err)?;
+        let mut tx = super::begin(BACKEND, &self.pool, &self.tx, None).await?;
         let mut gone = sqlx::query("DELETE FROM limit_totals WHERE updated_at < $1")
             .bind(totals_before)
             .execute(&mut *tx)
@@ -932,7 +990,7 @@ impl PgStore {
         f: impl FnOnce(u128) -> Option<u128> + Send,
     ) -> Result<Option<u128>, StoreError> {
         let err = |e| from_sqlx(BACKEND, e);
-        let mut tx = self.pool.begin().await.map_err(err)?;
+        let mut tx = super::begin(BACKEND, &self.pool, &self.tx, None).await?;
         sqlx::query(
             "INSERT INTO limit_totals (key, total, updated_at) VALUES ($1, '0', $2) ON CONFLICT (key) DO NOTHING",
         )

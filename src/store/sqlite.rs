@@ -37,6 +37,7 @@ pub struct SqliteStore {
     pool: SqlitePool,
     path: PathBuf,
     write: Mutex<()>,
+    tx: super::TxStats,
 }
 
 impl fmt::Debug for SqliteStore {
@@ -92,6 +93,7 @@ impl SqliteStore {
             pool,
             path,
             write: Mutex::new(()),
+            tx: super::TxStats::new(BACKEND)?,
         })
     }
 
@@ -232,7 +234,7 @@ impl Store for SqliteStore {
     ) -> Result<Option<u64>, StoreError> {
         let err = |e| from_sqlx(BACKEND, e);
         let _writer = self.write.lock().await;
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await.map_err(err)?;
+        let mut tx = super::begin(BACKEND, &self.pool, &self.tx, Some("BEGIN IMMEDIATE")).await?;
         let inserted = sqlx::query(
             "INSERT INTO accounts (id, label, controller, created_by, created_at) \
              VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (id) DO NOTHING",
@@ -286,7 +288,7 @@ impl Store for SqliteStore {
     async fn get_account(&self, id: &str) -> Result<Option<AccountRecord>, StoreError> {
         let err = |e| from_sqlx(BACKEND, e);
         // One read transaction: a consistent snapshot of the three tables.
-        let mut tx = self.pool.begin().await.map_err(err)?;
+        let mut tx = super::begin(BACKEND, &self.pool, &self.tx, None).await?;
         let Some(row) = sqlx::query("SELECT id, label, controller, created_by, created_at FROM accounts WHERE id = ?1")
             .bind(id)
             .fetch_optional(&mut *tx)
@@ -347,7 +349,7 @@ impl Store for SqliteStore {
         let err = |e| from_sqlx(BACKEND, e);
         let scopes = encode_scopes(BACKEND, &c.scopes)?;
         let _writer = self.write.lock().await;
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await.map_err(err)?;
+        let mut tx = super::begin(BACKEND, &self.pool, &self.tx, Some("BEGIN IMMEDIATE")).await?;
         let inserted = sqlx::query(
             "INSERT INTO challenges \
              (id, account_id, delegate, scopes, cap, nonce, typed_data, issued_at, expires_at) \
@@ -400,7 +402,7 @@ impl Store for SqliteStore {
         let scopes = encode_scopes(BACKEND, &session.scopes)?;
         let uses = encode_uses(&what, session.uses)?;
         let _writer = self.write.lock().await;
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await.map_err(err)?;
+        let mut tx = super::begin(BACKEND, &self.pool, &self.tx, Some("BEGIN IMMEDIATE")).await?;
         let row = sqlx::query("SELECT consumed_at, expires_at FROM challenges WHERE id = ?1")
             .bind(challenge_id)
             .fetch_optional(&mut *tx)
@@ -494,7 +496,7 @@ impl Store for SqliteStore {
     async fn revoke_session(&self, id: &str, by: &str, now: i64) -> Result<Option<SessionRecord>, StoreError> {
         let err = |e| from_sqlx(BACKEND, e);
         let _writer = self.write.lock().await;
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await.map_err(err)?;
+        let mut tx = super::begin(BACKEND, &self.pool, &self.tx, Some("BEGIN IMMEDIATE")).await?;
         sqlx::query("UPDATE sessions SET revoked_at = ?1, revoked_by = ?2 WHERE id = ?3 AND revoked_at IS NULL")
             .bind(now)
             .bind(by)
@@ -514,7 +516,7 @@ impl Store for SqliteStore {
     ) -> Result<(SpendOutcome, Option<u64>), StoreError> {
         let err = |e| from_sqlx(BACKEND, e);
         let _writer = self.write.lock().await;
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await.map_err(err)?;
+        let mut tx = super::begin(BACKEND, &self.pool, &self.tx, Some("BEGIN IMMEDIATE")).await?;
         let session = fetch_session(&mut *tx, r.session_id).await?;
         let existing = match session {
             None => None,
@@ -569,9 +571,9 @@ impl Store for SqliteStore {
         Ok((SpendOutcome::Reserved { remaining, nonce: uses }, seq))
     }
 
-    async fn complete_spend(&self, session_id: &str, request_id: &str, response: &[u8]) -> Result<(), StoreError> {
+    async fn complete_spend(&self, session_id: &str, request_id: &str, response: &[u8]) -> Result<bool, StoreError> {
         let _writer = self.write.lock().await;
-        sqlx::query(
+        let done = sqlx::query(
             "UPDATE spends SET response = ?1 \
              WHERE session_id = ?2 AND request_id = ?3 AND response IS NULL",
         )
@@ -581,6 +583,47 @@ impl Store for SqliteStore {
         .execute(&self.pool)
         .await
         .map_err(|e| from_sqlx(BACKEND, e))?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn stale_spends(&self, before: i64, limit: u32) -> Result<Vec<super::PendingSpend>, StoreError> {
+        let err = |e| from_sqlx(BACKEND, e);
+        let rows = sqlx::query(
+            "SELECT p.session_id, s.account_id, p.request_id, p.created_at \
+             FROM spends p JOIN sessions s ON s.id = p.session_id \
+             WHERE p.response IS NULL AND p.created_at < ?1 \
+             ORDER BY p.created_at, p.session_id, p.request_id LIMIT ?2",
+        )
+        .bind(before)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(err)?;
+        rows.iter()
+            .map(|row| {
+                Ok(super::PendingSpend {
+                    session_id: row.try_get("session_id").map_err(err)?,
+                    account_id: row.try_get("account_id").map_err(err)?,
+                    request_id: row.try_get("request_id").map_err(err)?,
+                    created_at: row.try_get("created_at").map_err(err)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn probe_write(&self, now: i64) -> Result<(), StoreError> {
+        let err = |e| from_sqlx(BACKEND, e);
+        let _writer = self.write.lock().await;
+        let mut tx = super::begin(BACKEND, &self.pool, &self.tx, Some("BEGIN IMMEDIATE")).await?;
+        sqlx::query(
+            "INSERT INTO store_health (id, probed_at) VALUES (1, ?1) \
+             ON CONFLICT (id) DO UPDATE SET probed_at = excluded.probed_at",
+        )
+        .bind(now)
+        .execute(&mut *tx)
+        .await
+        .map_err(err)?;
+        tx.commit().await.map_err(err)?;
         Ok(())
     }
 
@@ -592,7 +635,7 @@ impl Store for SqliteStore {
     ) -> Result<Option<u64>, StoreError> {
         let err = |e| from_sqlx(BACKEND, e);
         let _writer = self.write.lock().await;
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await.map_err(err)?;
+        let mut tx = super::begin(BACKEND, &self.pool, &self.tx, Some("BEGIN IMMEDIATE")).await?;
         let remaining: Option<String> = sqlx::query_scalar("SELECT remaining FROM sessions WHERE id = ?1")
             .bind(session_id)
             .fetch_optional(&mut *tx)
@@ -633,6 +676,17 @@ impl Store for SqliteStore {
         Ok(seq)
     }
 
+    fn pool_stats(&self) -> super::PoolStats {
+        super::PoolStats {
+            size: self.pool.size(),
+            idle: self.pool.num_idle(),
+        }
+    }
+
+    fn tx_stats(&self) -> &super::TxStats {
+        &self.tx
+    }
+
     async fn close(&self) {
         self.pool.close().await;
     }
@@ -646,7 +700,7 @@ impl Store for SqliteStore {
     ) -> Result<super::ReceiptOutcome, StoreError> {
         let err = |e| from_sqlx(BACKEND, e);
         let _writer = self.write.lock().await;
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await.map_err(err)?;
+        let mut tx = super::begin(BACKEND, &self.pool, &self.tx, Some("BEGIN IMMEDIATE")).await?;
         if let Some(existing) = fetch_receipt(&mut *tx, r.account_id, r.request_id).await? {
             tx.rollback().await.map_err(err)?;
             return Ok(super::existing_receipt(r, existing));
@@ -734,7 +788,7 @@ impl Store for SqliteStore {
             });
         }
         let _writer = self.write.lock().await;
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await.map_err(err)?;
+        let mut tx = super::begin(BACKEND, &self.pool, &self.tx, Some("BEGIN IMMEDIATE")).await?;
         let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM issuer_keys WHERE alg = ?1 AND state = ?2")
             .bind(&rec.alg)
             .bind(rec.state.as_str())
@@ -775,7 +829,7 @@ impl Store for SqliteStore {
     ) -> Result<(Vec<PromoteOutcome>, Option<u64>), StoreError> {
         let err = |e| from_sqlx(BACKEND, e);
         let _writer = self.write.lock().await;
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await.map_err(err)?;
+        let mut tx = super::begin(BACKEND, &self.pool, &self.tx, Some("BEGIN IMMEDIATE")).await?;
         let mut promoted = Vec::with_capacity(algs.len());
         for alg in algs {
             let keys = issuer_keys_where(&mut *tx, Some(alg)).await?;
@@ -807,7 +861,7 @@ impl Store for SqliteStore {
     ) -> Result<(Option<RevokeOutcome>, Option<u64>), StoreError> {
         let err = |e| from_sqlx(BACKEND, e);
         let _writer = self.write.lock().await;
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await.map_err(err)?;
+        let mut tx = super::begin(BACKEND, &self.pool, &self.tx, Some("BEGIN IMMEDIATE")).await?;
         let sql = format!("SELECT {ISSUER_KEY_COLUMNS} FROM issuer_keys WHERE kid = ?1");
         let row = sqlx::query(&sql)
             .bind(kid)
@@ -848,7 +902,7 @@ impl Store for SqliteStore {
     ) -> Result<(bool, Option<u64>), StoreError> {
         let err = |e| from_sqlx(BACKEND, e);
         let _writer = self.write.lock().await;
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await.map_err(err)?;
+        let mut tx = super::begin(BACKEND, &self.pool, &self.tx, Some("BEGIN IMMEDIATE")).await?;
         let r = sqlx::query("DELETE FROM issuer_keys WHERE kid = ?1 AND state IN ('retired', 'revoked')")
             .bind(kid)
             .execute(&mut *tx)
@@ -866,7 +920,7 @@ impl Store for SqliteStore {
     async fn take_token(&self, key: &str, bucket: super::limits::Bucket, now: i64) -> Result<bool, StoreError> {
         let err = |e| from_sqlx(BACKEND, e);
         let _writer = self.write.lock().await;
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await.map_err(err)?;
+        let mut tx = super::begin(BACKEND, &self.pool, &self.tx, Some("BEGIN IMMEDIATE")).await?;
         let stored: Option<(i64, i64)> = sqlx::query_as("SELECT tokens, updated_at FROM limit_buckets WHERE key = ?1")
             .bind(key)
             .fetch_optional(&mut *tx)
@@ -904,7 +958,7 @@ impl Store for SqliteStore {
     async fn prune_limit_counters(&self, totals_before: i64, buckets: &[(String, i64)]) -> Result<u64, StoreError> {
         let err = |e| from_sqlx(BACKEND, e);
         let _writer = self.write.lock().await;
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await.map_err(err)?;
+        let mut tx = super::begin(BACKEND, &self.pool, &self.tx, Some("BEGIN IMMEDIATE")).await?;
         let mut gone = sqlx::query("DELETE FROM limit_totals WHERE updated_at < ?1")
             .bind(totals_before)
             .execute(&mut *tx)
@@ -936,7 +990,7 @@ impl SqliteStore {
     ) -> Result<Option<u128>, StoreError> {
         let err = |e| from_sqlx(BACKEND, e);
         let _writer = self.write.lock().await;
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await.map_err(err)?;
+        let mut tx = super::begin(BACKEND, &self.pool, &self.tx, Some("BEGIN IMMEDIATE")).await?;
         let stored: Option<String> = sqlx::query_scalar("SELECT total FROM limit_totals WHERE key = ?1")
             .bind(key)
             .fetch_optional(&mut *tx)
