@@ -604,6 +604,32 @@ fn non_empty(value: String, key: &'static str) -> Result<SecretString, ConfigErr
 mod tests {
     use super::*;
 
+    #[test]
+    fn the_example_config_names_only_real_keys_and_validates() {
+        let text = include_str!("../deploy/keyward.example.toml");
+        let cfg = Config::parse(text, Path::new("/etc/keyward")).expect("the example config loads");
+        assert_eq!(cfg.server.max_requests_in_flight, 512);
+        assert_eq!(cfg.sessions.pending_spend_timeout_seconds, 60);
+    }
+
+    #[test]
+    fn recovery_bound_and_in_flight_limit_are_bounded() {
+        let base = include_str!("../deploy/keyward.example.toml");
+        for (from, to, key) in [
+            ("max_requests_in_flight = 512", "max_requests_in_flight = 0", "server.max_requests_in_flight"),
+            (
+                "pending_spend_timeout_seconds = 60",
+                "pending_spend_timeout_seconds = 0",
+                "sessions.pending_spend_timeout_seconds",
+            ),
+        ] {
+            match Config::parse(&base.replace(from, to), Path::new("/etc/keyward")) {
+                Err(ConfigError::Invalid { key: k, .. }) => assert_eq!(k, key),
+                other => panic!("{to}: {other:?}"),
+            }
+        }
+    }
+
     const GOOD: &str = r#"
 [server]
 listen = "127.0.0.1:7443"
