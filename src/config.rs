@@ -144,6 +144,17 @@ pub struct TlsConfig {
     pub key: PathBuf,
     /// CA that client certificates must chain to (PEM).
     pub client_ca: PathBuf,
+    /// What else than the one URI SAN may name a client, in order: `"dns"`
+    /// (its one DNS SAN, as `dns:<name>`), `"cn"` (its one CN, as
+    /// `cn:<name>`). Empty by default: a certificate without exactly one URI
+    /// SAN is refused at the handshake.
+    #[serde(default)]
+    pub identity_fallback: Vec<crate::tls::IdentityFallback>,
+    /// PEM certificate revocation lists of the client CAs, read at start and
+    /// reloaded with the certificates (SIGHUP). A revoked client certificate
+    /// is refused at the handshake.
+    #[serde(default)]
+    pub crls: Vec<PathBuf>,
 }
 
 /// `[hsm]`
@@ -449,6 +460,9 @@ impl Config {
         fix(&mut self.tls.cert);
         fix(&mut self.tls.key);
         fix(&mut self.tls.client_ca);
+        for crl in &mut self.tls.crls {
+            fix(crl);
+        }
         fix(&mut self.policy.dir);
         if let Some(p) = self.hsm.pin_file.as_mut() {
             fix(p);
@@ -616,7 +630,11 @@ mod tests {
     fn recovery_bound_and_in_flight_limit_are_bounded() {
         let base = include_str!("../deploy/keyward.example.toml");
         for (from, to, key) in [
-            ("max_requests_in_flight = 512", "max_requests_in_flight = 0", "server.max_requests_in_flight"),
+            (
+                "max_requests_in_flight = 512",
+                "max_requests_in_flight = 0",
+                "server.max_requests_in_flight",
+            ),
             (
                 "pending_spend_timeout_seconds = 60",
                 "pending_spend_timeout_seconds = 0",

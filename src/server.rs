@@ -79,7 +79,12 @@ pub struct Running {
     pub max_message_bytes: usize,
     /// Streams per connection.
     pub max_concurrent_streams: u32,
+    /// Requests worked on at once.
+    pub max_requests_in_flight: usize,
 }
+
+/// How long shutdown waits for requests still running (their clients gone).
+const SHUTDOWN_DRAIN: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Opens the HSM (PIN from its configured source) with blocking calls.
 pub async fn open_hsm(config: &Config) -> Result<Hsm, ServeError> {
@@ -115,11 +120,19 @@ pub async fn start(config: &Config) -> Result<Running, ServeError> {
 
 /// As `start`, with a clock of the caller's (tests drive time with it).
 pub async fn start_with_clock(config: &Config, clock: Arc<dyn Clock>) -> Result<Running, ServeError> {
-    let tls = ServerTls::load(TlsPaths {
-        cert: config.tls.cert.clone(),
-        key: config.tls.key.clone(),
-        client_ca: config.tls.client_ca.clone(),
-    })?;
+    let tls = ServerTls::load_with(
+        TlsPaths {
+            cert: config.tls.cert.clone(),
+            key: config.tls.key.clone(),
+            client_ca: config.tls.client_ca.clone(),
+        },
+        crate::tls::TlsOptions {
+            identity: crate::tls::IdentityRules {
+                fallback: config.tls.identity_fallback.clone(),
+            },
+            crls: config.tls.crls.clone(),
+        },
+    )?;
     let hsm = open_hsm(config).await?;
     if hsm.kek_version() == 0 {
         return Err(ServeError::NoKek);
@@ -215,6 +228,7 @@ pub async fn start_with_clock(config: &Config, clock: Arc<dyn Clock>) -> Result<
         tls,
         max_message_bytes: config.server.max_message_bytes,
         max_concurrent_streams: config.server.max_concurrent_streams,
+        max_requests_in_flight: config.server.max_requests_in_flight,
     })
 }
 
@@ -301,6 +315,17 @@ where
     let _ = jwks_task.await;
     let _ = policy_task.await;
     let _ = prune_task.await;
+    // Requests whose clients left still run to their end: wait for them
+    // (bounded) before the audit log is closed under them.
+    let all = u32::try_from(running.max_requests_in_flight).unwrap_or(u32::MAX);
+    match tokio::time::timeout(SHUTDOWN_DRAIN, d.in_flight.acquire_many(all)).await {
+        Ok(Ok(permits)) => drop(permits),
+        Ok(Err(_)) => {}
+        Err(_) => tracing::warn!(
+            in_flight = d.metrics.in_flight().get(),
+            "requests still running at shutdown after the drain deadline"
+        ),
+    }
     let _ = health_task.await;
     let _ = reporter_task.await;
     let _ = sweep_task.await;

@@ -15,7 +15,7 @@ use tonic::Code;
 fn spec(name: &str, not_before: OffsetDateTime, not_after: OffsetDateTime) -> CertSpec {
     CertSpec {
         common_name: name.into(),
-        uri_san: Some(format!("spiffe://example.org/{name}")),
+        uri_sans: vec![format!("spiffe://example.org/{name}")],
         dns_sans: vec![],
         not_before,
         not_after,

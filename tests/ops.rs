@@ -409,7 +409,7 @@ fn server_spec(cn: &str, sans: &[&str]) -> CertSpec {
     let now = time::OffsetDateTime::now_utc();
     CertSpec {
         common_name: cn.into(),
-        uri_san: None,
+        uri_sans: vec![],
         dns_sans: sans.iter().map(|s| s.to_string()).collect(),
         not_before: now - time::Duration::minutes(5),
         not_after: now + time::Duration::days(1),
@@ -536,7 +536,7 @@ fn sighup_reloads_client_ca() {
         &new_ca_key,
         &CertSpec {
             common_name: "admin".into(),
-            uri_san: Some("spiffe://example.org/admin".into()),
+            uri_sans: vec!["spiffe://example.org/admin".into()],
             dns_sans: Vec::new(),
             not_before: now - time::Duration::minutes(5),
             not_after: now + time::Duration::days(1),

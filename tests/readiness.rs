@@ -89,7 +89,10 @@ fn a_held_store_lock_makes_the_daemon_not_ready_until_it_goes() {
         assert_eq!(metric(&d, &env, "keyward_ready").await, Some(0.0));
         // Several probes fail while it lasts; the transition counts once.
         wait_until("a second failed probe", Duration::from_secs(15), || async {
-            metric(&d, &env, "keyward_store_probe_failures_total").await.unwrap_or(0.0) >= 2.0
+            metric(&d, &env, "keyward_store_probe_failures_total")
+                .await
+                .unwrap_or(0.0)
+                >= 2.0
         })
         .await;
         assert_eq!(

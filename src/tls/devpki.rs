@@ -62,8 +62,8 @@ pub struct ClientProfile {
 pub struct CertSpec {
     /// Subject CN; empty for a certificate with an empty subject.
     pub common_name: String,
-    /// Optional URI SAN (e.g. a SPIFFE ID).
-    pub uri_san: Option<String>,
+    /// URI SANs (e.g. a SPIFFE ID); a client identity needs exactly one.
+    pub uri_sans: Vec<String>,
     /// DNS names; entries that parse as an IP address become IP SANs.
     pub dns_sans: Vec<String>,
     /// Start of validity.
@@ -130,7 +130,7 @@ pub fn ensure_dev_pki(dir: &Path, client_names: &[&str]) -> Result<DevPki, TlsEr
     if !pair_exists(&server_cert, &server_key)? {
         let spec = CertSpec {
             common_name: "localhost".to_owned(),
-            uri_san: None,
+            uri_sans: vec![],
             dns_sans: vec!["localhost".into(), "127.0.0.1".into(), "::1".into()],
             not_before: now - SKEW,
             not_after: now + Duration::days(365),
@@ -147,7 +147,7 @@ pub fn ensure_dev_pki(dir: &Path, client_names: &[&str]) -> Result<DevPki, TlsEr
         }
         let spec = CertSpec {
             common_name: client.name.clone(),
-            uri_san: Some(client.identity.clone()),
+            uri_sans: vec![client.identity.clone()],
             dns_sans: Vec::new(),
             not_before: now - SKEW,
             not_after: now + Duration::days(365),
@@ -204,12 +204,52 @@ fn write_public(path: &Path, contents: &[u8]) -> Result<(), TlsError> {
     write_atomic(path, contents, 0o644)
 }
 
-fn issue_at(
+/// Issue a certificate revocation list (PEM) of the CA given as PEM, valid
+/// for `valid_for`, revoking each certificate of `revoked` (PEM).
+pub fn revocation_list(
+    ca_cert_pem: &str,
+    ca_key_pem: &str,
+    revoked: &[&str],
+    valid_for: Duration,
+) -> Result<String, TlsError> {
+    let ca_path = Path::new("<ca certificate>");
+    let (issuer, ca_key, key_identifier_method) = issuer_of(ca_cert_pem, ca_key_pem, ca_path)?;
+    let now = OffsetDateTime::now_utc();
+    let mut revoked_certs = Vec::with_capacity(revoked.len());
+    for pem in revoked {
+        let der = CertificateDer::from_pem_slice(pem.as_bytes()).map_err(|e| TlsError::Invalid {
+            path: PathBuf::from("<revoked certificate>"),
+            reason: format!("PEM: {e}"),
+        })?;
+        let (_, cert) = X509Certificate::from_der(&der).map_err(|e| TlsError::Invalid {
+            path: PathBuf::from("<revoked certificate>"),
+            reason: e.to_string(),
+        })?;
+        revoked_certs.push(rcgen::RevokedCertParams {
+            serial_number: SerialNumber::from_slice(cert.raw_serial()),
+            revocation_time: now - SKEW,
+            reason_code: Some(rcgen::RevocationReason::KeyCompromise),
+            invalidity_date: None,
+        });
+    }
+    let params = rcgen::CertificateRevocationListParams {
+        this_update: now - SKEW,
+        next_update: now + valid_for,
+        crl_number: random_serial()?,
+        issuing_distribution_point: None,
+        revoked_certs,
+        key_identifier_method,
+    };
+    Ok(params.signed_by(&issuer, &ca_key)?.pem()?)
+}
+
+/// The CA given as PEM, rebuilt as an rcgen issuer: its subject name, key
+/// identifier and key (what rcgen needs to sign for it).
+fn issuer_of(
     ca_cert_pem: &str,
     ca_key_pem: &str,
     ca_path: &Path,
-    spec: &CertSpec,
-) -> Result<(String, String), TlsError> {
+) -> Result<(rcgen::Certificate, KeyPair, KeyIdMethod), TlsError> {
     let invalid = |reason: String| TlsError::Invalid {
         path: ca_path.to_path_buf(),
         reason,
@@ -226,12 +266,24 @@ fn issue_at(
     // sign; rebuild those from the CA certificate.
     let mut issuer_params = CertificateParams::default();
     issuer_params.distinguished_name = subject_of(&ca).map_err(invalid)?;
-    issuer_params.key_identifier_method = match subject_key_id(&ca) {
+    let key_identifier_method = match subject_key_id(&ca) {
         Some(ski) => KeyIdMethod::PreSpecified(ski),
         None => KeyIdMethod::Sha256,
     };
+    issuer_params.key_identifier_method = key_identifier_method.clone();
     issuer_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    issuer_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
     let issuer = issuer_params.self_signed(&ca_key)?;
+    Ok((issuer, ca_key, key_identifier_method))
+}
+
+fn issue_at(
+    ca_cert_pem: &str,
+    ca_key_pem: &str,
+    ca_path: &Path,
+    spec: &CertSpec,
+) -> Result<(String, String), TlsError> {
+    let (issuer, ca_key, _) = issuer_of(ca_cert_pem, ca_key_pem, ca_path)?;
 
     let mut params = CertificateParams::default();
     params.distinguished_name = DistinguishedName::new();
@@ -244,7 +296,7 @@ fn issue_at(
         path: PathBuf::from("<certificate spec>"),
         reason,
     };
-    if let Some(uri) = &spec.uri_san {
+    for uri in &spec.uri_sans {
         let uri = Ia5String::try_from(uri.as_str()).map_err(|e| bad_spec(format!("URI SAN {uri:?}: {e}")))?;
         params.subject_alt_names.push(SanType::URI(uri));
     }

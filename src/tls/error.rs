@@ -56,9 +56,16 @@ pub enum TlsError {
     /// Certificate or key generation failed.
     #[error("certificate generation failed: {0}")]
     Generate(#[from] rcgen::Error),
-    /// A certificate carries no usable identity (URI SAN, DNS SAN or CN).
-    #[error("certificate has no identity (no URI SAN, DNS SAN or subject CN)")]
+    /// A certificate carries no usable identity: no URI SAN, and no DNS SAN
+    /// or CN the config allows instead.
+    #[error("certificate has no identity: no URI SAN (and no DNS SAN or CN allowed by tls.identity_fallback)")]
     NoIdentity,
+    /// A certificate names more than one identity.
+    #[error("certificate identity is ambiguous: {reason}")]
+    AmbiguousIdentity {
+        /// What it names.
+        reason: String,
+    },
     /// A certificate could not be parsed when extracting its identity.
     #[error("certificate cannot be parsed: {reason}")]
     BadCertificate {

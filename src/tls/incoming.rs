@@ -16,7 +16,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::Stream;
 
-use super::identity::identity_from_cert;
+use super::identity::identity_with;
 use super::server::ServerTls;
 
 /// Maximum time a peer gets to complete the TLS handshake.
@@ -36,7 +36,7 @@ const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(100);
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConnInfo {
     /// Identity of the verified client certificate (see
-    /// [`identity_from_cert`]).
+    /// [`identity_with`]).
     pub identity: String,
     /// The peer's TCP address, if known.
     pub remote_addr: Option<SocketAddr>,
@@ -169,7 +169,7 @@ async fn handshake(acceptor: TlsAcceptor, tcp: TcpStream, peer: SocketAddr, tls:
     let identity = {
         let (_, session) = stream.get_ref();
         match session.peer_certificates().and_then(|c| c.first()) {
-            Some(leaf) => identity_from_cert(leaf.as_ref()),
+            Some(leaf) => identity_with(leaf.as_ref(), tls.identity_rules()),
             None => Err(super::error::TlsError::NoIdentity),
         }
     };

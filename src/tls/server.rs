@@ -7,11 +7,12 @@ use std::sync::{Arc, RwLock};
 
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::{self, PemObject};
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{RootCertStore, ServerConfig};
 
 use super::error::TlsError;
+use super::identity::IdentityRules;
 
 /// Where the server's TLS material lives on disk.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -24,6 +25,16 @@ pub struct TlsPaths {
     pub client_ca: PathBuf,
 }
 
+/// How client certificates are judged beyond their chain.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TlsOptions {
+    /// What names a client (see [`crate::tls::identity`]).
+    pub identity: IdentityRules,
+    /// PEM files of certificate revocation lists of the client CAs; read at
+    /// load and at every reload, with the certificates.
+    pub crls: Vec<PathBuf>,
+}
+
 #[derive(Debug)]
 struct Configs {
     grpc: Arc<ServerConfig>,
@@ -34,25 +45,34 @@ struct Configs {
 #[derive(Debug)]
 pub struct ServerTls {
     paths: TlsPaths,
+    options: TlsOptions,
     configs: RwLock<Arc<Configs>>,
     handshake_failures: AtomicU64,
 }
 
 impl ServerTls {
-    /// Read the three files and build both configurations.
+    /// Read the three files and build both configurations, with the
+    /// default options (a client is its one URI SAN; no CRLs).
     pub fn load(paths: TlsPaths) -> Result<Arc<ServerTls>, TlsError> {
-        let configs = build_configs(&paths)?;
+        ServerTls::load_with(paths, TlsOptions::default())
+    }
+
+    /// As [`ServerTls::load`], with identity rules and CRLs.
+    pub fn load_with(paths: TlsPaths, options: TlsOptions) -> Result<Arc<ServerTls>, TlsError> {
+        let configs = build_configs(&paths, &options)?;
         Ok(Arc::new(ServerTls {
             paths,
+            options,
             configs: RwLock::new(Arc::new(configs)),
             handshake_failures: AtomicU64::new(0),
         }))
     }
 
-    /// Re-read all three files. On error the current configuration stays in
-    /// force and the error is returned. Only new connections see the change.
+    /// Re-read all three files and the CRLs. On error the current
+    /// configuration stays in force and the error is returned. Only new
+    /// connections see the change.
     pub fn reload(&self) -> Result<(), TlsError> {
-        let configs = build_configs(&self.paths)?;
+        let configs = build_configs(&self.paths, &self.options)?;
         let mut guard = self.configs.write().unwrap_or_else(|e| e.into_inner());
         *guard = Arc::new(configs);
         drop(guard);
@@ -77,6 +97,11 @@ impl ServerTls {
         &self.paths
     }
 
+    /// What names a client.
+    pub fn identity_rules(&self) -> &IdentityRules {
+        &self.options.identity
+    }
+
     /// Number of inbound gRPC connections refused during the TLS handshake
     /// (including timeouts and verified certificates without an identity).
     pub fn handshake_failures(&self) -> u64 {
@@ -96,7 +121,29 @@ fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-fn build_configs(paths: &TlsPaths) -> Result<Configs, TlsError> {
+/// Every CRL of every file, in order.
+fn read_crls(files: &[PathBuf]) -> Result<Vec<CertificateRevocationListDer<'static>>, TlsError> {
+    let mut crls = Vec::new();
+    for path in files {
+        let bytes = read_file(path)?;
+        let before = crls.len();
+        for crl in CertificateRevocationListDer::pem_slice_iter(&bytes) {
+            crls.push(crl.map_err(|e| TlsError::Invalid {
+                path: path.clone(),
+                reason: format!("bad CRL PEM: {e}"),
+            })?);
+        }
+        if crls.len() == before {
+            return Err(TlsError::Invalid {
+                path: path.clone(),
+                reason: "no X509 CRL block".into(),
+            });
+        }
+    }
+    Ok(crls)
+}
+
+fn build_configs(paths: &TlsPaths, options: &TlsOptions) -> Result<Configs, TlsError> {
     let chain = read_certs(&paths.cert)?;
     let key = read_key(&paths.key)?;
     let ca_certs = read_certs(&paths.client_ca)?;
@@ -109,12 +156,21 @@ fn build_configs(paths: &TlsPaths) -> Result<Configs, TlsError> {
         })?;
     }
     let provider = provider();
-    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-        .build()
-        .map_err(|e| TlsError::Invalid {
-            path: paths.client_ca.clone(),
-            reason: format!("client verifier: {e}"),
-        })?;
+    let crls = read_crls(&options.crls)?;
+    let mut builder = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone());
+    if !crls.is_empty() {
+        // The leaf's revocation, by the CRL of its issuer; a leaf from a CA
+        // that has no CRL listed is judged by its chain alone.
+        builder = builder
+            .with_crls(crls)
+            .only_check_end_entity_revocation()
+            .allow_unknown_revocation_status();
+    }
+    let webpki = builder.build().map_err(|e| TlsError::Invalid {
+        path: options.crls.first().unwrap_or(&paths.client_ca).clone(),
+        reason: format!("client verifier: {e}"),
+    })?;
+    let verifier = Arc::new(super::verifier::IdentityVerifier::new(webpki, options.identity.clone()));
 
     let rustls_err = |path: &Path| {
         let path = path.to_path_buf();

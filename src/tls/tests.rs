@@ -99,7 +99,7 @@ fn client_spec(uri: Option<&str>, cn: &str) -> CertSpec {
     let now = OffsetDateTime::now_utc();
     CertSpec {
         common_name: cn.to_owned(),
-        uri_san: uri.map(str::to_owned),
+        uri_sans: uri.map(str::to_owned).into_iter().collect(),
         dns_sans: Vec::new(),
         not_before: now - time::Duration::hours(1),
         not_after: now + time::Duration::days(1),
@@ -324,12 +324,102 @@ async fn server_only_certificate_is_refused_as_client() {
     server.stop().await;
 }
 
+/// Certificates from the trusted CA that a hostile client could hold: a
+/// SPIFFE id as the only CN, a SPIFFE id as a DNS SAN, two URI SANs. None
+/// gets the admin identity: by default each fails the handshake; with DNS
+/// and CN fallbacks allowed, the first two are typed (`cn:`, `dns:`) and so
+/// never equal the SPIFFE id, and two URI SANs stay refused.
 #[tokio::test]
-async fn verified_certificate_without_identity_is_dropped() {
+async fn certificates_naming_no_single_uri_identity_never_become_it() {
+    let fx = Fixture::new();
+    let ca = fx.ca_pems();
+    let cn_only = fx.client_files("cn-only", &ca, &client_spec(None, ADMIN));
+    let mut dns_spec = client_spec(None, "x");
+    dns_spec.dns_sans = vec!["admin.example.org".into()];
+    let dns = fx.client_files("dns", &ca, &dns_spec);
+    let mut spiffe_dns_spec = client_spec(None, "x");
+    spiffe_dns_spec.dns_sans = vec![ADMIN.into()];
+    let spiffe_dns = fx.client_files("spiffe-dns", &ca, &spiffe_dns_spec);
+    let mut two_spec = client_spec(Some("spiffe://example.org/x"), "x");
+    two_spec.uri_sans.push(ADMIN.into());
+    let two = fx.client_files("two-uris", &ca, &two_spec);
+
+    let server = TestServer::start(ServerTls::load(fx.paths()).unwrap()).await;
+    for files in [&cn_only, &dns, &spiffe_dns, &two] {
+        assert_refused(&fx, &server, files).await;
+    }
+    assert!(server.seen.lock().unwrap().iter().all(|i| i.identity == ADMIN));
+    server.stop().await;
+
+    let options = TlsOptions {
+        identity: IdentityRules {
+            fallback: vec![IdentityFallback::Dns, IdentityFallback::Cn],
+        },
+        crls: Vec::new(),
+    };
+    let server = TestServer::start(ServerTls::load_with(fx.paths(), options).unwrap()).await;
+    server.check(&cn_only).await.unwrap();
+    server.check(&dns).await.unwrap();
+    // Typed as `dns:spiffe://...` if the chain verifies at all: never the admin.
+    let _ = server.check(&spiffe_dns).await;
+    assert_refused(&fx, &server, &two).await;
+    let seen: Vec<String> = server.seen.lock().unwrap().iter().map(|i| i.identity.clone()).collect();
+    assert!(seen.contains(&format!("cn:{ADMIN}")), "{seen:?}");
+    assert!(seen.contains(&"dns:admin.example.org".to_string()), "{seen:?}");
+    assert_eq!(
+        seen.iter().filter(|i| *i == ADMIN).count(),
+        1,
+        "only the real admin: {seen:?}"
+    );
+    server.stop().await;
+}
+
+/// A client certificate revoked by a CRL of `tls.crls` fails the handshake,
+/// from the reload on that follows the CRL's change; others are served.
+#[tokio::test]
+async fn a_revoked_client_certificate_is_refused_after_the_crl_reloads() {
+    let fx = Fixture::new();
+    let ca = fx.ca_pems();
+    let revoked_pair = issue(
+        &ca.0,
+        &ca.1,
+        &client_spec(Some("spiffe://example.org/stolen"), "stolen"),
+    )
+    .unwrap();
+    let (cert, key) = fx.write_pair("stolen", &revoked_pair);
+    let stolen = ClientTlsFiles {
+        cert: Some(cert),
+        key: Some(key),
+        ..fx.anonymous()
+    };
+    let crl_path = fx.root.join("clients.crl.pem");
+    let empty = devpki::revocation_list(&ca.0, &ca.1, &[], time::Duration::days(7)).unwrap();
+    std::fs::write(&crl_path, empty).unwrap();
+    let options = TlsOptions {
+        identity: IdentityRules::default(),
+        crls: vec![crl_path.clone()],
+    };
+    let server = TestServer::start(ServerTls::load_with(fx.paths(), options).unwrap()).await;
+    server.check(&stolen).await.unwrap();
+
+    let crl = devpki::revocation_list(&ca.0, &ca.1, &[&revoked_pair.0], time::Duration::days(7)).unwrap();
+    std::fs::write(&crl_path, crl).unwrap();
+    server.tls.reload().unwrap();
+    assert_refused(&fx, &server, &stolen).await;
+    server.check(&fx.client("admin")).await.unwrap();
+
+    // A broken CRL file keeps the current configuration.
+    std::fs::write(&crl_path, "not a crl").unwrap();
+    assert!(server.tls.reload().is_err());
+    assert_refused(&fx, &server, &stolen).await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn certificate_without_identity_fails_the_handshake() {
     let fx = Fixture::new();
     let server = TestServer::start(ServerTls::load(fx.paths()).unwrap()).await;
     let files = fx.client_files("nobody", &fx.ca_pems(), &client_spec(None, ""));
-    // The certificate itself passes TLS verification...
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let acceptor = TlsAcceptor::from(server.tls.grpc_config());
@@ -340,12 +430,13 @@ async fn verified_certificate_without_identity_is_dropped() {
     let (cert, key) = (files.cert.clone().unwrap(), files.key.clone().unwrap());
     let connector = rustls_client(&fx.pki.ca_cert, Some((&cert, &key)), &[b"h2"]);
     let tcp = TcpStream::connect(addr).await.unwrap();
-    let _client = connector
-        .connect(ServerName::try_from("localhost").unwrap(), tcp)
-        .await
-        .unwrap();
-    accept.await.unwrap().unwrap();
-    // ...but carries no identity, so the gRPC listener drops it.
+    // (In TLS 1.3 the client's side may complete before the server judges
+    // its certificate; the server's side fails.)
+    let _client = connector.connect(ServerName::try_from("localhost").unwrap(), tcp).await;
+    assert!(
+        accept.await.unwrap().is_err(),
+        "a chained certificate that names no identity fails the handshake"
+    );
     assert_refused(&fx, &server, &files).await;
     assert!(server.seen.lock().unwrap().iter().all(|i| i.identity == ADMIN));
     server.stop().await;
@@ -378,7 +469,7 @@ async fn reload_applies_to_new_connections_and_keeps_old_config_on_error() {
     let now = OffsetDateTime::now_utc();
     let spec = CertSpec {
         common_name: "keyward reissued".to_owned(),
-        uri_san: None,
+        uri_sans: vec![],
         dns_sans: vec!["localhost".to_owned(), "127.0.0.1".to_owned()],
         not_before: now - time::Duration::hours(1),
         not_after: now + time::Duration::days(7),
@@ -536,9 +627,15 @@ fn ensure_dev_pki_is_idempotent_and_keys_are_private() {
 
     // The server certificate carries the expected identity and SANs.
     let der = pem_der(&second.server_cert);
-    assert_eq!(identity_from_cert(&der).unwrap(), "localhost");
+    let typed = IdentityRules {
+        fallback: vec![IdentityFallback::Dns, IdentityFallback::Cn],
+    };
+    assert_eq!(identity_with(&der, &typed).unwrap(), "dns:localhost");
     let ca_der = pem_der(&second.ca_cert);
-    assert_eq!(identity_from_cert(&ca_der).unwrap(), devpki::DEV_CA_NAME);
+    assert_eq!(
+        identity_with(&ca_der, &typed).unwrap(),
+        format!("cn:{}", devpki::DEV_CA_NAME)
+    );
     let client_der = pem_der(&second.clients[1].cert);
     assert_eq!(identity_from_cert(&client_der).unwrap(), "spiffe://example.org/ops");
 }
