@@ -77,8 +77,12 @@ fn sign_mail_and_message(custody: Custody, store: StoreKind) {
         let pk: [u8; 32] = account.ed25519_public_key.as_slice().try_into().expect("32");
         let vk = ed25519_dalek::VerifyingKey::from_bytes(&pk).expect("public key");
         let sig = ed25519_dalek::Signature::from_slice(&r.signature).expect("64 bytes");
-        vk.verify(b"hello", &sig).expect("ed25519 verifies");
-        assert!(vk.verify(b"hellO", &sig).is_err());
+        vk.verify(&keyward::crypto::message::ed25519_message(b"hello"), &sig)
+            .expect("ed25519 verifies over the prefixed message");
+        assert!(vk.verify(b"hello", &sig).is_err(), "never over the bare bytes");
+        assert!(vk
+            .verify(&keyward::crypto::message::ed25519_message(b"hellO"), &sig)
+            .is_err());
         d.stop().await;
     });
 }

@@ -791,7 +791,8 @@ fn stop_drains_in_flight_requests() {
             match r {
                 Ok(resp) => {
                     let sig = ed25519_dalek::Signature::from_slice(&resp.into_inner().signature).expect("64 bytes");
-                    vk.verify(&marker, &sig).expect("signature verifies");
+                    vk.verify(&keyward::crypto::message::ed25519_message(&marker), &sig)
+                        .expect("signature verifies");
                 }
                 Err(s) => failures.push(format!("{:?}: {}", s.code(), s.message())),
             }

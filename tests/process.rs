@@ -168,7 +168,10 @@ fn readme_walkthrough_works_and_survives_restart() {
     use ed25519_dalek::Verifier as _;
     ed25519_dalek::VerifyingKey::from_bytes(&pk)
         .expect("pk")
-        .verify(b"hello", &ed25519_dalek::Signature::from_slice(&sig).expect("64"))
+        .verify(
+            &keyward::crypto::message::ed25519_message(b"hello"),
+            &ed25519_dalek::Signature::from_slice(&sig).expect("64"),
+        )
         .expect("verifies");
 
     // Errors: stderr names the gRPC status, non-zero exit.

@@ -235,7 +235,7 @@ impl SigningService for SigningApi {
                     .await?;
                 match alg {
                     SignatureAlgorithm::Ed25519 => {
-                        let (keys, sig) = d.keys.sign_ed25519(&req.account_id, req.data).await?;
+                        let (keys, sig) = d.keys.sign_ed25519_message(&req.account_id, &req.data).await?;
                         Ok(SignMessageResponse {
                             signature: sig.to_vec(),
                             public_key: keys.ed25519_public().to_vec(),

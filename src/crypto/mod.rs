@@ -5,3 +5,4 @@ pub mod eip712;
 pub mod eth;
 pub mod jwk;
 pub mod jws;
+pub mod message;

@@ -185,10 +185,26 @@ impl KeyService {
         .await
     }
 
-    /// Signs a message with the account's Ed25519 key.
-    pub async fn sign_ed25519(&self, id: &str, msg: Vec<u8>) -> Result<(Arc<AccountKeys>, [u8; 64]), KeyError> {
+    /// Signs a caller's raw message with the account's Ed25519 key, always
+    /// as [`crate::crypto::message::ed25519_message`] (prefixed), so that it
+    /// can never verify as one of the account's JWS.
+    pub async fn sign_ed25519_message(&self, id: &str, data: &[u8]) -> Result<(Arc<AccountKeys>, [u8; 64]), KeyError> {
+        let msg = crate::crypto::message::ed25519_message(data);
         self.with_retry(id, move |keys, hsm, metrics| keys.sign_ed25519(hsm, metrics, &msg))
             .await
+    }
+
+    /// Signs a JWS signing input (an attestation) with the account's Ed25519
+    /// key. Only an encoded header and payload can be passed here.
+    pub async fn sign_ed25519_jws(
+        &self,
+        id: &str,
+        input: crate::crypto::message::JwsSigningInput,
+    ) -> Result<(Arc<AccountKeys>, [u8; 64]), KeyError> {
+        self.with_retry(id, move |keys, hsm, metrics| {
+            keys.sign_ed25519(hsm, metrics, input.as_bytes())
+        })
+        .await
     }
 
     /// ES256K over a SHA-256 prehash with the account's secp256k1 key: raw

@@ -220,15 +220,10 @@ pub async fn sign_attestation(
     let jwk = public.jwk(alg);
     let header = serde_json::json!({ "alg": alg.as_str(), "kid": jwk.kid, "typ": ATTESTATION_TYP });
     let payload = serde_json::to_vec(claims).map_err(|_| jws::JwsError::Encode { reason: "claims" })?;
-    let mut token = b64(header.to_string().as_bytes());
-    token.push('.');
-    token.push_str(&b64(&payload));
+    let input = crate::crypto::message::JwsSigningInput::encode(header.to_string().as_bytes(), &payload);
+    let mut token = input.as_str().to_string();
     let sig: Vec<u8> = match alg {
-        JwsAlg::EdDSA => keys
-            .sign_ed25519(account_id, token.as_bytes().to_vec())
-            .await?
-            .1
-            .to_vec(),
+        JwsAlg::EdDSA => keys.sign_ed25519_jws(account_id, input).await?.1.to_vec(),
         JwsAlg::ES256K => {
             let prehash: [u8; 32] = Sha256::digest(token.as_bytes()).into();
             keys.sign_es256k_prehash(account_id, prehash).await?.1.to_vec()
