@@ -19,6 +19,11 @@
 //! | audit log not writable (the response is withheld) | UNAVAILABLE |
 //! | audit RPC by a non-admin | PERMISSION_DENIED |
 //! | anything else | INTERNAL |
+//!
+//! INTERNAL, UNAVAILABLE and DATA_LOSS answers caused by the store, the HSM,
+//! the audit log or a bug carry a generic message and a reference; the
+//! detail (HSM return values, store messages, paths) goes to the log line
+//! with the same reference, never to the caller.
 
 use tonic::Status;
 
@@ -81,12 +86,30 @@ impl ApiError {
     }
 }
 
+/// A failure whose detail (HSM return values, store messages, file paths,
+/// SQL) is for operators, not callers: the caller gets `what` and a
+/// reference; the log line with the same reference has the detail.
+fn opaque(code: tonic::Code, what: &str, detail: &str) -> Status {
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    let reference = id.get(..12).unwrap_or(&id);
+    tracing::warn!(
+        reference,
+        code = crate::metrics::code_name(code),
+        error = detail,
+        "{what}"
+    );
+    Status::new(
+        code,
+        format!("{what} (reference {reference}; the daemon's log has the details)"),
+    )
+}
+
 fn store_status(e: &StoreError, msg: String) -> Status {
     match e {
-        StoreError::Unavailable { .. } => Status::unavailable(msg),
+        StoreError::Unavailable { .. } => opaque(tonic::Code::Unavailable, "store unavailable", &msg),
         StoreError::Conflict { .. } => Status::already_exists(msg),
-        StoreError::Corrupt { .. } => Status::data_loss(msg),
-        _ => Status::internal(msg),
+        StoreError::Corrupt { .. } => opaque(tonic::Code::DataLoss, "a stored record does not decode", &msg),
+        _ => opaque(tonic::Code::Internal, "store error", &msg),
     }
 }
 
@@ -94,8 +117,8 @@ fn hsm_status(e: &HsmError, msg: String) -> Status {
     match e {
         HsmError::KekMissing { .. } => Status::failed_precondition(msg),
         HsmError::KeyMismatch { .. } => Status::data_loss(msg),
-        HsmError::Internal { .. } | HsmError::Unsupported { .. } => Status::internal(msg),
-        _ => Status::unavailable(msg),
+        HsmError::Internal { .. } | HsmError::Unsupported { .. } => opaque(tonic::Code::Internal, "HSM error", &msg),
+        _ => opaque(tonic::Code::Unavailable, "HSM unavailable", &msg),
     }
 }
 
@@ -116,7 +139,7 @@ impl ApiError {
                 crate::policy::PolicyError::Denied { .. } => Status::permission_denied(msg),
                 crate::policy::PolicyError::Limited { .. } => Status::resource_exhausted(msg),
                 crate::policy::PolicyError::Store(s) => store_status(s, msg),
-                _ => Status::internal(msg),
+                _ => opaque(tonic::Code::Internal, "policy decision failed", &msg),
             },
             ApiError::Key(k) => match k {
                 KeyError::AccountNotFound(_) => Status::not_found(msg),
@@ -124,7 +147,7 @@ impl ApiError {
                 KeyError::Hsm(h) => hsm_status(h, msg),
                 KeyError::Store(s) => store_status(s, msg),
                 KeyError::Signature(_) => Status::data_loss(msg),
-                _ => Status::internal(msg),
+                _ => opaque(tonic::Code::Internal, "internal error", &msg),
             },
             ApiError::Session(e) => match e {
                 SessionError::Invalid { .. } | SessionError::IdempotencyMismatch => Status::invalid_argument(msg),
@@ -141,17 +164,45 @@ impl ApiError {
                 SessionError::CapExhausted { .. } | SessionError::TooManyOpen(_) => Status::resource_exhausted(msg),
                 SessionError::InProgress | SessionError::Released => Status::aborted(msg),
                 SessionError::Store(s) => store_status(s, msg),
-                SessionError::Issuer(_) => Status::unavailable(msg),
-                _ => Status::internal(msg),
+                SessionError::Issuer(_) => opaque(tonic::Code::Unavailable, "issuer key unavailable", &msg),
+                _ => opaque(tonic::Code::Internal, "internal error", &msg),
             },
-            ApiError::Internal(_) => Status::internal(msg),
+            ApiError::Internal(_) => opaque(tonic::Code::Internal, "internal error", &msg),
             ApiError::Jwks(e) => crate::jwks::status(e, msg),
             ApiError::Audit(e) => match e {
                 AuditError::Store(s) => store_status(s, msg),
                 AuditError::Invalid(_) => Status::invalid_argument(msg),
-                AuditError::Unavailable(_) | AuditError::Stopped | AuditError::Sign(_) => Status::unavailable(msg),
-                _ => Status::internal(msg),
+                AuditError::Unavailable(_) | AuditError::Stopped | AuditError::Sign(_) => {
+                    opaque(tonic::Code::Unavailable, "audit log unavailable", &msg)
+                }
+                _ => opaque(tonic::Code::Internal, "audit log error", &msg),
             },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn store_and_hsm_detail_stay_in_the_log() {
+        let e = ApiError::Key(KeyError::Store(StoreError::Unavailable {
+            backend: "sqlite",
+            reason: "unable to open /var/lib/keyward/keyward.db: disk I/O error".into(),
+        }));
+        let s = e.status();
+        assert_eq!(s.code(), tonic::Code::Unavailable);
+        assert!(
+            s.message().starts_with("store unavailable (reference "),
+            "{}",
+            s.message()
+        );
+        assert!(!s.message().contains("/var/lib"), "{}", s.message());
+        let e = ApiError::Internal("stored response does not decode");
+        assert!(!e.status().message().contains("decode"));
+        // Refusals keep their precise, caller-facing text.
+        let e = ApiError::invalid("typed_data_json.message", "expected an object");
+        assert!(e.status().message().contains("typed_data_json.message"));
     }
 }
