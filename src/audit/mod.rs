@@ -61,9 +61,7 @@ pub mod context;
 pub mod event;
 pub mod export;
 pub mod merkle;
-pub(crate) mod postgres;
 pub mod settings;
-pub(crate) mod sqlite;
 pub mod store;
 pub mod verify;
 

@@ -1,15 +1,19 @@
-//! What the audit log needs from the store, implemented by both backends
-//! (`sqlite.rs`, `postgres.rs` in this module). The chain head lives in a
-//! one-row table that every append locks inside its transaction, so several
-//! replicas on one PostgreSQL database append to a single dense chain.
+//! What the audit log needs from the store, and its one implementation for
+//! both SQL backends. The chain head lives in a one-row table that every
+//! append locks inside its transaction (SQLite: the store's writer lock and
+//! `BEGIN IMMEDIATE`; PostgreSQL: `SELECT ... FOR UPDATE` on the head), so
+//! appends serialise with every state change and several replicas on one
+//! PostgreSQL database append to a single dense chain.
 
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
+use sqlx::{ColumnIndex, Decode, Encode, Executor, IntoArguments, Row, Type};
 
 use super::chain::link;
 use super::event::{hex32, Event, NewEvent};
-use crate::store::StoreError;
+use crate::store::dialect::Dialect;
+use crate::store::{from_sqlx, SqlStore, StoreError};
 
 /// The chain's ends as the store records them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -153,5 +157,241 @@ impl RawEvent {
                 signature_ref: self.signature_ref,
             },
         })
+    }
+}
+
+fn err<DB: Dialect>(e: sqlx::Error) -> StoreError {
+    from_sqlx(DB::BACKEND, e)
+}
+
+fn raw_event<DB>(row: &DB::Row) -> Result<RawEvent, StoreError>
+where
+    DB: Dialect,
+    for<'q> String: Decode<'q, DB> + Type<DB>,
+    for<'q> i64: Decode<'q, DB> + Type<DB>,
+    for<'q> Vec<u8>: Decode<'q, DB> + Type<DB>,
+    for<'r> &'r str: ColumnIndex<DB::Row>,
+{
+    Ok(RawEvent {
+        seq: row.try_get("seq").map_err(err::<DB>)?,
+        time_ms: row.try_get("time_ms").map_err(err::<DB>)?,
+        identity: row.try_get("identity").map_err(err::<DB>)?,
+        action: row.try_get("action").map_err(err::<DB>)?,
+        account: row.try_get("account").map_err(err::<DB>)?,
+        session: row.try_get("session").map_err(err::<DB>)?,
+        request_id: row.try_get("request_id").map_err(err::<DB>)?,
+        decision: row.try_get("decision").map_err(err::<DB>)?,
+        policies: row.try_get("policies").map_err(err::<DB>)?,
+        code: row.try_get("code").map_err(err::<DB>)?,
+        digest: row.try_get("digest").map_err(err::<DB>)?,
+        signature_ref: row.try_get("signature_ref").map_err(err::<DB>)?,
+        prev_hash: row.try_get("prev_hash").map_err(err::<DB>)?,
+        hash: row.try_get("hash").map_err(err::<DB>)?,
+    })
+}
+
+/// Reads the head row; with `lock`, holds it until the transaction ends
+/// (where the dialect locks rows; SQLite's writer lock already holds it).
+async fn read_head<DB>(conn: &mut DB::Connection, lock: bool) -> Result<Head, StoreError>
+where
+    DB: Dialect,
+    for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
+    for<'q> DB::Arguments<'q>: IntoArguments<'q, DB>,
+    for<'q> i64: Decode<'q, DB> + Type<DB>,
+    for<'q> Vec<u8>: Decode<'q, DB> + Type<DB>,
+    for<'r> &'r str: ColumnIndex<DB::Row>,
+{
+    let lock = if lock { DB::FOR_UPDATE } else { "" };
+    let sql = format!("SELECT base_seq, base_hash, seq, hash FROM audit_head WHERE id = 1{lock}");
+    let row = sqlx::query(&sql).fetch_one(&mut *conn).await.map_err(err::<DB>)?;
+    Ok(Head {
+        base_seq: seq_u64(row.try_get("base_seq").map_err(err::<DB>)?)?,
+        base_hash: hash32(
+            "audit head",
+            &row.try_get::<Vec<u8>, _>("base_hash").map_err(err::<DB>)?,
+        )?,
+        seq: seq_u64(row.try_get("seq").map_err(err::<DB>)?)?,
+        hash: hash32("audit head", &row.try_get::<Vec<u8>, _>("hash").map_err(err::<DB>)?)?,
+    })
+}
+
+/// Appends `events` inside the caller's write transaction (opened by
+/// [`SqlStore::begin_write`]), locking the head until it ends.
+pub(crate) async fn append_in<DB>(conn: &mut DB::Connection, events: &[NewEvent]) -> Result<Vec<Event>, StoreError>
+where
+    DB: Dialect,
+    for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
+    for<'q> DB::Arguments<'q>: IntoArguments<'q, DB>,
+    for<'q> String: Encode<'q, DB> + Type<DB>,
+    for<'q> i64: Encode<'q, DB> + Decode<'q, DB> + Type<DB>,
+    for<'q> Vec<u8>: Decode<'q, DB> + Type<DB>,
+    for<'q> &'q [u8]: Encode<'q, DB> + Type<DB>,
+    for<'r> &'r str: ColumnIndex<DB::Row>,
+{
+    let head = read_head::<DB>(conn, true).await?;
+    let stored = chain_onto(head.seq, head.hash, events);
+    for e in &stored {
+        sqlx::query(
+            "INSERT INTO audit_events (seq, time_ms, identity, action, account, session, request_id, decision, \
+             policies, code, digest, signature_ref, prev_hash, hash) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
+        )
+        .bind(seq_i64(e.seq)?)
+        .bind(e.body.time_ms)
+        .bind(&e.body.identity)
+        .bind(&e.body.action)
+        .bind(&e.body.account)
+        .bind(&e.body.session)
+        .bind(&e.body.request_id)
+        .bind(&e.body.decision)
+        .bind(encode_policies(&e.body.policies))
+        .bind(&e.body.code)
+        .bind(&e.body.digest)
+        .bind(&e.body.signature_ref)
+        .bind(&e.prev_hash[..])
+        .bind(&e.hash[..])
+        .execute(&mut *conn)
+        .await
+        .map_err(err::<DB>)?;
+    }
+    if let Some(last) = stored.last() {
+        sqlx::query("UPDATE audit_head SET seq = $1, hash = $2 WHERE id = 1")
+            .bind(seq_i64(last.seq)?)
+            .bind(&last.hash[..])
+            .execute(&mut *conn)
+            .await
+            .map_err(err::<DB>)?;
+    }
+    Ok(stored)
+}
+
+/// Appends `event`, if any, inside the caller's write transaction; its seq.
+pub(crate) async fn append_one<DB>(
+    conn: &mut DB::Connection,
+    event: Option<&NewEvent>,
+) -> Result<Option<u64>, StoreError>
+where
+    DB: Dialect,
+    for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
+    for<'q> DB::Arguments<'q>: IntoArguments<'q, DB>,
+    for<'q> String: Encode<'q, DB> + Type<DB>,
+    for<'q> i64: Encode<'q, DB> + Decode<'q, DB> + Type<DB>,
+    for<'q> Vec<u8>: Decode<'q, DB> + Type<DB>,
+    for<'q> &'q [u8]: Encode<'q, DB> + Type<DB>,
+    for<'r> &'r str: ColumnIndex<DB::Row>,
+{
+    match event {
+        Some(e) => Ok(append_in::<DB>(conn, std::slice::from_ref(e))
+            .await?
+            .first()
+            .map(|e| e.seq)),
+        None => Ok(None),
+    }
+}
+
+#[async_trait::async_trait]
+impl<DB> AuditStore for SqlStore<DB>
+where
+    Self: fmt::Debug,
+    DB: Dialect,
+    for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
+    for<'q> DB::Arguments<'q>: IntoArguments<'q, DB>,
+    for<'q> String: Encode<'q, DB> + Decode<'q, DB> + Type<DB>,
+    for<'q> i64: Encode<'q, DB> + Decode<'q, DB> + Type<DB>,
+    for<'q> Vec<u8>: Decode<'q, DB> + Type<DB>,
+    for<'q> &'q [u8]: Encode<'q, DB> + Type<DB>,
+    for<'r> &'r str: ColumnIndex<DB::Row>,
+    usize: ColumnIndex<DB::Row>,
+{
+    async fn append_events(&self, events: &[NewEvent]) -> Result<Vec<Event>, StoreError> {
+        let mut tx = self.begin_write().await?;
+        let stored = append_in::<DB>(&mut tx, events).await?;
+        tx.commit().await?;
+        Ok(stored)
+    }
+
+    async fn events_after(&self, after: u64, limit: u32) -> Result<Vec<Event>, StoreError> {
+        let sql = format!("SELECT {EVENT_COLUMNS} FROM audit_events WHERE seq > $1 ORDER BY seq LIMIT $2");
+        let rows = sqlx::query(&sql)
+            .bind(seq_i64(after)?)
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(err::<DB>)?;
+        rows.iter().map(|r| raw_event::<DB>(r)?.decode()).collect()
+    }
+
+    async fn audit_head(&self) -> Result<Head, StoreError> {
+        let mut conn = self.pool.acquire().await.map_err(err::<DB>)?;
+        read_head::<DB>(&mut conn, false).await
+    }
+
+    async fn checkpoints(&self) -> Result<Vec<Checkpoint>, StoreError> {
+        let rows =
+            sqlx::query("SELECT first_seq, last_seq, root, created_at, jws FROM audit_checkpoints ORDER BY first_seq")
+                .fetch_all(&self.pool)
+                .await
+                .map_err(err::<DB>)?;
+        rows.iter()
+            .map(|r| {
+                Ok(Checkpoint {
+                    first_seq: seq_u64(r.try_get("first_seq").map_err(err::<DB>)?)?,
+                    last_seq: seq_u64(r.try_get("last_seq").map_err(err::<DB>)?)?,
+                    root: hash32("audit checkpoint", &r.try_get::<Vec<u8>, _>("root").map_err(err::<DB>)?)?,
+                    created_at: r.try_get("created_at").map_err(err::<DB>)?,
+                    jws: r.try_get("jws").map_err(err::<DB>)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn add_checkpoint(&self, c: &Checkpoint) -> Result<bool, StoreError> {
+        let _writer = self.write_lock().await;
+        let done = sqlx::query(
+            "INSERT INTO audit_checkpoints (first_seq, last_seq, root, created_at, jws) \
+             VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
+        )
+        .bind(seq_i64(c.first_seq)?)
+        .bind(seq_i64(c.last_seq)?)
+        .bind(&c.root[..])
+        .bind(c.created_at)
+        .bind(&c.jws)
+        .execute(&self.pool)
+        .await
+        .map_err(err::<DB>)?;
+        Ok(DB::rows_affected(&done) == 1)
+    }
+
+    async fn prune_events(&self, through: u64) -> Result<u64, StoreError> {
+        let mut tx = self.begin_write().await?;
+        read_head::<DB>(&mut tx, true).await?;
+        let hash: Option<Vec<u8>> = sqlx::query_scalar("SELECT hash FROM audit_events WHERE seq = $1")
+            .bind(seq_i64(through)?)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(err::<DB>)?;
+        let Some(hash) = hash else {
+            return Err(StoreError::Corrupt {
+                what: format!("audit event {through} is not in the store"),
+            });
+        };
+        let deleted = sqlx::query("DELETE FROM audit_events WHERE seq <= $1")
+            .bind(seq_i64(through)?)
+            .execute(&mut *tx)
+            .await
+            .map_err(err::<DB>)?;
+        sqlx::query("DELETE FROM audit_checkpoints WHERE last_seq <= $1")
+            .bind(seq_i64(through)?)
+            .execute(&mut *tx)
+            .await
+            .map_err(err::<DB>)?;
+        sqlx::query("UPDATE audit_head SET base_seq = $1, base_hash = $2 WHERE id = 1")
+            .bind(seq_i64(through)?)
+            .bind(&hash[..])
+            .execute(&mut *tx)
+            .await
+            .map_err(err::<DB>)?;
+        tx.commit().await?;
+        Ok(DB::rows_affected(&deleted))
     }
 }

@@ -10,8 +10,10 @@ use std::sync::Arc;
 
 use crate::types::KeyAlg;
 
+pub(crate) mod dialect;
 pub mod limits;
 mod postgres;
+mod shared;
 mod sqlite;
 pub mod testing;
 
@@ -29,6 +31,7 @@ mod tests_limits;
 mod tests_receipts;
 
 pub use postgres::PgStore;
+pub use shared::SqlStore;
 pub use sqlite::SqliteStore;
 
 /// One custodial account as stored.

@@ -1,0 +1,1143 @@
+//! Every store operation, written once for both SQL backends. What differs
+//! between SQLite and PostgreSQL (opening a write transaction, row locks, the
+//! read snapshot, the rotation lock) is read from [`Dialect`]; a fix made here
+//! is made for both. Never opens a transaction except through
+//! [`super::begin`].
+
+use std::ffi::OsString;
+use std::ops::{Deref, DerefMut};
+
+use sqlx::{ColumnIndex, Decode, Encode, Executor, IntoArguments, Row, Type};
+use tokio::sync::{Mutex, MutexGuard};
+
+use super::dialect::Dialect;
+use super::{
+    challenge_mismatch, conflict_as, count, decide_promote, decide_spend, decode_amount, encode_amount, encode_scopes,
+    encode_uses, from_sqlx, grants, normalize, promoted_outcomes, sort_issuer_keys, sort_sessions, AccountRecord,
+    ChallengeRecord, IssuerKeyRecord, IssuerKeyState, OpenOutcome, PromoteAudit, PromoteOutcome, RawChallenge,
+    RawIssuerKey, RawKey, RawSession, RawSpend, RevokeOutcome, SessionRecord, SpendDecision, SpendEvent, SpendOutcome,
+    SpendRequest, Store, StoreError, CHALLENGE_COLUMNS, ISSUER_KEY_COLUMNS, SESSION_COLUMNS,
+};
+
+/// A store on one SQL database (see [`super::SqliteStore`] and
+/// [`super::PgStore`]).
+pub struct SqlStore<DB: sqlx::Database> {
+    pub(crate) pool: sqlx::Pool<DB>,
+    /// The database file (SQLite) or the URL without its password.
+    pub(crate) location: OsString,
+    /// The single in-process writer, where the dialect has one.
+    writer: Mutex<()>,
+    pub(crate) tx: super::TxStats,
+}
+
+impl<DB: sqlx::Database> SqlStore<DB> {
+    /// A store on `pool`, already migrated.
+    pub(crate) fn new(pool: sqlx::Pool<DB>, location: OsString, tx: super::TxStats) -> SqlStore<DB> {
+        SqlStore {
+            pool,
+            location,
+            writer: Mutex::new(()),
+            tx,
+        }
+    }
+}
+
+/// A write transaction, holding the writer lock (where the dialect has one)
+/// until it ends.
+pub(crate) struct WriteTx<'a, DB: sqlx::Database> {
+    // Declared first, so dropped first: an abandoned transaction's rollback
+    // is queued before the writer lock goes.
+    tx: sqlx::Transaction<'static, DB>,
+    _writer: Option<MutexGuard<'a, ()>>,
+}
+
+impl<DB: sqlx::Database> WriteTx<'_, DB> {
+    pub(crate) async fn commit(self) -> Result<(), StoreError>
+    where
+        DB: Dialect,
+    {
+        self.tx.commit().await.map_err(|e| from_sqlx(DB::BACKEND, e))
+    }
+
+    pub(crate) async fn rollback(self) -> Result<(), StoreError>
+    where
+        DB: Dialect,
+    {
+        self.tx.rollback().await.map_err(|e| from_sqlx(DB::BACKEND, e))
+    }
+}
+
+impl<DB: sqlx::Database> Deref for WriteTx<'_, DB> {
+    type Target = DB::Connection;
+
+    fn deref(&self) -> &DB::Connection {
+        &self.tx
+    }
+}
+
+impl<DB: sqlx::Database> DerefMut for WriteTx<'_, DB> {
+    fn deref_mut(&mut self) -> &mut DB::Connection {
+        &mut self.tx
+    }
+}
+
+// The dialect is crate-private on purpose (sealed); these methods are too.
+#[allow(private_bounds)]
+impl<DB: Dialect> SqlStore<DB> {
+    /// Waits for the in-process writer lock, where the dialect has one.
+    pub(crate) async fn write_lock(&self) -> Option<MutexGuard<'_, ()>> {
+        if DB::WRITER_MUTEX {
+            Some(self.writer.lock().await)
+        } else {
+            None
+        }
+    }
+
+    /// Opens a write transaction the dialect's way.
+    pub(crate) async fn begin_write(&self) -> Result<WriteTx<'_, DB>, StoreError> {
+        let writer = self.write_lock().await;
+        let tx = super::begin(DB::BACKEND, &self.pool, &self.tx, DB::BEGIN_WRITE).await?;
+        Ok(WriteTx { tx, _writer: writer })
+    }
+
+    /// Opens a read transaction that sees one snapshot.
+    async fn begin_snapshot(&self) -> Result<sqlx::Transaction<'static, DB>, StoreError> {
+        super::begin(DB::BACKEND, &self.pool, &self.tx, DB::BEGIN_SNAPSHOT).await
+    }
+}
+
+fn err<DB: Dialect>(e: sqlx::Error) -> StoreError {
+    from_sqlx(DB::BACKEND, e)
+}
+
+/// Helpers shared by the operations (crate-private, as is the dialect).
+#[allow(private_bounds)]
+impl<DB> SqlStore<DB>
+where
+    DB: Dialect,
+    for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
+    for<'q> DB::Arguments<'q>: IntoArguments<'q, DB>,
+    for<'q> String: Encode<'q, DB> + Decode<'q, DB> + Type<DB>,
+    for<'q> Option<String>: Encode<'q, DB>,
+    for<'q> &'q str: Encode<'q, DB> + Type<DB>,
+    for<'q> Option<&'q str>: Encode<'q, DB>,
+    for<'q> i64: Encode<'q, DB> + Decode<'q, DB> + Type<DB>,
+    for<'q> Option<i64>: Encode<'q, DB>,
+    for<'q> Vec<u8>: Encode<'q, DB> + Decode<'q, DB> + Type<DB>,
+    for<'q> &'q [u8]: Encode<'q, DB> + Type<DB>,
+    for<'q> bool: Decode<'q, DB> + Type<DB>,
+    for<'r> &'r str: ColumnIndex<DB::Row>,
+    usize: ColumnIndex<DB::Row>,
+{
+    fn raw_challenge(row: &DB::Row) -> Result<RawChallenge, StoreError> {
+        Ok(RawChallenge {
+            id: row.try_get("id").map_err(err::<DB>)?,
+            account_id: row.try_get("account_id").map_err(err::<DB>)?,
+            delegate: row.try_get("delegate").map_err(err::<DB>)?,
+            scopes: row.try_get("scopes").map_err(err::<DB>)?,
+            cap: row.try_get("cap").map_err(err::<DB>)?,
+            nonce: row.try_get("nonce").map_err(err::<DB>)?,
+            typed_data: row.try_get("typed_data").map_err(err::<DB>)?,
+            issued_at: row.try_get("issued_at").map_err(err::<DB>)?,
+            expires_at: row.try_get("expires_at").map_err(err::<DB>)?,
+            consumed_at: row.try_get("consumed_at").map_err(err::<DB>)?,
+        })
+    }
+
+    fn raw_session(row: &DB::Row) -> Result<RawSession, StoreError> {
+        Ok(RawSession {
+            id: row.try_get("id").map_err(err::<DB>)?,
+            account_id: row.try_get("account_id").map_err(err::<DB>)?,
+            delegate: row.try_get("delegate").map_err(err::<DB>)?,
+            scopes: row.try_get("scopes").map_err(err::<DB>)?,
+            cap: row.try_get("cap").map_err(err::<DB>)?,
+            remaining: row.try_get("remaining").map_err(err::<DB>)?,
+            uses: row.try_get("uses").map_err(err::<DB>)?,
+            issued_at: row.try_get("issued_at").map_err(err::<DB>)?,
+            expires_at: row.try_get("expires_at").map_err(err::<DB>)?,
+            challenge_id: row.try_get("challenge_id").map_err(err::<DB>)?,
+            jti: row.try_get("jti").map_err(err::<DB>)?,
+            revoked_at: row.try_get("revoked_at").map_err(err::<DB>)?,
+            revoked_by: row.try_get("revoked_by").map_err(err::<DB>)?,
+        })
+    }
+
+    fn raw_issuer_key(row: &DB::Row) -> Result<RawIssuerKey, StoreError> {
+        Ok(RawIssuerKey {
+            kid: row.try_get("kid").map_err(err::<DB>)?,
+            alg: row.try_get("alg").map_err(err::<DB>)?,
+            label: row.try_get("label").map_err(err::<DB>)?,
+            state: row.try_get("state").map_err(err::<DB>)?,
+            created_at: row.try_get("created_at").map_err(err::<DB>)?,
+            activated_at: row.try_get("activated_at").map_err(err::<DB>)?,
+            retired_at: row.try_get("retired_at").map_err(err::<DB>)?,
+            revoked_at: row.try_get("revoked_at").map_err(err::<DB>)?,
+            jwk: row.try_get("jwk").map_err(err::<DB>)?,
+        })
+    }
+
+    /// Reads one session on `conn` (a transaction or the pool), locking the
+    /// row until the transaction ends if `for_update` (where the dialect
+    /// locks rows).
+    async fn fetch_session<'e, E>(conn: E, id: &str, for_update: bool) -> Result<Option<SessionRecord>, StoreError>
+    where
+        E: Executor<'e, Database = DB>,
+    {
+        let lock = if for_update { DB::FOR_UPDATE } else { "" };
+        let sql = format!("SELECT {SESSION_COLUMNS} FROM sessions WHERE id = $1{lock}");
+        let row = sqlx::query(&sql)
+            .bind(id)
+            .fetch_optional(conn)
+            .await
+            .map_err(err::<DB>)?;
+        row.map(|row| Self::raw_session(&row)?.decode()).transpose()
+    }
+
+    /// The issuer keys of `alg` (all of them if `None`), sorted.
+    async fn issuer_keys_where<'e, E>(conn: E, alg: Option<&str>) -> Result<Vec<IssuerKeyRecord>, StoreError>
+    where
+        E: Executor<'e, Database = DB>,
+    {
+        let sql = format!("SELECT {ISSUER_KEY_COLUMNS} FROM issuer_keys WHERE CAST($1 AS TEXT) IS NULL OR alg = $1");
+        let rows = sqlx::query(&sql).bind(alg).fetch_all(conn).await.map_err(err::<DB>)?;
+        let mut keys = rows
+            .iter()
+            .map(|r| Self::raw_issuer_key(r)?.decode())
+            .collect::<Result<Vec<_>, _>>()?;
+        sort_issuer_keys(&mut keys);
+        Ok(keys)
+    }
+
+    /// Makes `next` the active key, retiring `active` if given.
+    async fn promote_in(
+        conn: &mut DB::Connection,
+        next: &str,
+        active: Option<&str>,
+        now: i64,
+    ) -> Result<(), StoreError> {
+        if let Some(active) = active {
+            sqlx::query(
+                "UPDATE issuer_keys SET state = 'retired', retired_at = $1 WHERE kid = $2 AND state = 'active'",
+            )
+            .bind(now)
+            .bind(active)
+            .execute(&mut *conn)
+            .await
+            .map_err(err::<DB>)?;
+        }
+        sqlx::query("UPDATE issuer_keys SET state = 'active', activated_at = $1 WHERE kid = $2 AND state = 'next'")
+            .bind(now)
+            .bind(next)
+            .execute(&mut *conn)
+            .await
+            .map_err(err::<DB>)?;
+        Ok(())
+    }
+
+    /// Takes the dialect's rotation lock for the transaction (waiting), or
+    /// only tries it when `try_only`; returns whether it is held (always,
+    /// where the writer lock serialises issuer key changes instead).
+    async fn lock_rotation(conn: &mut DB::Connection, try_only: bool) -> Result<bool, StoreError> {
+        let Some(lock) = DB::ROTATION_LOCK else {
+            return Ok(true);
+        };
+        if try_only {
+            sqlx::query_scalar(lock.try_only)
+                .bind(lock.key)
+                .fetch_one(&mut *conn)
+                .await
+                .map_err(err::<DB>)
+        } else {
+            sqlx::query(lock.wait)
+                .bind(lock.key)
+                .execute(&mut *conn)
+                .await
+                .map_err(err::<DB>)?;
+            Ok(true)
+        }
+    }
+
+    /// The receipt recorded for `(account_id, request_id)`, on `conn`.
+    async fn fetch_receipt<'e, E>(
+        conn: E,
+        account_id: &str,
+        request_id: &str,
+    ) -> Result<Option<super::ReceiptRecord>, StoreError>
+    where
+        E: Executor<'e, Database = DB>,
+    {
+        let sql = format!(
+            "SELECT {} FROM receipts WHERE account_id = $1 AND request_id = $2",
+            super::RECEIPT_COLUMNS
+        );
+        let row = sqlx::query(&sql)
+            .bind(account_id)
+            .bind(request_id)
+            .fetch_optional(conn)
+            .await
+            .map_err(err::<DB>)?;
+        row.map(|row| -> Result<super::ReceiptRecord, StoreError> {
+            super::RawReceipt {
+                seq: row.try_get("seq").map_err(err::<DB>)?,
+                receipt_id: row.try_get("receipt_id").map_err(err::<DB>)?,
+                account_id: row.try_get("account_id").map_err(err::<DB>)?,
+                request_id: row.try_get("request_id").map_err(err::<DB>)?,
+                body_hash: row.try_get("body_hash").map_err(err::<DB>)?,
+                session_id: row.try_get("session_id").map_err(err::<DB>)?,
+                created_at: row.try_get("created_at").map_err(err::<DB>)?,
+                jws: row.try_get("jws").map_err(err::<DB>)?,
+            }
+            .decode()
+        })
+        .transpose()
+    }
+
+    /// Reads the total `key` (0 when absent) under its row lock, applies
+    /// `f`, and stores its answer, in one write transaction; None from `f`
+    /// changes nothing.
+    async fn change_total(
+        &self,
+        key: &str,
+        now: i64,
+        f: impl FnOnce(u128) -> Option<u128> + Send,
+    ) -> Result<Option<u128>, StoreError> {
+        let mut tx = self.begin_write().await?;
+        // The row exists (a zero total) and is locked: writers change it one
+        // at a time.
+        sqlx::query(
+            "INSERT INTO limit_totals (key, total, updated_at) VALUES ($1, '0', $2) ON CONFLICT (key) DO NOTHING",
+        )
+        .bind(key)
+        .bind(now)
+        .execute(&mut *tx)
+        .await
+        .map_err(err::<DB>)?;
+        let sql = format!("SELECT total FROM limit_totals WHERE key = $1{}", DB::FOR_UPDATE);
+        let stored: String = sqlx::query_scalar(&sql)
+            .bind(key)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(err::<DB>)?;
+        let total = decode_amount(&format!("limit total {key}"), "total", &stored)?;
+        let Some(next) = f(total) else {
+            tx.rollback().await?;
+            return Ok(None);
+        };
+        sqlx::query("UPDATE limit_totals SET total = $2, updated_at = $3 WHERE key = $1")
+            .bind(key)
+            .bind(encode_amount(next))
+            .bind(now)
+            .execute(&mut *tx)
+            .await
+            .map_err(err::<DB>)?;
+        tx.commit().await?;
+        Ok(Some(next))
+    }
+}
+
+#[async_trait::async_trait]
+impl<DB> Store for SqlStore<DB>
+where
+    Self: std::fmt::Debug + crate::audit::AuditStore,
+    DB: Dialect,
+    for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
+    for<'q> DB::Arguments<'q>: IntoArguments<'q, DB>,
+    for<'q> String: Encode<'q, DB> + Decode<'q, DB> + Type<DB>,
+    for<'q> Option<String>: Encode<'q, DB>,
+    for<'q> &'q str: Encode<'q, DB> + Type<DB>,
+    for<'q> Option<&'q str>: Encode<'q, DB>,
+    for<'q> i64: Encode<'q, DB> + Decode<'q, DB> + Type<DB>,
+    for<'q> Option<i64>: Encode<'q, DB>,
+    for<'q> Vec<u8>: Encode<'q, DB> + Decode<'q, DB> + Type<DB>,
+    for<'q> &'q [u8]: Encode<'q, DB> + Type<DB>,
+    for<'q> bool: Decode<'q, DB> + Type<DB>,
+    for<'r> &'r str: ColumnIndex<DB::Row>,
+    usize: ColumnIndex<DB::Row>,
+{
+    fn backend(&self) -> &'static str {
+        DB::BACKEND
+    }
+
+    fn audit(&self) -> &dyn crate::audit::AuditStore {
+        self
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await.map_err(err::<DB>)?;
+        Ok(())
+    }
+
+    async fn create_account_audited(
+        &self,
+        rec: &AccountRecord,
+        event: Option<&crate::audit::NewEvent>,
+    ) -> Result<Option<u64>, StoreError> {
+        let mut tx = self.begin_write().await?;
+        let inserted = sqlx::query(
+            "INSERT INTO accounts (id, label, controller, created_by, created_at) \
+             VALUES ($1, $2, $3, $4, $5) ON CONFLICT (id) DO NOTHING",
+        )
+        .bind(&rec.id)
+        .bind(&rec.label)
+        .bind(&rec.controller)
+        .bind(&rec.created_by)
+        .bind(rec.created_at)
+        .execute(&mut *tx)
+        .await
+        .map_err(conflict_as(DB::BACKEND, || format!("account {}", rec.id)))?;
+        if DB::rows_affected(&inserted) == 0 {
+            return Err(StoreError::Conflict {
+                what: format!("account {}", rec.id),
+            });
+        }
+        for key in &rec.keys {
+            sqlx::query(
+                "INSERT INTO account_keys \
+                 (account_id, alg, public_key, wrapped, kek_version, key_version) \
+                 VALUES ($1, $2, $3, $4, $5, $6)",
+            )
+            .bind(&rec.id)
+            .bind(key.alg.as_str())
+            .bind(&key.public_key)
+            .bind(&key.wrapped)
+            .bind(i64::from(key.kek_version))
+            .bind(i64::from(key.key_version))
+            .execute(&mut *tx)
+            .await
+            .map_err(conflict_as(DB::BACKEND, || {
+                format!("{} key version {} of account {}", key.alg, key.key_version, rec.id)
+            }))?;
+        }
+        for identity in grants(rec) {
+            sqlx::query("INSERT INTO account_grants (account_id, identity) VALUES ($1, $2)")
+                .bind(&rec.id)
+                .bind(identity)
+                .execute(&mut *tx)
+                .await
+                .map_err(conflict_as(DB::BACKEND, || {
+                    format!("grant {identity} on account {}", rec.id)
+                }))?;
+        }
+        let seq = crate::audit::store::append_one::<DB>(&mut tx, event).await?;
+        tx.commit().await?;
+        Ok(seq)
+    }
+
+    async fn get_account(&self, id: &str) -> Result<Option<AccountRecord>, StoreError> {
+        // One snapshot for the three reads.
+        let mut tx = self.begin_snapshot().await?;
+        let Some(row) = sqlx::query("SELECT id, label, controller, created_by, created_at FROM accounts WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(err::<DB>)?
+        else {
+            return Ok(None);
+        };
+        let mut rec = AccountRecord {
+            id: row.try_get("id").map_err(err::<DB>)?,
+            label: row.try_get("label").map_err(err::<DB>)?,
+            controller: row.try_get("controller").map_err(err::<DB>)?,
+            created_by: row.try_get("created_by").map_err(err::<DB>)?,
+            created_at: row.try_get("created_at").map_err(err::<DB>)?,
+            allowed: Vec::new(),
+            keys: Vec::new(),
+        };
+        let rows = sqlx::query(
+            "SELECT alg, public_key, wrapped, kek_version, key_version FROM account_keys \
+             WHERE account_id = $1 ORDER BY alg, key_version",
+        )
+        .bind(id)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(err::<DB>)?;
+        for row in rows {
+            let raw = RawKey {
+                alg: row.try_get("alg").map_err(err::<DB>)?,
+                public_key: row.try_get("public_key").map_err(err::<DB>)?,
+                wrapped: row.try_get("wrapped").map_err(err::<DB>)?,
+                kek_version: row.try_get("kek_version").map_err(err::<DB>)?,
+                key_version: row.try_get("key_version").map_err(err::<DB>)?,
+            };
+            rec.keys.push(raw.decode(id)?);
+        }
+        let rows = sqlx::query("SELECT identity FROM account_grants WHERE account_id = $1 ORDER BY identity")
+            .bind(id)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(err::<DB>)?;
+        for row in rows {
+            rec.allowed.push(row.try_get("identity").map_err(err::<DB>)?);
+        }
+        tx.commit().await.map_err(err::<DB>)?;
+        normalize(&mut rec);
+        Ok(Some(rec))
+    }
+
+    async fn count_accounts(&self) -> Result<u64, StoreError> {
+        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM accounts")
+            .fetch_one(&self.pool)
+            .await
+            .map_err(err::<DB>)?;
+        count(n)
+    }
+
+    async fn create_challenge(&self, c: &ChallengeRecord) -> Result<(), StoreError> {
+        let scopes = encode_scopes(DB::BACKEND, &c.scopes)?;
+        let mut tx = self.begin_write().await?;
+        let inserted = sqlx::query(
+            "INSERT INTO challenges \
+             (id, account_id, delegate, scopes, cap, nonce, typed_data, issued_at, expires_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT (id) DO NOTHING",
+        )
+        .bind(&c.id)
+        .bind(&c.account_id)
+        .bind(&c.delegate)
+        .bind(scopes)
+        .bind(encode_amount(c.cap))
+        .bind(&c.nonce[..])
+        .bind(&c.typed_data)
+        .bind(c.issued_at)
+        .bind(c.expires_at)
+        .execute(&mut *tx)
+        .await
+        .map_err(conflict_as(DB::BACKEND, || format!("challenge {}", c.id)))?;
+        if DB::rows_affected(&inserted) == 0 {
+            return Err(StoreError::Conflict {
+                what: format!("challenge {}", c.id),
+            });
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn get_challenge(&self, id: &str) -> Result<Option<(ChallengeRecord, Option<i64>)>, StoreError> {
+        let sql = format!("SELECT {CHALLENGE_COLUMNS} FROM challenges WHERE id = $1");
+        let row = sqlx::query(&sql)
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(err::<DB>)?;
+        row.map(|row| Self::raw_challenge(&row)?.decode()).transpose()
+    }
+
+    async fn open_session_audited(
+        &self,
+        challenge_id: &str,
+        now: i64,
+        session: &SessionRecord,
+        max_open: Option<u64>,
+        event: Option<&crate::audit::NewEvent>,
+    ) -> Result<(OpenOutcome, Option<u64>), StoreError> {
+        if session.challenge_id != challenge_id {
+            return Err(challenge_mismatch(DB::BACKEND, challenge_id, session));
+        }
+        let what = format!("session {}", session.id);
+        let scopes = encode_scopes(DB::BACKEND, &session.scopes)?;
+        let uses = encode_uses(&what, session.uses)?;
+        let mut tx = self.begin_write().await?;
+        let sql = format!(
+            "SELECT consumed_at, expires_at FROM challenges WHERE id = $1{}",
+            DB::FOR_UPDATE
+        );
+        let row = sqlx::query(&sql)
+            .bind(challenge_id)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(err::<DB>)?;
+        let refusal = match row {
+            None => Some(OpenOutcome::ChallengeNotFound),
+            Some(row) => {
+                let consumed_at: Option<i64> = row.try_get("consumed_at").map_err(err::<DB>)?;
+                let expires_at: i64 = row.try_get("expires_at").map_err(err::<DB>)?;
+                if consumed_at.is_some() {
+                    Some(OpenOutcome::ChallengeUsed)
+                } else if now >= expires_at {
+                    Some(OpenOutcome::ChallengeExpired)
+                } else {
+                    None
+                }
+            }
+        };
+        let refusal = match (refusal, max_open) {
+            (None, Some(max)) => {
+                if !DB::FOR_UPDATE.is_empty() {
+                    // Opens of one account wait for each other here, so the
+                    // count below is of committed sessions only.
+                    let sql = format!("SELECT id FROM accounts WHERE id = $1{}", DB::FOR_UPDATE);
+                    sqlx::query(&sql)
+                        .bind(&session.account_id)
+                        .fetch_optional(&mut *tx)
+                        .await
+                        .map_err(err::<DB>)?;
+                }
+                let open: i64 = sqlx::query_scalar(
+                    "SELECT COUNT(*) FROM sessions WHERE account_id = $1 AND revoked_at IS NULL AND expires_at > $2",
+                )
+                .bind(&session.account_id)
+                .bind(now)
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(err::<DB>)?;
+                let open = count(open)?;
+                (open >= max).then_some(OpenOutcome::TooManyOpen(open))
+            }
+            (refusal, _) => refusal,
+        };
+        if let Some(outcome) = refusal {
+            tx.rollback().await?;
+            return Ok((outcome, None));
+        }
+        sqlx::query("UPDATE challenges SET consumed_at = $1 WHERE id = $2")
+            .bind(now)
+            .bind(challenge_id)
+            .execute(&mut *tx)
+            .await
+            .map_err(err::<DB>)?;
+        sqlx::query(
+            "INSERT INTO sessions \
+             (id, account_id, delegate, scopes, cap, remaining, uses, issued_at, expires_at, \
+              challenge_id, jti, revoked_at, revoked_by) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
+        )
+        .bind(&session.id)
+        .bind(&session.account_id)
+        .bind(&session.delegate)
+        .bind(scopes)
+        .bind(encode_amount(session.cap))
+        .bind(encode_amount(session.remaining))
+        .bind(uses)
+        .bind(session.issued_at)
+        .bind(session.expires_at)
+        .bind(challenge_id)
+        .bind(&session.jti)
+        .bind(session.revoked_at)
+        .bind(&session.revoked_by)
+        .execute(&mut *tx)
+        .await
+        .map_err(conflict_as(DB::BACKEND, || what.clone()))?;
+        let seq = crate::audit::store::append_one::<DB>(&mut tx, event).await?;
+        tx.commit().await?;
+        Ok((OpenOutcome::Opened, seq))
+    }
+
+    async fn get_session(&self, id: &str) -> Result<Option<SessionRecord>, StoreError> {
+        Self::fetch_session(&self.pool, id, false).await
+    }
+
+    async fn list_sessions(&self, account_id: &str) -> Result<Vec<SessionRecord>, StoreError> {
+        let sql = format!("SELECT {SESSION_COLUMNS} FROM sessions WHERE account_id = $1 ORDER BY issued_at DESC, id");
+        let rows = sqlx::query(&sql)
+            .bind(account_id)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(err::<DB>)?;
+        let mut sessions = rows
+            .iter()
+            .map(|row| Self::raw_session(row)?.decode())
+            .collect::<Result<Vec<_>, _>>()?;
+        sort_sessions(&mut sessions);
+        Ok(sessions)
+    }
+
+    async fn revoke_session(&self, id: &str, by: &str, now: i64) -> Result<Option<SessionRecord>, StoreError> {
+        // The update locks the row (or runs under the writer lock): a
+        // concurrent revocation waits, then finds it revoked and changes
+        // nothing.
+        let mut tx = self.begin_write().await?;
+        sqlx::query("UPDATE sessions SET revoked_at = $1, revoked_by = $2 WHERE id = $3 AND revoked_at IS NULL")
+            .bind(now)
+            .bind(by)
+            .bind(id)
+            .execute(&mut *tx)
+            .await
+            .map_err(err::<DB>)?;
+        let session = Self::fetch_session(&mut *tx, id, false).await?;
+        tx.commit().await?;
+        Ok(session)
+    }
+
+    async fn reserve_spend_audited(
+        &self,
+        r: &SpendRequest<'_>,
+        event: Option<SpendEvent<'_>>,
+    ) -> Result<(SpendOutcome, Option<u64>), StoreError> {
+        let mut tx = self.begin_write().await?;
+        // The row lock (or the writer lock) serialises spends of one session.
+        let session = Self::fetch_session(&mut *tx, r.session_id, true).await?;
+        let existing = match session {
+            None => None,
+            Some(_) => sqlx::query("SELECT body_hash, response FROM spends WHERE session_id = $1 AND request_id = $2")
+                .bind(r.session_id)
+                .bind(r.request_id)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(err::<DB>)?
+                .map(|row| -> Result<RawSpend, StoreError> {
+                    Ok(RawSpend {
+                        body_hash: row.try_get("body_hash").map_err(err::<DB>)?,
+                        response: row.try_get("response").map_err(err::<DB>)?,
+                    })
+                })
+                .transpose()?,
+        };
+        let (remaining, uses) = match decide_spend(r, session, existing)? {
+            SpendDecision::Answer(outcome) => {
+                tx.rollback().await?;
+                return Ok((outcome, None));
+            }
+            SpendDecision::Reserve { remaining, uses } => (remaining, uses),
+        };
+        let what = format!("session {}", r.session_id);
+        let stored_uses = encode_uses(&what, uses)?;
+        sqlx::query("UPDATE sessions SET remaining = $1, uses = $2 WHERE id = $3")
+            .bind(encode_amount(remaining))
+            .bind(stored_uses)
+            .bind(r.session_id)
+            .execute(&mut *tx)
+            .await
+            .map_err(err::<DB>)?;
+        sqlx::query(
+            "INSERT INTO spends (session_id, request_id, body_hash, amount, nonce, created_at, response) \
+             VALUES ($1, $2, $3, $4, $5, $6, NULL)",
+        )
+        .bind(r.session_id)
+        .bind(r.request_id)
+        .bind(&r.body_hash[..])
+        .bind(encode_amount(r.amount))
+        .bind(stored_uses)
+        .bind(r.now)
+        .execute(&mut *tx)
+        .await
+        .map_err(conflict_as(DB::BACKEND, || {
+            format!("spend {} of session {}", r.request_id, r.session_id)
+        }))?;
+        let event = event.map(|build| build(uses));
+        let seq = crate::audit::store::append_one::<DB>(&mut tx, event.as_ref()).await?;
+        tx.commit().await?;
+        Ok((SpendOutcome::Reserved { remaining, nonce: uses }, seq))
+    }
+
+    async fn complete_spend(&self, session_id: &str, request_id: &str, response: &[u8]) -> Result<bool, StoreError> {
+        let _writer = self.write_lock().await;
+        let done = sqlx::query(
+            "UPDATE spends SET response = $1 \
+             WHERE session_id = $2 AND request_id = $3 AND response IS NULL",
+        )
+        .bind(response)
+        .bind(session_id)
+        .bind(request_id)
+        .execute(&self.pool)
+        .await
+        .map_err(err::<DB>)?;
+        Ok(DB::rows_affected(&done) == 1)
+    }
+
+    async fn stale_spends(&self, before: i64, limit: u32) -> Result<Vec<super::PendingSpend>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT p.session_id, s.account_id, p.request_id, p.created_at \
+             FROM spends p JOIN sessions s ON s.id = p.session_id \
+             WHERE p.response IS NULL AND p.created_at < $1 \
+             ORDER BY p.created_at, p.session_id, p.request_id LIMIT $2",
+        )
+        .bind(before)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(err::<DB>)?;
+        rows.iter()
+            .map(|row| {
+                Ok(super::PendingSpend {
+                    session_id: row.try_get("session_id").map_err(err::<DB>)?,
+                    account_id: row.try_get("account_id").map_err(err::<DB>)?,
+                    request_id: row.try_get("request_id").map_err(err::<DB>)?,
+                    created_at: row.try_get("created_at").map_err(err::<DB>)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn probe_write(&self, now: i64) -> Result<(), StoreError> {
+        let mut tx = self.begin_write().await?;
+        sqlx::query(
+            "INSERT INTO store_health (id, probed_at) VALUES (1, $1) \
+             ON CONFLICT (id) DO UPDATE SET probed_at = excluded.probed_at",
+        )
+        .bind(now)
+        .execute(&mut *tx)
+        .await
+        .map_err(err::<DB>)?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn release_spend_audited(
+        &self,
+        session_id: &str,
+        request_id: &str,
+        event: Option<&crate::audit::NewEvent>,
+    ) -> Result<Option<u64>, StoreError> {
+        let mut tx = self.begin_write().await?;
+        let sql = format!("SELECT remaining FROM sessions WHERE id = $1{}", DB::FOR_UPDATE);
+        let remaining: Option<String> = sqlx::query_scalar(&sql)
+            .bind(session_id)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(err::<DB>)?;
+        let pending: Option<String> = sqlx::query_scalar(
+            "SELECT amount FROM spends WHERE session_id = $1 AND request_id = $2 AND response IS NULL",
+        )
+        .bind(session_id)
+        .bind(request_id)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(err::<DB>)?;
+        let (Some(remaining), Some(amount)) = (remaining, pending) else {
+            tx.rollback().await?;
+            return Ok(None);
+        };
+        let what = format!("session {session_id}");
+        let remaining = decode_amount(&what, "remaining", &remaining)?;
+        let amount = decode_amount(&format!("spend {request_id} of {what}"), "amount", &amount)?;
+        let restored = remaining.checked_add(amount).ok_or_else(|| StoreError::Corrupt {
+            what: format!("{what}: remaining {remaining} + released {amount} overflows"),
+        })?;
+        sqlx::query("DELETE FROM spends WHERE session_id = $1 AND request_id = $2")
+            .bind(session_id)
+            .bind(request_id)
+            .execute(&mut *tx)
+            .await
+            .map_err(err::<DB>)?;
+        sqlx::query("UPDATE sessions SET remaining = $1 WHERE id = $2")
+            .bind(encode_amount(restored))
+            .bind(session_id)
+            .execute(&mut *tx)
+            .await
+            .map_err(err::<DB>)?;
+        let seq = crate::audit::store::append_one::<DB>(&mut tx, event).await?;
+        tx.commit().await?;
+        Ok(seq)
+    }
+
+    fn pool_stats(&self) -> super::PoolStats {
+        super::PoolStats {
+            size: self.pool.size(),
+            idle: self.pool.num_idle(),
+        }
+    }
+
+    fn tx_stats(&self) -> &super::TxStats {
+        &self.tx
+    }
+
+    async fn close(&self) {
+        self.pool.close().await;
+    }
+
+    async fn record_receipt(
+        &self,
+        r: &super::NewReceipt<'_>,
+        sign: super::ReceiptSigner,
+    ) -> Result<super::ReceiptOutcome, StoreError> {
+        let mut tx = self.begin_write().await?;
+        if let Some(existing) = Self::fetch_receipt(&mut *tx, r.account_id, r.request_id).await? {
+            tx.rollback().await?;
+            return Ok(super::existing_receipt(r, existing));
+        }
+        // A concurrent identical request (another replica, another process
+        // on the SQLite file) waits on the unique index here and then
+        // inserts nothing: answer from the row it committed. SQLite's
+        // AUTOINCREMENT never reuses a seq, and a rolled-back insert leaves
+        // no gap there (sqlite_sequence is part of the transaction).
+        let seq: Option<i64> = sqlx::query_scalar(
+            "INSERT INTO receipts (receipt_id, account_id, request_id, body_hash, session_id, created_at, jws) \
+             VALUES ($1, $2, $3, $4, $5, $6, '') \
+             ON CONFLICT (account_id, request_id) DO NOTHING RETURNING seq",
+        )
+        .bind(r.receipt_id)
+        .bind(r.account_id)
+        .bind(r.request_id)
+        .bind(&r.body_hash[..])
+        .bind(r.session_id)
+        .bind(r.created_at)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(conflict_as(DB::BACKEND, || format!("receipt {}", r.receipt_id)))?;
+        let Some(seq) = seq else {
+            tx.rollback().await?;
+            return match self.get_receipt(r.account_id, r.request_id).await? {
+                Some(existing) => Ok(super::existing_receipt(r, existing)),
+                None => Err(StoreError::Conflict {
+                    what: format!("receipt request {}", r.request_id),
+                }),
+            };
+        };
+        let seq_u = u64::try_from(seq).map_err(|_| StoreError::Corrupt {
+            what: format!("receipt {}: negative seq", r.receipt_id),
+        })?;
+        // The receipt's audit event is appended in this transaction: its
+        // sequence number is the receipt's `audit_seq`.
+        let seq_u = crate::audit::store::append_one::<DB>(&mut tx, r.audit.as_ref())
+            .await?
+            .unwrap_or(seq_u);
+        let audit_seq = i64::try_from(seq_u).map_err(|_| StoreError::Corrupt {
+            what: format!("receipt {}: audit seq out of range", r.receipt_id),
+        })?;
+        let jws = match sign(seq_u).await {
+            Ok(jws) => jws,
+            Err(e) => {
+                tx.rollback().await?;
+                return Ok(super::ReceiptOutcome::SignFailed(e));
+            }
+        };
+        sqlx::query("UPDATE receipts SET jws = $1, audit_seq = $3 WHERE seq = $2")
+            .bind(&jws)
+            .bind(seq)
+            .bind(audit_seq)
+            .execute(&mut *tx)
+            .await
+            .map_err(err::<DB>)?;
+        tx.commit().await?;
+        Ok(super::ReceiptOutcome::Recorded(super::ReceiptRecord {
+            seq: seq_u,
+            receipt_id: r.receipt_id.to_string(),
+            account_id: r.account_id.to_string(),
+            request_id: r.request_id.to_string(),
+            body_hash: r.body_hash,
+            session_id: r.session_id.map(str::to_string),
+            created_at: r.created_at,
+            jws,
+        }))
+    }
+
+    async fn get_receipt(
+        &self,
+        account_id: &str,
+        request_id: &str,
+    ) -> Result<Option<super::ReceiptRecord>, StoreError> {
+        Self::fetch_receipt(&self.pool, account_id, request_id).await
+    }
+
+    // ---- Issuer keys (JWKS lifecycle, issue 5) ----
+    // Every state change but a deletion takes the rotation lock in its
+    // transaction where the dialect has one (scheduled promotion only tries
+    // it: one replica rotates, the others skip), else runs under the writer
+    // lock; the partial unique index keeps one active key per algorithm.
+
+    async fn list_issuer_keys(&self) -> Result<Vec<IssuerKeyRecord>, StoreError> {
+        Self::issuer_keys_where(&self.pool, None).await
+    }
+
+    async fn add_issuer_key_audited(
+        &self,
+        rec: &IssuerKeyRecord,
+        event: Option<&crate::audit::NewEvent>,
+    ) -> Result<(bool, Option<u64>), StoreError> {
+        if !matches!(rec.state, IssuerKeyState::Active | IssuerKeyState::Next) {
+            return Err(StoreError::Backend {
+                backend: DB::BACKEND,
+                reason: format!("a new issuer key must be next or active, not {}", rec.state.as_str()),
+            });
+        }
+        let mut tx = self.begin_write().await?;
+        Self::lock_rotation(&mut tx, false).await?;
+        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM issuer_keys WHERE alg = $1 AND state = $2")
+            .bind(&rec.alg)
+            .bind(rec.state.as_str())
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(err::<DB>)?;
+        if n > 0 {
+            tx.rollback().await?;
+            return Ok((false, None));
+        }
+        sqlx::query(&format!(
+            "INSERT INTO issuer_keys ({ISSUER_KEY_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)"
+        ))
+        .bind(&rec.kid)
+        .bind(&rec.alg)
+        .bind(&rec.label)
+        .bind(rec.state.as_str())
+        .bind(rec.created_at)
+        .bind(rec.activated_at)
+        .bind(rec.retired_at)
+        .bind(rec.revoked_at)
+        .bind(&rec.jwk)
+        .execute(&mut *tx)
+        .await
+        .map_err(conflict_as(DB::BACKEND, || format!("issuer key {}", rec.kid)))?;
+        let seq = crate::audit::store::append_one::<DB>(&mut tx, event).await?;
+        tx.commit().await?;
+        Ok((true, seq))
+    }
+
+    async fn promote_issuer_keys_audited(
+        &self,
+        algs: &[&str],
+        now: i64,
+        min_published: i64,
+        active_due_before: Option<i64>,
+        audit: Option<&PromoteAudit>,
+    ) -> Result<(Vec<PromoteOutcome>, Option<u64>), StoreError> {
+        let mut tx = self.begin_write().await?;
+        if !Self::lock_rotation(&mut tx, active_due_before.is_some()).await? {
+            tx.rollback().await?;
+            return Ok((vec![PromoteOutcome::Busy], None));
+        }
+        let mut promoted = Vec::with_capacity(algs.len());
+        for alg in algs {
+            let keys = Self::issuer_keys_where(&mut *tx, Some(alg)).await?;
+            match decide_promote(&keys, now, min_published, active_due_before) {
+                Ok((next, active)) => {
+                    Self::promote_in(&mut tx, &next, active.as_deref(), now).await?;
+                    promoted.push((next, active));
+                }
+                Err(outcome) => {
+                    tx.rollback().await?;
+                    return Ok((vec![outcome], None));
+                }
+            }
+        }
+        let events = audit.map(|a| a.events(&promoted)).unwrap_or_default();
+        let seq = crate::audit::store::append_in::<DB>(&mut tx, &events)
+            .await?
+            .first()
+            .map(|e| e.seq);
+        tx.commit().await?;
+        Ok((promoted_outcomes(promoted), seq))
+    }
+
+    async fn revoke_issuer_key_audited(
+        &self,
+        kid: &str,
+        now: i64,
+        event: Option<&crate::audit::NewEvent>,
+    ) -> Result<(Option<RevokeOutcome>, Option<u64>), StoreError> {
+        let mut tx = self.begin_write().await?;
+        Self::lock_rotation(&mut tx, false).await?;
+        let sql = format!("SELECT {ISSUER_KEY_COLUMNS} FROM issuer_keys WHERE kid = $1");
+        let row = sqlx::query(&sql)
+            .bind(kid)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(err::<DB>)?;
+        let Some(before) = row.map(|r| Self::raw_issuer_key(&r)?.decode()).transpose()? else {
+            tx.rollback().await?;
+            return Ok((None, None));
+        };
+        if before.state == IssuerKeyState::Revoked {
+            tx.rollback().await?;
+            return Ok((Some(RevokeOutcome { before, promoted: None }), None));
+        }
+        sqlx::query("UPDATE issuer_keys SET state = 'revoked', revoked_at = $1 WHERE kid = $2")
+            .bind(now)
+            .bind(kid)
+            .execute(&mut *tx)
+            .await
+            .map_err(err::<DB>)?;
+        let mut promoted = None;
+        if before.state == IssuerKeyState::Active {
+            let keys = Self::issuer_keys_where(&mut *tx, Some(&before.alg)).await?;
+            if let Ok((next, _)) = decide_promote(&keys, now, 0, None) {
+                Self::promote_in(&mut tx, &next, None, now).await?;
+                promoted = Some(next);
+            }
+        }
+        let seq = crate::audit::store::append_one::<DB>(&mut tx, event).await?;
+        tx.commit().await?;
+        Ok((Some(RevokeOutcome { before, promoted }), seq))
+    }
+
+    async fn delete_issuer_key_audited(
+        &self,
+        kid: &str,
+        event: Option<&crate::audit::NewEvent>,
+    ) -> Result<(bool, Option<u64>), StoreError> {
+        let mut tx = self.begin_write().await?;
+        let r = sqlx::query("DELETE FROM issuer_keys WHERE kid = $1 AND state IN ('retired', 'revoked')")
+            .bind(kid)
+            .execute(&mut *tx)
+            .await
+            .map_err(err::<DB>)?;
+        if DB::rows_affected(&r) == 0 {
+            tx.rollback().await?;
+            return Ok((false, None));
+        }
+        let seq = crate::audit::store::append_one::<DB>(&mut tx, event).await?;
+        tx.commit().await?;
+        Ok((true, seq))
+    }
+
+    async fn take_token(&self, key: &str, bucket: super::limits::Bucket, now: i64) -> Result<bool, StoreError> {
+        let mut tx = self.begin_write().await?;
+        // The row exists (created full) and is locked: writers take tokens
+        // one at a time. A refusal rolls the creation back.
+        let full = i64::try_from(bucket.capacity)
+            .unwrap_or(i64::MAX / super::limits::MILLI)
+            .saturating_mul(super::limits::MILLI);
+        sqlx::query(
+            "INSERT INTO limit_buckets (key, tokens, updated_at) VALUES ($1, $2, $3) ON CONFLICT (key) DO NOTHING",
+        )
+        .bind(key)
+        .bind(full)
+        .bind(now)
+        .execute(&mut *tx)
+        .await
+        .map_err(err::<DB>)?;
+        let sql = format!(
+            "SELECT tokens, updated_at FROM limit_buckets WHERE key = $1{}",
+            DB::FOR_UPDATE
+        );
+        let stored: (i64, i64) = sqlx::query_as(&sql)
+            .bind(key)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(err::<DB>)?;
+        let Some((tokens, at)) = super::limits::take(Some(stored), now, bucket) else {
+            tx.rollback().await?;
+            return Ok(false);
+        };
+        sqlx::query("UPDATE limit_buckets SET tokens = $2, updated_at = $3 WHERE key = $1")
+            .bind(key)
+            .bind(tokens)
+            .bind(at)
+            .execute(&mut *tx)
+            .await
+            .map_err(err::<DB>)?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    async fn add_to_total(&self, key: &str, amount: u128, cap: u128, now: i64) -> Result<Option<u128>, StoreError> {
+        self.change_total(key, now, |t| super::limits::add(t, amount, cap))
+            .await
+    }
+
+    async fn subtract_from_total(&self, key: &str, amount: u128, now: i64) -> Result<(), StoreError> {
+        self.change_total(key, now, |t| Some(t.saturating_sub(amount)))
+            .await
+            .map(|_| ())
+    }
+
+    async fn prune_limit_counters(&self, totals_before: i64, buckets: &[(String, i64)]) -> Result<u64, StoreError> {
+        let mut tx = self.begin_write().await?;
+        let deleted = sqlx::query("DELETE FROM limit_totals WHERE updated_at < $1")
+            .bind(totals_before)
+            .execute(&mut *tx)
+            .await
+            .map_err(err::<DB>)?;
+        let mut gone = DB::rows_affected(&deleted);
+        for (prefix, before) in buckets {
+            let deleted =
+                sqlx::query("DELETE FROM limit_buckets WHERE substr(key, 1, length($1)) = $1 AND updated_at < $2")
+                    .bind(prefix)
+                    .bind(before)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(err::<DB>)?;
+            gone += DB::rows_affected(&deleted);
+        }
+        tx.commit().await?;
+        Ok(gone)
+    }
+}
