@@ -29,6 +29,7 @@ pub mod policy;
 pub mod receipt;
 pub mod server;
 pub mod session;
+pub mod soak;
 pub mod store;
 pub mod testkit;
 pub mod tls;

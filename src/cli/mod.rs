@@ -113,6 +113,10 @@ enum Command {
     Policy(policy::PolicyCmd),
     /// Load generator over real mTLS, with raw-crypto baselines measured in the same run.
     Bench(crate::bench::BenchArgs),
+    /// A long mixed load with client-cancelled requests against a running
+    /// daemon, sampled from its /metrics: PASS, or FAIL (exit 1) on any
+    /// failed request, a readiness drop, or memory or fds that keep growing.
+    Soak(crate::soak::SoakArgs),
 }
 
 /// Custody as a CLI value.
@@ -195,6 +199,14 @@ pub fn main() -> ExitCode {
         },
         Command::Audit(cmd) => match runtime() {
             Ok(rt) => match rt.block_on(audit::audit(&cli.home, &cli.client, cmd)) {
+                Ok(true) => Ok(()),
+                Ok(false) => return ExitCode::FAILURE,
+                Err(e) => Err(e),
+            },
+            Err(code) => return code,
+        },
+        Command::Soak(args) => match runtime() {
+            Ok(rt) => match rt.block_on(crate::soak::run(&cli.home, &cli.client, args)) {
                 Ok(true) => Ok(()),
                 Ok(false) => return ExitCode::FAILURE,
                 Err(e) => Err(e),
