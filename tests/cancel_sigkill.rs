@@ -9,13 +9,12 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::io::BufRead as _;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::Wallet;
+use common::{signal, start_dev, Wallet};
 use keyward::api::pb::account_service_client::AccountServiceClient;
 use keyward::api::pb::session_service_client::SessionServiceClient;
 use keyward::api::pb::signing_service_client::SigningServiceClient;
@@ -36,53 +35,6 @@ fn keyward(home: &Path) -> Command {
         .env_remove("SOFTHSM2_CONF")
         .env("RUST_LOG", "warn");
     c
-}
-
-/// Starts `keyward dev` and waits for its "ready" line.
-fn start_dev(home: &Path) -> Child {
-    let mut child = keyward(home)
-        .args([
-            "dev",
-            "--custody",
-            "hsm",
-            "--listen",
-            "127.0.0.1:0",
-            "--https-listen",
-            "127.0.0.1:0",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("spawn keyward dev");
-    let stdout = child.stdout.take().expect("stdout");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    loop {
-        match rx.recv_timeout(Duration::from_secs(60)) {
-            Ok(l) if l == "ready" => return child,
-            Ok(_) => {}
-            Err(e) => {
-                let _ = child.kill();
-                panic!("keyward dev did not print ready: {e}");
-            }
-        }
-    }
-}
-
-fn signal(child: &mut Child, signal: &str) {
-    let pid = child.id().to_string();
-    assert!(Command::new("kill")
-        .args([signal, &pid])
-        .status()
-        .expect("kill")
-        .success());
-    child.wait().expect("wait");
 }
 
 async fn channel(home: &Path, profile: &str) -> Channel {
@@ -132,7 +84,7 @@ fn sigkill_between_reserve_and_complete_is_recovered() {
     let dir = tempfile::tempdir().expect("tempdir");
     let home = dir.path().join("home");
     // First run writes the config; then one HSM session and a 2 s bound.
-    let mut child = start_dev(&home);
+    let mut child = start_dev(&home, &["--custody", "hsm"]);
     signal(&mut child, "-TERM");
     let config = home.join("keyward.toml");
     let text = std::fs::read_to_string(&config).expect("config");
@@ -159,7 +111,7 @@ fn sigkill_between_reserve_and_complete_is_recovered() {
         .enable_all()
         .build()
         .expect("runtime");
-    let mut child = start_dev(&home);
+    let mut child = start_dev(&home, &["--custody", "hsm"]);
     let wallet = Wallet::new(0x42);
     let (session_id, token) = rt.block_on(async {
         let admin = channel(&home, "admin").await;
@@ -247,7 +199,7 @@ fn sigkill_between_reserve_and_complete_is_recovered() {
     );
 
     // Restart: the sweep releases every pending spend within the bound.
-    let mut child = start_dev(&home);
+    let mut child = start_dev(&home, &["--custody", "hsm"]);
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let now = rt.block_on(spends(&db, &session_id));

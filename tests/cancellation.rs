@@ -476,14 +476,19 @@ fn storm(store: StoreKind) {
         assert!(store.stale_spends(i64::MAX, 1).await.expect("stale").is_empty());
 
         // The audit chain verifies: one chain, no fork, no gap.
-        let keys = keyward::audit::verify::store_keys(store.as_ref()).await.expect("keys");
-        let report = keyward::audit::verify::verify_store(store.as_ref(), &keys)
-            .await
-            .expect("verify");
-        assert!(report.ok(), "{report:?}");
+        audit_verifies(store.as_ref()).await;
         let f = Arc::try_unwrap(f).unwrap_or_else(|_| panic!("fixture still shared"));
         f.daemon.stop().await;
     });
+}
+
+/// `keyward audit verify`'s check, on the store: one chain, no gap, no fork.
+async fn audit_verifies(store: &dyn keyward::store::Store) {
+    let keys = keyward::audit::verify::store_keys(store).await.expect("keys");
+    let report = keyward::audit::verify::verify_store(store, &keys)
+        .await
+        .expect("verify");
+    assert!(report.ok(), "{report:?}");
 }
 
 /// As [`one`], with the deadline sent as `grpc-timeout` (the server cancels).
@@ -723,11 +728,7 @@ fn deadline_shorter_than_the_hsm_wait(store: StoreKind) {
         assert_eq!(s.remaining + spent, CAP, "cap not exact");
         assert_eq!(done.len() + cap_refusals, 300);
         let store = f.daemon.state.keys.store().clone();
-        let keys = keyward::audit::verify::store_keys(store.as_ref()).await.expect("keys");
-        let report = keyward::audit::verify::verify_store(store.as_ref(), &keys)
-            .await
-            .expect("verify");
-        assert!(report.ok(), "{report:?}");
+        audit_verifies(store.as_ref()).await;
         f.daemon.stop().await;
     });
 }
@@ -826,11 +827,7 @@ fn completion_failure(store: StoreKind) {
         );
         assert_ne!(a.nonce, b2.nonce);
         assert_eq!(remaining(store.clone(), session_id.clone()).await, CAP - 80);
-        let keys = keyward::audit::verify::store_keys(store.as_ref()).await.expect("keys");
-        let report = keyward::audit::verify::verify_store(store.as_ref(), &keys)
-            .await
-            .expect("verify");
-        assert!(report.ok(), "{report:?}");
+        audit_verifies(store.as_ref()).await;
         f.daemon.stop().await;
     });
 }

@@ -4,10 +4,12 @@
 //! sampled every second. It must end PASS: no failed request, readiness
 //! never dropped, no growth.
 
-use std::io::BufRead as _;
+mod common;
+
 use std::path::Path;
-use std::process::{Command, Stdio};
-use std::time::Duration;
+use std::process::Command;
+
+use common::{signal, start_dev};
 
 fn keyward(home: &Path) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_keyward"));
@@ -22,39 +24,7 @@ fn keyward(home: &Path) -> Command {
 fn a_short_soak_passes() {
     let dir = tempfile::tempdir().expect("tempdir");
     let home = dir.path().join("home");
-    let mut dev = keyward(&home)
-        .args([
-            "dev",
-            "--custody",
-            "host",
-            "--listen",
-            "127.0.0.1:0",
-            "--https-listen",
-            "127.0.0.1:0",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("spawn keyward dev");
-    let stdout = dev.stdout.take().expect("stdout");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    loop {
-        match rx.recv_timeout(Duration::from_secs(60)) {
-            Ok(l) if l == "ready" => break,
-            Ok(_) => {}
-            Err(e) => {
-                let _ = dev.kill();
-                panic!("keyward dev did not print ready: {e}");
-            }
-        }
-    }
+    let mut dev = start_dev(&home, &["--custody", "host"]);
     let out = keyward(&home)
         .args([
             "soak",
@@ -71,9 +41,7 @@ fn a_short_soak_passes() {
         ])
         .output()
         .expect("keyward soak");
-    let pid = dev.id().to_string();
-    let _ = Command::new("kill").args(["-TERM", &pid]).status();
-    let _ = dev.wait();
+    signal(&mut dev, "-TERM");
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),

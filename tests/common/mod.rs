@@ -327,3 +327,50 @@ impl Wallet {
             .to_vec()
     }
 }
+
+/// Starts the `keyward` binary's `dev` command on `home` with `extra`
+/// arguments (loopback ports chosen by the OS) and waits for its `ready` line.
+pub fn start_dev(home: &Path, extra: &[&str]) -> std::process::Child {
+    use std::io::BufRead as _;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_keyward"))
+        .arg("--home")
+        .arg(home)
+        .args(["dev", "--listen", "127.0.0.1:0", "--https-listen", "127.0.0.1:0"])
+        .args(extra)
+        .env_remove("SOFTHSM2_CONF")
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::inherit())
+        .spawn()
+        .expect("spawn keyward dev");
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    loop {
+        match rx.recv_timeout(Duration::from_secs(60)) {
+            Ok(l) if l == "ready" => return child,
+            Ok(_) => {}
+            Err(e) => {
+                let _ = child.kill();
+                panic!("keyward dev did not print ready: {e}");
+            }
+        }
+    }
+}
+
+/// Sends `signal` (`-TERM`, `-KILL`) to the child's PID and waits for it.
+pub fn signal(child: &mut std::process::Child, signal: &str) {
+    let pid = child.id().to_string();
+    assert!(std::process::Command::new("kill")
+        .args([signal, &pid])
+        .status()
+        .expect("kill")
+        .success());
+    child.wait().expect("wait");
+}
