@@ -668,7 +668,8 @@ fn deadline_shorter_than_the_hsm_wait(store: StoreKind) {
             let (market, token, sem) = (market.clone(), token.clone(), sem.clone());
             tasks.push(tokio::spawn(async move {
                 let _permit = sem.acquire().await;
-                let deadline = Duration::from_micros(500 + (i as u64 * 7919) % 8000);
+                // Long enough to reserve, mostly shorter than the HSM queue.
+                let deadline = Duration::from_micros(2_000 + (i as u64 * 7919) % 28_000);
                 let r = tokio::time::timeout(deadline, pay_once(&market, &token, amount_for(0, i), &format!("r-{i}")))
                     .await;
                 (i, r.ok().and_then(Result::ok))
@@ -696,6 +697,10 @@ fn deadline_shorter_than_the_hsm_wait(store: StoreKind) {
             done_now.len()
         );
         assert_eq!(pending_now, 0, "a cancelled request left its spend pending");
+        assert!(
+            done_now.len() > received.len(),
+            "the scenario happened: spends completed for clients that had given up"
+        );
         // Retries with no deadline: the first signature, or one new signing.
         let mut cap_refusals = 0;
         for i in 0..300usize {
