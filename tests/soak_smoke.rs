@@ -1,9 +1,9 @@
-//! Short smoke runs of the load tools (the 10-minute soak and the benchmarks
-//! are run by hand). `keyward soak`
-//! README › Soak): the shipped binary against a `keyward dev`
-//! it starts on a fresh home, mixed load with a fifth of the calls cancelled,
-//! sampled every second. It must end PASS: no failed request, readiness
-//! never dropped, no growth.
+//! Short smoke runs of the load tools; the 10-minute soak (README › Soak)
+//! and the benchmarks are run by hand. `keyward soak`: the shipped binary
+//! against a `keyward dev` it starts on a fresh home, mixed load with a fifth
+//! of the calls cancelled, sampled every second; it must end PASS (no failed
+//! request, readiness never dropped, no growth). `keyward bench`: it must
+//! pace itself to a small account-creation limit and report.
 
 mod common;
 
