@@ -127,8 +127,11 @@ fn default_max_in_flight() -> usize {
     512
 }
 
+/// What real requests need: a typed-data document is at most 256 KiB, a
+/// message 64 KiB, a session token 16 KiB; 1 MiB leaves room for all of it
+/// with its fields, and bounds what a client can make the daemon buffer.
 fn default_max_message() -> usize {
-    16 * 1024 * 1024
+    1024 * 1024
 }
 fn default_concurrency() -> u32 {
     256

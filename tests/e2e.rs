@@ -218,7 +218,8 @@ fn malformed_requests_are_invalid_argument_and_daemon_keeps_serving() {
             .as_array_mut()
             .expect("array")
             .push(serde_json::json!({"name": "mail", "type": "Mail"}));
-        let huge = format!("{{\"types\":{{}},\"pad\":\"{}\"}}", "a".repeat(10 * 1024 * 1024));
+        // Over the 256 KiB document cap, under the 1 MiB message cap.
+        let huge = format!("{{\"types\":{{}},\"pad\":\"{}\"}}", "a".repeat(300 * 1024));
         let cases: Vec<(String, &str)> = vec![
             (unknown_type.to_string(), "typed_data_json"),
             (missing_field.to_string(), "contents"),

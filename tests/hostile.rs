@@ -136,3 +136,62 @@ fn message_signature_never_verifies_as_an_attestation_host_custody() {
 fn message_signature_never_verifies_as_an_attestation_hsm_custody() {
     forged_attestation_never_verifies(Custody::Hsm);
 }
+
+/// Work before authorization: a caller sends session tokens far larger than
+/// any real one. A token over the gRPC message cap (1 MiB by default) is
+/// refused before it is decoded (OUT_OF_RANGE, tonic's answer for an
+/// oversized message); one under the cap but over the token cap (16 KiB) is
+/// refused as UNAUTHENTICATED before it is base64-decoded or parsed. The
+/// daemon keeps serving.
+#[test]
+fn oversized_session_tokens_are_refused_before_they_are_parsed() {
+    use keyward::api::pb::SignTypedDataRequest;
+    let env = Env::new(Custody::Host, StoreKind::Sqlite).expect("env");
+    block_on(async {
+        env.init().await;
+        let d = env.start().await;
+        let account = create_account(&d, &env, &[MARKETPLACE_ID]).await;
+        let mut market = d.signing(&env, "marketplace").await;
+        let request = |token: String| SignTypedDataRequest {
+            account_id: account.account_id.clone(),
+            typed_data_json: MAIL.into(),
+            session_token: token,
+            request_id: "r".into(),
+        };
+        // A syntactically plausible token: header.payload.signature, all base64url.
+        let plausible = |len: usize| format!("eyJhbGciOiJFZERTQSJ9.{}.AAAA", "A".repeat(len));
+
+        let over_message = market
+            .sign_typed_data(request(plausible(2 * 1024 * 1024)))
+            .await
+            .expect_err("over the message cap");
+        assert_eq!(over_message.code(), tonic::Code::OutOfRange, "{over_message:?}");
+
+        let over_token = market
+            .sign_typed_data(request(plausible(512 * 1024)))
+            .await
+            .expect_err("over the token cap");
+        assert_eq!(over_token.code(), tonic::Code::Unauthenticated, "{over_token:?}");
+        assert!(
+            over_token
+                .message()
+                .contains(&keyward::session::MAX_TOKEN_BYTES.to_string()),
+            "{}",
+            over_token.message()
+        );
+
+        // The same caller, and the daemon, go on working.
+        d.signing(&env, "admin")
+            .await
+            .sign_typed_data(SignTypedDataRequest {
+                account_id: account.account_id.clone(),
+                typed_data_json: MAIL.into(),
+                ..Default::default()
+            })
+            .await
+            .expect("still signs");
+        d.stop().await;
+    });
+}
+
+const MARKETPLACE_ID: &str = "spiffe://example.org/marketplace";

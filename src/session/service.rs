@@ -87,6 +87,10 @@ pub struct Sessions {
 /// before it is refused as in progress (ABORTED, retry later).
 pub const IN_PROGRESS_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
 
+/// The longest session token accepted (a token with every scope the grammar
+/// allows is a few KiB); longer ones are refused before they are decoded.
+pub const MAX_TOKEN_BYTES: usize = 16 * 1024;
+
 /// The rule a recovery release names in its audit event.
 pub const RECOVERY_RULE: &str = "recovery:pending-spend-timeout";
 
@@ -343,6 +347,13 @@ impl Sessions {
     /// Verifies a token, checks the caller is its delegate, and reads the
     /// session's live state: revoked or expired sessions are refused.
     pub async fn authorize(&self, token: &str, caller: &str) -> Result<(SessionRecord, Scopes), SessionError> {
+        // Sized before anything decodes it: a real token is a few hundred bytes.
+        if token.len() > MAX_TOKEN_BYTES {
+            return Err(SessionError::Token(format!(
+                "a session token is at most {MAX_TOKEN_BYTES} bytes; this one is {}",
+                token.len()
+            )));
+        }
         let verified = self
             .issuer
             .verify(token)
