@@ -782,51 +782,6 @@ fn offline_verify_export_prove_tamper_postgres() {
     offline_commands(StoreKind::Postgres);
 }
 
-/// Starts `keyward dev` on `home` and waits for its "ready" line.
-fn start_dev(home: &Path) -> std::process::Child {
-    use std::io::BufRead as _;
-    let mut child = Command::new(env!("CARGO_BIN_EXE_keyward"))
-        .arg("--home")
-        .arg(home)
-        .args(["dev", "--listen", "127.0.0.1:0", "--https-listen", "127.0.0.1:0"])
-        .env_remove("SOFTHSM2_CONF")
-        .env("RUST_LOG", "warn")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::inherit())
-        .spawn()
-        .expect("spawn keyward dev");
-    let stdout = child.stdout.take().expect("stdout");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    loop {
-        match rx.recv_timeout(std::time::Duration::from_secs(60)) {
-            Ok(l) if l == "ready" => return child,
-            Ok(_) => {}
-            Err(e) => {
-                let _ = child.kill();
-                panic!("keyward dev did not print ready: {e}");
-            }
-        }
-    }
-}
-
-/// Sends `signal` to the child's PID and waits for it to exit.
-fn signal(child: &mut std::process::Child, signal: &str) {
-    let pid = child.id().to_string();
-    assert!(Command::new("kill")
-        .args([signal, &pid])
-        .status()
-        .expect("kill")
-        .success());
-    child.wait().expect("wait");
-}
-
 fn dev_channel(home: &Path, profile: &str) -> (String, keyward::tls::ClientTlsFiles) {
     let f = keyward::dev::read_client_file(home).expect("client file");
     let p = f.profiles.get(profile).expect("profile");
@@ -849,7 +804,7 @@ fn sigkill_under_load_loses_no_event() {
     use keyward::api::pb::signing_service_client::SigningServiceClient;
     let dir = tempfile::tempdir().expect("tempdir");
     let home = dir.path().join("home");
-    let mut child = start_dev(&home);
+    let mut child = start_dev(&home, &[]);
     let out = Command::new(env!("CARGO_BIN_EXE_keyward"))
         .arg("--home")
         .arg(&home)
@@ -912,7 +867,7 @@ fn sigkill_under_load_loses_no_event() {
     assert!(received.len() >= 300);
 
     // Restart: the daemon comes back and appends after the recovered head.
-    let mut child = start_dev(&home);
+    let mut child = start_dev(&home, &[]);
     let (endpoint, files) = dev_channel(&home, "admin");
     rt.block_on(async {
         let ch = keyward::tls::connect(&endpoint, &files).await.expect("connect");
@@ -1144,7 +1099,7 @@ fn scheduled_rotation_events_and_shutdown_checkpoint_postgres() {
 fn sigterm_writes_a_final_checkpoint() {
     let dir = tempfile::tempdir().expect("tempdir");
     let home = dir.path().join("home");
-    let mut child = start_dev(&home);
+    let mut child = start_dev(&home, &[]);
     let out = Command::new(env!("CARGO_BIN_EXE_keyward"))
         .arg("--home")
         .arg(&home)
