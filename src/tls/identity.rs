@@ -108,22 +108,8 @@ mod tests {
     use time::{Duration, OffsetDateTime};
 
     fn der(cn: &str, uri: Option<&str>, dns: &[&str]) -> Vec<u8> {
-        let (ca_cert, ca_key) = new_ca("test CA").unwrap();
-        let now = OffsetDateTime::now_utc();
-        let spec = CertSpec {
-            common_name: cn.to_owned(),
-            uri_sans: uri.map(str::to_owned).into_iter().collect(),
-            dns_sans: dns.iter().map(|d| (*d).to_owned()).collect(),
-            not_before: now,
-            not_after: now + Duration::days(1),
-            client: true,
-            server: false,
-        };
-        let (pem, _) = issue(&ca_cert, &ca_key, &spec).unwrap();
-        CertificateDer::from_pem_slice(pem.as_bytes())
-            .unwrap()
-            .as_ref()
-            .to_vec()
+        let uris: Vec<&str> = uri.into_iter().collect();
+        der_uris(cn, &uris, dns)
     }
 
     fn der_uris(cn: &str, uris: &[&str], dns: &[&str]) -> Vec<u8> {
