@@ -26,7 +26,8 @@ pub enum JwksCmd {
     },
     /// Remove a key from the JWKS at once (compromise); the next key signs immediately.
     Revoke {
-        /// The key id.
+        /// The key id. Key ids are base64url thumbprints and may begin with `-`.
+        #[arg(allow_hyphen_values = true)]
         kid: String,
     },
 }

@@ -228,3 +228,23 @@ pub fn main() -> ExitCode {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    /// Key ids are base64url thumbprints: about one in 32 begins with `-`.
+    #[test]
+    fn a_kid_that_begins_with_a_hyphen_is_a_kid() {
+        for kid in ["-B3xg", "--x", "_a-b", "abc"] {
+            let cli = Cli::try_parse_from(["keyward", "jwks", "revoke", kid, "--json"])
+                .unwrap_or_else(|e| panic!("{kid}: {e}"));
+            match cli.command {
+                Command::Jwks(jwks::JwksCmd::Revoke { kid: parsed }) => assert_eq!(parsed, kid),
+                _ => panic!("{kid}: not jwks revoke"),
+            }
+            assert!(cli.client.json, "{kid}: --json after the kid is still the flag");
+        }
+    }
+}
