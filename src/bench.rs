@@ -321,11 +321,16 @@ async fn bare_tonic(home: &Path, opts: &ClientOpts, args: &BenchArgs) -> anyhow:
         ed: ed25519_dalek::SigningKey::generate(&mut rand::thread_rng()),
     };
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+    let slots = crate::tls::Slots::new(crate::tls::ListenerLimits::standalone(
+        "bench",
+        4096,
+        std::time::Duration::from_secs(10),
+    )?);
     let server = tokio::spawn(
         tonic::transport::Server::builder()
             .tcp_nodelay(true)
             .add_service(SigningServiceServer::new(bare))
-            .serve_with_incoming_shutdown(crate::tls::incoming(listener, tls), async move {
+            .serve_with_incoming_shutdown(crate::tls::incoming(listener, tls, slots), async move {
                 let _ = stop_rx.wait_for(|s| *s).await;
             }),
     );

@@ -121,6 +121,72 @@ pub struct ServerConfig {
     /// finish (and give up cleanly if their client does).
     #[serde(default = "default_max_in_flight")]
     pub max_requests_in_flight: usize,
+    /// Requests one client identity may have in flight at once; beyond it a
+    /// request is refused at once with RESOURCE_EXHAUSTED (no work, no audit
+    /// event: it was shed, not decided), so one client cannot take every
+    /// permit of `max_requests_in_flight` from the others.
+    #[serde(default = "default_max_per_identity")]
+    pub max_requests_per_identity: usize,
+    /// Connections the gRPC listener holds at once (handshaking or open).
+    /// At the cap it stops accepting until one closes. See README ›
+    /// Security › File descriptors for the budget this is part of.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// Connections the HTTPS side port holds at once.
+    #[serde(default = "default_https_max_connections")]
+    pub https_max_connections: usize,
+    /// Seconds a peer gets to complete the TLS handshake (both listeners).
+    #[serde(default = "default_handshake_timeout")]
+    pub handshake_timeout_seconds: u64,
+    /// Seconds an HTTPS client gets to send a request's headers.
+    #[serde(default = "default_header_read_timeout")]
+    pub header_read_timeout_seconds: u64,
+    /// Seconds an HTTPS connection may stay open; then it is closed
+    /// gracefully (a request in progress finishes).
+    #[serde(default = "default_https_connection_age")]
+    pub https_max_connection_age_seconds: u64,
+    /// Seconds between HTTP/2 keepalive pings on idle gRPC connections; a
+    /// peer that does not answer within `http2_keepalive_timeout_seconds`
+    /// is disconnected. 0 turns pings off.
+    #[serde(default = "default_keepalive_interval")]
+    pub http2_keepalive_interval_seconds: u64,
+    /// See `http2_keepalive_interval_seconds`.
+    #[serde(default = "default_keepalive_timeout")]
+    pub http2_keepalive_timeout_seconds: u64,
+    /// Seconds graceful shutdown gives open connections (a `StreamEvents`
+    /// follower, a half-sent request) and then requests still running,
+    /// before it closes them and writes the final audit checkpoint.
+    #[serde(default = "default_shutdown_grace")]
+    pub shutdown_grace_seconds: u64,
+}
+
+fn default_shutdown_grace() -> u64 {
+    5
+}
+
+fn default_max_per_identity() -> usize {
+    128
+}
+fn default_max_connections() -> usize {
+    1024
+}
+fn default_https_max_connections() -> usize {
+    256
+}
+fn default_handshake_timeout() -> u64 {
+    10
+}
+fn default_header_read_timeout() -> u64 {
+    5
+}
+fn default_https_connection_age() -> u64 {
+    60
+}
+fn default_keepalive_interval() -> u64 {
+    30
+}
+fn default_keepalive_timeout() -> u64 {
+    10
 }
 
 fn default_max_in_flight() -> usize {
@@ -500,6 +566,60 @@ impl Config {
                 reason: "must be between 1 and 1048576".into(),
             });
         }
+        let server = &self.server;
+        for (key, value, lo, hi) in [
+            (
+                "server.max_requests_per_identity",
+                server.max_requests_per_identity as u64,
+                1,
+                1 << 20,
+            ),
+            ("server.max_connections", server.max_connections as u64, 1, 1 << 20),
+            (
+                "server.https_max_connections",
+                server.https_max_connections as u64,
+                1,
+                1 << 20,
+            ),
+            (
+                "server.handshake_timeout_seconds",
+                server.handshake_timeout_seconds,
+                1,
+                300,
+            ),
+            (
+                "server.header_read_timeout_seconds",
+                server.header_read_timeout_seconds,
+                1,
+                300,
+            ),
+            (
+                "server.https_max_connection_age_seconds",
+                server.https_max_connection_age_seconds,
+                1,
+                86_400,
+            ),
+            (
+                "server.http2_keepalive_interval_seconds",
+                server.http2_keepalive_interval_seconds,
+                0,
+                86_400,
+            ),
+            (
+                "server.http2_keepalive_timeout_seconds",
+                server.http2_keepalive_timeout_seconds,
+                1,
+                3_600,
+            ),
+            ("server.shutdown_grace_seconds", server.shutdown_grace_seconds, 1, 300),
+        ] {
+            if !(lo..=hi).contains(&value) {
+                return Err(ConfigError::Invalid {
+                    key,
+                    reason: format!("must be between {lo} and {hi}"),
+                });
+            }
+        }
         if self.server.max_concurrent_streams == 0 {
             return Err(ConfigError::Invalid {
                 key: "server.max_concurrent_streams",
@@ -642,6 +762,21 @@ mod tests {
                 "pending_spend_timeout_seconds = 60",
                 "pending_spend_timeout_seconds = 0",
                 "sessions.pending_spend_timeout_seconds",
+            ),
+            (
+                "max_connections = 1024",
+                "max_connections = 0",
+                "server.max_connections",
+            ),
+            (
+                "max_requests_per_identity = 128",
+                "max_requests_per_identity = 0",
+                "server.max_requests_per_identity",
+            ),
+            (
+                "header_read_timeout_seconds = 5",
+                "header_read_timeout_seconds = 0",
+                "server.header_read_timeout_seconds",
             ),
         ] {
             match Config::parse(&base.replace(from, to), Path::new("/etc/keyward")) {

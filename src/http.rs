@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use axum::routing::get;
 use axum::Router;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -150,33 +150,88 @@ fn account_jwks_route(daemon: Arc<Daemon>) -> axum::routing::MethodRouter {
     })
 }
 
+/// What the side port holds at once and how long a client may take.
+#[derive(Debug, Clone)]
+pub struct HttpLimits {
+    /// Connection slots (cap, handshake timeout, gauges).
+    pub slots: crate::tls::Slots,
+    /// Time a client gets to send a request's headers (HTTP/1.1).
+    pub header_read_timeout: Duration,
+    /// Longest a connection stays open; then it is closed gracefully.
+    pub max_connection_age: Duration,
+}
+
+/// Streams one HTTP/2 client may open at once on the side port.
+const MAX_STREAMS: u32 = 32;
+
 /// Serves the side port until `stop` turns true.
-pub async fn serve(listener: TcpListener, tls: Arc<ServerTls>, daemon: Arc<Daemon>, mut stop: watch::Receiver<bool>) {
+///
+/// Every connection holds one of the listener's slots (at the cap, accepting
+/// pauses); a client that is slow to handshake, to send its headers, or that
+/// stays connected past the maximum age is disconnected; a failing `accept()`
+/// backs off instead of spinning.
+pub async fn serve(
+    listener: TcpListener,
+    tls: Arc<ServerTls>,
+    daemon: Arc<Daemon>,
+    limits: HttpLimits,
+    mut stop: watch::Receiver<bool>,
+) {
     let app = router(daemon, tls.clone());
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size(64 * 1024);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(MAX_STREAMS)
+        .max_pending_accept_reset_streams(Some(MAX_STREAMS as usize));
+    let builder = Arc::new(builder);
+    let mut backoff = crate::tls::incoming::initial_backoff();
     loop {
-        let accepted = tokio::select! {
+        let slot = tokio::select! {
             _ = stop.wait_for(|s| *s) => break,
-            a = listener.accept() => a,
+            slot = limits.slots.take() => match slot {
+                Some(slot) => slot,
+                None => break,
+            },
         };
-        let (tcp, peer) = match accepted {
-            Ok(v) => v,
-            Err(e) => {
-                tracing::debug!(error = %e, "HTTPS accept failed");
-                continue;
-            }
+        let (tcp, peer) = tokio::select! {
+            _ = stop.wait_for(|s| *s) => break,
+            accepted = limits.slots.accept(&listener, &mut backoff) => accepted,
         };
         let acceptor = TlsAcceptor::from(tls.https_config());
         let service = TowerToHyperService::new(app.clone());
+        let builder = builder.clone();
+        let handshake_timeout = limits.slots.limits().handshake_timeout;
+        let max_age = limits.max_connection_age;
         tokio::spawn(async move {
-            let stream = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
+            let _slot = slot;
+            let stream = match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
                 Ok(Ok(s)) => s,
                 _ => {
                     tracing::debug!(%peer, "HTTPS handshake failed");
                     return;
                 }
             };
-            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-            if let Err(e) = builder.serve_connection(TokioIo::new(stream), service).await {
+            let conn = builder.serve_connection(TokioIo::new(stream), service);
+            tokio::pin!(conn);
+            let result = tokio::select! {
+                r = conn.as_mut() => r,
+                _ = tokio::time::sleep(max_age) => {
+                    // Past its age: finish the request in progress, then close
+                    // (bounded by the header-read timeout).
+                    conn.as_mut().graceful_shutdown();
+                    match tokio::time::timeout(handshake_timeout, conn.as_mut()).await {
+                        Ok(r) => r,
+                        Err(_) => Ok(()),
+                    }
+                }
+            };
+            if let Err(e) = result {
                 tracing::debug!(%peer, error = %e, "HTTPS connection ended");
             }
         });

@@ -5,7 +5,7 @@
 use std::time::Instant;
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// The daemon's metric families.
@@ -22,6 +22,9 @@ pub struct Metrics {
     store_pool_size: IntGauge,
     store_pool_idle: IntGauge,
     in_flight: IntGauge,
+    connections: IntGaugeVec,
+    accept_errors: IntCounterVec,
+    shed: IntCounterVec,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -56,6 +59,24 @@ impl Metrics {
         )?;
         let store_pool_size = IntGauge::new("store_pool_connections", "store connections open (idle or in use)")?;
         let store_pool_idle = IntGauge::new("store_pool_idle_connections", "store connections idle in the pool")?;
+        let connections = IntGaugeVec::new(
+            Opts::new("connections", "connections held by a listener (handshaking or open)"),
+            &["listener"],
+        )?;
+        let accept_errors = IntCounterVec::new(
+            Opts::new(
+                "accept_errors_total",
+                "failed accept() calls by listener (e.g. out of file descriptors)",
+            ),
+            &["listener"],
+        )?;
+        let shed = IntCounterVec::new(
+            Opts::new("requests_shed_total", "requests refused before any work, by reason"),
+            &["reason"],
+        )?;
+        registry.register(Box::new(connections.clone()))?;
+        registry.register(Box::new(accept_errors.clone()))?;
+        registry.register(Box::new(shed.clone()))?;
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(latency.clone()))?;
         registry.register(Box::new(hsm_latency.clone()))?;
@@ -81,7 +102,23 @@ impl Metrics {
             store_pool_size,
             store_pool_idle,
             in_flight,
+            connections,
+            accept_errors,
+            shed,
         })
+    }
+
+    /// A listener's connection gauge and accept-error counter.
+    pub fn listener(&self, name: &str) -> (IntGauge, IntCounter) {
+        (
+            self.connections.with_label_values(&[name]),
+            self.accept_errors.with_label_values(&[name]),
+        )
+    }
+
+    /// Counts a request refused before any work (`reason`: what shed it).
+    pub fn shed(&self, reason: &str) {
+        self.shed.with_label_values(&[reason]).inc();
     }
 
     /// Registers a component's own series (the component keeps its handle).

@@ -81,10 +81,59 @@ pub struct Running {
     pub max_concurrent_streams: u32,
     /// Requests worked on at once.
     pub max_requests_in_flight: usize,
+    /// Connection limits and timeouts of both listeners.
+    pub net: NetSettings,
 }
 
-/// How long shutdown waits for requests still running (their clients gone).
-const SHUTDOWN_DRAIN: std::time::Duration = std::time::Duration::from_secs(30);
+/// Connection limits and timeouts of both listeners (`[server]`).
+#[derive(Debug, Clone, Copy)]
+pub struct NetSettings {
+    /// gRPC connections held at once.
+    pub max_connections: usize,
+    /// HTTPS connections held at once.
+    pub https_max_connections: usize,
+    /// Time a peer gets to finish the TLS handshake.
+    pub handshake_timeout: std::time::Duration,
+    /// Time an HTTPS client gets to send a request's headers.
+    pub header_read_timeout: std::time::Duration,
+    /// Longest an HTTPS connection stays open.
+    pub https_max_connection_age: std::time::Duration,
+    /// HTTP/2 keepalive ping interval on gRPC connections (`None`: off).
+    pub keepalive_interval: Option<std::time::Duration>,
+    /// How long a keepalive ping may go unanswered.
+    pub keepalive_timeout: std::time::Duration,
+    /// How long graceful shutdown waits for connections, then for requests.
+    pub shutdown_grace: std::time::Duration,
+}
+
+impl NetSettings {
+    fn from_config(server: &crate::config::ServerConfig) -> NetSettings {
+        let secs = std::time::Duration::from_secs;
+        NetSettings {
+            max_connections: server.max_connections,
+            https_max_connections: server.https_max_connections,
+            handshake_timeout: secs(server.handshake_timeout_seconds),
+            header_read_timeout: secs(server.header_read_timeout_seconds),
+            https_max_connection_age: secs(server.https_max_connection_age_seconds),
+            keepalive_interval: (server.http2_keepalive_interval_seconds > 0)
+                .then(|| secs(server.http2_keepalive_interval_seconds)),
+            keepalive_timeout: secs(server.http2_keepalive_timeout_seconds),
+            shutdown_grace: secs(server.shutdown_grace_seconds),
+        }
+    }
+
+    /// The slots of a listener, counted in the daemon's metrics.
+    pub fn slots(&self, metrics: &Metrics, name: &'static str, max_connections: usize) -> crate::tls::Slots {
+        let (open, accept_errors) = metrics.listener(name);
+        crate::tls::Slots::new(crate::tls::ListenerLimits {
+            name,
+            max_connections,
+            handshake_timeout: self.handshake_timeout,
+            open,
+            accept_errors,
+        })
+    }
+}
 
 /// Opens the HSM (PIN from its configured source) with blocking calls.
 pub async fn open_hsm(config: &Config) -> Result<Hsm, ServeError> {
@@ -222,6 +271,8 @@ pub async fn start_with_clock(config: &Config, clock: Arc<dyn Clock>) -> Result<
         audit,
         health,
         in_flight: Arc::new(tokio::sync::Semaphore::new(config.server.max_requests_in_flight)),
+        per_identity: Arc::new(crate::api::PerIdentity::new(config.server.max_requests_per_identity)),
+        stopping: tokio::sync::watch::channel(false).0,
     });
     Ok(Running {
         daemon,
@@ -229,6 +280,7 @@ pub async fn start_with_clock(config: &Config, clock: Arc<dyn Clock>) -> Result<
         max_message_bytes: config.server.max_message_bytes,
         max_concurrent_streams: config.server.max_concurrent_streams,
         max_requests_in_flight: config.server.max_requests_in_flight,
+        net: NetSettings::from_config(&config.server),
     })
 }
 
@@ -270,8 +322,14 @@ where
 
     let d = running.daemon.clone();
     let max = running.max_message_bytes;
+    let net = running.net;
     let grpc_server = Server::builder()
         .max_concurrent_streams(running.max_concurrent_streams)
+        .http2_keepalive_interval(net.keepalive_interval)
+        .http2_keepalive_timeout(Some(net.keepalive_timeout))
+        // Bounds the HTTP/2 "rapid reset" pattern: streams opened and reset
+        // before the server accepted them.
+        .http2_max_pending_accept_reset_streams(Some(64))
         .tcp_nodelay(true)
         .add_service(health_service)
         .add_service(AccountServiceServer::new(AccountApi(d.clone())).max_decoding_message_size(max))
@@ -285,7 +343,11 @@ where
 
     let mut grpc_stop = stop_rx.clone();
     let grpc_task = tokio::spawn(grpc_server.serve_with_incoming_shutdown(
-        crate::tls::incoming(grpc, running.tls.clone()),
+        crate::tls::incoming(
+            grpc,
+            running.tls.clone(),
+            net.slots(&d.metrics, "grpc", net.max_connections),
+        ),
         async move {
             let _ = grpc_stop.wait_for(|s| *s).await;
         },
@@ -305,12 +367,39 @@ where
             .max(1),
     );
     let sweep_task = tokio::spawn(d.sessions.clone().sweep(sweep_every, stop_rx.clone()));
-    let https_task = tokio::spawn(crate::http::serve(https, running.tls.clone(), d.clone(), stop_rx));
+    let https_task = tokio::spawn(crate::http::serve(
+        https,
+        running.tls.clone(),
+        d.clone(),
+        crate::http::HttpLimits {
+            slots: net.slots(&d.metrics, "https", net.https_max_connections),
+            header_read_timeout: net.header_read_timeout,
+            max_connection_age: net.https_max_connection_age,
+        },
+        stop_rx,
+    ));
 
     shutdown.await;
     tracing::info!("shutting down: finishing in-flight requests");
     let _ = stop_tx.send(true);
-    let grpc_result = grpc_task.await.map_err(|_| ServeError::Internal("gRPC task failed"))?;
+    d.stopping.send_replace(true);
+    // Connections get the grace period to finish (GOAWAY sent, new streams
+    // refused); a follower of StreamEvents or a client that never finishes
+    // its request would hold them open for ever, so then they are closed.
+    let deadline = tokio::time::Instant::now() + net.shutdown_grace;
+    let mut grpc_task = grpc_task;
+    let grpc_result = match tokio::time::timeout_at(deadline, &mut grpc_task).await {
+        Ok(joined) => joined.map_err(|_| ServeError::Internal("gRPC task failed"))?,
+        Err(_) => {
+            tracing::warn!(
+                grace_seconds = net.shutdown_grace.as_secs(),
+                "connections still open at the end of the shutdown grace: closing them"
+            );
+            grpc_task.abort();
+            let _ = grpc_task.await;
+            Ok(())
+        }
+    };
     let _ = https_task.await;
     let _ = jwks_task.await;
     let _ = policy_task.await;
@@ -318,7 +407,8 @@ where
     // Requests whose clients left still run to their end: wait for them
     // (bounded) before the audit log is closed under them.
     let all = u32::try_from(running.max_requests_in_flight).unwrap_or(u32::MAX);
-    match tokio::time::timeout(SHUTDOWN_DRAIN, d.in_flight.acquire_many(all)).await {
+    let drain_until = deadline.max(tokio::time::Instant::now() + std::time::Duration::from_secs(1));
+    match tokio::time::timeout_at(drain_until, d.in_flight.acquire_many(all)).await {
         Ok(Ok(permits)) => drop(permits),
         Ok(Err(_)) => {}
         Err(_) => tracing::warn!(

@@ -275,9 +275,15 @@ impl AuditService for AuditApi {
                 let (tx, rx) = tokio::sync::mpsc::channel(256);
                 let store = d2.keys.store().clone();
                 let mut committed = d2.audit.committed();
+                let mut stopping = d2.stopping.subscribe();
                 tokio::spawn(async move {
                     let mut cursor = req.since_seq;
                     loop {
+                        // The daemon is stopping: the stream ends (OK), so
+                        // graceful shutdown need not wait for the follower.
+                        if *stopping.borrow_and_update() {
+                            return;
+                        }
                         let page = match store.audit().events_after(cursor, 500).await {
                             Ok(p) => p,
                             Err(e) => {
@@ -291,6 +297,7 @@ impl AuditService for AuditApi {
                             tokio::select! {
                                 _ = committed.changed() => {}
                                 _ = tokio::time::sleep(POLL) => {}
+                                _ = stopping.changed() => {}
                                 _ = tx.closed() => return,
                             }
                             continue;

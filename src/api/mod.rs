@@ -52,6 +52,72 @@ pub struct Daemon {
     pub health: Arc<crate::health::Health>,
     /// Permits for requests being worked on (`server.max_requests_in_flight`).
     pub in_flight: Arc<tokio::sync::Semaphore>,
+    /// Requests in flight per client identity (`server.max_requests_per_identity`).
+    pub per_identity: Arc<PerIdentity>,
+    /// Turns true when graceful shutdown starts: long-lived streams end.
+    pub stopping: tokio::sync::watch::Sender<bool>,
+}
+
+/// Requests in flight per client identity, so that one client (one
+/// certificate, however many connections it opens) cannot hold every permit
+/// of `server.max_requests_in_flight`.
+#[derive(Debug)]
+pub struct PerIdentity {
+    max: usize,
+    counts: std::sync::Mutex<std::collections::HashMap<String, usize>>,
+}
+
+impl PerIdentity {
+    /// At most `max` requests in flight per identity.
+    pub fn new(max: usize) -> PerIdentity {
+        PerIdentity {
+            max,
+            counts: std::sync::Mutex::new(std::collections::HashMap::new()),
+        }
+    }
+
+    /// A place for one more request of `identity`, or `None` at its limit.
+    fn enter(self: &Arc<Self>, identity: &str) -> Option<IdentitySlot> {
+        let mut counts = self.counts.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let n = counts.entry(identity.to_string()).or_insert(0);
+        if *n >= self.max {
+            return None;
+        }
+        *n += 1;
+        Some(IdentitySlot {
+            owner: self.clone(),
+            identity: identity.to_string(),
+        })
+    }
+
+    /// Requests of `identity` in flight now.
+    pub fn current(&self, identity: &str) -> usize {
+        let counts = self.counts.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        counts.get(identity).copied().unwrap_or(0)
+    }
+}
+
+/// One request's place in its identity's count, given back on drop.
+#[derive(Debug)]
+struct IdentitySlot {
+    owner: Arc<PerIdentity>,
+    identity: String,
+}
+
+impl Drop for IdentitySlot {
+    fn drop(&mut self) {
+        let mut counts = self
+            .owner
+            .counts
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(n) = counts.get_mut(&self.identity) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                counts.remove(&self.identity);
+            }
+        }
+    }
 }
 
 impl Daemon {
@@ -121,6 +187,23 @@ impl Daemon {
     {
         let started = Instant::now();
         let identity = request.extensions().get::<ConnInfo>().map(|c| c.identity.clone());
+        // One identity's share first: a client over it is refused before
+        // anything is done or waited for (shed, not decided: no audit event).
+        let slot = match &identity {
+            Some(id) => match self.per_identity.enter(id) {
+                Some(slot) => Some(slot),
+                None => {
+                    self.metrics.shed("identity_concurrency");
+                    self.metrics
+                        .observe_request(method, tonic::Code::ResourceExhausted, started);
+                    return Err(Status::resource_exhausted(format!(
+                        "too many requests in flight for this client (server.max_requests_per_identity = {})",
+                        self.per_identity.max
+                    )));
+                }
+            },
+            None => None,
+        };
         let req = request.into_inner();
         // Waiting here starts nothing: a client that gives up while waiting
         // leaves nothing behind.
@@ -130,6 +213,7 @@ impl Daemon {
         let daemon = self.clone();
         let task = tokio::spawn(async move {
             let _in_flight = InFlight::new(daemon.metrics.in_flight().clone(), permit);
+            let _slot = slot;
             daemon.run(method, started, identity, req, f).await
         });
         match task.await {
@@ -259,3 +343,26 @@ pub struct AuditApi(pub Arc<Daemon>);
 /// The JWKS service bound to the daemon.
 #[derive(Debug, Clone)]
 pub struct JwksApi(pub Arc<Daemon>);
+
+#[cfg(test)]
+mod tests {
+    use super::PerIdentity;
+    use std::sync::Arc;
+
+    #[test]
+    fn an_identity_gets_its_share_and_no_more() {
+        let limits = Arc::new(PerIdentity::new(2));
+        let a1 = limits.enter("a").expect("first");
+        let a2 = limits.enter("a").expect("second");
+        assert!(limits.enter("a").is_none(), "a third is over the share");
+        // Another identity is counted on its own.
+        let b = limits.enter("b").expect("b");
+        assert_eq!((limits.current("a"), limits.current("b")), (2, 1));
+        drop(a1);
+        let a3 = limits.enter("a").expect("a place was given back");
+        drop((a2, a3, b));
+        assert_eq!((limits.current("a"), limits.current("b")), (0, 0));
+        // Identities with nothing in flight are forgotten.
+        assert!(limits.counts.lock().expect("lock").is_empty());
+    }
+}

@@ -31,6 +31,13 @@ pub const MAX_FIELDS_PER_TYPE: usize = 128;
 pub const MAX_ARRAY_LEN: usize = 4096;
 /// Maximum size of a JSON document accepted by [`TypedData::from_slice`] / [`TypedData::from_json_str`].
 pub const MAX_DOCUMENT_BYTES: usize = 256 * 1024;
+/// Maximum length of a type or field name, in bytes.
+pub const MAX_NAME_BYTES: usize = 256;
+/// Maximum length of a field's type string (a name and its array brackets), in bytes.
+pub const MAX_TYPE_STRING_BYTES: usize = 512;
+/// Longest path segment shown in an error; longer keys are cut (the error names the place,
+/// it need not echo a hostile key in full).
+const MAX_SHOWN_SEGMENT: usize = 64;
 
 const DOMAIN_TYPE: &str = "EIP712Domain";
 /// Longest decimal text of a 256-bit magnitude (2^256 has 78 digits).
@@ -206,7 +213,9 @@ impl TypedData {
         })?;
         for key in doc.keys() {
             if !matches!(key.as_str(), "types" | "primaryType" | "domain" | "message") {
-                return Err(Eip712Error::UnexpectedField { path: key.clone() });
+                return Err(Eip712Error::UnexpectedField {
+                    path: At::Key(&At::Doc, key).render(),
+                });
             }
         }
 
@@ -238,9 +247,9 @@ impl TypedData {
         };
 
         let domain_v = doc.get("domain").ok_or_else(|| missing("domain"))?;
-        let domain_separator = enc.hash_struct(DOMAIN_TYPE, domain_v, "domain", 0)?;
+        let domain_separator = enc.hash_struct(DOMAIN_TYPE, domain_v, &At::Root("domain"), 0)?;
         let message_v = doc.get("message").ok_or_else(|| missing("message"))?;
-        let struct_hash = enc.hash_struct(&primary_type, message_v, "message", 0)?;
+        let struct_hash = enc.hash_struct(&primary_type, message_v, &At::Root("message"), 0)?;
 
         let mut pre = [0u8; 66];
         pre[0] = 0x19;
@@ -352,29 +361,138 @@ impl std::str::FromStr for TypedData {
     }
 }
 
-fn missing(path: &str) -> Eip712Error {
-    Eip712Error::Missing { path: path.into() }
+/// Where in the document a value sits: a chain of borrowed segments built while walking the
+/// document and rendered to text only when an error names it, so that walking a document
+/// costs time linear in its size whatever its keys' lengths and element counts.
+#[derive(Debug, Clone, Copy)]
+enum At<'a> {
+    /// The whole document: shown as `document` alone, and not as a prefix of its children.
+    Doc,
+    /// A named top-level part (`domain`, `message`, `types`, ...).
+    Root(&'static str),
+    /// A field of an object.
+    Key(&'a At<'a>, &'a str),
+    /// An element of an array.
+    Index(&'a At<'a>, usize),
 }
 
-fn wrong(path: &str, expected: &'static str) -> Eip712Error {
+#[cfg(test)]
+thread_local! {
+    /// Paths rendered on this thread (tests check that a valid document renders none).
+    static RENDERED: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+impl At<'_> {
+    fn render(&self) -> String {
+        #[cfg(test)]
+        RENDERED.with(|n| n.set(n.get() + 1));
+        let mut chain = Vec::new();
+        let mut cur = Some(self);
+        while let Some(at) = cur {
+            chain.push(at);
+            cur = match at {
+                At::Key(parent, _) | At::Index(parent, _) => Some(*parent),
+                At::Doc | At::Root(_) => None,
+            };
+        }
+        let mut out = String::new();
+        for at in chain.iter().rev() {
+            match at {
+                At::Doc => {}
+                At::Root(name) => out.push_str(name),
+                At::Key(_, key) => {
+                    if !out.is_empty() {
+                        out.push('.');
+                    }
+                    out.push_str(shown(key));
+                    if key.len() > MAX_SHOWN_SEGMENT {
+                        out.push('…');
+                    }
+                }
+                At::Index(_, i) => {
+                    out.push('[');
+                    out.push_str(&i.to_string());
+                    out.push(']');
+                }
+            }
+        }
+        if out.is_empty() {
+            out.push_str("document");
+        }
+        out
+    }
+}
+
+/// At most [`MAX_SHOWN_SEGMENT`] bytes of `s`, cut at a character boundary.
+fn shown(s: &str) -> &str {
+    if s.len() <= MAX_SHOWN_SEGMENT {
+        return s;
+    }
+    let mut end = MAX_SHOWN_SEGMENT;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+/// A place in the document as error text: a literal path, or an [`At`] rendered on demand.
+trait Place {
+    fn text(&self) -> String;
+}
+
+impl Place for str {
+    fn text(&self) -> String {
+        self.to_string()
+    }
+}
+
+impl Place for At<'_> {
+    fn text(&self) -> String {
+        self.render()
+    }
+}
+
+fn missing(path: &(impl Place + ?Sized)) -> Eip712Error {
+    Eip712Error::Missing { path: path.text() }
+}
+
+fn wrong(path: &(impl Place + ?Sized), expected: &'static str) -> Eip712Error {
     Eip712Error::WrongType {
-        path: path.into(),
+        path: path.text(),
         expected,
     }
 }
 
-fn invalid(path: &str, reason: impl Into<String>) -> Eip712Error {
+fn invalid(path: &(impl Place + ?Sized), reason: impl Into<String>) -> Eip712Error {
     Eip712Error::InvalidValue {
-        path: path.into(),
+        path: path.text(),
         reason: reason.into(),
     }
 }
 
-fn out_of_range(path: &str, reason: impl Into<String>) -> Eip712Error {
+fn out_of_range(path: &(impl Place + ?Sized), reason: impl Into<String>) -> Eip712Error {
     Eip712Error::OutOfRange {
-        path: path.into(),
+        path: path.text(),
         reason: reason.into(),
     }
+}
+
+fn too_much(path: &(impl Place + ?Sized), reason: impl Into<String>) -> Eip712Error {
+    Eip712Error::LimitExceeded {
+        path: path.text(),
+        reason: reason.into(),
+    }
+}
+
+/// Refuses a name longer than `max` bytes before anything else looks at it.
+fn check_len(path: &(impl Place + ?Sized), what: &str, value: &str, max: usize) -> Result<()> {
+    if value.len() > max {
+        return Err(too_much(
+            path,
+            format!("{what} is {} bytes, the limit is {max}", value.len()),
+        ));
+    }
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------------------
@@ -387,7 +505,7 @@ fn out_of_range(path: &str, reason: impl Into<String>) -> Eip712Error {
 fn reject_duplicate_keys(bytes: &[u8]) -> Result<()> {
     let found = std::cell::RefCell::new(None);
     let seed = NoDup {
-        path: "document".to_string(),
+        at: At::Doc,
         found: &found,
     };
     let mut de = serde_json::Deserializer::from_slice(bytes);
@@ -407,20 +525,8 @@ fn reject_duplicate_keys(bytes: &[u8]) -> Result<()> {
 
 /// Walks a JSON document without building it, recording the path of the first duplicate key.
 struct NoDup<'a> {
-    path: String,
+    at: At<'a>,
     found: &'a std::cell::RefCell<Option<String>>,
-}
-
-impl NoDup<'_> {
-    fn child(&self, seg: &str, is_index: bool) -> String {
-        if self.path == "document" {
-            seg.to_string()
-        } else if is_index {
-            format!("{}{seg}", self.path)
-        } else {
-            format!("{}.{seg}", self.path)
-        }
-    }
 }
 
 impl<'de> serde::de::DeserializeSeed<'de> for NoDup<'_> {
@@ -461,7 +567,7 @@ impl<'de> serde::de::Visitor<'de> for NoDup<'_> {
         let mut i = 0usize;
         loop {
             let seed = NoDup {
-                path: self.child(&format!("[{i}]"), true),
+                at: At::Index(&self.at, i),
                 found: self.found,
             };
             if seq.next_element_seed(seed)?.is_none() {
@@ -474,15 +580,15 @@ impl<'de> serde::de::Visitor<'de> for NoDup<'_> {
     fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> std::result::Result<(), A::Error> {
         let mut seen = BTreeSet::new();
         while let Some(key) = map.next_key::<String>()? {
-            let path = self.child(&key, false);
-            if !seen.insert(key) {
-                *self.found.borrow_mut() = Some(path);
+            if seen.contains(&key) {
+                *self.found.borrow_mut() = Some(At::Key(&self.at, &key).render());
                 return Err(serde::de::Error::custom("duplicate object key"));
             }
             map.next_value_seed(NoDup {
-                path,
+                at: At::Key(&self.at, &key),
                 found: self.found,
             })?;
+            seen.insert(key);
         }
         Ok(())
     }
@@ -526,9 +632,9 @@ fn is_reserved_type_name(s: &str) -> bool {
 }
 
 /// Parses an atomic/dynamic base type name; `Ok(None)` for a would-be struct name.
-fn parse_elementary(base: &str, path: &str) -> Result<Option<Ty>> {
+fn parse_elementary(base: &str, path: &At<'_>) -> Result<Option<Ty>> {
     let bad = |reason: String| Eip712Error::InvalidType {
-        path: path.into(),
+        path: path.render(),
         reason,
     };
     let ty = match base {
@@ -564,9 +670,10 @@ fn parse_elementary(base: &str, path: &str) -> Result<Option<Ty>> {
 }
 
 /// Parses a field type string such as `uint256`, `Person`, `Person[]`, `uint8[2][]`.
-fn parse_type_str(s: &str, path: &str) -> Result<Ty> {
+fn parse_type_str(s: &str, path: &At<'_>) -> Result<Ty> {
+    check_len(path, "the type", s, MAX_TYPE_STRING_BYTES)?;
     let bad = |reason: String| Eip712Error::InvalidType {
-        path: path.into(),
+        path: path.render(),
         reason,
     };
     let (base, suffix) = match s.find('[') {
@@ -597,20 +704,12 @@ fn parse_type_str(s: &str, path: &str) -> Result<Ty> {
             }
             match len_txt.parse::<usize>() {
                 Ok(n) if n <= MAX_ARRAY_LEN => Some(n),
-                _ => {
-                    return Err(Eip712Error::LimitExceeded {
-                        path: path.into(),
-                        reason: format!("array length in {s:?} exceeds {MAX_ARRAY_LEN}"),
-                    })
-                }
+                _ => return Err(too_much(path, format!("array length in {s:?} exceeds {MAX_ARRAY_LEN}"))),
             }
         };
         ty = Ty::Array(Box::new(ty), len);
         if ty.dims() > MAX_DEPTH {
-            return Err(Eip712Error::LimitExceeded {
-                path: path.into(),
-                reason: format!("more than {MAX_DEPTH} array dimensions"),
-            });
+            return Err(too_much(path, format!("more than {MAX_DEPTH} array dimensions")));
         }
         rest = &rest[inner_end + 1..];
     }
@@ -620,17 +719,19 @@ fn parse_type_str(s: &str, path: &str) -> Result<Ty> {
 fn parse_types(v: &Value) -> Result<BTreeMap<String, Vec<Field>>> {
     let obj = v.as_object().ok_or_else(|| wrong("types", "an object"))?;
     if obj.len() > MAX_TYPES {
-        return Err(Eip712Error::LimitExceeded {
-            path: "types".into(),
-            reason: format!("{} types, the limit is {MAX_TYPES}", obj.len()),
-        });
+        return Err(too_much(
+            "types",
+            format!("{} types, the limit is {MAX_TYPES}", obj.len()),
+        ));
     }
+    let types_at = At::Root("types");
     let mut out = BTreeMap::new();
     for (name, fields_v) in obj {
-        let tpath = format!("types.{name}");
+        let tpath = At::Key(&types_at, name);
+        check_len(&tpath, "the type name", name, MAX_NAME_BYTES)?;
         if !is_identifier(name) || is_reserved_type_name(name) {
             return Err(Eip712Error::InvalidType {
-                path: tpath,
+                path: tpath.render(),
                 reason: format!("{name:?} is not a valid struct type name"),
             });
         }
@@ -638,41 +739,40 @@ fn parse_types(v: &Value) -> Result<BTreeMap<String, Vec<Field>>> {
             .as_array()
             .ok_or_else(|| wrong(&tpath, "an array of {name, type} objects"))?;
         if arr.len() > MAX_FIELDS_PER_TYPE {
-            return Err(Eip712Error::LimitExceeded {
-                path: tpath,
-                reason: format!("{} fields, the limit is {MAX_FIELDS_PER_TYPE}", arr.len()),
-            });
+            return Err(too_much(
+                &tpath,
+                format!("{} fields, the limit is {MAX_FIELDS_PER_TYPE}", arr.len()),
+            ));
         }
         let mut fields: Vec<Field> = Vec::with_capacity(arr.len());
         let mut seen = BTreeSet::new();
         for (i, f) in arr.iter().enumerate() {
-            let fpath = format!("{tpath}[{i}]");
+            let fpath = At::Index(&tpath, i);
             let fobj = f
                 .as_object()
                 .ok_or_else(|| wrong(&fpath, "an object with \"name\" and \"type\""))?;
-            for key in fobj.keys() {
-                if key != "name" && key != "type" {
-                    return Err(Eip712Error::UnexpectedField {
-                        path: format!("{fpath}.{key}"),
-                    });
-                }
-            }
-            let npath = format!("{fpath}.name");
-            let fname = match fobj.get("name") {
-                None => return Err(missing(&npath)),
-                Some(Value::String(s)) => s.clone(),
-                Some(_) => return Err(wrong(&npath, "a string")),
-            };
-            if !is_identifier(&fname) {
-                return Err(invalid(&npath, format!("{fname:?} is not a valid field name")));
-            }
-            if !seen.insert(fname.clone()) {
-                return Err(Eip712Error::DuplicateField {
-                    path: npath,
-                    name: fname,
+            if let Some(key) = fobj.keys().find(|k| *k != "name" && *k != "type") {
+                return Err(Eip712Error::UnexpectedField {
+                    path: At::Key(&fpath, key).render(),
                 });
             }
-            let typath = format!("{fpath}.type");
+            let npath = At::Key(&fpath, "name");
+            let fname = match fobj.get("name") {
+                None => return Err(missing(&npath)),
+                Some(Value::String(s)) => s,
+                Some(_) => return Err(wrong(&npath, "a string")),
+            };
+            check_len(&npath, "the field name", fname, MAX_NAME_BYTES)?;
+            if !is_identifier(fname) {
+                return Err(invalid(&npath, format!("{fname:?} is not a valid field name")));
+            }
+            if !seen.insert(fname.as_str()) {
+                return Err(Eip712Error::DuplicateField {
+                    path: npath.render(),
+                    name: fname.clone(),
+                });
+            }
+            let typath = At::Key(&fpath, "type");
             let type_str = match fobj.get("type") {
                 None => return Err(missing(&typath)),
                 Some(Value::String(s)) => s.clone(),
@@ -680,7 +780,7 @@ fn parse_types(v: &Value) -> Result<BTreeMap<String, Vec<Field>>> {
             };
             let ty = parse_type_str(&type_str, &typath)?;
             fields.push(Field {
-                name: fname,
+                name: fname.clone(),
                 type_str,
                 ty,
             });
@@ -833,57 +933,49 @@ struct Encoder<'a> {
 
 impl Encoder<'_> {
     /// `hashStruct(name, value)`; `depth` is the nesting level of the enclosing value.
-    fn hash_struct(&self, name: &str, v: &Value, path: &str, depth: usize) -> Result<[u8; 32]> {
+    fn hash_struct(&self, name: &str, v: &Value, at: &At<'_>, depth: usize) -> Result<[u8; 32]> {
         if depth >= MAX_DEPTH {
-            return Err(Eip712Error::LimitExceeded {
-                path: path.into(),
-                reason: format!("struct/array nesting deeper than {MAX_DEPTH}"),
-            });
+            return Err(too_much(at, format!("struct/array nesting deeper than {MAX_DEPTH}")));
         }
         let (fields, typehash) = match (self.types.get(name), self.typehashes.get(name)) {
             (Some(f), Some(h)) => (f, h),
             _ => {
                 return Err(Eip712Error::UnknownType {
-                    path: path.into(),
+                    path: at.render(),
                     name: name.into(),
                 })
             }
         };
-        let obj: &Map<String, Value> = v.as_object().ok_or_else(|| wrong(path, "an object"))?;
-        for key in obj.keys() {
-            if !fields.iter().any(|f| &f.name == key) {
-                return Err(Eip712Error::UnexpectedField {
-                    path: format!("{path}.{key}"),
-                });
-            }
+        let obj: &Map<String, Value> = v.as_object().ok_or_else(|| wrong(at, "an object"))?;
+        if let Some(key) = obj.keys().find(|k| !fields.iter().any(|f| &f.name == *k)) {
+            return Err(Eip712Error::UnexpectedField {
+                path: At::Key(at, key).render(),
+            });
         }
         let mut buf = Vec::with_capacity(32 * (fields.len() + 1));
         buf.extend_from_slice(typehash);
         for f in fields {
-            let fpath = format!("{path}.{}", f.name);
-            let fv = obj.get(&f.name).ok_or_else(|| missing(&fpath))?;
-            buf.extend_from_slice(&self.encode_value(&f.ty, fv, &fpath, depth + 1)?);
+            let fat = At::Key(at, &f.name);
+            let fv = obj.get(&f.name).ok_or_else(|| missing(&fat))?;
+            buf.extend_from_slice(&self.encode_value(&f.ty, fv, &fat, depth + 1)?);
         }
         Ok(keccak256(&buf))
     }
 
     /// `encodeData` of one value: always one 32-byte word.
-    fn encode_value(&self, ty: &Ty, v: &Value, path: &str, depth: usize) -> Result<[u8; 32]> {
+    fn encode_value(&self, ty: &Ty, v: &Value, path: &At<'_>, depth: usize) -> Result<[u8; 32]> {
         match ty {
             Ty::Struct(name) => self.hash_struct(name, v, path, depth),
             Ty::Array(inner, len) => {
                 if depth >= MAX_DEPTH {
-                    return Err(Eip712Error::LimitExceeded {
-                        path: path.into(),
-                        reason: format!("struct/array nesting deeper than {MAX_DEPTH}"),
-                    });
+                    return Err(too_much(path, format!("struct/array nesting deeper than {MAX_DEPTH}")));
                 }
                 let arr = v.as_array().ok_or_else(|| wrong(path, "an array"))?;
                 if arr.len() > MAX_ARRAY_LEN {
-                    return Err(Eip712Error::LimitExceeded {
-                        path: path.into(),
-                        reason: format!("{} elements, the limit is {MAX_ARRAY_LEN}", arr.len()),
-                    });
+                    return Err(too_much(
+                        path,
+                        format!("{} elements, the limit is {MAX_ARRAY_LEN}", arr.len()),
+                    ));
                 }
                 if let Some(n) = len {
                     if arr.len() != *n {
@@ -892,8 +984,7 @@ impl Encoder<'_> {
                 }
                 let mut buf = Vec::with_capacity(32 * arr.len());
                 for (i, elem) in arr.iter().enumerate() {
-                    let epath = format!("{path}[{i}]");
-                    buf.extend_from_slice(&self.encode_value(inner, elem, &epath, depth + 1)?);
+                    buf.extend_from_slice(&self.encode_value(inner, elem, &At::Index(path, i), depth + 1)?);
                 }
                 Ok(keccak256(&buf))
             }
@@ -963,7 +1054,7 @@ fn word_from_biguint(v: &BigUint) -> [u8; 32] {
 }
 
 /// Strict `0x`-prefixed hex (even length, may be empty after the prefix).
-fn parse_hex_bytes(v: &Value, path: &str) -> Result<Vec<u8>> {
+fn parse_hex_bytes(v: &Value, path: &(impl Place + ?Sized)) -> Result<Vec<u8>> {
     let s = v.as_str().ok_or_else(|| wrong(path, "a 0x-prefixed hex string"))?;
     let digits = s
         .strip_prefix("0x")
@@ -975,7 +1066,7 @@ fn parse_hex_bytes(v: &Value, path: &str) -> Result<Vec<u8>> {
 }
 
 /// A 20-byte address; mixed-case input must carry a valid EIP-55 checksum.
-fn parse_address(v: &Value, path: &str) -> Result<[u8; 20]> {
+fn parse_address(v: &Value, path: &(impl Place + ?Sized)) -> Result<[u8; 20]> {
     let s = v.as_str().ok_or_else(|| wrong(path, "a 0x-prefixed address string"))?;
     let digits = s
         .strip_prefix("0x")
@@ -1015,7 +1106,7 @@ fn eip55_ok(digits: &str) -> bool {
 /// An integer as (negative, magnitude), from a JSON integer (exact text), a decimal string
 /// or a `0x` hex string, each optionally with a leading `-`. Magnitudes above 256 bits are
 /// refused here so no huge number is ever built.
-fn parse_integer(v: &Value, path: &str) -> Result<(bool, BigUint)> {
+fn parse_integer(v: &Value, path: &(impl Place + ?Sized)) -> Result<(bool, BigUint)> {
     let text: String = match v {
         Value::Number(n) => {
             let t = n.to_string();
@@ -1657,6 +1748,70 @@ mod tests {
             message = json!({ "next": message });
         }
         json!({"types": types, "primaryType": "T0", "domain": {}, "message": message})
+    }
+
+    /// A document whose values carry many elements and long keys parses without building
+    /// one path string: paths are rendered only for the error that names one.
+    #[test]
+    fn valid_documents_render_no_path() {
+        let long = "f".repeat(MAX_NAME_BYTES);
+        let d = json!({
+            "types": {
+                "EIP712Domain": [{"name": "name", "type": "string"}],
+                "Bag": [{"name": long, "type": "uint8[]"}, {"name": "nested", "type": "bytes1[][]"}],
+            },
+            "primaryType": "Bag",
+            "domain": {"name": "x"},
+            "message": {"nested": vec![vec!["0x01"; 64]; 64]},
+        });
+        let mut d = d;
+        d["message"][long.as_str()] = json!(vec![7; MAX_ARRAY_LEN]);
+        let text = d.to_string();
+        RENDERED.with(|n| n.set(0));
+        TypedData::from_json_str(&text).expect("valid");
+        assert_eq!(RENDERED.with(std::cell::Cell::get), 0);
+        // The failing element's path is still exact.
+        let mut bad = d.clone();
+        bad["message"]["nested"][63][62] = json!("0x0102");
+        let err = TypedData::from_json_str(&bad.to_string()).unwrap_err();
+        assert_eq!(err.path(), "message.nested[63][62]");
+        assert_eq!(RENDERED.with(std::cell::Cell::get), 1);
+    }
+
+    /// Names are bounded before anything else reads them, and a hostile key is cut short
+    /// in the error that names it.
+    #[test]
+    fn long_names_are_refused_and_cut_short_in_errors() {
+        let long = "a".repeat(64 * 1024);
+        let mut d = mail();
+        set(&mut d, "/types/Mail/0/name", json!(long));
+        let err = TypedData::from_value(&d).unwrap_err();
+        assert!(matches!(err, Eip712Error::LimitExceeded { .. }), "{err}");
+        assert_eq!(err.path(), "types.Mail[0].name");
+        assert!(err.to_string().len() < 200, "{err}");
+
+        let mut d = mail();
+        set(
+            &mut d,
+            "/types/Mail/2/type",
+            json!(format!("Person{}", "[]".repeat(300))),
+        );
+        let err = TypedData::from_value(&d).unwrap_err();
+        assert!(matches!(err, Eip712Error::LimitExceeded { .. }), "{err}");
+
+        let mut d = mail();
+        let types = d["types"].as_object_mut().expect("types");
+        types.insert(long.clone(), json!([]));
+        let err = TypedData::from_value(&d).unwrap_err();
+        assert!(matches!(err, Eip712Error::LimitExceeded { .. }), "{err}");
+        assert_eq!(err.path(), format!("types.{}…", &long[..MAX_SHOWN_SEGMENT]));
+
+        // An unexpected message key is named, but not echoed in full.
+        let mut d = mail();
+        d["message"][long.as_str()] = json!(1);
+        let err = TypedData::from_value(&d).unwrap_err();
+        assert!(matches!(err, Eip712Error::UnexpectedField { .. }), "{err}");
+        assert_eq!(err.path(), format!("message.{}…", &long[..MAX_SHOWN_SEGMENT]));
     }
 
     #[test]

@@ -13,7 +13,7 @@ pub use client::{connect, endpoint, ClientTlsFiles};
 pub use devpki::{ensure_dev_pki, ClientProfile, DevPki, TRUST_DOMAIN};
 pub use error::TlsError;
 pub use identity::{identity_from_cert, identity_with, IdentityFallback, IdentityRules};
-pub use incoming::{incoming, ConnInfo, TlsConn};
+pub use incoming::{incoming, ConnInfo, ListenerLimits, Slots, TlsConn};
 pub use server::{ServerTls, TlsOptions, TlsPaths};
 
 #[cfg(test)]

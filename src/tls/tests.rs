@@ -132,12 +132,21 @@ impl TestServer {
         let health =
             HealthServer::with_interceptor(HealthService::from_health_reporter(HealthReporter::new()), interceptor);
         let (tx, rx) = oneshot::channel::<()>();
-        let handle = tokio::spawn(Server::builder().add_service(health).serve_with_incoming_shutdown(
-            incoming(listener, tls.clone()),
-            async {
-                let _ = rx.await;
-            },
-        ));
+        let handle = tokio::spawn(
+            Server::builder().add_service(health).serve_with_incoming_shutdown(
+                incoming(
+                    listener,
+                    tls.clone(),
+                    crate::tls::Slots::new(
+                        crate::tls::ListenerLimits::standalone("test", 64, std::time::Duration::from_secs(10))
+                            .expect("limits"),
+                    ),
+                ),
+                async {
+                    let _ = rx.await;
+                },
+            ),
+        );
         TestServer {
             addr,
             tls,

@@ -331,8 +331,26 @@ impl Wallet {
 /// Starts the `keyward` binary's `dev` command on `home` with `extra`
 /// arguments (loopback ports chosen by the OS) and waits for its `ready` line.
 pub fn start_dev(home: &Path, extra: &[&str]) -> std::process::Child {
+    start_dev_with(home, extra, None)
+}
+
+/// As [`start_dev`]; with `nofile`, the daemon runs under that
+/// file-descriptor limit (`ulimit -n`, as systemd's `LimitNOFILE` sets it).
+pub fn start_dev_with(home: &Path, extra: &[&str], nofile: Option<u64>) -> std::process::Child {
     use std::io::BufRead as _;
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_keyward"))
+    let mut cmd = match nofile {
+        Some(n) => {
+            let mut c = std::process::Command::new("sh");
+            c.args([
+                "-c",
+                &format!("ulimit -n {n} && exec \"$0\" \"$@\""),
+                env!("CARGO_BIN_EXE_keyward"),
+            ]);
+            c
+        }
+        None => std::process::Command::new(env!("CARGO_BIN_EXE_keyward")),
+    };
+    let mut child = cmd
         .arg("--home")
         .arg(home)
         .args(["dev", "--listen", "127.0.0.1:0", "--https-listen", "127.0.0.1:0"])

@@ -3,8 +3,14 @@
 //! (real SoftHSM token, real mTLS). See README › Security for the threat model
 //! this suite proves; client-identity attacks (a SPIFFE id as CN or DNS SAN,
 //! two URI SANs, a revoked certificate) are in `src/tls/tests.rs`.
+//!
+//! - `main.rs`: purpose binding of account keys, oversized session tokens.
+//! - `net.rs`: idle-socket floods, slow headers, pathological documents and
+//!   one client's share of the daemon (availability).
 
+#[path = "../common/mod.rs"]
 mod common;
+mod net;
 
 use std::process::{Command, Stdio};
 
