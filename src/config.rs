@@ -165,7 +165,7 @@ fn default_shutdown_grace() -> u64 {
 }
 
 fn default_max_per_identity() -> usize {
-    128
+    256
 }
 fn default_max_connections() -> usize {
     1024
@@ -769,7 +769,7 @@ mod tests {
                 "server.max_connections",
             ),
             (
-                "max_requests_per_identity = 128",
+                "max_requests_per_identity = 256",
                 "max_requests_per_identity = 0",
                 "server.max_requests_per_identity",
             ),
