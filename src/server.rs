@@ -431,6 +431,8 @@ where
         Err(e) => tracing::warn!(error = %e, "final audit checkpoint failed"),
     }
     d.keys.clear_cache();
+    // The keys were handed to the reaper thread: wait until they are gone.
+    let _ = tokio::task::spawn_blocking(crate::hsm::flush_key_destroys).await;
     tracing::info!("stopped");
     grpc_result.map_err(ServeError::from)
 }

@@ -40,7 +40,7 @@ pub use error::{ckr_name, HsmError};
 pub use generate::WrappedKey;
 pub use inspect::ObjectInfo;
 pub use issuer::{issuer_label, IssuerAlg, IssuerKeyInfo, UnknownIssuerAlg, ISSUER_LABEL_PREFIX};
-pub use sign::HsmKey;
+pub use sign::{flush_key_destroys, keys_reaped, HsmKey, REAPER_THREAD};
 pub use unwrap::WrappedRef;
 
 /// A handle on one token: a pool of logged-in sessions plus the cached KEK handles.

@@ -51,7 +51,34 @@ impl HsmKey {
 }
 
 impl Drop for HsmKey {
+    /// Destroys the session object. On a Tokio runtime (a cache eviction, the
+    /// end of a request) the blocking PKCS#11 call is handed to the reaper
+    /// thread, never made on an async worker; elsewhere it is made here.
     fn drop(&mut self) {
+        let job = Destroy {
+            hsm: self.hsm.clone(),
+            handle: self.handle,
+            origin: self.origin,
+        };
+        if tokio::runtime::Handle::try_current().is_err() {
+            job.run();
+            return;
+        }
+        if let Err(std::sync::mpsc::SendError(Job::Destroy(job))) = reaper().send(Job::Destroy(job)) {
+            job.run();
+        }
+    }
+}
+
+/// One unwrapped key to destroy.
+struct Destroy {
+    hsm: Hsm,
+    handle: ObjectHandle,
+    origin: Origin,
+}
+
+impl Destroy {
+    fn run(self) {
         let pool = &self.hsm.inner.pool;
         if !pool.is_current(self.origin) {
             return; // its session (and so the object) is gone already
@@ -72,6 +99,57 @@ impl Drop for HsmKey {
             Err(e) => tracing::debug!(error = %e, "destroying unwrapped key failed"),
         }
     }
+}
+
+enum Job {
+    Destroy(Destroy),
+    /// Answered once every job sent before it ran.
+    Flush(std::sync::mpsc::SyncSender<()>),
+}
+
+/// Name of the thread that destroys keys dropped on a Tokio runtime.
+pub const REAPER_THREAD: &str = "keyward-hsm-reaper";
+
+static REAPED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// The reaper's queue; the thread starts on first use. If it cannot be
+/// started, sends fail and keys are destroyed where they are dropped.
+fn reaper() -> &'static std::sync::mpsc::Sender<Job> {
+    static REAPER: std::sync::OnceLock<std::sync::mpsc::Sender<Job>> = std::sync::OnceLock::new();
+    REAPER.get_or_init(|| {
+        let (tx, rx) = std::sync::mpsc::channel::<Job>();
+        let spawned = std::thread::Builder::new().name(REAPER_THREAD.into()).spawn(move || {
+            for job in rx {
+                match job {
+                    Job::Destroy(d) => {
+                        d.run();
+                        REAPED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    Job::Flush(done) => {
+                        let _ = done.send(());
+                    }
+                }
+            }
+        });
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "cannot start the key reaper thread; keys are destroyed where dropped");
+        }
+        tx
+    })
+}
+
+/// Waits (blocking) until every key handed to the reaper so far is
+/// destroyed. Call it off async threads (e.g. in `spawn_blocking`).
+pub fn flush_key_destroys() {
+    let (done, wait) = std::sync::mpsc::sync_channel(1);
+    if reaper().send(Job::Flush(done)).is_ok() {
+        let _ = wait.recv();
+    }
+}
+
+/// Unwrapped keys the reaper thread has destroyed so far.
+pub fn keys_reaped() -> u64 {
+    REAPED.load(std::sync::atomic::Ordering::Relaxed)
 }
 
 impl Hsm {
