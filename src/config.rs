@@ -246,6 +246,15 @@ pub struct HsmSection {
     /// Label prefix of the key-encryption keys.
     #[serde(default = "default_kek_prefix")]
     pub kek_label_prefix: String,
+    /// Longest wait, in milliseconds, for a free PKCS#11 session of the pool;
+    /// an operation that waits longer fails as UNAVAILABLE (counted in
+    /// `keyward_hsm_pool_wait_timeouts_total`).
+    #[serde(default = "default_acquire_timeout")]
+    pub acquire_timeout_ms: u64,
+}
+
+fn default_acquire_timeout() -> u64 {
+    5_000
 }
 
 fn default_pool() -> usize {
@@ -612,6 +621,7 @@ impl Config {
                 3_600,
             ),
             ("server.shutdown_grace_seconds", server.shutdown_grace_seconds, 1, 300),
+            ("hsm.acquire_timeout_ms", self.hsm.acquire_timeout_ms, 1, 600_000),
         ] {
             if !(lo..=hi).contains(&value) {
                 return Err(ConfigError::Invalid {

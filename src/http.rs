@@ -78,6 +78,7 @@ fn router(daemon: Arc<Daemon>, tls: Arc<ServerTls>) -> Router {
                         t.handshake_failures(),
                     );
                     d.metrics.set_store_pool(d.keys.store().pool_stats());
+                    d.metrics.sync_hsm_wait_timeouts(hsm.pool_wait_timeouts());
                     (
                         [(http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
                         d.metrics.render(),

@@ -25,6 +25,7 @@ pub struct Metrics {
     connections: IntGaugeVec,
     accept_errors: IntCounterVec,
     shed: IntCounterVec,
+    hsm_wait_timeouts: IntCounter,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -77,6 +78,11 @@ impl Metrics {
         registry.register(Box::new(connections.clone()))?;
         registry.register(Box::new(accept_errors.clone()))?;
         registry.register(Box::new(shed.clone()))?;
+        let hsm_wait_timeouts = IntCounter::new(
+            "hsm_pool_wait_timeouts_total",
+            "HSM operations refused (UNAVAILABLE) after waiting hsm.acquire_timeout_ms for a session",
+        )?;
+        registry.register(Box::new(hsm_wait_timeouts.clone()))?;
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(latency.clone()))?;
         registry.register(Box::new(hsm_latency.clone()))?;
@@ -105,7 +111,16 @@ impl Metrics {
             connections,
             accept_errors,
             shed,
+            hsm_wait_timeouts,
         })
+    }
+
+    /// Brings the HSM wait-timeout counter up to the pool's total (at scrape).
+    pub fn sync_hsm_wait_timeouts(&self, total: u64) {
+        let seen = self.hsm_wait_timeouts.get();
+        if total > seen {
+            self.hsm_wait_timeouts.inc_by(total - seen);
+        }
     }
 
     /// A listener's connection gauge and accept-error counter.

@@ -144,10 +144,11 @@ pub async fn open_hsm(config: &Config) -> Result<Hsm, ServeError> {
         pool_size: config.hsm.pool_size,
         kek_label_prefix: config.hsm.kek_label_prefix.clone(),
     };
-    tokio::task::spawn_blocking(move || Hsm::open(&hsm_config))
+    let hsm = tokio::task::spawn_blocking(move || Hsm::open(&hsm_config))
         .await
-        .map_err(|_| ServeError::Internal("HSM open task failed"))?
-        .map_err(ServeError::from)
+        .map_err(|_| ServeError::Internal("HSM open task failed"))??;
+    hsm.set_acquire_timeout(std::time::Duration::from_millis(config.hsm.acquire_timeout_ms));
+    Ok(hsm)
 }
 
 /// Creates what the token must hold (`keyward init`, and `dev` on first run):

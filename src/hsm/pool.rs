@@ -14,7 +14,7 @@ use cryptoki::session::{Session, SessionState, UserType};
 use cryptoki::slot::Slot;
 use secrecy::SecretString;
 
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use super::config::HsmConfig;
@@ -53,7 +53,14 @@ pub(crate) struct Pool {
     size: usize,
     state: Mutex<State>,
     cv: Condvar,
+    /// Longest wait for a free session, in milliseconds.
+    acquire_timeout_ms: std::sync::atomic::AtomicU64,
+    /// Waits that reached it.
+    acquire_timeouts: std::sync::atomic::AtomicU64,
 }
+
+/// Default longest wait for a free session (`hsm.acquire_timeout_ms`).
+pub const DEFAULT_ACQUIRE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Identity of the session that created a session object.
 #[derive(Debug, Clone, Copy)]
@@ -85,6 +92,10 @@ impl Pool {
                 epoch: 0,
             }),
             cv: Condvar::new(),
+            acquire_timeout_ms: std::sync::atomic::AtomicU64::new(
+                u64::try_from(DEFAULT_ACQUIRE_TIMEOUT.as_millis()).unwrap_or(u64::MAX),
+            ),
+            acquire_timeouts: std::sync::atomic::AtomicU64::new(0),
         };
         {
             let mut st = pool.lock();
@@ -205,8 +216,48 @@ impl Pool {
         }
     }
 
-    /// Borrow a session, waiting if all are busy. Repairs the pool first if needed.
+    /// Waits on the pool's condition until `deadline`; past it, the wait
+    /// failed: counted, and UNAVAILABLE for the caller.
+    fn wait_until<'a>(
+        &'a self,
+        st: MutexGuard<'a, State>,
+        deadline: std::time::Instant,
+        op: &'static str,
+    ) -> Result<MutexGuard<'a, State>, HsmError> {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            self.acquire_timeouts.fetch_add(1, Ordering::Relaxed);
+            return Err(HsmError::Unavailable {
+                op,
+                rv: format!(
+                    "no PKCS#11 session free within {} ms (hsm.pool_size {} sessions, all busy)",
+                    self.acquire_timeout_ms.load(Ordering::Relaxed),
+                    self.size
+                ),
+            });
+        }
+        let (st, _) = self.cv.wait_timeout(st, left).unwrap_or_else(|p| p.into_inner());
+        Ok(st)
+    }
+
+    /// Sets the longest wait for a free session.
+    pub(crate) fn set_acquire_timeout(&self, timeout: std::time::Duration) {
+        self.acquire_timeout_ms.store(
+            u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
+    }
+
+    /// Waits for a free session that reached the timeout.
+    pub(crate) fn acquire_timeouts(&self) -> u64 {
+        self.acquire_timeouts.load(Ordering::Relaxed)
+    }
+
+    /// Borrow a session, waiting if all are busy, at most the acquire
+    /// timeout. Repairs the pool first if needed.
     fn acquire(&self, op: &'static str) -> Result<Pooled, HsmError> {
+        let deadline = std::time::Instant::now()
+            + std::time::Duration::from_millis(self.acquire_timeout_ms.load(Ordering::Relaxed));
         let mut st = self.lock();
         loop {
             if st.lib.is_none() || st.needs_reinit {
@@ -221,7 +272,7 @@ impl Pool {
                     }
                     self.cv.notify_all();
                 } else {
-                    st = self.cv.wait(st).unwrap_or_else(|p| p.into_inner());
+                    st = self.wait_until(st, deadline, op)?;
                     continue;
                 }
             }
@@ -256,7 +307,7 @@ impl Pool {
                     }
                 }
             }
-            st = self.cv.wait(st).unwrap_or_else(|p| p.into_inner());
+            st = self.wait_until(st, deadline, op)?;
         }
     }
 
@@ -389,5 +440,49 @@ impl Hsm {
     /// Configured number of sessions.
     pub fn pool_size(&self) -> usize {
         self.inner.pool.size()
+    }
+
+    /// Sets the longest wait for a free session (`hsm.acquire_timeout_ms`);
+    /// an operation that waits longer fails as UNAVAILABLE.
+    pub fn set_acquire_timeout(&self, timeout: std::time::Duration) {
+        self.inner.pool.set_acquire_timeout(timeout);
+    }
+
+    /// Waits for a free session that reached the timeout, since start.
+    pub fn pool_wait_timeouts(&self) -> u64 {
+        self.inner.pool.acquire_timeouts()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// With every session lent out, an operation waits the acquire timeout,
+    /// then fails as UNAVAILABLE naming the pool, and is counted; once a
+    /// session is back, operations run again.
+    #[test]
+    fn waits_for_a_session_end_at_the_deadline() {
+        let tok = crate::testkit::SoftHsmToken::new().expect("token");
+        // nextest runs each test in its own process.
+        std::env::set_var("SOFTHSM2_CONF", &tok.conf_path);
+        let hsm = Hsm::open(&tok.hsm_config(1)).expect("open");
+        hsm.ensure_kek().expect("KEK");
+        hsm.set_acquire_timeout(std::time::Duration::from_millis(200));
+        let held = hsm.inner.pool.acquire("test").expect("the one session");
+        let started = std::time::Instant::now();
+        let err = hsm
+            .generate_wrapped(crate::types::KeyAlg::Ed25519)
+            .expect_err("no session free");
+        assert!(started.elapsed() >= std::time::Duration::from_millis(200));
+        assert!(
+            matches!(&err, HsmError::Unavailable { rv, .. } if rv.contains("no PKCS#11 session free")),
+            "{err}"
+        );
+        assert_eq!(hsm.pool_wait_timeouts(), 1);
+        hsm.inner.pool.release(held, Breakage::None);
+        hsm.generate_wrapped(crate::types::KeyAlg::Ed25519)
+            .expect("a session is free again");
+        assert_eq!(hsm.pool_wait_timeouts(), 1);
     }
 }
