@@ -1,8 +1,9 @@
-//! Daemon commands: dev, serve, init. SOFTHSM2_CONF is set here, once, before
-//! the async runtime (and so any other thread) exists.
+//! Daemon commands: dev, serve, init (with --init-token, the token too).
+//! SOFTHSM2_CONF is set here, once, before the async runtime (and so any
+//! other thread) exists.
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
 use clap::Args;
@@ -144,16 +145,91 @@ pub fn serve(config_path: &Path) -> anyhow::Result<()> {
     run_blocking(run(config, |_| Ok(())))
 }
 
+/// `keyward init` options.
+#[derive(Debug, Args)]
+pub struct InitArgs {
+    /// The TOML config.
+    #[arg(long, short)]
+    config: PathBuf,
+    /// First create the token `hsm.token_label` in a slot holding an
+    /// uninitialised token, and set its user PIN (from `hsm.pin_file` or
+    /// `hsm.pin_env`). A token that already has the label is never touched.
+    #[arg(long, requires = "so_pin_file")]
+    init_token: bool,
+    /// File holding the security officer PIN for --init-token (mode 0600 or
+    /// stricter; a file group or others may read is refused).
+    #[arg(long, requires = "init_token")]
+    so_pin_file: Option<PathBuf>,
+}
+
+/// Refuses a PIN file that group or others may read or write (symbolic links
+/// are followed: the mode of the file read is what counts).
+fn check_owner_only(path: &Path, what: &str) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode = std::fs::metadata(path)
+        .with_context(|| format!("{what} {}", path.display()))?
+        .permissions()
+        .mode();
+    if mode & 0o077 != 0 {
+        anyhow::bail!(
+            "{what} {} has mode {:04o}: group or others may access it; chmod 600 it",
+            path.display(),
+            mode & 0o7777
+        );
+    }
+    Ok(())
+}
+
+/// Reads a PIN from a file the owner alone may access (trailing newline dropped).
+fn read_pin_file(path: &Path, what: &str) -> anyhow::Result<secrecy::SecretString> {
+    check_owner_only(path, what)?;
+    let text =
+        zeroize::Zeroizing::new(std::fs::read_to_string(path).with_context(|| format!("{what} {}", path.display()))?);
+    let pin = text.trim_end_matches(['\n', '\r']);
+    if pin.is_empty() {
+        anyhow::bail!("{what} {} is empty", path.display());
+    }
+    Ok(secrecy::SecretString::from(pin))
+}
+
+/// `--init-token`: creates the token unless it exists. Before the runtime
+/// starts (the PKCS#11 calls block).
+fn create_token(config: &Config, so_pin_file: &Path) -> anyhow::Result<()> {
+    let so_pin = read_pin_file(so_pin_file, "--so-pin-file")?;
+    if let Some(pin_file) = &config.hsm.pin_file {
+        check_owner_only(pin_file, "hsm.pin_file")?;
+    }
+    let pin = config.hsm_pin()?;
+    let label = &config.hsm.token_label;
+    let done = crate::hsm::create_token(&config.hsm.module, label, &so_pin, &pin)
+        .with_context(|| format!("creating token {label:?} (security officer PIN from --so-pin-file)"))?;
+    match done {
+        crate::hsm::TokenInit::Created => println!("token {label:?} created"),
+        crate::hsm::TokenInit::PinSet => println!("token {label:?} already initialised; user PIN set"),
+        crate::hsm::TokenInit::Existed => println!("token {label:?} already initialised"),
+    }
+    Ok(())
+}
+
 /// `keyward init`.
-pub fn init(config_path: &Path) -> anyhow::Result<()> {
-    let config = Config::load(config_path)?;
+pub fn init(args: InitArgs) -> anyhow::Result<()> {
+    let config = Config::load(&args.config)?;
     export_softhsm_conf(&config);
+    if let (true, Some(so_pin_file)) = (args.init_token, &args.so_pin_file) {
+        create_token(&config, so_pin_file)?;
+    }
     if crate::policy::install_defaults(&config.policy.dir)? {
         println!("default policy set written to {}", config.policy.dir.display());
     }
     run_blocking(async move {
         let hsm = server::open_hsm(&config).await?;
+        let existing = hsm.kek_version();
         let kek = server::init_token(hsm.clone()).await?;
+        if existing == 0 {
+            println!("key-encryption key version {kek} created");
+        } else {
+            println!("key-encryption key version {kek} already on the token");
+        }
         let store = crate::store::open(&config.store.url).await?;
         // Each configured issuer algorithm: an active and a published next key.
         crate::jwks::KeyLifecycle::start(

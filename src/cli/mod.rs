@@ -81,12 +81,9 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
-    /// Create the key-encryption key on the token and the store's schema.
-    Init {
-        /// The TOML config.
-        #[arg(long, short)]
-        config: PathBuf,
-    },
+    /// Create the key-encryption key on the token and the store's schema
+    /// (and, with --init-token, the token itself).
+    Init(daemon::InitArgs),
     /// Accounts.
     #[command(subcommand)]
     Account(client::AccountCmd),
@@ -166,7 +163,7 @@ pub fn main() -> ExitCode {
     let result = match cli.command {
         Command::Dev(args) => daemon::dev(&cli.home, args),
         Command::Serve { config } => daemon::serve(&config),
-        Command::Init { config } => daemon::init(&config),
+        Command::Init(args) => daemon::init(args),
         Command::Account(cmd) => match runtime() {
             Ok(rt) => rt.block_on(client::account(&cli.home, &cli.client, cmd)),
             Err(code) => return code,

@@ -1,4 +1,4 @@
-//! The only module that calls cryptoki: PKCS#11 session pool, key-encryption keys (KEKs),
+//! The only module that calls cryptoki: token creation, PKCS#11 session pool, key-encryption keys (KEKs),
 //! key generation and wrapping, unwrapping for in-token signing ("hsm" custody) or to the host
 //! ("host" custody), signing, and inspection of key objects for tests.
 //!
@@ -30,6 +30,7 @@ mod issuer;
 mod kek;
 mod pool;
 mod sign;
+mod token;
 mod unwrap;
 
 use std::sync::atomic::AtomicBool;
@@ -41,6 +42,7 @@ pub use generate::WrappedKey;
 pub use inspect::ObjectInfo;
 pub use issuer::{issuer_label, IssuerAlg, IssuerKeyInfo, UnknownIssuerAlg, ISSUER_LABEL_PREFIX};
 pub use sign::{flush_key_destroys, keys_reaped, HsmKey, REAPER_THREAD};
+pub use token::{create_token, TokenInit};
 pub use unwrap::WrappedRef;
 
 /// A handle on one token: a pool of logged-in sessions plus the cached KEK handles.
