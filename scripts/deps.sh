@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
 # Installs what keyward needs to build and test on Debian: SoftHSM2 (the dev
-# and test HSM), protoc (compiles proto/), and for the tests cargo-nextest and
-# Python's eth-account (an independent EIP-712 verifier).
+# and test HSM), protoc (compiles proto/), and for the tests strace,
+# cargo-nextest and Python's eth-account (an independent EIP-712 verifier).
 # Usage: scripts/deps.sh [--test]
 set -euo pipefail
 
 need=()
 command -v softhsm2-util >/dev/null 2>&1 || need+=(softhsm2)
 command -v protoc >/dev/null 2>&1 || need+=(protobuf-compiler)
+# The tests trace softhsm/init-token.sh's processes to prove no PIN is ever an argument.
+if [ "${1:-}" = "--test" ]; then
+  command -v strace >/dev/null 2>&1 || need+=(strace)
+fi
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing Debian packages: ${need[*]}" >&2
   SUDO=""
