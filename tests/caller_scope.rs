@@ -39,9 +39,10 @@ fn same(existing: Result<impl std::fmt::Debug, Status>, missing: Result<impl std
     let existing = existing.expect_err(what);
     let missing = missing.expect_err(what);
     assert_eq!(existing.code(), Code::PermissionDenied, "{what}: {existing:?}");
+    // String equality is byte equality; shown as text when it fails.
     assert_eq!(
-        (existing.code(), existing.message().as_bytes(), existing.details()),
-        (missing.code(), missing.message().as_bytes(), missing.details()),
+        (existing.code(), existing.message(), existing.details()),
+        (missing.code(), missing.message(), missing.details()),
         "{what}: an existing resource is told from a missing one"
     );
 }
