@@ -158,6 +158,11 @@ pub struct ServerConfig {
     /// before it closes them and writes the final audit checkpoint.
     #[serde(default = "default_shutdown_grace")]
     pub shutdown_grace_seconds: u64,
+    /// Where Prometheus scrapes `/metrics`: a plain-HTTP listener of its own
+    /// (default `127.0.0.1:9464`, loopback), or `"off"`. Never on the
+    /// public HTTPS side port.
+    #[serde(default)]
+    pub metrics_listen: MetricsListen,
 }
 
 fn default_shutdown_grace() -> u64 {
@@ -187,6 +192,35 @@ fn default_keepalive_interval() -> u64 {
 }
 fn default_keepalive_timeout() -> u64 {
     10
+}
+
+/// `server.metrics_listen`: an address, or `"off"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub enum MetricsListen {
+    /// No metrics listener.
+    Off,
+    /// Serve `/metrics` in plain HTTP here.
+    At(SocketAddr),
+}
+
+impl Default for MetricsListen {
+    fn default() -> Self {
+        MetricsListen::At(SocketAddr::from(([127, 0, 0, 1], 9464)))
+    }
+}
+
+impl TryFrom<String> for MetricsListen {
+    type Error = String;
+
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        if s == "off" {
+            return Ok(MetricsListen::Off);
+        }
+        s.parse()
+            .map(MetricsListen::At)
+            .map_err(|_| format!("server.metrics_listen: {s:?} is neither an address (host:port) nor \"off\""))
+    }
 }
 
 fn default_max_in_flight() -> usize {
@@ -351,6 +385,22 @@ pub struct SessionsConfig {
     /// longest signing a request can take.
     #[serde(default = "default_pending_spend_timeout")]
     pub pending_spend_timeout_seconds: u64,
+    /// Days ended sessions (expired, or revoked and expired) and expired
+    /// challenges are kept before an hourly prune deletes them; 0 keeps them
+    /// for ever. Their audit events stay.
+    #[serde(default = "default_retention_days")]
+    pub retention_days: u64,
+}
+
+impl SessionsConfig {
+    /// The retention in seconds, `None` for ever.
+    pub fn retention_seconds(&self) -> Option<i64> {
+        (self.retention_days > 0).then(|| i64::try_from(self.retention_days.saturating_mul(86_400)).unwrap_or(i64::MAX))
+    }
+}
+
+fn default_retention_days() -> u64 {
+    30
 }
 
 impl Default for SessionsConfig {
@@ -362,6 +412,7 @@ impl Default for SessionsConfig {
             max_ttl_seconds: default_max_session_ttl(),
             clock_skew_seconds: default_skew(),
             pending_spend_timeout_seconds: default_pending_spend_timeout(),
+            retention_days: default_retention_days(),
         }
     }
 }
@@ -691,6 +742,12 @@ impl Config {
                 reason: "must be between 1 and 2678400 (31 days)".into(),
             });
         }
+        if s.retention_days > 36_500 {
+            return Err(ConfigError::Invalid {
+                key: "sessions.retention_days",
+                reason: "must be at most 36500 (0 keeps ended sessions for ever)".into(),
+            });
+        }
         if s.clock_skew_seconds > 600 {
             return Err(ConfigError::Invalid {
                 key: "sessions.clock_skew_seconds",
@@ -886,6 +943,37 @@ dir = "policies"
                 Err(ConfigError::Invalid { key: k, .. }) => assert_eq!(k, key),
                 other => panic!("expected invalid {key}, got {other:?}"),
             }
+        }
+    }
+
+    #[test]
+    fn metrics_listener_and_session_retention() {
+        let cfg = Config::parse(GOOD, Path::new("/")).expect("valid");
+        assert_eq!(
+            cfg.server.metrics_listen,
+            MetricsListen::At("127.0.0.1:9464".parse().expect("addr"))
+        );
+        assert_eq!(cfg.sessions.retention_seconds(), Some(30 * 86_400));
+        let with = |server: &str, sessions: &str| {
+            let text = GOOD.replace("[server]", &format!("[server]\n{server}"));
+            Config::parse(&format!("{text}[sessions]\n{sessions}\n"), Path::new("/"))
+        };
+        let cfg = with("metrics_listen = \"off\"", "retention_days = 0").expect("valid");
+        assert_eq!(cfg.server.metrics_listen, MetricsListen::Off);
+        assert_eq!(cfg.sessions.retention_seconds(), None, "0 keeps for ever");
+        let cfg = with("metrics_listen = \"[::1]:0\"", "retention_days = 7").expect("valid");
+        assert_eq!(
+            cfg.server.metrics_listen,
+            MetricsListen::At("[::1]:0".parse().expect("addr"))
+        );
+        assert_eq!(cfg.sessions.retention_seconds(), Some(7 * 86_400));
+        match with("metrics_listen = \"localhost\"", "") {
+            Err(ConfigError::Parse { message, .. }) => assert!(message.contains("metrics_listen"), "{message}"),
+            other => panic!("expected a parse error, got {other:?}"),
+        }
+        match with("", "retention_days = 36501") {
+            Err(ConfigError::Invalid { key, .. }) => assert_eq!(key, "sessions.retention_days"),
+            other => panic!("expected invalid sessions.retention_days, got {other:?}"),
         }
     }
 

@@ -208,6 +208,9 @@ pub struct ClientFile {
     pub endpoint: String,
     /// HTTPS side endpoint.
     pub https: String,
+    /// Metrics endpoint, `http://host:port` (absent: metrics are off).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<String>,
     /// CA that signed the server certificate.
     pub ca: PathBuf,
     /// Name the server certificate carries.
@@ -238,6 +241,7 @@ pub fn write_client_file(home: &Path, pki: &DevPki, endpoints: crate::server::En
     let file = ClientFile {
         endpoint: format!("https://{}", endpoints.grpc),
         https: format!("https://{}", endpoints.https),
+        metrics: endpoints.metrics.map(|m| format!("http://{m}")),
         ca: pki.ca_cert.clone(),
         domain: "localhost".into(),
         profiles: pki

@@ -1,7 +1,9 @@
-//! The HTTPS side port (server TLS, no client certificate): `/metrics` for
-//! Prometheus, `/healthz`, and the public issuer key set at
-//! `/.well-known/jwks.json` (`Cache-Control: public, max-age=N`, strong ETag,
-//! `304` on a matching `If-None-Match`).
+//! The HTTPS side port (server TLS, no client certificate): `/healthz`,
+//! `/readyz`, and the public issuer key set at `/.well-known/jwks.json`
+//! (`Cache-Control: public, max-age=N`, strong ETag, `304` on a matching
+//! `If-None-Match`). And the metrics listener: `/metrics` for Prometheus, in
+//! plain HTTP on an address of its own (`server.metrics_listen`, loopback by
+//! default), never on the public side port.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -54,37 +56,14 @@ async fn jwks(daemon: Arc<Daemon>, headers: http::HeaderMap) -> axum::response::
         .into_response()
 }
 
-fn router(daemon: Arc<Daemon>, tls: Arc<ServerTls>) -> Router {
+fn router(daemon: Arc<Daemon>) -> Router {
     let account_daemon = daemon.clone();
-
     let jwks_daemon = daemon.clone();
-    let ready_daemon = daemon.clone();
+    let ready_daemon = daemon;
     Router::new()
         .route(
             JWKS_PATH,
             get(move |headers: http::HeaderMap| jwks(jwks_daemon.clone(), headers)),
-        )
-        .route(
-            "/metrics",
-            get(move || {
-                let d = daemon.clone();
-                let t = tls.clone();
-                async move {
-                    let hsm = d.keys.hsm();
-                    d.metrics.set_gauges(
-                        hsm.pool_in_use(),
-                        hsm.pool_size(),
-                        d.keys.cached(),
-                        t.handshake_failures(),
-                    );
-                    d.metrics.set_store_pool(d.keys.store().pool_stats());
-                    d.metrics.sync_hsm_wait_timeouts(hsm.pool_wait_timeouts());
-                    (
-                        [(http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-                        d.metrics.render(),
-                    )
-                }
-            }),
         )
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(move || readyz(ready_daemon.clone())))
@@ -151,6 +130,108 @@ fn account_jwks_route(daemon: Arc<Daemon>) -> axum::routing::MethodRouter {
     })
 }
 
+/// The metrics listener's one route.
+fn metrics_router(daemon: Arc<Daemon>, tls: Arc<ServerTls>) -> Router {
+    Router::new().route(
+        "/metrics",
+        get(move || {
+            let d = daemon.clone();
+            let t = tls.clone();
+            async move {
+                let hsm = d.keys.hsm();
+                d.metrics.set_gauges(
+                    hsm.pool_in_use(),
+                    hsm.pool_size(),
+                    d.keys.cached(),
+                    t.handshake_failures(),
+                );
+                d.metrics.set_store_pool(d.keys.store().pool_stats());
+                d.metrics.sync_hsm_wait_timeouts(hsm.pool_wait_timeouts());
+                (
+                    [(http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+                    d.metrics.render(),
+                )
+            }
+        }),
+    )
+}
+
+/// Connections the metrics listener serves at once; more are closed at once.
+const METRICS_CONNECTIONS: usize = 16;
+/// The longest a metrics connection stays open.
+const METRICS_CONNECTION_TIME: Duration = Duration::from_secs(30);
+
+/// Binds the metrics listener of `server.metrics_listen` (`None` when it is
+/// `"off"`); warns when the address is not loopback (plain HTTP).
+pub async fn bind_metrics(at: crate::config::MetricsListen) -> std::io::Result<Option<TcpListener>> {
+    let crate::config::MetricsListen::At(addr) = at else {
+        return Ok(None);
+    };
+    if !addr.ip().is_loopback() {
+        tracing::warn!(%addr, "metrics are served in plain HTTP on a non-loopback address");
+    }
+    TcpListener::bind(addr).await.map(Some)
+}
+
+/// Serves `/metrics` (plain HTTP, every other path 404) until `stop` turns
+/// true: at most [`METRICS_CONNECTIONS`] connections, each for at most
+/// [`METRICS_CONNECTION_TIME`].
+pub async fn serve_metrics(
+    listener: Arc<TcpListener>,
+    tls: Arc<ServerTls>,
+    daemon: Arc<Daemon>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let app = metrics_router(daemon, tls);
+    let slots = Arc::new(tokio::sync::Semaphore::new(METRICS_CONNECTIONS));
+    while let Some((tcp, peer)) = next_connection(&listener, &mut stop, "metrics").await {
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracing::debug!(%peer, "metrics connection refused: too many open");
+            continue;
+        };
+        let service = TowerToHyperService::new(app.clone());
+        tokio::spawn(async move {
+            let _slot = slot;
+            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            let served = builder.serve_connection(TokioIo::new(tcp), service);
+            match tokio::time::timeout(METRICS_CONNECTION_TIME, served).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::debug!(%peer, error = %e, "metrics connection ended"),
+                Err(_) => tracing::debug!(%peer, "metrics connection closed: open too long"),
+            }
+        });
+    }
+}
+
+/// The next connection `listener` accepts, or `None` once `stop` turns
+/// true; a failed accept is logged (`what` names the listener) and followed
+/// by a pause that doubles while accepting keeps failing (out of file
+/// descriptors, say), instead of a spin.
+async fn next_connection(
+    listener: &TcpListener,
+    stop: &mut watch::Receiver<bool>,
+    what: &'static str,
+) -> Option<(tokio::net::TcpStream, std::net::SocketAddr)> {
+    let mut backoff = crate::tls::incoming::initial_backoff();
+    loop {
+        let accepted = tokio::select! {
+            _ = stop.wait_for(|s| *s) => return None,
+            a = listener.accept() => a,
+        };
+        match accepted {
+            Ok(v) => return Some(v),
+            Err(e) => {
+                tracing::debug!(error = %e, listener = what, "accept failed");
+                tokio::select! {
+                    _ = stop.wait_for(|s| *s) => return None,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+            }
+        }
+    }
+}
+
 /// What the side port holds at once and how long a client may take.
 #[derive(Debug, Clone)]
 pub struct HttpLimits {
@@ -178,7 +259,7 @@ pub async fn serve(
     limits: HttpLimits,
     mut stop: watch::Receiver<bool>,
 ) {
-    let app = router(daemon, tls.clone());
+    let app = router(daemon);
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     builder
         .http1()

@@ -83,6 +83,8 @@ pub struct Running {
     pub max_requests_in_flight: usize,
     /// Connection limits and timeouts of both listeners.
     pub net: NetSettings,
+    /// The metrics listener ([`bind_metrics`]); none until the caller binds it.
+    pub metrics_listener: Option<Arc<TcpListener>>,
 }
 
 /// Connection limits and timeouts of both listeners (`[server]`).
@@ -245,6 +247,7 @@ pub async fn start_with_clock(config: &Config, clock: Arc<dyn Clock>) -> Result<
             max_ttl: secs(config.sessions.max_ttl_seconds),
             clock_skew: secs(config.sessions.clock_skew_seconds),
             pending_spend_timeout: secs(config.sessions.pending_spend_timeout_seconds),
+            retention: config.sessions.retention_seconds(),
         },
     ));
     let health = Arc::new(crate::health::Health::new(
@@ -282,6 +285,7 @@ pub async fn start_with_clock(config: &Config, clock: Arc<dyn Clock>) -> Result<
         max_concurrent_streams: config.server.max_concurrent_streams,
         max_requests_in_flight: config.server.max_requests_in_flight,
         net: NetSettings::from_config(&config.server),
+        metrics_listener: None,
     })
 }
 
@@ -302,6 +306,25 @@ pub async fn bind(config: &Config) -> Result<(TcpListener, TcpListener), ServeEr
     Ok((grpc, https))
 }
 
+/// Binds the metrics listener of a config (`server.metrics_listen`), for
+/// [`Running::metrics_listener`]; `None` when it is `"off"`.
+pub async fn bind_metrics(config: &Config) -> Result<Option<Arc<TcpListener>>, ServeError> {
+    let listener = crate::http::bind_metrics(config.server.metrics_listen)
+        .await
+        .map_err(|source| ServeError::Io {
+            what: "metrics listener",
+            source,
+        })?;
+    Ok(listener.map(Arc::new))
+}
+
+/// Serves `/metrics` on the bound metrics listener, if any, until `stop`.
+fn serve_metrics(running: &Running, stop: tokio::sync::watch::Receiver<bool>) -> Option<tokio::task::JoinHandle<()>> {
+    let listener = running.metrics_listener.clone()?;
+    let (tls, daemon) = (running.tls.clone(), running.daemon.clone());
+    Some(tokio::spawn(crate::http::serve_metrics(listener, tls, daemon, stop)))
+}
+
 /// Addresses a serving daemon listens on.
 #[derive(Debug, Clone, Copy)]
 pub struct Endpoints {
@@ -309,6 +332,8 @@ pub struct Endpoints {
     pub grpc: SocketAddr,
     /// HTTPS side port.
     pub https: SocketAddr,
+    /// Plain-HTTP metrics listener, if any.
+    pub metrics: Option<SocketAddr>,
 }
 
 /// Serves until `shutdown` resolves, then drains in-flight requests, writes
@@ -368,6 +393,7 @@ where
             .max(1),
     );
     let sweep_task = tokio::spawn(d.sessions.clone().sweep(sweep_every, stop_rx.clone()));
+    let metrics_task = serve_metrics(&running, stop_rx.clone());
     let https_task = tokio::spawn(crate::http::serve(
         https,
         running.tls.clone(),
@@ -402,6 +428,9 @@ where
         }
     };
     let _ = https_task.await;
+    if let Some(t) = metrics_task {
+        let _ = t.await;
+    }
     let _ = jwks_task.await;
     let _ = policy_task.await;
     let _ = prune_task.await;

@@ -632,6 +632,9 @@ impl Ctx {
         let list = SessionServiceClient::new(self.admin.clone())
             .list_sessions(ListSessionsRequest {
                 account_id: account.id.clone(),
+                // Newest first: the sessions still open are on the first page.
+                page_size: crate::api::MAX_PAGE_SIZE,
+                ..Default::default()
             })
             .await?
             .into_inner();
@@ -728,9 +731,8 @@ pub struct Sample {
 }
 
 struct Sampler {
-    https: String,
-    ca: std::path::PathBuf,
-    domain: String,
+    /// The metrics endpoint, `http://host:port`.
+    metrics: String,
     started: Instant,
     prev: Scrape,
     json: bool,
@@ -738,8 +740,8 @@ struct Sampler {
 
 impl Sampler {
     async fn scrape(&self) -> Result<Scrape, String> {
-        let url = format!("{}/metrics", self.https.trim_end_matches('/'));
-        match crate::cli::verify::https_get(&url, &self.ca, &self.domain).await {
+        let url = format!("{}/metrics", self.metrics.trim_end_matches('/'));
+        match crate::cli::verify::http_get(&url).await {
             Ok((200, body)) => Ok(Scrape::from_text(&body)),
             Ok((status, _)) => Err(format!("/metrics answered HTTP {status}")),
             Err(e) => Err(format!("{e:#}")),
@@ -1083,10 +1085,12 @@ pub async fn run(home: &Path, opts: &ClientOpts, args: SoakArgs) -> anyhow::Resu
     ctx.accounts = accounts;
     let setup_s = setup.elapsed().as_secs_f64();
 
+    let metrics = file
+        .metrics
+        .clone()
+        .context("the daemon serves no metrics (server.metrics_listen = \"off\"); the soak samples them")?;
     let mut sampler = Sampler {
-        https: file.https.clone(),
-        ca: opts.ca.clone().unwrap_or_else(|| file.ca.clone()),
-        domain: opts.domain.clone().unwrap_or_else(|| file.domain.clone()),
+        metrics: metrics.clone(),
         started: Instant::now(),
         prev: Scrape::default(),
         json: opts.json,
@@ -1094,7 +1098,7 @@ pub async fn run(home: &Path, opts: &ClientOpts, args: SoakArgs) -> anyhow::Resu
     let baseline = sampler
         .scrape()
         .await
-        .map_err(|e| anyhow::anyhow!("first scrape of {}/metrics: {e}", file.https))?;
+        .map_err(|e| anyhow::anyhow!("first scrape of {metrics}/metrics: {e}"))?;
     sampler.prev = baseline;
     let note = format!(
         "soak: {} accounts ready in {setup_s:.1} s; {} s of load at concurrency {}, cancel fraction {}, sampling every {} s",

@@ -352,6 +352,7 @@ async fn enumeration(env: Env) {
     sessions
         .list_sessions(ListSessionsRequest {
             account_id: a.account_id.clone(),
+            ..Default::default()
         })
         .await
         .expect("list");
@@ -359,6 +360,7 @@ async fn enumeration(env: Env) {
     market_sessions
         .list_sessions(ListSessionsRequest {
             account_id: b.account_id.clone(),
+            ..Default::default()
         })
         .await
         .expect_err("not listed on b");

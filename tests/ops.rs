@@ -54,7 +54,7 @@ struct DevProcess {
     stderr: Receiver<String>,
     home: PathBuf,
     grpc: SocketAddr,
-    https: SocketAddr,
+    metrics: String,
 }
 
 fn forward_lines(r: impl std::io::Read + Send + 'static, echo: bool) -> Receiver<String> {
@@ -81,6 +81,7 @@ impl DevProcess {
     fn start(home: &Path) -> DevProcess {
         let mut child = keyward(home)
             .args(["dev", "--listen", "127.0.0.1:0", "--https-listen", "127.0.0.1:0"])
+            .args(["--metrics-listen", "127.0.0.1:0"])
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -105,7 +106,7 @@ impl DevProcess {
             stderr,
             home: home.canonicalize().expect("home"),
             grpc: addr_of(&client.endpoint),
-            https: addr_of(&client.https),
+            metrics: client.metrics.expect("dev serves metrics"),
         }
     }
 
@@ -323,17 +324,7 @@ async fn create_over_new_connection(addr: SocketAddr, tls: Arc<ClientConfig>) ->
 /// A raw HTTP/1.1 GET over TLS without a client certificate.
 struct HttpResponse {
     status: u16,
-    headers: Vec<(String, String)>,
     body: String,
-}
-
-impl HttpResponse {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
-    }
 }
 
 async fn https_get(addr: SocketAddr, ca: &Path, path: &str) -> HttpResponse {
@@ -376,19 +367,14 @@ async fn https_get(addr: SocketAddr, ca: &Path, path: &str) -> HttpResponse {
         buf.extend_from_slice(&chunk[..n]);
     }
     let head = String::from_utf8(buf[..head_len - 4].to_vec()).expect("ASCII head");
-    let mut lines = head.split("\r\n");
-    let status_line = lines.next().expect("status line");
+    let status_line = head.split("\r\n").next().expect("status line");
     let status = status_line
         .split(' ')
         .nth(1)
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(|| panic!("bad status line {status_line:?}"));
-    let headers = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
-        .collect();
     let body = String::from_utf8(buf[head_len..head_len + content_length].to_vec()).expect("UTF-8 body");
-    HttpResponse { status, headers, body }
+    HttpResponse { status, body }
 }
 
 /// The value of the sample whose line starts with `series ` (exact labels).
@@ -399,10 +385,17 @@ fn sample(metrics: &str, series: &str) -> Option<f64> {
     })
 }
 
-async fn handshake_failures(https: SocketAddr, ca: &Path) -> f64 {
-    let r = https_get(https, ca, "/metrics").await;
-    assert_eq!(r.status, 200);
-    sample(&r.body, "keyward_tls_handshake_failures_total").expect("handshake failure counter")
+/// The metrics text from the plain-HTTP metrics listener at `base` (`http://host:port`).
+async fn scrape(base: &str) -> String {
+    let (status, body) = keyward::cli::verify::http_get(&format!("{base}/metrics"))
+        .await
+        .expect("metrics answer");
+    assert_eq!(status, 200);
+    body
+}
+
+async fn handshake_failures(metrics: &str) -> f64 {
+    sample(&scrape(metrics).await, "keyward_tls_handshake_failures_total").expect("handshake failure counter")
 }
 
 fn server_spec(cn: &str, sans: &[&str]) -> CertSpec {
@@ -552,13 +545,12 @@ fn sighup_reloads_client_ca() {
     let new_admin = client_config(&server_trust, Some((&new_cert, &new_key)), b"h2");
 
     block_on(async {
-        let ca = pki.join("ca.pem");
-        let before = handshake_failures(dev.https, &ca).await;
+        let before = handshake_failures(&dev.metrics).await;
         let refused = create_over_new_connection(dev.grpc, new_admin.clone()).await;
         assert!(refused.is_err(), "a client of an unknown CA is refused");
         // Refused in the TLS handshake (counted), not by the application.
         let deadline = Instant::now() + Duration::from_secs(10);
-        while handshake_failures(dev.https, &ca).await <= before {
+        while handshake_failures(&dev.metrics).await <= before {
             assert!(Instant::now() < deadline, "refusal not counted as a handshake failure");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -594,10 +586,10 @@ fn sighup_reloads_client_ca() {
 }
 
 // ---------------------------------------------------------------------------
-// 3. Metrics and health on the HTTPS side port.
+// 3. Health on the HTTPS side port; metrics on their own listener only.
 
 #[test]
-fn metrics_and_healthz_on_https_side_port() {
+fn metrics_only_on_their_listener_and_healthz_on_https_side_port() {
     let Some(env) = Env::new(Custody::Hsm, StoreKind::Sqlite) else {
         return;
     };
@@ -627,11 +619,11 @@ fn metrics_and_healthz_on_https_side_port() {
         assert_eq!(health.status, 200);
         assert_eq!(health.body.trim(), "ok");
 
-        let m = https_get(d.https_addr, &env.pki.ca_cert, "/metrics").await;
-        assert_eq!(m.status, 200);
-        let ct = m.header("content-type").expect("content-type");
-        assert!(ct.starts_with("text/plain"), "content-type {ct}");
-        let body = &m.body;
+        // Metrics are not on the public side port, only on their own listener.
+        let public = https_get(d.https_addr, &env.pki.ca_cert, "/metrics").await;
+        assert_eq!(public.status, 404, "/metrics on the JWKS port: {}", public.body);
+        let m = scrape(&format!("http://{}", d.metrics_addr.expect("metrics listener"))).await;
+        let body = &m;
 
         let ok = sample(body, r#"keyward_grpc_requests_total{code="OK",method="SignTypedData"}"#);
         assert!(ok.is_some_and(|v| v >= 1.0), "OK SignTypedData counted: {body}");

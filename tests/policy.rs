@@ -397,6 +397,7 @@ fn every_rpc_is_decided() {
         let _ = sessions
             .list_sessions(ListSessionsRequest {
                 account_id: account.clone(),
+                ..Default::default()
             })
             .await;
         let _ = sessions
@@ -525,6 +526,7 @@ fn dev_daemon_reloads_on_file_change_and_sighup() {
             .arg("--home")
             .arg(&home)
             .args(["dev", "--listen", "127.0.0.1:0", "--https-listen", "127.0.0.1:0"])
+            .args(["--metrics-listen", "127.0.0.1:0"])
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
             .spawn()

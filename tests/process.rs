@@ -19,6 +19,7 @@ fn keyward(home: &Path) -> Command {
 fn start_dev(home: &Path, extra: &[&str]) -> (Child, Vec<String>) {
     let mut child = keyward(home)
         .args(["dev", "--listen", "127.0.0.1:0", "--https-listen", "127.0.0.1:0"])
+        .args(["--metrics-listen", "127.0.0.1:0"])
         .args(extra)
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())

@@ -177,6 +177,7 @@ fn full_story_payment_within_bounds_then_revoke() {
             .await
             .list_sessions(ListSessionsRequest {
                 account_id: st.account_id.clone(),
+                ..Default::default()
             })
             .await
             .expect("list")
@@ -613,6 +614,140 @@ fn session_token_verifies_with_an_independent_jose_library() {
         assert_eq!(claims["cap"], "1000");
         assert_eq!(claims["exp"], START + 1800);
         assert_eq!(claims["iat"], st.clock.now());
+        st.daemon.stop().await;
+    });
+}
+
+/// ListSessions pages with an opaque cursor (sessions opened in the same
+/// second are ordered by id), refuses a cursor of another listing, and
+/// `keyward session list` follows every page.
+#[test]
+fn session_list_pages_and_the_cli_follows_every_page() {
+    let env = Env::new(Custody::Host, StoreKind::Sqlite).expect("env");
+    block_on(async {
+        let st = Story::start(env).await;
+        let mut opened = Vec::new();
+        for _ in 0..5 {
+            opened.push(st.session("1000").await.0);
+        }
+        opened.sort();
+        let list = |page_size: u32, page_token: String| {
+            let st = &st;
+            async move {
+                st.sessions("admin")
+                    .await
+                    .list_sessions(ListSessionsRequest {
+                        account_id: st.account_id.clone(),
+                        page_size,
+                        page_token,
+                    })
+                    .await
+                    .map(|r| r.into_inner())
+            }
+        };
+        let mut ids = Vec::new();
+        let mut sizes = Vec::new();
+        let mut token = String::new();
+        loop {
+            let page = list(2, token.clone()).await.expect("page");
+            sizes.push(page.sessions.len());
+            ids.extend(page.sessions.into_iter().map(|s| s.session_id));
+            if page.next_page_token.is_empty() {
+                break;
+            }
+            token = page.next_page_token;
+        }
+        assert_eq!(sizes, [2, 2, 1]);
+        assert_eq!(ids, opened, "same issue time: by id");
+        let all = list(0, String::new()).await.expect("default page");
+        assert_eq!(all.sessions.len(), 5);
+        assert!(all.next_page_token.is_empty());
+
+        // A cursor of another account's listing, or not one at all.
+        let page = list(2, String::new()).await.expect("page");
+        let other = st
+            .daemon
+            .accounts(&st.env, "admin")
+            .await
+            .create_account(CreateAccountRequest {
+                controller: st.wallet.address().to_checksum(),
+                label: "bob".into(),
+                allow: vec![],
+            })
+            .await
+            .expect("account")
+            .into_inner();
+        let mut sessions = st.sessions("admin").await;
+        for (account_id, page_token) in [
+            (other.account_id.clone(), page.next_page_token.clone()),
+            (st.account_id.clone(), "not-a-token".into()),
+            (st.account_id.clone(), "x".repeat(300)),
+        ] {
+            let err = sessions
+                .list_sessions(ListSessionsRequest {
+                    account_id,
+                    page_size: 2,
+                    page_token,
+                })
+                .await
+                .expect_err("foreign or malformed cursor");
+            assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+            assert!(err.message().starts_with("page_token"), "{err:?}");
+        }
+
+        // The command line follows the pages.
+        let admin = st.env.client_files("admin");
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_keyward"))
+            .arg("--home")
+            .arg(st.env.dir.path())
+            .args(["--endpoint", &st.daemon.grpc, "--domain", "localhost", "--json"])
+            .arg("--ca")
+            .arg(&admin.ca)
+            .arg("--cert")
+            .arg(admin.cert.as_ref().expect("cert"))
+            .arg("--key")
+            .arg(admin.key.as_ref().expect("key"))
+            .args(["session", "list", "--account", &st.account_id, "--page-size", "2"])
+            .output()
+            .expect("keyward session list");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let listed: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+        let cli_ids: Vec<&str> = listed["sessions"]
+            .as_array()
+            .expect("sessions")
+            .iter()
+            .map(|s| s["session_id"].as_str().expect("id"))
+            .collect();
+        assert_eq!(cli_ids, opened);
+        st.daemon.stop().await;
+    });
+}
+
+/// Retention: a session that ended more than `sessions.retention_days` ago
+/// (default 30) is deleted by the prune, with its challenge; one that ended
+/// since is kept.
+#[test]
+fn ended_sessions_are_pruned_after_the_retention() {
+    let env = Env::new(Custody::Host, StoreKind::Sqlite).expect("env");
+    block_on(async {
+        let st = Story::start(env).await;
+        let (old, _) = st.session("1000").await;
+        let day = 86_400;
+        st.clock.advance(10 * day);
+        let (recent, _) = st.session("1000").await;
+        let prune = || st.daemon.state.sessions.prune_ended();
+        // 30 days after the first one expired (30 minutes after it opened): kept.
+        st.clock.advance(20 * day);
+        assert_eq!(prune().await.expect("prune").sessions, 0);
+        st.clock.advance(day);
+        let pruned = prune().await.expect("prune");
+        assert_eq!((pruned.sessions, pruned.challenges), (1, 1));
+        let mut admin = st.sessions("admin").await;
+        let get = |id: &str| GetSessionRequest { session_id: id.into() };
+        let gone = admin.get_session(get(&old)).await.expect_err("pruned");
+        assert_eq!(gone.code(), Code::NotFound);
+        let kept = admin.get_session(get(&recent)).await.expect("kept").into_inner();
+        assert_eq!(kept.state, SessionState::Expired as i32);
         st.daemon.stop().await;
     });
 }

@@ -110,14 +110,14 @@ impl AccountService for AccountApi {
         self.0
             .handle("GetAccount", request, |d, identity, req| async move {
                 check_account_id(&req.account_id)?;
-                let record = d.keys.record(&req.account_id).await?;
-                d.decide(
-                    &identity,
-                    Action::GetAccount,
-                    Resource::Account(&record),
-                    RequestContext::default(),
-                )
-                .await?;
+                let record = d
+                    .account_for(
+                        &identity,
+                        Action::GetAccount,
+                        &req.account_id,
+                        RequestContext::default(),
+                    )
+                    .await?;
                 to_proto(&record)
             })
             .await
@@ -134,14 +134,14 @@ impl AccountService for AccountApi {
                 // Public information (also served without a client certificate);
                 // the default policy `public-keys` permits it to every client.
                 check_account_id(&req.account_id)?;
-                let record = d.keys.record(&req.account_id).await?;
-                d.decide(
-                    &identity,
-                    Action::GetAccountJwks,
-                    Resource::Account(&record),
-                    RequestContext::default(),
-                )
-                .await?;
+                let record = d
+                    .account_for(
+                        &identity,
+                        Action::GetAccountJwks,
+                        &req.account_id,
+                        RequestContext::default(),
+                    )
+                    .await?;
                 let public = crate::receipt::AccountPublic::of(&record, d.sessions.domain().chain_id)?;
                 Ok(GetAccountJwksResponse {
                     jwks_json: serde_json::to_string(&public.jwks())

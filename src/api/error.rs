@@ -5,13 +5,14 @@
 //! | no client identity | UNAUTHENTICATED |
 //! | malformed field | INVALID_ARGUMENT (names the field) |
 //! | a policy refuses (names the policy ids, or deny by default), wrong wallet signer, not the delegate, outside scopes | PERMISSION_DENIED |
+//! | a policy refuses a caller who may not read the account or session: the refusal a missing one gets (see `access.rs`) | PERMISSION_DENIED |
 //! | a limit refuses (names the limit) | RESOURCE_EXHAUSTED |
 //! | policy set or limit counters unusable | INTERNAL / the store's status |
 //! | session token does not verify or was altered | UNAUTHENTICATED |
 //! | challenge used or expired, session revoked or expired | FAILED_PRECONDITION |
 //! | session cap exhausted | RESOURCE_EXHAUSTED |
 //! | same request_id still in progress | ABORTED |
-//! | unknown account | NOT_FOUND |
+//! | unknown account, session or challenge, to a caller the policies allow on any | NOT_FOUND |
 //! | account already exists | ALREADY_EXISTS |
 //! | stored key does not match its account | DATA_LOSS |
 //! | HSM or store down, token missing or locked, stale handle | UNAVAILABLE |
@@ -66,6 +67,15 @@ pub enum ApiError {
     /// The issuer key lifecycle refused or failed.
     #[error(transparent)]
     Jwks(#[from] crate::jwks::JwksError),
+    /// A refusal answered as the same request on a missing resource is
+    /// answered: the caller may not know the resource exists.
+    #[error("{shown}")]
+    Concealed {
+        /// What the caller is told.
+        shown: crate::policy::PolicyError,
+        /// What decided, for the audit event and the log line.
+        decision: Box<crate::policy::Decision>,
+    },
 }
 
 impl ApiError {
@@ -73,6 +83,7 @@ impl ApiError {
     pub fn decision(&self) -> Option<&crate::policy::Decision> {
         match self {
             ApiError::Policy(p) => p.decision(),
+            ApiError::Concealed { decision, .. } => Some(decision),
             _ => None,
         }
     }
@@ -134,6 +145,7 @@ impl ApiError {
         let msg = self.to_string();
         match self {
             ApiError::Unauthenticated => Status::unauthenticated(msg),
+            ApiError::Concealed { .. } => Status::permission_denied(msg),
             ApiError::Invalid { .. } => Status::invalid_argument(msg),
             ApiError::Policy(p) => match p {
                 crate::policy::PolicyError::Denied { .. } => Status::permission_denied(msg),

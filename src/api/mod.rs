@@ -1,6 +1,7 @@
 //! tonic services: proto <-> domain mapping and error mapping only. No crypto
 //! and no policy logic lives here.
 
+mod access;
 mod account;
 pub mod audit;
 mod error;
@@ -9,6 +10,7 @@ mod session;
 mod signing;
 
 pub use error::ApiError;
+pub use session::{DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE};
 
 use std::future::Future;
 use std::sync::Arc;

@@ -12,15 +12,59 @@ use super::pb::{
 use super::{ApiError, Daemon, SessionApi};
 use crate::crypto::eth::Address;
 use crate::keys::public_keys;
-use crate::policy::{Action, RequestContext, Resource, SessionFacts};
+use crate::policy::{Action, RequestContext, SessionFacts};
 use crate::session::ChallengeRequest;
-use crate::store::{AccountRecord, SessionRecord};
+use crate::store::{AccountRecord, SessionCursor, SessionRecord};
 
 fn check_session_id(id: &str) -> Result<(), ApiError> {
     if uuid::Uuid::parse_str(id).is_err() {
         return Err(ApiError::invalid("session_id", "is not a session id (UUID)"));
     }
     Ok(())
+}
+
+/// Sessions per ListSessions page when the request asks for 0.
+pub const DEFAULT_PAGE_SIZE: u32 = 100;
+/// The most sessions per page; larger asks are answered with this many.
+pub const MAX_PAGE_SIZE: u32 = 1000;
+/// The longest page token accepted (the daemon's are about 120 bytes).
+const MAX_PAGE_TOKEN: usize = 256;
+
+/// The token of the page after `last` of `account_id`'s listing: opaque to
+/// callers (base64url of the account, the last session's issue time and id).
+fn page_token(account_id: &str, last: &SessionRecord) -> String {
+    use base64::Engine as _;
+    let raw = format!("{account_id}/{}/{}", last.issued_at, last.id);
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw)
+}
+
+/// Where a ListSessions request starts, checked before anything is looked
+/// up: `None` for the first page.
+fn page_start(account_id: &str, token: &str) -> Result<Option<SessionCursor>, ApiError> {
+    use base64::Engine as _;
+    if token.is_empty() {
+        return Ok(None);
+    }
+    let bad = || ApiError::invalid("page_token", "is not a next_page_token of this account's listing");
+    if token.len() > MAX_PAGE_TOKEN {
+        return Err(bad());
+    }
+    let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(token)
+        .map_err(|_| bad())?;
+    let raw = String::from_utf8(raw).map_err(|_| bad())?;
+    let mut parts = raw.splitn(3, '/');
+    let (Some(account), Some(issued_at), Some(id)) = (parts.next(), parts.next(), parts.next()) else {
+        return Err(bad());
+    };
+    let issued_at: i64 = issued_at.parse().map_err(|_| bad())?;
+    if account != account_id || uuid::Uuid::parse_str(id).is_err() {
+        return Err(bad());
+    }
+    Ok(Some(SessionCursor {
+        issued_at,
+        id: id.to_string(),
+    }))
 }
 
 impl Daemon {
@@ -64,18 +108,11 @@ impl SessionService for SessionApi {
         self.0
             .handle("CreateSessionChallenge", request, |d, identity, req| async move {
                 check_account_id(&req.account_id)?;
-                let account = d.keys.record(&req.account_id).await?;
-                let (secp, _) = public_keys(&account)?;
-                let challenge = ChallengeRequest {
-                    account: &account,
-                    account_address: Address::from_public_key(&secp),
-                    delegate: &req.delegate,
-                    scopes: &req.scopes,
-                    cap: &req.cap,
-                    ttl: req.ttl_seconds,
-                };
-                // Malformed requests are refused before the decision (and count against no limit).
-                let (scopes, cap) = d.sessions.check_challenge(&challenge)?;
+                // Malformed requests are refused before the lookup and the
+                // decision, alike for every account id (and count against no limit).
+                let (scopes, cap) =
+                    d.sessions
+                        .check_challenge(&req.delegate, &req.scopes, &req.cap, req.ttl_seconds)?;
                 let context = RequestContext {
                     session: SessionFacts {
                         active: false,
@@ -85,13 +122,18 @@ impl SessionService for SessionApi {
                     },
                     ..RequestContext::default()
                 };
-                d.decide(
-                    &identity,
-                    Action::CreateSessionChallenge,
-                    Resource::Account(&account),
-                    context,
-                )
-                .await?;
+                let account = d
+                    .account_for(&identity, Action::CreateSessionChallenge, &req.account_id, context)
+                    .await?;
+                let (secp, _) = public_keys(&account)?;
+                let challenge = ChallengeRequest {
+                    account: &account,
+                    account_address: Address::from_public_key(&secp),
+                    delegate: &req.delegate,
+                    scopes: &req.scopes,
+                    cap: &req.cap,
+                    ttl: req.ttl_seconds,
+                };
                 let (challenge, session_expires_at) = d.sessions.create_challenge(challenge).await?;
                 Ok(SessionChallenge {
                     challenge_id: challenge.id,
@@ -113,15 +155,7 @@ impl SessionService for SessionApi {
                     return Err(ApiError::invalid("challenge_id", "is not a challenge id (UUID)"));
                 }
                 // Authorize against the challenge's account before touching it.
-                let account_id = d.sessions.challenge_account(&req.challenge_id).await?;
-                let account = d.keys.record(&account_id).await?;
-                d.decide(
-                    &identity,
-                    Action::OpenSession,
-                    Resource::Account(&account),
-                    RequestContext::default(),
-                )
-                .await?;
+                let account = d.challenge_account_for(&identity, &req.challenge_id).await?;
                 // The open-session limit is checked where it is exact: in the
                 // opening transaction, which sees concurrent opens.
                 let max_open = d.policy.current().limits().sessions.max_open_per_account;
@@ -148,15 +182,14 @@ impl SessionService for SessionApi {
         self.0
             .handle("GetSession", request, |d, identity, req| async move {
                 check_session_id(&req.session_id)?;
-                let session = d.sessions.get(&req.session_id).await?;
-                let account = d.keys.record(&session.account_id).await?;
-                d.decide(
-                    &identity,
-                    Action::GetSession,
-                    Resource::Session(&session, &account),
-                    RequestContext::default(),
-                )
-                .await?;
+                let (session, account) = d
+                    .session_for(
+                        &identity,
+                        Action::GetSession,
+                        &req.session_id,
+                        RequestContext::default(),
+                    )
+                    .await?;
                 Ok(d.session_proto(&session, &account))
             })
             .await
@@ -169,17 +202,30 @@ impl SessionService for SessionApi {
         self.0
             .handle("ListSessions", request, |d, identity, req| async move {
                 check_account_id(&req.account_id)?;
-                let account = d.keys.record(&req.account_id).await?;
-                d.decide(
-                    &identity,
-                    Action::ListSessions,
-                    Resource::Account(&account),
-                    RequestContext::default(),
-                )
-                .await?;
-                let sessions = d.sessions.list(&req.account_id).await?;
+                let after = page_start(&req.account_id, &req.page_token)?;
+                let size = match req.page_size {
+                    0 => DEFAULT_PAGE_SIZE,
+                    n => n.min(MAX_PAGE_SIZE),
+                };
+                let account = d
+                    .account_for(
+                        &identity,
+                        Action::ListSessions,
+                        &req.account_id,
+                        RequestContext::default(),
+                    )
+                    .await?;
+                // One more than the page: whether a next page exists.
+                let mut sessions = d.sessions.list_page(&req.account_id, after.as_ref(), size + 1).await?;
+                let more = sessions.len() > size as usize;
+                sessions.truncate(size as usize);
+                let next_page_token = match sessions.last() {
+                    Some(last) if more => page_token(&req.account_id, last),
+                    _ => String::new(),
+                };
                 Ok(ListSessionsResponse {
                     sessions: sessions.iter().map(|s| d.session_proto(s, &account)).collect(),
+                    next_page_token,
                 })
             })
             .await
@@ -189,19 +235,13 @@ impl SessionService for SessionApi {
         self.0
             .handle("RevokeSession", request, |d, identity, req| async move {
                 check_session_id(&req.session_id)?;
-                let session = d.sessions.get(&req.session_id).await?;
-                let account = d.keys.record(&session.account_id).await?;
                 let context = RequestContext {
                     controller_signed: !req.controller_signature.is_empty(),
                     ..RequestContext::default()
                 };
-                d.decide(
-                    &identity,
-                    Action::RevokeSession,
-                    Resource::Session(&session, &account),
-                    context,
-                )
-                .await?;
+                let (session, account) = d
+                    .session_for(&identity, Action::RevokeSession, &req.session_id, context)
+                    .await?;
                 if !req.controller_signature.is_empty() {
                     let controller = Address::parse(&account.controller)
                         .map_err(|_| ApiError::invalid("controller", "stored controller is not an address"))?;

@@ -139,12 +139,11 @@ impl SigningService for SigningApi {
                 let digest = typed.signing_hash();
                 let facts = TypedDataFacts::of(&typed);
                 if req.session_token.is_empty() {
-                    let record = d.keys.record(&req.account_id).await?;
                     let context = RequestContext {
                         typed_data: Some(facts),
                         ..RequestContext::default()
                     };
-                    d.decide(&identity, Action::SignTypedData, Resource::Account(&record), context)
+                    d.account_for(&identity, Action::SignTypedData, &req.account_id, context)
                         .await?;
                     let (keys, signature) = d.keys.sign_eth_digest(&req.account_id, digest).await?;
                     return Ok(SignTypedDataResponse {
@@ -219,7 +218,6 @@ impl SigningService for SigningApi {
                 if alg == SignatureAlgorithm::Unspecified {
                     return Err(ApiError::invalid("alg", "must be SECP256K1 or ED25519"));
                 }
-                let record = d.keys.record(&req.account_id).await?;
                 let context = RequestContext {
                     message: Some(MessageFacts {
                         alg: if alg == SignatureAlgorithm::Ed25519 {
@@ -231,7 +229,7 @@ impl SigningService for SigningApi {
                     }),
                     ..RequestContext::default()
                 };
-                d.decide(&identity, Action::SignMessage, Resource::Account(&record), context)
+                d.account_for(&identity, Action::SignMessage, &req.account_id, context)
                     .await?;
                 match alg {
                     SignatureAlgorithm::Ed25519 => {
@@ -451,7 +449,6 @@ mod receipts {
         if req.request_id.len() > 128 || req.request_id.chars().any(char::is_control) {
             return Err(ApiError::invalid("request_id", "at most 128 printable characters"));
         }
-        let record = d.keys.record(&req.account_id).await?;
         let mut context = RequestContext {
             payment: Some(PaymentFacts {
                 amount,
@@ -461,20 +458,23 @@ mod receipts {
             }),
             ..RequestContext::default()
         };
-        let session_id = if req.session_token.is_empty() {
-            d.decide(&identity, Action::SignReceipt, Resource::Account(&record), context)
+        let (record, session_id) = if req.session_token.is_empty() {
+            let record = d
+                .account_for(&identity, Action::SignReceipt, &req.account_id, context)
                 .await?;
-            None
+            (record, None)
         } else {
+            // The token first: its holder knows the account exists.
             let (session, scopes) = d.sessions.authorize(&req.session_token, &identity).await?;
             if session.account_id != req.account_id {
                 return Err(ApiError::invalid("account_id", "is not the session's account"));
             }
+            let record = d.keys.record(&req.account_id).await?;
             context.session = super::in_session(&session);
             d.decide(&identity, Action::SignReceipt, Resource::Account(&record), context)
                 .await?;
             scopes.check_payment(amount, &manifest).map_err(SessionError::from)?;
-            Some(session.id)
+            (record, Some(session.id))
         };
         let public = AccountPublic::of(&record, d.sessions.domain().chain_id)?;
         let manifest_hex = hex::encode(manifest);
@@ -530,6 +530,7 @@ mod receipts {
         let new = NewReceipt {
             receipt_id: &receipt_id,
             account_id: &req.account_id,
+            caller: &identity,
             request_id: &request_id,
             body_hash: hash,
             session_id: session_id.as_deref(),
@@ -576,19 +577,20 @@ mod receipts {
         receipt::check_contribution_hash(&req.contribution_hash).map_err(field)?;
         receipt::check_spdx(&req.license).map_err(field)?;
         receipt::check_purpose(&req.purpose).map_err(field)?;
-        let record = d.keys.record(&req.account_id).await?;
         let mut context = RequestContext {
             dataset: req.dataset_id.clone(),
             ..RequestContext::default()
         };
-        if req.session_token.is_empty() {
-            d.decide(&identity, Action::SignAttestation, Resource::Account(&record), context)
-                .await?;
+        let record = if req.session_token.is_empty() {
+            d.account_for(&identity, Action::SignAttestation, &req.account_id, context)
+                .await?
         } else {
+            // The token first: its holder knows the account exists.
             let (session, scopes) = d.sessions.authorize(&req.session_token, &identity).await?;
             if session.account_id != req.account_id {
                 return Err(ApiError::invalid("account_id", "is not the session's account"));
             }
+            let record = d.keys.record(&req.account_id).await?;
             context.session = super::in_session(&session);
             d.decide(&identity, Action::SignAttestation, Resource::Account(&record), context)
                 .await?;
@@ -602,7 +604,8 @@ mod receipts {
                 ))
                 .into());
             }
-        }
+            record
+        };
         let public = AccountPublic::of(&record, d.sessions.domain().chain_id)?;
         let claims = AttestationClaims {
             iss: public.did(alg).to_string(),

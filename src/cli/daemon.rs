@@ -24,6 +24,9 @@ pub struct DevArgs {
     /// HTTPS side listener (overrides the config).
     #[arg(long)]
     https_listen: Option<SocketAddr>,
+    /// Plain-HTTP metrics listener, an address or `off` (overrides the config).
+    #[arg(long)]
+    metrics_listen: Option<String>,
 }
 
 fn export_softhsm_conf(config: &Config) {
@@ -80,17 +83,24 @@ async fn shutdown_signal(
 }
 
 async fn run(config: Config, on_bound: impl FnOnce(Endpoints) -> anyhow::Result<()>) -> anyhow::Result<()> {
-    let running = server::start(&config).await?;
+    let mut running = server::start(&config).await?;
     let (grpc, https) = server::bind(&config).await?;
+    running.metrics_listener = server::bind_metrics(&config).await?;
+    let metrics = match &running.metrics_listener {
+        Some(l) => Some(l.local_addr().context("metrics listener address")?),
+        None => None,
+    };
     let endpoints = Endpoints {
         grpc: grpc.local_addr().context("gRPC listener address")?,
         https: https.local_addr().context("HTTPS listener address")?,
+        metrics,
     };
     let signals = Signals::install()?;
     on_bound(endpoints)?;
     tracing::info!(
         grpc = %endpoints.grpc,
         https = %endpoints.https,
+        metrics = endpoints.metrics.map(|m| m.to_string()).unwrap_or_else(|| "off".into()),
         custody = config.keys.custody.as_str(),
         store = running.daemon.keys.store().backend(),
         "serving"
@@ -115,6 +125,9 @@ pub fn dev(home: &Path, args: DevArgs) -> anyhow::Result<()> {
     if let Some(l) = args.https_listen {
         config.server.https_listen = l;
     }
+    if let Some(l) = args.metrics_listen {
+        config.server.metrics_listen = crate::config::MetricsListen::try_from(l).map_err(anyhow::Error::msg)?;
+    }
     export_softhsm_conf(&config);
     run_blocking(async move {
         let hsm = server::open_hsm(&config).await?;
@@ -127,7 +140,10 @@ pub fn dev(home: &Path, args: DevArgs) -> anyhow::Result<()> {
             println!("keyward dev daemon");
             println!("  home         {}", home.display());
             println!("  gRPC (mTLS)  https://{}", ep.grpc);
-            println!("  metrics      https://{}/metrics", ep.https);
+            match ep.metrics {
+                Some(m) => println!("  metrics      http://{m}/metrics"),
+                None => println!("  metrics      off (server.metrics_listen)"),
+            }
             println!("  health       https://{}/healthz", ep.https);
             println!("  jwks         https://{}{}", ep.https, crate::http::JWKS_PATH);
             println!("  clients      admin, marketplace, wallet-gateway (--as NAME)");

@@ -55,11 +55,14 @@ pub enum SessionCmd {
         /// Session id.
         session_id: String,
     },
-    /// List an account's sessions.
+    /// List an account's sessions (every page, newest first).
     List {
         /// Account id.
         #[arg(long)]
         account: String,
+        /// Sessions asked for per page (0: the daemon's default, 100; at most 1000).
+        #[arg(long, default_value_t = 0)]
+        page_size: u32,
     },
     /// Revoke a session (as an account admin, or with the controller's signature).
     Revoke {
@@ -250,19 +253,36 @@ pub async fn session(home: &Path, opts: &ClientOpts, cmd: SessionCmd) -> anyhow:
                 .into_inner();
             print_session(opts.json, &s);
         }
-        SessionCmd::List { account } => {
-            let r = c
-                .list_sessions(ListSessionsRequest { account_id: account })
-                .await
-                .map_err(RpcError)?
-                .into_inner();
+        SessionCmd::List { account, page_size } => {
+            let mut sessions = Vec::new();
+            let mut page_token = String::new();
+            loop {
+                let r = c
+                    .list_sessions(ListSessionsRequest {
+                        account_id: account.clone(),
+                        page_size,
+                        page_token: page_token.clone(),
+                    })
+                    .await
+                    .map_err(RpcError)?
+                    .into_inner();
+                sessions.extend(r.sessions);
+                if r.next_page_token.is_empty() {
+                    break;
+                }
+                anyhow::ensure!(
+                    r.next_page_token != page_token,
+                    "the daemon answered the same page token twice"
+                );
+                page_token = r.next_page_token;
+            }
             if opts.json {
                 println!(
                     "{}",
-                    json!({"sessions": r.sessions.iter().map(session_json).collect::<Vec<_>>()})
+                    json!({"sessions": sessions.iter().map(session_json).collect::<Vec<_>>()})
                 );
             } else {
-                for s in &r.sessions {
+                for s in &sessions {
                     println!(
                         "{}  {:<8} {} of {} left  {}",
                         s.session_id,

@@ -239,13 +239,8 @@ impl DecisionPoint {
         // Asking for a challenge is refused early; opening is checked
         // exactly in the opening transaction (`Store::open_session_audited`).
         if let (Some(max), Some(a), Action::CreateSessionChallenge) = (s.max_open_per_account, account, req.action) {
-            let open = store
-                .list_sessions(&a.id)
-                .await?
-                .iter()
-                .filter(|x| x.revoked_at.is_none() && x.expires_at > now)
-                .count();
-            if u64::try_from(open).unwrap_or(u64::MAX) >= max {
+            let open = store.count_open_sessions(&a.id, now).await?;
+            if open >= max {
                 return Ok(Some((
                     "sessions.max_open_per_account".into(),
                     format!("{open} sessions already open"),

@@ -15,7 +15,8 @@ use crate::crypto::eth::{recover_address, Address};
 use crate::hsm::IssuerAlg;
 use crate::issuer::Issuer;
 use crate::store::{
-    AccountRecord, ChallengeRecord, OpenOutcome, SessionRecord, SpendEvent, SpendOutcome, SpendRequest, Store,
+    AccountRecord, ChallengeRecord, OpenOutcome, Pruned, SessionCursor, SessionRecord, SpendEvent, SpendOutcome,
+    SpendRequest, Store,
 };
 
 /// Most characters in a delegate identity.
@@ -35,6 +36,9 @@ pub struct SessionSettings {
     /// The recovery bound, seconds: a spend still pending this long after
     /// its reservation is released by [`Sessions::sweep_pending`].
     pub pending_spend_timeout: i64,
+    /// How long ended sessions and unopened challenges are kept, seconds
+    /// (`None`: for ever); see [`Sessions::prune_ended`].
+    pub retention: Option<i64>,
 }
 
 /// What a challenge asks for.
@@ -94,6 +98,12 @@ pub const MAX_TOKEN_BYTES: usize = 16 * 1024;
 /// The rule a recovery release names in its audit event.
 pub const RECOVERY_RULE: &str = "recovery:pending-spend-timeout";
 
+/// How often [`Sessions::sweep`] prunes ended sessions and stale challenges.
+pub const PRUNE_EVERY: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// Rows per prune transaction (the SQLite writer lock is free in between).
+const PRUNE_BATCH: u32 = 500;
+
 fn invalid(field: &'static str, reason: impl Into<String>) -> SessionError {
     SessionError::Invalid {
         field,
@@ -135,18 +145,27 @@ impl Sessions {
         &self.issuer
     }
 
-    /// Validates a challenge request without side effects: its parsed scopes and cap.
-    pub fn check_challenge(&self, req: &ChallengeRequest<'_>) -> Result<(Scopes, u128), SessionError> {
-        if req.delegate.is_empty() || req.delegate.len() > MAX_DELEGATE || req.delegate.chars().any(char::is_control) {
+    /// Validates what a challenge asks for (delegate, scopes, cap and
+    /// lifetime), without side effects and without the account (so a
+    /// malformed request is refused alike for every account id): its parsed
+    /// scopes and cap.
+    pub fn check_challenge(
+        &self,
+        delegate: &str,
+        scopes: &[String],
+        cap: &str,
+        ttl: u64,
+    ) -> Result<(Scopes, u128), SessionError> {
+        if delegate.is_empty() || delegate.len() > MAX_DELEGATE || delegate.chars().any(char::is_control) {
             return Err(invalid("delegate", "not a client identity"));
         }
-        let scopes = Scopes::parse(req.scopes).map_err(|e| invalid("scopes", e.to_string()))?;
-        let cap = parse_amount("cap", req.cap)?;
+        let scopes = Scopes::parse(scopes).map_err(|e| invalid("scopes", e.to_string()))?;
+        let cap = parse_amount("cap", cap)?;
         if cap == 0 {
             return Err(invalid("cap", "must be greater than 0"));
         }
         let max = u64::try_from(self.settings.max_ttl).unwrap_or(0);
-        if req.ttl == 0 || req.ttl > max {
+        if ttl == 0 || ttl > max {
             return Err(invalid("ttl_seconds", format!("must be between 1 and {max}")));
         }
         Ok((scopes, cap))
@@ -154,7 +173,7 @@ impl Sessions {
 
     /// Validates the request and stores a single-use SessionGrant challenge.
     pub async fn create_challenge(&self, req: ChallengeRequest<'_>) -> Result<(ChallengeRecord, i64), SessionError> {
-        let (scopes, cap) = self.check_challenge(&req)?;
+        let (scopes, cap) = self.check_challenge(req.delegate, req.scopes, req.cap, req.ttl)?;
         let controller =
             Address::parse(&req.account.controller).map_err(|_| SessionError::Internal("stored controller address"))?;
         let now = self.clock.now();
@@ -304,9 +323,30 @@ impl Sessions {
             .ok_or_else(|| SessionError::SessionNotFound(id.to_string()))
     }
 
-    /// An account's sessions, newest first.
-    pub async fn list(&self, account_id: &str) -> Result<Vec<SessionRecord>, SessionError> {
-        Ok(self.store.list_sessions(account_id).await?)
+    /// One page of an account's sessions, newest first, after `after`.
+    pub async fn list_page(
+        &self,
+        account_id: &str,
+        after: Option<&SessionCursor>,
+        limit: u32,
+    ) -> Result<Vec<SessionRecord>, SessionError> {
+        Ok(self.store.list_sessions_page(account_id, after, limit).await?)
+    }
+
+    /// Retention: deletes the sessions that ended more than
+    /// [`SessionSettings::retention`] ago (never before their token expires)
+    /// with their spends and challenges, and the challenges that expired that
+    /// long ago unopened. Nothing without a retention. Their audit events
+    /// stay.
+    pub async fn prune_ended(&self) -> Result<Pruned, SessionError> {
+        let Some(retention) = self.settings.retention else {
+            return Ok(Pruned::default());
+        };
+        let now = self.clock.now();
+        Ok(self
+            .store
+            .prune_sessions(now.saturating_sub(retention), now, PRUNE_BATCH)
+            .await?)
     }
 
     /// The SessionRevocation document for a session.
@@ -550,10 +590,13 @@ impl Sessions {
         }
     }
 
-    /// Runs [`Sessions::sweep_pending`] every `every` until `stop` turns true.
+    /// Runs [`Sessions::sweep_pending`] every `every`, and
+    /// [`Sessions::prune_ended`] every [`PRUNE_EVERY`] (first at start),
+    /// until `stop` turns true.
     pub async fn sweep(self: Arc<Self>, every: std::time::Duration, mut stop: tokio::sync::watch::Receiver<bool>) {
         let mut tick = tokio::time::interval(every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut pruned_at: Option<tokio::time::Instant> = None;
         loop {
             tokio::select! {
                 _ = stop.wait_for(|s| *s) => return,
@@ -561,6 +604,18 @@ impl Sessions {
             }
             if let Err(e) = self.sweep_pending().await {
                 tracing::debug!(error = %e, "pending spends could not be swept; will retry");
+            }
+            if pruned_at.is_none_or(|t| t.elapsed() >= PRUNE_EVERY) {
+                pruned_at = Some(tokio::time::Instant::now());
+                match self.prune_ended().await {
+                    Ok(p) if p == Pruned::default() => {}
+                    Ok(p) => tracing::info!(
+                        sessions = p.sessions,
+                        challenges = p.challenges,
+                        "ended sessions and stale challenges pruned"
+                    ),
+                    Err(e) => tracing::warn!(error = %e, "ended sessions could not be pruned; will retry"),
+                }
             }
         }
     }

@@ -37,6 +37,10 @@ pub(crate) trait Dialect: sqlx::Database {
     /// The issuer key rotation lock, where one is needed beside the writer
     /// lock.
     const ROTATION_LOCK: Option<RotationLock>;
+    /// Appended to a text column in `ORDER BY` and comparisons so that text
+    /// orders by its bytes whatever the database's collation (keyset pages
+    /// and their cursors then agree).
+    const BYTE_ORDER: &'static str;
 
     /// How many rows a statement changed.
     fn rows_affected(r: &Self::QueryResult) -> u64;
@@ -54,6 +58,8 @@ impl Dialect for sqlx::Sqlite {
     const BEGIN_SNAPSHOT: Option<&'static str> = None;
     const FOR_UPDATE: &'static str = "";
     const ROTATION_LOCK: Option<RotationLock> = None;
+    // BINARY is SQLite's default collation.
+    const BYTE_ORDER: &'static str = "";
 
     fn rows_affected(r: &sqlx::sqlite::SqliteQueryResult) -> u64 {
         r.rows_affected()
@@ -75,6 +81,7 @@ impl Dialect for sqlx::Postgres {
         // "keyward-jwks"
         key: 0x6b77_6a77_6b73_0001,
     });
+    const BYTE_ORDER: &'static str = " COLLATE \"C\"";
 
     fn rows_affected(r: &sqlx::postgres::PgQueryResult) -> u64 {
         r.rows_affected()

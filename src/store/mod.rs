@@ -29,6 +29,8 @@ mod tests_jwks;
 mod tests_limits;
 #[cfg(test)]
 mod tests_receipts;
+#[cfg(test)]
+mod tests_retention;
 
 pub use postgres::PgStore;
 pub use shared::SqlStore;
@@ -104,6 +106,35 @@ pub struct ChallengeRecord {
     pub issued_at: i64,
     /// The challenge can be used while `now < expires_at` (unix seconds).
     pub expires_at: i64,
+}
+
+/// Where a page of sessions starts: after this session (the last of the
+/// previous page), in the order of [`Store::list_sessions_page`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionCursor {
+    /// The session's issue time.
+    pub issued_at: i64,
+    /// The session's id.
+    pub id: String,
+}
+
+impl SessionCursor {
+    /// The cursor after `s`.
+    pub fn after(s: &SessionRecord) -> SessionCursor {
+        SessionCursor {
+            issued_at: s.issued_at,
+            id: s.id.clone(),
+        }
+    }
+}
+
+/// What a retention prune ([`Store::prune_sessions`]) deleted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Pruned {
+    /// Ended sessions (with their spends).
+    pub sessions: u64,
+    /// Challenges: those of the deleted sessions and unopened expired ones.
+    pub challenges: u64,
 }
 
 /// A delegated session.
@@ -351,9 +382,44 @@ pub trait Store: Send + Sync + fmt::Debug {
     /// The session, or `None` if no session has this id.
     async fn get_session(&self, id: &str) -> Result<Option<SessionRecord>, StoreError>;
 
-    /// The account's sessions, newest first (`issued_at` descending, then
-    /// `id` ascending).
-    async fn list_sessions(&self, account_id: &str) -> Result<Vec<SessionRecord>, StoreError>;
+    /// One page of the account's sessions, newest first (`issued_at`
+    /// descending, then `id` in byte order): at most `limit`, starting after
+    /// `after` (the last session of the previous page). One range of the
+    /// `(account_id, issued_at, id)` index.
+    async fn list_sessions_page(
+        &self,
+        account_id: &str,
+        after: Option<&SessionCursor>,
+        limit: u32,
+    ) -> Result<Vec<SessionRecord>, StoreError>;
+
+    /// Every session of the account, newest first, read page by page: for
+    /// tools and tests. A request reads one page ([`Store::list_sessions_page`]).
+    async fn list_sessions(&self, account_id: &str) -> Result<Vec<SessionRecord>, StoreError> {
+        let mut all: Vec<SessionRecord> = Vec::new();
+        loop {
+            let after = all.last().map(SessionCursor::after);
+            let page = self.list_sessions_page(account_id, after.as_ref(), 500).await?;
+            let done = page.len() < 500;
+            all.extend(page);
+            if done {
+                return Ok(all);
+            }
+        }
+    }
+
+    /// How many of the account's sessions are open at `now` (neither
+    /// revoked nor expired): a count over one range of the `sessions_open`
+    /// index, whatever the number of ended sessions.
+    async fn count_open_sessions(&self, account_id: &str, now: i64) -> Result<u64, StoreError>;
+
+    /// Retention: deletes the sessions that ended before `before` (expired
+    /// before it, or revoked before it and expired by `now`: a revoked
+    /// token is answered as revoked until it expires) with their spends and
+    /// the challenges that opened them, and the challenges that expired
+    /// before `before` without opening a session. Works in transactions of
+    /// at most `batch` rows, found through the time indexes. Returns what went.
+    async fn prune_sessions(&self, before: i64, now: i64, batch: u32) -> Result<Pruned, StoreError>;
 
     /// Revokes the session, keeping the first revocation's time and
     /// identity if it was already revoked. Returns the session as it is
@@ -437,16 +503,21 @@ pub trait Store: Send + Sync + fmt::Debug {
 
     // ----- Receipts (issue 5: receipts and attestations) -----------------
 
-    /// In one transaction: if a receipt with `(account_id, request_id)`
-    /// exists, answers `Replay` (same `body_hash`) or `BodyMismatch` and
+    /// In one transaction: if a receipt with `(account_id, caller,
+    /// request_id)` exists (idempotency keys are the caller's own), answers `Replay` (same `body_hash`) or `BodyMismatch` and
     /// changes nothing; otherwise assigns the next audit sequence number,
     /// calls `sign(seq)` and stores the receipt it returns with its seq.
     /// If signing fails nothing is stored (`SignFailed`); if the commit
     /// fails the error is returned and the signed receipt is dropped.
     async fn record_receipt(&self, r: &NewReceipt<'_>, sign: ReceiptSigner) -> Result<ReceiptOutcome, StoreError>;
 
-    /// The receipt recorded for `(account_id, request_id)`, if any.
-    async fn get_receipt(&self, account_id: &str, request_id: &str) -> Result<Option<ReceiptRecord>, StoreError>;
+    /// The receipt `caller` recorded for `(account_id, request_id)`, if any.
+    async fn get_receipt(
+        &self,
+        account_id: &str,
+        caller: &str,
+        request_id: &str,
+    ) -> Result<Option<ReceiptRecord>, StoreError>;
     // ----- end receipts ------------------------------------------------------
 
     // ---- Issuer keys (JWKS lifecycle, issue 5) ----
@@ -578,7 +649,10 @@ pub struct NewReceipt<'a> {
     pub receipt_id: &'a str,
     /// The seller account.
     pub account_id: &'a str,
-    /// Idempotency key, unique per account.
+    /// The client identity that asked for it: idempotency keys are scoped
+    /// to it.
+    pub caller: &'a str,
+    /// Idempotency key, unique per (account, caller).
     pub request_id: &'a str,
     /// Hash of the request body, to tell a retry from a reuse of the id.
     pub body_hash: [u8; 32],
@@ -601,7 +675,9 @@ pub struct ReceiptRecord {
     pub receipt_id: String,
     /// The seller account.
     pub account_id: String,
-    /// Idempotency key.
+    /// The client identity that asked for it.
+    pub caller: String,
+    /// Idempotency key (the caller's).
     pub request_id: String,
     /// Hash of the request body.
     pub body_hash: [u8; 32],
@@ -631,6 +707,7 @@ pub(crate) struct RawReceipt {
     pub(crate) seq: i64,
     pub(crate) receipt_id: String,
     pub(crate) account_id: String,
+    pub(crate) caller: String,
     pub(crate) request_id: String,
     pub(crate) body_hash: Vec<u8>,
     pub(crate) session_id: Option<String>,
@@ -640,7 +717,7 @@ pub(crate) struct RawReceipt {
 
 /// Columns of a receipt row, in [`RawReceipt`] order.
 pub(crate) const RECEIPT_COLUMNS: &str =
-    "COALESCE(audit_seq, seq) AS seq, receipt_id, account_id, request_id, body_hash, session_id, created_at, jws";
+    "COALESCE(audit_seq, seq) AS seq, receipt_id, account_id, caller, request_id, body_hash, session_id, created_at, jws";
 
 impl RawReceipt {
     /// Decodes a row.
@@ -654,6 +731,7 @@ impl RawReceipt {
             body_hash: decode_hash(&what, &self.body_hash)?,
             receipt_id: self.receipt_id,
             account_id: self.account_id,
+            caller: self.caller,
             request_id: self.request_id,
             session_id: self.session_id,
             created_at: self.created_at,
@@ -1123,12 +1201,6 @@ pub(crate) fn challenge_mismatch(backend: &'static str, challenge_id: &str, sess
             session.id, session.challenge_id
         ),
     }
-}
-
-/// Puts sessions newest first (`issued_at` descending, then `id`),
-/// independent of the database's collation.
-pub(crate) fn sort_sessions(sessions: &mut [SessionRecord]) {
-    sessions.sort_by(|a, b| b.issued_at.cmp(&a.issued_at).then_with(|| a.id.cmp(&b.id)));
 }
 
 /// What `reserve_spend` decides from the locked session row and any

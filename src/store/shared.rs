@@ -13,11 +13,45 @@ use tokio::sync::{Mutex, MutexGuard};
 use super::dialect::Dialect;
 use super::{
     challenge_mismatch, conflict_as, count, decide_promote, decide_spend, decode_amount, encode_amount, encode_scopes,
-    encode_uses, from_sqlx, grants, normalize, promoted_outcomes, sort_issuer_keys, sort_sessions, AccountRecord,
-    ChallengeRecord, IssuerKeyRecord, IssuerKeyState, OpenOutcome, PromoteAudit, PromoteOutcome, RawChallenge,
-    RawIssuerKey, RawKey, RawSession, RawSpend, RevokeOutcome, SessionRecord, SpendDecision, SpendEvent, SpendOutcome,
+    encode_uses, from_sqlx, grants, normalize, promoted_outcomes, sort_issuer_keys, AccountRecord, ChallengeRecord,
+    IssuerKeyRecord, IssuerKeyState, OpenOutcome, PromoteAudit, PromoteOutcome, Pruned, RawChallenge, RawIssuerKey,
+    RawKey, RawSession, RawSpend, RevokeOutcome, SessionCursor, SessionRecord, SpendDecision, SpendEvent, SpendOutcome,
     SpendRequest, Store, StoreError, CHALLENGE_COLUMNS, ISSUER_KEY_COLUMNS, SESSION_COLUMNS,
 };
+
+/// The open sessions of an account (`$1`) at `$2`: one range of the
+/// partial index `sessions_open (account_id, expires_at) WHERE revoked_at IS NULL`.
+pub(crate) const COUNT_OPEN_SESSIONS: &str =
+    "SELECT COUNT(*) FROM sessions WHERE account_id = $1 AND revoked_at IS NULL AND expires_at > $2";
+
+/// A page of an account's (`$1`) sessions, at most `$2`, newest first, ids
+/// in byte order (`byte_order`: the dialect's [`Dialect::BYTE_ORDER`]);
+/// with `after`, those after the session issued at `$3` with id `$4`. One
+/// range of `sessions_account (account_id, issued_at DESC, id)`.
+pub(crate) fn sessions_page_sql(byte_order: &str, after: bool) -> String {
+    let id = format!("id{byte_order}");
+    let start = if after {
+        format!("AND issued_at <= $3 AND (issued_at < $3 OR {id} > $4) ")
+    } else {
+        String::new()
+    };
+    format!(
+        "SELECT {SESSION_COLUMNS} FROM sessions WHERE account_id = $1 {start}ORDER BY issued_at DESC, {id} LIMIT $2"
+    )
+}
+
+/// Up to `$3` sessions that ended before `$1` (expired before it, or revoked
+/// before it and expired by `$2`): ranges of `sessions_expires` and
+/// `sessions_revoked`.
+pub(crate) const ENDED_SESSIONS: &str = "SELECT id, challenge_id FROM sessions \
+     WHERE expires_at < $1 OR (revoked_at < $1 AND expires_at <= $2) LIMIT $3";
+
+/// Deletes up to `$2` challenges that expired before `$1` and opened no
+/// (remaining) session: a range of `challenges_expires`, each checked
+/// against the unique index on `sessions.challenge_id`.
+pub(crate) const DELETE_STALE_CHALLENGES: &str = "DELETE FROM challenges WHERE id IN (\
+     SELECT c.id FROM challenges c WHERE c.expires_at < $1 \
+     AND NOT EXISTS (SELECT 1 FROM sessions s WHERE s.challenge_id = c.id) LIMIT $2)";
 
 /// A store on one SQL database (see [`super::SqliteStore`] and
 /// [`super::PgStore`]).
@@ -193,6 +227,53 @@ where
         row.map(|row| Self::raw_session(&row)?.decode()).transpose()
     }
 
+    /// How many of the account's sessions are open at `now`, on `conn`.
+    async fn count_open_in<'e, E>(conn: E, account_id: &str, now: i64) -> Result<u64, StoreError>
+    where
+        E: Executor<'e, Database = DB>,
+    {
+        let open: i64 = sqlx::query_scalar(COUNT_OPEN_SESSIONS)
+            .bind(account_id)
+            .bind(now)
+            .fetch_one(conn)
+            .await
+            .map_err(err::<DB>)?;
+        count(open)
+    }
+
+    /// Runs a `DELETE` whose one parameter is `key`; returns the rows deleted.
+    async fn delete_by(conn: &mut DB::Connection, sql: &'static str, key: &str) -> Result<u64, StoreError> {
+        let done = sqlx::query(sql).bind(key).execute(conn).await.map_err(err::<DB>)?;
+        Ok(DB::rows_affected(&done))
+    }
+
+    /// One retention batch of ended sessions: their spends, the sessions and
+    /// their challenges, in one transaction. Returns what went and whether
+    /// the batch was full (more may be left).
+    async fn prune_session_batch(&self, before: i64, now: i64, batch: u32) -> Result<(Pruned, bool), StoreError> {
+        let mut tx = self.begin_write().await?;
+        // Locked (PostgreSQL): a replica pruning at the same time waits, then
+        // finds the rows gone and deletes nothing twice.
+        let rows = sqlx::query(&format!("{ENDED_SESSIONS}{}", DB::FOR_UPDATE))
+            .bind(before)
+            .bind(now)
+            .bind(i64::from(batch))
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(err::<DB>)?;
+        let mut pruned = Pruned::default();
+        for row in &rows {
+            let id: String = row.try_get("id").map_err(err::<DB>)?;
+            let challenge: String = row.try_get("challenge_id").map_err(err::<DB>)?;
+            // Children first: spends name the session, the session its challenge.
+            Self::delete_by(&mut tx, "DELETE FROM spends WHERE session_id = $1", &id).await?;
+            pruned.sessions += Self::delete_by(&mut tx, "DELETE FROM sessions WHERE id = $1", &id).await?;
+            pruned.challenges += Self::delete_by(&mut tx, "DELETE FROM challenges WHERE id = $1", &challenge).await?;
+        }
+        tx.commit().await?;
+        Ok((pruned, rows.len() >= usize::try_from(batch).unwrap_or(usize::MAX)))
+    }
+
     /// The issuer keys of `alg` (all of them if `None`), sorted.
     async fn issuer_keys_where<'e, E>(conn: E, alg: Option<&str>) -> Result<Vec<IssuerKeyRecord>, StoreError>
     where
@@ -257,21 +338,23 @@ where
         }
     }
 
-    /// The receipt recorded for `(account_id, request_id)`, on `conn`.
+    /// The receipt `caller` recorded for `(account_id, request_id)`, on `conn`.
     async fn fetch_receipt<'e, E>(
         conn: E,
         account_id: &str,
+        caller: &str,
         request_id: &str,
     ) -> Result<Option<super::ReceiptRecord>, StoreError>
     where
         E: Executor<'e, Database = DB>,
     {
         let sql = format!(
-            "SELECT {} FROM receipts WHERE account_id = $1 AND request_id = $2",
+            "SELECT {} FROM receipts WHERE account_id = $1 AND caller = $2 AND request_id = $3",
             super::RECEIPT_COLUMNS
         );
         let row = sqlx::query(&sql)
             .bind(account_id)
+            .bind(caller)
             .bind(request_id)
             .fetch_optional(conn)
             .await
@@ -281,6 +364,7 @@ where
                 seq: row.try_get("seq").map_err(err::<DB>)?,
                 receipt_id: row.try_get("receipt_id").map_err(err::<DB>)?,
                 account_id: row.try_get("account_id").map_err(err::<DB>)?,
+                caller: row.try_get("caller").map_err(err::<DB>)?,
                 request_id: row.try_get("request_id").map_err(err::<DB>)?,
                 body_hash: row.try_get("body_hash").map_err(err::<DB>)?,
                 session_id: row.try_get("session_id").map_err(err::<DB>)?,
@@ -571,15 +655,7 @@ where
                         .await
                         .map_err(err::<DB>)?;
                 }
-                let open: i64 = sqlx::query_scalar(
-                    "SELECT COUNT(*) FROM sessions WHERE account_id = $1 AND revoked_at IS NULL AND expires_at > $2",
-                )
-                .bind(&session.account_id)
-                .bind(now)
-                .fetch_one(&mut *tx)
-                .await
-                .map_err(err::<DB>)?;
-                let open = count(open)?;
+                let open = Self::count_open_in(&mut *tx, &session.account_id, now).await?;
                 (open >= max).then_some(OpenOutcome::TooManyOpen(open))
             }
             (refusal, _) => refusal,
@@ -625,19 +701,51 @@ where
         Self::fetch_session(&self.pool, id, false).await
     }
 
-    async fn list_sessions(&self, account_id: &str) -> Result<Vec<SessionRecord>, StoreError> {
-        let sql = format!("SELECT {SESSION_COLUMNS} FROM sessions WHERE account_id = $1 ORDER BY issued_at DESC, id");
-        let rows = sqlx::query(&sql)
-            .bind(account_id)
-            .fetch_all(&self.pool)
-            .await
-            .map_err(err::<DB>)?;
-        let mut sessions = rows
-            .iter()
-            .map(|row| Self::raw_session(row)?.decode())
-            .collect::<Result<Vec<_>, _>>()?;
-        sort_sessions(&mut sessions);
-        Ok(sessions)
+    async fn list_sessions_page(
+        &self,
+        account_id: &str,
+        after: Option<&SessionCursor>,
+        limit: u32,
+    ) -> Result<Vec<SessionRecord>, StoreError> {
+        let sql = sessions_page_sql(DB::BYTE_ORDER, after.is_some());
+        let mut query = sqlx::query(&sql).bind(account_id).bind(i64::from(limit));
+        if let Some(c) = after {
+            query = query.bind(c.issued_at).bind(&c.id);
+        }
+        let rows = query.fetch_all(&self.pool).await.map_err(err::<DB>)?;
+        rows.iter().map(|row| Self::raw_session(row)?.decode()).collect()
+    }
+
+    async fn count_open_sessions(&self, account_id: &str, now: i64) -> Result<u64, StoreError> {
+        Self::count_open_in(&self.pool, account_id, now).await
+    }
+
+    async fn prune_sessions(&self, before: i64, now: i64, batch: u32) -> Result<Pruned, StoreError> {
+        let batch = batch.max(1);
+        let mut pruned = Pruned::default();
+        loop {
+            let (gone, full) = self.prune_session_batch(before, now, batch).await?;
+            pruned.sessions += gone.sessions;
+            pruned.challenges += gone.challenges;
+            if !full {
+                break;
+            }
+        }
+        loop {
+            let mut tx = self.begin_write().await?;
+            let done = sqlx::query(DELETE_STALE_CHALLENGES)
+                .bind(before)
+                .bind(i64::from(batch))
+                .execute(&mut *tx)
+                .await
+                .map_err(err::<DB>)?;
+            tx.commit().await?;
+            let gone = DB::rows_affected(&done);
+            pruned.challenges += gone;
+            if gone < u64::from(batch) {
+                return Ok(pruned);
+            }
+        }
     }
 
     async fn revoke_session(&self, id: &str, by: &str, now: i64) -> Result<Option<SessionRecord>, StoreError> {
@@ -840,7 +948,7 @@ where
         sign: super::ReceiptSigner,
     ) -> Result<super::ReceiptOutcome, StoreError> {
         let mut tx = self.begin_write().await?;
-        if let Some(existing) = Self::fetch_receipt(&mut *tx, r.account_id, r.request_id).await? {
+        if let Some(existing) = Self::fetch_receipt(&mut *tx, r.account_id, r.caller, r.request_id).await? {
             tx.rollback().await?;
             return Ok(super::existing_receipt(r, existing));
         }
@@ -850,9 +958,9 @@ where
         // AUTOINCREMENT never reuses a seq, and a rolled-back insert leaves
         // no gap there (sqlite_sequence is part of the transaction).
         let seq: Option<i64> = sqlx::query_scalar(
-            "INSERT INTO receipts (receipt_id, account_id, request_id, body_hash, session_id, created_at, jws) \
-             VALUES ($1, $2, $3, $4, $5, $6, '') \
-             ON CONFLICT (account_id, request_id) DO NOTHING RETURNING seq",
+            "INSERT INTO receipts (receipt_id, account_id, caller, request_id, body_hash, session_id, created_at, jws) \
+             VALUES ($1, $2, $7, $3, $4, $5, $6, '') \
+             ON CONFLICT (account_id, caller, request_id) DO NOTHING RETURNING seq",
         )
         .bind(r.receipt_id)
         .bind(r.account_id)
@@ -860,12 +968,13 @@ where
         .bind(&r.body_hash[..])
         .bind(r.session_id)
         .bind(r.created_at)
+        .bind(r.caller)
         .fetch_optional(&mut *tx)
         .await
         .map_err(conflict_as(DB::BACKEND, || format!("receipt {}", r.receipt_id)))?;
         let Some(seq) = seq else {
             tx.rollback().await?;
-            return match self.get_receipt(r.account_id, r.request_id).await? {
+            return match self.get_receipt(r.account_id, r.caller, r.request_id).await? {
                 Some(existing) => Ok(super::existing_receipt(r, existing)),
                 None => Err(StoreError::Conflict {
                     what: format!("receipt request {}", r.request_id),
@@ -902,6 +1011,7 @@ where
             seq: seq_u,
             receipt_id: r.receipt_id.to_string(),
             account_id: r.account_id.to_string(),
+            caller: r.caller.to_string(),
             request_id: r.request_id.to_string(),
             body_hash: r.body_hash,
             session_id: r.session_id.map(str::to_string),
@@ -913,9 +1023,10 @@ where
     async fn get_receipt(
         &self,
         account_id: &str,
+        caller: &str,
         request_id: &str,
     ) -> Result<Option<super::ReceiptRecord>, StoreError> {
-        Self::fetch_receipt(&self.pool, account_id, request_id).await
+        Self::fetch_receipt(&self.pool, account_id, caller, request_id).await
     }
 
     // ---- Issuer keys (JWKS lifecycle, issue 5) ----

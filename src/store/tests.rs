@@ -94,7 +94,7 @@ impl Fixture {
     }
 
     /// The `BIGINT` result of a raw query, bypassing the store.
-    async fn scalar(&self, sql: &str) -> i64 {
+    pub(super) async fn scalar(&self, sql: &str) -> i64 {
         if self.backend == "sqlite" {
             let mut c = sqlx::SqliteConnection::connect(&self.url).await.unwrap();
             let n = sqlx::query_scalar(sql).fetch_one(&mut c).await.unwrap();
@@ -903,11 +903,26 @@ async fn corrupt_session_rows(fx: &Fixture) {
     store.close().await;
 }
 
+/// One test per case, each on a fresh `$fixture`; a case is an
+/// `async fn(&Fixture)` of the module around the invocation's module.
+macro_rules! fixture_cases {
+    ($fixture:expr; $($case:ident),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn $case() {
+                let Some(fx) = $fixture else { return };
+                super::$case(&fx).await;
+            }
+        )*
+    };
+}
+pub(super) use fixture_cases;
+
 /// Instantiates every case above for one backend.
 macro_rules! conformance_suite {
     ($backend:ident, $fixture:expr) => {
         mod $backend {
-            conformance_suite!(@cases $fixture;
+            fixture_cases!($fixture;
                 backend_and_ping,
                 round_trip,
                 missing_is_none,
@@ -930,15 +945,6 @@ macro_rules! conformance_suite {
                 corrupt_session_rows,
             );
         }
-    };
-    (@cases $fixture:expr; $($case:ident),* $(,)?) => {
-        $(
-            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-            async fn $case() {
-                let Some(fx) = $fixture else { return };
-                super::$case(&fx).await;
-            }
-        )*
     };
 }
 

@@ -186,6 +186,7 @@ async fn receipts_and_archive(store: Arc<dyn Store>, dir: &std::path::Path) {
     let new = NewReceipt {
         receipt_id: "r1",
         account_id: "acct",
+        caller: "spiffe://example.org/admin",
         request_id: "q1",
         body_hash: [1; 32],
         session_id: None,
@@ -198,7 +199,15 @@ async fn receipts_and_archive(store: Arc<dyn Store>, dir: &std::path::Path) {
     };
     assert_eq!(rec.seq, 3, "the receipt's audit_seq is its event's seq");
     assert_eq!(rec.jws, "jws.3");
-    assert_eq!(store.get_receipt("acct", "q1").await.unwrap().unwrap().seq, 3);
+    assert_eq!(
+        store
+            .get_receipt("acct", "spiffe://example.org/admin", "q1")
+            .await
+            .unwrap()
+            .unwrap()
+            .seq,
+        3
+    );
     let events = store.audit().events_after(0, 100).await.unwrap();
     assert_eq!(events[2].body.signature_ref, "receipt:r1");
     // A failed signer leaves neither receipt nor event.

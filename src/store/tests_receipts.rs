@@ -32,10 +32,14 @@ fn failing() -> ReceiptSigner {
     Box::new(|_| Box::pin(async { Err::<String, SignerError>("hsm down".into()) }))
 }
 
+const CALLER: &str = "spiffe://example.org/marketplace";
+const OTHER_CALLER: &str = "spiffe://example.org/other";
+
 fn new<'a>(receipt_id: &'a str, request_id: &'a str, body: u8) -> NewReceipt<'a> {
     NewReceipt {
         receipt_id,
         account_id: "acct",
+        caller: CALLER,
         request_id,
         body_hash: [body; 32],
         session_id: None,
@@ -64,7 +68,36 @@ async fn suite(store: Arc<dyn Store>) {
     };
     assert_eq!(again.receipt_id, "r1");
     assert!(again.jws.starts_with("jws."));
-    assert_eq!(store.get_receipt("acct", "q1").await.unwrap(), Some(again));
+    assert_eq!(
+        store.get_receipt("acct", CALLER, "q1").await.unwrap(),
+        Some(again.clone())
+    );
+    // Another caller's key of the same name is its own: a receipt of its own
+    // (even with another body), and each caller gets its own back.
+    let theirs = NewReceipt {
+        caller: OTHER_CALLER,
+        ..new("theirs", "q1", 9)
+    };
+    let ReceiptOutcome::Recorded(their_first) = store.record_receipt(&theirs, signer("jws")).await.unwrap() else {
+        panic!("another caller's request id is not recorded as its own")
+    };
+    assert_eq!(
+        (their_first.receipt_id.as_str(), their_first.caller.as_str()),
+        ("theirs", OTHER_CALLER)
+    );
+    assert_ne!(their_first.seq, again.seq);
+    let ReceiptOutcome::Replay(their_again) = store.record_receipt(&theirs, signer("x")).await.unwrap() else {
+        panic!("not a replay for the other caller")
+    };
+    assert_eq!(their_again, their_first);
+    assert_eq!(store.get_receipt("acct", CALLER, "q1").await.unwrap(), Some(again));
+    assert_eq!(
+        store
+            .get_receipt("acct", "spiffe://example.org/nobody", "q1")
+            .await
+            .unwrap(),
+        None
+    );
     // Same id, other body.
     assert!(matches!(
         store.record_receipt(&new("other", "q1", 9), signer("x")).await.unwrap(),
@@ -75,7 +108,7 @@ async fn suite(store: Arc<dyn Store>) {
         store.record_receipt(&new("failed", "qf", 5), failing()).await.unwrap(),
         ReceiptOutcome::SignFailed(_)
     ));
-    assert_eq!(store.get_receipt("acct", "qf").await.unwrap(), None);
+    assert_eq!(store.get_receipt("acct", CALLER, "qf").await.unwrap(), None);
     let ReceiptOutcome::Recorded(rec) = store.record_receipt(&new("r9", "q9", 9), signer("jws")).await.unwrap() else {
         panic!("not recorded")
     };

@@ -57,6 +57,7 @@ impl Env {
 [server]
 listen = "127.0.0.1:0"
 https_listen = "127.0.0.1:0"
+metrics_listen = "127.0.0.1:0"
 [tls]
 cert = "pki/server.pem"
 key = "pki/server-key.pem"
@@ -123,11 +124,16 @@ dir = "policies"
     /// Starts an in-process daemon whose time the test drives.
     pub async fn start_with_clock(&self, clock: std::sync::Arc<dyn keyward::clock::Clock>) -> Daemon {
         let config = self.config();
-        let running = keyward::server::start_with_clock(&config, clock)
+        let mut running = keyward::server::start_with_clock(&config, clock)
             .await
             .expect("daemon starts");
         let state = running.daemon.clone();
         let (grpc, https) = keyward::server::bind(&config).await.expect("bind");
+        running.metrics_listener = keyward::server::bind_metrics(&config).await.expect("bind metrics");
+        let metrics_addr = running
+            .metrics_listener
+            .as_ref()
+            .map(|l| l.local_addr().expect("metrics addr"));
         let grpc_addr = grpc.local_addr().expect("addr");
         let https_addr = https.local_addr().expect("addr");
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
@@ -138,6 +144,7 @@ dir = "policies"
         let d = Daemon {
             grpc: format!("https://{grpc_addr}"),
             https_addr,
+            metrics_addr,
             stop: Some(tx),
             handle: Some(handle),
             tls,
@@ -152,6 +159,8 @@ dir = "policies"
 pub struct Daemon {
     pub grpc: String,
     pub https_addr: std::net::SocketAddr,
+    /// The plain-HTTP metrics listener (`server.metrics_listen`), if on.
+    pub metrics_addr: Option<std::net::SocketAddr>,
     pub tls: std::sync::Arc<keyward::tls::ServerTls>,
     pub state: std::sync::Arc<keyward::api::Daemon>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
@@ -354,6 +363,7 @@ pub fn start_dev_with(home: &Path, extra: &[&str], nofile: Option<u64>) -> std::
         .arg("--home")
         .arg(home)
         .args(["dev", "--listen", "127.0.0.1:0", "--https-listen", "127.0.0.1:0"])
+        .args(["--metrics-listen", "127.0.0.1:0"])
         .args(extra)
         .env_remove("SOFTHSM2_CONF")
         .env("RUST_LOG", "warn")
