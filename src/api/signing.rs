@@ -421,6 +421,11 @@ mod receipts {
     use crate::session::{Scope, SessionError};
     use crate::store::{NewReceipt, ReceiptOutcome, ReceiptRecord, ReceiptSigner, SignerError};
 
+    /// The longest a receipt's issuer signature may take (the HSM session
+    /// wait included); past it the receipt is withdrawn and the caller gets
+    /// UNAVAILABLE.
+    const RECEIPT_SIGN_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
+
     fn field((field, reason): receipt::FieldError) -> ApiError {
         ApiError::invalid(field, reason)
     }
@@ -515,16 +520,23 @@ mod receipts {
             payment_signature_ref: (!req.payment_signature_ref.is_empty()).then(|| req.payment_signature_ref.clone()),
         };
         let issuer = Arc::clone(d.sessions.issuer());
-        // Signs inside the store transaction that assigns the seq: no
-        // receipt exists without its row.
-        let sign: ReceiptSigner = Box::new(move |seq| {
-            claims.audit_seq = seq;
+        // Signs once the row and its audit event are committed, with no
+        // store lock held (see `Store::record_receipt`); the facts are the
+        // recorded ones (a retry completing a pending receipt signs those).
+        let sign: ReceiptSigner = Box::new(move |facts| {
+            claims.receipt_id = facts.receipt_id;
+            claims.iat = facts.created_at;
+            claims.audit_seq = facts.audit_seq;
             Box::pin(async move {
                 let value = serde_json::to_value(&claims).map_err(|e| Box::new(e) as SignerError)?;
-                tokio::task::spawn_blocking(move || issuer.sign_jws(IssuerAlg::EdDSA, RECEIPT_TYP, &value))
-                    .await
-                    .map_err(|_| SignerError::from("receipt signing task failed"))?
-                    .map_err(|e| Box::new(e) as SignerError)
+                let signing =
+                    tokio::task::spawn_blocking(move || issuer.sign_jws(IssuerAlg::EdDSA, RECEIPT_TYP, &value));
+                match tokio::time::timeout(RECEIPT_SIGN_DEADLINE, signing).await {
+                    Ok(joined) => joined
+                        .map_err(|_| SignerError::from("receipt signing task failed"))?
+                        .map_err(|e| Box::new(e) as SignerError),
+                    Err(_) => Err(SignerError::from("receipt signing took longer than its deadline")),
+                }
             })
         });
         let new = NewReceipt {
@@ -542,6 +554,17 @@ mod receipts {
                     e
                 },
             ),
+            abandon: crate::audit::context::compensating(
+                "WithdrawReceipt",
+                crate::audit::Decision::Error,
+                "UNAVAILABLE",
+                format!("receipt:{receipt_id}"),
+            )
+            .map(|mut e| {
+                e.request_id.clone_from(&request_id);
+                e.session = session_id.clone().unwrap_or_default();
+                e
+            }),
         };
         let outcome = d
             .keys
@@ -556,7 +579,7 @@ mod receipts {
                 }
                 Ok(response(r))
             }
-            ReceiptOutcome::Replay(r) => Ok(response(r)),
+            ReceiptOutcome::Replay(r) | ReceiptOutcome::Completed(r) => Ok(response(r)),
             ReceiptOutcome::BodyMismatch => Err(SessionError::IdempotencyMismatch.into()),
             ReceiptOutcome::SignFailed(e) => Err(SessionError::Issuer(e.to_string()).into()),
         }

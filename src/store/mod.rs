@@ -636,10 +636,24 @@ pub trait Store: Send + Sync + fmt::Debug {
 /// An error from a receipt signer, passed through the store untouched.
 pub type SignerError = Box<dyn std::error::Error + Send + Sync>;
 
-/// Signs a receipt once its audit sequence number is known: returns the
-/// compact JWS. Called inside the recording transaction.
+/// What a receipt's signature covers besides the request: its id, issue
+/// time and audit sequence number, as recorded (a retry that completes a
+/// pending receipt signs the recorded ones, not its own).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReceiptFacts {
+    /// The receipt's id.
+    pub receipt_id: String,
+    /// Issue time, unix seconds UTC.
+    pub created_at: i64,
+    /// The seq of the receipt's audit event.
+    pub audit_seq: u64,
+}
+
+/// Signs a receipt once its facts are recorded: returns the compact JWS.
+/// Called with no transaction open and no store lock held.
 pub type ReceiptSigner = Box<
-    dyn FnOnce(u64) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<String, SignerError>> + Send>> + Send,
+    dyn FnOnce(ReceiptFacts) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<String, SignerError>> + Send>>
+        + Send,
 >;
 
 /// A receipt to record (see [`Store::record_receipt`]).
@@ -663,6 +677,9 @@ pub struct NewReceipt<'a> {
     /// The request's audit event, appended in the recording transaction;
     /// its sequence number becomes the receipt's `audit_seq`.
     pub audit: Option<crate::audit::NewEvent>,
+    /// The event that compensates for `audit` if signing then fails (the
+    /// receipt is withdrawn in its transaction).
+    pub abandon: Option<crate::audit::NewEvent>,
 }
 
 /// A stored receipt.
@@ -696,9 +713,13 @@ pub enum ReceiptOutcome {
     Recorded(ReceiptRecord),
     /// The same request was recorded before: its receipt.
     Replay(ReceiptRecord),
+    /// The same request was recorded before but not yet signed (its first
+    /// try failed or is still signing): signed now, with the recorded facts.
+    Completed(ReceiptRecord),
     /// The request id was used before with another body; nothing changed.
     BodyMismatch,
-    /// The signer failed; nothing was stored.
+    /// The signer failed: a receipt this call recorded is withdrawn, with
+    /// its compensating event; one recorded before stays for a retry.
     SignFailed(SignerError),
 }
 
@@ -746,6 +767,25 @@ pub(crate) fn existing_receipt(r: &NewReceipt<'_>, existing: ReceiptRecord) -> R
         ReceiptOutcome::Replay(existing)
     } else {
         ReceiptOutcome::BodyMismatch
+    }
+}
+
+/// What the first phase of recording a receipt found or did.
+pub(crate) enum Reserved {
+    /// Nothing to sign: a replay or a mismatch.
+    Done(ReceiptOutcome),
+    /// Recorded now, unsigned.
+    Fresh(ReceiptFacts),
+    /// Recorded before, still unsigned.
+    Pending(ReceiptRecord),
+}
+
+/// A retry meets an existing receipt: replay, mismatch, or one to complete.
+pub(crate) fn reserved_existing(r: &NewReceipt<'_>, existing: ReceiptRecord) -> Reserved {
+    if existing.body_hash == r.body_hash && existing.jws.is_empty() {
+        Reserved::Pending(existing)
+    } else {
+        Reserved::Done(existing_receipt(r, existing))
     }
 }
 // ----- end receipts ------------------------------------------------------------

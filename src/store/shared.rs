@@ -338,6 +338,85 @@ where
         }
     }
 
+    /// Receipts, first step: the unsigned row and its audit event, in one
+    /// transaction (see [`Store::record_receipt`]).
+    async fn reserve_receipt(&self, r: &super::NewReceipt<'_>) -> Result<super::Reserved, StoreError> {
+        let mut tx = self.begin_write().await?;
+        if let Some(existing) = Self::fetch_receipt(&mut *tx, r.account_id, r.caller, r.request_id).await? {
+            tx.rollback().await?;
+            return Ok(super::reserved_existing(r, existing));
+        }
+        // A concurrent identical request (another replica, another process
+        // on the SQLite file) waits on the unique index here and then
+        // inserts nothing: answer from the row it committed. SQLite's
+        // AUTOINCREMENT never reuses a seq, and a rolled-back insert leaves
+        // no gap there (sqlite_sequence is part of the transaction).
+        let seq: Option<i64> = sqlx::query_scalar(
+            "INSERT INTO receipts (receipt_id, account_id, caller, request_id, body_hash, session_id, created_at, jws) \
+             VALUES ($1, $2, $7, $3, $4, $5, $6, '') \
+             ON CONFLICT (account_id, caller, request_id) DO NOTHING RETURNING seq",
+        )
+        .bind(r.receipt_id)
+        .bind(r.account_id)
+        .bind(r.request_id)
+        .bind(&r.body_hash[..])
+        .bind(r.session_id)
+        .bind(r.created_at)
+        .bind(r.caller)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(conflict_as(DB::BACKEND, || format!("receipt {}", r.receipt_id)))?;
+        let Some(seq) = seq else {
+            tx.rollback().await?;
+            return match Self::fetch_receipt(&self.pool, r.account_id, r.caller, r.request_id).await? {
+                Some(existing) => Ok(super::reserved_existing(r, existing)),
+                None => Err(StoreError::Conflict {
+                    what: format!("receipt request {}", r.request_id),
+                }),
+            };
+        };
+        let seq_u = u64::try_from(seq).map_err(|_| StoreError::Corrupt {
+            what: format!("receipt {}: negative seq", r.receipt_id),
+        })?;
+        // The receipt's audit event is appended in this transaction: its
+        // sequence number is the receipt's `audit_seq`.
+        let audit_seq = crate::audit::store::append_one::<DB>(&mut tx, r.audit.as_ref())
+            .await?
+            .unwrap_or(seq_u);
+        sqlx::query("UPDATE receipts SET audit_seq = $1 WHERE seq = $2")
+            .bind(i64::try_from(audit_seq).map_err(|_| StoreError::Corrupt {
+                what: format!("receipt {}: audit seq out of range", r.receipt_id),
+            })?)
+            .bind(seq)
+            .execute(&mut *tx)
+            .await
+            .map_err(err::<DB>)?;
+        tx.commit().await?;
+        Ok(super::Reserved::Fresh(super::ReceiptFacts {
+            receipt_id: r.receipt_id.to_string(),
+            created_at: r.created_at,
+            audit_seq,
+        }))
+    }
+
+    /// Receipts, after a failed signature: the unsigned row goes, and the
+    /// compensating event is appended, in one transaction.
+    async fn withdraw_receipt(
+        &self,
+        receipt_id: &str,
+        event: Option<&crate::audit::NewEvent>,
+    ) -> Result<(), StoreError> {
+        let mut tx = self.begin_write().await?;
+        sqlx::query("DELETE FROM receipts WHERE receipt_id = $1 AND jws = ''")
+            .bind(receipt_id)
+            .execute(&mut *tx)
+            .await
+            .map_err(err::<DB>)?;
+        crate::audit::store::append_one::<DB>(&mut tx, event).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
     /// The receipt `caller` recorded for `(account_id, request_id)`, on `conn`.
     async fn fetch_receipt<'e, E>(
         conn: E,
@@ -942,82 +1021,74 @@ where
         self.pool.close().await;
     }
 
+    /// Records a receipt in three steps, so that no HSM call is made under
+    /// the audit head's lock (SQLite's writer, PostgreSQL's `FOR UPDATE`):
+    /// the row and its audit event commit first, unsigned; the signer runs
+    /// with no transaction open; the JWS is stored in a short transaction of
+    /// its own. A failed signature withdraws the row this call recorded,
+    /// with its compensating event. A row left unsigned (a crash, a failed
+    /// withdrawal) is completed by the next retry with the same request id,
+    /// which signs the recorded facts.
     async fn record_receipt(
         &self,
         r: &super::NewReceipt<'_>,
         sign: super::ReceiptSigner,
     ) -> Result<super::ReceiptOutcome, StoreError> {
-        let mut tx = self.begin_write().await?;
-        if let Some(existing) = Self::fetch_receipt(&mut *tx, r.account_id, r.caller, r.request_id).await? {
-            tx.rollback().await?;
-            return Ok(super::existing_receipt(r, existing));
-        }
-        // A concurrent identical request (another replica, another process
-        // on the SQLite file) waits on the unique index here and then
-        // inserts nothing: answer from the row it committed. SQLite's
-        // AUTOINCREMENT never reuses a seq, and a rolled-back insert leaves
-        // no gap there (sqlite_sequence is part of the transaction).
-        let seq: Option<i64> = sqlx::query_scalar(
-            "INSERT INTO receipts (receipt_id, account_id, caller, request_id, body_hash, session_id, created_at, jws) \
-             VALUES ($1, $2, $7, $3, $4, $5, $6, '') \
-             ON CONFLICT (account_id, caller, request_id) DO NOTHING RETURNING seq",
-        )
-        .bind(r.receipt_id)
-        .bind(r.account_id)
-        .bind(r.request_id)
-        .bind(&r.body_hash[..])
-        .bind(r.session_id)
-        .bind(r.created_at)
-        .bind(r.caller)
-        .fetch_optional(&mut *tx)
-        .await
-        .map_err(conflict_as(DB::BACKEND, || format!("receipt {}", r.receipt_id)))?;
-        let Some(seq) = seq else {
-            tx.rollback().await?;
-            return match self.get_receipt(r.account_id, r.caller, r.request_id).await? {
-                Some(existing) => Ok(super::existing_receipt(r, existing)),
-                None => Err(StoreError::Conflict {
-                    what: format!("receipt request {}", r.request_id),
-                }),
-            };
+        let (facts, fresh) = match self.reserve_receipt(r).await? {
+            super::Reserved::Done(outcome) => return Ok(outcome),
+            super::Reserved::Fresh(facts) => (facts, true),
+            super::Reserved::Pending(existing) => (
+                super::ReceiptFacts {
+                    receipt_id: existing.receipt_id,
+                    created_at: existing.created_at,
+                    audit_seq: existing.seq,
+                },
+                false,
+            ),
         };
-        let seq_u = u64::try_from(seq).map_err(|_| StoreError::Corrupt {
-            what: format!("receipt {}: negative seq", r.receipt_id),
-        })?;
-        // The receipt's audit event is appended in this transaction: its
-        // sequence number is the receipt's `audit_seq`.
-        let seq_u = crate::audit::store::append_one::<DB>(&mut tx, r.audit.as_ref())
-            .await?
-            .unwrap_or(seq_u);
-        let audit_seq = i64::try_from(seq_u).map_err(|_| StoreError::Corrupt {
-            what: format!("receipt {}: audit seq out of range", r.receipt_id),
-        })?;
-        let jws = match sign(seq_u).await {
+        let jws = match sign(facts.clone()).await {
             Ok(jws) => jws,
             Err(e) => {
-                tx.rollback().await?;
+                if fresh {
+                    self.withdraw_receipt(&facts.receipt_id, r.abandon.as_ref()).await?;
+                }
                 return Ok(super::ReceiptOutcome::SignFailed(e));
             }
         };
-        sqlx::query("UPDATE receipts SET jws = $1, audit_seq = $3 WHERE seq = $2")
+        let mut tx = self.begin_write().await?;
+        let done = sqlx::query("UPDATE receipts SET jws = $1 WHERE receipt_id = $2 AND jws = ''")
             .bind(&jws)
-            .bind(seq)
-            .bind(audit_seq)
+            .bind(&facts.receipt_id)
             .execute(&mut *tx)
             .await
             .map_err(err::<DB>)?;
         tx.commit().await?;
-        Ok(super::ReceiptOutcome::Recorded(super::ReceiptRecord {
-            seq: seq_u,
-            receipt_id: r.receipt_id.to_string(),
+        if DB::rows_affected(&done) == 0 {
+            // A concurrent retry of the same request stored its signature
+            // first: answer with what is stored.
+            return match self.get_receipt(r.account_id, r.caller, r.request_id).await? {
+                Some(existing) if !existing.jws.is_empty() => Ok(super::ReceiptOutcome::Replay(existing)),
+                _ => Err(StoreError::Conflict {
+                    what: format!("receipt request {}", r.request_id),
+                }),
+            };
+        }
+        let record = super::ReceiptRecord {
+            seq: facts.audit_seq,
+            receipt_id: facts.receipt_id,
             account_id: r.account_id.to_string(),
             caller: r.caller.to_string(),
             request_id: r.request_id.to_string(),
             body_hash: r.body_hash,
             session_id: r.session_id.map(str::to_string),
-            created_at: r.created_at,
+            created_at: facts.created_at,
             jws,
-        }))
+        };
+        Ok(if fresh {
+            super::ReceiptOutcome::Recorded(record)
+        } else {
+            super::ReceiptOutcome::Completed(record)
+        })
     }
 
     async fn get_receipt(

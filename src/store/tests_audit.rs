@@ -192,8 +192,9 @@ async fn receipts_and_archive(store: Arc<dyn Store>, dir: &std::path::Path) {
         session_id: None,
         created_at: 10,
         audit: Some(receipt_event),
+        abandon: None,
     };
-    let signer: ReceiptSigner = Box::new(|seq| Box::pin(async move { Ok(format!("jws.{seq}")) }));
+    let signer: ReceiptSigner = Box::new(|f: ReceiptFacts| Box::pin(async move { Ok(format!("jws.{}", f.audit_seq)) }));
     let ReceiptOutcome::Recorded(rec) = store.record_receipt(&new, signer).await.unwrap() else {
         panic!("not recorded")
     };
@@ -210,36 +211,55 @@ async fn receipts_and_archive(store: Arc<dyn Store>, dir: &std::path::Path) {
     );
     let events = store.audit().events_after(0, 100).await.unwrap();
     assert_eq!(events[2].body.signature_ref, "receipt:r1");
-    // A failed signer leaves neither receipt nor event.
+    // A failed signer withdraws the receipt: its event stays, and the
+    // compensating event follows it.
     let mut failed = new.clone();
     failed.request_id = "q2";
     failed.receipt_id = "r2";
+    let mut withdraw = event(5);
+    withdraw.action = "WithdrawReceipt".into();
+    withdraw.signature_ref = "receipt:r2".into();
+    failed.abandon = Some(withdraw);
     let failing: ReceiptSigner = Box::new(|_| Box::pin(async { Err::<String, SignerError>("hsm down".into()) }));
     assert!(matches!(
         store.record_receipt(&failed, failing).await.unwrap(),
         ReceiptOutcome::SignFailed(_)
     ));
-    assert_eq!(store.audit().audit_head().await.unwrap().seq, 3);
-    // Checkpoint 1..=3, more events, archive through 3: the store and the
+    assert_eq!(
+        store
+            .get_receipt("acct", "spiffe://example.org/admin", "q2")
+            .await
+            .unwrap(),
+        None
+    );
+    let events = store.audit().events_after(3, 100).await.unwrap();
+    assert_eq!(
+        events
+            .iter()
+            .map(|e| (e.body.action.as_str(), e.body.signature_ref.as_str()))
+            .collect::<Vec<_>>(),
+        [("SignReceipt", "receipt:r1"), ("WithdrawReceipt", "receipt:r2")]
+    );
+    // Checkpoint 1..=5, more events, archive through 5: the store and the
     // archive each verify on their own.
     checkpoint(store.as_ref(), &k).await;
-    store.audit().append_events(&[event(4), event(5)]).await.unwrap();
+    store.audit().append_events(&[event(6), event(7)]).await.unwrap();
     checkpoint(store.as_ref(), &k).await;
-    store.audit().append_events(&[event(6)]).await.unwrap();
+    store.audit().append_events(&[event(8)]).await.unwrap();
     let out = dir.join("archive.jsonl");
     assert!(
-        crate::audit::export::archive(store.as_ref(), 4, &out).await.is_err(),
+        crate::audit::export::archive(store.as_ref(), 6, &out).await.is_err(),
         "not a checkpoint end"
     );
-    assert_eq!(crate::audit::export::archive(store.as_ref(), 3, &out).await.unwrap(), 3);
+    assert_eq!(crate::audit::export::archive(store.as_ref(), 5, &out).await.unwrap(), 5);
     let keys = [k.jwk.clone()];
     let r = verify_store(store.as_ref(), &keys).await.unwrap();
     assert!(r.ok(), "{r:?}");
-    assert_eq!((r.first_seq, r.last_seq, r.checkpoints_verified), (4, 6, 1));
+    assert_eq!((r.first_seq, r.last_seq, r.checkpoints_verified), (6, 8, 1));
     let (events, cps) = crate::audit::export::read_export(&out).unwrap();
     let r = verify_export(&events, &cps, &keys);
     assert!(r.ok(), "{r:?}");
-    assert_eq!((r.events, r.checkpoints_verified), (3, 1));
+    assert_eq!((r.events, r.checkpoints_verified), (5, 1));
     // An edited archive line is caught.
     let mut bad = events.clone();
     bad[1].body.account = "x".into();

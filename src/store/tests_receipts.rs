@@ -25,7 +25,7 @@ fn account(id: &str) -> AccountRecord {
 }
 
 fn signer(tag: &'static str) -> ReceiptSigner {
-    Box::new(move |seq| Box::pin(async move { Ok(format!("{tag}.{seq}")) }))
+    Box::new(move |f: ReceiptFacts| Box::pin(async move { Ok(format!("{tag}.{}", f.audit_seq)) }))
 }
 
 fn failing() -> ReceiptSigner {
@@ -45,6 +45,7 @@ fn new<'a>(receipt_id: &'a str, request_id: &'a str, body: u8) -> NewReceipt<'a>
         session_id: None,
         created_at: 10,
         audit: None,
+        abandon: None,
     }
 }
 
@@ -124,10 +125,10 @@ async fn suite(store: Arc<dyn Store>) {
             } else {
                 format!("own{i}")
             };
-            let slow: ReceiptSigner = Box::new(|seq| {
+            let slow: ReceiptSigner = Box::new(|f: ReceiptFacts| {
                 Box::pin(async move {
                     tokio::time::sleep(std::time::Duration::from_millis(30)).await;
-                    Ok(format!("jws.{seq}"))
+                    Ok(format!("jws.{}", f.audit_seq))
                 })
             });
             store.record_receipt(&new(&rid, &req, 7), slow).await.unwrap()
@@ -141,6 +142,13 @@ async fn suite(store: Arc<dyn Store>) {
                 if i % 2 == 0 {
                     same.push(r.seq);
                 }
+                recorded.push(r.seq);
+            }
+            // A retry that met the shared id's row still unsigned signed it
+            // (with the recorded facts) and stored it first.
+            ReceiptOutcome::Completed(r) => {
+                assert_eq!(i % 2, 0, "only the shared id has retries");
+                same.push(r.seq);
                 recorded.push(r.seq);
             }
             ReceiptOutcome::Replay(r) => same.push(r.seq),
@@ -158,6 +166,111 @@ async fn suite(store: Arc<dyn Store>) {
     orphan.account_id = "nope";
     assert!(store.record_receipt(&orphan, signer("jws")).await.is_err());
     store.close().await;
+}
+
+/// The signer runs with no store lock held: while a receipt's signature is
+/// outstanding (a slow HSM), audit appends and other receipts commit.
+async fn signing_holds_no_lock(store: Arc<dyn Store>) {
+    store.create_account(&account("acct")).await.unwrap();
+    let (started_tx, started) = tokio::sync::oneshot::channel::<()>();
+    let (release, released) = tokio::sync::oneshot::channel::<()>();
+    let held: ReceiptSigner = Box::new(move |f: ReceiptFacts| {
+        Box::pin(async move {
+            let _ = started_tx.send(());
+            let _ = released.await;
+            Ok(format!("slow.{}", f.audit_seq))
+        })
+    });
+    let slow = {
+        let store = store.clone();
+        tokio::spawn(async move { store.record_receipt(&new("slow", "q-slow", 1), held).await })
+    };
+    started.await.expect("the signer started");
+    let other = tokio::time::timeout(
+        std::time::Duration::from_secs(3),
+        store.record_receipt(&new("quick", "q-quick", 2), signer("jws")),
+    )
+    .await
+    .expect("another receipt commits while a signature is outstanding")
+    .unwrap();
+    assert!(matches!(other, ReceiptOutcome::Recorded(_)), "{other:?}");
+    let mut e = crate::audit::NewEvent::default();
+    e.action = "Probe".into();
+    tokio::time::timeout(std::time::Duration::from_secs(3), store.audit().append_events(&[e]))
+        .await
+        .expect("an audit append commits while a signature is outstanding")
+        .unwrap();
+    let _ = release.send(());
+    let ReceiptOutcome::Recorded(rec) = slow.await.unwrap().unwrap() else {
+        panic!("the slow receipt is recorded")
+    };
+    assert_eq!(rec.jws, format!("slow.{}", rec.seq));
+    store.close().await;
+}
+
+/// A receipt recorded but never signed (the process died while signing) is
+/// completed by a retry of the same request: the recorded id, time and
+/// audit seq are signed, not the retry's own.
+async fn an_unsigned_receipt_is_completed_by_its_retry(store: Arc<dyn Store>) {
+    store.create_account(&account("acct")).await.unwrap();
+    let never: ReceiptSigner = Box::new(|_| Box::pin(std::future::pending()));
+    let first = new("first", "q1", 1);
+    let cut = tokio::time::timeout(
+        std::time::Duration::from_millis(300),
+        store.record_receipt(&first, never),
+    )
+    .await;
+    assert!(cut.is_err(), "the first try never finishes signing");
+    let pending = store
+        .get_receipt("acct", CALLER, "q1")
+        .await
+        .unwrap()
+        .expect("row recorded");
+    assert!(pending.jws.is_empty());
+    let mut retry = new("second", "q1", 1);
+    retry.created_at = 99;
+    let ReceiptOutcome::Completed(done) = store.record_receipt(&retry, signer("jws")).await.unwrap() else {
+        panic!("the retry completes the recorded receipt")
+    };
+    assert_eq!(
+        (done.receipt_id.as_str(), done.created_at, done.seq),
+        ("first", 10, pending.seq)
+    );
+    assert_eq!(done.jws, format!("jws.{}", pending.seq));
+    let ReceiptOutcome::Replay(again) = store.record_receipt(&retry, signer("x")).await.unwrap() else {
+        panic!("then it replays")
+    };
+    assert_eq!(again, done);
+    // The same request with another body is still refused.
+    assert!(matches!(
+        store.record_receipt(&new("third", "q1", 2), signer("x")).await.unwrap(),
+        ReceiptOutcome::BodyMismatch
+    ));
+    store.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signing_holds_no_lock_sqlite() {
+    let (store, _dir) = sqlite().await;
+    signing_holds_no_lock(store).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signing_holds_no_lock_postgres() {
+    let Some(schema) = PgTestSchema::create() else { return };
+    signing_holds_no_lock(open(schema.url()).await.expect("open")).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unsigned_receipt_is_completed_by_its_retry_sqlite() {
+    let (store, _dir) = sqlite().await;
+    an_unsigned_receipt_is_completed_by_its_retry(store).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unsigned_receipt_is_completed_by_its_retry_postgres() {
+    let Some(schema) = PgTestSchema::create() else { return };
+    an_unsigned_receipt_is_completed_by_its_retry(open(schema.url()).await.expect("open")).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

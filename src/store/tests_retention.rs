@@ -375,8 +375,9 @@ async fn receipt_callers_migration_keeps_every_receipt(fx: &Fixture) {
         session_id: None,
         created_at: 2,
         audit: None,
+        abandon: None,
     };
-    let signer: ReceiptSigner = Box::new(|seq| Box::pin(async move { Ok(format!("jws.{seq}")) }));
+    let signer: ReceiptSigner = Box::new(|f: ReceiptFacts| Box::pin(async move { Ok(format!("jws.{}", f.audit_seq)) }));
     let ReceiptOutcome::Recorded(r3) = store.record_receipt(&new, signer).await.unwrap() else {
         panic!("not recorded")
     };
