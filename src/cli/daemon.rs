@@ -33,6 +33,20 @@ fn export_softhsm_conf(config: &Config) {
     }
 }
 
+/// What must happen before the async runtime (so any other thread) starts:
+/// SOFTHSM2_CONF, the PIN read once (its environment variable then removed),
+/// the process made non-dumpable, and in host custody a check that key
+/// memory can be locked.
+fn before_threads(config: &mut Config) -> anyhow::Result<()> {
+    export_softhsm_conf(config);
+    config.load_pin()?;
+    crate::keys::harden_process().context("cannot make the process non-dumpable (PR_SET_DUMPABLE)")?;
+    if config.keys.custody == crate::config::Custody::Host {
+        crate::keys::locked::check_lockable()?;
+    }
+    Ok(())
+}
+
 fn run_blocking<F: std::future::Future<Output = anyhow::Result<()>>>(f: F) -> anyhow::Result<()> {
     let rt = runtime().map_err(|_| anyhow::anyhow!("cannot start the async runtime"))?;
     rt.block_on(f)
@@ -114,11 +128,13 @@ pub fn dev(home: &Path, args: DevArgs) -> anyhow::Result<()> {
     if let Some(l) = args.https_listen {
         config.server.https_listen = l;
     }
-    export_softhsm_conf(&config);
+    before_threads(&mut config)?;
     run_blocking(async move {
         let hsm = server::open_hsm(&config).await?;
-        let kek = server::init_token(hsm).await?;
+        let kek = server::init_token(hsm.clone()).await?;
         tracing::info!(kek_version = kek, "key-encryption key ready");
+        let report = hsm.custody_report();
+        drop(hsm);
         let home = prepared.home.clone();
         let pki = prepared.pki;
         run(config, move |ep| {
@@ -130,6 +146,7 @@ pub fn dev(home: &Path, args: DevArgs) -> anyhow::Result<()> {
             println!("  health       https://{}/healthz", ep.https);
             println!("  jwks         https://{}{}", ep.https, crate::http::JWKS_PATH);
             println!("  clients      admin, marketplace, wallet-gateway (--as NAME)");
+            print!("{report}");
             println!("ready");
             Ok(())
         })
@@ -139,21 +156,22 @@ pub fn dev(home: &Path, args: DevArgs) -> anyhow::Result<()> {
 
 /// `keyward serve`.
 pub fn serve(config_path: &Path) -> anyhow::Result<()> {
-    let config = Config::load(config_path)?;
-    export_softhsm_conf(&config);
+    let mut config = Config::load(config_path)?;
+    before_threads(&mut config)?;
     run_blocking(run(config, |_| Ok(())))
 }
 
 /// `keyward init`.
 pub fn init(config_path: &Path) -> anyhow::Result<()> {
-    let config = Config::load(config_path)?;
-    export_softhsm_conf(&config);
+    let mut config = Config::load(config_path)?;
+    before_threads(&mut config)?;
     if crate::policy::install_defaults(&config.policy.dir)? {
         println!("default policy set written to {}", config.policy.dir.display());
     }
     run_blocking(async move {
         let hsm = server::open_hsm(&config).await?;
         let kek = server::init_token(hsm.clone()).await?;
+        let report = hsm.custody_report();
         let store = crate::store::open(&config.store.url).await?;
         // Each configured issuer algorithm: an active and a published next key.
         crate::jwks::KeyLifecycle::start(
@@ -167,6 +185,7 @@ pub fn init(config_path: &Path) -> anyhow::Result<()> {
             "key-encryption key version {kek} ready; store ({}) migrated",
             store.backend()
         );
+        print!("{report}");
         Ok(())
     })
 }
