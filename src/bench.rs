@@ -386,13 +386,7 @@ fn raw_crypto(op: BenchOp, threads: usize, secs: f64) -> f64 {
 /// Raw C_Sign on the dev token with as many threads as the daemon's pool.
 fn raw_hsm(home: &Path, op: BenchOp, secs: f64) -> anyhow::Result<f64> {
     let config = crate::config::Config::load(&home.join("keyward.toml"))?;
-    let hsm = crate::hsm::Hsm::open(&crate::hsm::HsmConfig {
-        module: config.hsm.module.clone(),
-        token_label: config.hsm.token_label.clone(),
-        pin: config.hsm_pin()?,
-        pool_size: config.hsm.pool_size,
-        kek_label_prefix: config.hsm.kek_label_prefix.clone(),
-    })?;
+    let hsm = crate::hsm::Hsm::open(&config.hsm_config()?)?;
     let alg = match op {
         BenchOp::TypedData => KeyAlg::Secp256k1,
         BenchOp::Ed25519 => KeyAlg::Ed25519,

@@ -270,7 +270,8 @@ pub struct HsmSection {
     pub token_label: String,
     /// Environment variable that holds the user PIN.
     pub pin_env: Option<String>,
-    /// File that holds the user PIN (mode 0600 recommended).
+    /// File that holds the user PIN; refused at start if group or others
+    /// may read or write it (mode 0600 or 0400).
     pub pin_file: Option<PathBuf>,
     /// PKCS#11 sessions in the pool.
     #[serde(default = "default_pool")]
@@ -285,6 +286,20 @@ pub struct HsmSection {
     /// `keyward_hsm_pool_wait_timeouts_total`).
     #[serde(default = "default_acquire_timeout")]
     pub acquire_timeout_ms: u64,
+    /// hsm custody: start even if a KEK does not enforce its unwrap template
+    /// (the token cannot, or the KEK predates sealed KEKs). Whoever holds the
+    /// PIN can then read the keys such a KEK wraps. Off by default.
+    #[serde(default)]
+    pub allow_unenforced_kek: bool,
+    /// hsm custody: refuse Ed25519 account keys (account creation and
+    /// Ed25519 signing answer FAILED_PRECONDITION) on tokens that cannot
+    /// unwrap EdDSA keys natively (SoftHSM 2.6.1), where the Ed25519 seed
+    /// passes through host memory. Off by default.
+    #[serde(default)]
+    pub refuse_host_ed25519: bool,
+    /// The PIN, once [`Config::load_pin`] has read it.
+    #[serde(skip)]
+    pub pin: Option<SecretString>,
 }
 
 fn default_acquire_timeout() -> u64 {
@@ -560,13 +575,15 @@ impl Config {
             source,
         })?;
         let base = path.parent().unwrap_or_else(|| Path::new("."));
-        Config::parse(&text, base).map_err(|e| match e {
+        let cfg = Config::parse(&text, base).map_err(|e| match e {
             ConfigError::Parse { message, .. } => ConfigError::Parse {
                 path: path.to_path_buf(),
                 message,
             },
             other => other,
-        })
+        })?;
+        cfg.check_secret_files()?;
+        Ok(cfg)
     }
 
     /// Parses and validates TOML text; `base` anchors relative paths.
@@ -771,20 +788,39 @@ impl Config {
         Ok(())
     }
 
-    /// Reads the HSM PIN from its configured source.
+    /// The HSM PIN: the one [`Config::load_pin`] kept, else read from its
+    /// source now (see there).
     pub fn hsm_pin(&self) -> Result<SecretString, ConfigError> {
+        match &self.hsm.pin {
+            Some(pin) => Ok(pin.clone()),
+            None => self.read_pin(),
+        }
+    }
+
+    /// Reads the PIN from its source and keeps it. Call it before any other
+    /// thread exists (the daemon's commands do, on the main thread before the
+    /// async runtime starts): with `hsm.pin_env` it removes the variable from
+    /// the environment, and `std::env::remove_var` races any other thread's
+    /// reading of the environment (glibc's getenv is not synchronised with
+    /// unsetenv). Once removed, the PIN is gone from /proc/PID/environ's
+    /// live copy and from child processes.
+    pub fn load_pin(&mut self) -> Result<(), ConfigError> {
+        self.hsm.pin = Some(self.read_pin()?);
+        Ok(())
+    }
+
+    fn read_pin(&self) -> Result<SecretString, ConfigError> {
         if let Some(var) = &self.hsm.pin_env {
             let value = std::env::var(var).map_err(|_| ConfigError::Secret {
                 key: "hsm.pin_env",
                 reason: format!("environment variable {var} is not set"),
             })?;
+            // See `load_pin` for why this should run before other threads exist.
+            std::env::remove_var(var);
             return non_empty(value, "hsm.pin_env");
         }
         if let Some(path) = &self.hsm.pin_file {
-            let value = std::fs::read_to_string(path).map_err(|e| ConfigError::Secret {
-                key: "hsm.pin_file",
-                reason: format!("cannot read {}: {e}", path.display()),
-            })?;
+            let value = zeroize::Zeroizing::new(read_secret_file(path, "hsm.pin_file")?);
             return non_empty(value.trim_end_matches(['\n', '\r']).to_string(), "hsm.pin_file");
         }
         Err(ConfigError::Secret {
@@ -792,6 +828,82 @@ impl Config {
             reason: "no PIN source configured".into(),
         })
     }
+
+    /// Refuses secret files that group or others may read or write: the PIN
+    /// file and the TLS private key. Runs at load; a file that does not exist
+    /// yet is left to the code that reads it.
+    pub fn check_secret_files(&self) -> Result<(), ConfigError> {
+        if let Some(p) = &self.hsm.pin_file {
+            check_private_mode(p, "hsm.pin_file")?;
+        }
+        check_private_mode(&self.tls.key, "tls.key")
+    }
+
+    /// The HSM connection this config describes (PIN from [`Config::hsm_pin`]).
+    pub fn hsm_config(&self) -> Result<crate::hsm::HsmConfig, ConfigError> {
+        Ok(crate::hsm::HsmConfig {
+            module: self.hsm.module.clone(),
+            token_label: self.hsm.token_label.clone(),
+            pin: self.hsm_pin()?,
+            pool_size: self.hsm.pool_size,
+            kek_label_prefix: self.hsm.kek_label_prefix.clone(),
+            custody: crate::hsm::CustodyPolicy {
+                mode: self.keys.custody,
+                allow_unenforced_kek: self.hsm.allow_unenforced_kek,
+                refuse_host_ed25519: self.hsm.refuse_host_ed25519,
+            },
+        })
+    }
+}
+
+/// The mode bits that must be clear on a file holding a secret.
+const NOT_FOR_OTHERS: u32 = 0o077;
+
+fn mode_error(path: &Path, key: &'static str, mode: u32) -> ConfigError {
+    ConfigError::Secret {
+        key,
+        reason: format!(
+            "{} has mode {:04o}: group or others may read or write it; a file holding a secret \
+             must be 0600 or 0400 (chmod 600 {})",
+            path.display(),
+            mode & 0o7777,
+            path.display()
+        ),
+    }
+}
+
+fn check_private_mode(path: &Path, key: &'static str) -> Result<(), ConfigError> {
+    use std::os::unix::fs::PermissionsExt as _;
+    match std::fs::metadata(path) {
+        Ok(m) if m.permissions().mode() & NOT_FOR_OTHERS != 0 => Err(mode_error(path, key, m.permissions().mode())),
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(ConfigError::Secret {
+            key,
+            reason: format!("cannot read {}: {e}", path.display()),
+        }),
+    }
+}
+
+/// Reads a secret file, checking the mode of the file it opened (not of a
+/// path that could be swapped in between).
+fn read_secret_file(path: &Path, key: &'static str) -> Result<String, ConfigError> {
+    use std::io::Read as _;
+    use std::os::unix::fs::PermissionsExt as _;
+    let cannot = |e: std::io::Error| ConfigError::Secret {
+        key,
+        reason: format!("cannot read {}: {e}", path.display()),
+    };
+    let mut file = std::fs::File::open(path).map_err(cannot)?;
+    let meta = file.metadata().map_err(cannot)?;
+    let mode = meta.permissions().mode();
+    if mode & NOT_FOR_OTHERS != 0 {
+        return Err(mode_error(path, key, mode));
+    }
+    // Sized up front so reading never reallocates (and leaves a copy behind).
+    let mut value = String::with_capacity(usize::try_from(meta.len()).unwrap_or(0).saturating_add(1));
+    file.read_to_string(&mut value).map_err(cannot)?;
+    Ok(value)
 }
 
 fn non_empty(value: String, key: &'static str) -> Result<SecretString, ConfigError> {
@@ -946,6 +1058,90 @@ dir = "policies"
         }
     }
 
+    fn chmod(path: &Path, mode: u32) {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+    }
+
+    #[test]
+    fn secret_files_open_to_others_are_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir(dir.path().join("pki")).expect("pki");
+        let pin = dir.path().join("hsm-pin");
+        let key = dir.path().join("pki/server-key.pem");
+        std::fs::write(&pin, "s3cret-pin\n").expect("write");
+        std::fs::write(&key, "key").expect("write");
+        std::fs::write(dir.path().join("keyward.toml"), GOOD).expect("write");
+        for (path, mode, name) in [
+            (&pin, 0o640, "hsm.pin_file"),
+            (&pin, 0o604, "hsm.pin_file"),
+            (&key, 0o644, "tls.key"),
+        ] {
+            chmod(&pin, 0o600);
+            chmod(&key, 0o600);
+            chmod(path, mode);
+            match Config::load(&dir.path().join("keyward.toml")) {
+                Err(ConfigError::Secret { key: k, reason }) => {
+                    assert_eq!(k, name);
+                    assert!(reason.contains(&path.display().to_string()), "names the file: {reason}");
+                    assert!(reason.contains(&format!("{mode:04o}")), "names the mode: {reason}");
+                }
+                other => panic!("{name} {mode:o}: expected a refusal, got {other:?}"),
+            }
+        }
+        // Reading the PIN checks the mode of the file it opened, too.
+        chmod(&key, 0o600);
+        chmod(&pin, 0o600);
+        let cfg = Config::load(&dir.path().join("keyward.toml")).expect("0600 files load");
+        chmod(&pin, 0o644);
+        assert!(matches!(
+            cfg.hsm_pin(),
+            Err(ConfigError::Secret {
+                key: "hsm.pin_file",
+                ..
+            })
+        ));
+        chmod(&pin, 0o400);
+        assert!(cfg.hsm_pin().is_ok());
+    }
+
+    #[test]
+    fn the_pin_variable_is_removed_once_read() {
+        let var = "KEYWARD_TEST_PIN_REMOVED";
+        // Sound: nextest runs this test alone in its process, before any other thread.
+        std::env::set_var(var, "env-pin-1234");
+        let text = GOOD.replace("pin_file = \"hsm-pin\"", &format!("pin_env = \"{var}\""));
+        let mut cfg = Config::parse(&text, Path::new("/")).expect("valid");
+        cfg.load_pin().expect("pin");
+        assert!(std::env::var_os(var).is_none(), "the PIN variable is gone");
+        use secrecy::ExposeSecret;
+        assert_eq!(cfg.hsm_pin().expect("kept").expose_secret(), "env-pin-1234");
+        assert_eq!(
+            cfg.hsm_config().expect("config").pin.expose_secret(),
+            "env-pin-1234",
+            "the HSM gets the kept PIN"
+        );
+        assert!(!format!("{cfg:?}").contains("env-pin"));
+    }
+
+    #[test]
+    fn custody_switches_reach_the_hsm_config() {
+        let mut cfg = Config::parse(
+            &GOOD.replace(
+                "[hsm]",
+                "[hsm]\nallow_unenforced_kek = true\nrefuse_host_ed25519 = true",
+            ),
+            Path::new("/"),
+        )
+        .expect("valid");
+        cfg.hsm.pin = Some(SecretString::from("p"));
+        let h = cfg.hsm_config().expect("config").custody;
+        assert!(h.allow_unenforced_kek && h.refuse_host_ed25519);
+        assert_eq!(h.mode, Custody::Hsm);
+        let d = Config::parse(GOOD, Path::new("/")).expect("valid");
+        assert!(!d.hsm.allow_unenforced_kek && !d.hsm.refuse_host_ed25519);
+    }
+
     #[test]
     fn metrics_listener_and_session_retention() {
         let cfg = Config::parse(GOOD, Path::new("/")).expect("valid");
@@ -981,6 +1177,7 @@ dir = "policies"
     fn pin_from_file_and_debug_hides_it() {
         let dir = tempfile::tempdir().expect("tempdir");
         std::fs::write(dir.path().join("hsm-pin"), "s3cret-pin\n").expect("write");
+        chmod(&dir.path().join("hsm-pin"), 0o600);
         let cfg = Config::parse(GOOD, dir.path()).expect("valid");
         let pin = cfg.hsm_pin().expect("pin");
         use secrecy::ExposeSecret;

@@ -2,14 +2,18 @@
 //! on first run and reused after — dev certificates, a SoftHSM2 token with a
 //! random PIN (stored 0600), a config file, a SQLite store and the client
 //! profile file the CLI reads.
+//!
+//! The token is initialised through PKCS#11 (C_InitToken, C_InitPIN), not by
+//! running `softhsm2-util`, which takes PINs only as command-line arguments
+//! (readable by every local user in /proc/PID/cmdline) or from a prompt.
 
+use rand::RngCore;
+use secrecy::{ExposeSecret as _, SecretString};
+use serde::{Deserialize, Serialize};
 use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::process::Command;
-
-use rand::RngCore;
-use serde::{Deserialize, Serialize};
+use zeroize::Zeroizing;
 
 use crate::tls::devpki::{ensure_dev_pki, DevPki};
 
@@ -37,9 +41,9 @@ pub enum DevError {
     /// Certificates.
     #[error(transparent)]
     Tls(#[from] crate::tls::TlsError),
-    /// softhsm2-util failed.
-    #[error("softhsm2-util: {0}")]
-    SoftHsm(String),
+    /// The dev token could not be initialised.
+    #[error("dev token: {0}")]
+    Token(#[from] crate::hsm::HsmError),
     /// The default policy set could not be written.
     #[error("policies: {0}")]
     Policy(String),
@@ -73,10 +77,16 @@ pub struct DevHome {
     pub pki: DevPki,
 }
 
-fn random_hex(bytes: usize) -> String {
-    let mut b = vec![0u8; bytes];
-    rand::thread_rng().fill_bytes(&mut b);
-    hex::encode(b)
+fn random_pin(bytes: usize) -> SecretString {
+    let mut b = Zeroizing::new(vec![0u8; bytes]);
+    rand::rngs::OsRng.fill_bytes(&mut b);
+    SecretString::from(hex::encode(&*b))
+}
+
+/// A new 0600 file holding `secret` and a newline.
+fn write_secret(path: &Path, secret: &SecretString) -> Result<(), DevError> {
+    let line = Zeroizing::new(format!("{}\n", secret.expose_secret()));
+    write_new(path, &line, 0o600)
 }
 
 fn write_new(path: &Path, contents: &str, mode: u32) -> Result<(), DevError> {
@@ -123,29 +133,14 @@ pub fn prepare(home: &Path, custody: crate::config::Custody) -> Result<DevHome, 
     }
     let pin_file = home.join("hsm-pin");
     if !pin_file.exists() {
-        let pin = random_hex(16);
-        let so_pin = random_hex(16);
-        let out = Command::new("softhsm2-util")
-            .env("SOFTHSM2_CONF", &softhsm_conf)
-            .args([
-                "--init-token",
-                "--free",
-                "--label",
-                DEV_TOKEN_LABEL,
-                "--pin",
-                &pin,
-                "--so-pin",
-                &so_pin,
-            ])
-            .output()
-            .map_err(|e| DevError::SoftHsm(format!("cannot run softhsm2-util (install Debian's softhsm2): {e}")))?;
-        if !out.status.success() {
-            return Err(DevError::SoftHsm(
-                String::from_utf8_lossy(&out.stderr).trim().to_string(),
-            ));
-        }
-        write_new(&home.join("hsm-so-pin"), &format!("{so_pin}\n"), 0o600)?;
-        write_new(&pin_file, &format!("{pin}\n"), 0o600)?;
+        let pin = random_pin(16);
+        let so_pin = random_pin(16);
+        // SoftHSM reads SOFTHSM2_CONF at C_Initialize. Sound: `prepare` runs on
+        // the main thread before the runtime or any other thread starts.
+        std::env::set_var("SOFTHSM2_CONF", &softhsm_conf);
+        crate::hsm::init_token(&softhsm_module(), DEV_TOKEN_LABEL, &so_pin, &pin)?;
+        write_secret(&home.join("hsm-so-pin"), &so_pin)?;
+        write_secret(&pin_file, &pin)?;
     }
 
     crate::policy::install_defaults(&home.join("policies")).map_err(|e| DevError::Policy(e.to_string()))?;

@@ -16,7 +16,7 @@ use crate::api::pb::signing_service_server::SigningServiceServer;
 use crate::api::{AccountApi, Daemon, JwksApi, SessionApi, SigningApi};
 use crate::clock::{Clock, SystemClock};
 use crate::config::{Config, ConfigError};
-use crate::hsm::{Hsm, HsmConfig, HsmError};
+use crate::hsm::{Hsm, HsmError};
 use crate::issuer::Issuer;
 use crate::keys::KeyService;
 use crate::metrics::Metrics;
@@ -139,13 +139,7 @@ impl NetSettings {
 
 /// Opens the HSM (PIN from its configured source) with blocking calls.
 pub async fn open_hsm(config: &Config) -> Result<Hsm, ServeError> {
-    let hsm_config = HsmConfig {
-        module: config.hsm.module.clone(),
-        token_label: config.hsm.token_label.clone(),
-        pin: config.hsm_pin()?,
-        pool_size: config.hsm.pool_size,
-        kek_label_prefix: config.hsm.kek_label_prefix.clone(),
-    };
+    let hsm_config = config.hsm_config()?;
     let hsm = tokio::task::spawn_blocking(move || Hsm::open(&hsm_config))
         .await
         .map_err(|_| ServeError::Internal("HSM open task failed"))??;

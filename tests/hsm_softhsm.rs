@@ -2,7 +2,8 @@
 //! test: SoftHSM reads SOFTHSM2_CONF once per process).
 
 use k256::ecdsa::signature::hazmat::PrehashVerifier;
-use keyward::hsm::{Hsm, HsmConfig, HsmError, HsmKey, WrappedKey, WrappedRef};
+use keyward::config::Custody;
+use keyward::hsm::{Hsm, HsmConfig, HsmError, HsmKey, KekKind, WrappedKey, WrappedRef};
 use keyward::testkit::SoftHsmToken;
 use keyward::types::KeyAlg;
 use secrecy::SecretString;
@@ -19,11 +20,28 @@ fn token() -> Result<SoftHsmToken, Box<dyn std::error::Error>> {
     Ok(tok)
 }
 
+/// hsm custody: sealed KEK v1 (and, on SoftHSM, host KEK v2 for Ed25519 carriers).
 fn setup(pool: usize) -> Result<(SoftHsmToken, Hsm), Box<dyn std::error::Error>> {
     let tok = token()?;
     let hsm = Hsm::open(&tok.hsm_config(pool))?;
     assert_eq!(hsm.ensure_kek()?, 1);
     Ok((tok, hsm))
+}
+
+/// host custody: host KEK v1.
+fn setup_host(pool: usize) -> Result<(SoftHsmToken, Hsm), Box<dyn std::error::Error>> {
+    let tok = token()?;
+    let hsm = Hsm::open(&tok.hsm_config(pool).with_custody(Custody::Host))?;
+    assert_eq!(hsm.ensure_kek()?, 1);
+    Ok((tok, hsm))
+}
+
+/// The kind of the KEK a blob is under.
+fn kind_of(hsm: &Hsm, w: &WrappedKey) -> Option<KekKind> {
+    hsm.keks()
+        .into_iter()
+        .find(|(v, _, _)| *v == w.kek_version)
+        .map(|(_, _, k)| k)
 }
 
 fn wref(w: &WrappedKey) -> WrappedRef<'_> {
@@ -129,7 +147,13 @@ fn kek_attributes() -> TestResult {
 fn generate_unwrap_sign(alg: KeyAlg) -> TestResult {
     let (_tok, hsm) = setup(2)?;
     let w = hsm.generate_wrapped(alg)?;
-    assert_eq!(w.kek_version, 1);
+    // secp256k1 under the sealed KEK; Ed25519 on SoftHSM 2.6.1 (no native EdDSA wrap) under
+    // the host KEK, since its seed passes through host memory anyway.
+    let (version, kind) = match alg {
+        KeyAlg::Secp256k1 => (1, KekKind::Sealed),
+        KeyAlg::Ed25519 => (2, KekKind::Host),
+    };
+    assert_eq!((w.kek_version, kind_of(&hsm, &w)), (version, Some(kind)));
     match alg {
         KeyAlg::Secp256k1 => {
             assert_eq!(w.public_key.len(), 65);
@@ -180,7 +204,7 @@ fn secp256k1_signatures_are_raw_and_not_always_low_s() -> TestResult {
 }
 
 fn host_unwrap_matches(alg: KeyAlg) -> TestResult {
-    let (_tok, hsm) = setup(1)?;
+    let (_tok, hsm) = setup_host(1)?;
     for _ in 0..5 {
         let w = hsm.generate_wrapped(alg)?;
         let secret = hsm.unwrap_to_host(alg, &wref(&w))?;
@@ -224,12 +248,33 @@ fn swapped_blob_is_caught_by_binding_check() -> TestResult {
     let ed = hsm.generate_wrapped(KeyAlg::Ed25519)?;
     let k1 = hsm.generate_wrapped(KeyAlg::Secp256k1)?;
     let cross = WrappedRef {
-        public_key: &k1.public_key,
+        public_key: &ed.public_key,
+        wrapped: &k1.wrapped,
+        kek_version: k1.kek_version,
+    };
+    let r = hsm.unwrap_for_signing(KeyAlg::Ed25519, &cross);
+    assert!(matches!(r, Err(HsmError::KeyMismatch { .. })), "{r:?}");
+    corrupted_and_unknown_blobs(&hsm, &k1)
+}
+
+#[test]
+fn a_blob_of_the_other_algorithm_is_a_mismatch_in_host_custody() -> TestResult {
+    let (_tok, host) = setup_host(1)?;
+    let ed = host.generate_wrapped(KeyAlg::Ed25519)?;
+    let k1h = host.generate_wrapped(KeyAlg::Secp256k1)?;
+    let cross = WrappedRef {
+        public_key: &k1h.public_key,
         wrapped: &ed.wrapped,
         kek_version: ed.kek_version,
     };
-    let r = hsm.unwrap_for_signing(KeyAlg::Secp256k1, &cross);
+    let r = host.unwrap_to_host(KeyAlg::Secp256k1, &cross);
     assert!(matches!(r, Err(HsmError::KeyMismatch { .. })), "{r:?}");
+    let r = host.unwrap_for_signing(KeyAlg::Secp256k1, &cross);
+    assert!(matches!(r, Err(HsmError::KeyMismatch { .. })), "{r:?}");
+    Ok(())
+}
+
+fn corrupted_and_unknown_blobs(hsm: &Hsm, k1: &WrappedKey) -> TestResult {
     // A corrupted blob is a mismatch, not a crash.
     let mut bad = k1.wrapped.clone();
     bad[5] ^= 0xff;
@@ -303,39 +348,47 @@ fn bad_module_path_is_module_load() -> TestResult {
 }
 
 #[test]
-fn rotate_kek_new_keys_use_v2_old_blobs_still_unwrap() -> TestResult {
+fn rotate_kek_new_keys_use_new_versions_old_blobs_still_unwrap() -> TestResult {
+    // hsm custody on SoftHSM: v1 sealed, v2 host (Ed25519 carriers); rotation adds v3 and v4.
     let (_tok, hsm) = setup(2)?;
     let old: Vec<(KeyAlg, WrappedKey)> = KeyAlg::ALL
         .iter()
         .map(|a| hsm.generate_wrapped(*a).map(|w| (*a, w)))
         .collect::<Result<_, _>>()?;
-    assert!(old.iter().all(|(_, w)| w.kek_version == 1));
-    assert_eq!(hsm.rotate_kek()?, 2);
-    assert_eq!(hsm.kek_version(), 2);
-    assert_eq!(hsm.ensure_kek()?, 2);
+    assert_eq!(hsm.rotate_kek()?, 3);
+    assert_eq!(hsm.kek_version(), 3);
+    assert_eq!(hsm.ensure_kek()?, 3);
     let k = keks(&hsm)?;
-    assert_eq!(k.len(), 2, "{k:?}");
+    assert_eq!(k.len(), 2, "two sealed KEKs: {k:?}");
     assert!(k.iter().all(|o| o.token && o.sensitive && !o.extractable));
     for alg in KeyAlg::ALL {
         let w = hsm.generate_wrapped(alg)?;
-        assert_eq!(w.kek_version, 2);
+        assert_eq!(w.kek_version, if alg == KeyAlg::Secp256k1 { 3 } else { 4 });
         let key = hsm.unwrap_for_signing(alg, &wref(&w))?;
         assert!(bound(&hsm, alg, &key, &w.public_key)?);
     }
     for (alg, w) in &old {
         let key = hsm.unwrap_for_signing(*alg, &wref(w))?;
         assert!(bound(&hsm, *alg, &key, &w.public_key)?);
-        let secret = hsm.unwrap_to_host(*alg, &wref(w))?;
-        assert_eq!(host_public_key(*alg, &secret)?, w.public_key);
-        // A v1 blob claimed to be under v2 does not unwrap.
+        // A blob claimed to be under the KEK of the same kind one rotation later does not unwrap.
         let lie = WrappedRef {
-            kek_version: 2,
+            kek_version: w.kek_version + 2,
             ..wref(w)
         };
         let r = hsm.unwrap_for_signing(*alg, &lie);
         assert!(matches!(r, Err(HsmError::KeyMismatch { .. })), "{r:?}");
     }
-    assert_eq!(hsm.rotate_kek()?, 3);
+    assert_eq!(hsm.rotate_kek()?, 5);
+    Ok(())
+}
+
+#[test]
+fn host_custody_rotation_keeps_old_blobs() -> TestResult {
+    let (_tok, host) = setup_host(1)?;
+    let w = host.generate_wrapped(KeyAlg::Secp256k1)?;
+    assert_eq!(host.rotate_kek()?, 2);
+    let secret = host.unwrap_to_host(KeyAlg::Secp256k1, &wref(&w))?;
+    assert_eq!(host_public_key(KeyAlg::Secp256k1, &secret)?, w.public_key);
     Ok(())
 }
 
@@ -345,7 +398,10 @@ fn no_plain_private_keys_and_no_leftovers() -> TestResult {
     let mut keys = Vec::new();
     for alg in KeyAlg::ALL {
         let w = hsm.generate_wrapped(alg)?;
-        let _ = hsm.unwrap_to_host(alg, &wref(&w))?;
+        if alg == KeyAlg::Ed25519 {
+            // Under the host KEK on SoftHSM: its carrier object must not stay behind either.
+            let _ = hsm.unwrap_to_host(alg, &wref(&w))?;
+        }
         let key = hsm.unwrap_for_signing(alg, &wref(&w))?;
         assert!(bound(&hsm, alg, &key, &w.public_key)?);
         keys.push(key);
@@ -362,13 +418,13 @@ fn no_plain_private_keys_and_no_leftovers() -> TestResult {
         .all(|o| o.sensitive && !o.extractable && o.class == "CKO_PRIVATE_KEY"));
     assert_eq!(
         objs.iter().filter(|o| o.token).count(),
-        1,
-        "only the KEK persists: {objs:?}"
+        2,
+        "only the two KEKs persist: {objs:?}"
     );
     drop(keys);
     let objs = hsm.inspect_private_keys()?;
     assert!(objs.iter().all(|o| o.token), "leftover session objects: {objs:?}");
-    assert_eq!(objs.len(), 1);
+    assert_eq!(objs.len(), 2);
     assert_eq!(hsm.pool_in_use(), 0);
     Ok(())
 }
@@ -502,7 +558,7 @@ fn ecdsa_sign_throughput() -> TestResult {
 
 #[test]
 fn token_dir_deleted_unwrap_first_is_unavailable() -> TestResult {
-    let (tok, hsm) = setup(1)?;
+    let (tok, hsm) = setup_host(1)?;
     let blobs = KeyAlg::ALL
         .iter()
         .map(|a| hsm.generate_wrapped(*a).map(|w| (*a, w)))

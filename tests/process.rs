@@ -245,7 +245,13 @@ fn wrong_pin_refuses_to_start() {
     let dir = tempfile::tempdir().expect("tempdir");
     let home = dir.path().join("home");
     let out = serve_with_config(dir.path(), |c| {
+        // 0600: a readable file would be refused for its mode before the PIN is tried.
         std::fs::write(home.join("wrong-pin"), "000000\n").expect("pin");
+        std::fs::set_permissions(
+            home.join("wrong-pin"),
+            std::os::unix::fs::PermissionsExt::from_mode(0o600),
+        )
+        .expect("chmod");
         c.replace("pin_file = \"hsm-pin\"", "pin_file = \"wrong-pin\"")
     });
     assert!(!out.status.success());

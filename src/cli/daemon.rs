@@ -37,6 +37,20 @@ fn export_softhsm_conf(config: &Config) {
     }
 }
 
+/// What must happen before the async runtime (so any other thread) starts:
+/// SOFTHSM2_CONF, the PIN read once (its environment variable then removed),
+/// the process made non-dumpable, and in host custody a check that key
+/// memory can be locked.
+fn before_threads(config: &mut Config) -> anyhow::Result<()> {
+    export_softhsm_conf(config);
+    config.load_pin()?;
+    crate::keys::harden_process().context("cannot make the process non-dumpable (PR_SET_DUMPABLE)")?;
+    if config.keys.custody == crate::config::Custody::Host {
+        crate::keys::locked::check_lockable()?;
+    }
+    Ok(())
+}
+
 fn run_blocking<F: std::future::Future<Output = anyhow::Result<()>>>(f: F) -> anyhow::Result<()> {
     let rt = runtime().map_err(|_| anyhow::anyhow!("cannot start the async runtime"))?;
     rt.block_on(f)
@@ -128,11 +142,13 @@ pub fn dev(home: &Path, args: DevArgs) -> anyhow::Result<()> {
     if let Some(l) = args.metrics_listen {
         config.server.metrics_listen = crate::config::MetricsListen::try_from(l).map_err(anyhow::Error::msg)?;
     }
-    export_softhsm_conf(&config);
+    before_threads(&mut config)?;
     run_blocking(async move {
         let hsm = server::open_hsm(&config).await?;
-        let kek = server::init_token(hsm).await?;
+        let kek = server::init_token(hsm.clone()).await?;
         tracing::info!(kek_version = kek, "key-encryption key ready");
+        let report = hsm.custody_report();
+        drop(hsm);
         let home = prepared.home.clone();
         let pki = prepared.pki;
         run(config, move |ep| {
@@ -147,6 +163,7 @@ pub fn dev(home: &Path, args: DevArgs) -> anyhow::Result<()> {
             println!("  health       https://{}/healthz", ep.https);
             println!("  jwks         https://{}{}", ep.https, crate::http::JWKS_PATH);
             println!("  clients      admin, marketplace, wallet-gateway (--as NAME)");
+            print!("{report}");
             println!("ready");
             Ok(())
         })
@@ -156,8 +173,8 @@ pub fn dev(home: &Path, args: DevArgs) -> anyhow::Result<()> {
 
 /// `keyward serve`.
 pub fn serve(config_path: &Path) -> anyhow::Result<()> {
-    let config = Config::load(config_path)?;
-    export_softhsm_conf(&config);
+    let mut config = Config::load(config_path)?;
+    before_threads(&mut config)?;
     run_blocking(run(config, |_| Ok(())))
 }
 
@@ -229,8 +246,8 @@ fn create_token(config: &Config, so_pin_file: &Path) -> anyhow::Result<()> {
 
 /// `keyward init`.
 pub fn init(args: InitArgs) -> anyhow::Result<()> {
-    let config = Config::load(&args.config)?;
-    export_softhsm_conf(&config);
+    let mut config = Config::load(&args.config)?;
+    before_threads(&mut config)?;
     if let (true, Some(so_pin_file)) = (args.init_token, &args.so_pin_file) {
         create_token(&config, so_pin_file)?;
     }
@@ -246,6 +263,7 @@ pub fn init(args: InitArgs) -> anyhow::Result<()> {
         } else {
             println!("key-encryption key version {kek} already on the token");
         }
+        let report = hsm.custody_report();
         let store = crate::store::open(&config.store.url).await?;
         // Each configured issuer algorithm: an active and a published next key.
         crate::jwks::KeyLifecycle::start(
@@ -259,6 +277,7 @@ pub fn init(args: InitArgs) -> anyhow::Result<()> {
             "key-encryption key version {kek} ready; store ({}) migrated",
             store.backend()
         );
+        print!("{report}");
         Ok(())
     })
 }

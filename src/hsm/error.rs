@@ -109,6 +109,14 @@ pub enum HsmError {
         /// Why.
         reason: String,
     },
+    /// The custody settings refuse this: a key whose KEK cannot keep it inside the token in
+    /// hsm custody, an hsm-custody key asked for in host custody, Ed25519 through host memory
+    /// with `hsm.refuse_host_ed25519`, or a KEK that does not enforce its unwrap template.
+    #[error("refused by custody: {reason}")]
+    CustodyRefused {
+        /// What was refused and why, and what the operator can do.
+        reason: String,
+    },
     /// Anything else: a bug or an unexpected token answer.
     #[error("internal HSM error during {op}: {rv}")]
     Internal {

@@ -1,22 +1,25 @@
-//! Key generation inside the token and wrapping under the current KEK.
+//! Key generation and wrapping under the current KEK of the key's purpose (see `kek.rs`).
 //!
-//! Ed25519 on tokens whose C_WrapKey refuses EdDSA keys (SoftHSM 2.6.1: CKR_KEY_NOT_WRAPPABLE):
-//! the pair is still generated in the token, but the seed is read out once, framed as the RFC 8410
-//! PKCS#8 `PrivateKeyInfo` a native wrap would produce, loaded into a sensitive generic-secret
-//! session object and wrapped from there. The blob format (AES-KWP of PKCS#8) is the same either
-//! way; the seed is held only in zeroizing buffers.
-
-use std::sync::atomic::Ordering;
+//! secp256k1 (and Ed25519 on tokens that wrap EdDSA keys natively) is generated inside the token
+//! and wrapped there: in hsm custody under a sealed KEK, so the private key never exists outside
+//! the token. Ed25519 on tokens whose C_WrapKey refuses EdDSA keys (SoftHSM 2.6.1:
+//! CKR_KEY_NOT_WRAPPABLE) passes through host memory whatever we do, so its 32-byte seed is drawn
+//! here from the OS RNG (into zeroizing memory), framed as the RFC 8410 PKCS#8 `PrivateKeyInfo` a
+//! native wrap would produce, loaded into a sensitive generic-secret session object and wrapped
+//! from there under a *host* KEK: the blob format (AES-KWP of PKCS#8) is the same either way.
+//! Nothing here reads a secret attribute back (see `transport.rs` for why).
 
 use cryptoki::error::{Error as CkError, RvError};
 use cryptoki::mechanism::Mechanism;
 use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
 use cryptoki::session::Session;
+use rand::RngCore as _;
 use zeroize::{Zeroize, Zeroizing};
 
 use super::error::{rv_of, settle, Breakage, Fail, HsmError};
-use super::kek::Kek;
+use super::kek::{Kek, Purpose};
 use super::Hsm;
+use crate::config::Custody;
 use crate::types::KeyAlg;
 
 /// DER of the secp256k1 curve OID 1.3.132.0.10.
@@ -133,17 +136,6 @@ pub(crate) fn destroy_quietly(s: &Session, h: ObjectHandle, what: &str) {
     }
 }
 
-/// CKA_VALUE of an object (zeroizing), if present.
-pub(crate) fn read_value(s: &Session, h: ObjectHandle) -> Result<Option<Zeroizing<Vec<u8>>>, CkError> {
-    let mut found = None;
-    for a in s.get_attributes(h, &[AttributeType::Value])? {
-        if let Attribute::Value(v) = a {
-            found = Some(Zeroizing::new(v));
-        }
-    }
-    Ok(found)
-}
-
 /// Zeroize the CKA_VALUE inside a template after use.
 pub(crate) fn scrub(template: &mut [Attribute]) {
     for a in template.iter_mut() {
@@ -224,53 +216,109 @@ pub(crate) fn wrap_ed25519_seed(s: &Session, seed: &[u8], kek: &Kek) -> Result<V
     Ok(wrapped?)
 }
 
-/// Ed25519 on tokens that cannot wrap EdDSA keys (see module docs).
-fn generate_ed25519_via_seed(s: &Session, kek: &Kek) -> Result<(Vec<u8>, Vec<u8>), Fail> {
-    let (public, private) = generate_pair(s, KeyAlg::Ed25519, false)?;
-    let point = read_point(s, public, KeyAlg::Ed25519);
-    let seed = read_value(s, private);
-    destroy_quietly(s, private, "generated private key");
-    destroy_quietly(s, public, "generated public key");
-    let point = point?;
-    let seed = seed?.ok_or_else(|| HsmError::Internal {
-        op: "generate_wrapped",
-        rv: "Ed25519 private key has no CKA_VALUE".to_string(),
-    })?;
-    let wrapped = wrap_ed25519_seed(s, &seed, kek)?;
-    Ok((point, wrapped))
+/// Ed25519 on tokens that cannot wrap EdDSA keys (see module docs): seed from the OS RNG,
+/// public key computed here, PKCS#8 carrier wrapped in the token.
+fn generate_ed25519_on_host(s: &Session, kek: &Kek) -> Result<(Vec<u8>, Vec<u8>), Fail> {
+    let mut seed = Zeroizing::new([0u8; 32]);
+    rand::rngs::OsRng.fill_bytes(&mut seed[..]);
+    let public = ed25519_dalek::SigningKey::from_bytes(&seed)
+        .verifying_key()
+        .to_bytes()
+        .to_vec();
+    let wrapped = wrap_ed25519_seed(s, &seed[..], kek)?;
+    Ok((public, wrapped))
 }
 
 /// Errors meaning "this token cannot wrap/unwrap an EdDSA private key natively".
-pub(crate) fn is_no_native_eddsa(f: &Fail) -> bool {
-    match f {
-        Fail::Ck(e) => matches!(
-            rv_of(e),
-            Some(
-                RvError::KeyNotWrappable
-                    | RvError::MechanismInvalid
-                    | RvError::FunctionFailed
-                    | RvError::TemplateInconsistent
-                    | RvError::KeyTypeInconsistent
-                    | RvError::AttributeValueInvalid
-                    | RvError::FunctionNotSupported
-            )
-        ),
-        Fail::Hsm(_) => false,
-    }
+pub(crate) fn is_no_native_eddsa(e: &CkError) -> bool {
+    matches!(
+        rv_of(e),
+        Some(
+            RvError::KeyNotWrappable
+                | RvError::MechanismInvalid
+                | RvError::FunctionFailed
+                | RvError::TemplateInconsistent
+                | RvError::KeyTypeInconsistent
+                | RvError::AttributeValueInvalid
+                | RvError::FunctionNotSupported
+        )
+    )
+}
+
+/// Can this token wrap and unwrap an Ed25519 private key itself? Probed once at open with
+/// session objects only (a throwaway AES key and key pair), so it needs no KEK.
+pub(crate) fn probe_eddsa_native(s: &Session) -> Result<bool, CkError> {
+    let wrapping = s.generate_key(
+        &Mechanism::AesKeyGen,
+        &[
+            Attribute::Class(ObjectClass::SECRET_KEY),
+            Attribute::KeyType(KeyType::AES),
+            Attribute::ValueLen(32u64.into()),
+            Attribute::Token(false),
+            Attribute::Sensitive(true),
+            Attribute::Extractable(false),
+            Attribute::Wrap(true),
+            Attribute::Unwrap(true),
+        ],
+    )?;
+    let result = (|| {
+        let (public, private) = generate_pair(s, KeyAlg::Ed25519, true)?;
+        let wrapped = s.wrap_key(&wrap_mechanism(), wrapping, private);
+        destroy_quietly(s, private, "probe private key");
+        destroy_quietly(s, public, "probe public key");
+        let wrapped = match wrapped {
+            Ok(w) => w,
+            Err(e) if is_no_native_eddsa(&e) => return Ok(false),
+            Err(e) => return Err(e),
+        };
+        let template = [
+            Attribute::Class(ObjectClass::PRIVATE_KEY),
+            Attribute::KeyType(KeyType::EC_EDWARDS),
+            Attribute::Token(false),
+            Attribute::Sensitive(true),
+            Attribute::Extractable(false),
+            Attribute::Sign(true),
+        ];
+        match s.unwrap_key(&wrap_mechanism(), wrapping, &wrapped, &template) {
+            Ok(h) => {
+                destroy_quietly(s, h, "probe unwrapped key");
+                Ok(true)
+            }
+            Err(e) if is_no_native_eddsa(&e) => Ok(false),
+            Err(e) => Err(e),
+        }
+    })();
+    destroy_quietly(s, wrapping, "probe wrapping key");
+    result
 }
 
 impl Hsm {
-    /// Generate a key pair inside the token (session objects), read the public key, wrap the
-    /// private key under the current KEK, destroy all objects (also on error) and return.
-    pub fn generate_wrapped(&self, alg: KeyAlg) -> Result<WrappedKey, HsmError> {
-        self.retry_on_kek(|| self.generate_wrapped_once(alg))
+    /// Which KEK a new key of `alg` goes under in this custody, or why it is refused.
+    fn purpose_for(&self, alg: KeyAlg) -> Result<Purpose, HsmError> {
+        let policy = self.inner.custody;
+        match (policy.mode, alg) {
+            (Custody::Host, _) => Ok(Purpose::Host),
+            (Custody::Hsm, KeyAlg::Secp256k1) => Ok(Purpose::Sealed),
+            (Custody::Hsm, KeyAlg::Ed25519) if !self.ed25519_via_host() => Ok(Purpose::Sealed),
+            (Custody::Hsm, KeyAlg::Ed25519) if policy.refuse_host_ed25519 => Err(refused_ed25519()),
+            (Custody::Hsm, KeyAlg::Ed25519) => Ok(Purpose::Host),
+        }
     }
 
-    fn generate_wrapped_once(&self, alg: KeyAlg) -> Result<WrappedKey, HsmError> {
+    /// Generate a key of `alg` and wrap it under the current KEK of its purpose (see module
+    /// docs): returns the public key and the blob; every session object is destroyed, also on
+    /// error. hsm custody with `refuse_host_ed25519` on a token without native EdDSA wrapping
+    /// refuses Ed25519 with [`HsmError::CustodyRefused`].
+    pub fn generate_wrapped(&self, alg: KeyAlg) -> Result<WrappedKey, HsmError> {
+        let purpose = self.purpose_for(alg)?;
+        self.retry_on_kek(|| self.generate_wrapped_once(alg, purpose))
+    }
+
+    fn generate_wrapped_once(&self, alg: KeyAlg, purpose: Purpose) -> Result<WrappedKey, HsmError> {
         const OP: &str = "generate_wrapped";
-        let kek = self.kek(None)?;
+        let kek = self.kek(None, purpose)?;
         let label = self.inner.pool.label.clone();
-        let native_flag = &self.inner.ed25519_native;
+        let on_host = alg == KeyAlg::Ed25519 && self.ed25519_via_host();
         let mut kek_bad = false;
         let res = self.inner.pool.with_session(OP, |p| {
             if p.epoch != kek.epoch {
@@ -283,17 +331,10 @@ impl Hsm {
                 return (Err(e), Breakage::None);
             }
             let s = &p.session;
-            let r = match alg {
-                KeyAlg::Secp256k1 => generate_native(s, alg, &kek),
-                KeyAlg::Ed25519 if native_flag.load(Ordering::Relaxed) => match generate_native(s, alg, &kek) {
-                    Err(f) if is_no_native_eddsa(&f) => {
-                        tracing::info!("token cannot wrap Ed25519 keys natively; using PKCS#8 carrier");
-                        native_flag.store(false, Ordering::Relaxed);
-                        generate_ed25519_via_seed(s, &kek)
-                    }
-                    other => other,
-                },
-                KeyAlg::Ed25519 => generate_ed25519_via_seed(s, &kek),
+            let r = if on_host {
+                generate_ed25519_on_host(s, &kek)
+            } else {
+                generate_native(s, alg, &kek)
             };
             if let Err(f) = &r {
                 kek_bad = f.kek_suspect();
@@ -309,6 +350,16 @@ impl Hsm {
             self.kek_failed();
         }
         res
+    }
+}
+
+/// Ed25519 through host memory, refused by `hsm.refuse_host_ed25519`.
+pub(crate) fn refused_ed25519() -> HsmError {
+    HsmError::CustodyRefused {
+        reason: "this token cannot wrap or unwrap Ed25519 keys natively (SoftHSM 2.6.1), so an \
+                 Ed25519 key would pass through host memory, and hsm.refuse_host_ed25519 = true \
+                 refuses that"
+            .to_string(),
     }
 }
 

@@ -9,12 +9,22 @@
 //! All calls block; run them on a blocking thread pool. Open one `Hsm` per process and clone
 //! it: a re-initialisation (`C_Finalize` + `C_Initialize`) affects the whole process.
 //!
+//! Custody (see `kek.rs`): hsm custody wraps keys under *sealed* KEKs, whose
+//! `CKA_UNWRAP_TEMPLATE` makes every key unwrapped with them sensitive and non-extractable, for
+//! anyone holding the PIN; host custody uses separate *host* KEKs without a template. `open`
+//! probes what the token really enforces and refuses hsm custody on a KEK that does not enforce
+//! its template, unless the operator opted in.
+//!
 //! Ed25519 on SoftHSM 2.6.1: its C_WrapKey/C_UnwrapKey do not handle EdDSA keys
-//! (`CKR_KEY_NOT_WRAPPABLE` / `CKR_FUNCTION_FAILED`). The module then falls back, per process
-//! and automatically, to a PKCS#8 carrier (see `generate.rs`, `unwrap.rs`): the blob format is
-//! identical (AES-KWP of an RFC 8410 PrivateKeyInfo), but the 32-byte seed passes through host
-//! memory (zeroized) at generation and at unwrap-for-signing. Tokens with native EdDSA wrapping
+//! (`CKR_KEY_NOT_WRAPPABLE` / `CKR_FUNCTION_FAILED`); `open` probes this once. On such a token
+//! an Ed25519 key passes through host memory (zeroized) at generation and at every unwrap, in
+//! either custody: it is wrapped as a PKCS#8 carrier under a host KEK (see `generate.rs`,
+//! `unwrap.rs`; the blob format, AES-KWP of an RFC 8410 PrivateKeyInfo, is the same as a native
+//! wrap). `refuse_host_ed25519` refuses that in hsm custody. Tokens with native EdDSA wrapping
 //! never take that path.
+//!
+//! No secret attribute is ever read (C_GetAttributeValue of CKA_VALUE): cryptoki leaves an
+//! unzeroized copy of what it reads; see `transport.rs`.
 //!
 //! # Binding check (callers MUST do this)
 //! [`Hsm::unwrap_for_signing`] does not prove that the wrapped blob belongs to the stored public
@@ -31,18 +41,20 @@ mod kek;
 mod pool;
 mod sign;
 mod token;
+mod transport;
 mod unwrap;
 
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 
-pub use config::{HsmConfig, DEFAULT_KEK_LABEL_PREFIX};
+pub use config::{CustodyPolicy, HsmConfig, DEFAULT_KEK_LABEL_PREFIX};
 pub use error::{ckr_name, HsmError};
 pub use generate::WrappedKey;
 pub use inspect::ObjectInfo;
 pub use issuer::{issuer_label, IssuerAlg, IssuerKeyInfo, UnknownIssuerAlg, ISSUER_LABEL_PREFIX};
+pub use kek::{kek_label, KekKind};
 pub use sign::{flush_key_destroys, keys_reaped, HsmKey, REAPER_THREAD};
-pub use token::{create_token, TokenInit};
+pub use token::{create_token, init_token, CustodyReport, TokenInit};
 pub use unwrap::WrappedRef;
 
 /// A handle on one token: a pool of logged-in sessions plus the cached KEK handles.
@@ -58,7 +70,9 @@ struct Inner {
     /// Set when a KEK handle was reported invalid: reload the cache before the next use.
     kek_dirty: AtomicBool,
     kek_prefix: String,
-    /// Whether the token wraps/unwraps Ed25519 private keys natively (learned on first use).
+    /// Custody mode and its switches.
+    custody: CustodyPolicy,
+    /// Whether the token wraps/unwraps Ed25519 private keys natively (probed at open).
     ed25519_native: AtomicBool,
     /// Cached issuer key handles (see `issuer.rs`).
     issuer: issuer::IssuerCache,

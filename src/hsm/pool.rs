@@ -19,6 +19,7 @@ use std::sync::Arc;
 
 use super::config::HsmConfig;
 use super::error::{breakage, map_err, rv_of, Breakage, HsmError};
+use super::generate::probe_eddsa_native;
 use super::kek::KekCache;
 use super::{Hsm, Inner};
 
@@ -415,16 +416,28 @@ fn unavailable_from_start(op: &'static str, e: HsmError) -> HsmError {
 
 impl Hsm {
     /// Load the module, initialise it (`CKF_OS_LOCKING_OK`), find the token by label, open
-    /// `pool_size` read-write sessions and log in once. Existing KEKs are looked up (not created).
+    /// `pool_size` read-write sessions and log in once; probe whether the token wraps Ed25519
+    /// keys natively. Existing KEKs are looked up (not created) and probed: in hsm custody a
+    /// `<prefix>-v<N>` KEK that does not enforce its unwrap template is refused
+    /// ([`HsmError::CustodyRefused`]) unless `allow_unenforced_kek`.
     pub fn open(cfg: &HsmConfig) -> Result<Hsm, HsmError> {
         let pool = Pool::open(cfg)?;
+        let label = pool.label.clone();
+        let native = pool.with_session("probe_eddsa", |p| match probe_eddsa_native(&p.session) {
+            Ok(n) => (Ok(n), Breakage::None),
+            Err(e) => (Err(map_err("probe_eddsa", &e, &label)), breakage(&e)),
+        })?;
+        if !native {
+            tracing::info!("token cannot wrap Ed25519 keys natively: Ed25519 keys pass through host memory");
+        }
         let hsm = Hsm {
             inner: Arc::new(Inner {
                 pool,
                 kek: Mutex::new(KekCache::default()),
                 kek_dirty: AtomicBool::new(false),
                 kek_prefix: cfg.kek_label_prefix.clone(),
-                ed25519_native: AtomicBool::new(true),
+                custody: cfg.custody,
+                ed25519_native: AtomicBool::new(native),
                 issuer: Default::default(),
             }),
         };

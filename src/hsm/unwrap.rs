@@ -1,27 +1,34 @@
 //! Unwrapping: into a signing-only session object ("hsm" custody) or out to the host ("host").
 //!
-//! Ed25519 on tokens without EdDSA support in C_UnwrapKey (SoftHSM 2.6.1 answers
-//! CKR_FUNCTION_FAILED): the blob is unwrapped as a non-sensitive generic secret (the PKCS#8
-//! bytes), the seed is taken from it, the carrier destroyed, and a sensitive, non-extractable
-//! Ed25519 session key is created from the seed (C_CreateObject). The seed is only ever held in
-//! zeroizing buffers. Tokens that unwrap EdDSA natively use the native path.
-
-use std::sync::atomic::Ordering;
+//! Which path a blob takes follows the kind of the KEK it is wrapped under (see `kek.rs`):
+//!
+//! * sealed KEK: C_UnwrapKey into a sensitive, non-extractable session key (the KEK's unwrap
+//!   template would refuse anything else). Never to the host: such a key cannot leave the token.
+//! * host (or unenforced) KEK: to the host, the blob is unwrapped as an extractable generic
+//!   secret (its PKCS#8 bytes), moved out under a one-time transport key (`transport.rs`) and
+//!   parsed here. For signing in the token, secp256k1 is refused in hsm custody (its key is
+//!   readable by whoever holds the PIN) unless `allow_unenforced_kek`; Ed25519 is unwrapped
+//!   natively where the token can, else its seed is taken from the PKCS#8 carrier as above and
+//!   a sensitive, non-extractable Ed25519 session key is created from it (C_CreateObject): the
+//!   seed passes through host memory (zeroized), which `refuse_host_ed25519` refuses.
 
 use cryptoki::error::{Error as CkError, RvError};
 use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
 use cryptoki::session::Session;
-use zeroize::Zeroizing;
+use k256::pkcs8::DecodePrivateKey as _;
+use zeroize::{Zeroize as _, Zeroizing};
 
 use super::error::{rv_of, settle, Breakage, Fail, HsmError};
 use super::generate::{
-    destroy_quietly, ec_params, ed25519_seed_from_pkcs8, is_no_native_eddsa, key_type, params_match, public_key_len,
-    read_value, scrub, wrap_mechanism,
+    destroy_quietly, ec_params, ed25519_seed_from_pkcs8, key_type, params_match, public_key_len, refused_ed25519,
+    scrub, wrap_mechanism,
 };
-use super::kek::Kek;
+use super::kek::{kek_label, Kek, KekKind, Purpose};
 use super::pool::Origin;
 use super::sign::HsmKey;
+use super::transport::export;
 use super::Hsm;
+use crate::config::Custody;
 use crate::types::KeyAlg;
 
 /// A stored wrapped key, borrowed.
@@ -35,24 +42,16 @@ pub struct WrappedRef<'a> {
     pub kek_version: u32,
 }
 
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Custody {
-    /// Sensitive, not extractable, may sign.
-    Token,
-    /// Not sensitive, extractable: CKA_VALUE is read and the object destroyed.
-    Host,
-}
-
-fn private_template(alg: KeyAlg, custody: Custody) -> Vec<Attribute> {
-    let hsm = custody == Custody::Token;
+/// A signing-only session key: what a sealed KEK's unwrap template demands.
+fn private_template(alg: KeyAlg) -> Vec<Attribute> {
     vec![
         Attribute::Class(ObjectClass::PRIVATE_KEY),
         Attribute::KeyType(key_type(alg)),
         Attribute::Token(false),
         Attribute::Private(true),
-        Attribute::Sensitive(hsm),
-        Attribute::Extractable(!hsm),
-        Attribute::Sign(hsm),
+        Attribute::Sensitive(true),
+        Attribute::Extractable(false),
+        Attribute::Sign(true),
         Attribute::Derive(false),
     ]
 }
@@ -119,9 +118,9 @@ fn check_alg(s: &Session, h: ObjectHandle, alg: KeyAlg, kek: &Kek) -> Result<(),
 }
 
 /// Native C_UnwrapKey into a private key object of `alg`, checked.
-fn unwrap_native(s: &Session, alg: KeyAlg, kek: &Kek, blob: &[u8], custody: Custody) -> Result<ObjectHandle, Fail> {
+fn unwrap_native(s: &Session, alg: KeyAlg, kek: &Kek, blob: &[u8]) -> Result<ObjectHandle, Fail> {
     let h = s
-        .unwrap_key(&wrap_mechanism(), kek.handle, blob, &private_template(alg, custody))
+        .unwrap_key(&wrap_mechanism(), kek.handle, blob, &private_template(alg))
         .map_err(|e| unwrap_err(s, e, alg, kek))?;
     if let Err(f) = check_alg(s, h, alg, kek) {
         destroy_quietly(s, h, "mismatched unwrapped key");
@@ -130,29 +129,43 @@ fn unwrap_native(s: &Session, alg: KeyAlg, kek: &Kek, blob: &[u8], custody: Cust
     Ok(h)
 }
 
-/// Unwrap the blob as raw bytes (generic secret carrier) and take the Ed25519 seed from it.
-fn unwrap_ed25519_seed(s: &Session, kek: &Kek, blob: &[u8]) -> Result<Zeroizing<Vec<u8>>, Fail> {
-    let alg = KeyAlg::Ed25519;
+/// Unwrap the blob as an extractable generic secret (its PKCS#8 bytes) and move those out of
+/// the token encrypted (see `transport.rs`); the carrier object is destroyed.
+fn unwrap_pkcs8(s: &Session, alg: KeyAlg, kek: &Kek, blob: &[u8]) -> Result<Zeroizing<Vec<u8>>, Fail> {
     let template = [
         Attribute::Class(ObjectClass::SECRET_KEY),
         Attribute::KeyType(KeyType::GENERIC_SECRET),
         Attribute::Token(false),
         Attribute::Private(true),
-        Attribute::Sensitive(false),
+        Attribute::Sensitive(true),
         Attribute::Extractable(true),
     ];
     let carrier = s
         .unwrap_key(&wrap_mechanism(), kek.handle, blob, &template)
         .map_err(|e| unwrap_err(s, e, alg, kek))?;
-    let value = read_value(s, carrier);
+    let der = export(s, carrier);
     destroy_quietly(s, carrier, "PKCS#8 carrier");
-    let value = value?.ok_or_else(|| mismatch(alg, kek))?;
-    ed25519_seed_from_pkcs8(&value).ok_or_else(|| mismatch(alg, kek))
+    der
+}
+
+/// The 32-byte private key inside a PKCS#8 `PrivateKeyInfo` of `alg` (secp256k1: big-endian
+/// scalar; Ed25519: seed), in zeroizing memory.
+fn secret_from_pkcs8(alg: KeyAlg, der: &[u8], kek: &Kek) -> Result<Zeroizing<Vec<u8>>, Fail> {
+    match alg {
+        KeyAlg::Ed25519 => ed25519_seed_from_pkcs8(der).ok_or_else(|| mismatch(alg, kek)),
+        KeyAlg::Secp256k1 => {
+            let sk = k256::SecretKey::from_pkcs8_der(der).map_err(|_| mismatch(alg, kek))?;
+            let mut bytes: [u8; 32] = sk.to_bytes().into();
+            let out = Zeroizing::new(bytes.to_vec());
+            bytes.zeroize();
+            Ok(out)
+        }
+    }
 }
 
 /// Ed25519 signing key from a seed (tokens without native EdDSA unwrap).
 fn ed25519_key_from_seed(s: &Session, seed: &[u8]) -> Result<ObjectHandle, Fail> {
-    let mut template = private_template(KeyAlg::Ed25519, Custody::Token);
+    let mut template = private_template(KeyAlg::Ed25519);
     template.push(Attribute::EcParams(ec_params(KeyAlg::Ed25519).to_vec()));
     template.push(Attribute::Value(seed.to_vec()));
     let h = s.create_object(&template);
@@ -172,30 +185,66 @@ fn check_public(alg: KeyAlg, w: &WrappedRef<'_>) -> Result<(), HsmError> {
     }
 }
 
-/// secp256k1 CKA_VALUE is a big-endian scalar that may be shorter than 32 bytes.
-fn scalar32(v: &[u8]) -> Option<Zeroizing<Vec<u8>>> {
-    if v.is_empty() || v.len() > 32 {
-        return None;
-    }
-    let mut out = Zeroizing::new(vec![0u8; 32]);
-    out[32 - v.len()..].copy_from_slice(v);
-    Some(out)
-}
-
 enum Unwrapped {
     Key(ObjectHandle, Origin),
     Secret(Zeroizing<Vec<u8>>),
 }
 
+/// Signing in the token or decrypting to the host.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Target {
+    Token,
+    Host,
+}
+
 impl Hsm {
+    /// The custody rules for a blob of `alg` under `kek` (see the module docs).
+    fn admit(&self, alg: KeyAlg, kek: &Kek, target: Target) -> Result<(), HsmError> {
+        let policy = self.inner.custody;
+        let label = kek_label(&self.inner.kek_prefix, kek.version, kek.kind);
+        match (target, kek.kind, alg) {
+            (Target::Host, KekKind::Sealed, _) => Err(HsmError::CustodyRefused {
+                reason: format!(
+                    "this {alg} key is wrapped under {label}, a sealed KEK: it can only be unwrapped \
+                     into the token (hsm custody), never to host memory"
+                ),
+            }),
+            (Target::Host, _, _) | (Target::Token, KekKind::Sealed, _) => Ok(()),
+            (Target::Token, _, KeyAlg::Ed25519) if policy.mode == Custody::Hsm && policy.refuse_host_ed25519 => {
+                Err(refused_ed25519())
+            }
+            (Target::Token, _, KeyAlg::Ed25519) => Ok(()),
+            (Target::Token, _, KeyAlg::Secp256k1) if policy.mode == Custody::Hsm && !policy.allow_unenforced_kek => {
+                Err(HsmError::CustodyRefused {
+                    reason: format!(
+                        "this secp256k1 key is wrapped under {label}, which has no enforced unwrap \
+                         template (it was made in host custody, or before KEKs were sealed): whoever \
+                         holds the PIN can read it, so hsm custody refuses it (hsm.allow_unenforced_kek \
+                         = true accepts it)"
+                    ),
+                })
+            }
+            (Target::Token, _, KeyAlg::Secp256k1) => Ok(()),
+        }
+    }
+
     fn unwrap_inner(
         &self,
         op: &'static str,
         alg: KeyAlg,
         w: &WrappedRef<'_>,
-        custody: Custody,
+        target: Target,
     ) -> Result<Unwrapped, HsmError> {
-        self.retry_on_kek(|| self.unwrap_once(op, alg, w, custody))
+        check_public(alg, w)?;
+        let purpose = match target {
+            Target::Token => Purpose::Sealed,
+            Target::Host => Purpose::Host,
+        };
+        self.retry_on_kek(|| {
+            let kek = self.kek(Some(w.kek_version), purpose)?;
+            self.admit(alg, &kek, target)?;
+            self.unwrap_once(op, alg, w, &kek, target)
+        })
     }
 
     fn unwrap_once(
@@ -203,12 +252,11 @@ impl Hsm {
         op: &'static str,
         alg: KeyAlg,
         w: &WrappedRef<'_>,
-        custody: Custody,
+        kek: &Kek,
+        target: Target,
     ) -> Result<Unwrapped, HsmError> {
-        check_public(alg, w)?;
-        let kek = self.kek(Some(w.kek_version))?;
         let label = self.inner.pool.label.clone();
-        let native_flag = &self.inner.ed25519_native;
+        let via_seed = alg == KeyAlg::Ed25519 && self.ed25519_via_host();
         let mut kek_bad = false;
         let res = self.inner.pool.with_session(op, |p| {
             if p.epoch != kek.epoch {
@@ -226,38 +274,15 @@ impl Hsm {
                 index: p.index,
                 gen: p.gen,
             };
-            let r: Result<Unwrapped, Fail> = match (alg, custody) {
-                (KeyAlg::Secp256k1, Custody::Token) => {
-                    unwrap_native(s, alg, &kek, w.wrapped, custody).map(|h| Unwrapped::Key(h, origin))
-                }
-                (KeyAlg::Secp256k1, Custody::Host) => unwrap_native(s, alg, &kek, w.wrapped, custody).and_then(|h| {
-                    let v = read_value(s, h);
-                    destroy_quietly(s, h, "host-unwrapped key");
-                    let v = v?.ok_or_else(|| mismatch(alg, &kek))?;
-                    scalar32(&v).map(Unwrapped::Secret).ok_or_else(|| mismatch(alg, &kek))
-                }),
-                (KeyAlg::Ed25519, Custody::Host) => unwrap_ed25519_seed(s, &kek, w.wrapped).map(Unwrapped::Secret),
-                (KeyAlg::Ed25519, Custody::Token) => {
-                    let native = if native_flag.load(Ordering::Relaxed) {
-                        match unwrap_native(s, alg, &kek, w.wrapped, custody) {
-                            Err(f) if is_no_native_eddsa(&f) || matches!(f, Fail::Hsm(_)) => None,
-                            other => Some(other),
-                        }
-                    } else {
-                        None
-                    };
-                    match native {
-                        Some(r) => r.map(|h| Unwrapped::Key(h, origin)),
-                        None => {
-                            let seed = unwrap_ed25519_seed(s, &kek, w.wrapped);
-                            if seed.is_ok() && native_flag.swap(false, Ordering::Relaxed) {
-                                tracing::info!("token cannot unwrap Ed25519 keys natively; using PKCS#8 carrier");
-                            }
-                            seed.and_then(|seed| ed25519_key_from_seed(s, &seed))
-                                .map(|h| Unwrapped::Key(h, origin))
-                        }
-                    }
-                }
+            let r: Result<Unwrapped, Fail> = match target {
+                Target::Host => unwrap_pkcs8(s, alg, kek, w.wrapped)
+                    .and_then(|der| secret_from_pkcs8(alg, &der, kek))
+                    .map(Unwrapped::Secret),
+                Target::Token if via_seed && kek.kind != KekKind::Sealed => unwrap_pkcs8(s, alg, kek, w.wrapped)
+                    .and_then(|der| secret_from_pkcs8(alg, &der, kek))
+                    .and_then(|seed| ed25519_key_from_seed(s, &seed))
+                    .map(|h| Unwrapped::Key(h, origin)),
+                Target::Token => unwrap_native(s, alg, kek, w.wrapped).map(|h| Unwrapped::Key(h, origin)),
             };
             if let Err(f) = &r {
                 kek_bad = f.kek_suspect();
@@ -270,12 +295,13 @@ impl Hsm {
         res
     }
 
-    /// Custody "hsm": unwrap into a sensitive, non-extractable, sign-only session object.
+    /// Custody "hsm": unwrap into a sensitive, non-extractable, sign-only session object. A
+    /// blob the custody rules do not admit (module docs) gives [`HsmError::CustodyRefused`].
     ///
     /// This does NOT prove that the blob belongs to `w.public_key`: the caller MUST sign a test
     /// message with the returned key and verify it against `w.public_key` before caching it.
     pub fn unwrap_for_signing(&self, alg: KeyAlg, w: &WrappedRef<'_>) -> Result<HsmKey, HsmError> {
-        match self.unwrap_inner("unwrap_for_signing", alg, w, Custody::Token)? {
+        match self.unwrap_inner("unwrap_for_signing", alg, w, Target::Token)? {
             Unwrapped::Key(handle, origin) => Ok(HsmKey::new(self.clone(), handle, alg, origin)),
             Unwrapped::Secret(_) => Err(HsmError::Internal {
                 op: "unwrap_for_signing",
@@ -284,10 +310,12 @@ impl Hsm {
         }
     }
 
-    /// Custody "host": unwrap as a non-sensitive session object, read the private key
-    /// (secp256k1: 32-byte big-endian scalar; ed25519: 32-byte seed), destroy the object.
+    /// Custody "host": the private key (secp256k1: 32-byte big-endian scalar; ed25519: 32-byte
+    /// seed) in zeroizing memory, taken from the blob's PKCS#8 without reading a secret
+    /// attribute (module docs). A blob under a sealed KEK is refused ([`HsmError::CustodyRefused`]).
+    /// Callers scrub their stack afterwards (`keys::scrub_stack`).
     pub fn unwrap_to_host(&self, alg: KeyAlg, w: &WrappedRef<'_>) -> Result<Zeroizing<Vec<u8>>, HsmError> {
-        match self.unwrap_inner("unwrap_to_host", alg, w, Custody::Host)? {
+        match self.unwrap_inner("unwrap_to_host", alg, w, Target::Host)? {
             Unwrapped::Secret(v) => Ok(v),
             Unwrapped::Key(..) => Err(HsmError::Internal {
                 op: "unwrap_to_host",

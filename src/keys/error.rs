@@ -37,6 +37,9 @@ pub enum KeyError {
     /// A signature did not check out.
     #[error("signature check failed: {0}")]
     Signature(#[from] EthError),
+    /// Host-custody key memory could not be locked.
+    #[error(transparent)]
+    Locked(#[from] super::locked::LockedError),
     /// A bug or a panicked task.
     #[error("internal error: {0}")]
     Internal(&'static str),

@@ -2,17 +2,26 @@
 //! in either custody mode through a bounded cache of unwrapped keys.
 //!
 //! Never writes a plaintext private key anywhere; host-custody key bytes live
-//! only in zeroizing types. Every unwrapped key is proven to belong to its
-//! account (its signature must verify under the stored public key) before
-//! it is cached or used.
+//! only in the locked, non-dumpable arena (`locked.rs`) and zeroizing
+//! buffers, and the stack of every thread that touched them is scrubbed
+//! afterwards. Every unwrapped key is proven to belong to its account (its
+//! signature must verify under the stored public key) before it is cached or
+//! used.
 
 mod cache;
 mod error;
+pub mod locked;
 mod signer;
 
 pub use cache::KeyCache;
 pub use error::KeyError;
+pub use locked::{harden_process, scrub_stack, LockedError, SecretArena};
 pub use signer::{public_keys, AccountKeys};
+
+/// Stack scrubbed after an unwrap (SoftHSM, OpenSSL and PKCS#8 frames run deep).
+const SCRUB_AFTER_UNWRAP: usize = 128 * 1024;
+/// Stack scrubbed after a host signature.
+const SCRUB_AFTER_SIGN: usize = 16 * 1024;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -40,6 +49,28 @@ pub struct NewAccount {
     pub allowed: Vec<String>,
 }
 
+/// Generates and wraps one key of each algorithm. Not inlined: its frames
+/// (an Ed25519 seed made on the host) must lie below the caller's
+/// `scrub_stack`.
+#[inline(never)]
+fn generate_keys(hsm: &Hsm, metrics: &Metrics) -> Result<Vec<KeyRecord>, HsmError> {
+    let mut keys = Vec::with_capacity(KeyAlg::ALL.len());
+    for alg in KeyAlg::ALL {
+        let started = Instant::now();
+        let w = hsm.generate_wrapped(alg);
+        metrics.observe_hsm("generate_wrapped", started);
+        let w = w?;
+        keys.push(KeyRecord {
+            alg,
+            public_key: w.public_key,
+            wrapped: w.wrapped,
+            kek_version: w.kek_version,
+            key_version: INITIAL_KEY_VERSION,
+        });
+    }
+    Ok(keys)
+}
+
 /// Creates accounts and signs with their keys.
 #[derive(Debug, Clone)]
 pub struct KeyService {
@@ -48,10 +79,13 @@ pub struct KeyService {
     custody: Custody,
     cache: Arc<KeyCache>,
     metrics: Arc<Metrics>,
+    arena: Arc<SecretArena>,
 }
 
 impl KeyService {
-    /// Wires the service.
+    /// Wires the service. Host custody also makes the process non-dumpable
+    /// (best effort here: the daemon's commands do it at start and fail if
+    /// they cannot).
     pub fn new(
         hsm: Hsm,
         store: Arc<dyn Store>,
@@ -59,13 +93,24 @@ impl KeyService {
         cache_capacity: usize,
         metrics: Arc<Metrics>,
     ) -> KeyService {
+        if custody == Custody::Host {
+            if let Err(e) = harden_process() {
+                tracing::warn!(error = %e, "cannot make the process non-dumpable (PR_SET_DUMPABLE)");
+            }
+        }
         KeyService {
             hsm,
             store,
             custody,
             cache: Arc::new(KeyCache::new(cache_capacity)),
             metrics,
+            arena: SecretArena::new(),
         }
+    }
+
+    /// The locked memory host-custody keys live in.
+    pub fn arena(&self) -> &Arc<SecretArena> {
+        &self.arena
     }
 
     /// The custody mode in force.
@@ -100,21 +145,11 @@ impl KeyService {
         let hsm = self.hsm.clone();
         let metrics = self.metrics.clone();
         let wrapped = tokio::task::spawn_blocking(move || -> Result<Vec<KeyRecord>, HsmError> {
-            let mut keys = Vec::with_capacity(KeyAlg::ALL.len());
-            for alg in KeyAlg::ALL {
-                let started = Instant::now();
-                let w = hsm.generate_wrapped(alg);
-                metrics.observe_hsm("generate_wrapped", started);
-                let w = w?;
-                keys.push(KeyRecord {
-                    alg,
-                    public_key: w.public_key,
-                    wrapped: w.wrapped,
-                    kek_version: w.kek_version,
-                    key_version: INITIAL_KEY_VERSION,
-                });
-            }
-            Ok(keys)
+            let out = generate_keys(&hsm, &metrics);
+            // An Ed25519 seed made on the host (tokens without native EdDSA wrapping) was on
+            // this thread's stack.
+            scrub_stack::<SCRUB_AFTER_UNWRAP>();
+            out
         })
         .await
         .map_err(|_| KeyError::Internal("key generation task failed"))??;
@@ -165,9 +200,11 @@ impl KeyService {
         let hsm = self.hsm.clone();
         let custody = self.custody;
         let metrics = self.metrics.clone();
+        let arena = self.arena.clone();
         let keys = tokio::task::spawn_blocking(move || {
             let started = Instant::now();
-            let out = AccountKeys::unwrap(&hsm, custody, record);
+            let out = AccountKeys::unwrap(&hsm, custody, &arena, record);
+            scrub_stack::<SCRUB_AFTER_UNWRAP>();
             metrics.observe_hsm("unwrap", started);
             out
         })
@@ -229,7 +266,9 @@ impl KeyService {
         for attempt in 0..2 {
             let keys = self.account(id).await?;
             let result = if keys.signs_on_host() {
-                op(&keys, &self.hsm, &self.metrics)
+                let r = op(&keys, &self.hsm, &self.metrics);
+                scrub_stack::<SCRUB_AFTER_SIGN>();
+                r
             } else {
                 let hsm = self.hsm.clone();
                 let metrics = self.metrics.clone();

@@ -1,16 +1,23 @@
 //! One account's keys, unwrapped and proven to be the account's own, ready
 //! to sign in the custody mode chosen at start-up.
+//!
+//! Host custody keeps only the 32 key bytes, in the locked arena (`locked.rs`), and builds what
+//! a signature needs from them each time (a scalar parse for secp256k1, one SHA-512 for
+//! Ed25519); callers scrub the stack after signing.
 
+use std::sync::Arc;
 use std::time::Instant;
 
-use ed25519_dalek::Signer as _;
+use k256::ecdsa::hazmat::SignPrimitive as _;
 use k256::ecdsa::VerifyingKey;
+use zeroize::Zeroize as _;
 
+use super::locked::{LockedKey, SecretArena};
 use super::KeyError;
 use crate::config::Custody;
 use crate::crypto::eip712::keccak256;
 use crate::crypto::eth::{self, Address};
-use crate::hsm::{Hsm, HsmKey, WrappedRef};
+use crate::hsm::{Hsm, HsmError, HsmKey, WrappedRef};
 use crate::metrics::Metrics;
 use crate::store::{AccountRecord, KeyRecord};
 use crate::types::KeyAlg;
@@ -21,12 +28,42 @@ const BINDING_MESSAGE: &[u8] = b"keyward: unwrapped key binding check";
 
 enum Secp {
     Hsm(HsmKey),
-    Host(k256::ecdsa::SigningKey),
+    /// The big-endian scalar.
+    Host(LockedKey),
 }
 
 enum Ed {
     Hsm(HsmKey),
-    Host(ed25519_dalek::SigningKey),
+    /// The seed.
+    Host(LockedKey),
+    /// Refused by the custody settings (`hsm.refuse_host_ed25519`): the reason.
+    Refused(String),
+}
+
+/// secp256k1 over a 32-byte prehash from the scalar in `key` (RFC 6979, no extra data: the
+/// signature `SigningKey::sign_prehash_recoverable` gives): low-s, and whether R's y is odd.
+#[inline(never)] // its frame must lie below the caller's `scrub_stack`
+fn secp_sign(key: &LockedKey, prehash: &[u8; 32]) -> Result<(k256::ecdsa::Signature, bool), KeyError> {
+    key.with(|bytes| {
+        let mut scalar = k256::NonZeroScalar::try_from(&bytes[..])
+            .map_err(|_| KeyError::Internal("stored secp256k1 scalar is invalid"))?;
+        let signed = scalar.try_sign_prehashed_rfc6979::<sha2::Sha256>(&(*prehash).into(), &[]);
+        scalar.zeroize();
+        match signed {
+            Ok((sig, Some(recid))) => Ok((sig, recid.is_y_odd())),
+            _ => Err(KeyError::Internal("secp256k1 signing failed")),
+        }
+    })
+}
+
+/// Ed25519 (RFC 8032) over `msg` from the seed in `key`.
+#[inline(never)] // its frame must lie below the caller's `scrub_stack`
+fn ed_sign(key: &LockedKey, public: &ed25519_dalek::VerifyingKey, msg: &[u8]) -> [u8; 64] {
+    key.with(|seed| {
+        // Zeroized when dropped (ed25519-dalek's `zeroize` feature).
+        let expanded = ed25519_dalek::hazmat::ExpandedSecretKey::from(seed);
+        ed25519_dalek::hazmat::raw_sign::<sha2::Sha512>(&expanded, msg, public).to_bytes()
+    })
 }
 
 /// An account with both keys usable. Dropping it destroys the HSM session
@@ -89,8 +126,16 @@ fn wref(k: &KeyRecord) -> WrappedRef<'_> {
 
 impl AccountKeys {
     /// Unwraps both keys of `record` (blocking HSM calls) and proves each is
-    /// the key its stored public key names.
-    pub fn unwrap(hsm: &Hsm, custody: Custody, record: AccountRecord) -> Result<AccountKeys, KeyError> {
+    /// the key its stored public key names. Host custody puts the key bytes in
+    /// `arena`; the caller scrubs its stack afterwards (not inlined, so that
+    /// this frame lies in the scrubbed range).
+    #[inline(never)]
+    pub fn unwrap(
+        hsm: &Hsm,
+        custody: Custody,
+        arena: &Arc<SecretArena>,
+        record: AccountRecord,
+    ) -> Result<AccountKeys, KeyError> {
         let (secp_public, ed_public) = public_keys(&record)?;
         let binding = |alg| KeyError::Binding {
             account: record.id.clone(),
@@ -105,27 +150,37 @@ impl AccountKeys {
                 let raw = hsm.sign(&secp_key, &digest)?;
                 eth::to_recoverable(&secp_public, &digest, &raw).map_err(|_| binding(KeyAlg::Secp256k1))?;
 
-                let ed_key = hsm.unwrap_for_signing(KeyAlg::Ed25519, &wref(ed_rec))?;
-                let raw = hsm.sign(&ed_key, BINDING_MESSAGE)?;
-                let sig = ed25519_dalek::Signature::from_slice(&raw).map_err(|_| binding(KeyAlg::Ed25519))?;
-                ed_public
-                    .verify_strict(BINDING_MESSAGE, &sig)
-                    .map_err(|_| binding(KeyAlg::Ed25519))?;
-                (Secp::Hsm(secp_key), Ed::Hsm(ed_key))
+                let ed = match hsm.unwrap_for_signing(KeyAlg::Ed25519, &wref(ed_rec)) {
+                    Ok(ed_key) => {
+                        let raw = hsm.sign(&ed_key, BINDING_MESSAGE)?;
+                        let sig = ed25519_dalek::Signature::from_slice(&raw).map_err(|_| binding(KeyAlg::Ed25519))?;
+                        ed_public
+                            .verify_strict(BINDING_MESSAGE, &sig)
+                            .map_err(|_| binding(KeyAlg::Ed25519))?;
+                        Ed::Hsm(ed_key)
+                    }
+                    // The account's secp256k1 key still signs.
+                    Err(HsmError::CustodyRefused { reason }) => Ed::Refused(reason),
+                    Err(e) => return Err(e.into()),
+                };
+                (Secp::Hsm(secp_key), ed)
             }
             Custody::Host => {
                 let scalar = hsm.unwrap_to_host(KeyAlg::Secp256k1, &wref(secp_rec))?;
-                let sk = k256::ecdsa::SigningKey::from_slice(&scalar).map_err(|_| binding(KeyAlg::Secp256k1))?;
-                if *sk.verifying_key() != secp_public {
+                let secp = arena.store(&scalar)?;
+                let derived = k256::SecretKey::from_slice(&scalar).map(|sk| sk.public_key());
+                drop(scalar);
+                if derived.ok().map(VerifyingKey::from) != Some(secp_public) {
                     return Err(binding(KeyAlg::Secp256k1));
                 }
                 let seed = hsm.unwrap_to_host(KeyAlg::Ed25519, &wref(ed_rec))?;
-                let seed: &[u8; 32] = seed.as_slice().try_into().map_err(|_| binding(KeyAlg::Ed25519))?;
-                let ek = ed25519_dalek::SigningKey::from_bytes(seed);
-                if ek.verifying_key() != ed_public {
+                let ed = arena.store(&seed)?;
+                drop(seed);
+                let derived = ed.with(|seed| ed25519_dalek::SigningKey::from_bytes(seed).verifying_key());
+                if derived != ed_public {
                     return Err(binding(KeyAlg::Ed25519));
                 }
-                (Secp::Host(sk), Ed::Host(ek))
+                (Secp::Host(secp), Ed::Host(ed))
             }
         };
         Ok(AccountKeys {
@@ -166,7 +221,13 @@ impl AccountKeys {
     /// r‖s‖v over a 32-byte digest, low-s, v ∈ {27, 28}.
     pub fn sign_eth_digest(&self, hsm: &Hsm, metrics: &Metrics, digest: &[u8; 32]) -> Result<[u8; 65], KeyError> {
         match &self.secp {
-            Secp::Host(sk) => eth::sign_digest(sk, digest).map_err(|_| KeyError::Internal("secp256k1 signing failed")),
+            Secp::Host(key) => {
+                let (sig, odd) = secp_sign(key, digest)?;
+                let mut out = [0u8; 65];
+                out[..64].copy_from_slice(&sig.to_bytes());
+                out[64] = 27 + u8::from(odd);
+                Ok(out)
+            }
             Secp::Hsm(key) => {
                 let started = Instant::now();
                 let raw = hsm.sign(key, digest);
@@ -184,7 +245,8 @@ impl AccountKeys {
     /// An RFC 8032 Ed25519 signature over `msg`.
     pub fn sign_ed25519(&self, hsm: &Hsm, metrics: &Metrics, msg: &[u8]) -> Result<[u8; 64], KeyError> {
         match &self.ed {
-            Ed::Host(sk) => Ok(sk.sign(msg).to_bytes()),
+            Ed::Host(key) => Ok(ed_sign(key, &self.ed_public, msg)),
+            Ed::Refused(reason) => Err(KeyError::Hsm(HsmError::CustodyRefused { reason: reason.clone() })),
             Ed::Hsm(key) => {
                 let started = Instant::now();
                 let raw = hsm.sign(key, msg);
@@ -203,15 +265,13 @@ impl AccountKeys {
     /// account's secp256k1 key: raw r‖s, 64 bytes, low-s, checked against the
     /// stored public key.
     pub fn sign_es256k_prehash(&self, hsm: &Hsm, metrics: &Metrics, prehash: &[u8; 32]) -> Result<[u8; 64], KeyError> {
-        use k256::ecdsa::signature::hazmat::{PrehashSigner as _, PrehashVerifier as _};
+        use k256::ecdsa::signature::hazmat::PrehashVerifier as _;
         let binding = || KeyError::Binding {
             account: self.record.id.clone(),
             alg: KeyAlg::Secp256k1,
         };
         let sig: k256::ecdsa::Signature = match &self.secp {
-            Secp::Host(sk) => sk
-                .sign_prehash(prehash)
-                .map_err(|_| KeyError::Internal("secp256k1 signing failed"))?,
+            Secp::Host(key) => secp_sign(key, prehash)?.0,
             Secp::Hsm(key) => {
                 let started = Instant::now();
                 let raw = hsm.sign(key, prehash);

@@ -50,7 +50,7 @@ impl Env {
             StoreKind::Sqlite => format!("sqlite://{}", dir.path().join("keyward.db").display()),
             StoreKind::Postgres => keyward::store::testing::postgres_url_for_tests()?,
         };
-        std::fs::write(dir.path().join("hsm-pin"), format!("{}\n", token.pin)).expect("pin file");
+        write_0600(&dir.path().join("hsm-pin"), &format!("{}\n", token.pin));
         let config_path = dir.path().join("keyward.toml");
         let text = format!(
             r#"
@@ -153,6 +153,20 @@ dir = "policies"
         d.wait_healthy(self).await;
         d
     }
+}
+
+/// Writes a secret file as the daemon demands it: mode 0600.
+pub fn write_0600(path: &Path, contents: &str) {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .expect("secret file");
+    f.write_all(contents.as_bytes()).expect("secret file");
 }
 
 /// A running in-process daemon.
