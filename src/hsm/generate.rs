@@ -245,17 +245,25 @@ pub(crate) fn is_no_native_eddsa(e: &CkError) -> bool {
     )
 }
 
+/// A throwaway, sensitive AES-256 session key (for probes), with `extra` attributes.
+pub(crate) fn session_aes_key(s: &Session, extra: &[Attribute]) -> Result<ObjectHandle, CkError> {
+    let mut template = vec![
+        Attribute::Class(ObjectClass::SECRET_KEY),
+        Attribute::KeyType(KeyType::AES),
+        Attribute::ValueLen(32u64.into()),
+        Attribute::Token(false),
+        Attribute::Sensitive(true),
+    ];
+    template.extend_from_slice(extra);
+    s.generate_key(&Mechanism::AesKeyGen, &template)
+}
+
 /// Can this token wrap and unwrap an Ed25519 private key itself? Probed once at open with
 /// session objects only (a throwaway AES key and key pair), so it needs no KEK.
 pub(crate) fn probe_eddsa_native(s: &Session) -> Result<bool, CkError> {
-    let wrapping = s.generate_key(
-        &Mechanism::AesKeyGen,
+    let wrapping = session_aes_key(
+        s,
         &[
-            Attribute::Class(ObjectClass::SECRET_KEY),
-            Attribute::KeyType(KeyType::AES),
-            Attribute::ValueLen(32u64.into()),
-            Attribute::Token(false),
-            Attribute::Sensitive(true),
             Attribute::Extractable(false),
             Attribute::Wrap(true),
             Attribute::Unwrap(true),

@@ -36,7 +36,7 @@ use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHan
 use cryptoki::session::Session;
 
 use super::error::{breakage, map_err, Breakage, HsmError};
-use super::generate::{destroy_quietly, wrap_mechanism};
+use super::generate::{destroy_quietly, session_aes_key, wrap_mechanism};
 use super::Hsm;
 use crate::config::Custody;
 
@@ -102,9 +102,12 @@ pub(crate) enum Purpose {
     Host,
 }
 
+/// KEKs on the token: version -> (handle, kind).
+type Keks = BTreeMap<u32, (ObjectHandle, KekKind)>;
+
 #[derive(Debug, Default)]
 pub(crate) struct KekCache {
-    handles: BTreeMap<u32, (ObjectHandle, KekKind)>,
+    handles: Keks,
     /// Pool epoch the handles belong to (0: not loaded).
     epoch: u64,
     /// Every version seen on the token by this process: one that disappears means the token
@@ -263,17 +266,7 @@ fn probe_sealed(s: &Session, kek: ObjectHandle) -> Result<bool, CkError> {
     if s.update_attributes(kek, &[Attribute::Decrypt(false)]).is_ok() {
         return Ok(false); // modifiable: CKA_DECRYPT (or the template) could be changed
     }
-    let probe = s.generate_key(
-        &Mechanism::AesKeyGen,
-        &[
-            Attribute::Class(ObjectClass::SECRET_KEY),
-            Attribute::KeyType(KeyType::AES),
-            Attribute::ValueLen(32u64.into()),
-            Attribute::Token(false),
-            Attribute::Sensitive(true),
-            Attribute::Extractable(true),
-        ],
-    )?;
+    let probe = session_aes_key(s, &[Attribute::Extractable(true)])?;
     let blob = s.wrap_key(&wrap_mechanism(), kek, probe);
     destroy_quietly(s, probe, "KEK probe key");
     let blob = match blob {
@@ -353,7 +346,7 @@ enum Want {
 
 /// What a refresh found and made, computed inside the session closure.
 struct Found {
-    keks: BTreeMap<u32, (ObjectHandle, KekKind)>,
+    keks: Keks,
     probed: BTreeMap<u32, KekKind>,
     epoch: u64,
 }
@@ -390,7 +383,7 @@ impl Hsm {
         }
     }
 
-    fn current_in(&self, keks: &BTreeMap<u32, (ObjectHandle, KekKind)>, purpose: Purpose) -> u32 {
+    fn current_in(&self, keks: &Keks, purpose: Purpose) -> u32 {
         keks.iter()
             .rev()
             .find(|(_, (_, kind))| self.usable(purpose, *kind))
@@ -404,7 +397,7 @@ impl Hsm {
         s: &Session,
         want: &Want,
         mut probed: BTreeMap<u32, KekKind>,
-    ) -> Result<(BTreeMap<u32, (ObjectHandle, KekKind)>, BTreeMap<u32, KekKind>), Fail2> {
+    ) -> Result<(Keks, BTreeMap<u32, KekKind>), Fail2> {
         let prefix = self.inner.kek_prefix.as_str();
         let mut keks = BTreeMap::new();
         for (v, (h, host)) in find_keks(s, prefix)? {
