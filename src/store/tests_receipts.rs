@@ -194,8 +194,10 @@ async fn signing_holds_no_lock(store: Arc<dyn Store>) {
     .expect("another receipt commits while a signature is outstanding")
     .unwrap();
     assert!(matches!(other, ReceiptOutcome::Recorded(_)), "{other:?}");
-    let mut e = crate::audit::NewEvent::default();
-    e.action = "Probe".into();
+    let e = crate::audit::NewEvent {
+        action: "Probe".into(),
+        ..Default::default()
+    };
     tokio::time::timeout(std::time::Duration::from_secs(3), store.audit().append_events(&[e]))
         .await
         .expect("an audit append commits while a signature is outstanding")
