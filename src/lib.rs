@@ -18,6 +18,8 @@ pub mod clock;
 pub mod config;
 pub mod crypto;
 pub mod dev;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod health;
 pub mod hsm;
 pub mod http;

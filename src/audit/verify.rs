@@ -43,7 +43,9 @@ impl Report {
 #[derive(Debug)]
 pub struct Verifier {
     base_seq: u64,
-    expected: u64,
+    /// The last event that chained correctly (or the base). Not "the next expected
+    /// sequence number": an export may end at `u64::MAX`, which has no successor.
+    last: u64,
     prev: [u8; 32],
     hashes: Vec<[u8; 32]>,
     broken: bool,
@@ -57,7 +59,7 @@ impl Verifier {
     pub fn new(base_seq: u64, base_hash: [u8; 32]) -> Verifier {
         Verifier {
             base_seq,
-            expected: base_seq + 1,
+            last: base_seq,
             prev: base_hash,
             hashes: Vec::new(),
             broken: false,
@@ -81,12 +83,12 @@ impl Verifier {
         if self.broken {
             return;
         }
-        if e.seq != self.expected {
-            let at = e.seq.min(self.expected);
-            let reason = if e.seq > self.expected {
-                format!("event {} is missing (next event read is {})", self.expected, e.seq)
-            } else {
-                format!("event {} appears where event {} belongs", e.seq, self.expected)
+        let expected = self.last.checked_add(1);
+        if Some(e.seq) != expected {
+            let (at, reason) = match expected {
+                Some(x) if e.seq > x => (x, format!("event {x} is missing (next event read is {})", e.seq)),
+                Some(x) => (e.seq, format!("event {} appears where event {x} belongs", e.seq)),
+                None => (e.seq, format!("event {} appears after the last possible event", e.seq)),
             };
             self.flag(at, reason);
             self.broken = true;
@@ -107,12 +109,12 @@ impl Verifier {
         }
         self.prev = e.hash;
         self.hashes.push(e.hash);
-        self.expected += 1;
+        self.last = e.seq;
     }
 
     /// The last event that chained correctly (or the base).
     fn last_good(&self) -> u64 {
-        self.expected - 1
+        self.last
     }
 
     /// Finishes with the recorded head (if known), the checkpoints and the
@@ -240,4 +242,50 @@ pub fn verify_export(events: &[Event], checkpoints: &[Checkpoint], keys: &[Jwk])
         v.push(e);
     }
     v.finish(None, checkpoints, keys)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audit::NewEvent;
+
+    fn chain(seqs: &[u64]) -> Vec<Event> {
+        let mut prev = [3u8; 32];
+        seqs.iter()
+            .map(|&seq| {
+                let body = NewEvent {
+                    action: format!("A{seq}"),
+                    ..NewEvent::default()
+                };
+                let hash = link(&prev, seq, &body);
+                let e = Event {
+                    seq,
+                    body,
+                    prev_hash: prev,
+                    hash,
+                };
+                prev = hash;
+                e
+            })
+            .collect()
+    }
+
+    /// An export ending at the largest sequence number verifies, and one more event after
+    /// it is reported, not an overflow (seen while writing the `audit` fuzz target, whose
+    /// relink mode reaches it; before, `keyward audit verify --file` panicked on such a file).
+    #[test]
+    fn an_export_ending_at_u64_max_verifies_without_overflow() {
+        let events = chain(&[u64::MAX - 1, u64::MAX]);
+        let report = verify_export(&events, &[], &[]);
+        assert!(report.ok(), "{report:?}");
+        assert_eq!(
+            (report.events, report.first_seq, report.last_seq),
+            (2, u64::MAX - 1, u64::MAX)
+        );
+
+        let events = chain(&[u64::MAX - 1, u64::MAX, 5]);
+        let report = verify_export(&events, &[], &[]);
+        assert_eq!(report.first_bad_seq, Some(5), "{report:?}");
+        assert_eq!(report.last_seq, u64::MAX);
+    }
 }

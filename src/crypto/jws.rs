@@ -7,6 +7,14 @@
 //! RSA), no `crit`, a `kid` naming a key whose `kty`/`crv`/`alg` fit the header's `alg` (no alg
 //! confusion), a 64-byte signature, low-s for ES256K, and Ed25519 `verify_strict`. The payload
 //! is parsed only after the signature verified.
+//!
+//! ES256 signatures are checked by `jsonwebtoken`'s verifier; the rest is ours because
+//! `jsonwebtoken` (10.x) cannot carry it: it has no ES256K (neither the algorithm nor the
+//! secp256k1 JWK curve, so a JWKS holding one does not even parse), verifies Ed25519 with
+//! `verify` (small-order R accepted), ignores `crit`, keeps the last of duplicate members,
+//! reads `"typ": null` as absent, has no size limit, and signs only through a process-wide
+//! provider fed with key bytes, where our keys are HSM handles. `src/fuzzing.rs` holds a
+//! differential test against it that names each of these differences.
 
 use std::fmt;
 
@@ -444,11 +452,19 @@ fn check_signature(p: &Parsed<'_>, key: &Jwk) -> Result<(), JwsError> {
                 .map_err(|_| JwsError::BadSignature)
         }
         JwsAlg::ES256 => {
-            use p256::ecdsa::signature::hazmat::PrehashVerifier;
-            let vk = p256::ecdsa::VerifyingKey::from_sec1_bytes(&sec1(key)?).map_err(|_| not_a_point())?;
-            let sig = p256::ecdsa::Signature::from_slice(&p.signature).map_err(|_| JwsError::BadSignature)?;
-            let digest = Sha256::digest(p.signing_input);
-            vk.verify_prehash(&digest, &sig).map_err(|_| JwsError::BadSignature)
+            // jsonwebtoken's RustCrypto ES256 verifier: P-256 over SHA-256 of the signing
+            // input, either s form (RFC 7515 has no low-s rule). Taken from its provider
+            // directly rather than the process-wide default, so no global state is involved.
+            // The uncompressed SEC1 point, as `DecodingKey::from_ec_components` builds it.
+            let point = jsonwebtoken::DecodingKey::from_ec_der(&sec1(key)?);
+            let verifier = (jsonwebtoken::crypto::rust_crypto::DEFAULT_PROVIDER.verifier_factory)(
+                &jsonwebtoken::Algorithm::ES256,
+                &point,
+            )
+            .map_err(|_| not_a_point())?;
+            verifier
+                .verify(p.signing_input, &p.signature)
+                .map_err(|_| JwsError::BadSignature)
         }
         JwsAlg::ES256K => {
             use k256::ecdsa::signature::hazmat::PrehashVerifier;
@@ -562,29 +578,10 @@ mod tests {
         }
 
         fn sign(&self, data: &[u8], high: bool) -> Result<Vec<u8>, JwsError> {
-            use k256::ecdsa::signature::hazmat::PrehashSigner;
             Ok(match self {
                 Soft::Ed(k) => k.sign(data).to_bytes().to_vec(),
-                Soft::P256(k) => {
-                    let sig: p256::ecdsa::Signature = k.sign_prehash(data).expect("sign");
-                    let sig = sig.normalize_s().unwrap_or(sig);
-                    let sig = if high {
-                        p256::ecdsa::Signature::from_scalars(sig.r(), -*sig.s()).expect("high-s")
-                    } else {
-                        sig
-                    };
-                    sig.to_bytes().to_vec()
-                }
-                Soft::K256(k) => {
-                    let sig: k256::ecdsa::Signature = k.sign_prehash(data).expect("sign");
-                    let sig = sig.normalize_s().unwrap_or(sig);
-                    let sig = if high {
-                        k256::ecdsa::Signature::from_scalars(sig.r(), -*sig.s()).expect("high-s")
-                    } else {
-                        sig
-                    };
-                    sig.to_bytes().to_vec()
-                }
+                Soft::P256(k) => crate::fuzzing::p256_rs(k, data, high),
+                Soft::K256(k) => crate::fuzzing::k256_rs(k, data, high),
             })
         }
 
