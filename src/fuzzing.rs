@@ -31,9 +31,12 @@ use crate::crypto::jws::{sign_compact, verify_compact, JwsAlg, JwsError, Verifie
 use crate::session::{Scope, Scopes};
 use crate::tls::identity::{identity_with, IdentityFallback, IdentityRules};
 
+/// A target's body.
+pub type Target = fn(&[u8]);
+
 /// Every target: its name (the file name under `fuzz/fuzz_targets/` and the corpus folder
 /// under `fuzz/corpus/`) and its body.
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+pub const TARGETS: &[(&str, Target)] = &[
     ("eip712", eip712),
     ("jws", jws),
     ("jwt_differential", jwt_differential),
