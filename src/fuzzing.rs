@@ -703,7 +703,8 @@ pub fn audit(data: &[u8]) {
         let first = events.first()?.seq;
         let from = usize::try_from(c.first_seq.checked_sub(first)?).ok()?;
         let to = usize::try_from(c.last_seq.checked_sub(first)?).ok()?;
-        let range = events.get(from..=to)?;
+        // `get(1..=0)` is an empty slice, not None: an inverted range covers nothing.
+        let range = events.get(from..=to).filter(|r| !r.is_empty())?;
         Some(range.iter().map(|e| e.hash).collect())
     };
     let resign = flags & 2 == 2;
