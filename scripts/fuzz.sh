@@ -2,10 +2,11 @@
 # Runs one coverage-guided fuzz target (fuzz/fuzz_targets/TARGET.rs) with cargo-fuzz and
 # libFuzzer on the stable toolchain: RUSTC_BOOTSTRAP=1 lets stable rustc take the -Z flags
 # cargo-fuzz passes, and --sanitizer none drops AddressSanitizer (which needs a nightly
-# standard library; keyward forbids unsafe code, so ASan would add little). Debug assertions
-# and overflow checks stay on. The run is one process (libFuzzer's -jobs=1), niced, and stops
-# after SECONDS (default 60) or MAX_RUNS executions (default 10^7), whichever comes first; it
-# ends with libFuzzer's final stats (stat::number_of_executed_units is the execution count).
+# standard library; keyward forbids unsafe code, so ASan would add little). Overflow checks
+# stay on everywhere, debug assertions in keyward (fuzz/Cargo.toml's profile). The run is
+# one process (libFuzzer's -jobs=1), niced, and stops after SECONDS (default 60) or MAX_RUNS
+# executions (default 10^7), whichever comes first; it ends with libFuzzer's final stats
+# (stat::number_of_executed_units is the execution count).
 #
 # The corpus grows in fuzz/work/TARGET (not committed), seeded from fuzz/corpus/TARGET;
 # crashes land in fuzz/artifacts/TARGET. `scripts/fuzz.sh cmin TARGET` minimises the working
@@ -23,11 +24,14 @@ if ! cargo fuzz --version >/dev/null 2>&1; then
 fi
 export RUSTC_BOOTSTRAP=1
 # --codegen-units 16: keyward's dependency tree is large; one unit per crate builds much slower.
-build=(--sanitizer none --codegen-units 16)
+# -O: debug assertions and overflow checks come from fuzz/Cargo.toml's profile (on in keyward,
+# overflow checks everywhere) instead of everywhere: k256's debug-assertion field arithmetic
+# would otherwise dominate every signing target.
+build=(--sanitizer none --codegen-units 16 -O)
 
 case "${1:-}" in
   "" | -h | --help)
-    sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'
     exit 2
     ;;
   list)

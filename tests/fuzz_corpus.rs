@@ -278,13 +278,14 @@ fn write_seed_corpus() {
         seeds.push(("audit", [vec![flags], lines.join("\n").into_bytes()].concat()));
     }
 
-    // eth_recover: raw r||s, a real signature, its high-s twin, a flipped one; two keys.
-    for mode in [0u8, 1, 2, 3, 0x11, 0x22] {
+    // eth_recover: raw r||s, a signature made at start or now, its high-s twin, a flipped
+    // one; several keys.
+    for mode in [0u8, 1, 2, 3, 4, 5, 6, 0x11, 0x22, 0x36] {
         let mut data = vec![mode];
         data.extend((0u8..32).map(|i| i.wrapping_mul(7)));
-        if mode % 4 == 0 {
+        if mode % 8 == 0 {
             data.extend([0x42u8; 64]);
-        } else if mode % 4 == 3 {
+        } else if mode % 8 == 3 || mode % 8 == 6 {
             data.extend([0, 0, 1]);
         }
         seeds.push(("eth_recover", data));
@@ -329,6 +330,111 @@ fn write_seed_corpus() {
     use rustls::pki_types::pem::PemObject as _;
     let der = rustls::pki_types::CertificateDer::from_pem_slice(pem.as_bytes()).expect("pem");
     seeds.push(("tls_identity", [&[0u8][..], der.as_ref()].concat()));
+
+    // proto_handler: a well-formed request of every RPC (account id "\0": the harness's first
+    // account), as admin and as the marketplace, and bytes that do not decode.
+    {
+        use keyward::api::pb;
+        use prost::Message as _;
+        let a = || "\0".to_string();
+        let mail = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/mail.json"))
+            .expect("mail.json");
+        let requests: Vec<Vec<u8>> = vec![
+            pb::CreateAccountRequest {
+                label: "seed".into(),
+                controller: fuzzing::PROTO_CONTROLLER.into(),
+                ..Default::default()
+            }
+            .encode_to_vec(),
+            pb::GetAccountRequest { account_id: a() }.encode_to_vec(),
+            pb::GetAccountJwksRequest { account_id: a() }.encode_to_vec(),
+            pb::SignTypedDataRequest {
+                account_id: a(),
+                typed_data_json: mail,
+                ..Default::default()
+            }
+            .encode_to_vec(),
+            pb::SignMessageRequest {
+                account_id: a(),
+                alg: pb::SignatureAlgorithm::Ed25519 as i32,
+                data: b"hello".to_vec(),
+            }
+            .encode_to_vec(),
+            pb::SignPaymentRequest {
+                session_token: "x.y.z".into(),
+                amount: "10".into(),
+                currency: "USD".into(),
+                manifest: m.into(),
+                license_id: "lic-1".into(),
+                payee: "0x52908400098527886E0F7030069857D2E4169EE7".into(),
+                request_id: "r-1".into(),
+            }
+            .encode_to_vec(),
+            pb::SignReceiptRequest {
+                account_id: a(),
+                buyer: "buyer-1".into(),
+                amount: "10".into(),
+                currency: "USD".into(),
+                manifest: m.into(),
+                license_id: "lic-1".into(),
+                ..Default::default()
+            }
+            .encode_to_vec(),
+            pb::SignAttestationRequest {
+                account_id: a(),
+                alg: "EdDSA".into(),
+                dataset_id: "dataset-1".into(),
+                contribution_hash: format!("sha256:{m}"),
+                license: "CC-BY-4.0".into(),
+                purpose: "training".into(),
+                ..Default::default()
+            }
+            .encode_to_vec(),
+            pb::CreateSessionChallengeRequest {
+                account_id: a(),
+                delegate: "spiffe://example.org/marketplace".into(),
+                scopes: vec!["payments:0-100".into()],
+                cap: "100".into(),
+                ttl_seconds: 600,
+            }
+            .encode_to_vec(),
+            pb::OpenSessionRequest {
+                challenge_id: "c-1".into(),
+                signature: vec![0x1b; 65],
+            }
+            .encode_to_vec(),
+            pb::GetSessionRequest {
+                session_id: "s-1".into(),
+            }
+            .encode_to_vec(),
+            pb::ListSessionsRequest {
+                account_id: a(),
+                page_size: 10,
+                ..Default::default()
+            }
+            .encode_to_vec(),
+            pb::RevokeSessionRequest {
+                session_id: "s-1".into(),
+                ..Default::default()
+            }
+            .encode_to_vec(),
+            pb::GetJwksRequest {}.encode_to_vec(),
+            pb::ListIssuerKeysRequest {}.encode_to_vec(),
+            pb::RotateIssuerKeyRequest { alg: "EdDSA".into() }.encode_to_vec(),
+            pb::RevokeIssuerKeyRequest {
+                kid: "no-such-kid".into(),
+            }
+            .encode_to_vec(),
+        ];
+        assert_eq!(requests.len(), fuzzing::PROTO_RPCS);
+        for (i, body) in requests.iter().enumerate() {
+            let rpc = u8::try_from(i).expect("few RPCs");
+            for caller in [0u8, 1] {
+                seeds.push(("proto_handler", [&[rpc, caller][..], body].concat()));
+            }
+        }
+        seeds.push(("proto_handler", vec![3, 0, 0x0a, 0xff, 0xff, 0xff]));
+    }
 
     let mut count: HashMap<&str, usize> = HashMap::new();
     for (target, data) in seeds {
