@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what keyward needs to build and test on Debian: SoftHSM2 (the dev
-# and test HSM), protoc (compiles proto/), and for the tests strace,
-# cargo-nextest and Python's eth-account (an independent EIP-712 verifier).
+# and test HSM), protoc (compiles proto/), and for the tests strace, promtool
+# (Debian's prometheus package), cargo-nextest and Python's eth-account (an
+# independent EIP-712 verifier) and joserfc.
 # Usage: scripts/deps.sh [--test]
 set -euo pipefail
 
@@ -21,6 +22,15 @@ if [ ${#need[@]} -gt 0 ]; then
 fi
 
 if [ "${1:-}" = "--test" ]; then
+  # promtool checks and unit-tests deploy/prometheus/ (tests/dashboards.rs). Without
+  # recommends: only the package, no node exporter.
+  if ! command -v promtool >/dev/null 2>&1; then
+    echo "installing Debian package: prometheus (for promtool)" >&2
+    SUDO=""
+    [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+    [ ${#need[@]} -gt 0 ] || $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+  fi
   if ! cargo nextest --version >/dev/null 2>&1; then
     echo "installing cargo-nextest" >&2
     cargo install --locked cargo-nextest

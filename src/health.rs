@@ -1,6 +1,9 @@
 //! Readiness: whether this replica can do its work right now, decided by a
-//! probe of the store (a real write transaction) that runs beside the
-//! requests. `/readyz` and the gRPC health service report it; a replica that
+//! probe that runs beside the requests and checks, in order: the store (a real
+//! write transaction), the HSM (a pooled session reads back every KEK this
+//! custody needs), the audit appender (running, and its queue not backlogged
+//! past a bound) and the issuer (an active key for every configured
+//! algorithm). `/readyz` and the gRPC health service report it; a replica that
 //! is not ready keeps answering, so it recovers by itself as soon as the
 //! cause is gone, without a restart. Never holds or logs anything secret.
 //!
@@ -25,7 +28,7 @@ pub enum Readiness {
     Ready,
     /// A component failed; the daemon should not be sent traffic.
     NotReady {
-        /// `store`.
+        /// `store`, `hsm`, `audit` or `issuer`.
         component: &'static str,
         /// What failed (no secrets: store errors redact URLs).
         reason: String,
@@ -45,8 +48,12 @@ pub struct HealthSettings {
     /// Time between probes.
     pub every: Duration,
     /// A probe that takes longer fails (a lock held elsewhere, a server
-    /// that does not answer).
+    /// that does not answer, a token that hangs).
     pub timeout: Duration,
+    /// Events waiting in the audit appender's queue at which the daemon is
+    /// no longer ready: requests would wait for room before their event is
+    /// even queued.
+    pub audit_backlog: usize,
 }
 
 impl Default for HealthSettings {
@@ -54,14 +61,28 @@ impl Default for HealthSettings {
         HealthSettings {
             every: Duration::from_secs(1),
             timeout: Duration::from_secs(3),
+            audit_backlog: crate::audit::AppenderSettings::default().queue * 3 / 4,
         }
     }
+}
+
+/// What the probe checks beside the store; each is optional so that a
+/// store-only probe stays possible (the store tests use one).
+#[derive(Debug, Default, Clone)]
+pub struct Components {
+    /// The token: a pooled session reads back every KEK the custody needs.
+    pub hsm: Option<crate::hsm::Hsm>,
+    /// The audit appender: running, queue under [`HealthSettings::audit_backlog`].
+    pub audit: Option<Arc<crate::audit::Appender>>,
+    /// The issuer and the algorithms that must each have an active key.
+    pub issuer: Option<(Arc<crate::issuer::Issuer>, Vec<crate::hsm::IssuerAlg>)>,
 }
 
 /// The readiness probe and its current answer.
 #[derive(Debug)]
 pub struct Health {
     store: Arc<dyn Store>,
+    components: Components,
     clock: Arc<dyn Clock>,
     settings: HealthSettings,
     state: watch::Sender<Readiness>,
@@ -76,6 +97,7 @@ impl Health {
     /// not ready until the first probe answers.
     pub fn new(
         store: Arc<dyn Store>,
+        components: Components,
         clock: Arc<dyn Clock>,
         metrics: &crate::metrics::Metrics,
         settings: HealthSettings,
@@ -106,6 +128,7 @@ impl Health {
         });
         Ok(Health {
             store,
+            components,
             clock,
             settings,
             state,
@@ -126,10 +149,63 @@ impl Health {
         self.state.subscribe()
     }
 
-    /// Probes once, records the answer and returns it. The write runs in a
+    /// Probes once, records the answer and returns it. The store write runs in a
     /// task of its own (see [`crate::store::begin`]): a probe that times out
     /// leaves no transaction behind.
     pub async fn probe(&self) -> Readiness {
+        let answer = match self.probe_store().await {
+            Readiness::Ready => self.probe_components().await,
+            not_ready => not_ready,
+        };
+        self.record(answer.clone());
+        answer
+    }
+
+    /// The components after the store, in order; the first that fails is
+    /// the answer.
+    async fn probe_components(&self) -> Readiness {
+        let not_ready = |component: &'static str, reason: String| Readiness::NotReady { component, reason };
+        if let Some(hsm) = &self.components.hsm {
+            let hsm = hsm.clone();
+            let probe = tokio::task::spawn_blocking(move || hsm.probe());
+            match tokio::time::timeout(self.settings.timeout, probe).await {
+                Ok(Ok(Ok(()))) => {}
+                Ok(Ok(Err(e))) => return not_ready("hsm", e.to_string()),
+                Ok(Err(_)) => return not_ready("hsm", "the probe task failed".into()),
+                Err(_) => {
+                    return not_ready(
+                        "hsm",
+                        format!(
+                            "the token did not answer within {} ms",
+                            self.settings.timeout.as_millis()
+                        ),
+                    )
+                }
+            }
+        }
+        if let Some(audit) = &self.components.audit {
+            match audit.backlog() {
+                None => return not_ready("audit", "the audit appender has stopped".into()),
+                Some(n) if n >= self.settings.audit_backlog => {
+                    return not_ready(
+                        "audit",
+                        format!("{n} events wait to be written (bound {})", self.settings.audit_backlog),
+                    )
+                }
+                Some(_) => {}
+            }
+        }
+        if let Some((issuer, algs)) = &self.components.issuer {
+            for alg in algs {
+                if let Err(e) = issuer.active(*alg) {
+                    return not_ready("issuer", e.to_string());
+                }
+            }
+        }
+        Readiness::Ready
+    }
+
+    async fn probe_store(&self) -> Readiness {
         let started = Instant::now();
         let store = self.store.clone();
         let now = self.clock.now();
@@ -153,7 +229,6 @@ impl Health {
             },
         };
         self.probe_seconds.observe(started.elapsed().as_secs_f64());
-        self.record(answer.clone());
         answer
     }
 
@@ -190,5 +265,131 @@ impl Health {
             }
             self.probe().await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audit::{Appender, AppenderSettings, NewEvent};
+    use sqlx::Connection as _;
+
+    async fn sqlite(dir: &std::path::Path, name: &str) -> (Arc<dyn Store>, String) {
+        let url = format!("sqlite://{}", dir.join(name).display());
+        (crate::store::open(&url).await.expect("store"), url)
+    }
+
+    fn health(store: Arc<dyn Store>, components: Components, audit_backlog: usize) -> Health {
+        let metrics = crate::metrics::Metrics::new().expect("metrics");
+        let settings = HealthSettings {
+            audit_backlog,
+            ..Default::default()
+        };
+        Health::new(
+            store,
+            components,
+            Arc::new(crate::clock::SystemClock),
+            &metrics,
+            settings,
+        )
+        .expect("health")
+    }
+
+    /// Appends queue up behind a write lock another connection holds on the
+    /// audit's file: past the bound the daemon is not ready, naming the
+    /// audit; once the lock goes the queue drains, every append succeeds and
+    /// the daemon is ready again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_backlogged_audit_queue_is_not_ready_until_it_drains() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (probe_store, _) = sqlite(dir.path(), "probe.db").await;
+        let (audit_store, audit_url) = sqlite(dir.path(), "audit.db").await;
+        let appender = Arc::new(Appender::start(
+            audit_store,
+            AppenderSettings { max_batch: 1, queue: 8 },
+            None,
+        ));
+        let components = Components {
+            audit: Some(appender.clone()),
+            ..Default::default()
+        };
+        let h = health(probe_store, components, 4);
+        assert_eq!(h.probe().await, Readiness::Ready);
+
+        let mut other = sqlx::SqliteConnection::connect(&audit_url).await.expect("connect");
+        sqlx::query("BEGIN IMMEDIATE").execute(&mut other).await.expect("lock");
+        let waiting: Vec<_> = (0..7)
+            .map(|_| {
+                let a = appender.clone();
+                tokio::spawn(async move { a.append(NewEvent::default()).await })
+            })
+            .collect();
+        let deadline = Instant::now() + Duration::from_secs(3);
+        let answer = loop {
+            let answer = h.probe().await;
+            if !answer.is_ready() || Instant::now() > deadline {
+                break answer;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        match &answer {
+            Readiness::NotReady { component, reason } => {
+                assert_eq!(*component, "audit");
+                assert!(reason.contains("bound 4"), "{reason}");
+            }
+            Readiness::Ready => panic!("ready with appends queued behind a lock"),
+        }
+
+        sqlx::query("ROLLBACK").execute(&mut other).await.expect("unlock");
+        drop(other);
+        for w in waiting {
+            w.await.expect("append task").expect("appended once the lock went");
+        }
+        assert_eq!(h.probe().await, Readiness::Ready);
+    }
+
+    /// A token whose issuer has no active key for a configured algorithm is
+    /// not ready, naming the issuer; with the key created it is ready.
+    #[test]
+    fn no_active_issuer_key_is_not_ready() {
+        let tok = crate::testkit::SoftHsmToken::new().expect("token");
+        // nextest runs each test in its own process.
+        std::env::set_var("SOFTHSM2_CONF", &tok.conf_path);
+        let hsm = crate::hsm::Hsm::open(&tok.hsm_config(2)).expect("open");
+        hsm.ensure_kek().expect("KEK");
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let (store, _) = sqlite(dir.path(), "probe.db").await;
+            let algs = vec![crate::hsm::IssuerAlg::EdDSA];
+            let empty = Arc::new(crate::issuer::Issuer::empty(&hsm));
+            let components = Components {
+                hsm: Some(hsm.clone()),
+                issuer: Some((empty, algs.clone())),
+                ..Default::default()
+            };
+            match health(store.clone(), components, 16).probe().await {
+                Readiness::NotReady { component, .. } => assert_eq!(component, "issuer"),
+                Readiness::Ready => panic!("ready without an active issuer key"),
+            }
+            let with_key = {
+                let hsm = hsm.clone();
+                let algs = algs.clone();
+                tokio::task::spawn_blocking(move || crate::issuer::Issuer::ensure(&hsm, &algs))
+                    .await
+                    .expect("join")
+                    .expect("issuer key")
+            };
+            let components = Components {
+                hsm: Some(hsm.clone()),
+                issuer: Some((Arc::new(with_key), algs)),
+                ..Default::default()
+            };
+            assert_eq!(health(store, components, 16).probe().await, Readiness::Ready);
+        });
     }
 }

@@ -246,6 +246,11 @@ pub async fn start_with_clock(config: &Config, clock: Arc<dyn Clock>) -> Result<
     ));
     let health = Arc::new(crate::health::Health::new(
         store.clone(),
+        crate::health::Components {
+            hsm: Some(hsm.clone()),
+            audit: Some(audit.clone()),
+            issuer: Some((jwks.issuer().clone(), jwks.settings().algorithms.clone())),
+        },
         clock_for_health,
         &metrics,
         crate::health::HealthSettings::default(),

@@ -106,6 +106,15 @@ impl Appender {
         wait.await.map_err(|_| AuditError::Stopped)?
     }
 
+    /// Events queued and not yet taken by the appender task; `None` once the
+    /// task has stopped (nothing can be appended any more).
+    pub fn backlog(&self) -> Option<usize> {
+        if self.tx.is_closed() {
+            return None;
+        }
+        Some(self.tx.max_capacity().saturating_sub(self.tx.capacity()))
+    }
+
     /// The last sequence number this appender committed (changes wake
     /// live streams).
     pub fn committed(&self) -> watch::Receiver<u64> {

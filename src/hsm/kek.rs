@@ -640,6 +640,35 @@ impl Hsm {
         }
     }
 
+    /// Readiness: a pooled session answers, and every KEK this custody needs is on the token
+    /// (its object read back through a session, not only remembered). A KEK that is gone, or a
+    /// token that went away, fails here before a request meets it; the cache is reloaded on the
+    /// next use, so the probe turns green again by itself once the token is back.
+    pub fn probe(&self) -> Result<(), HsmError> {
+        let label = self.inner.pool.label.clone();
+        for purpose in self.needed() {
+            let kek = self.kek(None, purpose)?;
+            let read = self.inner.pool.with_session("probe", |p| {
+                match p.session.get_attributes(kek.handle, &[AttributeType::Class]) {
+                    Ok(attrs)
+                        if attrs
+                            .iter()
+                            .any(|a| matches!(a, Attribute::Class(ObjectClass::SECRET_KEY))) =>
+                    {
+                        (Ok(()), Breakage::None)
+                    }
+                    Ok(_) => (Err(HsmError::KekMissing { version: kek.version }), Breakage::None),
+                    Err(e) => (Err(map_err("probe", &e, &label)), breakage(&e)),
+                }
+            });
+            if let Err(e) = read {
+                self.kek_failed();
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
     /// Note that a KEK handle failed: reload before the next use.
     pub(crate) fn kek_failed(&self) {
         self.inner.kek_dirty.store(true, Ordering::SeqCst);
