@@ -258,6 +258,17 @@ pub struct TlsConfig {
     /// is refused at the handshake.
     #[serde(default)]
     pub crls: Vec<PathBuf>,
+    /// Seconds between checks of the certificate, key, client CA and CRL
+    /// files; a change of their contents reloads them (as SIGHUP does), so a
+    /// rotation by cert-manager or a mounted Secret needs no signal. A new
+    /// set that does not load is refused once, and the current one stays.
+    /// 0 turns the check off.
+    #[serde(default = "default_tls_watch")]
+    pub watch_seconds: u64,
+}
+
+fn default_tls_watch() -> u64 {
+    10
 }
 
 /// `[hsm]`

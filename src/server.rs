@@ -85,6 +85,8 @@ pub struct Running {
     pub net: NetSettings,
     /// The metrics listener ([`bind_metrics`]); none until the caller binds it.
     pub metrics_listener: Option<Arc<TcpListener>>,
+    /// How often the certificate files are checked for changes (zero: never).
+    pub tls_watch: std::time::Duration,
 }
 
 /// Connection limits and timeouts of both listeners (`[server]`).
@@ -285,6 +287,7 @@ pub async fn start_with_clock(config: &Config, clock: Arc<dyn Clock>) -> Result<
         max_requests_in_flight: config.server.max_requests_in_flight,
         net: NetSettings::from_config(&config.server),
         metrics_listener: None,
+        tls_watch: std::time::Duration::from_secs(config.tls.watch_seconds),
     })
 }
 
@@ -379,6 +382,7 @@ where
     ));
     let jwks_task = tokio::spawn(d.jwks.clone().run(stop_rx.clone()));
     let policy_task = tokio::spawn(d.policy.clone().watch(stop_rx.clone()));
+    let tls_task = tokio::spawn(running.tls.clone().watch(running.tls_watch, stop_rx.clone()));
     let prune_task = tokio::spawn(
         d.policy
             .clone()
@@ -432,6 +436,7 @@ where
     }
     let _ = jwks_task.await;
     let _ = policy_task.await;
+    let _ = tls_task.await;
     let _ = prune_task.await;
     // Requests whose clients left still run to their end: wait for them
     // (bounded) before the audit log is closed under them.

@@ -1,4 +1,5 @@
-//! Operations: certificate and client-CA reload on SIGHUP through the real
+//! Operations: certificate and client-CA reload on SIGHUP (and on a change of
+//! the files, without a signal) through the real
 //! binary, metrics and health on the HTTPS side port, and graceful stop that
 //! drains in-flight requests.
 
@@ -416,8 +417,32 @@ fn server_spec(cn: &str, sans: &[&str]) -> CertSpec {
 
 #[test]
 fn sighup_reloads_server_certificate_and_keeps_last_good_one() {
+    server_certificate_reload(true);
+}
+
+/// Without any signal, as under Kubernetes and cert-manager: the daemon
+/// notices that the certificate files changed and serves the new
+/// certificate; files that do not load are refused once, logged, and the
+/// last good certificate stays.
+#[test]
+fn changed_certificate_files_reload_without_a_signal() {
+    server_certificate_reload(false);
+}
+
+/// Re-issues the server certificate under the dev CA, installs it, and sends
+/// SIGHUP (`by_signal`) or nothing (the daemon checks the files every
+/// second); new connections must then see the new certificate. Then a broken
+/// certificate file: refused, and the last good certificate stays.
+fn server_certificate_reload(by_signal: bool) {
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut dev = DevProcess::start(&dir.path().join("home"));
+    let home = dir.path().join("home");
+    if !by_signal {
+        // Prepare the home first to check the files every second instead of every 10.
+        let prepared = keyward::dev::prepare(&home, keyward::config::Custody::Hsm).expect("dev home");
+        let text = std::fs::read_to_string(&prepared.config).expect("config");
+        std::fs::write(&prepared.config, text.replace("[tls]\n", "[tls]\nwatch_seconds = 1\n")).expect("config");
+    }
+    let mut dev = DevProcess::start(&home);
     let pki = dev.home.join("pki");
     let admin = client_config(
         &pki.join("ca.pem"),
@@ -445,7 +470,9 @@ fn sighup_reloads_server_certificate_and_keeps_last_good_one() {
         assert_ne!(reissued, original);
         write_private(&pki.join("server-key.pem"), key.as_bytes()).expect("write key");
         write_private(&pki.join("server.pem"), cert.as_bytes()).expect("write cert");
-        dev.signal("-HUP");
+        if by_signal {
+            dev.signal("-HUP");
+        }
 
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
@@ -459,7 +486,7 @@ fn sighup_reloads_server_certificate_and_keeps_last_good_one() {
             }
             assert!(
                 Instant::now() < deadline,
-                "no new connection showed the re-issued certificate within 10 s of SIGHUP"
+                "no new connection showed the re-issued certificate within 10 s (SIGHUP: {by_signal})"
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -467,8 +494,12 @@ fn sighup_reloads_server_certificate_and_keeps_last_good_one() {
         // A broken certificate file: the reload fails and the last good
         // certificate stays in force.
         write_private(&pki.join("server.pem"), b"this is not a certificate\n").expect("write garbage");
-        dev.signal("-HUP");
-        dev.wait_stderr("certificate reload failed");
+        if by_signal {
+            dev.signal("-HUP");
+            dev.wait_stderr("certificate reload failed");
+        } else {
+            dev.wait_stderr("certificate files changed but do not load");
+        }
         let (seen, account) = create_over_new_connection(dev.grpc, admin.clone())
             .await
             .expect("still serves after a failed reload");

@@ -80,6 +80,67 @@ impl ServerTls {
         Ok(())
     }
 
+    /// A digest of the contents of every file this state is loaded from
+    /// (certificate, key, client CA, CRLs); a missing or unreadable file
+    /// counts as its own content, so its return is a change too.
+    pub fn files_fingerprint(&self) -> [u8; 32] {
+        use sha2::{Digest as _, Sha256};
+        let mut h = Sha256::new();
+        let files = [&self.paths.cert, &self.paths.key, &self.paths.client_ca]
+            .into_iter()
+            .chain(self.options.crls.iter());
+        for path in files {
+            h.update(path.as_os_str().as_encoded_bytes());
+            match std::fs::read(path) {
+                Ok(bytes) => {
+                    h.update([1]);
+                    h.update((bytes.len() as u64).to_be_bytes());
+                    h.update(Sha256::digest(&bytes));
+                }
+                Err(_) => h.update([0]),
+            }
+        }
+        h.finalize().into()
+    }
+
+    /// Reloads when the files' contents change, checking every `every`
+    /// until `stop` turns true. A set that does not load is refused once
+    /// (logged) and the current one stays until the files change again.
+    pub async fn watch(self: Arc<Self>, every: std::time::Duration, mut stop: tokio::sync::watch::Receiver<bool>) {
+        if every.is_zero() {
+            return;
+        }
+        let fingerprint = |tls: &Arc<ServerTls>| {
+            let tls = tls.clone();
+            tokio::task::spawn_blocking(move || tls.files_fingerprint())
+        };
+        let mut seen = match fingerprint(&self).await {
+            Ok(f) => f,
+            Err(_) => return,
+        };
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await;
+        loop {
+            tokio::select! {
+                _ = stop.wait_for(|s| *s) => return,
+                _ = tick.tick() => {}
+            }
+            let Ok(now) = fingerprint(&self).await else {
+                continue;
+            };
+            if now == seen {
+                continue;
+            }
+            seen = now;
+            // A writer may still be mid-way through the files (key before
+            // certificate): a failed load is retried at the next change.
+            if let Err(e) = self.reload() {
+                tracing::error!(error = %e, "certificate files changed but do not load; keeping the current ones");
+            }
+        }
+    }
+
     /// Mutual-TLS config for the gRPC listener: TLS 1.3 only, ALPN `h2`,
     /// client certificate required and verified against `client_ca`.
     pub fn grpc_config(&self) -> Arc<ServerConfig> {
