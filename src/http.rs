@@ -147,6 +147,7 @@ fn metrics_router(daemon: Arc<Daemon>, tls: Arc<ServerTls>) -> Router {
                 );
                 d.metrics.set_store_pool(d.keys.store().pool_stats());
                 d.metrics.sync_hsm_wait_timeouts(hsm.pool_wait_timeouts());
+                d.metrics.set_audit_and_issuer(&audit_and_issuer(&d).await);
                 (
                     [(http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
                     d.metrics.render(),
@@ -154,6 +155,29 @@ fn metrics_router(daemon: Arc<Daemon>, tls: Arc<ServerTls>) -> Router {
             }
         }),
     )
+}
+
+/// The audit log's and the issuer's state for the metrics: the queue and
+/// committed head of this replica's appender, its last checkpoint, and when
+/// each algorithm's active issuer key became active (from the store, so a
+/// rotation by another replica shows too; a store that fails leaves the
+/// issuer series as they were).
+async fn audit_and_issuer(d: &Daemon) -> crate::metrics::AuditIssuerSample {
+    let issuer_activated = match d.jwks.list().await {
+        Ok(keys) => keys
+            .into_iter()
+            .filter(|k| k.state == crate::store::IssuerKeyState::Active)
+            .filter_map(|k| Some((k.alg, k.activated_at?)))
+            .collect(),
+        Err(_) => Vec::new(),
+    };
+    crate::metrics::AuditIssuerSample {
+        audit_queue: d.audit.backlog(),
+        audit_committed: *d.audit.committed().borrow(),
+        last_checkpoint: d.audit.last_checkpoint(),
+        issuer_activated,
+        issuer_rotation: d.jwks.settings().rotation,
+    }
 }
 
 /// Connections the metrics listener serves at once; more are closed at once.

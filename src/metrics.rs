@@ -26,6 +26,26 @@ pub struct Metrics {
     accept_errors: IntCounterVec,
     shed: IntCounterVec,
     hsm_wait_timeouts: IntCounter,
+    audit_queue: IntGauge,
+    audit_committed: IntGauge,
+    audit_checkpoint: IntGauge,
+    issuer_activated: IntGaugeVec,
+    issuer_rotation: IntGauge,
+}
+
+/// What the audit log and the issuer show at scrape (see [`Metrics::set_audit_and_issuer`]).
+#[derive(Debug, Clone, Default)]
+pub struct AuditIssuerSample {
+    /// Events queued for the appender; `None` once it stopped.
+    pub audit_queue: Option<usize>,
+    /// The last sequence number this process's appender committed.
+    pub audit_committed: u64,
+    /// Unix seconds of the last checkpoint this process signed (0: none yet).
+    pub last_checkpoint: i64,
+    /// For each algorithm with an active issuer key: when it became active.
+    pub issuer_activated: Vec<(String, i64)>,
+    /// Seconds an active issuer key signs before its scheduled rotation.
+    pub issuer_rotation: i64,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -83,6 +103,33 @@ impl Metrics {
             "HSM operations refused (UNAVAILABLE) after waiting hsm.acquire_timeout_ms for a session",
         )?;
         registry.register(Box::new(hsm_wait_timeouts.clone()))?;
+        let audit_queue = IntGauge::new(
+            "audit_queue_depth",
+            "audit events queued for the group-commit appender (-1 once it stopped)",
+        )?;
+        let audit_committed = IntGauge::new(
+            "audit_committed_seq",
+            "the last audit sequence number this replica's appender committed",
+        )?;
+        let audit_checkpoint = IntGauge::new(
+            "audit_last_checkpoint_timestamp_seconds",
+            "unix time of the last audit checkpoint this replica signed (0 until its first)",
+        )?;
+        let issuer_activated = IntGaugeVec::new(
+            Opts::new(
+                "issuer_key_activated_timestamp_seconds",
+                "unix time the active issuer key of each algorithm became active",
+            ),
+            &["alg"],
+        )?;
+        let issuer_rotation = IntGauge::new(
+            "issuer_key_rotation_seconds",
+            "how long an active issuer key signs before its scheduled rotation (jwks.rotation_days)",
+        )?;
+        for c in [&audit_queue, &audit_committed, &audit_checkpoint, &issuer_rotation] {
+            registry.register(Box::new(c.clone()))?;
+        }
+        registry.register(Box::new(issuer_activated.clone()))?;
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(latency.clone()))?;
         registry.register(Box::new(hsm_latency.clone()))?;
@@ -112,7 +159,25 @@ impl Metrics {
             accept_errors,
             shed,
             hsm_wait_timeouts,
+            audit_queue,
+            audit_committed,
+            audit_checkpoint,
+            issuer_activated,
+            issuer_rotation,
         })
+    }
+
+    /// The audit log's and the issuer's gauges, sampled at scrape.
+    pub fn set_audit_and_issuer(&self, sample: &AuditIssuerSample) {
+        let int = |v: usize| i64::try_from(v).unwrap_or(i64::MAX);
+        self.audit_queue.set(sample.audit_queue.map(int).unwrap_or(-1));
+        self.audit_committed
+            .set(i64::try_from(sample.audit_committed).unwrap_or(i64::MAX));
+        self.audit_checkpoint.set(sample.last_checkpoint);
+        self.issuer_rotation.set(sample.issuer_rotation);
+        for (alg, at) in &sample.issuer_activated {
+            self.issuer_activated.with_label_values(&[alg]).set(*at);
+        }
     }
 
     /// Brings the HSM wait-timeout counter up to the pool's total (at scrape).

@@ -507,7 +507,21 @@ fn every_metric_in_the_dashboard_and_the_alert_rules_is_exported() {
     );
     exprs.extend(rules.into_iter().map(|e| (ALERTS, e)));
 
-    let scrape = Scrape::parse(&scrape_after_workload());
+    let body = scrape_after_workload();
+    // The audit and issuer gauges carry real values, not only names.
+    let value = |series: &str| -> f64 {
+        body.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no sample of {series}"))
+    };
+    assert!(value("keyward_audit_committed_seq") >= 5.0, "events were committed");
+    assert!(value("keyward_audit_queue_depth") >= 0.0, "the appender runs");
+    assert!(
+        value("keyward_issuer_key_activated_timestamp_seconds{alg=\"EdDSA\"}") > 1.0e9,
+        "the active EdDSA key's activation time"
+    );
+    assert!(value("keyward_issuer_key_rotation_seconds") >= 86_400.0);
+    let scrape = Scrape::parse(&body);
     let mut missing = Vec::new();
     let mut used = BTreeSet::new();
     for (file, expr) in &exprs {

@@ -57,6 +57,7 @@ enum Job {
 pub struct Appender {
     tx: mpsc::Sender<Job>,
     head: watch::Receiver<u64>,
+    checkpoints: Option<Arc<Checkpointer>>,
 }
 
 impl std::fmt::Debug for Job {
@@ -78,8 +79,8 @@ impl Appender {
     ) -> Appender {
         let (tx, rx) = mpsc::channel(settings.queue.max(1));
         let (head_tx, head) = watch::channel(0);
-        tokio::spawn(run(store, settings, checkpoints, rx, head_tx));
-        Appender { tx, head }
+        tokio::spawn(run(store, settings, checkpoints.clone(), rx, head_tx));
+        Appender { tx, head, checkpoints }
     }
 
     /// Appends `event` and waits until it is committed; returns its sequence number.
@@ -104,6 +105,12 @@ impl Appender {
             .await
             .map_err(|_| AuditError::Stopped)?;
         wait.await.map_err(|_| AuditError::Stopped)?
+    }
+
+    /// Unix seconds of the last checkpoint this process signed (0: none yet,
+    /// or no checkpoints).
+    pub fn last_checkpoint(&self) -> i64 {
+        self.checkpoints.as_ref().map(|c| c.last_stored()).unwrap_or(0)
     }
 
     /// Events queued and not yet taken by the appender task; `None` once the

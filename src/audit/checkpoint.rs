@@ -54,6 +54,8 @@ pub struct Checkpointer {
     every: Duration,
     /// When this process last signed, and the last event known to be covered.
     last: Mutex<(Instant, u64)>,
+    /// Unix seconds of the last checkpoint this process stored (0: none yet).
+    last_stored: std::sync::atomic::AtomicI64,
 }
 
 impl std::fmt::Debug for Checkpointer {
@@ -74,7 +76,14 @@ impl Checkpointer {
             every_events: every_events.max(1),
             every: every.max(Duration::from_secs(1)),
             last: Mutex::new((Instant::now(), 0)),
+            last_stored: std::sync::atomic::AtomicI64::new(0),
         }
+    }
+
+    /// Unix seconds of the last checkpoint this process signed and stored,
+    /// 0 until its first (for the metric; other replicas sign too).
+    pub fn last_stored(&self) -> i64 {
+        self.last_stored.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// How often the time rule is checked.
@@ -120,7 +129,12 @@ impl Checkpointer {
             .map_err(|_| AuditError::Sign("signing task failed".into()))?
             .map_err(|e| AuditError::Sign(e.to_string()))?;
         *last = (Instant::now(), claims.last_seq);
-        store_checkpoint(self.store.as_ref(), &claims, jws).await
+        let stored = store_checkpoint(self.store.as_ref(), &claims, jws).await?;
+        if let Some(cp) = &stored {
+            self.last_stored
+                .store(cp.created_at, std::sync::atomic::Ordering::Relaxed);
+        }
+        Ok(stored)
     }
 }
 
