@@ -15,6 +15,7 @@ pub struct Metrics {
     requests: IntCounterVec,
     latency: HistogramVec,
     hsm_latency: HistogramVec,
+    hsm_errors: IntCounterVec,
     hsm_pool_in_use: IntGauge,
     hsm_pool_size: IntGauge,
     cached_keys: IntGauge,
@@ -48,6 +49,9 @@ pub struct AuditIssuerSample {
     pub issuer_rotation: i64,
 }
 
+/// The operations [`Metrics::observe_hsm`] is called with.
+const HSM_OPS: [&str; 4] = ["generate_wrapped", "unwrap", "sign_ecdsa", "sign_eddsa"];
+
 const LATENCY_BUCKETS: &[f64] = &[
     0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
 ];
@@ -70,6 +74,15 @@ impl Metrics {
                 .buckets(LATENCY_BUCKETS.to_vec()),
             &["op"],
         )?;
+        let hsm_errors = IntCounterVec::new(
+            Opts::new("hsm_errors_total", "HSM operations that failed, by operation"),
+            &["op"],
+        )?;
+        // Exported at 0 from the start, so a rate and an alert see the family.
+        for op in HSM_OPS {
+            hsm_errors.with_label_values(&[op]);
+        }
+        registry.register(Box::new(hsm_errors.clone()))?;
         let hsm_pool_in_use = IntGauge::new("hsm_pool_sessions_in_use", "PKCS#11 sessions in use")?;
         let hsm_pool_size = IntGauge::new("hsm_pool_sessions", "PKCS#11 sessions in the pool")?;
         let cached_keys = IntGauge::new("key_cache_accounts", "accounts with unwrapped keys cached")?;
@@ -148,6 +161,7 @@ impl Metrics {
             requests,
             latency,
             hsm_latency,
+            hsm_errors,
             hsm_pool_in_use,
             hsm_pool_size,
             cached_keys,
@@ -214,11 +228,14 @@ impl Metrics {
             .observe(started.elapsed().as_secs_f64());
     }
 
-    /// Records one HSM call.
-    pub fn observe_hsm(&self, op: &str, started: Instant) {
+    /// Records one HSM call: its latency, and whether it failed.
+    pub fn observe_hsm(&self, op: &str, started: Instant, ok: bool) {
         self.hsm_latency
             .with_label_values(&[op])
             .observe(started.elapsed().as_secs_f64());
+        if !ok {
+            self.hsm_errors.with_label_values(&[op]).inc();
+        }
     }
 
     /// Point-in-time gauges, sampled at scrape.

@@ -58,7 +58,7 @@ fn generate_keys(hsm: &Hsm, metrics: &Metrics) -> Result<Vec<KeyRecord>, HsmErro
     for alg in KeyAlg::ALL {
         let started = Instant::now();
         let w = hsm.generate_wrapped(alg);
-        metrics.observe_hsm("generate_wrapped", started);
+        metrics.observe_hsm("generate_wrapped", started, w.is_ok());
         let w = w?;
         keys.push(KeyRecord {
             alg,
@@ -205,7 +205,7 @@ impl KeyService {
             let started = Instant::now();
             let out = AccountKeys::unwrap(&hsm, custody, &arena, record);
             scrub_stack::<SCRUB_AFTER_UNWRAP>();
-            metrics.observe_hsm("unwrap", started);
+            metrics.observe_hsm("unwrap", started, out.is_ok());
             out
         })
         .await

@@ -231,7 +231,7 @@ impl AccountKeys {
             Secp::Hsm(key) => {
                 let started = Instant::now();
                 let raw = hsm.sign(key, digest);
-                metrics.observe_hsm("sign_ecdsa", started);
+                metrics.observe_hsm("sign_ecdsa", started, raw.is_ok());
                 let raw = raw?;
                 // Normalises to low-s, finds v, and verifies under the stored key.
                 eth::to_recoverable(&self.secp_public, digest, &raw).map_err(|_| KeyError::Binding {
@@ -250,7 +250,7 @@ impl AccountKeys {
             Ed::Hsm(key) => {
                 let started = Instant::now();
                 let raw = hsm.sign(key, msg);
-                metrics.observe_hsm("sign_eddsa", started);
+                metrics.observe_hsm("sign_eddsa", started, raw.is_ok());
                 let raw = raw?;
                 raw.as_slice()
                     .try_into()
@@ -275,7 +275,7 @@ impl AccountKeys {
             Secp::Hsm(key) => {
                 let started = Instant::now();
                 let raw = hsm.sign(key, prehash);
-                metrics.observe_hsm("sign_ecdsa", started);
+                metrics.observe_hsm("sign_ecdsa", started, raw.is_ok());
                 k256::ecdsa::Signature::from_slice(&raw?).map_err(|_| binding())?
             }
         };
