@@ -56,6 +56,12 @@ pub struct BenchArgs {
     /// Skip the audit append measurement (group commit vs one commit per event).
     #[arg(long)]
     pub no_audit_baseline: bool,
+    /// Instead of the dev daemon: start this many `keyward serve` replicas
+    /// over one PostgreSQL schema and one SoftHSM token (the test database,
+    /// KEYWARD_TEST_DATABASE_URL; see `keyward::cluster`), and measure the
+    /// load against one of them, then spread over all of them.
+    #[arg(long, default_value_t = 0)]
+    pub replicas: usize,
 }
 
 /// What the load generator asks for.
@@ -65,6 +71,9 @@ pub enum BenchOp {
     TypedData,
     /// SignMessage with Ed25519.
     Ed25519,
+    /// SignPayment in one delegated session (the marketplace profile): a
+    /// reservation and a completion in the store per signature.
+    Payment,
 }
 
 /// The EIP-712 Mail document (the specification's example) the load generators sign.
@@ -110,7 +119,9 @@ async fn drive(
     op: BenchOp,
     concurrency: usize,
     duration: Duration,
+    session_token: Option<Arc<String>>,
 ) -> LoadResult {
+    let run = uuid::Uuid::new_v4().simple().to_string();
     let deadline = Instant::now() + duration;
     let errors = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
@@ -119,6 +130,8 @@ async fn drive(
         let ch = channels[t % channels.len()].clone();
         let accounts = accounts.clone();
         let errors = errors.clone();
+        let token = session_token.clone();
+        let run = run.clone();
         tasks.push(tokio::spawn(async move {
             let mut client = SigningServiceClient::new(ch);
             let mut lat = Vec::with_capacity(4096);
@@ -141,6 +154,18 @@ async fn drive(
                             account_id,
                             alg: SignatureAlgorithm::Ed25519 as i32,
                             data: b"keyward bench message".to_vec(),
+                        })
+                        .await
+                        .map(|_| ()),
+                    BenchOp::Payment => client
+                        .sign_payment(SignPaymentRequest {
+                            session_token: token.as_deref().cloned().unwrap_or_default(),
+                            amount: "1".into(),
+                            currency: "USDC".into(),
+                            manifest: BENCH_MANIFEST.into(),
+                            license_id: "bench".into(),
+                            payee: String::new(),
+                            request_id: format!("{run}-{i}"),
                         })
                         .await
                         .map(|_| ()),
@@ -344,6 +369,7 @@ async fn bare_tonic(home: &Path, opts: &ClientOpts, args: &BenchArgs) -> anyhow:
         args.op,
         args.concurrency,
         Duration::from_secs(args.duration),
+        None,
     )
     .await;
     let _ = stop_tx.send(true);
@@ -363,7 +389,7 @@ fn raw_crypto(op: BenchOp, threads: usize, secs: f64) -> f64 {
                 let mut digest = keccak256(MAIL.as_bytes());
                 while Instant::now() < deadline {
                     match op {
-                        BenchOp::TypedData => {
+                        BenchOp::TypedData | BenchOp::Payment => {
                             if let Ok((sig, _)) = secp.sign_prehash_recoverable(&digest) {
                                 digest[0] ^= sig.to_bytes()[0];
                             }
@@ -388,7 +414,7 @@ fn raw_hsm(home: &Path, op: BenchOp, secs: f64) -> anyhow::Result<f64> {
     let config = crate::config::Config::load(&home.join("keyward.toml"))?;
     let hsm = crate::hsm::Hsm::open(&config.hsm_config()?)?;
     let alg = match op {
-        BenchOp::TypedData => KeyAlg::Secp256k1,
+        BenchOp::TypedData | BenchOp::Payment => KeyAlg::Secp256k1,
         BenchOp::Ed25519 => KeyAlg::Ed25519,
     };
     let w = hsm.generate_wrapped(alg)?;
@@ -421,8 +447,186 @@ fn raw_hsm(home: &Path, op: BenchOp, secs: f64) -> anyhow::Result<f64> {
     Ok(total as f64 / secs)
 }
 
+/// The license manifest of the payment load's session scope and payments.
+const BENCH_MANIFEST: &str = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08";
+
+/// Opens the delegated session the payment load pays in: an account
+/// controlled by a throw-away wallet key (created by `admin`), a challenge
+/// asked for by the wallet gateway (`gateway`), signed by the wallet as
+/// `eth_signTypedData_v4` does, opened. Returns the session token.
+async fn payment_session(admin: &Channel, gateway: &Channel) -> anyhow::Result<String> {
+    use crate::api::pb::session_service_client::SessionServiceClient;
+    use crate::api::pb::{CreateSessionChallengeRequest, OpenSessionRequest};
+    let wallet = k256::ecdsa::SigningKey::random(&mut rand::thread_rng());
+    let controller = crate::crypto::eth::Address::from_public_key(wallet.verifying_key()).to_checksum();
+    let account = AccountServiceClient::new(admin.clone())
+        .create_account(CreateAccountRequest {
+            controller,
+            label: "bench-payments".into(),
+            allow: vec![],
+        })
+        .await
+        .map_err(RpcError)?
+        .into_inner()
+        .account_id;
+    let mut sessions = SessionServiceClient::new(gateway.clone());
+    let challenge = sessions
+        .create_session_challenge(CreateSessionChallengeRequest {
+            account_id: account,
+            delegate: "spiffe://example.org/marketplace".into(),
+            scopes: vec!["payments:0-100".into(), format!("license:manifest:{BENCH_MANIFEST}")],
+            cap: "1000000000000".into(),
+            ttl_seconds: 3600,
+        })
+        .await
+        .map_err(RpcError)?
+        .into_inner();
+    let digest = crate::crypto::eip712::TypedData::from_json_str(&challenge.typed_data_json)?.signing_hash();
+    let signature = crate::crypto::eth::sign_digest(&wallet, &digest)?.to_vec();
+    let opened = sessions
+        .open_session(OpenSessionRequest {
+            challenge_id: challenge.challenge_id,
+            signature,
+        })
+        .await
+        .map_err(RpcError)?
+        .into_inner();
+    Ok(opened.token)
+}
+
+/// Database transactions (committed and rolled back) of the current
+/// database so far, as PostgreSQL counts them.
+async fn pg_transactions(db: &sqlx::PgPool) -> anyhow::Result<i64> {
+    let (n,): (i64,) = sqlx::query_as(
+        "SELECT (xact_commit + xact_rollback)::BIGINT FROM pg_stat_database WHERE datname = current_database()",
+    )
+    .fetch_one(db)
+    .await?;
+    Ok(n)
+}
+
+/// `drive` against `channels`, with the database transactions it cost per
+/// signature (PostgreSQL's own counters, read before and after; they are
+/// published about once a second, hence the pause).
+async fn drive_counted(
+    db: &sqlx::PgPool,
+    channels: &[Channel],
+    args: &BenchArgs,
+    ids: Arc<Vec<String>>,
+    token: Option<Arc<String>>,
+) -> anyhow::Result<(LoadResult, f64)> {
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let before = pg_transactions(db).await?;
+    let r = drive(
+        channels,
+        ids,
+        args.op,
+        args.concurrency,
+        Duration::from_secs(args.duration.max(1)),
+        token,
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let after = pg_transactions(db).await?;
+    let per_sig = if r.ok > 0 {
+        (after - before) as f64 / r.ok as f64
+    } else {
+        0.0
+    };
+    Ok((r, per_sig))
+}
+
+/// `keyward bench --replicas N`: a local cluster of N replicas (see
+/// [`crate::cluster`]); the same load against replica 0 alone, then spread
+/// over all N (the same number of connections, round-robin).
+async fn run_replicas(opts: &ClientOpts, args: BenchArgs) -> anyhow::Result<()> {
+    let binary = std::env::current_exe().context("the keyward binary")?;
+    let mut options = crate::cluster::ClusterOptions::new(args.replicas, binary);
+    // Set-up creates every account from one client: let it.
+    options.limits = "[[rate]]\nname = \"bench-account-creation\"\nper = \"identity\"\nactions = [\"CreateAccount\"]\ncapacity = 100000\nrefill_per_second = 100000.0\n".into();
+    let cluster = crate::cluster::Cluster::start(options)
+        .await?
+        .context("PostgreSQL is not reachable (KEYWARD_TEST_DATABASE_URL): the replicas need it")?;
+    let n = cluster.replicas.len();
+    let profile = match args.op {
+        BenchOp::Payment => "marketplace",
+        _ => "admin",
+    };
+    let mut one = Vec::with_capacity(args.connections);
+    let mut all = Vec::with_capacity(args.connections);
+    for c in 0..args.connections.max(1) {
+        one.push(cluster.channel(0, profile).await?);
+        all.push(cluster.channel(c % n, profile).await?);
+    }
+    let admin = cluster.channel(0, "admin").await?;
+    let (ids, _) = create_accounts(&admin, args.accounts.max(1)).await?;
+    let ids = Arc::new(ids);
+    let token = match args.op {
+        BenchOp::Payment => {
+            let gateway = cluster.channel(0, "wallet-gateway").await?;
+            Some(Arc::new(payment_session(&admin, &gateway).await?))
+        }
+        _ => None,
+    };
+    // Warm every replica's key cache (each unwraps on first use).
+    for ch in &all {
+        let _ = drive(
+            std::slice::from_ref(ch),
+            ids.clone(),
+            args.op,
+            ids.len().min(64),
+            Duration::from_millis(500),
+            token.clone(),
+        )
+        .await;
+    }
+    let db = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect(cluster.schema_url())
+        .await?;
+    let (single, single_tx) = drive_counted(&db, &one, &args, ids.clone(), token.clone()).await?;
+    let (spread, spread_tx) = drive_counted(&db, &all, &args, ids.clone(), token.clone()).await?;
+    db.close().await;
+    let ratio = if single.per_sec > 0.0 {
+        spread.per_sec / single.per_sec
+    } else {
+        0.0
+    };
+    let out = json!({
+        "op": format!("{:?}", args.op),
+        "replicas": n,
+        "concurrency": args.concurrency,
+        "connections": args.connections,
+        "duration_s": args.duration,
+        "one_replica": single.json(),
+        "all_replicas": spread.json(),
+        "ratio_all_to_one": ratio,
+        "db_transactions_per_signature_one": single_tx,
+        "db_transactions_per_signature_all": spread_tx,
+    });
+    if opts.json {
+        println!("{out}");
+    } else {
+        println!(
+            "op {:?}, {n} replicas over one PostgreSQL schema, concurrency {}, {} connections, {} s each",
+            args.op, args.concurrency, args.connections, args.duration
+        );
+        for (name, r, tx) in [("1 replica", &single, single_tx), ("all", &spread, spread_tx)] {
+            println!(
+                "  {name:<10} {:>9.0}/s  p50 {:>6} us  p99 {:>6} us  errors {}  db transactions/signature {tx:.2}",
+                r.per_sec, r.p50_us, r.p99_us, r.errors
+            );
+        }
+        println!("  ratio all / 1 replica {ratio:.2}");
+    }
+    Ok(())
+}
+
 /// Runs the benchmark and prints its figures.
 pub async fn run(home: &Path, opts: &ClientOpts, args: BenchArgs) -> anyhow::Result<()> {
+    if args.replicas > 0 {
+        return run_replicas(opts, args).await;
+    }
     let dur = Duration::from_secs(args.duration.max(1));
     let chans = channels(home, opts, args.connections).await?;
     let t0 = Instant::now();
@@ -454,8 +658,25 @@ pub async fn run(home: &Path, opts: &ClientOpts, args: BenchArgs) -> anyhow::Res
     }
     let warm_secs = t0.elapsed().as_secs_f64();
 
-    let daemon = drive(&chans, ids.clone(), args.op, args.concurrency, dur).await;
-    let bare = if args.no_tonic_baseline {
+    let (load_chans, token) = match args.op {
+        BenchOp::Payment => {
+            let profile = |p: &str| {
+                let mut o = opts.clone();
+                p.clone_into(&mut o.profile);
+                o
+            };
+            let gateway = channels(home, &profile("wallet-gateway"), 1).await?;
+            let token = payment_session(&chans[0], &gateway[0]).await?;
+            (
+                channels(home, &profile("marketplace"), args.connections).await?,
+                Some(Arc::new(token)),
+            )
+        }
+        _ => (chans.clone(), None),
+    };
+    let daemon = drive(&load_chans, ids.clone(), args.op, args.concurrency, dur, token).await;
+    // The bare baseline signs typed data and messages only.
+    let bare = if args.no_tonic_baseline || args.op == BenchOp::Payment {
         None
     } else {
         Some(bare_tonic(home, opts, &args).await?)

@@ -98,6 +98,54 @@ pub struct Config {
     /// The audit log.
     #[serde(default)]
     pub audit: crate::audit::AuditConfig,
+    /// OpenTelemetry traces (off unless an OTLP endpoint is named).
+    #[serde(default)]
+    pub telemetry: TelemetryConfig,
+}
+
+/// `[telemetry]`: OpenTelemetry traces exported over OTLP/gRPC. Off by
+/// default; with `otlp_endpoint` set, every RPC is a server span (child of
+/// the caller's W3C `traceparent`, when it sends one) with child spans for
+/// the policy decision, the HSM operations, the store transactions and the
+/// audit commit. Spans carry method names, codes and timings, never account
+/// ids, identities, documents or key material.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TelemetryConfig {
+    /// The collector, e.g. `http://127.0.0.1:4317` (OTLP over gRPC, plain: a local agent or
+    /// sidecar). Absent: no traces.
+    #[serde(default)]
+    pub otlp_endpoint: Option<String>,
+    /// `service.name` of the exported spans.
+    #[serde(default = "default_service_name")]
+    pub service_name: String,
+    /// Share of root traces sampled (0.0 to 1.0); a caller's sampled flag wins for its traces.
+    #[serde(default = "default_sample_ratio")]
+    pub sample_ratio: f64,
+    /// Seconds one export to the collector may take before it is dropped.
+    #[serde(default = "default_export_timeout")]
+    pub export_timeout_seconds: u64,
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        TelemetryConfig {
+            otlp_endpoint: None,
+            service_name: default_service_name(),
+            sample_ratio: default_sample_ratio(),
+            export_timeout_seconds: default_export_timeout(),
+        }
+    }
+}
+
+fn default_service_name() -> String {
+    "keyward".into()
+}
+fn default_sample_ratio() -> f64 {
+    1.0
+}
+fn default_export_timeout() -> u64 {
+    5
 }
 
 /// `[server]`
@@ -158,6 +206,13 @@ pub struct ServerConfig {
     /// before it closes them and writes the final audit checkpoint.
     #[serde(default = "default_shutdown_grace")]
     pub shutdown_grace_seconds: u64,
+    /// Seconds between SIGTERM and the start of the graceful shutdown, during
+    /// which the replica reports not ready (gRPC health NOT_SERVING, `/readyz`
+    /// 503) and answers every new request UNAVAILABLE while its in-flight
+    /// requests finish: load balancers and clients move to another replica
+    /// and retry, instead of meeting a closed connection. 0: close at once.
+    #[serde(default = "default_drain")]
+    pub drain_seconds: u64,
     /// Where Prometheus scrapes `/metrics`: a plain-HTTP listener of its own
     /// (default `127.0.0.1:9464`, loopback), or `"off"`. Never on the
     /// public HTTPS side port.
@@ -167,6 +222,9 @@ pub struct ServerConfig {
 
 fn default_shutdown_grace() -> u64 {
     5
+}
+fn default_drain() -> u64 {
+    2
 }
 
 fn default_max_per_identity() -> usize {
@@ -636,6 +694,35 @@ impl Config {
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
+        let t = &self.telemetry;
+        if !(0.0..=1.0).contains(&t.sample_ratio) {
+            return Err(ConfigError::Invalid {
+                key: "telemetry.sample_ratio",
+                reason: "must be between 0.0 and 1.0".into(),
+            });
+        }
+        if t.export_timeout_seconds == 0 || t.export_timeout_seconds > 300 {
+            return Err(ConfigError::Invalid {
+                key: "telemetry.export_timeout_seconds",
+                reason: "must be between 1 and 300".into(),
+            });
+        }
+        if let Some(e) = &t.otlp_endpoint {
+            if !e.starts_with("http://") || e.parse::<http::Uri>().is_err() {
+                return Err(ConfigError::Invalid {
+                    key: "telemetry.otlp_endpoint",
+                    reason: "must be the http:// URL of an OTLP/gRPC collector (a local agent or sidecar; \
+                             TLS to the collector is not built in)"
+                        .into(),
+                });
+            }
+        }
+        if t.service_name.is_empty() {
+            return Err(ConfigError::Invalid {
+                key: "telemetry.service_name",
+                reason: "must not be empty".into(),
+            });
+        }
         if self.server.max_message_bytes < 64 * 1024 || self.server.max_message_bytes > 64 * 1024 * 1024 {
             return Err(ConfigError::Invalid {
                 key: "server.max_message_bytes",
@@ -700,6 +787,7 @@ impl Config {
                 3_600,
             ),
             ("server.shutdown_grace_seconds", server.shutdown_grace_seconds, 1, 300),
+            ("server.drain_seconds", server.drain_seconds, 0, 300),
             ("hsm.acquire_timeout_ms", self.hsm.acquire_timeout_ms, 1, 600_000),
         ] {
             if !(lo..=hi).contains(&value) {

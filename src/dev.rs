@@ -164,6 +164,8 @@ fn dev_config_text(home: &Path, custody: crate::config::Custody) -> String {
 [server]
 listen = "{DEV_LISTEN}"
 https_listen = "{DEV_HTTPS_LISTEN}"
+# One daemon, no load balancer to move away from: stop at once on SIGTERM.
+drain_seconds = 0
 
 [tls]
 cert = "pki/server.pem"

@@ -638,6 +638,12 @@ pub fn decode_canonical(bytes: &[u8]) -> Option<(u64, NewEvent)> {
     let n = u32_of(&mut input)?;
     let policies = (0..n).map(|_| str_of(&mut input)).collect::<Option<Vec<_>>>()?;
     let (code, digest, signature_ref) = (str_of(&mut input)?, str_of(&mut input)?, str_of(&mut input)?);
+    // The trace id is written only when there is one: an empty one written
+    // would be a second encoding of the same event.
+    let trace_id = match input.0.is_empty() {
+        true => String::new(),
+        false => Some(str_of(&mut input)?).filter(|t| !t.is_empty())?,
+    };
     input.rest().is_empty().then_some(())?;
     Some((
         seq,
@@ -653,6 +659,7 @@ pub fn decode_canonical(bytes: &[u8]) -> Option<(u64, NewEvent)> {
             code,
             digest,
             signature_ref,
+            trace_id,
         },
     ))
 }

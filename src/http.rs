@@ -351,6 +351,13 @@ async fn readyz(d: Arc<Daemon>) -> (http::StatusCode, [(http::HeaderName, &'stat
         (http::header::CACHE_CONTROL, "no-store"),
         (http::header::CONTENT_TYPE, "text/plain"),
     ];
+    if *d.stopping.borrow() {
+        return (
+            http::StatusCode::SERVICE_UNAVAILABLE,
+            headers,
+            "not ready: shutting down\n".into(),
+        );
+    }
     match d.health.readiness() {
         crate::health::Readiness::Ready => (http::StatusCode::OK, headers, "ready\n".into()),
         crate::health::Readiness::NotReady { component, reason } => (

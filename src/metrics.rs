@@ -26,6 +26,7 @@ pub struct Metrics {
     connections: IntGaugeVec,
     accept_errors: IntCounterVec,
     shed: IntCounterVec,
+    session_refusals: IntCounterVec,
     hsm_wait_timeouts: IntCounter,
     audit_queue: IntGauge,
     audit_committed: IntGauge,
@@ -48,6 +49,16 @@ pub struct AuditIssuerSample {
     /// Seconds an active issuer key signs before its scheduled rotation.
     pub issuer_rotation: i64,
 }
+
+/// The reasons [`Metrics::session_refused`] counts (each series exists from the start).
+pub const SESSION_REFUSALS: [&str; 6] = [
+    "cap_exhausted",
+    "too_many_open",
+    "out_of_scope",
+    "revoked",
+    "expired",
+    "challenge_used",
+];
 
 /// The operations [`Metrics::observe_hsm`] is called with.
 const HSM_OPS: [&str; 4] = ["generate_wrapped", "unwrap", "sign_ecdsa", "sign_eddsa"];
@@ -111,6 +122,17 @@ impl Metrics {
         registry.register(Box::new(connections.clone()))?;
         registry.register(Box::new(accept_errors.clone()))?;
         registry.register(Box::new(shed.clone()))?;
+        let session_refusals = IntCounterVec::new(
+            Opts::new(
+                "session_refusals_total",
+                "delegated-session requests refused by the session's own bounds, by reason",
+            ),
+            &["reason"],
+        )?;
+        for reason in SESSION_REFUSALS {
+            session_refusals.with_label_values(&[reason]).inc_by(0);
+        }
+        registry.register(Box::new(session_refusals.clone()))?;
         let hsm_wait_timeouts = IntCounter::new(
             "hsm_pool_wait_timeouts_total",
             "HSM operations refused (UNAVAILABLE) after waiting hsm.acquire_timeout_ms for a session",
@@ -172,6 +194,7 @@ impl Metrics {
             connections,
             accept_errors,
             shed,
+            session_refusals,
             hsm_wait_timeouts,
             audit_queue,
             audit_committed,
@@ -213,6 +236,12 @@ impl Metrics {
     /// Counts a request refused before any work (`reason`: what shed it).
     pub fn shed(&self, reason: &str) {
         self.shed.with_label_values(&[reason]).inc();
+    }
+
+    /// Counts a request refused by a session's bounds (`reason` is one of
+    /// [`SESSION_REFUSALS`]).
+    pub fn session_refused(&self, reason: &str) {
+        self.session_refusals.with_label_values(&[reason]).inc();
     }
 
     /// Registers a component's own series (the component keeps its handle).

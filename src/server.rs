@@ -108,6 +108,8 @@ pub struct NetSettings {
     pub keepalive_timeout: std::time::Duration,
     /// How long graceful shutdown waits for connections, then for requests.
     pub shutdown_grace: std::time::Duration,
+    /// How long a stopping replica refuses new requests (UNAVAILABLE) before it closes.
+    pub drain: std::time::Duration,
 }
 
 impl NetSettings {
@@ -123,6 +125,7 @@ impl NetSettings {
                 .then(|| secs(server.http2_keepalive_interval_seconds)),
             keepalive_timeout: secs(server.http2_keepalive_timeout_seconds),
             shutdown_grace: secs(server.shutdown_grace_seconds),
+            drain: secs(server.drain_seconds),
         }
     }
 
@@ -278,6 +281,7 @@ pub async fn start_with_clock(config: &Config, clock: Arc<dyn Clock>) -> Result<
         in_flight: Arc::new(tokio::sync::Semaphore::new(config.server.max_requests_in_flight)),
         per_identity: Arc::new(crate::api::PerIdentity::new(config.server.max_requests_per_identity)),
         stopping: tokio::sync::watch::channel(false).0,
+        refusing: std::sync::atomic::AtomicBool::new(false),
     });
     Ok(Running {
         daemon,
@@ -389,7 +393,12 @@ where
             .prune(std::time::Duration::from_secs(3600), stop_rx.clone()),
     );
     let health_task = tokio::spawn(d.health.clone().run(stop_rx.clone()));
-    let reporter_task = tokio::spawn(report_health(d.health.subscribe(), health_reporter, stop_rx.clone()));
+    let reporter_task = tokio::spawn(report_health(
+        d.health.subscribe(),
+        d.stopping.subscribe(),
+        health_reporter,
+        stop_rx.clone(),
+    ));
     let sweep_every = std::time::Duration::from_secs(
         u64::try_from(d.sessions.settings().pending_spend_timeout / 4)
             .unwrap_or(1)
@@ -410,9 +419,22 @@ where
     ));
 
     shutdown.await;
+    // Not ready from here on: health says NOT_SERVING, followers of
+    // StreamEvents end. For `drain`, connections stay open and new requests
+    // are answered UNAVAILABLE (see `Daemon::handle`), so that what reaches
+    // this replica is refused cleanly and retried elsewhere; requests it
+    // already runs finish.
+    d.stopping.send_replace(true);
+    if !net.drain.is_zero() {
+        d.refusing.store(true, std::sync::atomic::Ordering::Relaxed);
+        tracing::info!(
+            drain_seconds = net.drain.as_secs(),
+            "shutting down: not ready, refusing new requests while clients move away"
+        );
+        tokio::time::sleep(net.drain).await;
+    }
     tracing::info!("shutting down: finishing in-flight requests");
     let _ = stop_tx.send(true);
-    d.stopping.send_replace(true);
     // Connections get the grace period to finish (GOAWAY sent, new streams
     // refused); a follower of StreamEvents or a client that never finishes
     // its request would hold them open for ever, so then they are closed.
@@ -507,15 +529,17 @@ async fn set_health(reporter: &tonic_health::server::HealthReporter, ready: bool
 /// Mirrors readiness into the gRPC health service until `stop` turns true.
 async fn report_health(
     mut readiness: tokio::sync::watch::Receiver<crate::health::Readiness>,
+    mut stopping: tokio::sync::watch::Receiver<bool>,
     reporter: tonic_health::server::HealthReporter,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     loop {
-        let ready = readiness.borrow_and_update().is_ready();
+        let ready = readiness.borrow_and_update().is_ready() && !*stopping.borrow_and_update();
         set_health(&reporter, ready).await;
         tokio::select! {
             _ = stop.wait_for(|s| *s) => return,
             changed = readiness.changed() => if changed.is_err() { return },
+            changed = stopping.changed() => if changed.is_err() { return },
         }
     }
 }

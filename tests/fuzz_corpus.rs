@@ -257,6 +257,11 @@ fn write_seed_corpus() {
             code: "OK".into(),
             digest: "ab".repeat(32),
             signature_ref: format!("spend:s-1/r-{seq}"),
+            trace_id: if seq == 2 {
+                "4bf92f3577b34da6a3ce929d0e0e4736".into()
+            } else {
+                String::new()
+            },
         };
         let hash = link(&prev, seq, &body);
         lines.push(

@@ -60,6 +60,7 @@ impl Site {
             r#"[server]
 listen = "127.0.0.1:0"
 https_listen = "127.0.0.1:0"
+metrics_listen = "127.0.0.1:0"
 [tls]
 cert = "pki/server.pem"
 key = "pki/server-key.pem"

@@ -248,6 +248,7 @@ fn to_proto(e: Event) -> pb::AuditEvent {
         signature_ref: e.body.signature_ref,
         prev_hash: hex::encode(e.prev_hash),
         hash: hex::encode(e.hash),
+        trace_id: e.body.trace_id,
     }
 }
 

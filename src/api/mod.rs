@@ -17,6 +17,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use tonic::{Request, Response, Status};
+use tracing::Instrument as _;
 
 use crate::keys::KeyService;
 use crate::metrics::Metrics;
@@ -58,6 +59,10 @@ pub struct Daemon {
     pub per_identity: Arc<PerIdentity>,
     /// Turns true when graceful shutdown starts: long-lived streams end.
     pub stopping: tokio::sync::watch::Sender<bool>,
+    /// True while a stopping replica drains (`server.drain_seconds` > 0):
+    /// new requests are answered UNAVAILABLE. Without a drain, requests
+    /// already received when shutdown starts are served.
+    pub refusing: std::sync::atomic::AtomicBool,
 }
 
 /// Requests in flight per client identity, so that one client (one
@@ -138,7 +143,8 @@ impl Daemon {
             resource,
             context,
         };
-        let outcome = self.policy.authorize(request).await;
+        let decide = tracing::debug_span!("policy", otel.name = "policy.decide", policy.action = action.name());
+        let outcome = self.policy.authorize(request).instrument(decide).await;
         match &outcome {
             Ok(decision) => crate::audit::context::record_policies(audit::decided_by(decision)),
             Err(e) => {
@@ -188,6 +194,16 @@ impl Daemon {
         Fut: Future<Output = Result<T, ApiError>> + Send + 'static,
     {
         let started = Instant::now();
+        // A stopping replica takes no new work (see `server.drain_seconds`):
+        // the client retries elsewhere. Refused before anything is done, like
+        // a shed request: no audit event.
+        if self.refusing.load(std::sync::atomic::Ordering::Relaxed) {
+            self.metrics.shed("shutting_down");
+            self.metrics.observe_request(method, tonic::Code::Unavailable, started);
+            return Err(Status::unavailable(
+                "this replica is shutting down: retry the request (with the same request id) on another",
+            ));
+        }
         let identity = request.extensions().get::<ConnInfo>().map(|c| c.identity.clone());
         // One identity's share first: a client over it is refused before
         // anything is done or waited for (shed, not decided: no audit event).
@@ -206,6 +222,11 @@ impl Daemon {
             },
             None => None,
         };
+        // The request's span (child of the caller's `traceparent`) and the
+        // trace id its audit event records.
+        let remote = crate::telemetry::remote_context(request.metadata());
+        let span = crate::telemetry::rpc_span(method, &remote);
+        let trace_id = crate::telemetry::trace_id(&span, &remote);
         let req = request.into_inner();
         // Waiting here starts nothing: a client that gives up while waiting
         // leaves nothing behind.
@@ -213,11 +234,17 @@ impl Daemon {
             return Err(Status::unavailable("the daemon is shutting down"));
         };
         let daemon = self.clone();
-        let task = tokio::spawn(async move {
-            let _in_flight = InFlight::new(daemon.metrics.in_flight().clone(), permit);
-            let _slot = slot;
-            daemon.run(method, started, identity, req, f).await
-        });
+        let task = tokio::spawn(
+            async move {
+                let _in_flight = InFlight::new(daemon.metrics.in_flight().clone(), permit);
+                let _slot = slot;
+                let result = daemon.run(method, started, identity, trace_id, req, f).await;
+                let code = result.as_ref().err().map_or(tonic::Code::Ok, Status::code);
+                crate::telemetry::record_status(&tracing::Span::current(), code);
+                result
+            }
+            .instrument(span),
+        );
         match task.await {
             Ok(result) => result.map(Response::new),
             Err(e) => {
@@ -235,6 +262,7 @@ impl Daemon {
         method: &'static str,
         started: Instant,
         identity: Option<String>,
+        trace_id: String,
         req: Req,
         f: F,
     ) -> Result<T, Status>
@@ -248,6 +276,7 @@ impl Daemon {
         pending.event.time_ms = crate::audit::event::now_ms();
         pending.event.identity = identity.clone().unwrap_or_default();
         pending.event.action = method.to_string();
+        pending.event.trace_id = trace_id;
         req.facts(&mut pending.event);
         let daemon = self.clone();
         let (result, pending) = crate::audit::context::scope(pending, async move {
@@ -263,6 +292,11 @@ impl Daemon {
             .err()
             .and_then(ApiError::decision)
             .map(crate::policy::Decision::decided_by);
+        if let Err(ApiError::Session(e)) = &result {
+            if let Some(reason) = e.refusal_reason() {
+                self.metrics.session_refused(reason);
+            }
+        }
         let result = result.map_err(Status::from);
         let result = match pending.recorded {
             Some(_) => result,
@@ -277,7 +311,8 @@ impl Daemon {
                 if let Ok(t) = &result {
                     t.facts(&mut event);
                 }
-                match self.audit.append(event).await {
+                let commit = tracing::debug_span!("audit", otel.name = "audit.commit");
+                match self.audit.append(event).instrument(commit).await {
                     Ok(_) => result,
                     Err(e) => Err(Status::from(ApiError::from(e))),
                 }

@@ -529,8 +529,9 @@ mod receipts {
             claims.audit_seq = facts.audit_seq;
             Box::pin(async move {
                 let value = serde_json::to_value(&claims).map_err(|e| Box::new(e) as SignerError)?;
-                let signing =
-                    tokio::task::spawn_blocking(move || issuer.sign_jws(IssuerAlg::EdDSA, RECEIPT_TYP, &value));
+                let signing = tokio::task::spawn_blocking(crate::telemetry::in_span("hsm.sign_jws", move || {
+                    issuer.sign_jws(IssuerAlg::EdDSA, RECEIPT_TYP, &value)
+                }));
                 match tokio::time::timeout(RECEIPT_SIGN_DEADLINE, signing).await {
                     Ok(joined) => joined
                         .map_err(|_| SignerError::from("receipt signing task failed"))?

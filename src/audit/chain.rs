@@ -40,6 +40,11 @@ pub fn canonical(seq: u64, e: &NewEvent) -> Vec<u8> {
     for s in [&e.code, &e.digest, &e.signature_ref] {
         put_str(&mut out, s);
     }
+    // Added after the first events were chained: absent (not an empty
+    // string) when there is none, so older events hash as they did.
+    if !e.trace_id.is_empty() {
+        put_str(&mut out, &e.trace_id);
+    }
     out
 }
 
@@ -69,12 +74,13 @@ mod tests {
             code: "OK".into(),
             digest: "d".into(),
             signature_ref: "x".into(),
+            trace_id: String::new(),
         };
         let h = link(&GENESIS, 1, &base);
         assert_ne!(h, link(&GENESIS, 2, &base));
         assert_ne!(h, link(&[1u8; 32], 1, &base));
         let mut variants = Vec::new();
-        for i in 0..11 {
+        for i in 0..12 {
             let mut e = base.clone();
             match i {
                 0 => e.time_ms = 2,
@@ -87,7 +93,8 @@ mod tests {
                 7 => e.policies.push("q".into()),
                 8 => e.code.push('x'),
                 9 => e.digest.push('x'),
-                _ => e.signature_ref.push('x'),
+                10 => e.signature_ref.push('x'),
+                _ => e.trace_id = "4bf92f3577b34da6a3ce929d0e0e4736".into(),
             }
             variants.push(link(&GENESIS, 1, &e));
         }
@@ -99,5 +106,42 @@ mod tests {
         shifted.identity = "ia".into();
         shifted.action = String::new();
         assert_ne!(link(&GENESIS, 1, &shifted), h);
+    }
+
+    /// Events chained before trace ids existed keep their hash: an event
+    /// without one encodes exactly as version 1 did (no trailing field), and
+    /// one with a trace id ends with it.
+    #[test]
+    fn an_event_without_a_trace_id_encodes_as_before() {
+        let e = NewEvent {
+            time_ms: 7,
+            identity: "spiffe://example.org/admin".into(),
+            action: "SignTypedData".into(),
+            decision: "allow".into(),
+            code: "OK".into(),
+            ..NewEvent::default()
+        };
+        let mut expected = Vec::new();
+        expected.extend_from_slice(b"keyward.audit.v1");
+        expected.extend_from_slice(&3u64.to_be_bytes());
+        expected.extend_from_slice(&7i64.to_be_bytes());
+        for s in ["spiffe://example.org/admin", "SignTypedData", "", "", "", "allow"] {
+            expected.extend_from_slice(&(s.len() as u32).to_be_bytes());
+            expected.extend_from_slice(s.as_bytes());
+        }
+        expected.extend_from_slice(&0u32.to_be_bytes());
+        for s in ["OK", "", ""] {
+            expected.extend_from_slice(&(s.len() as u32).to_be_bytes());
+            expected.extend_from_slice(s.as_bytes());
+        }
+        assert_eq!(canonical(3, &e), expected);
+        let traced = NewEvent {
+            trace_id: "4bf92f3577b34da6a3ce929d0e0e4736".into(),
+            ..e
+        };
+        let mut with = expected.clone();
+        with.extend_from_slice(&32u32.to_be_bytes());
+        with.extend_from_slice(b"4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!(canonical(3, &traced), with);
     }
 }

@@ -122,6 +122,12 @@ pub struct NewEvent {
     /// `receipt:<id>`, `jws:<hex sha256>`, `kid:<kid>[,<kid>...]`,
     /// `spend:<session>/<request>`, ... or empty.
     pub signature_ref: String,
+    /// The W3C trace id of the request (32 lowercase hex digits): its span's
+    /// when traces are exported, else the caller's `traceparent`; empty when
+    /// neither. Hashed only when present, so events without one keep the
+    /// encoding they were chained with.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub trace_id: String,
 }
 
 /// An event as stored: its sequence number and chain hashes.

@@ -16,8 +16,14 @@
 //!             || str(session) || str(request_id) || str(decision)
 //!             || u32(number of policies) || str(policy_1) || ...
 //!             || str(code) || str(digest) || str(signature_ref)
+//!             [ || str(trace_id) ]             (only when non-empty)
 //! hash(e)      = SHA-256(prev_hash || canonical(e))
 //! ```
+//!
+//! `trace_id` is the request's W3C trace id (see [`crate::telemetry`]). It
+//! came after the first events were chained, so it is written only when an
+//! event has one: an event without it encodes exactly as before, and an
+//! empty trace id is never written (one encoding per event).
 //!
 //! `prev_hash` of the first event is 32 zero bytes; sequence numbers are
 //! dense (1, 2, 3, ...), so a removed row leaves a gap. `digest` is the

@@ -102,13 +102,14 @@ pub(crate) struct RawEvent {
     pub code: String,
     pub digest: String,
     pub signature_ref: String,
+    pub trace_id: String,
     pub prev_hash: Vec<u8>,
     pub hash: Vec<u8>,
 }
 
 /// The columns of an `audit_events` row, in [`RawEvent`] order.
 pub(crate) const EVENT_COLUMNS: &str = "seq, time_ms, identity, action, account, session, request_id, decision, \
-     policies, code, digest, signature_ref, prev_hash, hash";
+     policies, code, digest, signature_ref, trace_id, prev_hash, hash";
 
 pub(crate) fn hash32(what: &str, b: &[u8]) -> Result<[u8; 32], StoreError> {
     <[u8; 32]>::try_from(b).map_err(|_| StoreError::Corrupt {
@@ -155,6 +156,7 @@ impl RawEvent {
                 code: self.code,
                 digest: self.digest,
                 signature_ref: self.signature_ref,
+                trace_id: self.trace_id,
             },
         })
     }
@@ -185,6 +187,7 @@ where
         code: row.try_get("code").map_err(err::<DB>)?,
         digest: row.try_get("digest").map_err(err::<DB>)?,
         signature_ref: row.try_get("signature_ref").map_err(err::<DB>)?,
+        trace_id: row.try_get("trace_id").map_err(err::<DB>)?,
         prev_hash: row.try_get("prev_hash").map_err(err::<DB>)?,
         hash: row.try_get("hash").map_err(err::<DB>)?,
     })
@@ -233,8 +236,8 @@ where
     for e in &stored {
         sqlx::query(
             "INSERT INTO audit_events (seq, time_ms, identity, action, account, session, request_id, decision, \
-             policies, code, digest, signature_ref, prev_hash, hash) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
+             policies, code, digest, signature_ref, trace_id, prev_hash, hash) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)",
         )
         .bind(seq_i64(e.seq)?)
         .bind(e.body.time_ms)
@@ -248,6 +251,7 @@ where
         .bind(&e.body.code)
         .bind(&e.body.digest)
         .bind(&e.body.signature_ref)
+        .bind(&e.body.trace_id)
         .bind(&e.prev_hash[..])
         .bind(&e.hash[..])
         .execute(&mut *conn)

@@ -245,6 +245,7 @@ async fn tail(home: &Path, opts: &ClientOpts, since: u64) -> anyhow::Result<bool
                     "account": e.account, "session": e.session, "request_id": e.request_id,
                     "decision": e.decision, "policies": e.policies, "code": e.code, "digest": e.digest,
                     "signature_ref": e.signature_ref, "prev_hash": e.prev_hash, "hash": e.hash,
+                    "trace_id": e.trace_id,
                 })
             );
         } else {

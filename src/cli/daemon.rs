@@ -126,7 +126,7 @@ async fn run(config: Config, on_bound: impl FnOnce(Endpoints) -> anyhow::Result<
 }
 
 /// `keyward dev`.
-pub fn dev(home: &Path, args: DevArgs) -> anyhow::Result<()> {
+pub fn dev(home: &Path, log_format: super::LogFormat, args: DevArgs) -> anyhow::Result<()> {
     let custody = args.custody.map(Into::into).unwrap_or_default();
     let prepared = crate::dev::prepare(home, custody)?;
     let mut config = Config::load(&prepared.config)?;
@@ -143,7 +143,8 @@ pub fn dev(home: &Path, args: DevArgs) -> anyhow::Result<()> {
         config.server.metrics_listen = crate::config::MetricsListen::try_from(l).map_err(anyhow::Error::msg)?;
     }
     before_threads(&mut config)?;
-    run_blocking(async move {
+    let telemetry = super::init_logging(log_format, Some(&config.telemetry))?;
+    let result = run_blocking(async move {
         let hsm = server::open_hsm(&config).await?;
         let kek = server::init_token(hsm.clone()).await?;
         tracing::info!(kek_version = kek, "key-encryption key ready");
@@ -168,14 +169,23 @@ pub fn dev(home: &Path, args: DevArgs) -> anyhow::Result<()> {
             Ok(())
         })
         .await
-    })
+    });
+    if let Some(t) = telemetry {
+        t.shutdown();
+    }
+    result
 }
 
 /// `keyward serve`.
-pub fn serve(config_path: &Path) -> anyhow::Result<()> {
+pub fn serve(config_path: &Path, log_format: super::LogFormat) -> anyhow::Result<()> {
     let mut config = Config::load(config_path)?;
     before_threads(&mut config)?;
-    run_blocking(run(config, |_| Ok(())))
+    let telemetry = super::init_logging(log_format, Some(&config.telemetry))?;
+    let result = run_blocking(run(config, |_| Ok(())));
+    if let Some(t) = telemetry {
+        t.shutdown();
+    }
+    result
 }
 
 /// `keyward init` options.

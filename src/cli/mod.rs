@@ -134,16 +134,44 @@ impl From<CustodyArg> for Custody {
     }
 }
 
-fn init_logging(format: LogFormat) {
+/// Installs the log subscriber: log lines on stderr (filtered by
+/// `RUST_LOG`, default `info`) and, when `telemetry` names a collector,
+/// OpenTelemetry spans (their own filter: keyward's DEBUG spans, whatever the
+/// log level). Returns the trace pipeline to shut down at exit.
+pub(crate) fn init_logging(
+    format: LogFormat,
+    telemetry: Option<&crate::config::TelemetryConfig>,
+) -> Result<Option<crate::telemetry::Telemetry>, crate::telemetry::TelemetryError> {
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    use tracing_subscriber::Layer as _;
+    type Boxed = Box<dyn tracing_subscriber::Layer<tracing_subscriber::Registry> + Send + Sync>;
+
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    let _ = match format {
-        LogFormat::Human => builder.try_init(),
-        LogFormat::Json => builder.json().try_init(),
+    let log: Boxed = match format {
+        LogFormat::Human => tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .with_filter(filter)
+            .boxed(),
+        LogFormat::Json => tracing_subscriber::fmt::layer()
+            .json()
+            .with_writer(std::io::stderr)
+            .with_filter(filter)
+            .boxed(),
     };
+    let mut layers = vec![log];
+    let mut pipeline = None;
+    if let Some(config) = telemetry {
+        if let Some((t, layer)) = crate::telemetry::Telemetry::start::<tracing_subscriber::Registry>(config)? {
+            let spans = tracing_subscriber::filter::Targets::new()
+                .with_target("keyward", tracing::level_filters::LevelFilter::DEBUG);
+            layers.push(layer.with_filter(spans).boxed());
+            pipeline = Some(t);
+        }
+    }
+    let _ = tracing_subscriber::registry().with(layers).try_init();
+    Ok(pipeline)
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
@@ -159,10 +187,14 @@ fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
 /// Entry point: parses arguments and runs the command.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_format);
+    // The daemon commands install logging once their config is read (it
+    // may name a trace collector).
+    if !matches!(cli.command, Command::Dev(_) | Command::Serve { .. }) {
+        let _ = init_logging(cli.log_format, None);
+    }
     let result = match cli.command {
-        Command::Dev(args) => daemon::dev(&cli.home, args),
-        Command::Serve { config } => daemon::serve(&config),
+        Command::Dev(args) => daemon::dev(&cli.home, cli.log_format, args),
+        Command::Serve { config } => daemon::serve(&config, cli.log_format),
         Command::Init(args) => daemon::init(args),
         Command::Account(cmd) => match runtime() {
             Ok(rt) => rt.block_on(client::account(&cli.home, &cli.client, cmd)),

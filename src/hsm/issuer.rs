@@ -384,13 +384,24 @@ impl Hsm {
     fn reload_issuer(&self, cache: &mut CacheState) -> Result<Vec<IssuerKeyInfo>, HsmError> {
         const OP: &str = "issuer_keys";
         let label = self.inner.pool.label.clone();
-        let (found, epoch) = self
-            .inner
-            .pool
-            .with_session(OP, |p| match find_issuer_keys(&p.session) {
+        let (found, epoch) = self.inner.pool.with_session(OP, |p| {
+            // Another process sharing the token (a replica rotating) can
+            // destroy or rewrite an object between C_FindObjects and
+            // C_GetAttributeValue: search again, a few times.
+            let mut found = find_issuer_keys(&p.session);
+            for _ in 0..3 {
+                match &found {
+                    Err(e) if is_handle_invalid(e) => {
+                        found = find_issuer_keys(&p.session);
+                    }
+                    _ => break,
+                }
+            }
+            match found {
                 Ok(found) => (Ok((found, p.epoch)), Breakage::None),
                 Err(e) => (Err(map_err(OP, &e, &label)), breakage(&e)),
-            })?;
+            }
+        })?;
         cache.keys = found.iter().map(|(i, e)| (i.label.clone(), *e)).collect();
         cache.epoch = epoch;
         cache.dirty = false;

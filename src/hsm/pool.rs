@@ -71,7 +71,12 @@ pub(crate) struct Origin {
     pub(crate) gen: u64,
 }
 
+/// Times [`Pool::open`] looks again for a token it did not find.
+const OPEN_RETRIES: u64 = 5;
+
 impl Pool {
+    /// Loads the module and starts the pool; a token not found is looked for
+    /// again [`OPEN_RETRIES`] times (after 0.1 s, 0.2 s, ...: 1.5 s in all).
     pub(crate) fn open(cfg: &HsmConfig) -> Result<Pool, HsmError> {
         if cfg.pool_size == 0 {
             return Err(HsmError::Unsupported {
@@ -98,9 +103,26 @@ impl Pool {
             ),
             acquire_timeouts: std::sync::atomic::AtomicU64::new(0),
         };
-        {
-            let mut st = pool.lock();
-            pool.start(&mut st, false)?;
+        // A token another process is writing at this moment (SoftHSM
+        // rewrites its token file at each login) can be missing from the
+        // slot list read at C_Initialize: several replicas starting at once
+        // on one token folder meet this. A missing token is looked for again,
+        // from a fresh C_Initialize, a few times before it counts as absent.
+        for attempt in 1u64.. {
+            let started = {
+                let mut st = pool.lock();
+                pool.start(&mut st, false)
+            };
+            match started {
+                Ok(()) => break,
+                Err(HsmError::TokenNotFound { .. }) if attempt <= OPEN_RETRIES => {
+                    if attempt == 1 {
+                        tracing::warn!(token = %pool.label, "token not found; looking again (another process may be writing it)");
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(100 * attempt));
+                }
+                Err(e) => return Err(e),
+            }
         }
         Ok(pool)
     }

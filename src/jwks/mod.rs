@@ -111,6 +111,10 @@ pub enum JwksError {
     /// No key has this kid.
     #[error("no issuer key with kid {0:?}")]
     KeyNotFound(String),
+    /// Another writer (a replica's scheduler or rotation) changed the keys
+    /// between this request's check and its transaction; nothing changed.
+    #[error("another replica changed the issuer keys at the same moment; nothing was rotated here: list the keys, then retry if still needed")]
+    Busy,
     /// A bug.
     #[error("internal error: {0}")]
     Internal(&'static str),
@@ -122,6 +126,7 @@ pub fn status(e: &JwksError, msg: String) -> Status {
         JwksError::NotConfigured(_) => Status::invalid_argument(msg),
         JwksError::TooEarly { .. } => Status::failed_precondition(msg),
         JwksError::KeyNotFound(_) => Status::not_found(msg),
+        JwksError::Busy => Status::aborted(msg),
         JwksError::Store(StoreError::Unavailable { .. }) => Status::unavailable(msg),
         JwksError::Issuer(IssuerError::Hsm(h)) if !matches!(h, HsmError::Internal { .. }) => Status::unavailable(msg),
         _ => Status::internal(msg),
@@ -482,14 +487,14 @@ impl KeyLifecycle {
                             ready_at,
                             in_secs: ready_at - now,
                         },
-                        None => JwksError::Internal("rotation raced with another writer; retry"),
+                        None => JwksError::Busy,
                     });
                 }
-                _ => return Err(JwksError::Internal("rotation raced with another writer; retry")),
+                _ => return Err(JwksError::Busy),
             }
         }
         if promoted.len() != algs.len() {
-            return Err(JwksError::Internal("rotation raced with another writer; retry"));
+            return Err(JwksError::Busy);
         }
         self.refresh().await?;
         let mut out = Vec::with_capacity(promoted.len());

@@ -144,13 +144,16 @@ impl KeyService {
     ) -> Result<(AccountRecord, Option<u64>), KeyError> {
         let hsm = self.hsm.clone();
         let metrics = self.metrics.clone();
-        let wrapped = tokio::task::spawn_blocking(move || -> Result<Vec<KeyRecord>, HsmError> {
-            let out = generate_keys(&hsm, &metrics);
-            // An Ed25519 seed made on the host (tokens without native EdDSA wrapping) was on
-            // this thread's stack.
-            scrub_stack::<SCRUB_AFTER_UNWRAP>();
-            out
-        })
+        let wrapped = tokio::task::spawn_blocking(crate::telemetry::in_span(
+            "hsm.generate_wrapped",
+            move || -> Result<Vec<KeyRecord>, HsmError> {
+                let out = generate_keys(&hsm, &metrics);
+                // An Ed25519 seed made on the host (tokens without native EdDSA wrapping) was on
+                // this thread's stack.
+                scrub_stack::<SCRUB_AFTER_UNWRAP>();
+                out
+            },
+        ))
         .await
         .map_err(|_| KeyError::Internal("key generation task failed"))??;
 
@@ -201,13 +204,13 @@ impl KeyService {
         let custody = self.custody;
         let metrics = self.metrics.clone();
         let arena = self.arena.clone();
-        let keys = tokio::task::spawn_blocking(move || {
+        let keys = tokio::task::spawn_blocking(crate::telemetry::in_span("hsm.unwrap", move || {
             let started = Instant::now();
             let out = AccountKeys::unwrap(&hsm, custody, &arena, record);
             scrub_stack::<SCRUB_AFTER_UNWRAP>();
             metrics.observe_hsm("unwrap", started, out.is_ok());
             out
-        })
+        }))
         .await
         .map_err(|_| KeyError::Internal("unwrap task failed"))??;
         Ok(self.cache.insert(Arc::new(keys)))
@@ -266,7 +269,8 @@ impl KeyService {
         for attempt in 0..2 {
             let keys = self.account(id).await?;
             let result = if keys.signs_on_host() {
-                let r = op(&keys, &self.hsm, &self.metrics);
+                let r = tracing::debug_span!("sign", otel.name = "host.sign")
+                    .in_scope(|| op(&keys, &self.hsm, &self.metrics));
                 scrub_stack::<SCRUB_AFTER_SIGN>();
                 r
             } else {
@@ -274,7 +278,7 @@ impl KeyService {
                 let metrics = self.metrics.clone();
                 let k = keys.clone();
                 let op = op.clone();
-                tokio::task::spawn_blocking(move || op(&k, &hsm, &metrics))
+                tokio::task::spawn_blocking(crate::telemetry::in_span("hsm.sign", move || op(&k, &hsm, &metrics)))
                     .await
                     .map_err(|_| KeyError::Internal("signing task failed"))?
             };

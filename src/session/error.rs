@@ -83,3 +83,21 @@ pub enum SessionError {
     #[error("internal error: {0}")]
     Internal(&'static str),
 }
+
+impl SessionError {
+    /// The session bound this refusal comes from, as
+    /// `keyward_session_refusals_total` counts it; `None` for errors that
+    /// are not a session's bounds (bad input, unknown ids, store or issuer
+    /// failures).
+    pub fn refusal_reason(&self) -> Option<&'static str> {
+        match self {
+            SessionError::CapExhausted { .. } => Some("cap_exhausted"),
+            SessionError::TooManyOpen(_) => Some("too_many_open"),
+            SessionError::NotDelegate | SessionError::Scope(_) | SessionError::Forbidden(_) => Some("out_of_scope"),
+            SessionError::Revoked(_) => Some("revoked"),
+            SessionError::Expired(_) | SessionError::ChallengeExpired(_) => Some("expired"),
+            SessionError::ChallengeUsed(_) => Some("challenge_used"),
+            _ => None,
+        }
+    }
+}

@@ -309,10 +309,12 @@ impl Sessions {
         };
         let claims = serde_json::to_value(&claims).map_err(|_| SessionError::Internal("claims"))?;
         let issuer = self.issuer.clone();
-        tokio::task::spawn_blocking(move || issuer.sign_jws(IssuerAlg::EdDSA, TOKEN_TYP, &claims))
-            .await
-            .map_err(|_| SessionError::Internal("token signing task"))?
-            .map_err(|e| SessionError::Issuer(e.to_string()))
+        tokio::task::spawn_blocking(crate::telemetry::in_span("hsm.sign_jws", move || {
+            issuer.sign_jws(IssuerAlg::EdDSA, TOKEN_TYP, &claims)
+        }))
+        .await
+        .map_err(|_| SessionError::Internal("token signing task"))?
+        .map_err(|e| SessionError::Issuer(e.to_string()))
     }
 
     /// A session by id.

@@ -9,6 +9,7 @@ use std::ops::{Deref, DerefMut};
 
 use sqlx::{ColumnIndex, Decode, Encode, Executor, IntoArguments, Row, Type};
 use tokio::sync::{Mutex, MutexGuard};
+use tracing::Instrument as _;
 
 use super::dialect::Dialect;
 use super::{
@@ -83,6 +84,9 @@ pub(crate) struct WriteTx<'a, DB: sqlx::Database> {
     // is queued before the writer lock goes.
     tx: sqlx::Transaction<'static, DB>,
     _writer: Option<MutexGuard<'a, ()>>,
+    /// The `store.transaction` span: opened before BEGIN, closed with the
+    /// transaction (its duration is the transaction's, lock waits included).
+    _span: tracing::Span,
 }
 
 impl<DB: sqlx::Database> WriteTx<'_, DB> {
@@ -129,9 +133,16 @@ impl<DB: Dialect> SqlStore<DB> {
 
     /// Opens a write transaction the dialect's way.
     pub(crate) async fn begin_write(&self) -> Result<WriteTx<'_, DB>, StoreError> {
-        let writer = self.write_lock().await;
-        let tx = super::begin(DB::BACKEND, &self.pool, &self.tx, DB::BEGIN_WRITE).await?;
-        Ok(WriteTx { tx, _writer: writer })
+        let span = tracing::debug_span!("store", otel.name = "store.transaction", db.system = DB::BACKEND);
+        let writer = self.write_lock().instrument(span.clone()).await;
+        let tx = super::begin(DB::BACKEND, &self.pool, &self.tx, DB::BEGIN_WRITE)
+            .instrument(span.clone())
+            .await?;
+        Ok(WriteTx {
+            tx,
+            _writer: writer,
+            _span: span,
+        })
     }
 
     /// Opens a read transaction that sees one snapshot.

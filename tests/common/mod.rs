@@ -58,6 +58,7 @@ impl Env {
 listen = "127.0.0.1:0"
 https_listen = "127.0.0.1:0"
 metrics_listen = "127.0.0.1:0"
+drain_seconds = 0
 [tls]
 cert = "pki/server.pem"
 key = "pki/server-key.pem"
