@@ -313,5 +313,9 @@ fn database_connections_cut_mid_load_lose_nothing() {
         "{terminated} backends terminated: {} payments answered, retries {retries:?}",
         received.len()
     );
+    assert!(
+        retries.get("Unavailable").copied().unwrap_or(0) > 0,
+        "no request was answered UNAVAILABLE while the database connections were cut: {retries:?}"
+    );
     check_store(&cl, &rt, &session_id, &received);
 }
