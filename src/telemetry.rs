@@ -22,7 +22,8 @@
 //! reactor. [`OnRuntime`] gives it one: a one-thread runtime owned by the
 //! exporter, which drives its channel; exports block on it from the batch
 //! thread. A collector that is down or slow costs spans (dropped after
-//! `export_timeout_seconds`, with the SDK's own log line), never requests.
+//! `export_timeout_seconds`; one warning when exports start failing, one
+//! line when they work again), never requests.
 
 use std::time::Duration;
 
@@ -59,6 +60,8 @@ struct OnRuntime {
     inner: opentelemetry_otlp::SpanExporter,
     /// Taken in `drop` to shut down without blocking (drop may run on a runtime thread).
     rt: Option<tokio::runtime::Runtime>,
+    /// Whether the last export failed (logged on change only).
+    failing: std::sync::atomic::AtomicBool,
 }
 
 impl SpanExporter for OnRuntime {
@@ -72,6 +75,15 @@ impl SpanExporter for OnRuntime {
             )),
             (None, _) => Err(OTelSdkError::AlreadyShutdown),
         };
+        let failed = result.is_err();
+        if self.failing.swap(failed, std::sync::atomic::Ordering::Relaxed) != failed {
+            match &result {
+                Err(e) => {
+                    tracing::warn!(error = %e, "telemetry: spans not exported (collector unreachable or slow); dropping them until it answers")
+                }
+                Ok(()) => tracing::info!("telemetry: spans exported again"),
+            }
+        }
         std::future::ready(result)
     }
 
@@ -135,7 +147,11 @@ impl Telemetry {
                     reason: e.to_string(),
                 })?
         };
-        let exporter = OnRuntime { inner, rt: Some(rt) };
+        let exporter = OnRuntime {
+            inner,
+            rt: Some(rt),
+            failing: std::sync::atomic::AtomicBool::new(false),
+        };
         let provider = SdkTracerProvider::builder()
             .with_batch_exporter(exporter)
             .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(

@@ -284,3 +284,112 @@ fn without_a_collector_the_callers_trace_id_is_still_audited() {
         );
     });
 }
+
+/// A collector that does not answer costs spans, never requests: the daemon
+/// signs as usual and says once that spans are not exported.
+#[test]
+fn a_collector_that_is_down_costs_spans_not_requests() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let home = dir.path().join("home");
+    let mut child = start_dev(&home, &["--custody", "host"]);
+    signal(&mut child, "-TERM");
+    // A port nothing listens on.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr");
+    let config = home.join("keyward.toml");
+    let mut text = std::fs::read_to_string(&config).expect("config");
+    text.push_str(&format!(
+        "\n[telemetry]\notlp_endpoint = \"http://{closed}\"\nexport_timeout_seconds = 1\n"
+    ));
+    std::fs::write(&config, text).expect("config");
+    let log = dir.path().join("daemon.log");
+    let mut child = start_dev_logging(&home, &["--custody", "host"], &log);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let admin = channel(&home, "admin").await;
+        let account = AccountServiceClient::new(admin.clone())
+            .create_account(CreateAccountRequest {
+                controller: CONTROLLER.into(),
+                label: "no-collector".into(),
+                allow: vec![],
+            })
+            .await
+            .expect("account")
+            .into_inner();
+        let mut signing = SigningServiceClient::new(admin);
+        for _ in 0..20 {
+            let t0 = Instant::now();
+            signing
+                .sign_typed_data(traceparent(SignTypedDataRequest {
+                    account_id: account.account_id.clone(),
+                    typed_data_json: MAIL.into(),
+                    ..Default::default()
+                }))
+                .await
+                .expect("signed while the collector is down");
+            assert!(
+                t0.elapsed() < Duration::from_secs(1),
+                "a request waited for the collector"
+            );
+        }
+    });
+    // The batch exporter's schedule is 5 s; the export then fails at once
+    // (connection refused) or after its 1 s timeout.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if text.contains("spans not exported") {
+            assert_eq!(
+                text.matches("spans not exported").count(),
+                1,
+                "the warning repeats instead of being said once: {text}"
+            );
+            break;
+        }
+        assert!(Instant::now() < deadline, "no warning about unexported spans: {text}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    signal(&mut child, "-TERM");
+}
+
+/// `keyward dev` as [`start_dev`] starts it, with its log written to `log`.
+fn start_dev_logging(home: &Path, extra: &[&str], log: &Path) -> std::process::Child {
+    use std::io::BufRead as _;
+    let file = std::fs::File::create(log).expect("log file");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_keyward"))
+        .arg("--home")
+        .arg(home)
+        .args(["dev", "--listen", "127.0.0.1:0", "--https-listen", "127.0.0.1:0"])
+        .args(["--metrics-listen", "127.0.0.1:0"])
+        .args(extra)
+        .env_remove("SOFTHSM2_CONF")
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .stderr(file)
+        .spawn()
+        .expect("spawn keyward dev");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut lines = std::io::BufReader::new(stdout).lines();
+    loop {
+        match lines.next() {
+            Some(Ok(l)) if l == "ready" => break,
+            Some(Ok(_)) => {}
+            _ => {
+                let _ = child.kill();
+                panic!(
+                    "keyward dev did not print ready: {}",
+                    std::fs::read_to_string(log).unwrap_or_default()
+                );
+            }
+        }
+    }
+    // Keep reading stdout so the daemon never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines.by_ref() {});
+    child
+}
