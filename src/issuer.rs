@@ -24,6 +24,10 @@ use crate::crypto::jws::{self, JwsAlg, JwsError};
 use crate::hsm::{Hsm, HsmError, IssuerAlg, IssuerKeyInfo};
 use crate::store::{IssuerKeyRecord, IssuerKeyState};
 
+/// How many more times a refresh searches the token for a stored key it did
+/// not find (0.1 s apart).
+const TOKEN_LOOKS: usize = 5;
+
 /// Issuer algorithms `keyward init` (and `dev`) create keys for.
 pub const DEFAULT_ALGS: [IssuerAlg; 2] = [IssuerAlg::EdDSA, IssuerAlg::ES256];
 
@@ -260,13 +264,27 @@ impl Issuer {
             if token.is_none() {
                 token = Some(self.hsm.issuer_keys()?);
             }
-            let info = token
-                .as_ref()
-                .and_then(|t| t.iter().find(|i| i.label == rec.label && i.alg == alg))
-                .cloned()
-                .ok_or_else(|| IssuerError::MissingOnToken {
-                    label: rec.label.clone(),
-                })?;
+            let find = |t: &Option<Vec<IssuerKeyInfo>>| {
+                t.as_ref()
+                    .and_then(|t| t.iter().find(|i| i.label == rec.label && i.alg == alg))
+                    .cloned()
+            };
+            let mut info = find(&token);
+            // A replica sharing the token makes a key before it stores the
+            // row, but this process's view of the token folder can lag the
+            // other's writes (SoftHSM re-reads object files as they change):
+            // look again before calling the key missing.
+            for _ in 0..TOKEN_LOOKS {
+                if info.is_some() {
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(100));
+                token = Some(self.hsm.issuer_keys()?);
+                info = find(&token);
+            }
+            let info = info.ok_or_else(|| IssuerError::MissingOnToken {
+                label: rec.label.clone(),
+            })?;
             let (info, jwk) = token_key(info)?;
             if jwk.kid != rec.kid || jwk.x != stored.x || jwk.y != stored.y {
                 return Err(bad("the token's public key differs from the stored JWK".into()));

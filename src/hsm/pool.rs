@@ -71,12 +71,13 @@ pub(crate) struct Origin {
     pub(crate) gen: u64,
 }
 
-/// Times [`Pool::open`] looks again for a token it did not find.
+/// Times [`Pool::open`] starts again after a token it did not find or could
+/// not log in to for a reason other than the PIN.
 const OPEN_RETRIES: u64 = 5;
 
 impl Pool {
-    /// Loads the module and starts the pool; a token not found is looked for
-    /// again [`OPEN_RETRIES`] times (after 0.1 s, 0.2 s, ...: 1.5 s in all).
+    /// Loads the module and starts the pool; a token not found or not usable
+    /// is tried again [`OPEN_RETRIES`] times (after 0.1 s, 0.2 s, ...: 1.5 s in all).
     pub(crate) fn open(cfg: &HsmConfig) -> Result<Pool, HsmError> {
         if cfg.pool_size == 0 {
             return Err(HsmError::Unsupported {
@@ -105,9 +106,11 @@ impl Pool {
         };
         // A token another process is writing at this moment (SoftHSM
         // rewrites its token file at each login) can be missing from the
-        // slot list read at C_Initialize: several replicas starting at once
-        // on one token folder meet this. A missing token is looked for again,
-        // from a fresh C_Initialize, a few times before it counts as absent.
+        // slot list read at C_Initialize, or fail the login with
+        // CKR_GENERAL_ERROR: several replicas starting at once on one token
+        // folder meet this. Start again from a fresh C_Initialize, a few
+        // times, before giving up. PIN errors are never retried (a real HSM
+        // counts them).
         for attempt in 1u64.. {
             let started = {
                 let mut st = pool.lock();
@@ -115,9 +118,9 @@ impl Pool {
             };
             match started {
                 Ok(()) => break,
-                Err(HsmError::TokenNotFound { .. }) if attempt <= OPEN_RETRIES => {
+                Err(e @ (HsmError::TokenNotFound { .. } | HsmError::Unavailable { .. })) if attempt <= OPEN_RETRIES => {
                     if attempt == 1 {
-                        tracing::warn!(token = %pool.label, "token not found; looking again (another process may be writing it)");
+                        tracing::warn!(token = %pool.label, error = %e, "token not usable yet; starting again (another process may be writing it)");
                     }
                     std::thread::sleep(std::time::Duration::from_millis(100 * attempt));
                 }
