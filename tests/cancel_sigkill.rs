@@ -14,7 +14,7 @@ use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{signal, start_dev, Wallet};
+use common::{dev_channel, signal, start_dev, Wallet};
 use keyward::api::pb::account_service_client::AccountServiceClient;
 use keyward::api::pb::session_service_client::SessionServiceClient;
 use keyward::api::pb::signing_service_client::SigningServiceClient;
@@ -35,18 +35,6 @@ fn keyward(home: &Path) -> Command {
         .env_remove("SOFTHSM2_CONF")
         .env("RUST_LOG", "warn");
     c
-}
-
-async fn channel(home: &Path, profile: &str) -> Channel {
-    let f = keyward::dev::read_client_file(home).expect("client file");
-    let p = f.profiles.get(profile).expect("profile");
-    let files = keyward::tls::ClientTlsFiles {
-        ca: f.ca.clone(),
-        cert: Some(p.cert.clone()),
-        key: Some(p.key.clone()),
-        domain: f.domain.clone(),
-    };
-    keyward::tls::connect(&f.endpoint, &files).await.expect("connect")
 }
 
 /// (request id -> (amount, completed)) of the session's spends, read from the file.
@@ -114,7 +102,7 @@ fn sigkill_between_reserve_and_complete_is_recovered() {
     let mut child = start_dev(&home, &["--custody", "hsm"]);
     let wallet = Wallet::new(0x42);
     let (session_id, token) = rt.block_on(async {
-        let admin = channel(&home, "admin").await;
+        let admin = dev_channel(&home, "admin").await;
         let account = AccountServiceClient::new(admin)
             .create_account(CreateAccountRequest {
                 controller: wallet.address().to_checksum(),
@@ -124,7 +112,7 @@ fn sigkill_between_reserve_and_complete_is_recovered() {
             .await
             .expect("account")
             .into_inner();
-        let mut s = SessionServiceClient::new(channel(&home, "wallet-gateway").await);
+        let mut s = SessionServiceClient::new(dev_channel(&home, "wallet-gateway").await);
         let c = s
             .create_session_challenge(CreateSessionChallengeRequest {
                 account_id: account.account_id,
@@ -154,7 +142,7 @@ fn sigkill_between_reserve_and_complete_is_recovered() {
         .map(|w| {
             let (home, token, received) = (home.clone(), token.clone(), received.clone());
             rt.spawn(async move {
-                let ch = channel(&home, "marketplace").await;
+                let ch = dev_channel(&home, "marketplace").await;
                 for i in 0usize.. {
                     let id = format!("w{w}-{i}");
                     let amount = 1 + ((w * 31 + i * 7) % 100) as u128;
@@ -242,7 +230,7 @@ fn sigkill_between_reserve_and_complete_is_recovered() {
     }
     // A retry of a released request signs once.
     rt.block_on(async {
-        let ch = channel(&home, "marketplace").await;
+        let ch = dev_channel(&home, "marketplace").await;
         let first = pay(&ch, &token, 5, &pending[0]).await.expect("retry signs");
         let again = pay(&ch, &token, 5, &pending[0]).await.expect("replay");
         assert_eq!(first, again);

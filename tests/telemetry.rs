@@ -23,7 +23,6 @@ use keyward::config::Custody;
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{TraceService, TraceServiceServer};
 use opentelemetry_proto::tonic::collector::trace::v1::{ExportTraceServiceRequest, ExportTraceServiceResponse};
 use opentelemetry_proto::tonic::trace::v1::Span;
-use tonic::transport::Channel;
 
 const TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
 const PARENT_SPAN: &str = "00f067aa0ba902b7";
@@ -65,18 +64,6 @@ fn traceparent<T>(msg: T) -> tonic::Request<T> {
         format!("00-{TRACE_ID}-{PARENT_SPAN}-01").parse().expect("ascii"),
     );
     r
-}
-
-async fn channel(home: &Path, profile: &str) -> Channel {
-    let f = keyward::dev::read_client_file(home).expect("client file");
-    let p = f.profiles.get(profile).expect("profile");
-    let files = keyward::tls::ClientTlsFiles {
-        ca: f.ca.clone(),
-        cert: Some(p.cert.clone()),
-        key: Some(p.key.clone()),
-        domain: f.domain.clone(),
-    };
-    keyward::tls::connect(&f.endpoint, &files).await.expect("connect")
 }
 
 /// (trace_id, action) of every audit event in the dev home's SQLite file.
@@ -125,7 +112,7 @@ fn requests_are_traced_into_the_callers_trace_and_their_audit_events() {
     let mut child = start_dev(&home, &["--custody", "hsm"]);
 
     let (account_id, own_trace) = rt.block_on(async {
-        let admin = channel(&home, "admin").await;
+        let admin = dev_channel(&home, "admin").await;
         let account = AccountServiceClient::new(admin.clone())
             .create_account(traceparent(CreateAccountRequest {
                 controller: CONTROLLER.into(),
@@ -312,7 +299,7 @@ fn a_collector_that_is_down_costs_spans_not_requests() {
         .build()
         .expect("runtime");
     rt.block_on(async {
-        let admin = channel(&home, "admin").await;
+        let admin = dev_channel(&home, "admin").await;
         let account = AccountServiceClient::new(admin.clone())
             .create_account(CreateAccountRequest {
                 controller: CONTROLLER.into(),
@@ -356,40 +343,4 @@ fn a_collector_that_is_down_costs_spans_not_requests() {
         std::thread::sleep(Duration::from_millis(200));
     }
     signal(&mut child, "-TERM");
-}
-
-/// `keyward dev` as [`start_dev`] starts it, with its log written to `log`.
-fn start_dev_logging(home: &Path, extra: &[&str], log: &Path) -> std::process::Child {
-    use std::io::BufRead as _;
-    let file = std::fs::File::create(log).expect("log file");
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_keyward"))
-        .arg("--home")
-        .arg(home)
-        .args(["dev", "--listen", "127.0.0.1:0", "--https-listen", "127.0.0.1:0"])
-        .args(["--metrics-listen", "127.0.0.1:0"])
-        .args(extra)
-        .env_remove("SOFTHSM2_CONF")
-        .env("RUST_LOG", "warn")
-        .stdout(std::process::Stdio::piped())
-        .stderr(file)
-        .spawn()
-        .expect("spawn keyward dev");
-    let stdout = child.stdout.take().expect("stdout");
-    let mut lines = std::io::BufReader::new(stdout).lines();
-    loop {
-        match lines.next() {
-            Some(Ok(l)) if l == "ready" => break,
-            Some(Ok(_)) => {}
-            _ => {
-                let _ = child.kill();
-                panic!(
-                    "keyward dev did not print ready: {}",
-                    std::fs::read_to_string(log).unwrap_or_default()
-                );
-            }
-        }
-    }
-    // Keep reading stdout so the daemon never blocks on a full pipe.
-    std::thread::spawn(move || for _ in lines.by_ref() {});
-    child
 }

@@ -361,6 +361,15 @@ pub fn start_dev(home: &Path, extra: &[&str]) -> std::process::Child {
 /// As [`start_dev`]; with `nofile`, the daemon runs under that
 /// file-descriptor limit (`ulimit -n`, as systemd's `LimitNOFILE` sets it).
 pub fn start_dev_with(home: &Path, extra: &[&str], nofile: Option<u64>) -> std::process::Child {
+    spawn_dev(home, extra, nofile, None)
+}
+
+/// As [`start_dev`], with the daemon's log (stderr) written to `log`.
+pub fn start_dev_logging(home: &Path, extra: &[&str], log: &Path) -> std::process::Child {
+    spawn_dev(home, extra, None, Some(log))
+}
+
+fn spawn_dev(home: &Path, extra: &[&str], nofile: Option<u64>, log: Option<&Path>) -> std::process::Child {
     use std::io::BufRead as _;
     let mut cmd = match nofile {
         Some(n) => {
@@ -383,7 +392,10 @@ pub fn start_dev_with(home: &Path, extra: &[&str], nofile: Option<u64>) -> std::
         .env_remove("SOFTHSM2_CONF")
         .env("RUST_LOG", "warn")
         .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::inherit())
+        .stderr(match log {
+            Some(path) => std::process::Stdio::from(std::fs::File::create(path).expect("log file")),
+            None => std::process::Stdio::inherit(),
+        })
         .spawn()
         .expect("spawn keyward dev");
     let stdout = child.stdout.take().expect("stdout");
@@ -416,4 +428,18 @@ pub fn signal(child: &mut std::process::Child, signal: &str) {
         .expect("kill")
         .success());
     child.wait().expect("wait");
+}
+
+/// A channel to a `keyward dev` daemon under `home`, as one of its client
+/// profiles (from the client file `dev` writes).
+pub async fn dev_channel(home: &Path, profile: &str) -> Channel {
+    let f = keyward::dev::read_client_file(home).expect("client file");
+    let p = f.profiles.get(profile).expect("profile");
+    let files = ClientTlsFiles {
+        ca: f.ca.clone(),
+        cert: Some(p.cert.clone()),
+        key: Some(p.key.clone()),
+        domain: f.domain.clone(),
+    };
+    keyward::tls::connect(&f.endpoint, &files).await.expect("connect")
 }
