@@ -700,7 +700,10 @@ pub async fn run(home: &Path, opts: &ClientOpts, args: BenchArgs) -> anyhow::Res
         let secs = Duration::from_secs(2);
         let grouped = crate::audit::bench::append_rate(home, 256, args.concurrency, secs).await?;
         let single = crate::audit::bench::append_rate(home, 1, args.concurrency, secs).await?;
-        Some((grouped, single))
+        // The bare ceiling: one connection, the same rows, as many per commit
+        // as `concurrency` writers can put in one group.
+        let bare = crate::audit::bench::bare_insert_rate(home, args.concurrency, secs).await?;
+        Some((grouped, single, bare))
     };
 
     let ratio = |den: f64| if den > 0.0 { daemon.per_sec / den } else { 0.0 };
@@ -708,6 +711,8 @@ pub async fn run(home: &Path, opts: &ClientOpts, args: BenchArgs) -> anyhow::Res
         "audit_appends_per_sec_group_commit": audit.map(|a| a.0.round()),
         "audit_appends_per_sec_commit_per_event": audit.map(|a| a.1.round()),
         "ratio_audit_group_to_per_event": audit.map(|a| if a.1 > 0.0 { a.0 / a.1 } else { 0.0 }),
+        "audit_bare_sqlite_inserts_per_sec": audit.map(|a| a.2.round()),
+        "ratio_audit_group_to_bare_sqlite": audit.map(|a| if a.2 > 0.0 { a.0 / a.2 } else { 0.0 }),
         "op": format!("{:?}", args.op),
         "accounts": ids.len(),
         "concurrency": args.concurrency,
@@ -764,10 +769,15 @@ pub async fn run(home: &Path, opts: &ClientOpts, args: BenchArgs) -> anyhow::Res
         if let Some(h) = hsm {
             println!("  ratio daemon / raw SoftHSM C_Sign {:.2}", ratio(h));
         }
-        if let Some((grouped, single)) = audit {
+        if let Some((grouped, single, bare)) = audit {
             println!(
                 "  audit appends {grouped:>9.0}/s group commit, {single:>9.0}/s one commit per event (ratio {:.1})",
                 if single > 0.0 { grouped / single } else { 0.0 }
+            );
+            println!(
+                "  bare SQLite   {bare:>9.0}/s (one connection, {} rows per commit); ratio group commit / bare {:.2}",
+                args.concurrency,
+                if bare > 0.0 { grouped / bare } else { 0.0 }
             );
         }
     }

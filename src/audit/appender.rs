@@ -2,7 +2,8 @@
 //! from concurrent requests and writes them in one transaction (one fsync),
 //! then wakes each waiter with its sequence number. A request's response is
 //! sent only after its event is durable. The same task starts checkpoints
-//! every N events or T seconds, signed beside it so appends never wait on an
+//! every N events (checked against the sequence it committed, without a
+//! store read) or T seconds, signed beside it so appends never wait on an
 //! HSM signature, and makes a final one at shutdown ([`Appender::finish`])
 //! over the events since the last.
 
@@ -218,14 +219,19 @@ async fn append_batch(
 ) {
     match store.audit().append_events(&events).await {
         Ok(stored) => {
-            if let Some(last) = stored.last() {
-                head.send_replace(last.seq);
+            let committed = stored.last().map(|last| last.seq);
+            if let Some(seq) = committed {
+                head.send_replace(seq);
             }
             for (done, e) in waiters.into_iter().zip(stored) {
                 let _ = done.send(Ok(e.seq));
             }
-            if let Some(c) = checkpoints {
-                spawn_checkpoint(c);
+            // The count rule only: the time rule has its own tick. A check
+            // reads the store, so it is started only when one may be due.
+            if let (Some(c), Some(seq)) = (checkpoints, committed) {
+                if c.may_be_due(seq) {
+                    spawn_checkpoint(c);
+                }
             }
         }
         Err(e) => {

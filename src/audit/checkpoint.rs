@@ -54,6 +54,10 @@ pub struct Checkpointer {
     every: Duration,
     /// When this process last signed, and the last event known to be covered.
     last: Mutex<(Instant, u64)>,
+    /// `last.1`, readable without the lock: the appender asks
+    /// [`Checkpointer::may_be_due`] after every group it commits, and only
+    /// then reads the store.
+    covered: std::sync::atomic::AtomicU64,
     /// Unix seconds of the last checkpoint this process stored (0: none yet).
     last_stored: std::sync::atomic::AtomicI64,
 }
@@ -76,6 +80,7 @@ impl Checkpointer {
             every_events: every_events.max(1),
             every: every.max(Duration::from_secs(1)),
             last: Mutex::new((Instant::now(), 0)),
+            covered: std::sync::atomic::AtomicU64::new(0),
             last_stored: std::sync::atomic::AtomicI64::new(0),
         }
     }
@@ -84,6 +89,15 @@ impl Checkpointer {
     /// 0 until its first (for the metric; other replicas sign too).
     pub fn last_stored(&self) -> i64 {
         self.last_stored.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Whether the event rule may call for a checkpoint once the log ends at
+    /// `committed`: `every_events` or more past the last event this process
+    /// knows to be covered. False means a check would find nothing due by
+    /// count (the time rule is checked every [`Checkpointer::period`]).
+    pub fn may_be_due(&self, committed: u64) -> bool {
+        let covered = self.covered.load(std::sync::atomic::Ordering::Relaxed);
+        committed.saturating_sub(covered) >= self.every_events
     }
 
     /// How often the time rule is checked.
@@ -119,6 +133,7 @@ impl Checkpointer {
             return Ok(None);
         };
         last.1 = claims.first_seq - 1;
+        self.covered.store(last.1, std::sync::atomic::Ordering::Relaxed);
         if !due(last.1, last.0) {
             return Ok(None);
         }
@@ -129,6 +144,8 @@ impl Checkpointer {
             .map_err(|_| AuditError::Sign("signing task failed".into()))?
             .map_err(|e| AuditError::Sign(e.to_string()))?;
         *last = (Instant::now(), claims.last_seq);
+        self.covered
+            .store(claims.last_seq, std::sync::atomic::Ordering::Relaxed);
         let stored = store_checkpoint(self.store.as_ref(), &claims, jws).await?;
         if let Some(cp) = &stored {
             self.last_stored

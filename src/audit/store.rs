@@ -218,6 +218,45 @@ where
     })
 }
 
+/// Rows per multi-row INSERT, largest first (every batch is cut into these).
+const INSERT_CHUNKS: [usize; 4] = [64, 16, 4, 1];
+
+/// Columns bound per event row.
+const EVENT_BINDS: usize = 15;
+
+/// `INSERT INTO audit_events ... VALUES (...), (...)` for `rows` rows, built
+/// once per chunk size.
+fn insert_sql(rows: usize) -> &'static str {
+    static SQL: std::sync::OnceLock<Vec<(usize, String)>> = std::sync::OnceLock::new();
+    let all = SQL.get_or_init(|| {
+        INSERT_CHUNKS
+            .iter()
+            .map(|&n| {
+                let mut sql = format!("INSERT INTO audit_events ({EVENT_COLUMNS}) VALUES ");
+                for r in 0..n {
+                    if r > 0 {
+                        sql.push_str(", ");
+                    }
+                    sql.push('(');
+                    for c in 0..EVENT_BINDS {
+                        if c > 0 {
+                            sql.push_str(", ");
+                        }
+                        sql.push_str(&format!("${}", r * EVENT_BINDS + c + 1));
+                    }
+                    sql.push(')');
+                }
+                (n, sql)
+            })
+            .collect()
+    });
+    all.iter()
+        .find(|(n, _)| *n == rows)
+        .or_else(|| all.last())
+        .map(|(_, sql)| sql.as_str())
+        .unwrap_or("")
+}
+
 /// Appends `events` inside the caller's write transaction (opened by
 /// [`SqlStore::begin_write`]), locking the head until it ends.
 pub(crate) async fn append_in<DB>(conn: &mut DB::Connection, events: &[NewEvent]) -> Result<Vec<Event>, StoreError>
@@ -233,30 +272,35 @@ where
 {
     let head = read_head::<DB>(conn, true).await?;
     let stored = chain_onto(head.seq, head.hash, events);
-    for e in &stored {
-        sqlx::query(
-            "INSERT INTO audit_events (seq, time_ms, identity, action, account, session, request_id, decision, \
-             policies, code, digest, signature_ref, trace_id, prev_hash, hash) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)",
-        )
-        .bind(seq_i64(e.seq)?)
-        .bind(e.body.time_ms)
-        .bind(&e.body.identity)
-        .bind(&e.body.action)
-        .bind(&e.body.account)
-        .bind(&e.body.session)
-        .bind(&e.body.request_id)
-        .bind(&e.body.decision)
-        .bind(encode_policies(&e.body.policies))
-        .bind(&e.body.code)
-        .bind(&e.body.digest)
-        .bind(&e.body.signature_ref)
-        .bind(&e.body.trace_id)
-        .bind(&e.prev_hash[..])
-        .bind(&e.hash[..])
-        .execute(&mut *conn)
-        .await
-        .map_err(err::<DB>)?;
+    // Several rows per INSERT: one statement (one round trip to the
+    // database, or to sqlx's SQLite worker thread) per chunk instead of one
+    // per event. Chunk sizes are fixed so the prepared statements are few
+    // and stay cached.
+    let mut rest = &stored[..];
+    while !rest.is_empty() {
+        let rows = INSERT_CHUNKS.iter().copied().find(|n| *n <= rest.len()).unwrap_or(1);
+        let (chunk, tail) = rest.split_at(rows);
+        let mut q = sqlx::query(insert_sql(rows));
+        for e in chunk {
+            q = q
+                .bind(seq_i64(e.seq)?)
+                .bind(e.body.time_ms)
+                .bind(&e.body.identity)
+                .bind(&e.body.action)
+                .bind(&e.body.account)
+                .bind(&e.body.session)
+                .bind(&e.body.request_id)
+                .bind(&e.body.decision)
+                .bind(encode_policies(&e.body.policies))
+                .bind(&e.body.code)
+                .bind(&e.body.digest)
+                .bind(&e.body.signature_ref)
+                .bind(&e.body.trace_id)
+                .bind(&e.prev_hash[..])
+                .bind(&e.hash[..]);
+        }
+        q.execute(&mut *conn).await.map_err(err::<DB>)?;
+        rest = tail;
     }
     if let Some(last) = stored.last() {
         sqlx::query("UPDATE audit_head SET seq = $1, hash = $2 WHERE id = 1")
