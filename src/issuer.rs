@@ -153,6 +153,25 @@ pub fn jwk_for(alg: IssuerAlg, public_key: &[u8]) -> Result<Jwk, JwkError> {
 
 const PROBE_TYP: &str = "keyward-probe";
 
+/// The raw public key of a stored JWK (Ed25519: 32 bytes; EC: the uncompressed SEC1 point),
+/// checked to give back the same JWK.
+fn raw_public_key(alg: IssuerAlg, jwk: &Jwk) -> Option<Vec<u8>> {
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let x = b64.decode(&jwk.x).ok()?;
+    let raw = match &jwk.y {
+        None => x,
+        Some(y) => {
+            let mut p = vec![0x04];
+            p.extend_from_slice(&x);
+            p.extend_from_slice(&b64.decode(y).ok()?);
+            p
+        }
+    };
+    let again = jwk_for(alg, &raw).ok()?;
+    (again.kid == jwk.kid).then_some(raw)
+}
+
 fn token_key(info: IssuerKeyInfo) -> Result<(IssuerKeyInfo, Jwk), IssuerError> {
     let jwk = jwk_for(info.alg, &info.public_key).map_err(|source| IssuerError::BadPublicKey {
         label: info.label.clone(),
@@ -282,9 +301,29 @@ impl Issuer {
                 token = Some(self.hsm.issuer_keys()?);
                 info = find(&token);
             }
-            let info = info.ok_or_else(|| IssuerError::MissingOnToken {
-                label: rec.label.clone(),
-            })?;
+            let Some(info) = info else {
+                // A retired key whose token object is gone (a token restored from a KEK
+                // backup does not hold issuer keys): it signs nothing any more, and still
+                // verifies what it signed, from its stored public key.
+                if rec.state == IssuerKeyState::Retired {
+                    let public_key =
+                        raw_public_key(alg, &stored).ok_or_else(|| bad("stored JWK does not decode".into()))?;
+                    keys.push(IssuerKey {
+                        info: IssuerKeyInfo {
+                            alg,
+                            label: rec.label.clone(),
+                            id: rec.kid.as_bytes().to_vec(),
+                            public_key,
+                        },
+                        jwk: stored,
+                        state: rec.state,
+                    });
+                    continue;
+                }
+                return Err(IssuerError::MissingOnToken {
+                    label: rec.label.clone(),
+                });
+            };
             let (info, jwk) = token_key(info)?;
             if jwk.kid != rec.kid || jwk.x != stored.x || jwk.y != stored.y {
                 return Err(bad("the token's public key differs from the stored JWK".into()));

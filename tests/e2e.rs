@@ -415,8 +415,8 @@ fn token_holds_no_extractable_plain_private_key() {
         assert!(
             objects
                 .iter()
-                .any(|o| o.label.starts_with("keyward-kek") && o.sensitive && !o.extractable),
-            "the KEK is there, sensitive and not extractable: {objects:?}"
+                .any(|o| o.label.starts_with("keyward-kek") && o.sensitive && !o.user_can_export()),
+            "the KEK is there, sensitive, and exportable only under a trusted key: {objects:?}"
         );
         for o in &objects {
             assert!(

@@ -140,7 +140,9 @@ fn kek_attributes() -> TestResult {
     assert_eq!(kek.key_type, "CKK_AES");
     assert!(kek.token);
     assert!(kek.sensitive);
-    assert!(!kek.extractable);
+    // Exportable for `keyward kek backup`, but only under a key the SO marked trusted.
+    assert!(kek.extractable && kek.wrap_with_trusted, "{kek:?}");
+    assert!(!kek.user_can_export());
     Ok(())
 }
 
@@ -360,7 +362,7 @@ fn rotate_kek_new_keys_use_new_versions_old_blobs_still_unwrap() -> TestResult {
     assert_eq!(hsm.ensure_kek()?, 3);
     let k = keks(&hsm)?;
     assert_eq!(k.len(), 2, "two sealed KEKs: {k:?}");
-    assert!(k.iter().all(|o| o.token && o.sensitive && !o.extractable));
+    assert!(k.iter().all(|o| o.token && o.sensitive && !o.user_can_export()));
     for alg in KeyAlg::ALL {
         let w = hsm.generate_wrapped(alg)?;
         assert_eq!(w.kek_version, if alg == KeyAlg::Secp256k1 { 3 } else { 4 });

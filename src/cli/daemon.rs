@@ -41,7 +41,7 @@ fn export_softhsm_conf(config: &Config) {
 /// SOFTHSM2_CONF, the PIN read once (its environment variable then removed),
 /// the process made non-dumpable, and in host custody a check that key
 /// memory can be locked.
-fn before_threads(config: &mut Config) -> anyhow::Result<()> {
+pub(super) fn before_threads(config: &mut Config) -> anyhow::Result<()> {
     export_softhsm_conf(config);
     config.load_pin()?;
     crate::keys::harden_process().context("cannot make the process non-dumpable (PR_SET_DUMPABLE)")?;
@@ -51,7 +51,7 @@ fn before_threads(config: &mut Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn run_blocking<F: std::future::Future<Output = anyhow::Result<()>>>(f: F) -> anyhow::Result<()> {
+pub(super) fn run_blocking<F: std::future::Future<Output = anyhow::Result<()>>>(f: F) -> anyhow::Result<()> {
     let rt = runtime().map_err(|_| anyhow::anyhow!("cannot start the async runtime"))?;
     rt.block_on(f)
 }
@@ -224,7 +224,7 @@ fn check_owner_only(path: &Path, what: &str) -> anyhow::Result<()> {
 }
 
 /// Reads a PIN from a file the owner alone may access (trailing newline dropped).
-fn read_pin_file(path: &Path, what: &str) -> anyhow::Result<secrecy::SecretString> {
+pub(super) fn read_pin_file(path: &Path, what: &str) -> anyhow::Result<secrecy::SecretString> {
     check_owner_only(path, what)?;
     let text =
         zeroize::Zeroizing::new(std::fs::read_to_string(path).with_context(|| format!("{what} {}", path.display()))?);
@@ -237,7 +237,7 @@ fn read_pin_file(path: &Path, what: &str) -> anyhow::Result<secrecy::SecretStrin
 
 /// `--init-token`: creates the token unless it exists. Before the runtime
 /// starts (the PKCS#11 calls block).
-fn create_token(config: &Config, so_pin_file: &Path) -> anyhow::Result<()> {
+pub(super) fn create_token(config: &Config, so_pin_file: &Path) -> anyhow::Result<()> {
     let so_pin = read_pin_file(so_pin_file, "--so-pin-file")?;
     if let Some(pin_file) = &config.hsm.pin_file {
         check_owner_only(pin_file, "hsm.pin_file")?;

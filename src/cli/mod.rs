@@ -5,6 +5,7 @@ mod audit;
 pub(crate) mod client;
 mod daemon;
 mod jwks;
+mod kek;
 mod output;
 mod policy;
 mod receipt;
@@ -84,6 +85,13 @@ enum Command {
     /// Create the key-encryption key on the token and the store's schema
     /// (and, with --init-token, the token itself).
     Init(daemon::InitArgs),
+    /// Key-encryption keys: backup, verification and restore (the key
+    /// ceremony), and their status. Works on the token and the store directly.
+    #[command(subcommand)]
+    Kek(kek::KekCmd),
+    /// Unwrap every account's keys (nothing cached) and check each against
+    /// the account's public keys: exit 1, naming the accounts, on any failure.
+    Doctor(kek::DoctorArgs),
     /// Accounts.
     #[command(subcommand)]
     Account(client::AccountCmd),
@@ -196,6 +204,12 @@ pub fn main() -> ExitCode {
         Command::Dev(args) => daemon::dev(&cli.home, cli.log_format, args),
         Command::Serve { config } => daemon::serve(&config, cli.log_format),
         Command::Init(args) => daemon::init(args),
+        Command::Kek(cmd) => kek::run(cmd),
+        Command::Doctor(args) => match kek::doctor(args) {
+            Ok(true) => Ok(()),
+            Ok(false) => return ExitCode::FAILURE,
+            Err(e) => Err(e),
+        },
         Command::Account(cmd) => match runtime() {
             Ok(rt) => rt.block_on(client::account(&cli.home, &cli.client, cmd)),
             Err(code) => return code,

@@ -22,6 +22,16 @@ pub struct ObjectInfo {
     pub sensitive: bool,
     /// CKA_EXTRACTABLE.
     pub extractable: bool,
+    /// CKA_WRAP_WITH_TRUSTED: extractable only under a key the security officer marked trusted
+    /// (every KEK: see `keyward kek backup`).
+    pub wrap_with_trusted: bool,
+}
+
+impl ObjectInfo {
+    /// Can whoever holds the user PIN take this key out of the token in any form?
+    pub fn user_can_export(&self) -> bool {
+        self.extractable && !self.wrap_with_trusted
+    }
 }
 
 fn list(s: &Session) -> Result<Vec<ObjectInfo>, CkError> {
@@ -37,6 +47,7 @@ fn list(s: &Session) -> Result<Vec<ObjectInfo>, CkError> {
                     AttributeType::Token,
                     AttributeType::Sensitive,
                     AttributeType::Extractable,
+                    AttributeType::WrapWithTrusted,
                 ],
             )?;
             let mut info = ObjectInfo {
@@ -46,6 +57,7 @@ fn list(s: &Session) -> Result<Vec<ObjectInfo>, CkError> {
                 token: false,
                 sensitive: false,
                 extractable: false,
+                wrap_with_trusted: false,
             };
             for a in attrs {
                 match a {
@@ -55,6 +67,7 @@ fn list(s: &Session) -> Result<Vec<ObjectInfo>, CkError> {
                     Attribute::Token(b) => info.token = b,
                     Attribute::Sensitive(b) => info.sensitive = b,
                     Attribute::Extractable(b) => info.extractable = b,
+                    Attribute::WrapWithTrusted(b) => info.wrap_with_trusted = b,
                     _ => {}
                 }
             }

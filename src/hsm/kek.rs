@@ -115,7 +115,14 @@ pub(crate) struct KekCache {
     seen: BTreeSet<u32>,
     /// Probe results of `<prefix>-v<N>` KEKs (an object's kind never changes).
     probed: BTreeMap<u32, KekKind>,
+    /// When the list was last read from the token: it is read again after [`KEK_RELOAD`], so a
+    /// KEK another process created (`keyward kek rotate`, another replica) is used for new keys
+    /// within that time.
+    loaded: Option<std::time::Instant>,
 }
+
+/// How long a KEK list read from the token is trusted (see [`KekCache`]).
+pub const KEK_RELOAD: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// A KEK handle valid in pool epoch `epoch`.
 #[derive(Debug, Clone, Copy)]
@@ -192,16 +199,27 @@ fn find_keks(s: &Session, prefix: &str) -> Result<BTreeMap<u32, (ObjectHandle, b
     Ok(out)
 }
 
-fn create_kek(s: &Session, prefix: &str, version: u32, kind: KekKind) -> Result<ObjectHandle, CkError> {
+/// [`find_keks`] for the ceremony steps (`backup.rs`).
+pub(crate) fn find_keks_of(s: &Session, prefix: &str) -> Result<BTreeMap<u32, (ObjectHandle, bool)>, CkError> {
+    find_keks(s, prefix)
+}
+
+/// The attributes of KEK `version` of `kind`, as created and as restored from a backup.
+///
+/// `CKA_EXTRACTABLE` with `CKA_WRAP_WITH_TRUSTED`: the token wraps the KEK only under a key the
+/// security officer marked trusted, which is how `keyward kek backup` takes it out and the only
+/// way it can leave (see `backup.rs`). `CKA_COPYABLE` comes before `CKA_MODIFIABLE`: SoftHSM
+/// applies an unwrap template in order and refuses to change a key once it is not modifiable.
+pub(crate) fn kek_template(prefix: &str, version: u32, kind: KekKind) -> Vec<Attribute> {
     let label = kek_label(prefix, version, kind);
     let mut template = vec![
         Attribute::Class(ObjectClass::SECRET_KEY),
         Attribute::KeyType(KeyType::AES),
-        Attribute::ValueLen(32u64.into()),
         Attribute::Token(true),
         Attribute::Private(true),
         Attribute::Sensitive(true),
-        Attribute::Extractable(false),
+        Attribute::Extractable(true),
+        Attribute::WrapWithTrusted(true),
         Attribute::Wrap(true),
         Attribute::Unwrap(true),
         Attribute::Encrypt(false),
@@ -209,14 +227,20 @@ fn create_kek(s: &Session, prefix: &str, version: u32, kind: KekKind) -> Result<
         Attribute::Sign(false),
         Attribute::Verify(false),
         Attribute::Derive(false),
-        Attribute::Modifiable(false),
-        Attribute::Copyable(false),
         Attribute::Label(label.into_bytes()),
         Attribute::Id(kek_id(version)),
     ];
     if kind == KekKind::Sealed {
         template.push(unwrap_template());
     }
+    template.push(Attribute::Copyable(false));
+    template.push(Attribute::Modifiable(false));
+    template
+}
+
+fn create_kek(s: &Session, prefix: &str, version: u32, kind: KekKind) -> Result<ObjectHandle, CkError> {
+    let mut template = kek_template(prefix, version, kind);
+    template.insert(2, Attribute::ValueLen(32u64.into()));
     s.generate_key(&Mechanism::AesKeyGen, &template)
 }
 
@@ -541,6 +565,7 @@ impl Hsm {
         cache.handles = found.keks;
         cache.probed = found.probed;
         cache.epoch = found.epoch;
+        cache.loaded = Some(std::time::Instant::now());
         self.inner.kek_dirty.store(false, Ordering::SeqCst);
         Ok(self.version_of(cache))
     }
@@ -612,7 +637,9 @@ impl Hsm {
     /// if the pool was re-initialised or a KEK handle was reported invalid.
     pub(crate) fn kek(&self, version: Option<u32>, purpose: Purpose) -> Result<Kek, HsmError> {
         let mut cache = self.kek_lock();
-        let stale = cache.epoch != self.inner.pool.epoch() || self.inner.kek_dirty.load(Ordering::SeqCst);
+        let stale = cache.epoch != self.inner.pool.epoch()
+            || self.inner.kek_dirty.load(Ordering::SeqCst)
+            || cache.loaded.is_none_or(|t| t.elapsed() >= KEK_RELOAD);
         if stale {
             self.refresh_keks(&mut cache, Want::Load)?;
         }

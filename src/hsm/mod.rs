@@ -32,6 +32,7 @@
 //! fixed test message with it ([`Hsm::sign`]) and verify that signature against
 //! `WrappedRef::public_key`; a blob swapped between two accounts fails that check.
 
+mod backup;
 mod config;
 mod error;
 mod generate;
@@ -47,12 +48,16 @@ mod unwrap;
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 
+pub use backup::{
+    combine as combine_shares, export_keks, import_keks, live_check_values, new_backup_id, split as split_recovery_key,
+    BackedUpKek, RecoveryKey, Restored, ShareError,
+};
 pub use config::{CustodyPolicy, HsmConfig, DEFAULT_KEK_LABEL_PREFIX};
 pub use error::{ckr_name, HsmError};
 pub use generate::WrappedKey;
 pub use inspect::ObjectInfo;
 pub use issuer::{issuer_label, IssuerAlg, IssuerKeyInfo, UnknownIssuerAlg, ISSUER_LABEL_PREFIX};
-pub use kek::{kek_label, KekKind};
+pub use kek::{kek_label, KekKind, KEK_RELOAD};
 pub use sign::{flush_key_destroys, keys_reaped, HsmKey, REAPER_THREAD};
 pub use token::{create_token, init_token, CustodyReport, TokenInit};
 pub use unwrap::WrappedRef;

@@ -42,15 +42,7 @@ pub fn create_token(
     so_pin: &SecretString,
     user_pin: &SecretString,
 ) -> Result<TokenInit, HsmError> {
-    let ctx = Pkcs11::new(module).map_err(|e| HsmError::ModuleLoad {
-        path: module.display().to_string(),
-        reason: e.to_string(),
-    })?;
-    let owned = match ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
-        Ok(()) => true,
-        Err(e) if rv_of(&e) == Some(RvError::CryptokiAlreadyInitialized) => false,
-        Err(e) => return Err(map_err("initialize", &e, label)),
-    };
+    let (ctx, owned) = own_context(module, label)?;
     let result = find_or_create(&ctx, label, so_pin, user_pin);
     // Finalise what we initialised, so the session pool opened next starts from a fresh
     // C_Initialize (SoftHSM reads its token directory only then).
@@ -60,6 +52,22 @@ pub fn create_token(
         }
     }
     result
+}
+
+/// A PKCS#11 context of this process's own for a one-off step (token creation, the key
+/// ceremony), and whether this call initialised it (then the caller finalises it, so a session
+/// pool opened next starts from a fresh `C_Initialize`).
+pub(crate) fn own_context(module: &Path, label: &str) -> Result<(Pkcs11, bool), HsmError> {
+    let ctx = Pkcs11::new(module).map_err(|e| HsmError::ModuleLoad {
+        path: module.display().to_string(),
+        reason: e.to_string(),
+    })?;
+    let owned = match ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
+        Ok(()) => true,
+        Err(e) if rv_of(&e) == Some(RvError::CryptokiAlreadyInitialized) => false,
+        Err(e) => return Err(map_err("initialize", &e, label)),
+    };
+    Ok((ctx, owned))
 }
 
 fn find_or_create(

@@ -522,6 +522,31 @@ pub trait Store: Send + Sync + fmt::Debug {
 
     // ---- Issuer keys (JWKS lifecycle, issue 5) ----
 
+    /// Stores a KEK backup with its audit event, in one transaction.
+    async fn add_kek_backup_audited(
+        &self,
+        rec: &KekBackupRecord,
+        event: &crate::audit::NewEvent,
+    ) -> Result<u64, StoreError>;
+
+    /// A KEK backup by id, or the newest one (`None`).
+    async fn get_kek_backup(&self, id: Option<&str>) -> Result<Option<KekBackupRecord>, StoreError>;
+
+    /// Up to `limit` account ids after `after` (None: from the first), ascending.
+    async fn account_ids_page(&self, after: Option<&str>, limit: u32) -> Result<Vec<String>, StoreError>;
+
+    /// How many account keys each KEK version wraps: (version, keys), ascending.
+    async fn keys_per_kek(&self) -> Result<Vec<(u32, u64)>, StoreError>;
+
+    /// Appends one event on its own (operator commands run without a daemon).
+    async fn append_event(&self, event: &crate::audit::NewEvent) -> Result<u64, StoreError> {
+        let stored = self.audit().append_events(std::slice::from_ref(event)).await?;
+        stored.first().map(|e| e.seq).ok_or_else(|| StoreError::Backend {
+            backend: self.backend(),
+            reason: "append returned no event".into(),
+        })
+    }
+
     /// Every issuer key row (revoked ones included), by algorithm, then
     /// creation time, then kid.
     async fn list_issuer_keys(&self) -> Result<Vec<IssuerKeyRecord>, StoreError>;
@@ -597,6 +622,17 @@ pub trait Store: Send + Sync + fmt::Debug {
         now: i64,
         event: Option<&crate::audit::NewEvent>,
     ) -> Result<(Option<RevokeOutcome>, Option<u64>), StoreError>;
+
+    /// Retires a `next` or `active` key at once, with its audit event (a key
+    /// whose token object is lost: `keyward kek restore`); it stays published
+    /// and verifies what it signed, and signs nothing more. Returns whether a
+    /// row changed.
+    async fn retire_issuer_key_audited(
+        &self,
+        kid: &str,
+        now: i64,
+        event: &crate::audit::NewEvent,
+    ) -> Result<bool, StoreError>;
 
     /// Deletes a retired or revoked key's row (after its grace period);
     /// returns whether a row was deleted.
@@ -1366,6 +1402,37 @@ pub struct IssuerKeyRecord {
     pub revoked_at: Option<i64>,
     /// The public JWK, JSON.
     pub jwk: String,
+}
+
+/// One KEK backup (`keyward kek backup`).
+#[derive(Clone, PartialEq, Eq)]
+pub struct KekBackupRecord {
+    /// 16 hex digits; also in every share.
+    pub id: String,
+    /// When it was made, unix seconds.
+    pub created_at: i64,
+    /// Who made it (the operator's login name).
+    pub created_by: String,
+    /// Shares needed (M).
+    pub threshold: u8,
+    /// Shares made (N).
+    pub shares: u8,
+    /// SHA-256("keyward recovery check" ‖ id ‖ recovery key).
+    pub recovery_check: [u8; 32],
+    /// The wrapped KEKs.
+    pub keks: Vec<crate::hsm::BackedUpKek>,
+}
+
+impl fmt::Debug for KekBackupRecord {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KekBackupRecord")
+            .field("id", &self.id)
+            .field("created_at", &self.created_at)
+            .field("threshold", &self.threshold)
+            .field("shares", &self.shares)
+            .field("keks", &self.keks.iter().map(|k| k.version).collect::<Vec<_>>())
+            .finish_non_exhaustive()
+    }
 }
 
 /// What [`Store::promote_issuer_key`] did.

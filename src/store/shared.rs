@@ -1117,6 +1117,130 @@ where
     // it: one replica rotates, the others skip), else runs under the writer
     // lock; the partial unique index keeps one active key per algorithm.
 
+    async fn add_kek_backup_audited(
+        &self,
+        rec: &super::KekBackupRecord,
+        event: &crate::audit::NewEvent,
+    ) -> Result<u64, StoreError> {
+        let keks = serde_json::to_string(&rec.keks).map_err(|e| StoreError::Backend {
+            backend: DB::BACKEND,
+            reason: format!("KEK backup does not encode: {e}"),
+        })?;
+        let mut tx = self.begin_write().await?;
+        sqlx::query(
+            "INSERT INTO kek_backups (id, created_at, created_by, threshold, shares, recovery_check, keks) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        )
+        .bind(&rec.id)
+        .bind(rec.created_at)
+        .bind(&rec.created_by)
+        .bind(i64::from(rec.threshold))
+        .bind(i64::from(rec.shares))
+        .bind(&rec.recovery_check[..])
+        .bind(&keks)
+        .execute(&mut *tx)
+        .await
+        .map_err(conflict_as(DB::BACKEND, || format!("KEK backup {}", rec.id)))?;
+        let seq = crate::audit::store::append_one::<DB>(&mut tx, Some(event)).await?;
+        tx.commit().await?;
+        seq.ok_or_else(|| StoreError::Backend {
+            backend: DB::BACKEND,
+            reason: "append returned no event".into(),
+        })
+    }
+
+    async fn get_kek_backup(&self, id: Option<&str>) -> Result<Option<super::KekBackupRecord>, StoreError> {
+        let columns = "id, created_at, created_by, threshold, shares, recovery_check, keks";
+        let row = match id {
+            Some(id) => {
+                sqlx::query(&format!("SELECT {columns} FROM kek_backups WHERE id = $1"))
+                    .bind(id)
+                    .fetch_optional(&self.pool)
+                    .await
+            }
+            None => {
+                sqlx::query(&format!(
+                    "SELECT {columns} FROM kek_backups ORDER BY created_at DESC, id DESC LIMIT 1"
+                ))
+                .fetch_optional(&self.pool)
+                .await
+            }
+        }
+        .map_err(err::<DB>)?;
+        let Some(row) = row else { return Ok(None) };
+        let id: String = row.try_get("id").map_err(err::<DB>)?;
+        let corrupt = |what: &str| StoreError::Corrupt {
+            what: format!("KEK backup {id}: {what}"),
+        };
+        let threshold: i64 = row.try_get("threshold").map_err(err::<DB>)?;
+        let shares: i64 = row.try_get("shares").map_err(err::<DB>)?;
+        let check: Vec<u8> = row.try_get("recovery_check").map_err(err::<DB>)?;
+        let keks: String = row.try_get("keks").map_err(err::<DB>)?;
+        Ok(Some(super::KekBackupRecord {
+            created_at: row.try_get("created_at").map_err(err::<DB>)?,
+            created_by: row.try_get("created_by").map_err(err::<DB>)?,
+            threshold: u8::try_from(threshold).map_err(|_| corrupt("threshold"))?,
+            shares: u8::try_from(shares).map_err(|_| corrupt("shares"))?,
+            recovery_check: <[u8; 32]>::try_from(check.as_slice()).map_err(|_| corrupt("recovery_check"))?,
+            keks: serde_json::from_str(&keks).map_err(|_| corrupt("keks"))?,
+            id,
+        }))
+    }
+
+    async fn account_ids_page(&self, after: Option<&str>, limit: u32) -> Result<Vec<String>, StoreError> {
+        sqlx::query_scalar("SELECT id FROM accounts WHERE id > $1 ORDER BY id LIMIT $2")
+            .bind(after.unwrap_or(""))
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(err::<DB>)
+    }
+
+    async fn keys_per_kek(&self) -> Result<Vec<(u32, u64)>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT kek_version, COUNT(*) AS n FROM account_keys GROUP BY kek_version ORDER BY kek_version",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(err::<DB>)?;
+        rows.iter()
+            .map(|r| {
+                let v: i64 = r.try_get("kek_version").map_err(err::<DB>)?;
+                let n: i64 = r.try_get("n").map_err(err::<DB>)?;
+                let v = u32::try_from(v).map_err(|_| StoreError::Corrupt {
+                    what: format!("kek_version {v}"),
+                })?;
+                Ok((v, count(n)?))
+            })
+            .collect()
+    }
+
+    async fn retire_issuer_key_audited(
+        &self,
+        kid: &str,
+        now: i64,
+        event: &crate::audit::NewEvent,
+    ) -> Result<bool, StoreError> {
+        let mut tx = self.begin_write().await?;
+        Self::lock_rotation(&mut tx, false).await?;
+        let done = sqlx::query(
+            "UPDATE issuer_keys SET state = 'retired', retired_at = $1 WHERE kid = $2 AND state IN ('next', 'active')",
+        )
+        .bind(now)
+        .bind(kid)
+        .execute(&mut *tx)
+        .await
+        .map_err(err::<DB>)?;
+        let n = DB::rows_affected(&done);
+        if n == 0 {
+            tx.rollback().await?;
+            return Ok(false);
+        }
+        crate::audit::store::append_one::<DB>(&mut tx, Some(event)).await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
     async fn list_issuer_keys(&self) -> Result<Vec<IssuerKeyRecord>, StoreError> {
         Self::issuer_keys_where(&self.pool, None).await
     }

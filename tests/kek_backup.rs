@@ -1,0 +1,543 @@
+//! The key ceremony, through the binary as an operator runs it, on a real SoftHSM token and both
+//! stores: back up the KEKs under a recovery key split 3-of-5, verify the backup, destroy the
+//! token folder, refuse restores from too few, mistyped or forged shares (changing nothing),
+//! restore onto a new token from 3 shares, and sign again with every account: same addresses,
+//! same Ed25519 keys. And on the token itself: the user PIN alone cannot take a KEK out.
+
+mod common;
+
+use std::io::BufRead as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
+
+use common::{write_0600, Env, StoreKind, CONTROLLER, MAIL};
+use ed25519_dalek::Verifier as _;
+use keyward::api::pb::account_service_client::AccountServiceClient;
+use keyward::api::pb::signing_service_client::SigningServiceClient;
+use keyward::api::pb::{CreateAccountRequest, SignMessageRequest, SignTypedDataRequest, SignatureAlgorithm};
+use keyward::config::Custody;
+use keyward::crypto::eip712::TypedData;
+use keyward::crypto::eth::recover_address;
+
+fn keyward(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_keyward"))
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .env("USER", "ceremony-test")
+        .output()
+        .expect("run keyward")
+}
+
+fn ok(out: &Output, what: &str) -> String {
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "{what} failed: {}\n{stdout}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+fn refused(out: &Output, what: &str, needle: &str) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{what} should fail");
+    assert!(stderr.contains(needle), "{what}: expected {needle:?} in {stderr}");
+}
+
+/// `keyward kek backup` with N shares, M needed, into `out`.
+fn backup(config: &str, so_pin: &str, shares: u8, threshold: u8, out: &str) -> Output {
+    let (n, m) = (shares.to_string(), threshold.to_string());
+    keyward(&[
+        "kek",
+        "backup",
+        "--config",
+        config,
+        "--so-pin-file",
+        so_pin,
+        "--shares",
+        &n,
+        "--threshold",
+        &m,
+        "--out",
+        out,
+    ])
+}
+
+/// `keyward serve --config`, with its gRPC address read from its JSON log.
+fn serve(config: &Path) -> (Child, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_keyward"))
+        .args(["--log-format", "json", "serve", "--config"])
+        .arg(config)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn keyward serve");
+    let stderr = child.stderr.take().expect("stderr");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+            let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+            if v["fields"]["message"] == "serving" {
+                let _ = tx.send(Ok(v["fields"]["grpc"].as_str().unwrap_or_default().to_string()));
+            } else if v["level"] == "ERROR" {
+                let _ = tx.send(Err(line));
+            }
+        }
+    });
+    match rx.recv_timeout(Duration::from_secs(60)) {
+        Ok(Ok(addr)) => (child, format!("https://{addr}")),
+        other => {
+            let _ = child.kill();
+            panic!("keyward serve did not start: {other:?}");
+        }
+    }
+}
+
+/// What an account signs, to compare before and after the restore.
+#[derive(Debug, PartialEq, Eq)]
+struct Signed {
+    id: String,
+    eth: String,
+    ed25519: Vec<u8>,
+}
+
+/// Signs typed data and a message with every account; checks each signature independently.
+async fn sign_all(endpoint: &str, env: &Env, ids: &[String]) -> Vec<Signed> {
+    let ch = keyward::tls::connect(endpoint, &env.client_files("admin"))
+        .await
+        .expect("mTLS connect");
+    let mut accounts = AccountServiceClient::new(ch.clone());
+    let mut signer = SigningServiceClient::new(ch);
+    let digest = TypedData::from_json_str(MAIL).expect("mail").signing_hash();
+    let mut out = Vec::new();
+    for id in ids {
+        let account = accounts
+            .get_account(keyward::api::pb::GetAccountRequest { account_id: id.clone() })
+            .await
+            .expect("account")
+            .into_inner();
+        let r = signer
+            .sign_typed_data(SignTypedDataRequest {
+                account_id: id.clone(),
+                typed_data_json: MAIL.into(),
+                ..Default::default()
+            })
+            .await
+            .expect("typed data signed")
+            .into_inner();
+        let recovered = recover_address(&digest, &r.signature).expect("recovers");
+        assert_eq!(recovered.to_checksum(), account.eth_address, "the account's key signed");
+        let m = signer
+            .sign_message(SignMessageRequest {
+                account_id: id.clone(),
+                alg: SignatureAlgorithm::Ed25519 as i32,
+                data: b"after the ceremony".to_vec(),
+            })
+            .await
+            .expect("ed25519 signed")
+            .into_inner();
+        let pk: [u8; 32] = account.ed25519_public_key.as_slice().try_into().expect("32");
+        let vk = ed25519_dalek::VerifyingKey::from_bytes(&pk).expect("public key");
+        let sig = ed25519_dalek::Signature::from_slice(&m.signature).expect("64 bytes");
+        vk.verify(&keyward::crypto::message::ed25519_message(b"after the ceremony"), &sig)
+            .expect("ed25519 verifies");
+        out.push(Signed {
+            id: id.clone(),
+            eth: account.eth_address,
+            ed25519: account.ed25519_public_key,
+        });
+    }
+    out
+}
+
+fn files_in(dir: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+        .expect("dir")
+        .map(|e| e.expect("entry").path())
+        .collect();
+    v.sort();
+    v
+}
+
+fn drill(custody: Custody, store: StoreKind) {
+    let Some(env) = Env::new(custody, store) else { return };
+    let config = env.config_path.to_str().expect("utf-8 path").to_string();
+    let so_pin = env.dir.path().join("so-pin");
+    write_0600(&so_pin, &format!("{}\n", env.token.so_pin));
+    let so_pin = so_pin.to_str().expect("utf-8").to_string();
+    ok(&keyward(&["init", "--config", &config]), "init");
+
+    // Accounts made and used before the backup.
+    let (mut daemon, endpoint) = serve(&env.config_path);
+    let before = common::block_on(async {
+        let mut ids = Vec::new();
+        for i in 0..4 {
+            ids.push(new_account(&endpoint, &env, &format!("ceremony-{i}")).await);
+        }
+        sign_all(&endpoint, &env, &ids).await
+    });
+    common::signal(&mut daemon, "-TERM");
+
+    // The backup: five share files, one KEK set in the store.
+    let shares_dir = env.dir.path().join("shares");
+    let out = ok(
+        &backup(&config, &so_pin, 5, 3, shares_dir.to_str().expect("utf-8")),
+        "kek backup",
+    );
+    assert!(out.contains("wrapped under a new recovery key"), "{out}");
+    let shares = files_in(&shares_dir);
+    assert_eq!(shares.len(), 5, "{shares:?}");
+    for s in &shares {
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = std::fs::metadata(s).expect("share").permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "share files are the owner's alone");
+    }
+    let arg = |i: usize| shares[i].to_str().expect("utf-8").to_string();
+    let status = ok(&keyward(&["kek", "status", "--config", &config]), "kek status");
+    assert!(
+        status.contains("backed up") && !status.contains("not in the newest backup"),
+        "{status}"
+    );
+
+    // Verified without restoring, from any three.
+    let out = ok(
+        &keyward(&[
+            "kek",
+            "verify-backup",
+            "--config",
+            &config,
+            "--share",
+            &arg(0),
+            "--share",
+            &arg(2),
+            "--share",
+            &arg(4),
+        ]),
+        "verify-backup",
+    );
+    assert!(out.contains("verified with 3 shares"), "{out}");
+
+    // The token is lost.
+    let token_dir = env.token.token_dir();
+    for entry in files_in(&token_dir) {
+        std::fs::remove_dir_all(&entry)
+            .or_else(|_| std::fs::remove_file(&entry))
+            .expect("remove");
+    }
+    assert!(files_in(&token_dir).is_empty());
+
+    // Two shares, a mistyped one, a forged one: refused before anything is touched.
+    let restore = |extra: &[String]| {
+        let mut args: Vec<String> = [
+            "kek",
+            "restore",
+            "--config",
+            &config,
+            "--init-token",
+            "--so-pin-file",
+            &so_pin,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        for s in extra {
+            args.push("--share".into());
+            args.push(s.clone());
+        }
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        keyward(&refs)
+    };
+    refused(
+        &restore(&[arg(0), arg(1)]),
+        "restore from 2 shares",
+        "needs 3 shares; 2 given",
+    );
+    let text = std::fs::read_to_string(&shares[1]).expect("share");
+    let mut typo = text.trim().to_string();
+    let pos = typo.len() - 20;
+    let c = if &typo[pos..=pos] == "a" { "b" } else { "a" };
+    typo.replace_range(pos..=pos, c);
+    let typo_file = env.dir.path().join("typo.txt");
+    std::fs::write(&typo_file, &typo).expect("write");
+    refused(
+        &restore(&[arg(0), typo_file.to_str().expect("utf-8").into(), arg(2)]),
+        "restore with a mistyped share",
+        "checksum mismatch",
+    );
+    // A share whose value was altered and its checksum recomputed: only the recovery check catches it.
+    let (body, _) = text.trim().rsplit_once('-').expect("checksum");
+    let (head, value) = body.rsplit_once('-').expect("value");
+    let mut v = hex::decode(value).expect("hex");
+    v[3] ^= 0x40;
+    let forged_body = format!("{head}-{}", hex::encode(&v));
+    use sha2::Digest as _;
+    let sum = sha2::Sha256::new()
+        .chain_update(b"keyward share")
+        .chain_update(forged_body.as_bytes())
+        .finalize();
+    let forged_file = env.dir.path().join("forged.txt");
+    std::fs::write(&forged_file, format!("{forged_body}-{}", hex::encode(&sum[..4]))).expect("write");
+    refused(
+        &restore(&[arg(0), forged_file.to_str().expect("utf-8").into(), arg(2)]),
+        "restore with a forged share",
+        "do not rebuild the recovery key",
+    );
+    assert!(files_in(&token_dir).is_empty(), "refused restores created nothing");
+
+    // The restore, from three other shares, onto a new token.
+    let out = ok(&restore(&[arg(1), arg(3), arg(4)]), "kek restore");
+    assert!(out.contains("restored onto token"), "{out}");
+    refused(
+        &restore(&[arg(1), arg(3), arg(4)]),
+        "a second restore",
+        "already holds KEK version",
+    );
+
+    // Every account signs exactly as before.
+    let (mut daemon, endpoint) = serve(&env.config_path);
+    let ids: Vec<String> = before.iter().map(|s| s.id.clone()).collect();
+    let after = common::block_on(sign_all(&endpoint, &env, &ids));
+    assert_eq!(before, after);
+    common::signal(&mut daemon, "-TERM");
+    let out = ok(&keyward(&["doctor", "--config", &config]), "doctor after the restore");
+    assert!(out.contains("checked 4 accounts: 4 ok, 0 failed"), "{out}");
+
+    // The ceremony is in the audit log, and the chain holds.
+    let events = common::block_on(async {
+        let store = keyward::store::open(&env.store_url).await.expect("store");
+        store.audit().events_after(0, 100_000).await.expect("events")
+    });
+    let actions: Vec<(&str, &str)> = events
+        .iter()
+        .map(|e| (e.body.action.as_str(), e.body.identity.as_str()))
+        .collect();
+    assert!(
+        actions.contains(&("KekBackup", "operator:ceremony-test")),
+        "{actions:?}"
+    );
+    assert!(
+        actions.contains(&("KekRestore", "operator:ceremony-test")),
+        "{actions:?}"
+    );
+    assert!(actions.iter().any(|(a, _)| *a == "IssuerKeyLost"), "{actions:?}");
+    let out = keyward(&["audit", "verify", "--config", &config]);
+    ok(&out, "audit verify");
+}
+
+#[test]
+fn restore_drill_hsm_custody_sqlite() {
+    drill(Custody::Hsm, StoreKind::Sqlite);
+}
+
+#[test]
+fn restore_drill_host_custody_postgres() {
+    drill(Custody::Host, StoreKind::Postgres);
+}
+
+async fn new_account(endpoint: &str, env: &Env, label: &str) -> String {
+    let ch = keyward::tls::connect(endpoint, &env.client_files("admin"))
+        .await
+        .expect("connect");
+    AccountServiceClient::new(ch)
+        .create_account(CreateAccountRequest {
+            controller: CONTROLLER.into(),
+            label: label.into(),
+            allow: vec![],
+        })
+        .await
+        .expect("account created")
+        .into_inner()
+        .account_id
+}
+
+/// `keyward kek rotate` beside a running daemon: the daemon wraps the next account's keys under
+/// the new versions within its reload interval, older accounts keep signing, and the next
+/// backup covers every version.
+#[test]
+fn a_rotation_reaches_the_running_daemon_and_the_next_backup() {
+    let Some(env) = Env::new(Custody::Hsm, StoreKind::Sqlite) else {
+        return;
+    };
+    let config = env.config_path.to_str().expect("utf-8 path").to_string();
+    let so_pin = env.dir.path().join("so-pin");
+    write_0600(&so_pin, &format!("{}\n", env.token.so_pin));
+    ok(&keyward(&["init", "--config", &config]), "init");
+    let (mut daemon, endpoint) = serve(&env.config_path);
+    let first = common::block_on(new_account(&endpoint, &env, "before"));
+    let out = ok(&keyward(&["kek", "rotate", "--config", &config]), "kek rotate");
+    assert!(
+        out.contains("KEK v3 created") && out.contains("is now current"),
+        "{out}"
+    );
+    std::thread::sleep(keyward::hsm::KEK_RELOAD + Duration::from_secs(1));
+    let second = common::block_on(new_account(&endpoint, &env, "after"));
+    let signed = common::block_on(sign_all(&endpoint, &env, &[first, second]));
+    assert_eq!(signed.len(), 2);
+    common::signal(&mut daemon, "-TERM");
+    let status = ok(&keyward(&["kek", "status", "--config", &config]), "kek status");
+    // hsm custody on SoftHSM: secp256k1 under the sealed KEK, Ed25519 under the host KEK.
+    for line in [
+        "KEK v1: 1 account keys",
+        "KEK v2: 1 account keys",
+        "KEK v3: 1 account keys",
+        "KEK v4: 1 account keys",
+    ] {
+        assert!(status.contains(line), "{line:?} in {status}");
+    }
+    let out = ok(&keyward(&["doctor", "--config", &config]), "doctor");
+    assert!(out.contains("checked 2 accounts: 2 ok"), "{out}");
+    let out = ok(
+        &backup(
+            &config,
+            so_pin.to_str().expect("utf-8"),
+            3,
+            2,
+            env.dir.path().join("shares").to_str().expect("utf-8"),
+        ),
+        "kek backup",
+    );
+    assert!(out.contains("KEKs v1, v2, v3, v4 wrapped"), "{out}");
+}
+
+/// `keyward doctor` unwraps every account's keys and names each account whose blob is damaged
+/// or belongs to another account.
+#[test]
+fn doctor_names_damaged_and_swapped_keys() {
+    let Some(env) = Env::new(Custody::Hsm, StoreKind::Sqlite) else {
+        return;
+    };
+    let config = env.config_path.to_str().expect("utf-8 path").to_string();
+    ok(&keyward(&["init", "--config", &config]), "init");
+    let (mut daemon, endpoint) = serve(&env.config_path);
+    let ids: Vec<String> = common::block_on(async {
+        let mut ids = Vec::new();
+        for i in 0..3 {
+            ids.push(new_account(&endpoint, &env, &format!("doctor-{i}")).await);
+        }
+        ids
+    });
+    common::signal(&mut daemon, "-TERM");
+    let out = ok(&keyward(&["doctor", "--config", &config]), "doctor");
+    assert!(out.contains("checked 3 accounts: 3 ok, 0 failed"), "{out}");
+
+    // Account 0 and 1 swap their secp256k1 blobs; account 2's Ed25519 blob loses a bit.
+    common::block_on(async {
+        let pool = sqlx::SqlitePool::connect(&env.store_url).await.expect("sqlite");
+        let blob = |id: &str, alg: &str| {
+            sqlx::query_scalar::<_, Vec<u8>>("SELECT wrapped FROM account_keys WHERE account_id = ?1 AND alg = ?2")
+                .bind(id.to_string())
+                .bind(alg.to_string())
+                .fetch_one(&pool)
+        };
+        let a = blob(&ids[0], "secp256k1").await.expect("blob");
+        let b = blob(&ids[1], "secp256k1").await.expect("blob");
+        let mut c = blob(&ids[2], "ed25519").await.expect("blob");
+        c[10] ^= 1;
+        for (id, alg, w) in [
+            (&ids[0], "secp256k1", b),
+            (&ids[1], "secp256k1", a),
+            (&ids[2], "ed25519", c),
+        ] {
+            sqlx::query("UPDATE account_keys SET wrapped = ?1 WHERE account_id = ?2 AND alg = ?3")
+                .bind(w)
+                .bind(id.to_string())
+                .bind(alg)
+                .execute(&pool)
+                .await
+                .expect("update");
+        }
+        pool.close().await;
+    });
+    let out = keyward(&["doctor", "--config", &config]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "doctor must fail: {stdout}");
+    for id in &ids {
+        assert!(stdout.contains(&format!("FAIL account {id}")), "{id} named: {stdout}");
+    }
+    assert!(stdout.contains("checked 3 accounts: 0 ok, 3 failed"), "{stdout}");
+}
+
+/// Holding the user PIN is not enough to take a KEK out: it wraps only under a key the security
+/// officer marked trusted, and a user session cannot mark one.
+#[test]
+fn the_user_pin_alone_cannot_export_a_kek() {
+    use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
+    use cryptoki::mechanism::Mechanism;
+    use cryptoki::object::{Attribute, KeyType, ObjectClass};
+    use cryptoki::session::UserType;
+
+    let Some(env) = Env::new(Custody::Hsm, StoreKind::Sqlite) else {
+        return;
+    };
+    common::block_on(env.init());
+    let ctx = Pkcs11::new(keyward::testkit::SoftHsmToken::module_path()).expect("module");
+    ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK))
+        .expect("initialize");
+    let slot = ctx
+        .get_slots_with_token()
+        .expect("slots")
+        .into_iter()
+        .find(|s| {
+            ctx.get_token_info(*s)
+                .map(|i| i.label().trim_end() == env.token.label)
+                .unwrap_or(false)
+        })
+        .expect("token");
+    let s = ctx.open_rw_session(slot).expect("session");
+    s.login(
+        UserType::User,
+        Some(&secrecy::SecretString::from(env.token.pin.clone())),
+    )
+    .expect("login");
+    let keks = s
+        .find_objects(&[Attribute::Class(ObjectClass::SECRET_KEY), Attribute::Token(true)])
+        .expect("find");
+    assert!(!keks.is_empty(), "init made KEKs");
+    let mine = s
+        .generate_key(
+            &Mechanism::AesKeyGen,
+            &[
+                Attribute::Class(ObjectClass::SECRET_KEY),
+                Attribute::KeyType(KeyType::AES),
+                Attribute::ValueLen(32u64.into()),
+                Attribute::Token(false),
+                Attribute::Wrap(true),
+            ],
+        )
+        .expect("a wrapping key of the user's own");
+    for kek in keks {
+        let attrs = s
+            .get_attributes(kek, &[cryptoki::object::AttributeType::WrapWithTrusted])
+            .expect("attributes");
+        assert!(attrs.contains(&Attribute::WrapWithTrusted(true)), "{attrs:?}");
+        let e = s
+            .wrap_key(&Mechanism::AesKeyWrapPad, mine, kek)
+            .expect_err("a KEK must not wrap under an untrusted key");
+        assert!(
+            matches!(
+                e,
+                cryptoki::error::Error::Pkcs11(cryptoki::error::RvError::KeyNotWrappable, _)
+            ),
+            "{e:?}"
+        );
+    }
+    let e = s
+        .create_object(&[
+            Attribute::Class(ObjectClass::SECRET_KEY),
+            Attribute::KeyType(KeyType::AES),
+            Attribute::Value(vec![7; 32]),
+            Attribute::Token(false),
+            Attribute::Trusted(true),
+            Attribute::Wrap(true),
+        ])
+        .expect_err("only the security officer marks a key trusted");
+    assert!(
+        matches!(
+            e,
+            cryptoki::error::Error::Pkcs11(cryptoki::error::RvError::AttributeReadOnly, _)
+        ),
+        "{e:?}"
+    );
+}
