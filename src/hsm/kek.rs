@@ -579,6 +579,38 @@ impl Hsm {
         needed.first().map(|p| self.current_in(&cache.handles, *p)).unwrap_or(0)
     }
 
+    /// The periodic re-read of [`Hsm::kek`]: new versions are taken, nothing else changes, and a
+    /// failure or a missing version leaves the cache as it was.
+    fn reload_keks_softly(&self, cache: &mut KekCache) {
+        cache.loaded = Some(std::time::Instant::now());
+        let pool = &self.inner.pool;
+        let probed_before = cache.probed.clone();
+        let found = pool.with_session("reload_kek", |p| {
+            match self.refresh_in_session(&p.session, &Want::Load, probed_before.clone()) {
+                Ok((keks, probed)) => (Ok((keks, probed, p.epoch)), Breakage::None),
+                Err(Fail2::Hsm(e)) => (Err(e), Breakage::None),
+                Err(Fail2::Ck(e)) => (Err(map_err("reload_kek", &e, &pool.label)), Breakage::None),
+            }
+        });
+        match found {
+            Ok((keks, probed, epoch)) if epoch == cache.epoch && cache.seen.iter().all(|v| keks.contains_key(v)) => {
+                let new: Vec<u32> = keks
+                    .keys()
+                    .filter(|v| !cache.handles.contains_key(v))
+                    .copied()
+                    .collect();
+                if !new.is_empty() {
+                    tracing::info!(versions = ?new, "new key-encryption key versions on the token");
+                }
+                cache.seen.extend(keks.keys().copied());
+                cache.handles = keks;
+                cache.probed = probed;
+            }
+            Ok(_) => tracing::debug!("KEK list re-read incomplete or from another pool epoch; kept the cached one"),
+            Err(e) => tracing::debug!(error = %e, "KEK list re-read failed; kept the cached one"),
+        }
+    }
+
     /// Load KEKs at open and refuse what this custody cannot accept (hsm custody: a
     /// `<prefix>-v<N>` KEK that does not enforce its template, unless the operator opted in).
     pub(crate) fn load_keks(&self) -> Result<u32, HsmError> {
@@ -637,11 +669,14 @@ impl Hsm {
     /// if the pool was re-initialised or a KEK handle was reported invalid.
     pub(crate) fn kek(&self, version: Option<u32>, purpose: Purpose) -> Result<Kek, HsmError> {
         let mut cache = self.kek_lock();
-        let stale = cache.epoch != self.inner.pool.epoch()
-            || self.inner.kek_dirty.load(Ordering::SeqCst)
-            || cache.loaded.is_none_or(|t| t.elapsed() >= KEK_RELOAD);
+        let stale = cache.epoch != self.inner.pool.epoch() || self.inner.kek_dirty.load(Ordering::SeqCst);
         if stale {
             self.refresh_keks(&mut cache, Want::Load)?;
+        } else if cache.loaded.is_none_or(|t| t.elapsed() >= KEK_RELOAD) {
+            // Only to see versions made elsewhere: best effort. A list that looks short (a
+            // token folder another process is writing, read half-way) is not trusted here; the
+            // cached handles stay, and the next use after KEK_RELOAD looks again.
+            self.reload_keks_softly(&mut cache);
         }
         let version = version.unwrap_or_else(|| self.current_in(&cache.handles, purpose));
         match cache.handles.get(&version) {
