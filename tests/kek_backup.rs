@@ -388,6 +388,28 @@ fn a_rotation_reaches_the_running_daemon_and_the_next_backup() {
     }
     let out = ok(&keyward(&["doctor", "--config", &config]), "doctor");
     assert!(out.contains("checked 2 accounts: 2 ok"), "{out}");
+    // The host-kind KEK's keys move to the current host KEK; the sealed one's stay.
+    let out = ok(
+        &keyward(&["kek", "rewrap", "--config", &config, "--batch", "1"]),
+        "kek rewrap",
+    );
+    assert!(
+        out.contains("rewrap: 1 keys moved to v4, 0 already moved by another run, 0 failed, 2 under sealed KEKs stay"),
+        "{out}"
+    );
+    let status = ok(&keyward(&["kek", "status", "--config", &config]), "kek status");
+    for line in [
+        "KEK v1: 1 account keys",
+        "KEK v2: 0 account keys",
+        "KEK v3: 1 account keys",
+        "KEK v4: 2 account keys",
+    ] {
+        assert!(status.contains(line), "{line:?} in {status}");
+    }
+    let out = ok(&keyward(&["kek", "rewrap", "--config", &config]), "kek rewrap again");
+    assert!(out.contains("rewrap: 0 keys moved"), "nothing left to move: {out}");
+    let out = ok(&keyward(&["doctor", "--config", &config]), "doctor after the rewrap");
+    assert!(out.contains("checked 2 accounts: 2 ok"), "{out}");
     let out = ok(
         &backup(
             &config,

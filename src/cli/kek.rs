@@ -34,6 +34,21 @@ pub enum KekCmd {
     /// keys are wrapped under it (a running daemon picks it up within 10 s);
     /// existing keys stay under their version.
     Rotate(ConfigArg),
+    /// Move every account key under an older host-kind KEK to the current
+    /// one, inside the token, a blob at a time (resumable: run it again after
+    /// an interruption). Keys under sealed KEKs cannot move and are counted.
+    Rewrap(RewrapArgs),
+}
+
+/// `keyward kek rewrap` options.
+#[derive(Debug, Args)]
+pub struct RewrapArgs {
+    /// The TOML config.
+    #[arg(long, short)]
+    config: PathBuf,
+    /// Blobs read from the store per batch.
+    #[arg(long, default_value_t = 200)]
+    batch: u32,
 }
 
 /// The config file.
@@ -184,6 +199,7 @@ pub fn run(cmd: KekCmd) -> anyhow::Result<()> {
         KekCmd::VerifyBackup(a) => verify(&a),
         KekCmd::Restore(a) => restore(a),
         KekCmd::Rotate(a) => rotate(&a.config),
+        KekCmd::Rewrap(a) => rewrap(a),
     }
 }
 
@@ -253,6 +269,78 @@ fn rotate(config: &Path) -> anyhow::Result<()> {
             "KEK v{current} is now current (audit event {seq}); new account keys are wrapped under it, \
              existing ones stay under their version. Back up again: `keyward kek backup`"
         );
+        Ok(())
+    })
+}
+
+fn rewrap(a: RewrapArgs) -> anyhow::Result<()> {
+    let config = load(&a.config)?;
+    run_blocking(async move {
+        let hsm = crate::server::open_hsm(&config).await?;
+        let store = crate::store::open(&config.store.url).await?;
+        let (mut moved, mut raced, mut failed, mut stay) = (0u64, 0u64, 0u64, 0u64);
+        let mut target = None;
+        for (version, label, kind) in hsm.keks() {
+            if kind == crate::hsm::KekKind::Sealed {
+                let n = store
+                    .keys_per_kek()
+                    .await?
+                    .iter()
+                    .find(|(v, _)| *v == version)
+                    .map_or(0, |(_, n)| *n);
+                stay += n;
+                if n > 0 {
+                    println!(
+                        "  {label}: {n} keys stay (a sealed KEK's keys cannot leave the token, not even rewrapped)"
+                    );
+                }
+                continue;
+            }
+            let mut after: Option<crate::store::KeyBlob> = None;
+            'pages: loop {
+                let page = store.key_blobs_under(version, after.as_ref(), a.batch.max(1)).await?;
+                let Some(last) = page.last().cloned() else { break };
+                for blob in page {
+                    let (h, w) = (hsm.clone(), blob.wrapped.clone());
+                    let out = tokio::task::spawn_blocking(move || h.rewrap_host_blob(&w, version))
+                        .await
+                        .map_err(|_| anyhow::anyhow!("rewrap task failed"))?;
+                    match out {
+                        // This version is the current one: nothing to move.
+                        Ok(None) => break 'pages,
+                        Ok(Some((wrapped, to))) => {
+                            target = Some(to);
+                            if store.replace_key_blob(&blob, &wrapped, to).await? {
+                                moved += 1;
+                            } else {
+                                raced += 1;
+                            }
+                        }
+                        Err(e) => {
+                            failed += 1;
+                            println!("FAIL account {} {}: {e}", blob.account_id, blob.alg);
+                        }
+                    }
+                }
+                println!("  {label}: {moved} moved so far");
+                after = Some(last);
+            }
+        }
+        let to = target.map_or_else(|| "-".to_string(), |v| format!("v{v}"));
+        let seq = store
+            .append_event(&event(
+                "KekRewrap",
+                format!("kek-rewrap:{to}:moved={moved},failed={failed}"),
+                String::new(),
+            ))
+            .await?;
+        println!(
+            "rewrap: {moved} keys moved to {to}, {raced} already moved by another run, {failed} failed, \
+             {stay} under sealed KEKs stay (audit event {seq})"
+        );
+        if failed > 0 {
+            anyhow::bail!("{failed} keys could not be rewrapped; they stay under their KEK");
+        }
         Ok(())
     })
 }

@@ -129,19 +129,22 @@ fn unwrap_native(s: &Session, alg: KeyAlg, kek: &Kek, blob: &[u8]) -> Result<Obj
     Ok(h)
 }
 
+/// A blob unwrapped as its PKCS#8 bytes: an extractable generic-secret session object (host
+/// custody's transport, and `keyward kek rewrap`).
+const CARRIER_TEMPLATE: [Attribute; 6] = [
+    Attribute::Class(ObjectClass::SECRET_KEY),
+    Attribute::KeyType(KeyType::GENERIC_SECRET),
+    Attribute::Token(false),
+    Attribute::Private(true),
+    Attribute::Sensitive(true),
+    Attribute::Extractable(true),
+];
+
 /// Unwrap the blob as an extractable generic secret (its PKCS#8 bytes) and move those out of
 /// the token encrypted (see `transport.rs`); the carrier object is destroyed.
 fn unwrap_pkcs8(s: &Session, alg: KeyAlg, kek: &Kek, blob: &[u8]) -> Result<Zeroizing<Vec<u8>>, Fail> {
-    let template = [
-        Attribute::Class(ObjectClass::SECRET_KEY),
-        Attribute::KeyType(KeyType::GENERIC_SECRET),
-        Attribute::Token(false),
-        Attribute::Private(true),
-        Attribute::Sensitive(true),
-        Attribute::Extractable(true),
-    ];
     let carrier = s
-        .unwrap_key(&wrap_mechanism(), kek.handle, blob, &template)
+        .unwrap_key(&wrap_mechanism(), kek.handle, blob, &CARRIER_TEMPLATE)
         .map_err(|e| unwrap_err(s, e, alg, kek))?;
     let der = export(s, carrier);
     destroy_quietly(s, carrier, "PKCS#8 carrier");
@@ -322,5 +325,55 @@ impl Hsm {
                 rv: "unexpected unwrap result".to_string(),
             }),
         }
+    }
+}
+
+impl Hsm {
+    /// Moves one blob from the host-kind KEK `from` to the current host KEK, inside the token:
+    /// the blob is unwrapped as an extractable generic secret (its PKCS#8 bytes, never read
+    /// out) and wrapped again, and the carrier destroyed. `None` when `from` is already
+    /// current. A blob under a sealed KEK cannot move: every key that KEK unwraps is
+    /// non-extractable by its template, even towards another KEK
+    /// ([`HsmError::CustodyRefused`]).
+    pub fn rewrap_host_blob(&self, wrapped: &[u8], from: u32) -> Result<Option<(Vec<u8>, u32)>, HsmError> {
+        self.retry_on_kek(|| {
+            let to = self.kek(None, Purpose::Host)?;
+            if to.version == from {
+                return Ok(None);
+            }
+            let old = self.kek(Some(from), Purpose::Host)?;
+            if old.kind == KekKind::Sealed {
+                return Err(HsmError::CustodyRefused {
+                    reason: format!("KEK v{from} is sealed: its blobs cannot be rewrapped"),
+                });
+            }
+            let label = self.inner.pool.label.clone();
+            let mut kek_bad = false;
+            let res = self.inner.pool.with_session("rewrap", |p| {
+                if p.epoch != to.epoch || p.epoch != old.epoch {
+                    kek_bad = true;
+                    let e = HsmError::Unavailable {
+                        op: "rewrap",
+                        rv: "pool re-initialised during call".to_string(),
+                    };
+                    return (Err(e), Breakage::None);
+                }
+                let s = &p.session;
+                let r: Result<Vec<u8>, Fail> = (|| {
+                    let carrier = s.unwrap_key(&wrap_mechanism(), old.handle, wrapped, &CARRIER_TEMPLATE)?;
+                    let out = s.wrap_key(&wrap_mechanism(), to.handle, carrier);
+                    destroy_quietly(s, carrier, "rewrap carrier");
+                    Ok(out?)
+                })();
+                if let Err(f) = &r {
+                    kek_bad = f.kek_suspect();
+                }
+                settle(r, "rewrap", &label)
+            });
+            if kek_bad {
+                self.kek_failed();
+            }
+            res.map(|blob| Some((blob, to.version)))
+        })
     }
 }

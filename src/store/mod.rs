@@ -535,6 +535,18 @@ pub trait Store: Send + Sync + fmt::Debug {
     /// Up to `limit` account ids after `after` (None: from the first), ascending.
     async fn account_ids_page(&self, after: Option<&str>, limit: u32) -> Result<Vec<String>, StoreError>;
 
+    /// Up to `limit` account key blobs wrapped under KEK `kek_version`, after `after`
+    /// (account id, algorithm, key version), in that order.
+    async fn key_blobs_under(
+        &self,
+        kek_version: u32,
+        after: Option<&KeyBlob>,
+        limit: u32,
+    ) -> Result<Vec<KeyBlob>, StoreError>;
+
+    /// Replaces a blob if it is still under `from_kek` (a rewrap); returns whether it was.
+    async fn replace_key_blob(&self, blob: &KeyBlob, wrapped: &[u8], kek_version: u32) -> Result<bool, StoreError>;
+
     /// How many account keys each KEK version wraps: (version, keys), ascending.
     async fn keys_per_kek(&self) -> Result<Vec<(u32, u64)>, StoreError>;
 
@@ -1402,6 +1414,32 @@ pub struct IssuerKeyRecord {
     pub revoked_at: Option<i64>,
     /// The public JWK, JSON.
     pub jwk: String,
+}
+
+/// One account key's blob, as `keyward kek rewrap` moves it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct KeyBlob {
+    /// The account.
+    pub account_id: String,
+    /// `secp256k1` or `ed25519`.
+    pub alg: String,
+    /// The account key's version.
+    pub key_version: u32,
+    /// The KEK version it is under.
+    pub kek_version: u32,
+    /// The wrapped private key.
+    pub wrapped: Vec<u8>,
+}
+
+impl fmt::Debug for KeyBlob {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KeyBlob")
+            .field("account_id", &self.account_id)
+            .field("alg", &self.alg)
+            .field("key_version", &self.key_version)
+            .field("kek_version", &self.kek_version)
+            .finish_non_exhaustive()
+    }
 }
 
 /// One KEK backup (`keyward kek backup`).

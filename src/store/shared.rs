@@ -1196,6 +1196,65 @@ where
             .map_err(err::<DB>)
     }
 
+    async fn key_blobs_under(
+        &self,
+        kek_version: u32,
+        after: Option<&super::KeyBlob>,
+        limit: u32,
+    ) -> Result<Vec<super::KeyBlob>, StoreError> {
+        let (a, alg, kv) = after.map_or((String::new(), String::new(), -1i64), |b| {
+            (b.account_id.clone(), b.alg.clone(), i64::from(b.key_version))
+        });
+        let rows = sqlx::query(
+            "SELECT account_id, alg, key_version, wrapped FROM account_keys WHERE kek_version = $1 \
+             AND (account_id, alg, key_version) > ($2, $3, $4) ORDER BY account_id, alg, key_version LIMIT $5",
+        )
+        .bind(i64::from(kek_version))
+        .bind(a)
+        .bind(alg)
+        .bind(kv)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(err::<DB>)?;
+        rows.iter()
+            .map(|r| {
+                let key_version: i64 = r.try_get("key_version").map_err(err::<DB>)?;
+                Ok(super::KeyBlob {
+                    account_id: r.try_get("account_id").map_err(err::<DB>)?,
+                    alg: r.try_get("alg").map_err(err::<DB>)?,
+                    key_version: u32::try_from(key_version).map_err(|_| StoreError::Corrupt {
+                        what: format!("key_version {key_version}"),
+                    })?,
+                    kek_version,
+                    wrapped: r.try_get("wrapped").map_err(err::<DB>)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn replace_key_blob(
+        &self,
+        blob: &super::KeyBlob,
+        wrapped: &[u8],
+        kek_version: u32,
+    ) -> Result<bool, StoreError> {
+        let done = sqlx::query(
+            "UPDATE account_keys SET wrapped = $1, kek_version = $2 \
+             WHERE account_id = $3 AND alg = $4 AND key_version = $5 AND kek_version = $6",
+        )
+        .bind(wrapped)
+        .bind(i64::from(kek_version))
+        .bind(&blob.account_id)
+        .bind(&blob.alg)
+        .bind(i64::from(blob.key_version))
+        .bind(i64::from(blob.kek_version))
+        .execute(&self.pool)
+        .await
+        .map_err(err::<DB>)?;
+        Ok(DB::rows_affected(&done) == 1)
+    }
+
     async fn keys_per_kek(&self) -> Result<Vec<(u32, u64)>, StoreError> {
         let rows = sqlx::query(
             "SELECT kek_version, COUNT(*) AS n FROM account_keys GROUP BY kek_version ORDER BY kek_version",
