@@ -423,6 +423,75 @@ fn a_rotation_reaches_the_running_daemon_and_the_next_backup() {
     assert!(out.contains("KEKs v1, v2, v3, v4 wrapped"), "{out}");
 }
 
+/// A rewrap killed (SIGKILL) part-way loses nothing and moves nothing twice: the next run moves
+/// the rest, and every account still signs.
+#[test]
+fn a_rewrap_killed_mid_run_is_finished_by_the_next() {
+    let Some(env) = Env::new(Custody::Host, StoreKind::Sqlite) else {
+        return;
+    };
+    let config = env.config_path.to_str().expect("utf-8 path").to_string();
+    ok(&keyward(&["init", "--config", &config]), "init");
+    let (mut daemon, endpoint) = serve(&env.config_path);
+    let ids: Vec<String> = common::block_on(async {
+        let mut ids = Vec::new();
+        for i in 0..24 {
+            ids.push(new_account(&endpoint, &env, &format!("rewrap-{i}")).await);
+        }
+        ids
+    });
+    common::signal(&mut daemon, "-TERM");
+    // Host custody: one host KEK, v1, wraps both keys of every account.
+    ok(&keyward(&["kek", "rotate", "--config", &config]), "kek rotate");
+    let mut run = Command::new(env!("CARGO_BIN_EXE_keyward"))
+        .args(["kek", "rewrap", "--config", &config, "--batch", "1"])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn rewrap");
+    let stdout = run.stdout.take().expect("stdout");
+    let mut lines = std::io::BufReader::new(stdout).lines();
+    // Killed once a few blobs have moved.
+    for line in lines.by_ref().map_while(Result::ok) {
+        if line.contains(": 5 moved so far") {
+            break;
+        }
+    }
+    common::signal(&mut run, "-KILL");
+    let status = ok(&keyward(&["kek", "status", "--config", &config]), "kek status");
+    let count = |v: u32| -> u64 {
+        status
+            .lines()
+            .find_map(|l| l.trim().strip_prefix(&format!("KEK v{v}: ")))
+            .and_then(|rest| rest.split(' ').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0)
+    };
+    let (left, moved) = (count(1), count(2));
+    assert_eq!(left + moved, 48, "every key is under one version: {status}");
+    assert!(moved >= 5 && left > 0, "killed part-way: {status}");
+    eprintln!("killed with {moved} moved and {left} left");
+    let out = ok(&keyward(&["kek", "rewrap", "--config", &config]), "kek rewrap again");
+    assert!(
+        out.contains(&format!(
+            "rewrap: {left} keys moved to v2, 0 already moved by another run, 0 failed"
+        )),
+        "the rest moved, none twice: {out}"
+    );
+    let status = ok(&keyward(&["kek", "status", "--config", &config]), "kek status");
+    assert!(
+        status.contains("KEK v1: 0 account keys") && status.contains("KEK v2: 48 account keys"),
+        "{status}"
+    );
+    let out = ok(&keyward(&["doctor", "--config", &config]), "doctor");
+    assert!(out.contains("checked 24 accounts: 24 ok, 0 failed"), "{out}");
+    let (mut daemon, endpoint) = serve(&env.config_path);
+    let signed = common::block_on(sign_all(&endpoint, &env, &ids));
+    assert_eq!(signed.len(), 24);
+    common::signal(&mut daemon, "-TERM");
+}
+
 /// `keyward doctor` unwraps every account's keys and names each account whose blob is damaged
 /// or belongs to another account.
 #[test]
