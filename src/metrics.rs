@@ -19,6 +19,7 @@ pub struct Metrics {
     hsm_pool_in_use: IntGauge,
     hsm_pool_size: IntGauge,
     cached_keys: IntGauge,
+    keys_per_kek: IntGaugeVec,
     handshake_failures: IntCounter,
     store_pool_size: IntGauge,
     store_pool_idle: IntGauge,
@@ -97,6 +98,13 @@ impl Metrics {
         let hsm_pool_in_use = IntGauge::new("hsm_pool_sessions_in_use", "PKCS#11 sessions in use")?;
         let hsm_pool_size = IntGauge::new("hsm_pool_sessions", "PKCS#11 sessions in the pool")?;
         let cached_keys = IntGauge::new("key_cache_accounts", "accounts with unwrapped keys cached")?;
+        let keys_per_kek = IntGaugeVec::new(
+            Opts::new(
+                "account_keys",
+                "account keys wrapped under each KEK version, from the store (refreshed every minute)",
+            ),
+            &["kek_version"],
+        )?;
         let handshake_failures = IntCounter::new("tls_handshake_failures_total", "refused TLS handshakes")?;
         let in_flight = IntGauge::new(
             "requests_in_flight",
@@ -171,6 +179,7 @@ impl Metrics {
         registry.register(Box::new(hsm_pool_in_use.clone()))?;
         registry.register(Box::new(hsm_pool_size.clone()))?;
         registry.register(Box::new(cached_keys.clone()))?;
+        registry.register(Box::new(keys_per_kek.clone()))?;
         registry.register(Box::new(handshake_failures.clone()))?;
         registry.register(Box::new(in_flight.clone()))?;
         registry.register(Box::new(store_pool_size.clone()))?;
@@ -187,6 +196,7 @@ impl Metrics {
             hsm_pool_in_use,
             hsm_pool_size,
             cached_keys,
+            keys_per_kek,
             handshake_failures,
             store_pool_size,
             store_pool_idle,
@@ -247,6 +257,16 @@ impl Metrics {
     /// Registers a component's own series (the component keeps its handle).
     pub fn register(&self, collector: Box<dyn prometheus::core::Collector>) -> Result<(), prometheus::Error> {
         self.registry.register(collector)
+    }
+
+    /// Account keys per KEK version (`keyward kek rewrap` empties old versions).
+    pub fn set_keys_per_kek(&self, counts: &[(u32, u64)]) {
+        self.keys_per_kek.reset();
+        for (version, n) in counts {
+            self.keys_per_kek
+                .with_label_values(&[&version.to_string()])
+                .set(i64::try_from(*n).unwrap_or(i64::MAX));
+        }
     }
 
     /// Records one finished RPC.

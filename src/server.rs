@@ -387,6 +387,7 @@ where
     let jwks_task = tokio::spawn(d.jwks.clone().run(stop_rx.clone()));
     let policy_task = tokio::spawn(d.policy.clone().watch(stop_rx.clone()));
     let tls_task = tokio::spawn(running.tls.clone().watch(running.tls_watch, stop_rx.clone()));
+    let kek_task = tokio::spawn(count_keys_per_kek(d.clone(), stop_rx.clone()));
     let prune_task = tokio::spawn(
         d.policy
             .clone()
@@ -460,6 +461,7 @@ where
     let _ = policy_task.await;
     let _ = tls_task.await;
     let _ = prune_task.await;
+    let _ = kek_task.await;
     // Requests whose clients left still run to their end: wait for them
     // (bounded) before the audit log is closed under them.
     let all = u32::try_from(running.max_requests_in_flight).unwrap_or(u32::MAX);
@@ -540,6 +542,20 @@ async fn report_health(
             _ = stop.wait_for(|s| *s) => return,
             changed = readiness.changed() => if changed.is_err() { return },
             changed = stopping.changed() => if changed.is_err() { return },
+        }
+    }
+}
+
+/// Keeps `keyward_account_keys{kek_version}` current: the store's counts, now and every minute.
+async fn count_keys_per_kek(d: Arc<Daemon>, mut stop: tokio::sync::watch::Receiver<bool>) {
+    loop {
+        match d.keys.store().keys_per_kek().await {
+            Ok(counts) => d.metrics.set_keys_per_kek(&counts),
+            Err(e) => tracing::debug!(error = %e, "counting keys per KEK version failed"),
+        }
+        tokio::select! {
+            _ = stop.wait_for(|s| *s) => return,
+            _ = tokio::time::sleep(std::time::Duration::from_secs(60)) => {}
         }
     }
 }

@@ -64,6 +64,23 @@ fn backup(config: &str, so_pin: &str, shares: u8, threshold: u8, out: &str) -> O
     ])
 }
 
+thread_local! {
+    /// The metrics listener of the daemon [`serve`] started last.
+    static METRICS: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
+}
+
+/// The last served daemon's `/metrics` text (plain HTTP/1.0 GET).
+fn scrape() -> String {
+    use std::io::{Read as _, Write as _};
+    let addr = METRICS.with(|m| m.borrow().clone());
+    let mut c = std::net::TcpStream::connect(&addr).expect("metrics listener");
+    c.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
+        .expect("request");
+    let mut body = String::new();
+    c.read_to_string(&mut body).expect("response");
+    body
+}
+
 /// `keyward serve --config`, with its gRPC address read from its JSON log.
 fn serve(config: &Path) -> (Child, String) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_keyward"))
@@ -80,14 +97,20 @@ fn serve(config: &Path) -> (Child, String) {
         for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
             let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
             if v["fields"]["message"] == "serving" {
-                let _ = tx.send(Ok(v["fields"]["grpc"].as_str().unwrap_or_default().to_string()));
+                let grpc = v["fields"]["grpc"].as_str().unwrap_or_default().to_string();
+                let metrics = v["fields"]["metrics"].as_str().unwrap_or_default().to_string();
+                let _ = tx.send(Ok(format!("{grpc} {metrics}")));
             } else if v["level"] == "ERROR" {
                 let _ = tx.send(Err(line));
             }
         }
     });
     match rx.recv_timeout(Duration::from_secs(60)) {
-        Ok(Ok(addr)) => (child, format!("https://{addr}")),
+        Ok(Ok(addrs)) => {
+            let (grpc, metrics) = addrs.split_once(' ').unwrap_or((addrs.as_str(), ""));
+            METRICS.with(|m| *m.borrow_mut() = metrics.to_string());
+            (child, format!("https://{grpc}"))
+        }
         other => {
             let _ = child.kill();
             panic!("keyward serve did not start: {other:?}");
@@ -489,6 +512,16 @@ fn a_rewrap_killed_mid_run_is_finished_by_the_next() {
     let (mut daemon, endpoint) = serve(&env.config_path);
     let signed = common::block_on(sign_all(&endpoint, &env, &ids));
     assert_eq!(signed.len(), 24);
+    // The metric counts keys per KEK version: all under v2, none left under v1.
+    let metrics = scrape();
+    assert!(
+        metrics.contains("keyward_account_keys{kek_version=\"2\"} 48"),
+        "{metrics}"
+    );
+    assert!(
+        !metrics.contains("keyward_account_keys{kek_version=\"1\"}"),
+        "{metrics}"
+    );
     common::signal(&mut daemon, "-TERM");
 }
 
