@@ -394,6 +394,12 @@ fn a_rotation_reaches_the_running_daemon_and_the_next_backup() {
         out.contains("KEK v3 created") && out.contains("is now current"),
         "{out}"
     );
+    // Empty but current: never retired.
+    refused(
+        &keyward(&["kek", "retire", "--config", &config, "--version", "3"]),
+        "retiring the current KEK",
+        "KEK v3 is current",
+    );
     std::thread::sleep(keyward::hsm::KEK_RELOAD + Duration::from_secs(1));
     let second = common::block_on(new_account(&endpoint, &env, "after"));
     let signed = common::block_on(sign_all(&endpoint, &env, &[first, second]));
@@ -431,6 +437,11 @@ fn a_rotation_reaches_the_running_daemon_and_the_next_backup() {
     }
     let out = ok(&keyward(&["kek", "rewrap", "--config", &config]), "kek rewrap again");
     assert!(out.contains("rewrap: 0 keys moved"), "nothing left to move: {out}");
+    let out = ok(
+        &keyward(&["kek", "retire", "--config", &config, "--version", "2"]),
+        "kek retire v2",
+    );
+    assert!(out.contains("KEK v2 (keyward-kek-host-v2) destroyed"), "{out}");
     let out = ok(&keyward(&["doctor", "--config", &config]), "doctor after the rewrap");
     assert!(out.contains("checked 2 accounts: 2 ok"), "{out}");
     let out = ok(
@@ -443,11 +454,12 @@ fn a_rotation_reaches_the_running_daemon_and_the_next_backup() {
         ),
         "kek backup",
     );
-    assert!(out.contains("KEKs v1, v2, v3, v4 wrapped"), "{out}");
+    assert!(out.contains("KEKs v1, v3, v4 wrapped"), "the retired v2 is gone: {out}");
 }
 
 /// A rewrap killed (SIGKILL) part-way loses nothing and moves nothing twice: the next run moves
-/// the rest, and every account still signs.
+/// the rest, and every account still signs; the emptied version can then be retired (not
+/// before, and never the current one), and the daemon signs without it.
 #[test]
 fn a_rewrap_killed_mid_run_is_finished_by_the_next() {
     let Some(env) = Env::new(Custody::Host, StoreKind::Sqlite) else {
@@ -482,6 +494,12 @@ fn a_rewrap_killed_mid_run_is_finished_by_the_next() {
         }
     }
     common::signal(&mut run, "-KILL");
+    let out = keyward(&["kek", "retire", "--config", &config, "--version", "1"]);
+    refused(
+        &out,
+        "retiring a KEK keys are still under",
+        "still wrapped under KEK v1",
+    );
     let status = ok(&keyward(&["kek", "status", "--config", &config]), "kek status");
     let count = |v: u32| -> u64 {
         status
@@ -509,6 +527,21 @@ fn a_rewrap_killed_mid_run_is_finished_by_the_next() {
     );
     let out = ok(&keyward(&["doctor", "--config", &config]), "doctor");
     assert!(out.contains("checked 24 accounts: 24 ok, 0 failed"), "{out}");
+    refused(
+        &keyward(&["kek", "retire", "--config", &config, "--version", "2"]),
+        "retiring the KEK every key is under",
+        "48 account keys are still wrapped under KEK v2",
+    );
+    let out = ok(
+        &keyward(&["kek", "retire", "--config", &config, "--version", "1"]),
+        "kek retire v1",
+    );
+    assert!(out.contains("KEK v1 (keyward-kek-host-v1) destroyed"), "{out}");
+    let status = ok(&keyward(&["kek", "status", "--config", &config]), "kek status");
+    assert!(
+        !status.contains("KEK v1") && status.contains("KEK v2: 48 account keys"),
+        "{status}"
+    );
     let (mut daemon, endpoint) = serve(&env.config_path);
     let signed = common::block_on(sign_all(&endpoint, &env, &ids));
     assert_eq!(signed.len(), 24);

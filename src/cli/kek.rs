@@ -38,6 +38,20 @@ pub enum KekCmd {
     /// one, inside the token, a blob at a time (resumable: run it again after
     /// an interruption). Keys under sealed KEKs cannot move and are counted.
     Rewrap(RewrapArgs),
+    /// Destroy a KEK version no account key is wrapped under any more (and
+    /// that is not current). Backups made before still hold it.
+    Retire(RetireArgs),
+}
+
+/// `keyward kek retire` options.
+#[derive(Debug, Args)]
+pub struct RetireArgs {
+    /// The TOML config.
+    #[arg(long, short)]
+    config: PathBuf,
+    /// The KEK version to destroy.
+    #[arg(long)]
+    version: u32,
 }
 
 /// `keyward kek rewrap` options.
@@ -200,6 +214,7 @@ pub fn run(cmd: KekCmd) -> anyhow::Result<()> {
         KekCmd::Restore(a) => restore(a),
         KekCmd::Rotate(a) => rotate(&a.config),
         KekCmd::Rewrap(a) => rewrap(a),
+        KekCmd::Retire(a) => retire(&a.config, a.version),
     }
 }
 
@@ -341,6 +356,37 @@ fn rewrap(a: RewrapArgs) -> anyhow::Result<()> {
         if failed > 0 {
             anyhow::bail!("{failed} keys could not be rewrapped; they stay under their KEK");
         }
+        Ok(())
+    })
+}
+
+fn retire(config: &Path, version: u32) -> anyhow::Result<()> {
+    let config = load(config)?;
+    run_blocking(async move {
+        let store = crate::store::open(&config.store.url).await?;
+        let left = store
+            .keys_per_kek()
+            .await?
+            .iter()
+            .find(|(v, _)| *v == version)
+            .map_or(0, |(_, n)| *n);
+        if left > 0 {
+            anyhow::bail!(
+                "{left} account keys are still wrapped under KEK v{version}: move them first (`keyward kek \
+                 rewrap`; keys under a sealed KEK move only when their accounts' keys are rotated); nothing changed"
+            );
+        }
+        let hsm = crate::server::open_hsm(&config).await?;
+        let h = hsm.clone();
+        let label = tokio::task::spawn_blocking(move || h.destroy_kek(version))
+            .await
+            .map_err(|_| anyhow::anyhow!("retire task failed"))??;
+        let seq = store
+            .append_event(&event("KekRetire", format!("kek:v{version}"), String::new()))
+            .await?;
+        println!(
+            "KEK v{version} ({label}) destroyed on the token (audit event {seq}); backups made before still hold it"
+        );
         Ok(())
     })
 }

@@ -551,6 +551,25 @@ impl Hsm {
                 Err(Fail2::Ck(e)) => (Err(map_err(op, &e, &label)), breakage(&e)),
             }
         })?;
+        // Older versions missing while the newest one seen is there: retired (`keyward kek
+        // retire`), not token trouble.
+        let newest_present = cache
+            .seen
+            .iter()
+            .next_back()
+            .is_some_and(|v| found.keks.contains_key(v));
+        if newest_present {
+            let retired: Vec<u32> = cache
+                .seen
+                .iter()
+                .filter(|v| !found.keks.contains_key(v))
+                .copied()
+                .collect();
+            for v in retired {
+                tracing::warn!(version = v, "key-encryption key is no longer on the token (retired)");
+                cache.seen.remove(&v);
+            }
+        }
         if let Some(v) = cache.seen.iter().find(|v| !found.keks.contains_key(v)) {
             tracing::error!(version = *v, "key-encryption key vanished from the token");
             self.inner.kek_dirty.store(true, Ordering::SeqCst);
@@ -646,6 +665,37 @@ impl Hsm {
     pub fn rotate_kek(&self) -> Result<u32, HsmError> {
         let mut cache = self.kek_lock();
         self.refresh_keks(&mut cache, Want::Rotate)
+    }
+
+    /// Destroys KEK `version` on the token (`keyward kek retire`): refused while it is the
+    /// current version of a purpose this custody uses. The caller checks that no key is
+    /// wrapped under it any more.
+    pub fn destroy_kek(&self, version: u32) -> Result<String, HsmError> {
+        let mut cache = self.kek_lock();
+        self.refresh_keks(&mut cache, Want::Load)?;
+        for purpose in self.needed() {
+            if self.current_in(&cache.handles, purpose) == version {
+                return Err(HsmError::CustodyRefused {
+                    reason: format!("KEK v{version} is current: rotate first (`keyward kek rotate`)"),
+                });
+            }
+        }
+        let Some((handle, kind)) = cache.handles.get(&version).copied() else {
+            return Err(HsmError::KekMissing { version });
+        };
+        let label = kek_label(self.inner.kek_prefix.as_str(), version, kind);
+        let pool_label = self.inner.pool.label.clone();
+        self.inner
+            .pool
+            .with_session("destroy_kek", |p| match p.session.destroy_object(handle) {
+                Ok(()) => (Ok(()), Breakage::None),
+                Err(e) => (Err(map_err("destroy_kek", &e, &pool_label)), breakage(&e)),
+            })?;
+        cache.handles.remove(&version);
+        cache.seen.remove(&version);
+        cache.probed.remove(&version);
+        tracing::info!(version, label = %label, "key-encryption key destroyed (retired)");
+        Ok(label)
     }
 
     /// The current version of this custody's primary KEK; 0 if a KEK it needs is missing
