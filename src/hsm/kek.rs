@@ -551,18 +551,20 @@ impl Hsm {
                 Err(Fail2::Ck(e)) => (Err(map_err(op, &e, &label)), breakage(&e)),
             }
         })?;
-        // Older versions missing while the newest one seen is there: retired (`keyward kek
-        // retire`), not token trouble.
-        let newest_present = cache
-            .seen
-            .iter()
-            .next_back()
-            .is_some_and(|v| found.keks.contains_key(v));
-        if newest_present {
+        // Older versions missing while every current one is there: retired (`keyward kek
+        // retire`), not token trouble. A token read half-way while it goes away misses a
+        // current version too, and stays token trouble.
+        let current: Vec<u32> = self
+            .needed()
+            .into_iter()
+            .map(|p| self.current_in(&cache.handles, p))
+            .collect();
+        let currents_present = !current.is_empty() && current.iter().all(|v| *v != 0 && found.keks.contains_key(v));
+        if currents_present {
             let retired: Vec<u32> = cache
                 .seen
                 .iter()
-                .filter(|v| !found.keks.contains_key(v))
+                .filter(|v| !found.keks.contains_key(v) && !current.contains(v))
                 .copied()
                 .collect();
             for v in retired {
