@@ -407,6 +407,19 @@ fn backup(a: BackupArgs) -> anyhow::Result<()> {
     let files: Vec<PathBuf> = (1..=shares.len())
         .map(|i| a.out.join(format!("kek-backup-{id}-share-{i}-of-{}.txt", shares.len())))
         .collect();
+    // Every share file is created (empty, 0600, never over another) before anything leaves
+    // the token, so a backup is never stored without somewhere to put its shares.
+    let mut handles = Vec::with_capacity(files.len());
+    for file in &files {
+        handles.push(
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(file)
+                .with_context(|| format!("share file {}", file.display()))?,
+        );
+    }
     let keks = crate::hsm::export_keks(
         &config.hsm.module,
         &config.hsm.token_label,
@@ -440,14 +453,10 @@ fn backup(a: BackupArgs) -> anyhow::Result<()> {
         );
         Ok(())
     })?;
-    for (share, file) in shares.iter().zip(&files) {
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(file)
-            .with_context(|| format!("share file {}", file.display()))?;
-        f.write_all(format!("{}\n", share.as_str()).as_bytes())
+    for ((share, file), mut f) in shares.iter().zip(&files).zip(handles) {
+        f.write_all(share.as_bytes())
+            .and_then(|()| f.write_all(b"\n"))
+            .and_then(|()| f.sync_all())
             .with_context(|| format!("share file {}", file.display()))?;
         println!("  share written: {}", file.display());
     }
