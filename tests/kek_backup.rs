@@ -457,25 +457,32 @@ fn a_rotation_reaches_the_running_daemon_and_the_next_backup() {
     assert!(out.contains("KEKs v1, v3, v4 wrapped"), "the retired v2 is gone: {out}");
 }
 
-/// A rewrap killed (SIGKILL) part-way loses nothing and moves nothing twice: the next run moves
-/// the rest, and every account still signs; the emptied version can then be retired (not
-/// before, and never the current one), and the daemon signs without it.
-#[test]
-fn a_rewrap_killed_mid_run_is_finished_by_the_next() {
-    let Some(env) = Env::new(Custody::Host, StoreKind::Sqlite) else {
-        return;
-    };
+/// A fresh token and SQLite store (`keyward init`) with `n` accounts made through `keyward
+/// serve`, which is stopped again: the env, its config path and the account ids.
+fn with_accounts(custody: Custody, n: usize) -> Option<(Env, String, Vec<String>)> {
+    let env = Env::new(custody, StoreKind::Sqlite)?;
     let config = env.config_path.to_str().expect("utf-8 path").to_string();
     ok(&keyward(&["init", "--config", &config]), "init");
     let (mut daemon, endpoint) = serve(&env.config_path);
     let ids: Vec<String> = common::block_on(async {
         let mut ids = Vec::new();
-        for i in 0..24 {
-            ids.push(new_account(&endpoint, &env, &format!("rewrap-{i}")).await);
+        for i in 0..n {
+            ids.push(new_account(&endpoint, &env, &format!("account-{i}")).await);
         }
         ids
     });
     common::signal(&mut daemon, "-TERM");
+    Some((env, config, ids))
+}
+
+/// A rewrap killed (SIGKILL) part-way loses nothing and moves nothing twice: the next run moves
+/// the rest, and every account still signs; the emptied version can then be retired (not
+/// before, and never the current one), and the daemon signs without it.
+#[test]
+fn a_rewrap_killed_mid_run_is_finished_by_the_next() {
+    let Some((env, config, ids)) = with_accounts(Custody::Host, 24) else {
+        return;
+    };
     // Host custody: one host KEK, v1, wraps both keys of every account.
     ok(&keyward(&["kek", "rotate", "--config", &config]), "kek rotate");
     let mut run = Command::new(env!("CARGO_BIN_EXE_keyward"))
@@ -562,20 +569,9 @@ fn a_rewrap_killed_mid_run_is_finished_by_the_next() {
 /// or belongs to another account.
 #[test]
 fn doctor_names_damaged_and_swapped_keys() {
-    let Some(env) = Env::new(Custody::Hsm, StoreKind::Sqlite) else {
+    let Some((env, config, ids)) = with_accounts(Custody::Hsm, 3) else {
         return;
     };
-    let config = env.config_path.to_str().expect("utf-8 path").to_string();
-    ok(&keyward(&["init", "--config", &config]), "init");
-    let (mut daemon, endpoint) = serve(&env.config_path);
-    let ids: Vec<String> = common::block_on(async {
-        let mut ids = Vec::new();
-        for i in 0..3 {
-            ids.push(new_account(&endpoint, &env, &format!("doctor-{i}")).await);
-        }
-        ids
-    });
-    common::signal(&mut daemon, "-TERM");
     let out = ok(&keyward(&["doctor", "--config", &config]), "doctor");
     assert!(out.contains("checked 3 accounts: 3 ok, 0 failed"), "{out}");
 

@@ -199,15 +199,8 @@ pub(crate) fn wrap_ed25519_seed(s: &Session, seed: &[u8], kek: &Kek) -> Result<V
         op: "generate_wrapped",
         rv: "Ed25519 seed is not 32 bytes".to_string(),
     })?;
-    let mut template = vec![
-        Attribute::Class(ObjectClass::SECRET_KEY),
-        Attribute::KeyType(KeyType::GENERIC_SECRET),
-        Attribute::Token(false),
-        Attribute::Private(true),
-        Attribute::Sensitive(true),
-        Attribute::Extractable(true),
-        Attribute::Value(pkcs8.to_vec()),
-    ];
+    let mut template = super::unwrap::CARRIER_TEMPLATE.to_vec();
+    template.push(Attribute::Value(pkcs8.to_vec()));
     let carrier = s.create_object(&template);
     scrub(&mut template);
     let carrier = carrier?;

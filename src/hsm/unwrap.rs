@@ -129,9 +129,9 @@ fn unwrap_native(s: &Session, alg: KeyAlg, kek: &Kek, blob: &[u8]) -> Result<Obj
     Ok(h)
 }
 
-/// A blob unwrapped as its PKCS#8 bytes: an extractable generic-secret session object (host
-/// custody's transport, and `keyward kek rewrap`).
-const CARRIER_TEMPLATE: [Attribute; 6] = [
+/// A private key as its PKCS#8 bytes: an extractable generic-secret session object (host
+/// custody's transport, the Ed25519 carrier of `generate.rs`, and `keyward kek rewrap`).
+pub(crate) const CARRIER_TEMPLATE: [Attribute; 6] = [
     Attribute::Class(ObjectClass::SECRET_KEY),
     Attribute::KeyType(KeyType::GENERIC_SECRET),
     Attribute::Token(false),
