@@ -741,7 +741,11 @@ pub fn audit(data: &[u8]) {
             .expect("checkpoint signs");
         }
     }
-    let report = verify_export(&events, &checkpoints, &fixed_keys().jwks);
+    let report = verify_export(
+        &events,
+        &checkpoints,
+        &crate::jwks::history::KeyHistory::from_jwks(&fixed_keys().jwks),
+    );
     if relink && dense && (checkpoints.is_empty() || resign) {
         let all_covered = checkpoints.iter().all(|c| covered(c).is_some());
         if all_covered {

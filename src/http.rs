@@ -1,6 +1,7 @@
 //! The HTTPS side port (server TLS, no client certificate): `/healthz`,
-//! `/readyz`, and the public issuer key set at `/.well-known/jwks.json`
-//! (`Cache-Control: public, max-age=N`, strong ETag, `304` on a matching
+//! `/readyz`, the public issuer key set at `/.well-known/jwks.json` and
+//! the issuer key history at `/.well-known/keyward/issuer-key-history.json`
+//! (both `Cache-Control: public, max-age=N`, strong ETag, `304` on a matching
 //! `If-None-Match`). And the metrics listener: `/metrics` for Prometheus, in
 //! plain HTTP on an address of its own (`server.metrics_listen`, loopback by
 //! default), never on the public side port.
@@ -30,8 +31,26 @@ fn none_match(header: &str, etag: &str) -> bool {
 }
 
 async fn jwks(daemon: Arc<Daemon>, headers: http::HeaderMap) -> axum::response::Response {
+    public_document(daemon.jwks.document(), "application/jwk-set+json", &headers)
+}
+
+/// `GET` [`crate::jwks::history::HISTORY_PATH`]: every issuer public key with its lifecycle
+/// times, as last loaded with the ring (same caching rules as the JWKS).
+async fn issuer_history(daemon: Arc<Daemon>, headers: http::HeaderMap) -> axum::response::Response {
+    public_document(
+        crate::jwks::JwksDocument::clone(&daemon.jwks.history_document()),
+        "application/json",
+        &headers,
+    )
+}
+
+/// A public document with `Cache-Control`, a strong ETag and `304` on a matching `If-None-Match`.
+fn public_document(
+    doc: crate::jwks::JwksDocument,
+    content_type: &str,
+    headers: &http::HeaderMap,
+) -> axum::response::Response {
     use axum::response::IntoResponse;
-    let doc = daemon.jwks.document();
     let cache = format!("public, max-age={}", doc.max_age);
     let matched = headers
         .get_all(http::header::IF_NONE_MATCH)
@@ -47,7 +66,7 @@ async fn jwks(daemon: Arc<Daemon>, headers: http::HeaderMap) -> axum::response::
     }
     (
         [
-            (http::header::CONTENT_TYPE, "application/jwk-set+json".to_string()),
+            (http::header::CONTENT_TYPE, content_type.to_string()),
             (http::header::ETAG, doc.etag),
             (http::header::CACHE_CONTROL, cache),
         ],
@@ -59,11 +78,16 @@ async fn jwks(daemon: Arc<Daemon>, headers: http::HeaderMap) -> axum::response::
 fn router(daemon: Arc<Daemon>) -> Router {
     let account_daemon = daemon.clone();
     let jwks_daemon = daemon.clone();
+    let history_daemon = daemon.clone();
     let ready_daemon = daemon;
     Router::new()
         .route(
             JWKS_PATH,
             get(move |headers: http::HeaderMap| jwks(jwks_daemon.clone(), headers)),
+        )
+        .route(
+            crate::jwks::history::HISTORY_PATH,
+            get(move |headers: http::HeaderMap| issuer_history(history_daemon.clone(), headers)),
         )
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(move || readyz(ready_daemon.clone())))

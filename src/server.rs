@@ -209,6 +209,7 @@ pub async fn start_with_clock(config: &Config, clock: Arc<dyn Clock>) -> Result<
         Some(Arc::new(crate::audit::checkpoint::Checkpointer::new(
             store.clone(),
             issuer.clone(),
+            clock.clone(),
             config.audit.checkpoint_every_events,
             std::time::Duration::from_secs(config.audit.checkpoint_every_seconds),
         ))),

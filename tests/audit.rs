@@ -657,7 +657,8 @@ fn offline_commands(store: StoreKind) {
     let jwks_file = env.dir.path().join("jwks.json");
     let store_keys = block_on(async {
         let s = keyward::store::open(&env.store_url).await.expect("store");
-        keyward::audit::verify::store_keys(s.as_ref()).await.expect("keys")
+        let history = keyward::audit::verify::store_keys(s.as_ref()).await.expect("keys");
+        history.keys.into_iter().map(|e| e.jwk).collect::<Vec<_>>()
     });
     std::fs::write(&jwks_file, serde_json::json!({ "keys": store_keys }).to_string()).expect("jwks");
     let out = keyward(&env)

@@ -583,3 +583,238 @@ fn jwks_cli_show_rotate_revoke() {
         st.daemon.stop().await;
     });
 }
+
+// ---- issue 13 §4: the issuer key history ----
+
+/// The issuer key history URL on the story's side port.
+fn history_url(st: &Story) -> String {
+    format!(
+        "https://127.0.0.1:{}{}",
+        st.daemon.https_addr.port(),
+        keyward::jwks::history::HISTORY_PATH
+    )
+}
+
+/// The store's checkpoints, once there are at least `n`. Reads go through the group-commit
+/// appender, which signs a checkpoint after a group once enough events are pending.
+async fn checkpoints_at_least(st: &Story, n: usize) -> Vec<keyward::audit::store::Checkpoint> {
+    let store = st.daemon.state.keys.store().clone();
+    let mut accounts = st.daemon.accounts(&st.env, "admin").await;
+    for _ in 0..100 {
+        accounts
+            .get_account(keyward::api::pb::GetAccountRequest {
+                account_id: st.account_id.clone(),
+            })
+            .await
+            .expect("read");
+        let cps = store.audit().checkpoints().await.expect("checkpoints");
+        if cps.len() >= n {
+            return cps;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    panic!("fewer than {n} checkpoints after 5 s");
+}
+
+/// `keyward verify TOKEN` with the given key sources; (valid, stdout + stderr).
+fn cli_verify(st: &Story, token: &str, sources: &[&str]) -> (bool, String) {
+    let mut args = vec!["verify", token];
+    args.extend_from_slice(sources);
+    let (ok, out, err) = cli(st, "admin", &args);
+    (ok, format!("{out}{err}"))
+}
+
+/// Past two rotations and the grace period the first EdDSA key is gone from the store, the
+/// token and the JWKS; everything it signed (a session token, a receipt, checkpoints, an
+/// archive) still verifies against the history, through the binary, and not against the JWKS
+/// alone. A revoked key verifies what it signed before its revocation only.
+fn old_signatures_verify_against_the_history(store: StoreKind) {
+    let env = env_with_jwks(store).expect("env");
+    let mut text = std::fs::read_to_string(&env.config_path).expect("config");
+    text.push_str("[audit]\ncheckpoint_every_events = 3\n");
+    std::fs::write(&env.config_path, text).expect("config");
+    block_on(async {
+        let st = Story::start(env).await;
+        let lc = st.daemon.state.jwks.clone();
+        let issuer = st.daemon.state.sessions.issuer().clone();
+        let config = st.env.config_path.to_str().expect("path").to_string();
+        let first = issuer.active(IssuerAlg::EdDSA).expect("active").jwk.kid.clone();
+
+        // Era 1: a session token, payments, a receipt, and checkpoints, all by the first key.
+        let t1 = st.token().await;
+        assert_eq!(kid_of(&t1), first);
+        for i in 0..4 {
+            st.pay(&t1, &format!("p1-{i}")).await.expect("pay");
+        }
+        let receipt = st
+            .daemon
+            .signing(&st.env, "admin")
+            .await
+            .sign_receipt(keyward::api::pb::SignReceiptRequest {
+                account_id: st.account_id.clone(),
+                buyer: "did:example:buyer".into(),
+                amount: "5".into(),
+                currency: "USDC".into(),
+                manifest: MANIFEST.into(),
+                license_id: "lic-7".into(),
+                session_token: String::new(),
+                payment_signature_ref: String::new(),
+                request_id: "rcpt-1".into(),
+            })
+            .await
+            .expect("receipt")
+            .into_inner()
+            .receipt;
+        assert_eq!(kid_of(&receipt), first);
+        let era1 = checkpoints_at_least(&st, 2).await;
+        assert!(era1.iter().all(|c| kid_of(&c.jws) == first));
+
+        // Two rotations; the first key retires at +30 days and is removed 90 days later.
+        st.clock.advance(30 * DAY);
+        assert_eq!(lc.tick(st.clock.now()).await.expect("tick").promoted.len(), 2);
+        let second = issuer.active(IssuerAlg::EdDSA).expect("active").jwk.kid.clone();
+        assert_ne!(second, first);
+        let t2 = st.token().await;
+        for i in 0..4 {
+            st.pay(&t2, &format!("p2-{i}")).await.expect("pay");
+        }
+        let through_era2 = checkpoints_at_least(&st, era1.len() + 2).await;
+        st.clock.advance(29 * DAY);
+        lc.tick(st.clock.now()).await.expect("tick: publish");
+        st.clock.advance(DAY);
+        assert_eq!(lc.tick(st.clock.now()).await.expect("tick").promoted.len(), 2);
+        st.clock.advance(60 * DAY);
+        let r = lc.tick(st.clock.now()).await.expect("tick");
+        assert!(r.removed.contains(&first), "{r:?}");
+        assert!(!kids(&st.fetch_jwks().await.0).contains(&first));
+        assert!(!st.token_labels().await.iter().any(|l| l.contains(&first)));
+
+        // The JWKS alone no longer verifies the first key's signatures; the history does.
+        let jwks_url = format!(
+            "https://127.0.0.1:{}/.well-known/jwks.json",
+            st.daemon.https_addr.port()
+        );
+        let url = history_url(&st);
+        for token in [&t1, &receipt] {
+            let (ok, out) = cli_verify(&st, token, &["--jwks", &jwks_url]);
+            assert!(!ok && out.contains("no key with kid"), "{out}");
+            let (ok, out) = cli_verify(&st, token, &["--history", &url, "--json"]);
+            assert!(ok, "{out}");
+            let v: serde_json::Value = serde_json::from_str(out.trim()).expect("json");
+            assert_eq!(v["header"]["kid"], first.as_str());
+            assert_eq!(v["key"]["retired_at"], START + 30 * DAY);
+        }
+        let history: keyward::jwks::history::KeyHistory = {
+            let r = https_get(
+                st.daemon.https_addr,
+                &st.env.pki.ca_cert,
+                keyward::jwks::history::HISTORY_PATH,
+                &[],
+            )
+            .await;
+            assert_eq!(r.status, 200);
+            assert!(r.header("etag").is_some());
+            serde_json::from_str(&r.body).expect("history JSON")
+        };
+        assert_eq!(
+            history.keys.len(),
+            8,
+            "3 EdDSA + 3 ES256 created, plus the next key of each"
+        );
+        let e = history.get(&first).expect("first key in the history");
+        assert_eq!(
+            (e.created_at, e.activated_at, e.retired_at, e.revoked_at),
+            (Some(START), Some(START), Some(START + 30 * DAY), None)
+        );
+
+        // The store's log, checkpoints by removed keys included, verifies through the binary.
+        let (ok, out, err) = cli(&st, "admin", &["audit", "verify", "--config", &config, "--json"]);
+        assert!(ok, "{out} {err}");
+        let v: serde_json::Value = serde_json::from_str(out.trim()).expect("json");
+        let verified = v["report"]["checkpoints_verified"].as_u64().expect("n");
+        assert!(verified >= through_era2.len() as u64, "{v}");
+
+        // An archive of the first era verifies with the history, not with the JWKS alone.
+        let archive = st.env.dir.path().join("era1.jsonl");
+        let through = era1.last().expect("checkpoint").last_seq.to_string();
+        let archive_path = archive.to_str().expect("path");
+        let (ok, out, err) = cli(
+            &st,
+            "admin",
+            &[
+                "audit",
+                "archive",
+                "--config",
+                &config,
+                "--through",
+                &through,
+                "--out",
+                archive_path,
+            ],
+        );
+        assert!(ok, "{out} {err}");
+        let (ok, out, err) = cli(
+            &st,
+            "admin",
+            &[
+                "audit",
+                "verify",
+                "--from-export",
+                archive_path,
+                "--history",
+                &url,
+                "--json",
+            ],
+        );
+        assert!(ok, "{out} {err}");
+        let v: serde_json::Value = serde_json::from_str(out.trim()).expect("json");
+        assert_eq!(v["report"]["checkpoints_verified"].as_u64(), Some(era1.len() as u64));
+        let (ok, out, _) = cli(
+            &st,
+            "admin",
+            &["audit", "verify", "--from-export", archive_path, "--jwks", &jwks_url],
+        );
+        assert!(!ok && out.contains("no key with kid"), "{out}");
+
+        // Revocation: what the active key signed before it verifies; a signature claiming a
+        // later time (as a thief of the key would make) does not.
+        let third = issuer.active(IssuerAlg::EdDSA).expect("active").jwk.kid.clone();
+        let now = st.clock.now();
+        let before = issuer
+            .sign_jws(IssuerAlg::EdDSA, "test", &serde_json::json!({ "iat": now }))
+            .expect("sign");
+        let after = issuer
+            .sign_jws(IssuerAlg::EdDSA, "test", &serde_json::json!({ "iat": now + 100 }))
+            .expect("sign");
+        let t3 = st.token().await;
+        assert_eq!(kid_of(&t3), third);
+        let signed_by_third = checkpoints_at_least(&st, through_era2.len() + 1).await;
+        assert!(signed_by_third.iter().any(|c| kid_of(&c.jws) == third));
+        st.clock.advance(10);
+        st.jwks_client("admin")
+            .await
+            .revoke_issuer_key(RevokeIssuerKeyRequest { kid: third.clone() })
+            .await
+            .expect("revoke");
+        let (ok, out) = cli_verify(&st, &before, &["--history", &url]);
+        assert!(ok, "{out}");
+        assert!(out.contains(&format!("key revoked at {}", now + 10)), "{out}");
+        let (ok, out) = cli_verify(&st, &after, &["--history", &url]);
+        assert!(!ok, "{out}");
+        assert!(out.contains(&format!("was revoked at {}", now + 10)), "{out}");
+        // Checkpoints the revoked key signed before its revocation still verify.
+        let (ok, out, err) = cli(&st, "admin", &["audit", "verify", "--config", &config, "--json"]);
+        assert!(ok, "{out} {err}");
+        st.daemon.stop().await;
+    });
+}
+
+#[test]
+fn old_signatures_verify_against_the_history_sqlite() {
+    old_signatures_verify_against_the_history(StoreKind::Sqlite);
+}
+
+#[test]
+fn old_signatures_verify_against_the_history_postgres() {
+    old_signatures_verify_against_the_history(StoreKind::Postgres);
+}

@@ -50,6 +50,8 @@ pub async fn read_range(store: &dyn Store, first: u64, last: u64) -> Result<Vec<
 pub struct Checkpointer {
     store: Arc<dyn Store>,
     issuer: Arc<Issuer>,
+    /// The daemon's clock: a checkpoint's `iat` (its signing key's life is on the same clock).
+    clock: Arc<dyn crate::clock::Clock>,
     every_events: u64,
     every: Duration,
     /// When this process last signed, and the last event known to be covered.
@@ -72,11 +74,18 @@ impl std::fmt::Debug for Checkpointer {
 }
 
 impl Checkpointer {
-    /// A checkpointer signing with `issuer`'s active EdDSA key.
-    pub fn new(store: Arc<dyn Store>, issuer: Arc<Issuer>, every_events: u64, every: Duration) -> Checkpointer {
+    /// A checkpointer signing with `issuer`'s active EdDSA key, dating checkpoints by `clock`.
+    pub fn new(
+        store: Arc<dyn Store>,
+        issuer: Arc<Issuer>,
+        clock: Arc<dyn crate::clock::Clock>,
+        every_events: u64,
+        every: Duration,
+    ) -> Checkpointer {
         Checkpointer {
             store,
             issuer,
+            clock,
             every_events: every_events.max(1),
             every: every.max(Duration::from_secs(1)),
             last: Mutex::new((Instant::now(), 0)),
@@ -129,7 +138,7 @@ impl Checkpointer {
         if !due(last.1, last.0) {
             return Ok(None);
         }
-        let Some(claims) = pending_claims(self.store.as_ref()).await? else {
+        let Some(claims) = pending_claims(self.store.as_ref(), self.clock.now()).await? else {
             return Ok(None);
         };
         last.1 = claims.first_seq - 1;
@@ -156,8 +165,9 @@ impl Checkpointer {
 }
 
 /// The claims of a checkpoint over every event since the previous
-/// checkpoint (or the last archived event), or `None` if there is none.
-pub async fn pending_claims(store: &dyn Store) -> Result<Option<CheckpointClaims>, AuditError> {
+/// checkpoint (or the last archived event), dated `now` (unix seconds), or
+/// `None` if there is none.
+pub async fn pending_claims(store: &dyn Store, now: i64) -> Result<Option<CheckpointClaims>, AuditError> {
     let audit = store.audit();
     let head = audit.audit_head().await?;
     let first = audit
@@ -182,7 +192,7 @@ pub async fn pending_claims(store: &dyn Store) -> Result<Option<CheckpointClaims
         last_seq: head.seq,
         root: merkle::root(&hashes),
         last_hash: head.hash,
-        iat: time::OffsetDateTime::now_utc().unix_timestamp(),
+        iat: now,
     }))
 }
 

@@ -11,9 +11,8 @@ use super::event::Event;
 use super::merkle;
 use super::store::{Checkpoint, Head};
 use super::{AuditError, CHECKPOINT_TYP};
-use crate::crypto::jwk::Jwk;
-use crate::crypto::jws;
-use crate::store::{IssuerKeyState, Store};
+use crate::jwks::history::KeyHistory;
+use crate::store::Store;
 
 /// What verification found.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -119,7 +118,7 @@ impl Verifier {
 
     /// Finishes with the recorded head (if known), the checkpoints and the
     /// keys that may have signed them.
-    pub fn finish(mut self, head: Option<(u64, [u8; 32])>, checkpoints: &[Checkpoint], keys: &[Jwk]) -> Report {
+    pub fn finish(mut self, head: Option<(u64, [u8; 32])>, checkpoints: &[Checkpoint], keys: &KeyHistory) -> Report {
         let last = self.last_good();
         if let Some((head_seq, head_hash)) = head {
             if !self.broken && head_seq > last {
@@ -158,10 +157,11 @@ impl Verifier {
         }
     }
 
-    fn check_checkpoint(&self, cp: &Checkpoint, keys: &[Jwk]) -> Result<(), (u64, String)> {
+    fn check_checkpoint(&self, cp: &Checkpoint, keys: &KeyHistory) -> Result<(), (u64, String)> {
         let what = format!("checkpoint {}..={}", cp.first_seq, cp.last_seq);
-        let verified =
-            jws::verify_compact(&cp.jws, keys).map_err(|e| (cp.first_seq, format!("{what}: signature: {e}")))?;
+        let verified = keys
+            .verify(&cp.jws)
+            .map_err(|e| (cp.first_seq, format!("{what}: signature: {e}")))?;
         if verified.header.typ.as_deref() != Some(CHECKPOINT_TYP) {
             return Err((cp.first_seq, format!("{what}: not a checkpoint token")));
         }
@@ -195,23 +195,16 @@ impl Verifier {
     }
 }
 
-/// The public keys of the store's issuer keys that may have signed
-/// checkpoints (next, active and retired; never revoked ones).
-pub async fn store_keys(store: &dyn Store) -> Result<Vec<Jwk>, AuditError> {
-    let mut keys = Vec::new();
-    for k in store.list_issuer_keys().await? {
-        if k.state == IssuerKeyState::Revoked {
-            continue;
-        }
-        let jwk: Jwk = serde_json::from_str(&k.jwk)
-            .map_err(|e| AuditError::Invalid(format!("issuer key {}: stored JWK does not decode: {e}", k.kid)))?;
-        keys.push(jwk);
-    }
-    Ok(keys)
+/// The store's issuer key history: every issuer key that may have signed
+/// checkpoints, with its lifecycle times (a revoked key verifies only what it
+/// signed before its revocation).
+pub async fn store_keys(store: &dyn Store) -> Result<KeyHistory, AuditError> {
+    let records = store.issuer_key_history().await?;
+    KeyHistory::from_records(&records).map_err(|e| AuditError::Invalid(e.to_string()))
 }
 
 /// Verifies the log in the store against `keys`.
-pub async fn verify_store(store: &dyn Store, keys: &[Jwk]) -> Result<Report, AuditError> {
+pub async fn verify_store(store: &dyn Store, keys: &KeyHistory) -> Result<Report, AuditError> {
     let audit = store.audit();
     let head: Head = audit.audit_head().await?;
     let mut v = Verifier::new(head.base_seq, head.base_hash);
@@ -232,7 +225,7 @@ pub async fn verify_store(store: &dyn Store, keys: &[Jwk]) -> Result<Report, Aud
 
 /// Verifies exported events (in file order) and checkpoints. The first
 /// event's `prev_hash` anchors the chain (zeros for an export from event 1).
-pub fn verify_export(events: &[Event], checkpoints: &[Checkpoint], keys: &[Jwk]) -> Report {
+pub fn verify_export(events: &[Event], checkpoints: &[Checkpoint], keys: &KeyHistory) -> Report {
     let (base_seq, base_hash) = match events.first() {
         Some(e) => (e.seq.saturating_sub(1), e.prev_hash),
         None => (0, super::GENESIS),
@@ -276,7 +269,7 @@ mod tests {
     #[test]
     fn an_export_ending_at_u64_max_verifies_without_overflow() {
         let events = chain(&[u64::MAX - 1, u64::MAX]);
-        let report = verify_export(&events, &[], &[]);
+        let report = verify_export(&events, &[], &KeyHistory::default());
         assert!(report.ok(), "{report:?}");
         assert_eq!(
             (report.events, report.first_seq, report.last_seq),
@@ -284,7 +277,7 @@ mod tests {
         );
 
         let events = chain(&[u64::MAX - 1, u64::MAX, 5]);
-        let report = verify_export(&events, &[], &[]);
+        let report = verify_export(&events, &[], &KeyHistory::default());
         assert_eq!(report.first_bad_seq, Some(5), "{report:?}");
         assert_eq!(report.last_seq, u64::MAX);
     }

@@ -10,7 +10,6 @@ use serde_json::json;
 use super::ClientOpts;
 use crate::audit::verify::{store_keys, verify_export, verify_store, Report};
 use crate::config::Config;
-use crate::crypto::jwk::Jwks;
 use crate::store::Store;
 
 /// Which store the offline commands read.
@@ -40,9 +39,14 @@ pub enum AuditCmd {
         #[arg(long)]
         from_export: Option<PathBuf>,
         /// JWKS (https URL or file) for checkpoint signatures (default: the
-        /// store's issuer keys, retired ones included).
+        /// store's issuer key history).
         #[arg(long)]
         jwks: Option<String>,
+        /// The issuer key history (https URL or file; the daemon serves it at
+        /// /.well-known/keyward/issuer-key-history.json): every issuer key ever
+        /// published, retired and revoked ones with their times.
+        #[arg(long)]
+        history: Option<String>,
     },
     /// Print the events after --since as JSON Lines.
     Export {
@@ -113,23 +117,21 @@ pub async fn audit(home: &Path, opts: &ClientOpts, cmd: AuditCmd) -> anyhow::Res
             store,
             from_export,
             jwks,
+            history,
         } => {
-            let keys = match &jwks {
-                Some(source) => {
-                    let text = super::verify::read_jwks_source(home, opts, source, opts.ca.clone()).await?;
-                    serde_json::from_str::<Jwks>(&text)
-                        .with_context(|| format!("{source} is not a JWKS"))?
-                        .keys
+            let keys = match (&history, &jwks) {
+                (None, None) if from_export.is_some() && store.config.is_none() => {
+                    anyhow::bail!(
+                        "--from-export needs --history or --jwks (or --config to use the store's issuer key history)"
+                    )
                 }
-                None if from_export.is_some() && store.config.is_none() => {
-                    anyhow::bail!("--from-export needs --jwks (or --config to use the store's issuer keys)")
-                }
-                None => {
+                (None, None) => {
                     let s = open_store(home, &store).await?;
                     let keys = store_keys(s.as_ref()).await?;
                     s.close().await;
                     keys
                 }
+                (h, j) => super::verify::read_keys(home, opts, h.as_deref(), j.as_deref(), opts.ca.clone()).await?,
             };
             let report = match &from_export {
                 Some(file) => {

@@ -1,7 +1,8 @@
 //! `keyward verify`: offline verification of a compact JWS (receipt,
-//! attestation, session token) for operators. The JWKS comes from a file or
-//! an https URL (server-authenticated TLS against `--ca`, default the dev
-//! home's CA); exit 0 with the claims, or exit 1 with the reason.
+//! attestation, session token) for operators. The keys come from the issuer
+//! key history and/or a JWKS, each a file or an https URL (server-authenticated
+//! TLS against `--ca`, default the dev home's CA); exit 0 with the claims, or
+//! exit 1 with the reason.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -15,7 +16,7 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 use super::ClientOpts;
 use crate::crypto::jwk::Jwks;
-use crate::crypto::jws;
+use crate::jwks::history::{KeyHistory, HISTORY_PATH};
 
 /// Largest JWKS document fetched.
 const MAX_JWKS_BYTES: usize = 1024 * 1024;
@@ -25,9 +26,39 @@ const MAX_JWKS_BYTES: usize = 1024 * 1024;
 pub struct VerifyArgs {
     /// The compact JWS, or a file holding it.
     pub token: String,
-    /// JWKS: an https URL or a file (default: the dev home's issuer JWKS URL).
+    /// JWKS: an https URL or a file. Alone, only the keys published now verify.
     #[arg(long)]
     pub jwks: Option<String>,
+    /// The issuer key history (an https URL or a file; default, when no --jwks is given: the dev
+    /// home's side port): every issuer key ever published, so that what a retired key signed
+    /// still verifies, and what a revoked key signed verifies only if signed before the revocation.
+    #[arg(long)]
+    pub history: Option<String>,
+}
+
+/// The keys to verify issuer signatures with: the issuer key history, a JWKS, or both (a JWKS
+/// key the history lacks is added without times).
+pub async fn read_keys(
+    home: &Path,
+    opts: &ClientOpts,
+    history: Option<&str>,
+    jwks: Option<&str>,
+    ca: Option<PathBuf>,
+) -> anyhow::Result<KeyHistory> {
+    let mut keys = match history {
+        Some(source) => {
+            let text = read_jwks_source(home, opts, source, ca.clone()).await?;
+            serde_json::from_str::<KeyHistory>(&text)
+                .with_context(|| format!("{source} is not an issuer key history"))?
+        }
+        None => KeyHistory::default(),
+    };
+    if let Some(source) = jwks {
+        let text = read_jwks_source(home, opts, source, ca).await?;
+        let set: Jwks = serde_json::from_str(&text).with_context(|| format!("{source} is not a JWKS"))?;
+        keys.merge(KeyHistory::from_jwks(&set.keys));
+    }
+    Ok(keys)
 }
 
 /// Runs `keyward verify`: Ok(true) verified, Ok(false) refused (reason printed).
@@ -38,30 +69,44 @@ pub async fn verify(home: &Path, opts: &ClientOpts, args: VerifyArgs) -> anyhow:
         args.token.clone()
     };
     let token = token.trim();
-    let (source, ca) = match &args.jwks {
-        Some(s) => (s.clone(), opts.ca.clone()),
-        None => {
+    let (history, ca) = match (&args.history, &args.jwks) {
+        (None, None) => {
             let f = crate::dev::read_client_file(home)
-                .context("no --jwks given and no dev home to take the issuer JWKS URL from")?;
+                .context("no --history or --jwks given and no dev home to take the issuer key history URL from")?;
             (
-                format!("{}/.well-known/jwks.json", f.https.trim_end_matches('/')),
+                Some(format!("{}{HISTORY_PATH}", f.https.trim_end_matches('/'))),
                 opts.ca.clone().or(Some(f.ca)),
             )
         }
+        (h, _) => (h.clone(), opts.ca.clone()),
     };
-    let text = read_jwks_source(home, opts, &source, ca).await?;
-    let jwks: Jwks = serde_json::from_str(&text).with_context(|| format!("{source} is not a JWKS"))?;
-    match jws::verify_compact(token, &jwks.keys) {
+    let keys = read_keys(home, opts, history.as_deref(), args.jwks.as_deref(), ca).await?;
+    match keys.verify(token) {
         Ok(v) => {
+            let kid = v.header.kid.clone().unwrap_or_default();
+            let key = keys.get(&kid);
             let out = json!({
                 "valid": true,
                 "header": {"alg": v.header.alg.as_str(), "kid": v.header.kid, "typ": v.header.typ},
                 "claims": v.claims,
+                "key": key.map(|k| json!({
+                    "created_at": k.created_at,
+                    "activated_at": k.activated_at,
+                    "retired_at": k.retired_at,
+                    "revoked_at": k.revoked_at,
+                })),
             });
             if opts.json {
                 println!("{out}");
             } else {
-                println!("valid: alg {} kid {}", v.header.alg, v.header.kid.unwrap_or_default());
+                println!("valid: alg {} kid {}", v.header.alg, kid);
+                if let Some(k) = key {
+                    if let Some(t) = k.revoked_at {
+                        println!("key revoked at {t}; signed before that");
+                    } else if let Some(t) = k.retired_at {
+                        println!("key retired at {t}");
+                    }
+                }
                 println!("{}", serde_json::to_string_pretty(&out["claims"]).unwrap_or_default());
             }
             Ok(true)

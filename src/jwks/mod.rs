@@ -27,8 +27,10 @@
 //! signs at once: no verifier can have fetched anything yet) and revocation: see
 //! [`KeyLifecycle::revoke`].
 
+pub mod history;
+
 use std::str::FromStr;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use sha2::{Digest, Sha256};
@@ -115,9 +117,18 @@ pub enum JwksError {
     /// between this request's check and its transaction; nothing changed.
     #[error("another replica changed the issuer keys at the same moment; nothing was rotated here: list the keys, then retry if still needed")]
     Busy,
+    /// A stored issuer key history row does not decode.
+    #[error("issuer key history: {0}")]
+    History(String),
     /// A bug.
     #[error("internal error: {0}")]
     Internal(&'static str),
+}
+
+/// A served document with its strong ETag.
+fn document(body: String, max_age: i64) -> JwksDocument {
+    let etag = format!("\"{}\"", hex::encode(Sha256::digest(body.as_bytes())));
+    JwksDocument { body, etag, max_age }
 }
 
 /// The gRPC status of a lifecycle error (used by `api::error`).
@@ -178,6 +189,8 @@ pub struct KeyLifecycle {
     settings: JwksSettings,
     /// Serialises this process's lifecycle changes (the store arbitrates between processes).
     serial: tokio::sync::Mutex<()>,
+    /// The issuer key history as served (reloaded with the ring).
+    history: RwLock<Arc<JwksDocument>>,
 }
 
 async fn blocking<T, F>(f: F) -> Result<T, JwksError>
@@ -243,6 +256,7 @@ impl KeyLifecycle {
             clock,
             settings,
             serial: tokio::sync::Mutex::new(()),
+            history: RwLock::new(Arc::new(document(r#"{"keys":[]}"#.into(), 0))),
         };
         {
             let _g = lc.serial.lock().await;
@@ -250,9 +264,7 @@ impl KeyLifecycle {
                 lc.ensure_alg(alg, now, &mut Vec::new()).await?;
             }
         }
-        let records = lc.store.list_issuer_keys().await?;
-        let issuer = lc.issuer.clone();
-        blocking(move || Ok(issuer.refresh(&records)?)).await?;
+        lc.refresh().await?;
         lc.issuer.active(IssuerAlg::EdDSA)?;
         Ok(lc)
     }
@@ -280,19 +292,36 @@ impl KeyLifecycle {
     /// The published key set with its ETag.
     pub fn document(&self) -> JwksDocument {
         let body = serde_json::to_string(&self.issuer.jwks()).unwrap_or_else(|_| r#"{"keys":[]}"#.into());
-        let etag = format!("\"{}\"", hex::encode(Sha256::digest(body.as_bytes())));
-        JwksDocument {
-            body,
-            etag,
-            max_age: self.settings.max_age,
+        document(body, self.settings.max_age)
+    }
+
+    /// The issuer key history as last loaded ([`history`]), with its ETag.
+    pub fn history_document(&self) -> Arc<JwksDocument> {
+        match self.history.read() {
+            Ok(h) => h.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
         }
     }
 
-    /// Reloads the ring from the store.
+    /// The issuer key history, read from the store now.
+    pub async fn history(&self) -> Result<history::KeyHistory, JwksError> {
+        let records = self.store.issuer_key_history().await?;
+        history::KeyHistory::from_records(&records).map_err(|e| JwksError::History(e.to_string()))
+    }
+
+    /// Reloads the ring and the history from the store.
     pub async fn refresh(&self) -> Result<(), JwksError> {
         let records = self.store.list_issuer_keys().await?;
         let issuer = self.issuer.clone();
-        blocking(move || Ok(issuer.refresh(&records)?)).await
+        blocking(move || Ok(issuer.refresh(&records)?)).await?;
+        let body = serde_json::to_string(&self.history().await?)
+            .map_err(|_| JwksError::Internal("issuer key history does not encode"))?;
+        let doc = Arc::new(document(body, self.settings.max_age));
+        match self.history.write() {
+            Ok(mut h) => *h = doc,
+            Err(poisoned) => *poisoned.into_inner() = doc,
+        }
+        Ok(())
     }
 
     /// Creates a token key and stores it in `state` unless another writer stored one first (the

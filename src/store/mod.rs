@@ -563,6 +563,11 @@ pub trait Store: Send + Sync + fmt::Debug {
     /// creation time, then kid.
     async fn list_issuer_keys(&self) -> Result<Vec<IssuerKeyRecord>, StoreError>;
 
+    /// Every issuer public key ever stored, with its lifecycle times (kept
+    /// after the key's `issuer_keys` row is removed), by algorithm, then
+    /// creation time, then kid.
+    async fn issuer_key_history(&self) -> Result<Vec<IssuerKeyHistoryRecord>, StoreError>;
+
     /// Stores a new key whose state is `active` or `next`, only if its
     /// algorithm has no key in that state yet; returns whether it was stored
     /// (false: another writer was first, nothing written). Idempotent under
@@ -1414,6 +1419,26 @@ pub struct IssuerKeyRecord {
     pub revoked_at: Option<i64>,
     /// The public JWK, JSON.
     pub jwk: String,
+}
+
+/// One `issuer_key_history` row: an issuer public key and its lifecycle
+/// times, kept for as long as anything it signed may need verifying.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IssuerKeyHistoryRecord {
+    /// The RFC 7638 thumbprint.
+    pub kid: String,
+    /// JOSE algorithm name.
+    pub alg: String,
+    /// The public JWK, JSON.
+    pub jwk: String,
+    /// When the key was created, unix seconds.
+    pub created_at: i64,
+    /// When it became active, if it did.
+    pub activated_at: Option<i64>,
+    /// When it was retired, if it was.
+    pub retired_at: Option<i64>,
+    /// When it was revoked, if it was.
+    pub revoked_at: Option<i64>,
 }
 
 /// One account key's blob, as `keyward kek rewrap` moves it.

@@ -1304,6 +1304,29 @@ where
         Self::issuer_keys_where(&self.pool, None).await
     }
 
+    async fn issuer_key_history(&self) -> Result<Vec<super::IssuerKeyHistoryRecord>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT kid, alg, jwk, created_at, activated_at, retired_at, revoked_at \
+             FROM issuer_key_history ORDER BY alg, created_at, kid",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(err::<DB>)?;
+        rows.iter()
+            .map(|row| {
+                Ok(super::IssuerKeyHistoryRecord {
+                    kid: row.try_get("kid").map_err(err::<DB>)?,
+                    alg: row.try_get("alg").map_err(err::<DB>)?,
+                    jwk: row.try_get("jwk").map_err(err::<DB>)?,
+                    created_at: row.try_get("created_at").map_err(err::<DB>)?,
+                    activated_at: row.try_get("activated_at").map_err(err::<DB>)?,
+                    retired_at: row.try_get("retired_at").map_err(err::<DB>)?,
+                    revoked_at: row.try_get("revoked_at").map_err(err::<DB>)?,
+                })
+            })
+            .collect()
+    }
+
     async fn add_issuer_key_audited(
         &self,
         rec: &IssuerKeyRecord,

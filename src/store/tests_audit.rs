@@ -14,6 +14,7 @@ use crate::audit::verify::{verify_export, verify_store, Report};
 use crate::audit::{Checkpoint, NewEvent, CHECKPOINT_TYP};
 use crate::crypto::jwk::Jwk;
 use crate::crypto::jws::{self, JwsAlg, JwsError};
+use crate::jwks::history::KeyHistory;
 
 fn event(i: u64) -> NewEvent {
     NewEvent {
@@ -41,7 +42,10 @@ fn key() -> Key {
 }
 
 async fn checkpoint(store: &dyn Store, k: &Key) -> Checkpoint {
-    let claims = pending_claims(store).await.unwrap().expect("events to checkpoint");
+    let claims = pending_claims(store, time::OffsetDateTime::now_utc().unix_timestamp())
+        .await
+        .unwrap()
+        .expect("events to checkpoint");
     let value = serde_json::to_value(&claims).unwrap();
     let token = jws::sign_compact::<JwsError>(JwsAlg::EdDSA, &k.jwk.kid, CHECKPOINT_TYP, &value, |input| {
         Ok(k.sk.sign(input).to_bytes().to_vec())
@@ -91,7 +95,7 @@ async fn raw(url: &str, sql: &str) {
 
 async fn report(url: &str, k: &Key) -> Report {
     let store = open(url).await.unwrap();
-    let r = verify_store(store.as_ref(), std::slice::from_ref(&k.jwk))
+    let r = verify_store(store.as_ref(), &KeyHistory::from_jwks(std::slice::from_ref(&k.jwk)))
         .await
         .unwrap();
     store.close().await;
@@ -252,7 +256,7 @@ async fn receipts_and_archive(store: Arc<dyn Store>, dir: &std::path::Path) {
         "not a checkpoint end"
     );
     assert_eq!(crate::audit::export::archive(store.as_ref(), 5, &out).await.unwrap(), 5);
-    let keys = [k.jwk.clone()];
+    let keys = KeyHistory::from_jwks(std::slice::from_ref(&k.jwk));
     let r = verify_store(store.as_ref(), &keys).await.unwrap();
     assert!(r.ok(), "{r:?}");
     assert_eq!((r.first_seq, r.last_seq, r.checkpoints_verified), (6, 8, 1));
@@ -324,7 +328,7 @@ async fn audit_concurrent_appends_form_one_chain_postgres() {
     for t in tasks {
         t.await.unwrap();
     }
-    let r = verify_store(a.as_ref(), &[]).await.unwrap();
+    let r = verify_store(a.as_ref(), &KeyHistory::default()).await.unwrap();
     assert!(r.ok(), "{r:?}");
     assert_eq!(r.events, 40);
 }

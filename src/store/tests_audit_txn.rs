@@ -368,7 +368,9 @@ async fn reservation_and_release_record_their_events(fx: &Fixture) {
         None
     );
     assert_eq!(head(&store).await, base + 3);
-    let report = crate::audit::verify::verify_store(store.as_ref(), &[]).await.unwrap();
+    let report = crate::audit::verify::verify_store(store.as_ref(), &crate::jwks::history::KeyHistory::default())
+        .await
+        .unwrap();
     assert!(report.ok(), "{report:?}");
     store.close().await;
 }

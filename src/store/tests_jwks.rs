@@ -209,3 +209,82 @@ macro_rules! both {
 
 both!(transitions);
 both!(concurrent_rotations);
+
+/// Runs `sql` on a fresh connection to `url`; the database's answer.
+async fn raw(url: &str, sql: &str) -> Result<(), sqlx::Error> {
+    if url.starts_with("sqlite:") {
+        let pool = sqlx::SqlitePool::connect(url).await?;
+        let r = sqlx::raw_sql(sql).execute(&pool).await.map(|_| ());
+        pool.close().await;
+        r
+    } else {
+        let pool = sqlx::PgPool::connect(url).await?;
+        let r = sqlx::raw_sql(sql).execute(&pool).await.map(|_| ());
+        pool.close().await;
+        r
+    }
+}
+
+/// The history keeps every key with its first times, after its `issuer_keys` row is deleted,
+/// and the database refuses to delete or rewrite it.
+async fn history_outlives_rows(url: &str) {
+    let store = open(url).await.expect("open");
+    store
+        .add_issuer_key(&rec("a1", "EdDSA", IssuerKeyState::Active, 100))
+        .await
+        .unwrap();
+    store
+        .add_issuer_key(&rec("n1", "EdDSA", IssuerKeyState::Next, 100))
+        .await
+        .unwrap();
+    store.promote_issuer_key("EdDSA", 200, 60, None).await.unwrap();
+    store
+        .add_issuer_key(&rec("n2", "EdDSA", IssuerKeyState::Next, 210))
+        .await
+        .unwrap();
+    store.revoke_issuer_key("n1", 300).await.unwrap();
+    store.revoke_issuer_key("n1", 400).await.unwrap();
+    assert!(store.delete_issuer_key("a1").await.unwrap());
+    assert!(store.delete_issuer_key("n1").await.unwrap());
+    let h = store.issuer_key_history().await.unwrap();
+    let row = |kid: &str| h.iter().find(|r| r.kid == kid).cloned().expect("history row");
+    assert_eq!(h.len(), 3, "{h:?}");
+    let a1 = row("a1");
+    assert_eq!(
+        (a1.created_at, a1.activated_at, a1.retired_at, a1.revoked_at),
+        (100, Some(100), Some(200), None)
+    );
+    assert_eq!(a1.jwk, r#"{"kid":"a1"}"#);
+    let n1 = row("n1");
+    assert_eq!(
+        (n1.created_at, n1.activated_at, n1.retired_at, n1.revoked_at),
+        (100, Some(200), None, Some(300)),
+        "the first revocation time stays"
+    );
+    let n2 = row("n2");
+    assert_eq!((n2.activated_at, n2.revoked_at), (Some(300), None));
+    for sql in [
+        "DELETE FROM issuer_key_history WHERE kid = 'a1'",
+        "UPDATE issuer_key_history SET jwk = '{}' WHERE kid = 'a1'",
+        "UPDATE issuer_key_history SET created_at = 0 WHERE kid = 'a1'",
+    ] {
+        let e = raw(url, sql).await.expect_err(sql);
+        assert!(e.to_string().contains("append-only"), "{sql}: {e}");
+    }
+    assert_eq!(store.issuer_key_history().await.unwrap(), h);
+    store.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_outlives_rows_sqlite() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    history_outlives_rows(&sqlite_url_in(dir.path())).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_outlives_rows_postgres() {
+    let Some(schema) = PgTestSchema::create() else {
+        return;
+    };
+    history_outlives_rows(schema.url()).await;
+}
