@@ -22,6 +22,7 @@ fn account() -> AccountRecord {
         created_at: 0,
         allowed: vec!["spiffe://example.org/marketplace".into()],
         keys: vec![],
+        frozen: None,
     }
 }
 

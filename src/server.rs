@@ -389,6 +389,7 @@ where
     let policy_task = tokio::spawn(d.policy.clone().watch(stop_rx.clone()));
     let tls_task = tokio::spawn(running.tls.clone().watch(running.tls_watch, stop_rx.clone()));
     let kek_task = tokio::spawn(count_keys_per_kek(d.clone(), stop_rx.clone()));
+    let changes_task = tokio::spawn(follow_account_changes(d.clone(), stop_rx.clone()));
     let prune_task = tokio::spawn(
         d.policy
             .clone()
@@ -463,6 +464,7 @@ where
     let _ = tls_task.await;
     let _ = prune_task.await;
     let _ = kek_task.await;
+    let _ = changes_task.await;
     // Requests whose clients left still run to their end: wait for them
     // (bounded) before the audit log is closed under them.
     let all = u32::try_from(running.max_requests_in_flight).unwrap_or(u32::MAX);
@@ -548,6 +550,40 @@ async fn report_health(
 }
 
 /// Keeps `keyward_account_keys{kek_version}` current: the store's counts, now and every minute.
+/// How often a replica reads the account change feed.
+pub const ACCOUNT_CHANGES_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
+/// How far back each read looks (wall-clock seconds): a change whose transaction commits this
+/// much later than it was stamped is still seen.
+const ACCOUNT_CHANGES_WINDOW: i64 = 30;
+
+/// Drops from this replica's cache every account another replica (or this one) changed: a
+/// freeze, a new label or new grants reach every replica's next request within
+/// [`ACCOUNT_CHANGES_EVERY`] (plus the store's round trip). Each change is applied once.
+async fn follow_account_changes(d: Arc<Daemon>, mut stop: tokio::sync::watch::Receiver<bool>) {
+    let mut seen: std::collections::BTreeMap<i64, i64> = std::collections::BTreeMap::new();
+    let mut first = true;
+    loop {
+        let now = crate::clock::unix_now();
+        match d.keys.store().account_changes_since(now - ACCOUNT_CHANGES_WINDOW).await {
+            Ok(changes) => {
+                for (seq, account) in changes {
+                    if seen.insert(seq, now).is_none() && !first {
+                        d.keys.evict(&account);
+                        tracing::debug!(account = %account, seq, "account changed: dropped from the cache");
+                    }
+                }
+                first = false;
+                seen.retain(|_, at| *at >= now - 2 * ACCOUNT_CHANGES_WINDOW);
+            }
+            Err(e) => tracing::debug!(error = %e, "reading the account change feed failed"),
+        }
+        tokio::select! {
+            _ = stop.wait_for(|s| *s) => return,
+            _ = tokio::time::sleep(ACCOUNT_CHANGES_EVERY) => {}
+        }
+    }
+}
+
 async fn count_keys_per_kek(d: Arc<Daemon>, mut stop: tokio::sync::watch::Receiver<bool>) {
     loop {
         match d.keys.store().keys_per_kek().await {

@@ -180,6 +180,42 @@ async fn enumeration(env: Env) {
         ("error", "INVALID_ARGUMENT")
     );
 
+    // The account lifecycle: each change's event is appended in its transaction.
+    accounts
+        .list_accounts(keyward::api::pb::ListAccountsRequest::default())
+        .await
+        .expect("list");
+    c.one("ListAccounts", true).await;
+    accounts
+        .update_account(keyward::api::pb::UpdateAccountRequest {
+            account_id: b.account_id.clone(),
+            label: Some("b2".into()),
+            ..Default::default()
+        })
+        .await
+        .expect("update");
+    assert_eq!(c.one("UpdateAccount", true).await.body.account, b.account_id);
+    accounts
+        .freeze_account(keyward::api::pb::FreezeAccountRequest {
+            account_id: b.account_id.clone(),
+            reason: "drill".into(),
+        })
+        .await
+        .expect("freeze");
+    let e = c.one("FreezeAccount", true).await;
+    assert_eq!(
+        e.body.digest,
+        hex::encode(sha2::Sha256::digest(b"drill")),
+        "the reason, by hash"
+    );
+    accounts
+        .unfreeze_account(keyward::api::pb::UnfreezeAccountRequest {
+            account_id: b.account_id.clone(),
+        })
+        .await
+        .expect("unfreeze");
+    c.one("UnfreezeAccount", true).await;
+
     // SigningService without sessions
     // The operator (admin) signs directly; the marketplace only inside a session.
     let mut op = d.signing(&env, "admin").await;

@@ -351,6 +351,27 @@ fn every_rpc_is_decided() {
                 account_id: account.clone(),
             })
             .await;
+        let _ = accounts
+            .list_accounts(keyward::api::pb::ListAccountsRequest::default())
+            .await;
+        let _ = accounts
+            .update_account(keyward::api::pb::UpdateAccountRequest {
+                account_id: account.clone(),
+                label: Some("x".into()),
+                ..Default::default()
+            })
+            .await;
+        let _ = accounts
+            .freeze_account(keyward::api::pb::FreezeAccountRequest {
+                account_id: account.clone(),
+                reason: "drill".into(),
+            })
+            .await;
+        let _ = accounts
+            .unfreeze_account(keyward::api::pb::UnfreezeAccountRequest {
+                account_id: account.clone(),
+            })
+            .await;
         let mut signer = d.signing(&env, "admin").await;
         let _ = signer
             .sign_typed_data(SignTypedDataRequest {
@@ -428,7 +449,7 @@ fn every_rpc_is_decided() {
             .filter_map(|l| l.split('(').next())
             .map(str::trim)
             .collect();
-        assert_eq!(rpcs.len(), 18, "{rpcs:?}");
+        assert_eq!(rpcs.len(), 22, "{rpcs:?}");
         for rpc in rpcs {
             let action = keyward::policy::Action::for_rpc(rpc).unwrap_or_else(|| panic!("{rpc} has no action"));
             assert!(

@@ -31,6 +31,7 @@ fn ghost_account(id: &str) -> AccountRecord {
         created_at: 0,
         allowed: Vec::new(),
         keys: Vec::new(),
+        frozen: None,
     }
 }
 

@@ -1,19 +1,74 @@
-//! AccountService: CreateAccount, GetAccount.
+//! AccountService: CreateAccount, GetAccount, GetAccountJwks, ListAccounts, UpdateAccount,
+//! FreezeAccount, UnfreezeAccount.
 
+use sha2::Digest as _;
 use tonic::{Request, Response, Status};
 
 use super::pb::account_service_server::AccountService;
-use super::pb::{Account, CreateAccountRequest, GetAccountJwksRequest, GetAccountJwksResponse, GetAccountRequest};
+use super::pb::{
+    Account, CreateAccountRequest, FreezeAccountRequest, GetAccountJwksRequest, GetAccountJwksResponse,
+    GetAccountRequest, ListAccountsRequest, ListAccountsResponse, UnfreezeAccountRequest, UpdateAccountRequest,
+};
 use super::{AccountApi, ApiError};
 use crate::crypto::eth::Address;
+use crate::keys::KeyError;
 use crate::keys::{public_keys, NewAccount};
 use crate::policy::{Action, RequestContext, Resource};
-use crate::store::AccountRecord;
+use crate::store::{AccountChange, AccountFilter, AccountRecord, Frozen};
 use crate::types::KeyAlg;
 
 const MAX_LABEL_CHARS: usize = 128;
 const MAX_ALLOW: usize = 64;
 const MAX_IDENTITY_BYTES: usize = 1024;
+const MAX_REASON_CHARS: usize = 256;
+const DEFAULT_PAGE: u32 = 100;
+const MAX_PAGE: u32 = 1000;
+
+fn check_label(label: &str) -> Result<(), ApiError> {
+    if label.chars().count() > MAX_LABEL_CHARS {
+        return Err(ApiError::invalid(
+            "label",
+            format!("at most {MAX_LABEL_CHARS} characters"),
+        ));
+    }
+    if label.chars().any(char::is_control) {
+        return Err(ApiError::invalid("label", "must not contain control characters"));
+    }
+    Ok(())
+}
+
+fn check_allow(allow: &[String]) -> Result<(), ApiError> {
+    if allow.len() > MAX_ALLOW {
+        return Err(ApiError::invalid("allow", format!("at most {MAX_ALLOW} identities")));
+    }
+    for (i, a) in allow.iter().enumerate() {
+        if a.is_empty() || a.len() > MAX_IDENTITY_BYTES || a.chars().any(char::is_control) {
+            return Err(ApiError::invalid(format!("allow[{i}]"), "not a client identity"));
+        }
+    }
+    Ok(())
+}
+
+/// Applies `change` to an account the caller may change (checked already), with the request's
+/// audit event in the same transaction; drops the account from this replica's cache at once
+/// (the others drop it when they read the change feed) and returns it as it is now.
+async fn change(d: &super::Daemon, id: &str, change: AccountChange, digest: String) -> Result<Account, ApiError> {
+    let event = crate::audit::context::in_transaction(digest, String::new());
+    let (found, seq) = d
+        .keys
+        .store()
+        .change_account_audited(id, &change, crate::clock::unix_now(), event.as_ref())
+        .await
+        .map_err(KeyError::from)?;
+    if let Some(seq) = seq {
+        crate::audit::context::mark_recorded(seq);
+    }
+    d.keys.evict(id);
+    if !found {
+        return Err(KeyError::AccountNotFound(id.to_string()).into());
+    }
+    to_proto(&d.keys.record(id).await?)
+}
 
 fn to_proto(record: &AccountRecord) -> Result<Account, ApiError> {
     let (secp, ed) = public_keys(record)?;
@@ -35,6 +90,9 @@ fn to_proto(record: &AccountRecord) -> Result<Account, ApiError> {
         allowed: record.allowed.clone(),
         kek_version,
         key_version,
+        frozen: record.frozen.is_some(),
+        frozen_at: record.frozen.as_ref().map_or(0, |f| f.at),
+        frozen_reason: record.frozen.as_ref().map(|f| f.reason.clone()).unwrap_or_default(),
     })
 }
 
@@ -56,23 +114,8 @@ impl AccountService for AccountApi {
             .handle("CreateAccount", request, |d, identity, req| async move {
                 let controller = Address::parse(req.controller.trim())
                     .map_err(|e| ApiError::invalid("controller", e.to_string()))?;
-                if req.label.chars().count() > MAX_LABEL_CHARS {
-                    return Err(ApiError::invalid(
-                        "label",
-                        format!("at most {MAX_LABEL_CHARS} characters"),
-                    ));
-                }
-                if req.label.chars().any(char::is_control) {
-                    return Err(ApiError::invalid("label", "must not contain control characters"));
-                }
-                if req.allow.len() > MAX_ALLOW {
-                    return Err(ApiError::invalid("allow", format!("at most {MAX_ALLOW} identities")));
-                }
-                for (i, a) in req.allow.iter().enumerate() {
-                    if a.is_empty() || a.len() > MAX_IDENTITY_BYTES || a.chars().any(char::is_control) {
-                        return Err(ApiError::invalid(format!("allow[{i}]"), "not a client identity"));
-                    }
-                }
+                check_label(&req.label)?;
+                check_allow(&req.allow)?;
                 d.decide(
                     &identity,
                     Action::CreateAccount,
@@ -149,6 +192,182 @@ impl AccountService for AccountApi {
                     did_key: public.did_key,
                     did_pkh: public.did_pkh,
                 })
+            })
+            .await
+    }
+
+    // ----- issue 13 §5: the account lifecycle ---------------------------------
+
+    async fn list_accounts(
+        &self,
+        request: Request<ListAccountsRequest>,
+    ) -> Result<Response<ListAccountsResponse>, Status> {
+        self.0
+            .handle("ListAccounts", request, |d, identity, req| async move {
+                let limit = match req.page_size {
+                    0 => DEFAULT_PAGE,
+                    n if n > MAX_PAGE => {
+                        return Err(ApiError::invalid("page_size", format!("at most {MAX_PAGE}")));
+                    }
+                    n => n,
+                };
+                if !req.page_token.is_empty() && uuid::Uuid::parse_str(&req.page_token).is_err() {
+                    return Err(ApiError::invalid("page_token", "is not a page token of this list"));
+                }
+                if !req.controller.is_empty() {
+                    Address::parse(req.controller.trim())
+                        .map_err(|e| ApiError::invalid("controller", e.to_string()))?;
+                }
+                d.decide(
+                    &identity,
+                    Action::ListAccounts,
+                    Resource::Service,
+                    RequestContext::default(),
+                )
+                .await?;
+                let some = |s: String| (!s.is_empty()).then_some(s);
+                let filter = AccountFilter {
+                    label: some(req.label),
+                    controller: some(req.controller.trim().to_string()),
+                    created_by: some(req.created_by),
+                };
+                let after = some(req.page_token);
+                let ids = d
+                    .keys
+                    .store()
+                    .list_account_ids(&filter, after.as_deref(), limit)
+                    .await
+                    .map_err(KeyError::from)?;
+                let mut accounts = Vec::with_capacity(ids.len());
+                // From the store, not this replica's cache: a list shows every change made
+                // anywhere before it.
+                for id in &ids {
+                    let record = d.keys.store().get_account(id).await.map_err(KeyError::from)?;
+                    if let Some(r) = record {
+                        accounts.push(to_proto(&r)?);
+                    }
+                }
+                let full = u32::try_from(ids.len()).unwrap_or(u32::MAX) >= limit;
+                Ok(ListAccountsResponse {
+                    accounts,
+                    next_page_token: if full {
+                        ids.last().cloned().unwrap_or_default()
+                    } else {
+                        String::new()
+                    },
+                })
+            })
+            .await
+    }
+
+    async fn update_account(&self, request: Request<UpdateAccountRequest>) -> Result<Response<Account>, Status> {
+        self.0
+            .handle("UpdateAccount", request, |d, identity, req| async move {
+                check_account_id(&req.account_id)?;
+                if let Some(label) = &req.label {
+                    check_label(label)?;
+                }
+                if req.set_allow {
+                    check_allow(&req.allow)?;
+                } else if !req.allow.is_empty() {
+                    return Err(ApiError::invalid("allow", "is given without set_allow"));
+                }
+                if req.label.is_none() && !req.set_allow {
+                    return Err(ApiError::invalid(
+                        "label",
+                        "nothing to change: give label and/or set_allow",
+                    ));
+                }
+                d.account_for(
+                    &identity,
+                    Action::UpdateAccount,
+                    &req.account_id,
+                    RequestContext::default(),
+                )
+                .await?;
+                let update = AccountChange {
+                    label: req.label.map(|l| (!l.is_empty()).then_some(l)),
+                    allowed: req.set_allow.then_some(req.allow),
+                    frozen: None,
+                };
+                change(&d, &req.account_id, update, String::new()).await
+            })
+            .await
+    }
+
+    async fn freeze_account(&self, request: Request<FreezeAccountRequest>) -> Result<Response<Account>, Status> {
+        self.0
+            .handle("FreezeAccount", request, |d, identity, req| async move {
+                check_account_id(&req.account_id)?;
+                let reason = req.reason.trim();
+                if reason.is_empty()
+                    || reason.chars().count() > MAX_REASON_CHARS
+                    || reason.chars().any(char::is_control)
+                {
+                    return Err(ApiError::invalid(
+                        "reason",
+                        format!("1 to {MAX_REASON_CHARS} characters, no control characters"),
+                    ));
+                }
+                let record = d
+                    .account_for(
+                        &identity,
+                        Action::FreezeAccount,
+                        &req.account_id,
+                        RequestContext::default(),
+                    )
+                    .await?;
+                if record.frozen.is_some() {
+                    // Already frozen: the first freeze's time and reason stay.
+                    return to_proto(&record);
+                }
+                let frozen = Frozen {
+                    at: d.sessions.now(),
+                    reason: reason.to_string(),
+                };
+                let account = change(
+                    &d,
+                    &req.account_id,
+                    AccountChange {
+                        frozen: Some(Some(frozen)),
+                        ..AccountChange::default()
+                    },
+                    hex::encode(sha2::Sha256::digest(reason.as_bytes())),
+                )
+                .await?;
+                tracing::warn!(account = %req.account_id, by = %identity, "account frozen");
+                Ok(account)
+            })
+            .await
+    }
+
+    async fn unfreeze_account(&self, request: Request<UnfreezeAccountRequest>) -> Result<Response<Account>, Status> {
+        self.0
+            .handle("UnfreezeAccount", request, |d, identity, req| async move {
+                check_account_id(&req.account_id)?;
+                let record = d
+                    .account_for(
+                        &identity,
+                        Action::UnfreezeAccount,
+                        &req.account_id,
+                        RequestContext::default(),
+                    )
+                    .await?;
+                if record.frozen.is_none() {
+                    return to_proto(&record);
+                }
+                let account = change(
+                    &d,
+                    &req.account_id,
+                    AccountChange {
+                        frozen: Some(None),
+                        ..AccountChange::default()
+                    },
+                    String::new(),
+                )
+                .await?;
+                tracing::warn!(account = %req.account_id, by = %identity, "account unfrozen");
+                Ok(account)
             })
             .await
     }

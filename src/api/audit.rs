@@ -74,6 +74,25 @@ impl AuditFacts for pb::GetAccountJwksRequest {
     }
 }
 impl AuditFacts for pb::GetAccountJwksResponse {}
+impl AuditFacts for pb::ListAccountsRequest {}
+impl AuditFacts for pb::ListAccountsResponse {}
+impl AuditFacts for pb::UpdateAccountRequest {
+    fn facts(&self, e: &mut NewEvent) {
+        e.account = bounded(&self.account_id);
+    }
+}
+impl AuditFacts for pb::FreezeAccountRequest {
+    fn facts(&self, e: &mut NewEvent) {
+        e.account = bounded(&self.account_id);
+        // The reason is the operator's free text: the log binds it by its hash.
+        e.digest = sha256_hex(self.reason.trim().as_bytes());
+    }
+}
+impl AuditFacts for pb::UnfreezeAccountRequest {
+    fn facts(&self, e: &mut NewEvent) {
+        e.account = bounded(&self.account_id);
+    }
+}
 impl AuditFacts for pb::SignTypedDataRequest {
     fn facts(&self, e: &mut NewEvent) {
         e.account = bounded(&self.account_id);

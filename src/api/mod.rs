@@ -34,6 +34,10 @@ pub const MAX_TYPED_DATA_BYTES: usize = crate::crypto::eip712::MAX_DOCUMENT_BYTE
 /// Largest message `SignMessage` accepts, in bytes.
 pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
 
+/// The rule a frozen account's refusals name in their audit event (not a Cedar policy: a
+/// frozen account is refused whatever the policies say).
+pub const FROZEN_RULE: &str = "account-frozen";
+
 /// What every handler shares.
 #[derive(Debug)]
 pub struct Daemon {
@@ -137,6 +141,14 @@ impl Daemon {
         resource: crate::policy::Resource<'_>,
         context: crate::policy::RequestContext,
     ) -> Result<crate::policy::Decision, ApiError> {
+        // A frozen account signs nothing and opens no session, whatever the policies say;
+        // checked after them, so that a caller who may not see the account learns nothing.
+        let frozen = match &resource {
+            crate::policy::Resource::Account(a) | crate::policy::Resource::Session(_, a) if action.needs_unfrozen() => {
+                a.frozen.as_ref().map(|f| (a.id.clone(), f.at))
+            }
+            _ => None,
+        };
         let request = crate::policy::PolicyRequest {
             principal: identity,
             action,
@@ -153,7 +165,13 @@ impl Daemon {
                 }
             }
         }
-        Ok(outcome?)
+        let decision = outcome?;
+        if let Some((account, since)) = frozen {
+            crate::audit::context::record_policies(vec![FROZEN_RULE.to_string()]);
+            crate::audit::context::record_account(&account);
+            return Err(ApiError::Key(crate::keys::KeyError::Frozen { account, since }));
+        }
+        Ok(decision)
     }
 
     /// A limit enforced in a store transaction refused the request: the

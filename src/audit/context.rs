@@ -77,6 +77,16 @@ pub fn record_policies(ids: Vec<String>) {
     with(|p| p.event.policies = ids);
 }
 
+/// Records the account the request turned out to be about (a session request names its
+/// account only through its token), where the request's facts named none.
+pub fn record_account(id: &str) {
+    with(|p| {
+        if p.event.account.is_empty() {
+            p.event.account = id.to_string();
+        }
+    });
+}
+
 /// Records that the request's event was appended in a store transaction.
 pub fn mark_recorded(seq: u64) {
     with(|p| p.recorded = Some(seq));

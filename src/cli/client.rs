@@ -12,7 +12,8 @@ use super::ClientOpts;
 use crate::api::pb::account_service_client::AccountServiceClient;
 use crate::api::pb::signing_service_client::SigningServiceClient;
 use crate::api::pb::{
-    Account, CreateAccountRequest, GetAccountRequest, SignMessageRequest, SignTypedDataRequest, SignatureAlgorithm,
+    Account, CreateAccountRequest, FreezeAccountRequest, GetAccountRequest, ListAccountsRequest, SignMessageRequest,
+    SignTypedDataRequest, SignatureAlgorithm, UnfreezeAccountRequest, UpdateAccountRequest,
 };
 use crate::dev::read_client_file;
 use crate::metrics::code_name;
@@ -40,6 +41,51 @@ pub enum AccountCmd {
     },
     /// Show an account.
     Show {
+        /// Account id.
+        account_id: String,
+    },
+    /// List accounts, a page at a time (`--page-token` from the previous page).
+    List {
+        /// Only accounts with exactly this label.
+        #[arg(long, default_value = "")]
+        label: String,
+        /// Only accounts with this controller address.
+        #[arg(long, default_value = "")]
+        controller: String,
+        /// Only accounts created by this client identity.
+        #[arg(long, default_value = "")]
+        created_by: String,
+        /// Accounts per page (default 100, at most 1000).
+        #[arg(long, default_value_t = 0)]
+        page_size: u32,
+        /// Where the previous page ended.
+        #[arg(long, default_value = "")]
+        page_token: String,
+    },
+    /// Change an account's label and/or the identities allowed to use it.
+    Update {
+        /// Account id.
+        account_id: String,
+        /// The new label ("" clears it).
+        #[arg(long)]
+        label: Option<String>,
+        /// Replace the allowed identities with these (repeatable).
+        #[arg(long)]
+        allow: Vec<String>,
+        /// Remove every allowed identity.
+        #[arg(long, conflicts_with = "allow")]
+        clear_allow: bool,
+    },
+    /// Freeze an account: it signs nothing (sessions included) until unfrozen.
+    Freeze {
+        /// Account id.
+        account_id: String,
+        /// Why (kept with the account; the audit log binds it by hash).
+        #[arg(long)]
+        reason: String,
+    },
+    /// End an account's freeze.
+    Unfreeze {
         /// Account id.
         account_id: String,
     },
@@ -162,6 +208,9 @@ fn account_json(a: &Account) -> serde_json::Value {
         "allowed": a.allowed,
         "kek_version": a.kek_version,
         "key_version": a.key_version,
+        "frozen": a.frozen,
+        "frozen_at": a.frozen.then_some(a.frozen_at),
+        "frozen_reason": a.frozen.then_some(&a.frozen_reason),
     })
 }
 
@@ -177,6 +226,14 @@ fn print_account(json: bool, a: &Account) {
             ("secp256k1", hex0x(&a.secp256k1_public_key)),
             ("ed25519", hex0x(&a.ed25519_public_key)),
             ("created_by", a.created_by.clone()),
+            (
+                "frozen",
+                if a.frozen {
+                    format!("since {}: {}", a.frozen_at, a.frozen_reason)
+                } else {
+                    "no".into()
+                },
+            ),
         ],
     );
 }
@@ -196,6 +253,79 @@ pub async fn account(home: &Path, opts: &ClientOpts, cmd: AccountCmd) -> anyhow:
                     label,
                     allow,
                 })
+                .await
+                .map_err(RpcError)?
+                .into_inner();
+            print_account(opts.json, &a);
+        }
+        AccountCmd::List {
+            label,
+            controller,
+            created_by,
+            page_size,
+            page_token,
+        } => {
+            let mut c = AccountServiceClient::new(connect(home, opts).await?);
+            let r = c
+                .list_accounts(ListAccountsRequest {
+                    page_size,
+                    page_token,
+                    label,
+                    controller,
+                    created_by,
+                })
+                .await
+                .map_err(RpcError)?
+                .into_inner();
+            if opts.json {
+                let accounts: Vec<serde_json::Value> = r.accounts.iter().map(account_json).collect();
+                println!(
+                    "{}",
+                    json!({"accounts": accounts, "next_page_token": r.next_page_token})
+                );
+            } else {
+                for a in &r.accounts {
+                    let state = if a.frozen { "frozen" } else { "active" };
+                    println!("{}  {}  {:<6}  {}", a.account_id, a.eth_address, state, a.label);
+                }
+                if !r.next_page_token.is_empty() {
+                    println!("next page: --page-token {}", r.next_page_token);
+                }
+            }
+        }
+        AccountCmd::Update {
+            account_id,
+            label,
+            allow,
+            clear_allow,
+        } => {
+            let mut c = AccountServiceClient::new(connect(home, opts).await?);
+            let set_allow = clear_allow || !allow.is_empty();
+            let a = c
+                .update_account(UpdateAccountRequest {
+                    account_id,
+                    label,
+                    set_allow,
+                    allow,
+                })
+                .await
+                .map_err(RpcError)?
+                .into_inner();
+            print_account(opts.json, &a);
+        }
+        AccountCmd::Freeze { account_id, reason } => {
+            let mut c = AccountServiceClient::new(connect(home, opts).await?);
+            let a = c
+                .freeze_account(FreezeAccountRequest { account_id, reason })
+                .await
+                .map_err(RpcError)?
+                .into_inner();
+            print_account(opts.json, &a);
+        }
+        AccountCmd::Unfreeze { account_id } => {
+            let mut c = AccountServiceClient::new(connect(home, opts).await?);
+            let a = c
+                .unfreeze_account(UnfreezeAccountRequest { account_id })
                 .await
                 .map_err(RpcError)?
                 .into_inner();

@@ -28,6 +28,14 @@ pub enum KeyError {
         /// Which key.
         alg: KeyAlg,
     },
+    /// The account is frozen: it signs nothing until it is unfrozen.
+    #[error("account {account} is frozen (since {since}); it signs nothing until an operator unfreezes it")]
+    Frozen {
+        /// The account.
+        account: String,
+        /// Since when, unix seconds.
+        since: i64,
+    },
     /// The HSM failed.
     #[error(transparent)]
     Hsm(#[from] HsmError),

@@ -168,6 +168,7 @@ impl KeyService {
             created_at: crate::clock::unix_now(),
             allowed,
             keys: wrapped,
+            frozen: None,
         };
         // Check the public keys decode before anything is stored.
         signer::public_keys(&record)?;
@@ -268,6 +269,12 @@ impl KeyService {
         let op = Arc::new(op);
         for attempt in 0..2 {
             let keys = self.account(id).await?;
+            if let Some(f) = &keys.record().frozen {
+                return Err(KeyError::Frozen {
+                    account: id.to_string(),
+                    since: f.at,
+                });
+            }
             let result = if keys.signs_on_host() {
                 let r = tracing::debug_span!("sign", otel.name = "host.sign")
                     .in_scope(|| op(&keys, &self.hsm, &self.metrics));
@@ -293,6 +300,11 @@ impl KeyService {
             }
         }
         Err(KeyError::Hsm(HsmError::StaleKey))
+    }
+
+    /// Drops an account from the cache (its record changed): the next request reads it anew.
+    pub fn evict(&self, id: &str) {
+        self.cache.remove(id);
     }
 
     /// Destroys every unwrapped key (at shutdown).

@@ -10,6 +10,14 @@ pub enum Action {
     GetAccount,
     /// AccountService.GetAccountJwks (public keys)
     GetAccountJwks,
+    /// AccountService.ListAccounts
+    ListAccounts,
+    /// AccountService.UpdateAccount
+    UpdateAccount,
+    /// AccountService.FreezeAccount
+    FreezeAccount,
+    /// AccountService.UnfreezeAccount
+    UnfreezeAccount,
     /// SigningService.SignTypedData
     SignTypedData,
     /// SigningService.SignMessage
@@ -44,10 +52,14 @@ pub enum Action {
 
 impl Action {
     /// Every action.
-    pub const ALL: [Action; 18] = [
+    pub const ALL: [Action; 22] = [
         Action::CreateAccount,
         Action::GetAccount,
         Action::GetAccountJwks,
+        Action::ListAccounts,
+        Action::UpdateAccount,
+        Action::FreezeAccount,
+        Action::UnfreezeAccount,
         Action::SignTypedData,
         Action::SignMessage,
         Action::SignPayment,
@@ -71,6 +83,10 @@ impl Action {
             Action::CreateAccount => "CreateAccount",
             Action::GetAccount => "GetAccount",
             Action::GetAccountJwks => "GetAccountJwks",
+            Action::ListAccounts => "ListAccounts",
+            Action::UpdateAccount => "UpdateAccount",
+            Action::FreezeAccount => "FreezeAccount",
+            Action::UnfreezeAccount => "UnfreezeAccount",
             Action::SignTypedData => "SignTypedData",
             Action::SignMessage => "SignMessage",
             Action::SignPayment => "SignPayment",
@@ -104,8 +120,16 @@ impl Action {
             | Action::GetSession
             | Action::RevokeSession => Some("ManageSessions"),
             Action::ListIssuerKeys | Action::RotateIssuerKey | Action::RevokeIssuerKey => Some("IssuerKeys"),
+            Action::UpdateAccount | Action::FreezeAccount | Action::UnfreezeAccount => Some("ManageAccounts"),
+            Action::ListAccounts => None,
             Action::CreateAccount | Action::GetAccount | Action::ReadAudit => None,
         }
+    }
+
+    /// Whether a frozen account refuses this action: everything that signs with its keys or
+    /// opens a session on it.
+    pub fn needs_unfrozen(self) -> bool {
+        self.group() == Some("Sign") || matches!(self, Action::CreateSessionChallenge | Action::OpenSession)
     }
 
     /// The action an RPC asks the decision point for: its own name, except

@@ -223,6 +223,7 @@ impl Table {
             created_at: 0,
             allowed: a.allowed.clone(),
             keys: Vec::new(),
+            frozen: None,
         })
     }
 

@@ -21,6 +21,7 @@ fn account(allowed: &[&str]) -> AccountRecord {
         created_at: 0,
         allowed: allowed.iter().map(|s| s.to_string()).collect(),
         keys: vec![],
+        frozen: None,
     }
 }
 

@@ -55,6 +55,39 @@ pub struct AccountRecord {
     /// The account's keys (ordered by algorithm name, then key version, when
     /// read back).
     pub keys: Vec<KeyRecord>,
+    /// Set while the account is frozen: it signs nothing, sessions included.
+    pub frozen: Option<Frozen>,
+}
+
+/// Why and since when an account is frozen.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Frozen {
+    /// Since when, unix seconds.
+    pub at: i64,
+    /// The operator's reason.
+    pub reason: String,
+}
+
+/// What [`Store::change_account_audited`] changes; `None` leaves a field as it is.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AccountChange {
+    /// The new label (`Some(None)` clears it).
+    pub label: Option<Option<String>>,
+    /// The new set of allowed identities (replacing the old).
+    pub allowed: Option<Vec<String>>,
+    /// Freeze (`Some(Some(..))`) or unfreeze (`Some(None)`).
+    pub frozen: Option<Option<Frozen>>,
+}
+
+/// Which accounts [`Store::list_account_ids`] lists; empty fields match every account.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AccountFilter {
+    /// Exactly this label.
+    pub label: Option<String>,
+    /// This controller address (any letter case).
+    pub controller: Option<String>,
+    /// Created by this identity.
+    pub created_by: Option<String>,
 }
 
 /// One wrapped account key.
@@ -534,6 +567,29 @@ pub trait Store: Send + Sync + fmt::Debug {
 
     /// Up to `limit` account ids after `after` (None: from the first), ascending.
     async fn account_ids_page(&self, after: Option<&str>, limit: u32) -> Result<Vec<String>, StoreError>;
+
+    /// Up to `limit` ids of the accounts `filter` matches, after `after`, ascending.
+    async fn list_account_ids(
+        &self,
+        filter: &AccountFilter,
+        after: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<String>, StoreError>;
+
+    /// Applies `change` to account `id` in one transaction with its `account_changes` row
+    /// (`changed_at`: wall-clock unix seconds) and `event`. Returns false (nothing written)
+    /// if there is no such account, and the appended event's seq.
+    async fn change_account_audited(
+        &self,
+        id: &str,
+        change: &AccountChange,
+        changed_at: i64,
+        event: Option<&crate::audit::NewEvent>,
+    ) -> Result<(bool, Option<u64>), StoreError>;
+
+    /// The `(seq, account id)` of every account change at or after `since` (wall-clock unix
+    /// seconds), by seq.
+    async fn account_changes_since(&self, since: i64) -> Result<Vec<(i64, String)>, StoreError>;
 
     /// Up to `limit` account key blobs wrapped under KEK `kek_version`, after `after`
     /// (account id, algorithm, key version), in that order.

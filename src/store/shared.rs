@@ -600,7 +600,9 @@ where
     async fn get_account(&self, id: &str) -> Result<Option<AccountRecord>, StoreError> {
         // One snapshot for the three reads.
         let mut tx = self.begin_snapshot().await?;
-        let Some(row) = sqlx::query("SELECT id, label, controller, created_by, created_at FROM accounts WHERE id = $1")
+        let Some(row) = sqlx::query(
+            "SELECT id, label, controller, created_by, created_at, frozen_at, frozen_reason FROM accounts WHERE id = $1",
+        )
             .bind(id)
             .fetch_optional(&mut *tx)
             .await
@@ -616,6 +618,16 @@ where
             created_at: row.try_get("created_at").map_err(err::<DB>)?,
             allowed: Vec::new(),
             keys: Vec::new(),
+            frozen: match row.try_get::<Option<i64>, _>("frozen_at").map_err(err::<DB>)? {
+                Some(at) => Some(super::Frozen {
+                    at,
+                    reason: row
+                        .try_get::<Option<String>, _>("frozen_reason")
+                        .map_err(err::<DB>)?
+                        .unwrap_or_default(),
+                }),
+                None => None,
+            },
         };
         let rows = sqlx::query(
             "SELECT alg, public_key, wrapped, kek_version, key_version FROM account_keys \
@@ -1194,6 +1206,108 @@ where
             .fetch_all(&self.pool)
             .await
             .map_err(err::<DB>)
+    }
+
+    async fn list_account_ids(
+        &self,
+        filter: &super::AccountFilter,
+        after: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<String>, StoreError> {
+        sqlx::query_scalar(
+            "SELECT id FROM accounts WHERE id > $1 \
+             AND (CAST($2 AS TEXT) IS NULL OR label = $2) \
+             AND (CAST($3 AS TEXT) IS NULL OR lower(controller) = lower($3)) \
+             AND (CAST($4 AS TEXT) IS NULL OR created_by = $4) \
+             ORDER BY id LIMIT $5",
+        )
+        .bind(after.unwrap_or(""))
+        .bind(filter.label.as_deref())
+        .bind(filter.controller.as_deref())
+        .bind(filter.created_by.as_deref())
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(err::<DB>)
+    }
+
+    async fn change_account_audited(
+        &self,
+        id: &str,
+        change: &super::AccountChange,
+        changed_at: i64,
+        event: Option<&crate::audit::NewEvent>,
+    ) -> Result<(bool, Option<u64>), StoreError> {
+        let mut tx = self.begin_write().await?;
+        let sql = format!("SELECT id FROM accounts WHERE id = $1{}", DB::FOR_UPDATE);
+        let found: Option<String> = sqlx::query_scalar(&sql)
+            .bind(id)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(err::<DB>)?;
+        if found.is_none() {
+            return Ok((false, None));
+        }
+        if let Some(label) = &change.label {
+            sqlx::query("UPDATE accounts SET label = $1 WHERE id = $2")
+                .bind(label.as_deref())
+                .bind(id)
+                .execute(&mut *tx)
+                .await
+                .map_err(err::<DB>)?;
+        }
+        if let Some(allowed) = &change.allowed {
+            sqlx::query("DELETE FROM account_grants WHERE account_id = $1")
+                .bind(id)
+                .execute(&mut *tx)
+                .await
+                .map_err(err::<DB>)?;
+            let mut allowed: Vec<&str> = allowed.iter().map(String::as_str).collect();
+            allowed.sort_unstable();
+            allowed.dedup();
+            for identity in allowed {
+                sqlx::query("INSERT INTO account_grants (account_id, identity) VALUES ($1, $2)")
+                    .bind(id)
+                    .bind(identity)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(err::<DB>)?;
+            }
+        }
+        if let Some(frozen) = &change.frozen {
+            sqlx::query("UPDATE accounts SET frozen_at = $1, frozen_reason = $2 WHERE id = $3")
+                .bind(frozen.as_ref().map(|f| f.at))
+                .bind(frozen.as_ref().map(|f| f.reason.as_str()))
+                .bind(id)
+                .execute(&mut *tx)
+                .await
+                .map_err(err::<DB>)?;
+        }
+        sqlx::query("INSERT INTO account_changes (account_id, changed_at) VALUES ($1, $2)")
+            .bind(id)
+            .bind(changed_at)
+            .execute(&mut *tx)
+            .await
+            .map_err(err::<DB>)?;
+        let seq = crate::audit::store::append_one::<DB>(&mut tx, event).await?;
+        tx.commit().await?;
+        Ok((true, seq))
+    }
+
+    async fn account_changes_since(&self, since: i64) -> Result<Vec<(i64, String)>, StoreError> {
+        let rows = sqlx::query("SELECT seq, account_id FROM account_changes WHERE changed_at >= $1 ORDER BY seq")
+            .bind(since)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(err::<DB>)?;
+        rows.iter()
+            .map(|r| {
+                Ok((
+                    r.try_get("seq").map_err(err::<DB>)?,
+                    r.try_get("account_id").map_err(err::<DB>)?,
+                ))
+            })
+            .collect()
     }
 
     async fn key_blobs_under(

@@ -180,6 +180,7 @@ async fn receipts_and_archive(store: Arc<dyn Store>, dir: &std::path::Path) {
             created_at: 1,
             allowed: vec![],
             keys: vec![],
+            frozen: None,
         })
         .await
         .unwrap();

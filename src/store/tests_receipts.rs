@@ -21,6 +21,7 @@ fn account(id: &str) -> AccountRecord {
         created_at: 1,
         allowed: vec![],
         keys: vec![],
+        frozen: None,
     }
 }
 

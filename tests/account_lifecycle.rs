@@ -1,0 +1,408 @@
+//! The account lifecycle end to end (issue 13 §5): list, update, freeze and unfreeze, on two
+//! daemons sharing one store (SQLite file or PostgreSQL schema) and one SoftHSM token, over
+//! real mTLS, and through the `keyward` binary. A freeze made on one replica is enforced by
+//! the other within the change feed's period, every refusal and change is in the audit log,
+//! and the log verifies.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use keyward::api::pb::session_service_client::SessionServiceClient;
+use keyward::api::pb::{
+    Account, CreateAccountRequest, CreateSessionChallengeRequest, FreezeAccountRequest, GetAccountRequest,
+    ListAccountsRequest, OpenSessionRequest, SignMessageRequest, SignPaymentRequest, SignatureAlgorithm,
+    UnfreezeAccountRequest, UpdateAccountRequest,
+};
+use keyward::config::Custody;
+use tonic::Code;
+
+const MANIFEST: &str = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08";
+const MARKETPLACE_ID: &str = "spiffe://example.org/marketplace";
+
+async fn sign(d: &Daemon, env: &Env, account: &str) -> Result<(), tonic::Status> {
+    d.signing(env, "admin")
+        .await
+        .sign_message(SignMessageRequest {
+            account_id: account.into(),
+            alg: SignatureAlgorithm::Ed25519 as i32,
+            data: b"hello".to_vec(),
+        })
+        .await
+        .map(|_| ())
+}
+
+/// A session for the marketplace on `account`, opened through `d`.
+async fn open_session(d: &Daemon, env: &Env, wallet: &Wallet, account: &str) -> Result<String, tonic::Status> {
+    let mut s = SessionServiceClient::new(d.channel(env, "wallet-gateway").await);
+    let c = s
+        .create_session_challenge(CreateSessionChallengeRequest {
+            account_id: account.into(),
+            delegate: MARKETPLACE_ID.into(),
+            scopes: vec!["payments:0-100".into(), format!("license:manifest:{MANIFEST}")],
+            cap: "1000".into(),
+            ttl_seconds: 3000,
+        })
+        .await?
+        .into_inner();
+    Ok(s.open_session(OpenSessionRequest {
+        challenge_id: c.challenge_id,
+        signature: wallet.sign(&c.typed_data_json),
+    })
+    .await?
+    .into_inner()
+    .token)
+}
+
+async fn read_as_market(d: &Daemon, env: &Env, account: &str) -> Result<(), tonic::Status> {
+    d.accounts(env, "marketplace")
+        .await
+        .get_account(GetAccountRequest {
+            account_id: account.into(),
+        })
+        .await
+        .map(|_| ())
+}
+
+async fn pay(d: &Daemon, env: &Env, token: &str, request_id: &str) -> Result<(), tonic::Status> {
+    d.signing(env, "marketplace")
+        .await
+        .sign_payment(SignPaymentRequest {
+            session_token: token.into(),
+            amount: "1".into(),
+            currency: "USDC".into(),
+            manifest: MANIFEST.into(),
+            license_id: "lic-7".into(),
+            payee: String::new(),
+            request_id: request_id.into(),
+        })
+        .await
+        .map(|_| ())
+}
+
+/// Waits (at most 5 s) until `f` gives `want`; returns how long it took.
+async fn until<F, Fut>(want: Option<Code>, mut f: F) -> Duration
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<(), tonic::Status>>,
+{
+    let started = Instant::now();
+    loop {
+        let got = f().await.err().map(|s| s.code());
+        if got == want {
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "still {got:?}, want {want:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Runs the `keyward` binary against daemon `d` as `profile`.
+fn cli(env: &Env, d: &Daemon, profile: &str, args: &[&str]) -> (bool, String, String) {
+    let p = env.pki.clients.iter().find(|c| c.name == profile).expect("profile");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_keyward"))
+        .arg("--home")
+        .arg(env.dir.path().join("cli-home"))
+        .arg("--endpoint")
+        .arg(&d.grpc)
+        .arg("--ca")
+        .arg(&env.pki.ca_cert)
+        .arg("--cert")
+        .arg(&p.cert)
+        .arg("--key")
+        .arg(&p.key)
+        .args(args)
+        .output()
+        .expect("run keyward");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).to_string(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    )
+}
+
+fn lifecycle(store: StoreKind) {
+    let Some(env) = Env::new(Custody::Host, store) else {
+        return;
+    };
+    block_on(async {
+        env.init().await;
+        let d1 = env.start().await;
+        let d2 = env.start().await;
+        let wallet = Wallet::new(0x42);
+        let create = |label: &str| CreateAccountRequest {
+            controller: wallet.address().to_checksum(),
+            label: label.into(),
+            allow: vec![MARKETPLACE_ID.into()],
+        };
+        let mut admin1 = d1.accounts(&env, "admin").await;
+        let mut admin2 = d2.accounts(&env, "admin").await;
+        let a: Account = admin1.create_account(create("alice")).await.expect("a").into_inner();
+        let b: Account = admin1.create_account(create("bob")).await.expect("b").into_inner();
+        let (a_id, b_id) = (a.account_id.clone(), b.account_id.clone());
+        assert!(!a.frozen);
+
+        // Both replicas sign (and cache the account).
+        sign(&d1, &env, &a_id).await.expect("d1 signs");
+        sign(&d2, &env, &a_id).await.expect("d2 signs");
+        let token = open_session(&d2, &env, &wallet, &a_id).await.expect("session");
+        pay(&d2, &env, &token, "p-1").await.expect("pay");
+
+        // Bad requests change nothing.
+        let freeze = |id: &str, reason: &str| FreezeAccountRequest {
+            account_id: id.into(),
+            reason: reason.into(),
+        };
+        let e = admin1.freeze_account(freeze(&a_id, "  ")).await.expect_err("no reason");
+        assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+        let e = admin1
+            .freeze_account(freeze("not-an-id", "x"))
+            .await
+            .expect_err("bad id");
+        assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+        let missing = "00000000-0000-4000-8000-000000000000";
+        let e = admin1.freeze_account(freeze(missing, "x")).await.expect_err("missing");
+        assert_eq!(e.code(), Code::NotFound, "{e:?}");
+        let mut market = d1.accounts(&env, "marketplace").await;
+        let e = market
+            .freeze_account(freeze(&a_id, "x"))
+            .await
+            .expect_err("not an admin");
+        assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+        sign(&d1, &env, &a_id).await.expect("still signs");
+
+        // Freeze on replica 1: refused there at once, and on replica 2 once it reads the feed.
+        let frozen = admin1
+            .freeze_account(freeze(&a_id, "suspected key misuse, ticket 4711"))
+            .await
+            .expect("freeze")
+            .into_inner();
+        assert!(frozen.frozen);
+        assert_eq!(frozen.frozen_reason, "suspected key misuse, ticket 4711");
+        let e = sign(&d1, &env, &a_id).await.expect_err("frozen on d1");
+        assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+        assert!(e.message().contains("is frozen"), "{e:?}");
+        let took = until(Some(Code::FailedPrecondition), || sign(&d2, &env, &a_id)).await;
+        eprintln!("replica 2 refused the frozen account after {took:?}");
+        assert!(took < Duration::from_secs(3), "{took:?}");
+        let e = pay(&d2, &env, &token, "p-2").await.expect_err("session payment");
+        assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+        let e = open_session(&d2, &env, &wallet, &a_id)
+            .await
+            .expect_err("no new session");
+        assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+        // Reads still work; the other account still signs; freezing again keeps the first reason.
+        let seen = admin2
+            .get_account(GetAccountRequest {
+                account_id: a_id.clone(),
+            })
+            .await
+            .expect("read")
+            .into_inner();
+        assert!(seen.frozen && seen.frozen_at == frozen.frozen_at);
+        sign(&d2, &env, &b_id).await.expect("bob signs");
+        let again = admin2
+            .freeze_account(freeze(&a_id, "other"))
+            .await
+            .expect("idempotent")
+            .into_inner();
+        assert_eq!(again.frozen_reason, frozen.frozen_reason);
+
+        // Unfreeze on replica 2: both sign again; the session still pays, exactly once per id.
+        let thawed = admin2
+            .unfreeze_account(UnfreezeAccountRequest {
+                account_id: a_id.clone(),
+            })
+            .await
+            .expect("unfreeze")
+            .into_inner();
+        assert!(!thawed.frozen && thawed.frozen_reason.is_empty());
+        sign(&d2, &env, &a_id).await.expect("d2 signs again");
+        until(None, || sign(&d1, &env, &a_id)).await;
+        pay(&d1, &env, &token, "p-3").await.expect("pay again");
+
+        // Update: a new label, and the marketplace's grant taken away (on both replicas).
+        let e = admin1
+            .update_account(UpdateAccountRequest {
+                account_id: a_id.clone(),
+                ..Default::default()
+            })
+            .await
+            .expect_err("nothing to change");
+        assert_eq!(e.code(), Code::InvalidArgument);
+        let e = market
+            .update_account(UpdateAccountRequest {
+                account_id: a_id.clone(),
+                set_allow: true,
+                ..Default::default()
+            })
+            .await
+            .expect_err("a listed client cannot change the grants");
+        assert_eq!(e.code(), Code::PermissionDenied);
+        read_as_market(&d2, &env, &a_id).await.expect("listed: reads");
+        let updated = admin1
+            .update_account(UpdateAccountRequest {
+                account_id: a_id.clone(),
+                label: Some("alice (closed)".into()),
+                set_allow: true,
+                allow: vec![],
+            })
+            .await
+            .expect("update")
+            .into_inner();
+        assert_eq!(updated.label, "alice (closed)");
+        assert!(updated.allowed.is_empty());
+        let refused = read_as_market(&d1, &env, &a_id)
+            .await
+            .expect_err("grant gone on d1")
+            .code();
+        assert!(
+            matches!(refused, Code::PermissionDenied | Code::NotFound),
+            "{refused:?}"
+        );
+        until(Some(refused), || read_as_market(&d2, &env, &a_id)).await;
+
+        // List: filters, pages, and who may.
+        let list = |req: ListAccountsRequest| {
+            let mut c = admin2.clone();
+            async move { c.list_accounts(req).await.map(|r| r.into_inner()) }
+        };
+        let by_label = list(ListAccountsRequest {
+            label: "bob".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("list");
+        assert_eq!(
+            by_label
+                .accounts
+                .iter()
+                .map(|a| a.account_id.clone())
+                .collect::<Vec<_>>(),
+            vec![b_id.clone()]
+        );
+        let by_controller = list(ListAccountsRequest {
+            controller: wallet.address().to_checksum().to_lowercase(),
+            ..Default::default()
+        })
+        .await
+        .expect("list");
+        assert_eq!(by_controller.accounts.len(), 2);
+        let first = list(ListAccountsRequest {
+            page_size: 1,
+            ..Default::default()
+        })
+        .await
+        .expect("page 1");
+        assert_eq!(first.accounts.len(), 1);
+        assert!(!first.next_page_token.is_empty());
+        let second = list(ListAccountsRequest {
+            page_size: 1,
+            page_token: first.next_page_token.clone(),
+            ..Default::default()
+        })
+        .await
+        .expect("page 2");
+        let mut both = vec![
+            first.accounts[0].account_id.clone(),
+            second.accounts[0].account_id.clone(),
+        ];
+        both.sort();
+        let mut want = vec![a_id.clone(), b_id.clone()];
+        want.sort();
+        assert_eq!(both, want);
+        let third = list(ListAccountsRequest {
+            page_size: 1,
+            page_token: second.next_page_token.clone(),
+            ..Default::default()
+        })
+        .await
+        .expect("page 3");
+        assert!(third.accounts.is_empty() && third.next_page_token.is_empty());
+        let e = list(ListAccountsRequest {
+            page_size: 5000,
+            ..Default::default()
+        })
+        .await
+        .expect_err("too big a page");
+        assert_eq!(e.code(), Code::InvalidArgument);
+        let e = market
+            .list_accounts(ListAccountsRequest::default())
+            .await
+            .expect_err("not an admin");
+        assert_eq!(e.code(), Code::PermissionDenied);
+
+        // Through the binary, as an operator would.
+        let (ok, out, err) = cli(
+            &env,
+            &d1,
+            "admin",
+            &["account", "freeze", &b_id, "--reason", "chargeback", "--json"],
+        );
+        assert!(ok, "{err}");
+        let v: serde_json::Value = serde_json::from_str(out.trim()).expect("json");
+        assert_eq!(
+            (v["frozen"].as_bool(), v["frozen_reason"].as_str()),
+            (Some(true), Some("chargeback"))
+        );
+        let (ok, out, err) = cli(&env, &d2, "admin", &["account", "list", "--label", "bob"]);
+        assert!(ok, "{err}");
+        assert!(out.contains(&b_id) && out.contains("frozen"), "{out}");
+        let (ok, _, err) = cli(&env, &d2, "admin", &["account", "unfreeze", &b_id]);
+        assert!(ok, "{err}");
+        let (ok, _, err) = cli(&env, &d1, "marketplace", &["account", "freeze", &b_id, "--reason", "x"]);
+        assert!(!ok && err.contains("PERMISSION_DENIED"), "{err}");
+
+        // The audit log: each change and each refusal, and it verifies.
+        let store = d1.state.keys.store().clone();
+        let events = store.audit().events_after(0, 10_000).await.expect("events");
+        let of = |action: &str| -> Vec<&keyward::audit::event::Event> {
+            events.iter().filter(|e| e.body.action == action).collect()
+        };
+        let freezes: Vec<_> = of("FreezeAccount")
+            .into_iter()
+            .filter(|e| e.body.decision == "allow")
+            .collect();
+        assert_eq!(
+            freezes.len(),
+            3,
+            "alice (then again, changing nothing) and bob: {freezes:?}"
+        );
+        assert!(freezes.iter().all(|e| e.body.code == "OK"));
+        let refusals: Vec<_> = events
+            .iter()
+            .filter(|e| e.body.code == "FAILED_PRECONDITION" && e.body.policies == vec!["account-frozen".to_string()])
+            .collect();
+        assert!(
+            refusals.len() >= 4,
+            "sign on d1, sign on d2, payment, session: {}",
+            refusals.len()
+        );
+        assert!(refusals.iter().all(|e| e.body.account == a_id), "{refusals:#?}");
+        assert_eq!(of("UnfreezeAccount").iter().filter(|e| e.body.code == "OK").count(), 2);
+        assert!(of("UpdateAccount")
+            .iter()
+            .any(|e| e.body.code == "OK" && e.body.account == a_id));
+        let keys = keyward::audit::verify::store_keys(store.as_ref()).await.expect("keys");
+        let report = keyward::audit::verify::verify_store(store.as_ref(), &keys)
+            .await
+            .expect("verify");
+        assert!(report.ok(), "{report:?}");
+        d2.stop().await;
+        d1.stop().await;
+    });
+}
+
+#[test]
+fn lifecycle_sqlite() {
+    lifecycle(StoreKind::Sqlite);
+}
+
+#[test]
+fn lifecycle_postgres() {
+    lifecycle(StoreKind::Postgres);
+}
