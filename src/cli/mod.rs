@@ -107,8 +107,8 @@ enum Command {
     /// A software wallet for development and demos (the key sits in a file).
     #[command(subcommand)]
     Wallet(session::WalletCmd),
-    /// Verify a compact JWS against a JWKS (file or https URL): exit 0 with
-    /// the claims, or 1 with the reason.
+    /// Verify a compact JWS against the issuer key history and/or a JWKS
+    /// (file or https URL): exit 0 with the claims, or 1 with the reason.
     Verify(verify::VerifyArgs),
     /// The tamper-evident audit log: verify, export, prove, archive, tail.
     #[command(subcommand)]
