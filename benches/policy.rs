@@ -23,6 +23,7 @@ fn account() -> AccountRecord {
         allowed: vec!["spiffe://example.org/marketplace".into()],
         keys: vec![],
         frozen: None,
+        deleted_at: None,
     }
 }
 

@@ -16,6 +16,7 @@ use keyward::api::pb::{
     UnfreezeAccountRequest, UpdateAccountRequest,
 };
 use keyward::config::Custody;
+use sha2::Digest as _;
 use tonic::Code;
 
 const MANIFEST: &str = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08";
@@ -357,8 +358,86 @@ fn lifecycle(store: StoreKind) {
         let (ok, _, err) = cli(&env, &d1, "marketplace", &["account", "freeze", &b_id, "--reason", "x"]);
         assert!(!ok && err.contains("PERMISSION_DENIED"), "{err}");
 
-        // The audit log: each change and each refusal, and it verifies.
+        // Delete bob: keys destroyed (crypto-shred), sessions revoked, only reads answer, on
+        // both replicas; the row and the public keys stay.
+        until(None, || sign(&d1, &env, &b_id)).await; // unfrozen on d2 above
+        let bob_token = open_session(&d2, &env, &wallet, &b_id).await.expect("bob's session");
+        pay(&d1, &env, &bob_token, "b-1").await.expect("bob pays");
+        let (ok, _, err) = cli(&env, &d1, "admin", &["account", "delete", &b_id, "--reason", "closed"]);
+        assert!(!ok && err.contains("--yes"), "{err}");
+        let (ok, out, err) = cli(
+            &env,
+            &d2,
+            "admin",
+            &[
+                "account",
+                "delete",
+                &b_id,
+                "--reason",
+                "customer closed the account",
+                "--yes",
+                "--json",
+            ],
+        );
+        assert!(ok, "{err}");
+        let v: serde_json::Value = serde_json::from_str(out.trim()).expect("json");
+        assert!(v["deleted_at"].as_i64().is_some(), "{v}");
+        let e = sign(&d2, &env, &b_id).await.expect_err("deleted on d2");
+        assert_eq!(e.code(), Code::NotFound, "{e:?}");
+        assert!(e.message().contains("was deleted"), "{e:?}");
+        until(Some(Code::NotFound), || sign(&d1, &env, &b_id)).await;
+        let e = pay(&d1, &env, &bob_token, "b-2").await.expect_err("session revoked");
+        assert!(
+            matches!(
+                e.code(),
+                Code::FailedPrecondition | Code::NotFound | Code::PermissionDenied
+            ),
+            "{e:?}"
+        );
+        let e = open_session(&d1, &env, &wallet, &b_id)
+            .await
+            .expect_err("no new session");
+        assert_eq!(e.code(), Code::NotFound, "{e:?}");
+        let read = admin1
+            .get_account(GetAccountRequest {
+                account_id: b_id.clone(),
+            })
+            .await
+            .expect("still readable")
+            .into_inner();
+        assert_eq!(read.ed25519_public_key, b.ed25519_public_key);
+        assert!(read.deleted_at > 0);
+        // Deleting again changes nothing; the list leaves it out unless asked.
+        let again = admin1
+            .delete_account(keyward::api::pb::DeleteAccountRequest {
+                account_id: b_id.clone(),
+                reason: "again".into(),
+            })
+            .await
+            .expect("idempotent")
+            .into_inner();
+        assert_eq!(again.deleted_at, read.deleted_at);
+        let listed = list(ListAccountsRequest::default()).await.expect("list");
+        assert_eq!(
+            listed.accounts.iter().map(|a| a.account_id.clone()).collect::<Vec<_>>(),
+            vec![a_id.clone()]
+        );
+        let listed = list(ListAccountsRequest {
+            include_deleted: true,
+            ..Default::default()
+        })
+        .await
+        .expect("list");
+        assert_eq!(listed.accounts.len(), 2);
+        // In the store: no wrapped key left, none counted under a KEK.
         let store = d1.state.keys.store().clone();
+        let stored = store.get_account(&b_id).await.expect("read").expect("tombstone");
+        assert!(stored.keys.iter().all(|k| k.wrapped.is_empty() && k.kek_version == 0));
+        assert_eq!(stored.keys.len(), 2, "public keys stay");
+        let counted: u64 = store.keys_per_kek().await.expect("count").iter().map(|(_, n)| n).sum();
+        assert_eq!(counted, 2, "alice's two keys only");
+
+        // The audit log: each change and each refusal, and it verifies.
         let events = store.audit().events_after(0, 10_000).await.expect("events");
         let of = |action: &str| -> Vec<&keyward::audit::event::Event> {
             events.iter().filter(|e| e.body.action == action).collect()
@@ -387,6 +466,15 @@ fn lifecycle(store: StoreKind) {
         assert!(of("UpdateAccount")
             .iter()
             .any(|e| e.body.code == "OK" && e.body.account == a_id));
+        let deletes: Vec<_> = of("DeleteAccount")
+            .into_iter()
+            .filter(|e| e.body.code == "OK")
+            .collect();
+        assert_eq!(deletes.len(), 2, "the deletion and its idempotent repeat");
+        assert_eq!(
+            deletes[0].body.digest,
+            hex::encode(sha2::Sha256::digest(b"customer closed the account"))
+        );
         let keys = keyward::audit::verify::store_keys(store.as_ref()).await.expect("keys");
         let report = keyward::audit::verify::verify_store(store.as_ref(), &keys)
             .await

@@ -215,6 +215,15 @@ async fn enumeration(env: Env) {
         .await
         .expect("unfreeze");
     c.one("UnfreezeAccount", true).await;
+    let e = accounts
+        .delete_account(keyward::api::pb::DeleteAccountRequest {
+            account_id: b.account_id.clone(),
+            reason: String::new(),
+        })
+        .await
+        .expect_err("no reason");
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    c.one("DeleteAccount", false).await;
 
     // SigningService without sessions
     // The operator (admin) signs directly; the marketplace only inside a session.

@@ -438,6 +438,13 @@ fn every_rpc_is_decided() {
         let _ = audit
             .stream_events(keyward::api::pb::StreamEventsRequest { since_seq: 0 })
             .await;
+        // Last: the account is gone after this.
+        let _ = accounts
+            .delete_account(keyward::api::pb::DeleteAccountRequest {
+                account_id: account.clone(),
+                reason: "drill".into(),
+            })
+            .await;
         let metrics = d.state.metrics.render();
         let mut proto = String::new();
         for entry in std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/proto/keyward/v1")).expect("proto dir") {
@@ -449,7 +456,7 @@ fn every_rpc_is_decided() {
             .filter_map(|l| l.split('(').next())
             .map(str::trim)
             .collect();
-        assert_eq!(rpcs.len(), 22, "{rpcs:?}");
+        assert_eq!(rpcs.len(), 23, "{rpcs:?}");
         for rpc in rpcs {
             let action = keyward::policy::Action::for_rpc(rpc).unwrap_or_else(|| panic!("{rpc} has no action"));
             assert!(

@@ -1,8 +1,11 @@
--- Account lifecycle: freezing, and the change feed replicas evict their key
--- caches from. A frozen account signs nothing (sessions included) until it
--- is unfrozen; reads still work.
+-- Account lifecycle: freezing, deletion, and the change feed replicas evict
+-- their key caches from. A frozen account signs nothing (sessions included)
+-- until it is unfrozen; reads still work. A deleted account keeps its row (a
+-- tombstone: its id is never reused, its audit events still name it) and its
+-- public keys; its wrapped private keys are emptied (kek_version 0).
 ALTER TABLE accounts ADD COLUMN frozen_at INTEGER;
 ALTER TABLE accounts ADD COLUMN frozen_reason TEXT;
+ALTER TABLE accounts ADD COLUMN deleted_at INTEGER;
 
 -- One row per change to an account's record (label, grants, freezing),
 -- written in the changing transaction. Every replica reads the rows of the

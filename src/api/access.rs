@@ -32,6 +32,7 @@ fn ghost_account(id: &str) -> AccountRecord {
         allowed: Vec::new(),
         keys: Vec::new(),
         frozen: None,
+        deleted_at: None,
     }
 }
 

@@ -6,8 +6,9 @@ use tonic::{Request, Response, Status};
 
 use super::pb::account_service_server::AccountService;
 use super::pb::{
-    Account, CreateAccountRequest, FreezeAccountRequest, GetAccountJwksRequest, GetAccountJwksResponse,
-    GetAccountRequest, ListAccountsRequest, ListAccountsResponse, UnfreezeAccountRequest, UpdateAccountRequest,
+    Account, CreateAccountRequest, DeleteAccountRequest, FreezeAccountRequest, GetAccountJwksRequest,
+    GetAccountJwksResponse, GetAccountRequest, ListAccountsRequest, ListAccountsResponse, UnfreezeAccountRequest,
+    UpdateAccountRequest,
 };
 use super::{AccountApi, ApiError};
 use crate::crypto::eth::Address;
@@ -35,6 +36,18 @@ fn check_label(label: &str) -> Result<(), ApiError> {
         return Err(ApiError::invalid("label", "must not contain control characters"));
     }
     Ok(())
+}
+
+/// An operator's reason for a freeze or a deletion, trimmed.
+fn check_reason(reason: &str) -> Result<&str, ApiError> {
+    let reason = reason.trim();
+    if reason.is_empty() || reason.chars().count() > MAX_REASON_CHARS || reason.chars().any(char::is_control) {
+        return Err(ApiError::invalid(
+            "reason",
+            format!("1 to {MAX_REASON_CHARS} characters, no control characters"),
+        ));
+    }
+    Ok(reason)
 }
 
 fn check_allow(allow: &[String]) -> Result<(), ApiError> {
@@ -93,6 +106,7 @@ fn to_proto(record: &AccountRecord) -> Result<Account, ApiError> {
         frozen: record.frozen.is_some(),
         frozen_at: record.frozen.as_ref().map_or(0, |f| f.at),
         frozen_reason: record.frozen.as_ref().map(|f| f.reason.clone()).unwrap_or_default(),
+        deleted_at: record.deleted_at.unwrap_or(0),
     })
 }
 
@@ -230,6 +244,7 @@ impl AccountService for AccountApi {
                     label: some(req.label),
                     controller: some(req.controller.trim().to_string()),
                     created_by: some(req.created_by),
+                    include_deleted: req.include_deleted,
                 };
                 let after = some(req.page_token);
                 let ids = d
@@ -278,6 +293,9 @@ impl AccountService for AccountApi {
                         "nothing to change: give label and/or set_allow",
                     ));
                 }
+                // The decision and the state checks read the store, not this replica's cache
+                // (another replica may have changed the account a moment ago).
+                d.keys.evict(&req.account_id);
                 d.account_for(
                     &identity,
                     Action::UpdateAccount,
@@ -288,7 +306,7 @@ impl AccountService for AccountApi {
                 let update = AccountChange {
                     label: req.label.map(|l| (!l.is_empty()).then_some(l)),
                     allowed: req.set_allow.then_some(req.allow),
-                    frozen: None,
+                    ..AccountChange::default()
                 };
                 change(&d, &req.account_id, update, String::new()).await
             })
@@ -309,6 +327,7 @@ impl AccountService for AccountApi {
                         format!("1 to {MAX_REASON_CHARS} characters, no control characters"),
                     ));
                 }
+                d.keys.evict(&req.account_id);
                 let record = d
                     .account_for(
                         &identity,
@@ -345,6 +364,7 @@ impl AccountService for AccountApi {
         self.0
             .handle("UnfreezeAccount", request, |d, identity, req| async move {
                 check_account_id(&req.account_id)?;
+                d.keys.evict(&req.account_id);
                 let record = d
                     .account_for(
                         &identity,
@@ -367,6 +387,35 @@ impl AccountService for AccountApi {
                 )
                 .await?;
                 tracing::warn!(account = %req.account_id, by = %identity, "account unfrozen");
+                Ok(account)
+            })
+            .await
+    }
+
+    async fn delete_account(&self, request: Request<DeleteAccountRequest>) -> Result<Response<Account>, Status> {
+        self.0
+            .handle("DeleteAccount", request, |d, identity, req| async move {
+                check_account_id(&req.account_id)?;
+                let reason = check_reason(&req.reason)?;
+                d.keys.evict(&req.account_id);
+                let record = d
+                    .account_for(&identity, Action::DeleteAccount, &req.account_id, RequestContext::default())
+                    .await?;
+                if record.deleted_at.is_some() {
+                    // Already deleted: nothing more to destroy.
+                    return to_proto(&record);
+                }
+                let account = change(
+                    &d,
+                    &req.account_id,
+                    AccountChange {
+                        deleted_at: Some(d.sessions.now()),
+                        ..AccountChange::default()
+                    },
+                    hex::encode(sha2::Sha256::digest(reason.as_bytes())),
+                )
+                .await?;
+                tracing::warn!(account = %req.account_id, by = %identity, "account deleted: its private keys are destroyed");
                 Ok(account)
             })
             .await

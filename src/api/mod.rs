@@ -149,6 +149,20 @@ impl Daemon {
             }
             _ => None,
         };
+        // A deleted account is only read (its public description and keys stay for verifiers).
+        let deleted = match &resource {
+            crate::policy::Resource::Account(a) | crate::policy::Resource::Session(_, a)
+                if !matches!(
+                    action,
+                    crate::policy::Action::GetAccount
+                        | crate::policy::Action::GetAccountJwks
+                        | crate::policy::Action::DeleteAccount
+                ) =>
+            {
+                a.deleted_at.map(|at| (a.id.clone(), at))
+            }
+            _ => None,
+        };
         let request = crate::policy::PolicyRequest {
             principal: identity,
             action,
@@ -166,6 +180,10 @@ impl Daemon {
             }
         }
         let decision = outcome?;
+        if let Some((account, at)) = deleted {
+            crate::audit::context::record_account(&account);
+            return Err(ApiError::Key(crate::keys::KeyError::Deleted { account, at }));
+        }
         if let Some((account, since)) = frozen {
             crate::audit::context::record_policies(vec![FROZEN_RULE.to_string()]);
             crate::audit::context::record_account(&account);

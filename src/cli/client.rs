@@ -12,8 +12,8 @@ use super::ClientOpts;
 use crate::api::pb::account_service_client::AccountServiceClient;
 use crate::api::pb::signing_service_client::SigningServiceClient;
 use crate::api::pb::{
-    Account, CreateAccountRequest, FreezeAccountRequest, GetAccountRequest, ListAccountsRequest, SignMessageRequest,
-    SignTypedDataRequest, SignatureAlgorithm, UnfreezeAccountRequest, UpdateAccountRequest,
+    Account, CreateAccountRequest, DeleteAccountRequest, FreezeAccountRequest, GetAccountRequest, ListAccountsRequest,
+    SignMessageRequest, SignTypedDataRequest, SignatureAlgorithm, UnfreezeAccountRequest, UpdateAccountRequest,
 };
 use crate::dev::read_client_file;
 use crate::metrics::code_name;
@@ -61,6 +61,9 @@ pub enum AccountCmd {
         /// Where the previous page ended.
         #[arg(long, default_value = "")]
         page_token: String,
+        /// Deleted accounts too.
+        #[arg(long)]
+        include_deleted: bool,
     },
     /// Change an account's label and/or the identities allowed to use it.
     Update {
@@ -88,6 +91,18 @@ pub enum AccountCmd {
     Unfreeze {
         /// Account id.
         account_id: String,
+    },
+    /// Delete an account: its wrapped private keys are destroyed and its open sessions
+    /// revoked; its id, public keys and audit history stay. Cannot be undone.
+    Delete {
+        /// Account id.
+        account_id: String,
+        /// Why (the audit log binds it by hash).
+        #[arg(long)]
+        reason: String,
+        /// Confirm: the keys cannot be recovered.
+        #[arg(long)]
+        yes: bool,
     },
 }
 
@@ -211,6 +226,7 @@ fn account_json(a: &Account) -> serde_json::Value {
         "frozen": a.frozen,
         "frozen_at": a.frozen.then_some(a.frozen_at),
         "frozen_reason": a.frozen.then_some(&a.frozen_reason),
+        "deleted_at": (a.deleted_at != 0).then_some(a.deleted_at),
     })
 }
 
@@ -226,6 +242,14 @@ fn print_account(json: bool, a: &Account) {
             ("secp256k1", hex0x(&a.secp256k1_public_key)),
             ("ed25519", hex0x(&a.ed25519_public_key)),
             ("created_by", a.created_by.clone()),
+            (
+                "deleted",
+                if a.deleted_at != 0 {
+                    format!("at {}", a.deleted_at)
+                } else {
+                    "no".into()
+                },
+            ),
             (
                 "frozen",
                 if a.frozen {
@@ -264,6 +288,7 @@ pub async fn account(home: &Path, opts: &ClientOpts, cmd: AccountCmd) -> anyhow:
             created_by,
             page_size,
             page_token,
+            include_deleted,
         } => {
             let mut c = AccountServiceClient::new(connect(home, opts).await?);
             let r = c
@@ -273,6 +298,7 @@ pub async fn account(home: &Path, opts: &ClientOpts, cmd: AccountCmd) -> anyhow:
                     label,
                     controller,
                     created_by,
+                    include_deleted,
                 })
                 .await
                 .map_err(RpcError)?
@@ -285,7 +311,13 @@ pub async fn account(home: &Path, opts: &ClientOpts, cmd: AccountCmd) -> anyhow:
                 );
             } else {
                 for a in &r.accounts {
-                    let state = if a.frozen { "frozen" } else { "active" };
+                    let state = if a.deleted_at != 0 {
+                        "deleted"
+                    } else if a.frozen {
+                        "frozen"
+                    } else {
+                        "active"
+                    };
                     println!("{}  {}  {:<6}  {}", a.account_id, a.eth_address, state, a.label);
                 }
                 if !r.next_page_token.is_empty() {
@@ -317,6 +349,23 @@ pub async fn account(home: &Path, opts: &ClientOpts, cmd: AccountCmd) -> anyhow:
             let mut c = AccountServiceClient::new(connect(home, opts).await?);
             let a = c
                 .freeze_account(FreezeAccountRequest { account_id, reason })
+                .await
+                .map_err(RpcError)?
+                .into_inner();
+            print_account(opts.json, &a);
+        }
+        AccountCmd::Delete {
+            account_id,
+            reason,
+            yes,
+        } => {
+            anyhow::ensure!(
+                yes,
+                "deleting {account_id} destroys its private keys for good: add --yes to go on"
+            );
+            let mut c = AccountServiceClient::new(connect(home, opts).await?);
+            let a = c
+                .delete_account(DeleteAccountRequest { account_id, reason })
                 .await
                 .map_err(RpcError)?
                 .into_inner();

@@ -18,6 +18,9 @@ pub struct KeyCache {
 struct Inner {
     map: HashMap<String, Arc<AccountKeys>>,
     order: VecDeque<String>,
+    /// Bumped by every [`KeyCache::remove`] and [`KeyCache::clear`]: a load that began before
+    /// a removal may carry the record as it was before the change that caused it.
+    removals: u64,
 }
 
 impl KeyCache {
@@ -40,13 +43,28 @@ impl KeyCache {
         self.lock().map.get(id).cloned()
     }
 
+    /// A mark to take before reading an account from the store, for [`KeyCache::insert_since`].
+    pub fn mark(&self) -> u64 {
+        self.lock().removals
+    }
+
     /// Caches keys, evicting the oldest beyond capacity. If another request
     /// cached the same account first, that entry wins and is returned.
     pub fn insert(&self, keys: Arc<AccountKeys>) -> Arc<AccountKeys> {
+        self.insert_since(keys, None)
+    }
+
+    /// As [`KeyCache::insert`], but caches nothing if an entry was removed since `mark` (the
+    /// keys were read from the store before a change that removal stands for: they serve the
+    /// request that loaded them, and the next request reads the store again).
+    pub fn insert_since(&self, keys: Arc<AccountKeys>, mark: Option<u64>) -> Arc<AccountKeys> {
         let evicted;
         let result;
         {
             let mut inner = self.lock();
+            if mark.is_some_and(|m| m != inner.removals) {
+                return keys;
+            }
             let id = keys.record().id.clone();
             if let Some(existing) = inner.map.get(&id) {
                 return existing.clone();
@@ -76,6 +94,7 @@ impl KeyCache {
     pub fn remove(&self, id: &str) {
         let removed = {
             let mut inner = self.lock();
+            inner.removals = inner.removals.wrapping_add(1);
             inner.order.retain(|k| k != id);
             inner.map.remove(id)
         };
@@ -86,6 +105,7 @@ impl KeyCache {
     pub fn clear(&self) {
         let drained: Vec<_> = {
             let mut inner = self.lock();
+            inner.removals = inner.removals.wrapping_add(1);
             inner.order.clear();
             inner.map.drain().map(|(_, v)| v).collect()
         };

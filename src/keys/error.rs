@@ -36,6 +36,14 @@ pub enum KeyError {
         /// Since when, unix seconds.
         since: i64,
     },
+    /// The account was deleted: its private keys no longer exist.
+    #[error("account {account} was deleted (at {at}); its keys were destroyed")]
+    Deleted {
+        /// The account.
+        account: String,
+        /// When, unix seconds.
+        at: i64,
+    },
     /// The HSM failed.
     #[error(transparent)]
     Hsm(#[from] HsmError),

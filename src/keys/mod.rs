@@ -169,6 +169,7 @@ impl KeyService {
             allowed,
             keys: wrapped,
             frozen: None,
+            deleted_at: None,
         };
         // Check the public keys decode before anything is stored.
         signer::public_keys(&record)?;
@@ -196,11 +197,18 @@ impl KeyService {
         if let Some(keys) = self.cache.get(id) {
             return Ok(keys);
         }
+        let mark = self.cache.mark();
         let record = self
             .store
             .get_account(id)
             .await?
             .ok_or_else(|| KeyError::AccountNotFound(id.to_string()))?;
+        if let Some(at) = record.deleted_at {
+            return Err(KeyError::Deleted {
+                account: id.to_string(),
+                at,
+            });
+        }
         let hsm = self.hsm.clone();
         let custody = self.custody;
         let metrics = self.metrics.clone();
@@ -214,7 +222,7 @@ impl KeyService {
         }))
         .await
         .map_err(|_| KeyError::Internal("unwrap task failed"))??;
-        Ok(self.cache.insert(Arc::new(keys)))
+        Ok(self.cache.insert_since(Arc::new(keys), Some(mark)))
     }
 
     /// Signs a 32-byte Ethereum digest (EIP-712 or EIP-191) with the
@@ -269,6 +277,12 @@ impl KeyService {
         let op = Arc::new(op);
         for attempt in 0..2 {
             let keys = self.account(id).await?;
+            if let Some(at) = keys.record().deleted_at {
+                return Err(KeyError::Deleted {
+                    account: id.to_string(),
+                    at,
+                });
+            }
             if let Some(f) = &keys.record().frozen {
                 return Err(KeyError::Frozen {
                     account: id.to_string(),

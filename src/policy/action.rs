@@ -18,6 +18,8 @@ pub enum Action {
     FreezeAccount,
     /// AccountService.UnfreezeAccount
     UnfreezeAccount,
+    /// AccountService.DeleteAccount
+    DeleteAccount,
     /// SigningService.SignTypedData
     SignTypedData,
     /// SigningService.SignMessage
@@ -52,7 +54,7 @@ pub enum Action {
 
 impl Action {
     /// Every action.
-    pub const ALL: [Action; 22] = [
+    pub const ALL: [Action; 23] = [
         Action::CreateAccount,
         Action::GetAccount,
         Action::GetAccountJwks,
@@ -60,6 +62,7 @@ impl Action {
         Action::UpdateAccount,
         Action::FreezeAccount,
         Action::UnfreezeAccount,
+        Action::DeleteAccount,
         Action::SignTypedData,
         Action::SignMessage,
         Action::SignPayment,
@@ -87,6 +90,7 @@ impl Action {
             Action::UpdateAccount => "UpdateAccount",
             Action::FreezeAccount => "FreezeAccount",
             Action::UnfreezeAccount => "UnfreezeAccount",
+            Action::DeleteAccount => "DeleteAccount",
             Action::SignTypedData => "SignTypedData",
             Action::SignMessage => "SignMessage",
             Action::SignPayment => "SignPayment",
@@ -120,7 +124,9 @@ impl Action {
             | Action::GetSession
             | Action::RevokeSession => Some("ManageSessions"),
             Action::ListIssuerKeys | Action::RotateIssuerKey | Action::RevokeIssuerKey => Some("IssuerKeys"),
-            Action::UpdateAccount | Action::FreezeAccount | Action::UnfreezeAccount => Some("ManageAccounts"),
+            Action::UpdateAccount | Action::FreezeAccount | Action::UnfreezeAccount | Action::DeleteAccount => {
+                Some("ManageAccounts")
+            }
             Action::ListAccounts => None,
             Action::CreateAccount | Action::GetAccount | Action::ReadAudit => None,
         }

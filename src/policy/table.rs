@@ -224,6 +224,7 @@ impl Table {
             allowed: a.allowed.clone(),
             keys: Vec::new(),
             frozen: None,
+            deleted_at: None,
         })
     }
 

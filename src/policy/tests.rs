@@ -22,6 +22,7 @@ fn account(allowed: &[&str]) -> AccountRecord {
         allowed: allowed.iter().map(|s| s.to_string()).collect(),
         keys: vec![],
         frozen: None,
+        deleted_at: None,
     }
 }
 

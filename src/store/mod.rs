@@ -57,6 +57,8 @@ pub struct AccountRecord {
     pub keys: Vec<KeyRecord>,
     /// Set while the account is frozen: it signs nothing, sessions included.
     pub frozen: Option<Frozen>,
+    /// When the account was deleted (its private keys destroyed), if it was.
+    pub deleted_at: Option<i64>,
 }
 
 /// Why and since when an account is frozen.
@@ -77,6 +79,9 @@ pub struct AccountChange {
     pub allowed: Option<Vec<String>>,
     /// Freeze (`Some(Some(..))`) or unfreeze (`Some(None)`).
     pub frozen: Option<Option<Frozen>>,
+    /// Delete at this time: the wrapped private keys are emptied (KEK version 0), open
+    /// sessions revoked; the row and the public keys stay.
+    pub deleted_at: Option<i64>,
 }
 
 /// Which accounts [`Store::list_account_ids`] lists; empty fields match every account.
@@ -88,6 +93,8 @@ pub struct AccountFilter {
     pub controller: Option<String>,
     /// Created by this identity.
     pub created_by: Option<String>,
+    /// Deleted accounts too.
+    pub include_deleted: bool,
 }
 
 /// One wrapped account key.

@@ -601,12 +601,13 @@ where
         // One snapshot for the three reads.
         let mut tx = self.begin_snapshot().await?;
         let Some(row) = sqlx::query(
-            "SELECT id, label, controller, created_by, created_at, frozen_at, frozen_reason FROM accounts WHERE id = $1",
+            "SELECT id, label, controller, created_by, created_at, frozen_at, frozen_reason, deleted_at \
+             FROM accounts WHERE id = $1",
         )
-            .bind(id)
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(err::<DB>)?
+        .bind(id)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(err::<DB>)?
         else {
             return Ok(None);
         };
@@ -628,6 +629,7 @@ where
                 }),
                 None => None,
             },
+            deleted_at: row.try_get("deleted_at").map_err(err::<DB>)?,
         };
         let rows = sqlx::query(
             "SELECT alg, public_key, wrapped, kek_version, key_version FROM account_keys \
@@ -1219,6 +1221,7 @@ where
              AND (CAST($2 AS TEXT) IS NULL OR label = $2) \
              AND (CAST($3 AS TEXT) IS NULL OR lower(controller) = lower($3)) \
              AND (CAST($4 AS TEXT) IS NULL OR created_by = $4) \
+             AND (deleted_at IS NULL OR $6 = 1) \
              ORDER BY id LIMIT $5",
         )
         .bind(after.unwrap_or(""))
@@ -1226,6 +1229,7 @@ where
         .bind(filter.controller.as_deref())
         .bind(filter.created_by.as_deref())
         .bind(i64::from(limit))
+        .bind(i64::from(filter.include_deleted))
         .fetch_all(&self.pool)
         .await
         .map_err(err::<DB>)
@@ -1273,6 +1277,27 @@ where
                     .await
                     .map_err(err::<DB>)?;
             }
+        }
+        if let Some(at) = change.deleted_at {
+            // Crypto-shred: the wrapped private keys go; the public keys stay for verifiers.
+            sqlx::query("UPDATE accounts SET deleted_at = $1 WHERE id = $2")
+                .bind(at)
+                .bind(id)
+                .execute(&mut *tx)
+                .await
+                .map_err(err::<DB>)?;
+            sqlx::query("UPDATE account_keys SET wrapped = $1, kek_version = 0 WHERE account_id = $2")
+                .bind(Vec::<u8>::new())
+                .bind(id)
+                .execute(&mut *tx)
+                .await
+                .map_err(err::<DB>)?;
+            sqlx::query("UPDATE sessions SET revoked_at = $1 WHERE account_id = $2 AND revoked_at IS NULL")
+                .bind(at)
+                .bind(id)
+                .execute(&mut *tx)
+                .await
+                .map_err(err::<DB>)?;
         }
         if let Some(frozen) = &change.frozen {
             sqlx::query("UPDATE accounts SET frozen_at = $1, frozen_reason = $2 WHERE id = $3")
@@ -1371,7 +1396,8 @@ where
 
     async fn keys_per_kek(&self) -> Result<Vec<(u32, u64)>, StoreError> {
         let rows = sqlx::query(
-            "SELECT kek_version, COUNT(*) AS n FROM account_keys GROUP BY kek_version ORDER BY kek_version",
+            "SELECT kek_version, COUNT(*) AS n FROM account_keys WHERE kek_version > 0 \
+             GROUP BY kek_version ORDER BY kek_version",
         )
         .fetch_all(&self.pool)
         .await

@@ -136,6 +136,7 @@ pub(super) fn record(id: &str) -> AccountRecord {
         ],
         keys: vec![key(KeyAlg::Secp256k1, 7, 3), key(KeyAlg::Ed25519, 200, u32::MAX)],
         frozen: None,
+        deleted_at: None,
     }
 }
 

@@ -181,6 +181,7 @@ async fn receipts_and_archive(store: Arc<dyn Store>, dir: &std::path::Path) {
             allowed: vec![],
             keys: vec![],
             frozen: None,
+            deleted_at: None,
         })
         .await
         .unwrap();

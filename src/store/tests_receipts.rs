@@ -22,6 +22,7 @@ fn account(id: &str) -> AccountRecord {
         allowed: vec![],
         keys: vec![],
         frozen: None,
+        deleted_at: None,
     }
 }
 
