@@ -66,6 +66,21 @@ async fn read_as_market(d: &Daemon, env: &Env, account: &str) -> Result<(), toni
         .map(|_| ())
 }
 
+/// The Ed25519 public key `d` signs `account`'s messages with now.
+async fn ed_public(d: &Daemon, env: &Env, account: &str) -> Vec<u8> {
+    d.signing(env, "admin")
+        .await
+        .sign_message(SignMessageRequest {
+            account_id: account.into(),
+            alg: SignatureAlgorithm::Ed25519 as i32,
+            data: b"which key".to_vec(),
+        })
+        .await
+        .expect("sign")
+        .into_inner()
+        .public_key
+}
+
 async fn pay(d: &Daemon, env: &Env, token: &str, request_id: &str) -> Result<(), tonic::Status> {
     d.signing(env, "marketplace")
         .await
@@ -267,6 +282,67 @@ fn lifecycle(store: StoreKind) {
         );
         until(Some(refused), || read_as_market(&d2, &env, &a_id)).await;
 
+        // Rotation on replica 1: new keys sign on both replicas; the old public keys stay in
+        // the account's JWKS.
+        assert_eq!(
+            ed_public(&d2, &env, &a_id).await,
+            a.ed25519_public_key,
+            "d2 caches version 1"
+        );
+        let e = admin1
+            .rotate_account_keys(keyward::api::pb::RotateAccountKeysRequest {
+                account_id: a_id.clone(),
+                reason: String::new(),
+            })
+            .await
+            .expect_err("no reason");
+        assert_eq!(e.code(), Code::InvalidArgument);
+        let e = market
+            .rotate_account_keys(keyward::api::pb::RotateAccountKeysRequest {
+                account_id: a_id.clone(),
+                reason: "x".into(),
+            })
+            .await
+            .expect_err("not an admin");
+        assert_eq!(e.code(), Code::PermissionDenied);
+        let rotated = admin1
+            .rotate_account_keys(keyward::api::pb::RotateAccountKeysRequest {
+                account_id: a_id.clone(),
+                reason: "yearly rotation".into(),
+            })
+            .await
+            .expect("rotate")
+            .into_inner();
+        assert_eq!((a.key_version, rotated.key_version), (1, 2));
+        assert_ne!(rotated.eth_address, a.eth_address, "a new Ethereum address");
+        assert_ne!(rotated.ed25519_public_key, a.ed25519_public_key);
+        assert_eq!(ed_public(&d1, &env, &a_id).await, rotated.ed25519_public_key);
+        let started = Instant::now();
+        while ed_public(&d2, &env, &a_id).await != rotated.ed25519_public_key {
+            assert!(
+                started.elapsed() < Duration::from_secs(3),
+                "replica 2 still signs with version 1"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let jwks = admin2
+            .get_account_jwks(keyward::api::pb::GetAccountJwksRequest {
+                account_id: a_id.clone(),
+            })
+            .await
+            .expect("jwks")
+            .into_inner();
+        let jwks: keyward::crypto::jwk::Jwks = serde_json::from_str(&jwks.jwks_json).expect("JWKS");
+        let xs: Vec<String> = jwks.keys.iter().map(|k| k.x.clone()).collect();
+        use base64::Engine as _;
+        let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
+        assert_eq!(jwks.keys.len(), 4, "two current keys, two retired: {xs:?}");
+        assert_eq!(xs[0], b64(&rotated.ed25519_public_key), "the current Ed25519 key first");
+        assert!(
+            xs[2..].contains(&b64(&a.ed25519_public_key)),
+            "the version 1 key stays: {xs:?}"
+        );
+
         // List: filters, pages, and who may.
         let list = |req: ListAccountsRequest| {
             let mut c = admin2.clone();
@@ -435,7 +511,16 @@ fn lifecycle(store: StoreKind) {
         assert!(stored.keys.iter().all(|k| k.wrapped.is_empty() && k.kek_version == 0));
         assert_eq!(stored.keys.len(), 2, "public keys stay");
         let counted: u64 = store.keys_per_kek().await.expect("count").iter().map(|(_, n)| n).sum();
-        assert_eq!(counted, 2, "alice's two keys only");
+        assert_eq!(counted, 4, "alice's two key versions only");
+
+        // `keyward doctor` unwraps what is left (alice's current keys) and passes over bob.
+        let config = env.config_path.to_str().expect("path").to_string();
+        let (ok, out, err) = cli(&env, &d1, "admin", &["doctor", "--config", &config]);
+        assert!(ok, "{out} {err}");
+        assert!(
+            out.contains("checked 1 accounts: 1 ok, 0 failed (1 deleted accounts have no keys to check)"),
+            "{out}"
+        );
 
         // The audit log: each change and each refusal, and it verifies.
         let events = store.audit().events_after(0, 10_000).await.expect("events");
@@ -466,6 +551,15 @@ fn lifecycle(store: StoreKind) {
         assert!(of("UpdateAccount")
             .iter()
             .any(|e| e.body.code == "OK" && e.body.account == a_id));
+        let rotations: Vec<_> = of("RotateAccountKeys")
+            .into_iter()
+            .filter(|e| e.body.code == "OK")
+            .collect();
+        assert_eq!(rotations.len(), 1);
+        assert_eq!(
+            rotations[0].body.digest,
+            hex::encode(sha2::Sha256::digest(b"yearly rotation"))
+        );
         let deletes: Vec<_> = of("DeleteAccount")
             .into_iter()
             .filter(|e| e.body.code == "OK")

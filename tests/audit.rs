@@ -215,6 +215,16 @@ async fn enumeration(env: Env) {
         .await
         .expect("unfreeze");
     c.one("UnfreezeAccount", true).await;
+    let rotated = accounts
+        .rotate_account_keys(keyward::api::pb::RotateAccountKeysRequest {
+            account_id: b.account_id.clone(),
+            reason: "drill".into(),
+        })
+        .await
+        .expect("rotate")
+        .into_inner();
+    assert_eq!(rotated.key_version, 2);
+    c.one("RotateAccountKeys", true).await;
     let e = accounts
         .delete_account(keyward::api::pb::DeleteAccountRequest {
             account_id: b.account_id.clone(),

@@ -438,6 +438,12 @@ fn every_rpc_is_decided() {
         let _ = audit
             .stream_events(keyward::api::pb::StreamEventsRequest { since_seq: 0 })
             .await;
+        let _ = accounts
+            .rotate_account_keys(keyward::api::pb::RotateAccountKeysRequest {
+                account_id: account.clone(),
+                reason: "drill".into(),
+            })
+            .await;
         // Last: the account is gone after this.
         let _ = accounts
             .delete_account(keyward::api::pb::DeleteAccountRequest {
@@ -456,7 +462,7 @@ fn every_rpc_is_decided() {
             .filter_map(|l| l.split('(').next())
             .map(str::trim)
             .collect();
-        assert_eq!(rpcs.len(), 23, "{rpcs:?}");
+        assert_eq!(rpcs.len(), 24, "{rpcs:?}");
         for rpc in rpcs {
             let action = keyward::policy::Action::for_rpc(rpc).unwrap_or_else(|| panic!("{rpc} has no action"));
             assert!(

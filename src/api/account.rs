@@ -1,5 +1,5 @@
 //! AccountService: CreateAccount, GetAccount, GetAccountJwks, ListAccounts, UpdateAccount,
-//! FreezeAccount, UnfreezeAccount.
+//! FreezeAccount, UnfreezeAccount, DeleteAccount, RotateAccountKeys.
 
 use sha2::Digest as _;
 use tonic::{Request, Response, Status};
@@ -7,8 +7,8 @@ use tonic::{Request, Response, Status};
 use super::pb::account_service_server::AccountService;
 use super::pb::{
     Account, CreateAccountRequest, DeleteAccountRequest, FreezeAccountRequest, GetAccountJwksRequest,
-    GetAccountJwksResponse, GetAccountRequest, ListAccountsRequest, ListAccountsResponse, UnfreezeAccountRequest,
-    UpdateAccountRequest,
+    GetAccountJwksResponse, GetAccountRequest, ListAccountsRequest, ListAccountsResponse, RotateAccountKeysRequest,
+    UnfreezeAccountRequest, UpdateAccountRequest,
 };
 use super::{AccountApi, ApiError};
 use crate::crypto::eth::Address;
@@ -88,7 +88,8 @@ fn to_proto(record: &AccountRecord) -> Result<Account, ApiError> {
     let (kek_version, key_version) = record
         .keys
         .iter()
-        .find(|k| k.alg == KeyAlg::Secp256k1)
+        .filter(|k| k.alg == KeyAlg::Secp256k1)
+        .max_by_key(|k| k.key_version)
         .map(|k| (k.kek_version, k.key_version))
         .unwrap_or_default();
     Ok(Account {
@@ -416,6 +417,46 @@ impl AccountService for AccountApi {
                 )
                 .await?;
                 tracing::warn!(account = %req.account_id, by = %identity, "account deleted: its private keys are destroyed");
+                Ok(account)
+            })
+            .await
+    }
+
+    async fn rotate_account_keys(
+        &self,
+        request: Request<RotateAccountKeysRequest>,
+    ) -> Result<Response<Account>, Status> {
+        self.0
+            .handle("RotateAccountKeys", request, |d, identity, req| async move {
+                check_account_id(&req.account_id)?;
+                let reason = check_reason(&req.reason)?;
+                d.keys.evict(&req.account_id);
+                let record = d
+                    .account_for(
+                        &identity,
+                        Action::RotateAccountKeys,
+                        &req.account_id,
+                        RequestContext::default(),
+                    )
+                    .await?;
+                let version = record.keys.iter().map(|k| k.key_version).max().unwrap_or(0);
+                let next = version
+                    .checked_add(1)
+                    .ok_or(ApiError::Internal("key version overflow"))?;
+                let keys = d.keys.generate(next).await?;
+                // A concurrent rotation stored this version first: CONFLICT, answered ABORTED,
+                // and the keys made here are never stored.
+                let account = change(
+                    &d,
+                    &req.account_id,
+                    AccountChange {
+                        new_keys: Some(keys),
+                        ..AccountChange::default()
+                    },
+                    hex::encode(sha2::Sha256::digest(reason.as_bytes())),
+                )
+                .await?;
+                tracing::warn!(account = %req.account_id, by = %identity, key_version = next, "account keys rotated");
                 Ok(account)
             })
             .await

@@ -94,6 +94,12 @@ impl AuditFacts for pb::DeleteAccountRequest {
         e.digest = sha256_hex(self.reason.trim().as_bytes());
     }
 }
+impl AuditFacts for pb::RotateAccountKeysRequest {
+    fn facts(&self, e: &mut NewEvent) {
+        e.account = bounded(&self.account_id);
+        e.digest = sha256_hex(self.reason.trim().as_bytes());
+    }
+}
 impl AuditFacts for pb::UnfreezeAccountRequest {
     fn facts(&self, e: &mut NewEvent) {
         e.account = bounded(&self.account_id);

@@ -13,7 +13,8 @@ use crate::api::pb::account_service_client::AccountServiceClient;
 use crate::api::pb::signing_service_client::SigningServiceClient;
 use crate::api::pb::{
     Account, CreateAccountRequest, DeleteAccountRequest, FreezeAccountRequest, GetAccountRequest, ListAccountsRequest,
-    SignMessageRequest, SignTypedDataRequest, SignatureAlgorithm, UnfreezeAccountRequest, UpdateAccountRequest,
+    RotateAccountKeysRequest, SignMessageRequest, SignTypedDataRequest, SignatureAlgorithm, UnfreezeAccountRequest,
+    UpdateAccountRequest,
 };
 use crate::dev::read_client_file;
 use crate::metrics::code_name;
@@ -91,6 +92,15 @@ pub enum AccountCmd {
     Unfreeze {
         /// Account id.
         account_id: String,
+    },
+    /// Give an account new keys (its next key version): its Ethereum address and DIDs change;
+    /// the old public keys stay in its JWKS for verifiers.
+    RotateKeys {
+        /// Account id.
+        account_id: String,
+        /// Why (the audit log binds it by hash).
+        #[arg(long)]
+        reason: String,
     },
     /// Delete an account: its wrapped private keys are destroyed and its open sessions
     /// revoked; its id, public keys and audit history stay. Cannot be undone.
@@ -366,6 +376,15 @@ pub async fn account(home: &Path, opts: &ClientOpts, cmd: AccountCmd) -> anyhow:
             let mut c = AccountServiceClient::new(connect(home, opts).await?);
             let a = c
                 .delete_account(DeleteAccountRequest { account_id, reason })
+                .await
+                .map_err(RpcError)?
+                .into_inner();
+            print_account(opts.json, &a);
+        }
+        AccountCmd::RotateKeys { account_id, reason } => {
+            let mut c = AccountServiceClient::new(connect(home, opts).await?);
+            let a = c
+                .rotate_account_keys(RotateAccountKeysRequest { account_id, reason })
                 .await
                 .map_err(RpcError)?
                 .into_inner();

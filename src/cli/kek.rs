@@ -138,7 +138,7 @@ pub fn doctor(a: DoctorArgs) -> anyhow::Result<bool> {
         let store = crate::store::open(&config.store.url).await?;
         let hsm = crate::server::open_hsm(&config).await?;
         let arena = crate::keys::SecretArena::new();
-        let (mut checked, mut failed) = (0u64, Vec::new());
+        let (mut checked, mut failed, mut deleted) = (0u64, Vec::new(), 0u64);
         let mut after: Option<String> = None;
         loop {
             let page = store.account_ids_page(after.as_deref(), 500).await?;
@@ -146,6 +146,11 @@ pub fn doctor(a: DoctorArgs) -> anyhow::Result<bool> {
             for id in page {
                 let outcome = match store.get_account(&id).await? {
                     None => Err("deleted while checked".to_string()),
+                    // Crypto-shredded: no key left to check.
+                    Some(record) if record.deleted_at.is_some() => {
+                        deleted += 1;
+                        continue;
+                    }
                     Some(record) => {
                         let (hsm, arena) = (hsm.clone(), arena.clone());
                         tokio::task::spawn_blocking(move || {
@@ -169,7 +174,7 @@ pub fn doctor(a: DoctorArgs) -> anyhow::Result<bool> {
             after = Some(last);
         }
         println!(
-            "checked {checked} accounts: {} ok, {} failed",
+            "checked {checked} accounts: {} ok, {} failed ({deleted} deleted accounts have no keys to check)",
             checked - failed.len() as u64,
             failed.len()
         );

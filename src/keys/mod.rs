@@ -53,7 +53,7 @@ pub struct NewAccount {
 /// (an Ed25519 seed made on the host) must lie below the caller's
 /// `scrub_stack`.
 #[inline(never)]
-fn generate_keys(hsm: &Hsm, metrics: &Metrics) -> Result<Vec<KeyRecord>, HsmError> {
+fn generate_keys(hsm: &Hsm, metrics: &Metrics, key_version: u32) -> Result<Vec<KeyRecord>, HsmError> {
     let mut keys = Vec::with_capacity(KeyAlg::ALL.len());
     for alg in KeyAlg::ALL {
         let started = Instant::now();
@@ -65,7 +65,7 @@ fn generate_keys(hsm: &Hsm, metrics: &Metrics) -> Result<Vec<KeyRecord>, HsmErro
             public_key: w.public_key,
             wrapped: w.wrapped,
             kek_version: w.kek_version,
-            key_version: INITIAL_KEY_VERSION,
+            key_version,
         });
     }
     Ok(keys)
@@ -142,20 +142,7 @@ impl KeyService {
         new: NewAccount,
         event: Option<crate::audit::NewEvent>,
     ) -> Result<(AccountRecord, Option<u64>), KeyError> {
-        let hsm = self.hsm.clone();
-        let metrics = self.metrics.clone();
-        let wrapped = tokio::task::spawn_blocking(crate::telemetry::in_span(
-            "hsm.generate_wrapped",
-            move || -> Result<Vec<KeyRecord>, HsmError> {
-                let out = generate_keys(&hsm, &metrics);
-                // An Ed25519 seed made on the host (tokens without native EdDSA wrapping) was on
-                // this thread's stack.
-                scrub_stack::<SCRUB_AFTER_UNWRAP>();
-                out
-            },
-        ))
-        .await
-        .map_err(|_| KeyError::Internal("key generation task failed"))??;
+        let wrapped = self.generate(INITIAL_KEY_VERSION).await?;
 
         let mut allowed = new.allowed;
         allowed.sort();
@@ -179,6 +166,25 @@ impl KeyService {
         });
         let seq = self.store.create_account_audited(&record, event.as_ref()).await?;
         Ok((record, seq))
+    }
+
+    /// Generates one key of each algorithm in the HSM, wrapped under the current KEK, as
+    /// version `key_version` of an account's keys.
+    pub async fn generate(&self, key_version: u32) -> Result<Vec<KeyRecord>, KeyError> {
+        let hsm = self.hsm.clone();
+        let metrics = self.metrics.clone();
+        Ok(tokio::task::spawn_blocking(crate::telemetry::in_span(
+            "hsm.generate_wrapped",
+            move || -> Result<Vec<KeyRecord>, HsmError> {
+                let out = generate_keys(&hsm, &metrics, key_version);
+                // An Ed25519 seed made on the host (tokens without native EdDSA wrapping) was on
+                // this thread's stack.
+                scrub_stack::<SCRUB_AFTER_UNWRAP>();
+                out
+            },
+        ))
+        .await
+        .map_err(|_| KeyError::Internal("key generation task failed"))??)
     }
 
     /// The account's record without unwrapping keys.

@@ -20,6 +20,8 @@ pub enum Action {
     UnfreezeAccount,
     /// AccountService.DeleteAccount
     DeleteAccount,
+    /// AccountService.RotateAccountKeys
+    RotateAccountKeys,
     /// SigningService.SignTypedData
     SignTypedData,
     /// SigningService.SignMessage
@@ -54,7 +56,7 @@ pub enum Action {
 
 impl Action {
     /// Every action.
-    pub const ALL: [Action; 23] = [
+    pub const ALL: [Action; 24] = [
         Action::CreateAccount,
         Action::GetAccount,
         Action::GetAccountJwks,
@@ -63,6 +65,7 @@ impl Action {
         Action::FreezeAccount,
         Action::UnfreezeAccount,
         Action::DeleteAccount,
+        Action::RotateAccountKeys,
         Action::SignTypedData,
         Action::SignMessage,
         Action::SignPayment,
@@ -91,6 +94,7 @@ impl Action {
             Action::FreezeAccount => "FreezeAccount",
             Action::UnfreezeAccount => "UnfreezeAccount",
             Action::DeleteAccount => "DeleteAccount",
+            Action::RotateAccountKeys => "RotateAccountKeys",
             Action::SignTypedData => "SignTypedData",
             Action::SignMessage => "SignMessage",
             Action::SignPayment => "SignPayment",
@@ -124,9 +128,11 @@ impl Action {
             | Action::GetSession
             | Action::RevokeSession => Some("ManageSessions"),
             Action::ListIssuerKeys | Action::RotateIssuerKey | Action::RevokeIssuerKey => Some("IssuerKeys"),
-            Action::UpdateAccount | Action::FreezeAccount | Action::UnfreezeAccount | Action::DeleteAccount => {
-                Some("ManageAccounts")
-            }
+            Action::UpdateAccount
+            | Action::FreezeAccount
+            | Action::UnfreezeAccount
+            | Action::DeleteAccount
+            | Action::RotateAccountKeys => Some("ManageAccounts"),
             Action::ListAccounts => None,
             Action::CreateAccount | Action::GetAccount | Action::ReadAudit => None,
         }

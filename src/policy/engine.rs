@@ -344,12 +344,16 @@ impl Policies {
             .map_err(|e| invalid(schema_path, e.to_string()))?;
         let mut actions = HashMap::new();
         let mut by_action = HashMap::new();
+        let mut undeclared = Vec::new();
         for a in Action::ALL {
             let id = uid("Keyward::Action", a.name())?;
-            let entity = action_entities
-                .get(&id)
-                .cloned()
-                .ok_or_else(|| invalid(schema_path, format!("the schema has no action {}", a.name())))?;
+            // An action this version added, in a schema written for an earlier one: no policy
+            // can name it, so every such request is denied (deny by default) until the schema
+            // declares it and a policy permits it. Said once, at load.
+            let Some(entity) = action_entities.get(&id).cloned() else {
+                undeclared.push(a.name());
+                continue;
+            };
             let mut within: HashSet<EntityUid> =
                 action_entities.ancestors(&id).into_iter().flatten().cloned().collect();
             within.insert(id.clone());
@@ -366,6 +370,14 @@ impl Policies {
             .map_err(|e| invalid(schema_path, e.to_string()))?;
             actions.insert(a.name(), entity);
             by_action.insert(a.name(), subset);
+        }
+        if !undeclared.is_empty() {
+            tracing::warn!(
+                schema = %schema_path.display(),
+                actions = ?undeclared,
+                "the policy schema does not declare these actions (added by a newer keyward): \
+                 they are denied to everyone until the schema declares them and a policy permits them"
+            );
         }
         let names = Names::new()?;
         let mut reads = HashMap::new();
@@ -423,7 +435,7 @@ impl Policies {
         })
     }
 
-    /// Whether the schema declares `action` (every action does, or the set would not load).
+    /// Whether the schema declares `action` (one it does not is denied to everyone).
     pub fn declares(&self, action: Action) -> bool {
         self.actions.contains_key(action.name())
     }
@@ -634,6 +646,15 @@ fn build<'p>(req: &PolicyRequest<'_>, p: &'p Policies) -> Result<(Request, Entit
 /// daemon cannot put to Cedar (a bug) is denied.
 pub fn decide(req: &PolicyRequest<'_>, p: &Policies) -> Decision {
     let action = req.action.name();
+    if !p.declares(req.action) {
+        // Not in this set's schema (see `load`): deny by default, naming nothing.
+        return Decision {
+            action,
+            allowed: false,
+            policy_ids: Vec::new(),
+            limit: None,
+        };
+    }
     let (request, entities, slice) = match build(req, p) {
         Ok(x) => x,
         Err(e) => {

@@ -615,3 +615,40 @@ fn prepared_decisions_equal_unprepared_ones() {
         engine::indexed_attributes(&sets[2].1)
     );
 }
+
+/// A policy folder written for an earlier keyward (its schema lacks an action added since)
+/// still loads: the new action is denied to everyone, the others decide as before.
+#[test]
+fn an_action_the_schema_does_not_declare_is_denied_to_everyone() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let target = dir.path().join("policies");
+    assert!(install_defaults(&target).expect("installs"));
+    let schema = target.join("schema.cedarschema");
+    let text = std::fs::read_to_string(&schema).expect("schema");
+    let older: String = text
+        .lines()
+        .filter(|l| !l.contains("action RotateAccountKeys "))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    assert_ne!(older, text, "the line was there");
+    std::fs::write(&schema, older).expect("write");
+    let p = Policies::load_dir(&target).expect("an older schema loads");
+    assert!(!p.declares(Action::RotateAccountKeys));
+    let a = account(&[]);
+    let ask = |action| {
+        decide(
+            &PolicyRequest {
+                principal: ADMIN,
+                action,
+                resource: Resource::Account(&a),
+                context: RequestContext::default(),
+            },
+            &p,
+        )
+    };
+    let refused = ask(Action::RotateAccountKeys);
+    assert!(!refused.allowed && refused.policy_ids.is_empty(), "{refused:?}");
+    let allowed = ask(Action::FreezeAccount);
+    assert!(allowed.allowed, "{allowed:?}");
+    assert_eq!(allowed.policy_ids, vec!["admins-manage-accounts".to_string()]);
+}

@@ -41,6 +41,9 @@ pub struct AccountPublic {
     pub ed25519: Jwk,
     /// secp256k1 JWK (alg ES256K).
     pub secp256k1: Jwk,
+    /// The public keys of earlier key versions (after a rotation), newest first: they sign
+    /// nothing any more, and verify what they signed.
+    pub retired: Vec<Jwk>,
 }
 
 impl AccountPublic {
@@ -55,20 +58,33 @@ impl AccountPublic {
         let secp256k1 = Jwk::ec_secp256k1(secp.to_encoded_point(false).as_bytes())
             .map_err(|_| bad(crate::types::KeyAlg::Secp256k1))?;
         let eth_address = Address::from_public_key(&secp);
+        let current = record.keys.iter().map(|k| k.key_version).max().unwrap_or(0);
+        let mut older: Vec<&crate::store::KeyRecord> = record.keys.iter().filter(|k| k.key_version < current).collect();
+        older.sort_by(|a, b| (b.key_version, a.alg.as_str()).cmp(&(a.key_version, b.alg.as_str())));
+        let retired = older
+            .into_iter()
+            .filter_map(|k| match k.alg {
+                crate::types::KeyAlg::Ed25519 => Jwk::ed25519(&k.public_key).ok(),
+                crate::types::KeyAlg::Secp256k1 => k256::ecdsa::VerifyingKey::from_sec1_bytes(&k.public_key)
+                    .ok()
+                    .and_then(|v| Jwk::ec_secp256k1(v.to_encoded_point(false).as_bytes()).ok()),
+            })
+            .collect();
         Ok(AccountPublic {
             did_key: did::did_key_ed25519(&ed.to_bytes()),
             did_pkh: did::did_pkh_eip155(chain_id, &eth_address),
             eth_address,
             ed25519,
             secp256k1,
+            retired,
         })
     }
 
-    /// The account's JWKS: Ed25519 first, then secp256k1.
+    /// The account's JWKS: Ed25519 first, then secp256k1, then the keys of earlier versions.
     pub fn jwks(&self) -> Jwks {
-        Jwks {
-            keys: vec![self.ed25519.clone(), self.secp256k1.clone()],
-        }
+        let mut keys = vec![self.ed25519.clone(), self.secp256k1.clone()];
+        keys.extend(self.retired.iter().cloned());
+        Jwks { keys }
     }
 
     /// The DID that names the key of `alg`.

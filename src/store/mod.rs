@@ -82,6 +82,9 @@ pub struct AccountChange {
     /// Delete at this time: the wrapped private keys are emptied (KEK version 0), open
     /// sessions revoked; the row and the public keys stay.
     pub deleted_at: Option<i64>,
+    /// A new version of the account's keys (rotation); stored only if no key of that
+    /// version exists yet (else [`StoreError::Conflict`]).
+    pub new_keys: Option<Vec<KeyRecord>>,
 }
 
 /// Which accounts [`Store::list_account_ids`] lists; empty fields match every account.

@@ -1278,6 +1278,24 @@ where
                     .map_err(err::<DB>)?;
             }
         }
+        for key in change.new_keys.iter().flatten() {
+            sqlx::query(
+                "INSERT INTO account_keys \
+                 (account_id, alg, public_key, wrapped, kek_version, key_version) \
+                 VALUES ($1, $2, $3, $4, $5, $6)",
+            )
+            .bind(id)
+            .bind(key.alg.as_str())
+            .bind(&key.public_key)
+            .bind(&key.wrapped)
+            .bind(i64::from(key.kek_version))
+            .bind(i64::from(key.key_version))
+            .execute(&mut *tx)
+            .await
+            .map_err(conflict_as(DB::BACKEND, || {
+                format!("{} key version {} of account {id}", key.alg, key.key_version)
+            }))?;
+        }
         if let Some(at) = change.deleted_at {
             // Crypto-shred: the wrapped private keys go; the public keys stay for verifiers.
             sqlx::query("UPDATE accounts SET deleted_at = $1 WHERE id = $2")
