@@ -101,6 +101,31 @@ pub struct Config {
     /// OpenTelemetry traces (off unless an OTLP endpoint is named).
     #[serde(default)]
     pub telemetry: TelemetryConfig,
+    /// The account lifecycle.
+    #[serde(default)]
+    pub accounts: AccountsConfig,
+}
+
+/// `[accounts]`: the account lifecycle.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccountsConfig {
+    /// How long a controller change waits before it takes effect (an operator can cancel it
+    /// meanwhile); 0 applies it at once. At most 30 days.
+    #[serde(default = "default_controller_change_delay")]
+    pub controller_change_delay_seconds: u64,
+}
+
+impl Default for AccountsConfig {
+    fn default() -> Self {
+        AccountsConfig {
+            controller_change_delay_seconds: default_controller_change_delay(),
+        }
+    }
+}
+
+fn default_controller_change_delay() -> u64 {
+    86_400
 }
 
 /// `[telemetry]`: OpenTelemetry traces exported over OTLP/gRPC. Off by
@@ -832,6 +857,12 @@ impl Config {
         }
         self.jwks.validate()?;
         self.audit.validate()?;
+        if self.accounts.controller_change_delay_seconds > 30 * 86_400 {
+            return Err(ConfigError::Invalid {
+                key: "accounts.controller_change_delay_seconds",
+                reason: "at most 30 days (2592000)".into(),
+            });
+        }
         if self.keys.cache_capacity == 0 {
             return Err(ConfigError::Invalid {
                 key: "keys.cache_capacity",

@@ -275,6 +275,7 @@ pub async fn start_with_clock(config: &Config, clock: Arc<dyn Clock>) -> Result<
         policy,
         metrics,
         log_details: config.log.log_request_details,
+        controller_change_delay: i64::try_from(config.accounts.controller_change_delay_seconds).unwrap_or(i64::MAX),
         sessions,
         jwks,
         audit,
@@ -390,6 +391,7 @@ where
     let tls_task = tokio::spawn(running.tls.clone().watch(running.tls_watch, stop_rx.clone()));
     let kek_task = tokio::spawn(count_keys_per_kek(d.clone(), stop_rx.clone()));
     let changes_task = tokio::spawn(follow_account_changes(d.clone(), stop_rx.clone()));
+    let controller_task = tokio::spawn(apply_controller_changes(d.clone(), stop_rx.clone()));
     let prune_task = tokio::spawn(
         d.policy
             .clone()
@@ -465,6 +467,7 @@ where
     let _ = prune_task.await;
     let _ = kek_task.await;
     let _ = changes_task.await;
+    let _ = controller_task.await;
     // Requests whose clients left still run to their end: wait for them
     // (bounded) before the audit log is closed under them.
     let all = u32::try_from(running.max_requests_in_flight).unwrap_or(u32::MAX);
@@ -576,6 +579,32 @@ async fn follow_account_changes(d: Arc<Daemon>, mut stop: tokio::sync::watch::Re
                 seen.retain(|_, at| *at >= now - 2 * ACCOUNT_CHANGES_WINDOW);
             }
             Err(e) => tracing::debug!(error = %e, "reading the account change feed failed"),
+        }
+        tokio::select! {
+            _ = stop.wait_for(|s| *s) => return,
+            _ = tokio::time::sleep(ACCOUNT_CHANGES_EVERY) => {}
+        }
+    }
+}
+
+/// Applies the controller changes that are due (on every replica; each change once, in its
+/// own transaction) and drops their accounts from this replica's cache.
+async fn apply_controller_changes(d: Arc<Daemon>, mut stop: tokio::sync::watch::Receiver<bool>) {
+    let event = crate::audit::event::daemon_event(crate::audit::event::CONTROLLER_CHANGED, String::new());
+    loop {
+        match d
+            .keys
+            .store()
+            .apply_due_controller_changes(d.sessions.now(), crate::clock::unix_now(), &event)
+            .await
+        {
+            Ok(applied) => {
+                for c in applied {
+                    d.keys.evict(&c.account_id);
+                    tracing::warn!(account = %c.account_id, controller = %c.new_controller, "controller change applied");
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "applying due controller changes failed"),
         }
         tokio::select! {
             _ = stop.wait_for(|s| *s) => return,

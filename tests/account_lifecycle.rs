@@ -81,6 +81,19 @@ async fn ed_public(d: &Daemon, env: &Env, account: &str) -> Vec<u8> {
         .public_key
 }
 
+/// The account's controller as `d` answers.
+async fn controller_on(d: &Daemon, env: &Env, account: &str) -> String {
+    d.accounts(env, "admin")
+        .await
+        .get_account(GetAccountRequest {
+            account_id: account.into(),
+        })
+        .await
+        .expect("read")
+        .into_inner()
+        .controller
+}
+
 async fn pay(d: &Daemon, env: &Env, token: &str, request_id: &str) -> Result<(), tonic::Status> {
     d.signing(env, "marketplace")
         .await
@@ -145,6 +158,9 @@ fn lifecycle(store: StoreKind) {
     let Some(env) = Env::new(Custody::Host, store) else {
         return;
     };
+    let mut config = std::fs::read_to_string(&env.config_path).expect("config");
+    config.push_str("[accounts]\ncontroller_change_delay_seconds = 2\n");
+    std::fs::write(&env.config_path, config).expect("config");
     block_on(async {
         env.init().await;
         let d1 = env.start().await;
@@ -343,6 +359,133 @@ fn lifecycle(store: StoreKind) {
             "the version 1 key stays: {xs:?}"
         );
 
+        // Controller change, signed by the current controller and relayed by the wallet
+        // gateway: pending for the deployment's delay (2 s here), then applied on every replica;
+        // the sessions the old controller granted end with it.
+        let wallet2 = Wallet::new(0x43);
+        let change =
+            |signature: Vec<u8>, valid_before: i64, prepare_only: bool| keyward::api::pb::ChangeControllerRequest {
+                account_id: a_id.clone(),
+                new_controller: wallet2.address().to_checksum(),
+                valid_before,
+                controller_signature: signature,
+                prepare_only,
+            };
+        let mut gateway = d1.accounts(&env, "wallet-gateway").await;
+        let valid_before = keyward::clock::unix_now() + 600;
+        let prepared = gateway
+            .change_controller(change(vec![], valid_before, true))
+            .await
+            .expect("prepare")
+            .into_inner();
+        assert_eq!(prepared.state, "unsigned");
+        let e = gateway
+            .change_controller(change(wallet2.sign(&prepared.typed_data_json), valid_before, false))
+            .await
+            .expect_err("signed by the new wallet, not the controller");
+        assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+        let e = gateway
+            .change_controller(change(vec![], 0, false))
+            .await
+            .expect_err("the gateway cannot change a controller unsigned");
+        assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+        let e = gateway
+            .change_controller(change(
+                wallet.sign(&prepared.typed_data_json),
+                keyward::clock::unix_now() - 1,
+                false,
+            ))
+            .await
+            .expect_err("expired");
+        assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+        let old_session = open_session(&d1, &env, &wallet, &a_id)
+            .await
+            .expect("session by the old controller");
+        let pending = gateway
+            .change_controller(change(wallet.sign(&prepared.typed_data_json), valid_before, false))
+            .await
+            .expect("signed change")
+            .into_inner();
+        assert_eq!((pending.state.as_str(), pending.controller_signed), ("pending", true));
+        assert_eq!(pending.effective_at - pending.requested_at, 2);
+        let e = admin1
+            .change_controller(change(vec![], 0, false))
+            .await
+            .expect_err("one pending change at a time");
+        assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+        assert_eq!(
+            controller_on(&d2, &env, &a_id).await,
+            wallet.address().to_checksum(),
+            "not yet"
+        );
+        let started = Instant::now();
+        for d in [&d1, &d2] {
+            while controller_on(d, &env, &a_id).await != wallet2.address().to_checksum() {
+                assert!(started.elapsed() < Duration::from_secs(6), "the change was not applied");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        let e = pay(&d2, &env, &old_session, "c-1")
+            .await
+            .expect_err("the old controller's session ended");
+        assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+        let e = open_session(&d2, &env, &wallet, &a_id)
+            .await
+            .expect_err("the old controller");
+        assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+        let new_session = open_session(&d2, &env, &wallet2, &a_id)
+            .await
+            .expect("the new controller");
+        pay(&d1, &env, &new_session, "c-2").await.expect("pays");
+
+        // An operator's change (no signature), cancelled before it takes effect.
+        let e = market
+            .change_controller(keyward::api::pb::ChangeControllerRequest {
+                account_id: a_id.clone(),
+                new_controller: wallet.address().to_checksum(),
+                ..Default::default()
+            })
+            .await
+            .expect_err("a listed client is no operator");
+        assert!(matches!(e.code(), Code::PermissionDenied | Code::NotFound), "{e:?}");
+        let by_operator = admin2
+            .change_controller(keyward::api::pb::ChangeControllerRequest {
+                account_id: a_id.clone(),
+                new_controller: wallet.address().to_checksum(),
+                ..Default::default()
+            })
+            .await
+            .expect("operator change")
+            .into_inner();
+        assert_eq!(
+            (by_operator.state.as_str(), by_operator.controller_signed),
+            ("pending", false)
+        );
+        let cancelled = admin1
+            .cancel_controller_change(keyward::api::pb::CancelControllerChangeRequest {
+                account_id: a_id.clone(),
+            })
+            .await
+            .expect("cancel")
+            .into_inner();
+        assert_eq!(
+            (cancelled.state.as_str(), cancelled.change_id.as_str()),
+            ("cancelled", by_operator.change_id.as_str())
+        );
+        let e = admin1
+            .cancel_controller_change(keyward::api::pb::CancelControllerChangeRequest {
+                account_id: a_id.clone(),
+            })
+            .await
+            .expect_err("nothing pending");
+        assert_eq!(e.code(), Code::NotFound, "{e:?}");
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        assert_eq!(
+            controller_on(&d1, &env, &a_id).await,
+            wallet2.address().to_checksum(),
+            "the cancelled change never applies"
+        );
+
         // List: filters, pages, and who may.
         let list = |req: ListAccountsRequest| {
             let mut c = admin2.clone();
@@ -368,7 +511,11 @@ fn lifecycle(store: StoreKind) {
         })
         .await
         .expect("list");
-        assert_eq!(by_controller.accounts.len(), 2);
+        assert_eq!(
+            by_controller.accounts.iter().map(|a| a.account_id.clone()).collect::<Vec<_>>(),
+            vec![b_id.clone()],
+            "alice has wallet2 now"
+        );
         let first = list(ListAccountsRequest {
             page_size: 1,
             ..Default::default()
@@ -559,6 +706,21 @@ fn lifecycle(store: StoreKind) {
         assert_eq!(
             rotations[0].body.digest,
             hex::encode(sha2::Sha256::digest(b"yearly rotation"))
+        );
+        assert_eq!(
+            of("ChangeController").iter().filter(|e| e.body.code == "OK").count(),
+            3,
+            "prepared, signed, operator"
+        );
+        let applied = of(keyward::audit::event::CONTROLLER_CHANGED);
+        assert_eq!(applied.len(), 1, "{applied:?}");
+        assert_eq!(applied[0].body.account, a_id);
+        assert_eq!(
+            of("CancelControllerChange")
+                .iter()
+                .filter(|e| e.body.code == "OK")
+                .count(),
+            1
         );
         let deletes: Vec<_> = of("DeleteAccount")
             .into_iter()

@@ -215,6 +215,24 @@ async fn enumeration(env: Env) {
         .await
         .expect("unfreeze");
     c.one("UnfreezeAccount", true).await;
+    let change = accounts
+        .change_controller(keyward::api::pb::ChangeControllerRequest {
+            account_id: b.account_id.clone(),
+            new_controller: wallet.address().to_checksum(),
+            ..Default::default()
+        })
+        .await
+        .expect("operator's controller change")
+        .into_inner();
+    let e = c.one("ChangeController", true).await;
+    assert_eq!(e.body.signature_ref, format!("controller-change:{}", change.change_id));
+    accounts
+        .cancel_controller_change(keyward::api::pb::CancelControllerChangeRequest {
+            account_id: b.account_id.clone(),
+        })
+        .await
+        .expect("cancel");
+    c.one("CancelControllerChange", true).await;
     let rotated = accounts
         .rotate_account_keys(keyward::api::pb::RotateAccountKeysRequest {
             account_id: b.account_id.clone(),

@@ -439,6 +439,18 @@ fn every_rpc_is_decided() {
             .stream_events(keyward::api::pb::StreamEventsRequest { since_seq: 0 })
             .await;
         let _ = accounts
+            .change_controller(keyward::api::pb::ChangeControllerRequest {
+                account_id: account.clone(),
+                new_controller: "0x3149fb64BDeE81206161dfAEE77C6B69692357d2".into(),
+                ..Default::default()
+            })
+            .await;
+        let _ = accounts
+            .cancel_controller_change(keyward::api::pb::CancelControllerChangeRequest {
+                account_id: account.clone(),
+            })
+            .await;
+        let _ = accounts
             .rotate_account_keys(keyward::api::pb::RotateAccountKeysRequest {
                 account_id: account.clone(),
                 reason: "drill".into(),
@@ -462,7 +474,7 @@ fn every_rpc_is_decided() {
             .filter_map(|l| l.split('(').next())
             .map(str::trim)
             .collect();
-        assert_eq!(rpcs.len(), 24, "{rpcs:?}");
+        assert_eq!(rpcs.len(), 26, "{rpcs:?}");
         for rpc in rpcs {
             let action = keyward::policy::Action::for_rpc(rpc).unwrap_or_else(|| panic!("{rpc} has no action"));
             assert!(

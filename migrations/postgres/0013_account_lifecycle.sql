@@ -17,3 +17,22 @@ CREATE TABLE account_changes (
     changed_at BIGINT NOT NULL
 );
 CREATE INDEX account_changes_at ON account_changes (changed_at);
+
+-- Controller changes: asked by the current controller (a signed EIP-712
+-- ControllerChange, `digest` its signing hash, never accepted twice) or by an
+-- operator; they take effect at `effective_at` (the deployment's delay) unless
+-- cancelled first. At most one is pending per account.
+CREATE TABLE controller_changes (
+    id             TEXT    NOT NULL PRIMARY KEY,
+    account_id     TEXT    NOT NULL,
+    old_controller TEXT    NOT NULL,
+    new_controller TEXT    NOT NULL,
+    requested_by   TEXT    NOT NULL,
+    requested_at   BIGINT  NOT NULL,
+    effective_at   BIGINT  NOT NULL,
+    digest         TEXT    UNIQUE,
+    state          TEXT    NOT NULL CHECK (state IN ('pending', 'applied', 'cancelled')),
+    settled_at     BIGINT
+);
+CREATE UNIQUE INDEX controller_changes_one_pending ON controller_changes (account_id) WHERE state = 'pending';
+CREATE INDEX controller_changes_due ON controller_changes (effective_at) WHERE state = 'pending';

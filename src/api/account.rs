@@ -6,16 +6,16 @@ use tonic::{Request, Response, Status};
 
 use super::pb::account_service_server::AccountService;
 use super::pb::{
-    Account, CreateAccountRequest, DeleteAccountRequest, FreezeAccountRequest, GetAccountJwksRequest,
-    GetAccountJwksResponse, GetAccountRequest, ListAccountsRequest, ListAccountsResponse, RotateAccountKeysRequest,
-    UnfreezeAccountRequest, UpdateAccountRequest,
+    Account, CancelControllerChangeRequest, ChangeControllerRequest, ControllerChange, CreateAccountRequest,
+    DeleteAccountRequest, FreezeAccountRequest, GetAccountJwksRequest, GetAccountJwksResponse, GetAccountRequest,
+    ListAccountsRequest, ListAccountsResponse, RotateAccountKeysRequest, UnfreezeAccountRequest, UpdateAccountRequest,
 };
 use super::{AccountApi, ApiError};
 use crate::crypto::eth::Address;
 use crate::keys::KeyError;
 use crate::keys::{public_keys, NewAccount};
 use crate::policy::{Action, RequestContext, Resource};
-use crate::store::{AccountChange, AccountFilter, AccountRecord, Frozen};
+use crate::store::{AccountChange, AccountFilter, AccountRecord, ControllerChangeRecord, Frozen};
 use crate::types::KeyAlg;
 
 const MAX_LABEL_CHARS: usize = 128;
@@ -60,6 +60,23 @@ fn check_allow(allow: &[String]) -> Result<(), ApiError> {
         }
     }
     Ok(())
+}
+
+/// How far ahead a signed ControllerChange may be valid.
+const MAX_CHANGE_VALIDITY: i64 = 86_400;
+
+fn change_to_proto(c: &ControllerChangeRecord, typed_data_json: String) -> ControllerChange {
+    ControllerChange {
+        change_id: c.id.clone(),
+        account_id: c.account_id.clone(),
+        old_controller: c.old_controller.clone(),
+        new_controller: c.new_controller.clone(),
+        requested_at: c.requested_at,
+        effective_at: c.effective_at,
+        state: c.state.clone(),
+        typed_data_json,
+        controller_signed: c.digest.is_some(),
+    }
 }
 
 /// Applies `change` to an account the caller may change (checked already), with the request's
@@ -458,6 +475,146 @@ impl AccountService for AccountApi {
                 .await?;
                 tracing::warn!(account = %req.account_id, by = %identity, key_version = next, "account keys rotated");
                 Ok(account)
+            })
+            .await
+    }
+
+    async fn change_controller(
+        &self,
+        request: Request<ChangeControllerRequest>,
+    ) -> Result<Response<ControllerChange>, Status> {
+        self.0
+            .handle("ChangeController", request, |d, identity, req| async move {
+                check_account_id(&req.account_id)?;
+                let new = Address::parse(req.new_controller.trim())
+                    .map_err(|e| ApiError::invalid("new_controller", e.to_string()))?;
+                // A document to sign (prepare_only) is for a controller-signed change.
+                let signed = !req.controller_signature.is_empty() || req.prepare_only;
+                d.keys.evict(&req.account_id);
+                let context = RequestContext {
+                    controller_signed: signed,
+                    ..RequestContext::default()
+                };
+                let record = d
+                    .account_for(&identity, Action::ChangeController, &req.account_id, context)
+                    .await?;
+                let current = Address::parse(&record.controller)
+                    .map_err(|_| ApiError::Internal("stored controller does not parse"))?;
+                if new == current {
+                    return Err(ApiError::invalid("new_controller", "is the current controller"));
+                }
+                let now = d.sessions.now();
+                if signed && (req.valid_before <= now || req.valid_before > now.saturating_add(MAX_CHANGE_VALIDITY)) {
+                    return Err(ApiError::invalid(
+                        "valid_before",
+                        format!("must be after now ({now}) and at most {MAX_CHANGE_VALIDITY} s ahead"),
+                    ));
+                }
+                let doc = crate::session::controller_change(
+                    d.sessions.domain(),
+                    &record.id,
+                    current,
+                    new,
+                    req.valid_before,
+                );
+                let typed_data_json =
+                    serde_json::to_string(&doc).map_err(|_| ApiError::Internal("document does not encode"))?;
+                let unsigned = ControllerChangeRecord {
+                    id: String::new(),
+                    account_id: record.id.clone(),
+                    old_controller: current.to_checksum(),
+                    new_controller: new.to_checksum(),
+                    requested_by: identity.clone(),
+                    requested_at: now,
+                    effective_at: now.saturating_add(d.controller_change_delay),
+                    digest: None,
+                    state: "unsigned".into(),
+                    settled_at: None,
+                };
+                if req.prepare_only {
+                    return Ok(change_to_proto(&unsigned, typed_data_json));
+                }
+                let digest = if signed {
+                    let typed = crate::crypto::eip712::TypedData::from_value(&doc)
+                        .map_err(|_| ApiError::Internal("ControllerChange document"))?;
+                    let hash = typed.signing_hash();
+                    if req.controller_signature.len() != 65 {
+                        return Err(ApiError::invalid("controller_signature", "expected 65 bytes r || s || v"));
+                    }
+                    let signer = crate::crypto::eth::recover_address(&hash, &req.controller_signature)
+                        .map_err(|e| ApiError::invalid("controller_signature", e.to_string()))?;
+                    if signer != current {
+                        return Err(crate::session::SessionError::WrongSigner {
+                            expected: current.to_checksum(),
+                        }
+                        .into());
+                    }
+                    Some(hex::encode(hash))
+                } else {
+                    None
+                };
+                let rec = ControllerChangeRecord {
+                    id: uuid::Uuid::new_v4().to_string(),
+                    digest,
+                    state: "pending".into(),
+                    ..unsigned
+                };
+                let event = crate::audit::context::in_transaction(
+                    rec.digest.clone().unwrap_or_default(),
+                    format!("controller-change:{}", rec.id),
+                );
+                let seq = d
+                    .keys
+                    .store()
+                    .request_controller_change_audited(&rec, crate::clock::unix_now(), event.as_ref())
+                    .await
+                    .map_err(|e| match e {
+                        crate::store::StoreError::Conflict { what } => ApiError::Key(KeyError::Conflict(what)),
+                        other => KeyError::from(other).into(),
+                    })?;
+                if let Some(seq) = seq {
+                    crate::audit::context::mark_recorded(seq);
+                }
+                let mut rec = rec;
+                if rec.effective_at <= rec.requested_at {
+                    d.keys.evict(&rec.account_id);
+                    rec.state = "applied".into();
+                    rec.settled_at = Some(now);
+                }
+                tracing::warn!(account = %rec.account_id, by = %identity, effective_at = rec.effective_at, "controller change requested");
+                Ok(change_to_proto(&rec, typed_data_json))
+            })
+            .await
+    }
+
+    async fn cancel_controller_change(
+        &self,
+        request: Request<CancelControllerChangeRequest>,
+    ) -> Result<Response<ControllerChange>, Status> {
+        self.0
+            .handle("CancelControllerChange", request, |d, identity, req| async move {
+                check_account_id(&req.account_id)?;
+                d.account_for(
+                    &identity,
+                    Action::CancelControllerChange,
+                    &req.account_id,
+                    RequestContext::default(),
+                )
+                .await?;
+                let event = crate::audit::context::in_transaction(String::new(), String::new());
+                let (cancelled, seq) = d
+                    .keys
+                    .store()
+                    .cancel_controller_change_audited(&req.account_id, d.sessions.now(), event.as_ref())
+                    .await
+                    .map_err(KeyError::from)?;
+                if let Some(seq) = seq {
+                    crate::audit::context::mark_recorded(seq);
+                }
+                let cancelled =
+                    cancelled.ok_or_else(|| ApiError::Key(KeyError::NoPendingChange(req.account_id.clone())))?;
+                tracing::warn!(account = %req.account_id, by = %identity, "controller change cancelled");
+                Ok(change_to_proto(&cancelled, String::new()))
             })
             .await
     }

@@ -100,6 +100,23 @@ impl AuditFacts for pb::RotateAccountKeysRequest {
         e.digest = sha256_hex(self.reason.trim().as_bytes());
     }
 }
+impl AuditFacts for pb::ChangeControllerRequest {
+    fn facts(&self, e: &mut NewEvent) {
+        e.account = bounded(&self.account_id);
+    }
+}
+impl AuditFacts for pb::CancelControllerChangeRequest {
+    fn facts(&self, e: &mut NewEvent) {
+        e.account = bounded(&self.account_id);
+    }
+}
+impl AuditFacts for pb::ControllerChange {
+    fn facts(&self, e: &mut NewEvent) {
+        if !self.change_id.is_empty() {
+            e.signature_ref = format!("controller-change:{}", self.change_id);
+        }
+    }
+}
 impl AuditFacts for pb::UnfreezeAccountRequest {
     fn facts(&self, e: &mut NewEvent) {
         e.account = bounded(&self.account_id);

@@ -157,6 +157,8 @@ impl ApiError {
                 KeyError::AccountNotFound(_) => Status::not_found(msg),
                 KeyError::Frozen { .. } => Status::failed_precondition(msg),
                 KeyError::Deleted { .. } => Status::not_found(msg),
+                KeyError::Conflict(_) => Status::failed_precondition(msg),
+                KeyError::NoPendingChange(_) => Status::not_found(msg),
                 KeyError::Binding { .. } | KeyError::MissingKey { .. } => Status::data_loss(msg),
                 KeyError::Hsm(h) => hsm_status(h, msg),
                 KeyError::Store(s) => store_status(s, msg),

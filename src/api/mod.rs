@@ -49,6 +49,8 @@ pub struct Daemon {
     pub metrics: Arc<Metrics>,
     /// Whether logs may carry account ids.
     pub log_details: bool,
+    /// How long a controller change waits before it takes effect, seconds.
+    pub controller_change_delay: i64,
     /// Delegated sessions.
     pub sessions: Arc<crate::session::Sessions>,
     /// Issuer key lifecycle and the published JWKS.

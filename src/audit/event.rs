@@ -69,6 +69,8 @@ pub const SCHEDULED_ROTATION: &str = "ScheduledRotation";
 pub const ISSUER_KEY_RETIRED: &str = "IssuerKeyRetired";
 /// The scheduler removed a retired key after its grace period.
 pub const ISSUER_KEY_REMOVED: &str = "IssuerKeyRemoved";
+/// A pending controller change took effect (`controller:<new address>`).
+pub const CONTROLLER_CHANGED: &str = "ControllerChanged";
 
 /// Now, unix milliseconds UTC (0 before 1970).
 pub fn now_ms() -> i64 {

@@ -12,9 +12,9 @@ use super::ClientOpts;
 use crate::api::pb::account_service_client::AccountServiceClient;
 use crate::api::pb::signing_service_client::SigningServiceClient;
 use crate::api::pb::{
-    Account, CreateAccountRequest, DeleteAccountRequest, FreezeAccountRequest, GetAccountRequest, ListAccountsRequest,
-    RotateAccountKeysRequest, SignMessageRequest, SignTypedDataRequest, SignatureAlgorithm, UnfreezeAccountRequest,
-    UpdateAccountRequest,
+    Account, CancelControllerChangeRequest, ChangeControllerRequest, ControllerChange, CreateAccountRequest,
+    DeleteAccountRequest, FreezeAccountRequest, GetAccountRequest, ListAccountsRequest, RotateAccountKeysRequest,
+    SignMessageRequest, SignTypedDataRequest, SignatureAlgorithm, UnfreezeAccountRequest, UpdateAccountRequest,
 };
 use crate::dev::read_client_file;
 use crate::metrics::code_name;
@@ -101,6 +101,31 @@ pub enum AccountCmd {
         /// Why (the audit log binds it by hash).
         #[arg(long)]
         reason: String,
+    },
+    /// Hand an account to another controller wallet. With `--prepare`, print the
+    /// ControllerChange document for the current controller to sign (`keyward wallet
+    /// sign-typed-data`); with `--signature`, submit it; with neither, an operator's change.
+    /// It takes effect after the deployment's delay.
+    ChangeController {
+        /// Account id.
+        account_id: String,
+        /// The new controller's 0x address.
+        #[arg(long)]
+        new: String,
+        /// The signed document is valid until then (unix seconds; default: an hour from now).
+        #[arg(long)]
+        valid_before: Option<i64>,
+        /// Print the document to sign; change nothing.
+        #[arg(long, conflicts_with = "signature")]
+        prepare: bool,
+        /// The current controller's signature over the document (0x hex, 65 bytes).
+        #[arg(long)]
+        signature: Option<String>,
+    },
+    /// Cancel an account's pending controller change.
+    CancelControllerChange {
+        /// Account id.
+        account_id: String,
     },
     /// Delete an account: its wrapped private keys are destroyed and its open sessions
     /// revoked; its id, public keys and audit history stay. Cannot be undone.
@@ -272,6 +297,39 @@ fn print_account(json: bool, a: &Account) {
     );
 }
 
+fn print_controller_change(json_out: bool, c: &ControllerChange) {
+    emit(
+        json_out,
+        &json!({
+            "change_id": c.change_id,
+            "account_id": c.account_id,
+            "old_controller": c.old_controller,
+            "new_controller": c.new_controller,
+            "requested_at": c.requested_at,
+            "effective_at": c.effective_at,
+            "state": c.state,
+            "controller_signed": c.controller_signed,
+        }),
+        &[
+            ("change_id", c.change_id.clone()),
+            ("account_id", c.account_id.clone()),
+            ("old_controller", c.old_controller.clone()),
+            ("new_controller", c.new_controller.clone()),
+            ("state", c.state.clone()),
+            ("effective_at", c.effective_at.to_string()),
+            (
+                "signed",
+                if c.controller_signed {
+                    "by the controller"
+                } else {
+                    "no (operator)"
+                }
+                .to_string(),
+            ),
+        ],
+    );
+}
+
 /// Runs an account command.
 pub async fn account(home: &Path, opts: &ClientOpts, cmd: AccountCmd) -> anyhow::Result<()> {
     match cmd {
@@ -380,6 +438,49 @@ pub async fn account(home: &Path, opts: &ClientOpts, cmd: AccountCmd) -> anyhow:
                 .map_err(RpcError)?
                 .into_inner();
             print_account(opts.json, &a);
+        }
+        AccountCmd::ChangeController {
+            account_id,
+            new,
+            valid_before,
+            prepare,
+            signature,
+        } => {
+            let controller_signature = match &signature {
+                Some(h) => hex::decode(h.trim().trim_start_matches("0x")).context("--signature is not hex")?,
+                None => Vec::new(),
+            };
+            let valid_before = match valid_before {
+                Some(t) => t,
+                None if prepare || signature.is_some() => crate::clock::unix_now() + 3600,
+                None => 0,
+            };
+            let mut c = AccountServiceClient::new(connect(home, opts).await?);
+            let r = c
+                .change_controller(ChangeControllerRequest {
+                    account_id,
+                    new_controller: new,
+                    valid_before,
+                    controller_signature,
+                    prepare_only: prepare,
+                })
+                .await
+                .map_err(RpcError)?
+                .into_inner();
+            if prepare {
+                println!("{}", r.typed_data_json);
+            } else {
+                print_controller_change(opts.json, &r);
+            }
+        }
+        AccountCmd::CancelControllerChange { account_id } => {
+            let mut c = AccountServiceClient::new(connect(home, opts).await?);
+            let r = c
+                .cancel_controller_change(CancelControllerChangeRequest { account_id })
+                .await
+                .map_err(RpcError)?
+                .into_inner();
+            print_controller_change(opts.json, &r);
         }
         AccountCmd::RotateKeys { account_id, reason } => {
             let mut c = AccountServiceClient::new(connect(home, opts).await?);

@@ -44,6 +44,12 @@ pub enum KeyError {
         /// When, unix seconds.
         at: i64,
     },
+    /// A change the account's state refuses (a controller change pending, a document used).
+    #[error("{0}")]
+    Conflict(String),
+    /// No controller change is pending on the account.
+    #[error("no controller change of account {0} is pending")]
+    NoPendingChange(String),
     /// The HSM failed.
     #[error(transparent)]
     Hsm(#[from] HsmError),

@@ -22,6 +22,10 @@ pub enum Action {
     DeleteAccount,
     /// AccountService.RotateAccountKeys
     RotateAccountKeys,
+    /// AccountService.ChangeController
+    ChangeController,
+    /// AccountService.CancelControllerChange
+    CancelControllerChange,
     /// SigningService.SignTypedData
     SignTypedData,
     /// SigningService.SignMessage
@@ -56,7 +60,7 @@ pub enum Action {
 
 impl Action {
     /// Every action.
-    pub const ALL: [Action; 24] = [
+    pub const ALL: [Action; 26] = [
         Action::CreateAccount,
         Action::GetAccount,
         Action::GetAccountJwks,
@@ -66,6 +70,8 @@ impl Action {
         Action::UnfreezeAccount,
         Action::DeleteAccount,
         Action::RotateAccountKeys,
+        Action::ChangeController,
+        Action::CancelControllerChange,
         Action::SignTypedData,
         Action::SignMessage,
         Action::SignPayment,
@@ -95,6 +101,8 @@ impl Action {
             Action::UnfreezeAccount => "UnfreezeAccount",
             Action::DeleteAccount => "DeleteAccount",
             Action::RotateAccountKeys => "RotateAccountKeys",
+            Action::ChangeController => "ChangeController",
+            Action::CancelControllerChange => "CancelControllerChange",
             Action::SignTypedData => "SignTypedData",
             Action::SignMessage => "SignMessage",
             Action::SignPayment => "SignPayment",
@@ -132,7 +140,9 @@ impl Action {
             | Action::FreezeAccount
             | Action::UnfreezeAccount
             | Action::DeleteAccount
-            | Action::RotateAccountKeys => Some("ManageAccounts"),
+            | Action::RotateAccountKeys
+            | Action::CancelControllerChange => Some("ManageAccounts"),
+            Action::ChangeController => None,
             Action::ListAccounts => None,
             Action::CreateAccount | Action::GetAccount | Action::ReadAudit => None,
         }

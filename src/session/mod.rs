@@ -16,4 +16,6 @@ pub use service::{
     parse_amount, ChallengeRequest, SessionSettings, Sessions, Spend, SpendResult, MAX_TOKEN_BYTES, RECOVERY_RULE,
 };
 pub use token::{SessionClaims, TOKEN_TYP};
-pub use typed::{payment, session_grant, session_revocation, Domain, Grant, Payment, DOMAIN_NAME, DOMAIN_VERSION};
+pub use typed::{
+    controller_change, payment, session_grant, session_revocation, Domain, Grant, Payment, DOMAIN_NAME, DOMAIN_VERSION,
+};

@@ -6,6 +6,7 @@
 //! SessionGrant(string accountId,address account,address controller,string delegate,string[] scopes,
 //!              uint256 cap,bytes32 nonce,uint64 issuedAt,uint64 expiresAt)
 //! SessionRevocation(string sessionId,string accountId,address controller)
+//! ControllerChange(string accountId,address currentController,address newController,uint64 validBefore)
 //! Payment(string sessionId,string payerAccount,address payer,address payee,uint256 amount,
 //!         string currency,bytes32 manifest,string licenseId,uint256 nonce)
 //! ```
@@ -121,6 +122,32 @@ pub fn session_revocation(domain: &Domain, session_id: &str, account_id: &str, c
             {"name": "controller", "type": "address"},
         ]),
         json!({"sessionId": session_id, "accountId": account_id, "controller": controller.to_checksum()}),
+    )
+}
+
+/// The ControllerChange document an account's current controller signs to hand the account
+/// to another wallet (valid until `valid_before`, UTC seconds).
+pub fn controller_change(
+    domain: &Domain,
+    account_id: &str,
+    current: Address,
+    new: Address,
+    valid_before: i64,
+) -> Value {
+    domain.document(
+        "ControllerChange",
+        json!([
+            {"name": "accountId", "type": "string"},
+            {"name": "currentController", "type": "address"},
+            {"name": "newController", "type": "address"},
+            {"name": "validBefore", "type": "uint64"},
+        ]),
+        json!({
+            "accountId": account_id,
+            "currentController": current.to_checksum(),
+            "newController": new.to_checksum(),
+            "validBefore": valid_before,
+        }),
     )
 }
 

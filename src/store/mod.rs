@@ -87,6 +87,31 @@ pub struct AccountChange {
     pub new_keys: Option<Vec<KeyRecord>>,
 }
 
+/// A change of an account's controller wallet (`controller_changes`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ControllerChangeRecord {
+    /// A UUID.
+    pub id: String,
+    /// The account.
+    pub account_id: String,
+    /// The controller when it was asked for (EIP-55).
+    pub old_controller: String,
+    /// The controller it makes (EIP-55).
+    pub new_controller: String,
+    /// Who asked: the relaying client's identity.
+    pub requested_by: String,
+    /// When, unix seconds.
+    pub requested_at: i64,
+    /// When it takes effect, unless cancelled first.
+    pub effective_at: i64,
+    /// The signing hash of the controller's ControllerChange document (hex), if signed.
+    pub digest: Option<String>,
+    /// `pending`, `applied` or `cancelled`.
+    pub state: String,
+    /// When it was applied or cancelled.
+    pub settled_at: Option<i64>,
+}
+
 /// Which accounts [`Store::list_account_ids`] lists; empty fields match every account.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct AccountFilter {
@@ -596,6 +621,39 @@ pub trait Store: Send + Sync + fmt::Debug {
         changed_at: i64,
         event: Option<&crate::audit::NewEvent>,
     ) -> Result<(bool, Option<u64>), StoreError>;
+
+    /// Records a controller change with `event`, in one transaction that also checks the
+    /// account still has `rec.old_controller` and no change pending (else
+    /// [`StoreError::Conflict`], as for a document already used). A change due at once
+    /// (`effective_at <= requested_at`) is applied in the same transaction (see
+    /// [`Store::apply_due_controller_changes`]); `changed_at` is the wall clock for the
+    /// account change feed. Returns the event's seq.
+    async fn request_controller_change_audited(
+        &self,
+        rec: &ControllerChangeRecord,
+        changed_at: i64,
+        event: Option<&crate::audit::NewEvent>,
+    ) -> Result<Option<u64>, StoreError>;
+
+    /// Cancels the account's pending controller change at `now`, with `event`: the change as
+    /// cancelled, or `None` if none was pending.
+    async fn cancel_controller_change_audited(
+        &self,
+        account_id: &str,
+        now: i64,
+        event: Option<&crate::audit::NewEvent>,
+    ) -> Result<(Option<ControllerChangeRecord>, Option<u64>), StoreError>;
+
+    /// Applies every pending controller change due at `now`, each in its own transaction with
+    /// a copy of `event` naming its account: the account gets the new controller, its open
+    /// sessions (granted by the old controller) are revoked, the change is marked applied and
+    /// the account change feed told. Idempotent across replicas. Returns what it applied.
+    async fn apply_due_controller_changes(
+        &self,
+        now: i64,
+        changed_at: i64,
+        event: &crate::audit::NewEvent,
+    ) -> Result<Vec<ControllerChangeRecord>, StoreError>;
 
     /// The `(seq, account id)` of every account change at or after `since` (wall-clock unix
     /// seconds), by seq.

@@ -20,6 +20,10 @@ use super::{
     SpendRequest, Store, StoreError, CHALLENGE_COLUMNS, ISSUER_KEY_COLUMNS, SESSION_COLUMNS,
 };
 
+/// The columns of a `controller_changes` row.
+const CONTROLLER_CHANGE_COLUMNS: &str = "id, account_id, old_controller, new_controller, requested_by, requested_at, \
+     effective_at, digest, state, settled_at";
+
 /// The open sessions of an account (`$1`) at `$2`: one range of the
 /// partial index `sessions_open (account_id, expires_at) WHERE revoked_at IS NULL`.
 pub(crate) const COUNT_OPEN_SESSIONS: &str =
@@ -205,6 +209,59 @@ where
             revoked_at: row.try_get("revoked_at").map_err(err::<DB>)?,
             revoked_by: row.try_get("revoked_by").map_err(err::<DB>)?,
         })
+    }
+
+    fn controller_change(row: &DB::Row) -> Result<super::ControllerChangeRecord, StoreError> {
+        Ok(super::ControllerChangeRecord {
+            id: row.try_get("id").map_err(err::<DB>)?,
+            account_id: row.try_get("account_id").map_err(err::<DB>)?,
+            old_controller: row.try_get("old_controller").map_err(err::<DB>)?,
+            new_controller: row.try_get("new_controller").map_err(err::<DB>)?,
+            requested_by: row.try_get("requested_by").map_err(err::<DB>)?,
+            requested_at: row.try_get("requested_at").map_err(err::<DB>)?,
+            effective_at: row.try_get("effective_at").map_err(err::<DB>)?,
+            digest: row.try_get("digest").map_err(err::<DB>)?,
+            state: row.try_get("state").map_err(err::<DB>)?,
+            settled_at: row.try_get("settled_at").map_err(err::<DB>)?,
+        })
+    }
+
+    /// In `tx`: the account gets the change's new controller, its open sessions end, the
+    /// change is marked applied at `now`, and the account change feed is told.
+    async fn apply_controller_change_in(
+        tx: &mut DB::Connection,
+        rec: &super::ControllerChangeRecord,
+        now: i64,
+        changed_at: i64,
+    ) -> Result<(), StoreError> {
+        sqlx::query("UPDATE accounts SET controller = $1 WHERE id = $2")
+            .bind(&rec.new_controller)
+            .bind(&rec.account_id)
+            .execute(&mut *tx)
+            .await
+            .map_err(err::<DB>)?;
+        sqlx::query(
+            "UPDATE sessions SET revoked_at = $1, revoked_by = 'keyward:controller-change' \
+             WHERE account_id = $2 AND revoked_at IS NULL",
+        )
+        .bind(now)
+        .bind(&rec.account_id)
+        .execute(&mut *tx)
+        .await
+        .map_err(err::<DB>)?;
+        sqlx::query("UPDATE controller_changes SET state = 'applied', settled_at = $1 WHERE id = $2")
+            .bind(now)
+            .bind(&rec.id)
+            .execute(&mut *tx)
+            .await
+            .map_err(err::<DB>)?;
+        sqlx::query("INSERT INTO account_changes (account_id, changed_at) VALUES ($1, $2)")
+            .bind(&rec.account_id)
+            .bind(changed_at)
+            .execute(&mut *tx)
+            .await
+            .map_err(err::<DB>)?;
+        Ok(())
     }
 
     fn raw_issuer_key(row: &DB::Row) -> Result<RawIssuerKey, StoreError> {
@@ -1310,12 +1367,15 @@ where
                 .execute(&mut *tx)
                 .await
                 .map_err(err::<DB>)?;
-            sqlx::query("UPDATE sessions SET revoked_at = $1 WHERE account_id = $2 AND revoked_at IS NULL")
-                .bind(at)
-                .bind(id)
-                .execute(&mut *tx)
-                .await
-                .map_err(err::<DB>)?;
+            sqlx::query(
+                "UPDATE sessions SET revoked_at = $1, revoked_by = 'keyward:account-deleted' \
+                 WHERE account_id = $2 AND revoked_at IS NULL",
+            )
+            .bind(at)
+            .bind(id)
+            .execute(&mut *tx)
+            .await
+            .map_err(err::<DB>)?;
         }
         if let Some(frozen) = &change.frozen {
             sqlx::query("UPDATE accounts SET frozen_at = $1, frozen_reason = $2 WHERE id = $3")
@@ -1335,6 +1395,137 @@ where
         let seq = crate::audit::store::append_one::<DB>(&mut tx, event).await?;
         tx.commit().await?;
         Ok((true, seq))
+    }
+
+    async fn request_controller_change_audited(
+        &self,
+        rec: &super::ControllerChangeRecord,
+        changed_at: i64,
+        event: Option<&crate::audit::NewEvent>,
+    ) -> Result<Option<u64>, StoreError> {
+        let mut tx = self.begin_write().await?;
+        let sql = format!("SELECT controller FROM accounts WHERE id = $1{}", DB::FOR_UPDATE);
+        let current: Option<String> = sqlx::query_scalar(&sql)
+            .bind(&rec.account_id)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(err::<DB>)?;
+        if !current.is_some_and(|c| c.eq_ignore_ascii_case(&rec.old_controller)) {
+            return Err(StoreError::Conflict {
+                what: format!("the controller of account {} changed meanwhile", rec.account_id),
+            });
+        }
+        let pending: Option<i64> = sqlx::query_scalar(
+            "SELECT effective_at FROM controller_changes WHERE account_id = $1 AND state = 'pending'",
+        )
+        .bind(&rec.account_id)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(err::<DB>)?;
+        if let Some(at) = pending {
+            return Err(StoreError::Conflict {
+                what: format!(
+                    "a controller change of account {} is pending (effective at {at}); cancel it first",
+                    rec.account_id
+                ),
+            });
+        }
+        let due = rec.effective_at <= rec.requested_at;
+        sqlx::query(
+            "INSERT INTO controller_changes (id, account_id, old_controller, new_controller, requested_by, \
+             requested_at, effective_at, digest, state, settled_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'pending', NULL)",
+        )
+        .bind(&rec.id)
+        .bind(&rec.account_id)
+        .bind(&rec.old_controller)
+        .bind(&rec.new_controller)
+        .bind(&rec.requested_by)
+        .bind(rec.requested_at)
+        .bind(rec.effective_at)
+        .bind(rec.digest.as_deref())
+        .execute(&mut *tx)
+        .await
+        .map_err(conflict_as(DB::BACKEND, || {
+            "this ControllerChange document was used already".to_string()
+        }))?;
+        if due {
+            Self::apply_controller_change_in(&mut tx, rec, rec.requested_at, changed_at).await?;
+        }
+        let seq = crate::audit::store::append_one::<DB>(&mut tx, event).await?;
+        tx.commit().await?;
+        Ok(seq)
+    }
+
+    async fn cancel_controller_change_audited(
+        &self,
+        account_id: &str,
+        now: i64,
+        event: Option<&crate::audit::NewEvent>,
+    ) -> Result<(Option<super::ControllerChangeRecord>, Option<u64>), StoreError> {
+        let mut tx = self.begin_write().await?;
+        let sql = format!(
+            "SELECT {CONTROLLER_CHANGE_COLUMNS} FROM controller_changes WHERE account_id = $1 AND state = 'pending'{}",
+            DB::FOR_UPDATE
+        );
+        let row = sqlx::query(&sql)
+            .bind(account_id)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(err::<DB>)?;
+        let Some(row) = row else { return Ok((None, None)) };
+        let mut rec = Self::controller_change(&row)?;
+        sqlx::query("UPDATE controller_changes SET state = 'cancelled', settled_at = $1 WHERE id = $2")
+            .bind(now)
+            .bind(&rec.id)
+            .execute(&mut *tx)
+            .await
+            .map_err(err::<DB>)?;
+        let seq = crate::audit::store::append_one::<DB>(&mut tx, event).await?;
+        tx.commit().await?;
+        rec.state = "cancelled".into();
+        rec.settled_at = Some(now);
+        Ok((Some(rec), seq))
+    }
+
+    async fn apply_due_controller_changes(
+        &self,
+        now: i64,
+        changed_at: i64,
+        event: &crate::audit::NewEvent,
+    ) -> Result<Vec<super::ControllerChangeRecord>, StoreError> {
+        let due: Vec<String> = sqlx::query_scalar(
+            "SELECT id FROM controller_changes WHERE state = 'pending' AND effective_at <= $1 ORDER BY effective_at, id",
+        )
+        .bind(now)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(err::<DB>)?;
+        let mut applied = Vec::new();
+        for id in due {
+            let mut tx = self.begin_write().await?;
+            let sql = format!(
+                "SELECT {CONTROLLER_CHANGE_COLUMNS} FROM controller_changes WHERE id = $1 AND state = 'pending'{}",
+                DB::FOR_UPDATE
+            );
+            let row = sqlx::query(&sql)
+                .bind(&id)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(err::<DB>)?;
+            // Applied or cancelled by another replica meanwhile.
+            let Some(row) = row else { continue };
+            let mut rec = Self::controller_change(&row)?;
+            Self::apply_controller_change_in(&mut tx, &rec, now, changed_at).await?;
+            let mut e = event.clone();
+            e.account.clone_from(&rec.account_id);
+            e.signature_ref = format!("controller:{}", rec.new_controller);
+            crate::audit::store::append_one::<DB>(&mut tx, Some(&e)).await?;
+            tx.commit().await?;
+            rec.state = "applied".into();
+            rec.settled_at = Some(now);
+            applied.push(rec);
+        }
+        Ok(applied)
     }
 
     async fn account_changes_since(&self, since: i64) -> Result<Vec<(i64, String)>, StoreError> {
