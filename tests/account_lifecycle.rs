@@ -512,7 +512,11 @@ fn lifecycle(store: StoreKind) {
         .await
         .expect("list");
         assert_eq!(
-            by_controller.accounts.iter().map(|a| a.account_id.clone()).collect::<Vec<_>>(),
+            by_controller
+                .accounts
+                .iter()
+                .map(|a| a.account_id.clone())
+                .collect::<Vec<_>>(),
             vec![b_id.clone()],
             "alice has wallet2 now"
         );
