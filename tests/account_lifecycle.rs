@@ -461,21 +461,57 @@ fn lifecycle(store: StoreKind) {
             (by_operator.state.as_str(), by_operator.controller_signed),
             ("pending", false)
         );
-        let cancelled = admin1
-            .cancel_controller_change(keyward::api::pb::CancelControllerChangeRequest {
-                account_id: a_id.clone(),
-            })
+        // The current controller (wallet2) objects: it signs the change's cancellation
+        // document, and the wallet gateway relays it.
+        let cancel = |signature: Vec<u8>, change_id: &str| keyward::api::pb::CancelControllerChangeRequest {
+            account_id: a_id.clone(),
+            change_id: change_id.into(),
+            controller_signature: signature,
+        };
+        let doc = &by_operator.cancellation_typed_data_json;
+        assert!(doc.contains("ControllerChangeCancellation"), "{doc}");
+        let e = gateway
+            .cancel_controller_change(cancel(vec![], ""))
             .await
-            .expect("cancel")
+            .expect_err("the gateway cannot cancel unsigned");
+        assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+        let e = gateway
+            .cancel_controller_change(cancel(wallet.sign(doc), &by_operator.change_id))
+            .await
+            .expect_err("signed by the former controller");
+        assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+        let cancelled = gateway
+            .cancel_controller_change(cancel(wallet2.sign(doc), &by_operator.change_id))
+            .await
+            .expect("the controller cancels")
             .into_inner();
         assert_eq!(
             (cancelled.state.as_str(), cancelled.change_id.as_str()),
             ("cancelled", by_operator.change_id.as_str())
         );
-        let e = admin1
-            .cancel_controller_change(keyward::api::pb::CancelControllerChangeRequest {
+        // An operator cancels another operator's change; then nothing is pending.
+        let again = admin2
+            .change_controller(keyward::api::pb::ChangeControllerRequest {
                 account_id: a_id.clone(),
+                new_controller: wallet.address().to_checksum(),
+                ..Default::default()
             })
+            .await
+            .expect("operator change")
+            .into_inner();
+        let e = gateway
+            .cancel_controller_change(cancel(wallet2.sign(doc), &by_operator.change_id))
+            .await
+            .expect_err("a cancellation names its change: the old one does not cancel the new");
+        assert_eq!(e.code(), Code::NotFound, "{e:?}");
+        let cancelled = admin1
+            .cancel_controller_change(cancel(vec![], ""))
+            .await
+            .expect("cancel")
+            .into_inner();
+        assert_eq!(cancelled.change_id, again.change_id);
+        let e = admin1
+            .cancel_controller_change(cancel(vec![], ""))
             .await
             .expect_err("nothing pending");
         assert_eq!(e.code(), Code::NotFound, "{e:?}");
@@ -713,8 +749,8 @@ fn lifecycle(store: StoreKind) {
         );
         assert_eq!(
             of("ChangeController").iter().filter(|e| e.body.code == "OK").count(),
-            3,
-            "prepared, signed, operator"
+            4,
+            "prepared, signed, two operator changes"
         );
         let applied = of(keyward::audit::event::CONTROLLER_CHANGED);
         assert_eq!(applied.len(), 1, "{applied:?}");
@@ -724,7 +760,8 @@ fn lifecycle(store: StoreKind) {
                 .iter()
                 .filter(|e| e.body.code == "OK")
                 .count(),
-            1
+            2,
+            "the controller's and an operator's"
         );
         let deletes: Vec<_> = of("DeleteAccount")
             .into_iter()

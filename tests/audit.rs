@@ -229,6 +229,7 @@ async fn enumeration(env: Env) {
     accounts
         .cancel_controller_change(keyward::api::pb::CancelControllerChangeRequest {
             account_id: b.account_id.clone(),
+            ..Default::default()
         })
         .await
         .expect("cancel");

@@ -448,6 +448,7 @@ fn every_rpc_is_decided() {
         let _ = accounts
             .cancel_controller_change(keyward::api::pb::CancelControllerChangeRequest {
                 account_id: account.clone(),
+                ..Default::default()
             })
             .await;
         let _ = accounts

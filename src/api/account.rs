@@ -65,8 +65,19 @@ fn check_allow(allow: &[String]) -> Result<(), ApiError> {
 /// How far ahead a signed ControllerChange may be valid.
 const MAX_CHANGE_VALIDITY: i64 = 86_400;
 
-fn change_to_proto(c: &ControllerChangeRecord, typed_data_json: String) -> ControllerChange {
+fn change_to_proto(d: &super::Daemon, c: &ControllerChangeRecord, typed_data_json: String) -> ControllerChange {
+    let cancellation = match (c.state.as_str(), Address::parse(&c.old_controller)) {
+        ("pending", Ok(controller)) => serde_json::to_string(&crate::session::controller_change_cancellation(
+            d.sessions.domain(),
+            &c.account_id,
+            controller,
+            &c.id,
+        ))
+        .unwrap_or_default(),
+        _ => String::new(),
+    };
     ControllerChange {
+        cancellation_typed_data_json: cancellation,
         change_id: c.id.clone(),
         account_id: c.account_id.clone(),
         old_controller: c.old_controller.clone(),
@@ -532,7 +543,7 @@ impl AccountService for AccountApi {
                     settled_at: None,
                 };
                 if req.prepare_only {
-                    return Ok(change_to_proto(&unsigned, typed_data_json));
+                    return Ok(change_to_proto(&d, &unsigned, typed_data_json));
                 }
                 let digest = if signed {
                     let typed = crate::crypto::eip712::TypedData::from_value(&doc)
@@ -582,7 +593,7 @@ impl AccountService for AccountApi {
                     rec.settled_at = Some(now);
                 }
                 tracing::warn!(account = %rec.account_id, by = %identity, effective_at = rec.effective_at, "controller change requested");
-                Ok(change_to_proto(&rec, typed_data_json))
+                Ok(change_to_proto(&d, &rec, typed_data_json))
             })
             .await
     }
@@ -594,18 +605,54 @@ impl AccountService for AccountApi {
         self.0
             .handle("CancelControllerChange", request, |d, identity, req| async move {
                 check_account_id(&req.account_id)?;
-                d.account_for(
-                    &identity,
-                    Action::CancelControllerChange,
-                    &req.account_id,
-                    RequestContext::default(),
-                )
-                .await?;
+                let signed = !req.controller_signature.is_empty();
+                if signed && uuid::Uuid::parse_str(&req.change_id).is_err() {
+                    return Err(ApiError::invalid("change_id", "is required with controller_signature"));
+                }
+                d.keys.evict(&req.account_id);
+                let record = d
+                    .account_for(
+                        &identity,
+                        Action::CancelControllerChange,
+                        &req.account_id,
+                        RequestContext {
+                            controller_signed: signed,
+                            ..RequestContext::default()
+                        },
+                    )
+                    .await?;
+                if signed {
+                    let controller = Address::parse(&record.controller)
+                        .map_err(|_| ApiError::Internal("stored controller does not parse"))?;
+                    let doc = crate::session::controller_change_cancellation(
+                        d.sessions.domain(),
+                        &record.id,
+                        controller,
+                        &req.change_id,
+                    );
+                    let typed = crate::crypto::eip712::TypedData::from_value(&doc)
+                        .map_err(|_| ApiError::Internal("ControllerChangeCancellation document"))?;
+                    if req.controller_signature.len() != 65 {
+                        return Err(ApiError::invalid(
+                            "controller_signature",
+                            "expected 65 bytes r || s || v",
+                        ));
+                    }
+                    let signer = crate::crypto::eth::recover_address(&typed.signing_hash(), &req.controller_signature)
+                        .map_err(|e| ApiError::invalid("controller_signature", e.to_string()))?;
+                    if signer != controller {
+                        return Err(crate::session::SessionError::WrongSigner {
+                            expected: controller.to_checksum(),
+                        }
+                        .into());
+                    }
+                }
+                let only = (!req.change_id.is_empty()).then_some(req.change_id.as_str());
                 let event = crate::audit::context::in_transaction(String::new(), String::new());
                 let (cancelled, seq) = d
                     .keys
                     .store()
-                    .cancel_controller_change_audited(&req.account_id, d.sessions.now(), event.as_ref())
+                    .cancel_controller_change_audited(&req.account_id, only, d.sessions.now(), event.as_ref())
                     .await
                     .map_err(KeyError::from)?;
                 if let Some(seq) = seq {
@@ -614,7 +661,7 @@ impl AccountService for AccountApi {
                 let cancelled =
                     cancelled.ok_or_else(|| ApiError::Key(KeyError::NoPendingChange(req.account_id.clone())))?;
                 tracing::warn!(account = %req.account_id, by = %identity, "controller change cancelled");
-                Ok(change_to_proto(&cancelled, String::new()))
+                Ok(change_to_proto(&d, &cancelled, String::new()))
             })
             .await
     }

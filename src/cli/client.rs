@@ -122,10 +122,17 @@ pub enum AccountCmd {
         #[arg(long)]
         signature: Option<String>,
     },
-    /// Cancel an account's pending controller change.
+    /// Cancel an account's pending controller change: an operator's cancellation, or with
+    /// `--signature` the current controller's (over the change's cancellation document).
     CancelControllerChange {
         /// Account id.
         account_id: String,
+        /// The pending change (required with --signature).
+        #[arg(long, default_value = "")]
+        change_id: String,
+        /// The current controller's signature (0x hex, 65 bytes).
+        #[arg(long)]
+        signature: Option<String>,
     },
     /// Delete an account: its wrapped private keys are destroyed and its open sessions
     /// revoked; its id, public keys and audit history stay. Cannot be undone.
@@ -473,10 +480,22 @@ pub async fn account(home: &Path, opts: &ClientOpts, cmd: AccountCmd) -> anyhow:
                 print_controller_change(opts.json, &r);
             }
         }
-        AccountCmd::CancelControllerChange { account_id } => {
+        AccountCmd::CancelControllerChange {
+            account_id,
+            change_id,
+            signature,
+        } => {
+            let controller_signature = match &signature {
+                Some(h) => hex::decode(h.trim().trim_start_matches("0x")).context("--signature is not hex")?,
+                None => Vec::new(),
+            };
             let mut c = AccountServiceClient::new(connect(home, opts).await?);
             let r = c
-                .cancel_controller_change(CancelControllerChangeRequest { account_id })
+                .cancel_controller_change(CancelControllerChangeRequest {
+                    account_id,
+                    change_id,
+                    controller_signature,
+                })
                 .await
                 .map_err(RpcError)?
                 .into_inner();

@@ -17,5 +17,6 @@ pub use service::{
 };
 pub use token::{SessionClaims, TOKEN_TYP};
 pub use typed::{
-    controller_change, payment, session_grant, session_revocation, Domain, Grant, Payment, DOMAIN_NAME, DOMAIN_VERSION,
+    controller_change, controller_change_cancellation, payment, session_grant, session_revocation, Domain, Grant,
+    Payment, DOMAIN_NAME, DOMAIN_VERSION,
 };

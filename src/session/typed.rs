@@ -7,6 +7,7 @@
 //!              uint256 cap,bytes32 nonce,uint64 issuedAt,uint64 expiresAt)
 //! SessionRevocation(string sessionId,string accountId,address controller)
 //! ControllerChange(string accountId,address currentController,address newController,uint64 validBefore)
+//! ControllerChangeCancellation(string accountId,address controller,string changeId)
 //! Payment(string sessionId,string payerAccount,address payer,address payee,uint256 amount,
 //!         string currency,bytes32 manifest,string licenseId,uint256 nonce)
 //! ```
@@ -147,6 +148,29 @@ pub fn controller_change(
             "currentController": current.to_checksum(),
             "newController": new.to_checksum(),
             "validBefore": valid_before,
+        }),
+    )
+}
+
+/// The ControllerChangeCancellation document an account's current controller signs to cancel
+/// a pending controller change (whoever asked for it).
+pub fn controller_change_cancellation(
+    domain: &Domain,
+    account_id: &str,
+    controller: Address,
+    change_id: &str,
+) -> Value {
+    domain.document(
+        "ControllerChangeCancellation",
+        json!([
+            {"name": "accountId", "type": "string"},
+            {"name": "controller", "type": "address"},
+            {"name": "changeId", "type": "string"},
+        ]),
+        json!({
+            "accountId": account_id,
+            "controller": controller.to_checksum(),
+            "changeId": change_id,
         }),
     )
 }

@@ -635,11 +635,12 @@ pub trait Store: Send + Sync + fmt::Debug {
         event: Option<&crate::audit::NewEvent>,
     ) -> Result<Option<u64>, StoreError>;
 
-    /// Cancels the account's pending controller change at `now`, with `event`: the change as
-    /// cancelled, or `None` if none was pending.
+    /// Cancels the account's pending controller change at `now` (only if its id is `only`,
+    /// when given), with `event`: the change as cancelled, or `None` if none was pending.
     async fn cancel_controller_change_audited(
         &self,
         account_id: &str,
+        only: Option<&str>,
         now: i64,
         event: Option<&crate::audit::NewEvent>,
     ) -> Result<(Option<ControllerChangeRecord>, Option<u64>), StoreError>;

@@ -1459,6 +1459,7 @@ where
     async fn cancel_controller_change_audited(
         &self,
         account_id: &str,
+        only: Option<&str>,
         now: i64,
         event: Option<&crate::audit::NewEvent>,
     ) -> Result<(Option<super::ControllerChangeRecord>, Option<u64>), StoreError> {
@@ -1474,6 +1475,9 @@ where
             .map_err(err::<DB>)?;
         let Some(row) = row else { return Ok((None, None)) };
         let mut rec = Self::controller_change(&row)?;
+        if only.is_some_and(|id| id != rec.id) {
+            return Ok((None, None));
+        }
         sqlx::query("UPDATE controller_changes SET state = 'cancelled', settled_at = $1 WHERE id = $2")
             .bind(now)
             .bind(&rec.id)
