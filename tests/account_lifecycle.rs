@@ -791,3 +791,33 @@ fn lifecycle_sqlite() {
 fn lifecycle_postgres() {
     lifecycle(StoreKind::Postgres);
 }
+
+/// A key load that read the store before a change must not be cached after the eviction the
+/// change caused (else the replica would serve the old record until the next change).
+#[test]
+fn a_load_older_than_an_eviction_is_not_cached() {
+    let Some(env) = Env::new(Custody::Host, StoreKind::Sqlite) else {
+        return;
+    };
+    block_on(async {
+        env.init().await;
+        let d = env.start().await;
+        let a = create_account(&d, &env, &[]).await;
+        let keys = d.state.keys.account(&a.account_id).await.expect("keys");
+        let cache = keyward::keys::KeyCache::new(4);
+        // The load began (mark), then a change evicted the account, then the load finished.
+        let mark = cache.mark();
+        cache.remove(&a.account_id);
+        let served = cache.insert_since(keys.clone(), Some(mark));
+        assert!(
+            std::sync::Arc::ptr_eq(&served, &keys),
+            "the load still serves its request"
+        );
+        assert!(cache.get(&a.account_id).is_none(), "but is not cached");
+        // A load with no removal since it began is cached.
+        let mark = cache.mark();
+        cache.insert_since(keys.clone(), Some(mark));
+        assert!(cache.get(&a.account_id).is_some());
+        d.stop().await;
+    });
+}
