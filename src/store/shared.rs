@@ -255,8 +255,13 @@ where
             .execute(&mut *tx)
             .await
             .map_err(err::<DB>)?;
+        Self::note_account_change(tx, &rec.account_id, changed_at).await
+    }
+
+    /// In `tx`: a row of the account change feed every replica evicts its cache from.
+    async fn note_account_change(tx: &mut DB::Connection, account_id: &str, changed_at: i64) -> Result<(), StoreError> {
         sqlx::query("INSERT INTO account_changes (account_id, changed_at) VALUES ($1, $2)")
-            .bind(&rec.account_id)
+            .bind(account_id)
             .bind(changed_at)
             .execute(&mut *tx)
             .await
@@ -1386,12 +1391,7 @@ where
                 .await
                 .map_err(err::<DB>)?;
         }
-        sqlx::query("INSERT INTO account_changes (account_id, changed_at) VALUES ($1, $2)")
-            .bind(id)
-            .bind(changed_at)
-            .execute(&mut *tx)
-            .await
-            .map_err(err::<DB>)?;
+        Self::note_account_change(&mut tx, id, changed_at).await?;
         let seq = crate::audit::store::append_one::<DB>(&mut tx, event).await?;
         tx.commit().await?;
         Ok((true, seq))
