@@ -565,9 +565,13 @@ const ACCOUNT_CHANGES_WINDOW: i64 = 30;
 async fn follow_account_changes(d: Arc<Daemon>, mut stop: tokio::sync::watch::Receiver<bool>) {
     let mut seen: std::collections::BTreeMap<i64, i64> = std::collections::BTreeMap::new();
     let mut first = true;
+    // The last read that answered: after the store was away, read back from there (the
+    // changes made meanwhile are older than the window by then).
+    let mut last_ok: Option<i64> = None;
     loop {
         let now = crate::clock::unix_now();
-        match d.keys.store().account_changes_since(now - ACCOUNT_CHANGES_WINDOW).await {
+        let since = last_ok.unwrap_or(now).min(now) - ACCOUNT_CHANGES_WINDOW;
+        match d.keys.store().account_changes_since(since).await {
             Ok(changes) => {
                 for (seq, account) in changes {
                     if seen.insert(seq, now).is_none() && !first {
@@ -576,6 +580,7 @@ async fn follow_account_changes(d: Arc<Daemon>, mut stop: tokio::sync::watch::Re
                     }
                 }
                 first = false;
+                last_ok = Some(now);
                 seen.retain(|_, at| *at >= now - 2 * ACCOUNT_CHANGES_WINDOW);
             }
             Err(e) => tracing::debug!(error = %e, "reading the account change feed failed"),
