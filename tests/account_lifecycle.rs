@@ -821,3 +821,199 @@ fn a_load_older_than_an_eviction_is_not_cached() {
         d.stop().await;
     });
 }
+
+/// A secp256k1 key made by eth-account (a k256 key where eth-account is not installed, outside
+/// CI): its 32 bytes in hex and its address as eth-account prints it.
+fn foreign_secp256k1_key() -> (String, String) {
+    let out = std::process::Command::new("python3")
+        .args([
+            "-c",
+            "from eth_account import Account\na = Account.create()\nprint(a.key.hex().removeprefix('0x'), a.address)",
+        ])
+        .output();
+    match out {
+        Ok(o) if o.status.success() => {
+            let text = String::from_utf8_lossy(&o.stdout).to_string();
+            let mut parts = text.split_whitespace();
+            let key = parts.next().expect("key").to_string();
+            let address = parts.next().expect("address").to_string();
+            (key, address)
+        }
+        _ => {
+            assert_ne!(
+                std::env::var("CI").as_deref(),
+                Ok("true"),
+                "eth-account is installed in CI"
+            );
+            eprintln!("SKIPPED eth-account key: python eth-account is not installed; using a k256 key");
+            let key = k256::ecdsa::SigningKey::random(&mut rand::rngs::OsRng);
+            let address = keyward::crypto::eth::Address::from_public_key(key.verifying_key()).to_checksum();
+            (hex::encode(key.to_bytes()), address)
+        }
+    }
+}
+
+/// Bring your own key, through the binary: the imported key is the account's (its address is
+/// eth-account's, its signatures recover to it; an imported Ed25519 seed gives its public
+/// key), a job serves once, a bad ciphertext is refused and uses the job up, and only
+/// operators import.
+fn import(custody: Custody, store: StoreKind) {
+    let Some(env) = Env::new(custody, store) else { return };
+    block_on(async {
+        env.init().await;
+        let d = env.start().await;
+        let (key_hex, address) = foreign_secp256k1_key();
+        let key_file = env.dir.path().join("key.hex");
+        std::fs::write(&key_file, &key_hex).expect("key file");
+        let key_path = key_file.to_str().expect("path");
+        let (ok, out, err) = cli(
+            &env,
+            &d,
+            "admin",
+            &[
+                "account",
+                "import",
+                "--alg",
+                "secp256k1",
+                "--key-file",
+                key_path,
+                "--controller",
+                CONTROLLER,
+                "--label",
+                "imported",
+                "--json",
+            ],
+        );
+        assert!(ok, "{err}");
+        let v: serde_json::Value = serde_json::from_str(out.trim()).expect("json");
+        assert_eq!(
+            v["eth_address"],
+            address.as_str(),
+            "the account's address is the imported key's"
+        );
+        let account = v["account_id"].as_str().expect("id").to_string();
+        let r = d
+            .signing(&env, "admin")
+            .await
+            .sign_typed_data(keyward::api::pb::SignTypedDataRequest {
+                account_id: account.clone(),
+                typed_data_json: MAIL.into(),
+                ..Default::default()
+            })
+            .await
+            .expect("signs")
+            .into_inner();
+        let digest: [u8; 32] = r.digest.as_slice().try_into().expect("digest");
+        let signer = keyward::crypto::eth::recover_address(&digest, &r.signature).expect("recovers");
+        assert_eq!(signer.to_checksum(), address);
+        if let Some(recovered) = eth_account_recover(MAIL, &format!("0x{}", hex::encode(&r.signature))) {
+            assert_eq!(recovered, address, "eth-account recovers the imported key's address");
+        }
+
+        // An Ed25519 seed.
+        let seed = [0x5au8; 32];
+        let public = ed25519_dalek::SigningKey::from_bytes(&seed).verifying_key().to_bytes();
+        std::fs::write(&key_file, hex::encode(seed)).expect("key file");
+        let (ok, out, err) = cli(
+            &env,
+            &d,
+            "admin",
+            &[
+                "account",
+                "import",
+                "--alg",
+                "ed25519",
+                "--key-file",
+                key_path,
+                "--controller",
+                CONTROLLER,
+                "--json",
+            ],
+        );
+        assert!(ok, "{err}");
+        let v: serde_json::Value = serde_json::from_str(out.trim()).expect("json");
+        assert_eq!(v["ed25519_public_key"], format!("0x{}", hex::encode(public)));
+        let ed_account = v["account_id"].as_str().expect("id").to_string();
+        assert_eq!(
+            ed_public(&d, &env, &ed_account).await,
+            public.to_vec(),
+            "it signs with the seed"
+        );
+
+        // A job serves once; a bad ciphertext uses it up; only operators import.
+        let mut admin = d.accounts(&env, "admin").await;
+        let job = admin
+            .create_import_job(keyward::api::pb::CreateImportJobRequest {})
+            .await
+            .expect("job")
+            .into_inner();
+        use rsa::pkcs8::DecodePublicKey as _;
+        let transport = rsa::RsaPublicKey::from_public_key_der(&job.public_key_der).expect("RSA public key");
+        let wrap = |bytes: &[u8]| {
+            transport
+                .encrypt(&mut rand::rngs::OsRng, rsa::Oaep::new::<sha1::Sha1>(), bytes)
+                .expect("encrypt")
+        };
+        let request = |job_id: &str, wrapped_key: Vec<u8>| keyward::api::pb::ImportAccountRequest {
+            job_id: job_id.into(),
+            alg: "ed25519".into(),
+            wrapped_key,
+            controller: CONTROLLER.into(),
+            ..Default::default()
+        };
+        admin
+            .import_account(request(&job.job_id, wrap(&[7u8; 32])))
+            .await
+            .expect("import");
+        let e = admin
+            .import_account(request(&job.job_id, wrap(&[7u8; 32])))
+            .await
+            .expect_err("a job serves once");
+        assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+        assert!(e.message().contains("was used"), "{e:?}");
+        let job = admin
+            .create_import_job(keyward::api::pb::CreateImportJobRequest {})
+            .await
+            .expect("job")
+            .into_inner();
+        let e = admin
+            .import_account(request(&job.job_id, vec![0x42; 384]))
+            .await
+            .expect_err("not a ciphertext of this job");
+        assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+        let e = admin
+            .import_account(request(&job.job_id, wrap(&[7u8; 32])))
+            .await
+            .expect_err("the job is used up");
+        assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+        let e = d
+            .accounts(&env, "marketplace")
+            .await
+            .create_import_job(keyward::api::pb::CreateImportJobRequest {})
+            .await
+            .expect_err("not an operator");
+        assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+
+        // Every import is in the audit log under its job and names its account.
+        let store = d.state.keys.store().clone();
+        let events = store.audit().events_after(0, 10_000).await.expect("events");
+        let imports: Vec<_> = events
+            .iter()
+            .filter(|e| e.body.action == "ImportAccount" && e.body.code == "OK")
+            .collect();
+        assert_eq!(imports.len(), 3);
+        assert!(imports.iter().any(|e| e.body.account == account));
+        assert!(imports.iter().all(|e| e.body.signature_ref.starts_with("import-job:")));
+        d.stop().await;
+    });
+}
+
+#[test]
+fn import_hsm_custody_sqlite() {
+    import(Custody::Hsm, StoreKind::Sqlite);
+}
+
+#[test]
+fn import_host_custody_postgres() {
+    import(Custody::Host, StoreKind::Postgres);
+}

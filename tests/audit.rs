@@ -234,6 +234,26 @@ async fn enumeration(env: Env) {
         .await
         .expect("cancel");
     c.one("CancelControllerChange", true).await;
+    let job = accounts
+        .create_import_job(keyward::api::pb::CreateImportJobRequest {})
+        .await
+        .expect("import job")
+        .into_inner();
+    let e = c.one("CreateImportJob", true).await;
+    assert_eq!(e.body.signature_ref, format!("import-job:{}", job.job_id));
+    let e = accounts
+        .import_account(keyward::api::pb::ImportAccountRequest {
+            job_id: job.job_id.clone(),
+            alg: "ed25519".into(),
+            wrapped_key: vec![1; 384],
+            controller: CONTROLLER.into(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("not a ciphertext of the job");
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    let e = c.one("ImportAccount", false).await;
+    assert_eq!(e.body.signature_ref, format!("import-job:{}", job.job_id));
     let rotated = accounts
         .rotate_account_keys(keyward::api::pb::RotateAccountKeysRequest {
             account_id: b.account_id.clone(),

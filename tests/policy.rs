@@ -457,6 +457,18 @@ fn every_rpc_is_decided() {
                 reason: "drill".into(),
             })
             .await;
+        let _ = accounts
+            .create_import_job(keyward::api::pb::CreateImportJobRequest {})
+            .await;
+        let _ = accounts
+            .import_account(keyward::api::pb::ImportAccountRequest {
+                job_id: "00000000-0000-4000-8000-000000000000".into(),
+                alg: "ed25519".into(),
+                wrapped_key: vec![1; 384],
+                controller: "0x3149fb64BDeE81206161dfAEE77C6B69692357d2".into(),
+                ..Default::default()
+            })
+            .await;
         // Last: the account is gone after this.
         let _ = accounts
             .delete_account(keyward::api::pb::DeleteAccountRequest {
@@ -475,7 +487,7 @@ fn every_rpc_is_decided() {
             .filter_map(|l| l.split('(').next())
             .map(str::trim)
             .collect();
-        assert_eq!(rpcs.len(), 26, "{rpcs:?}");
+        assert_eq!(rpcs.len(), 28, "{rpcs:?}");
         for rpc in rpcs {
             let action = keyward::policy::Action::for_rpc(rpc).unwrap_or_else(|| panic!("{rpc} has no action"));
             assert!(

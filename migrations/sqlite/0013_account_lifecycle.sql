@@ -36,3 +36,14 @@ CREATE TABLE controller_changes (
 ) STRICT;
 CREATE UNIQUE INDEX controller_changes_one_pending ON controller_changes (account_id) WHERE state = 'pending';
 CREATE INDEX controller_changes_due ON controller_changes (effective_at) WHERE state = 'pending';
+
+-- Import jobs (bring your own key): each names a one-time RSA transport key on
+-- the token (label keyward-import-<id>); a job serves one import, before it
+-- expires.
+CREATE TABLE import_jobs (
+    id         TEXT    NOT NULL PRIMARY KEY,
+    created_by TEXT    NOT NULL,
+    created_at INTEGER NOT NULL,
+    expires_at INTEGER NOT NULL,
+    used_at    INTEGER
+) STRICT;

@@ -7,8 +7,9 @@ use tonic::{Request, Response, Status};
 use super::pb::account_service_server::AccountService;
 use super::pb::{
     Account, CancelControllerChangeRequest, ChangeControllerRequest, ControllerChange, CreateAccountRequest,
-    DeleteAccountRequest, FreezeAccountRequest, GetAccountJwksRequest, GetAccountJwksResponse, GetAccountRequest,
-    ListAccountsRequest, ListAccountsResponse, RotateAccountKeysRequest, UnfreezeAccountRequest, UpdateAccountRequest,
+    CreateImportJobRequest, DeleteAccountRequest, FreezeAccountRequest, GetAccountJwksRequest, GetAccountJwksResponse,
+    GetAccountRequest, ImportAccountRequest, ImportJob, ListAccountsRequest, ListAccountsResponse,
+    RotateAccountKeysRequest, UnfreezeAccountRequest, UpdateAccountRequest,
 };
 use super::{AccountApi, ApiError};
 use crate::crypto::eth::Address;
@@ -61,6 +62,9 @@ fn check_allow(allow: &[String]) -> Result<(), ApiError> {
     }
     Ok(())
 }
+
+/// How long an import job's transport key waits for its key.
+const IMPORT_JOB_SECONDS: i64 = 3600;
 
 /// How far ahead a signed ControllerChange may be valid.
 const MAX_CHANGE_VALIDITY: i64 = 86_400;
@@ -662,6 +666,110 @@ impl AccountService for AccountApi {
                     cancelled.ok_or_else(|| ApiError::Key(KeyError::NoPendingChange(req.account_id.clone())))?;
                 tracing::warn!(account = %req.account_id, by = %identity, "controller change cancelled");
                 Ok(change_to_proto(&d, &cancelled, String::new()))
+            })
+            .await
+    }
+
+    async fn create_import_job(&self, request: Request<CreateImportJobRequest>) -> Result<Response<ImportJob>, Status> {
+        self.0
+            .handle("CreateImportJob", request, |d, identity, _req| async move {
+                d.decide(
+                    &identity,
+                    Action::CreateImportJob,
+                    Resource::Service,
+                    RequestContext::default(),
+                )
+                .await?;
+                let job = uuid::Uuid::new_v4().to_string();
+                let hsm = d.keys.hsm().clone();
+                let id = job.clone();
+                let key = tokio::task::spawn_blocking(move || hsm.create_transport_key(&id))
+                    .await
+                    .map_err(|_| ApiError::Internal("transport key task failed"))?
+                    .map_err(KeyError::from)?;
+                use rsa::pkcs8::EncodePublicKey as _;
+                let public_key_der = rsa::RsaPublicKey::new(
+                    rsa::BigUint::from_bytes_be(&key.modulus),
+                    rsa::BigUint::from_bytes_be(&key.exponent),
+                )
+                .and_then(|k| k.to_public_key_der().map_err(|e| rsa::Error::Pkcs8(e.into())))
+                .map_err(|_| ApiError::Internal("the transport key does not encode"))?
+                .into_vec();
+                let now = d.sessions.now();
+                let expires_at = now.saturating_add(IMPORT_JOB_SECONDS);
+                let event = crate::audit::context::in_transaction(String::new(), format!("import-job:{job}"));
+                let seq = d
+                    .keys
+                    .store()
+                    .create_import_job_audited(&job, &identity, now, expires_at, event.as_ref())
+                    .await
+                    .map_err(KeyError::from)?;
+                if let Some(seq) = seq {
+                    crate::audit::context::mark_recorded(seq);
+                }
+                Ok(ImportJob {
+                    job_id: job,
+                    public_key_der,
+                    expires_at,
+                })
+            })
+            .await
+    }
+
+    async fn import_account(&self, request: Request<ImportAccountRequest>) -> Result<Response<Account>, Status> {
+        self.0
+            .handle("ImportAccount", request, |d, identity, req| async move {
+                if uuid::Uuid::parse_str(&req.job_id).is_err() {
+                    return Err(ApiError::invalid("job_id", "is not an import job id"));
+                }
+                let alg = match req.alg.as_str() {
+                    "secp256k1" => KeyAlg::Secp256k1,
+                    "ed25519" => KeyAlg::Ed25519,
+                    _ => return Err(ApiError::invalid("alg", "must be secp256k1 or ed25519")),
+                };
+                if req.wrapped_key.is_empty() || req.wrapped_key.len() > 1024 {
+                    return Err(ApiError::invalid("wrapped_key", "is not an RSA-OAEP ciphertext"));
+                }
+                let controller = Address::parse(req.controller.trim())
+                    .map_err(|e| ApiError::invalid("controller", e.to_string()))?;
+                check_label(&req.label)?;
+                check_allow(&req.allow)?;
+                d.decide(
+                    &identity,
+                    Action::ImportAccount,
+                    Resource::Service,
+                    RequestContext::default(),
+                )
+                .await?;
+                if let Some(why) = d
+                    .keys
+                    .store()
+                    .take_import_job(&req.job_id, d.sessions.now())
+                    .await
+                    .map_err(KeyError::from)?
+                {
+                    return Err(KeyError::Conflict(why).into());
+                }
+                let event = crate::audit::context::in_transaction(String::new(), format!("import-job:{}", req.job_id));
+                let (record, seq) = d
+                    .keys
+                    .import_account_audited(
+                        NewAccount {
+                            controller,
+                            label: (!req.label.is_empty()).then_some(req.label),
+                            created_by: identity,
+                            allowed: req.allow,
+                        },
+                        req.job_id,
+                        alg,
+                        req.wrapped_key,
+                        event,
+                    )
+                    .await?;
+                if let Some(seq) = seq {
+                    crate::audit::context::mark_recorded(seq);
+                }
+                to_proto(&record)
             })
             .await
     }

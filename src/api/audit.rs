@@ -117,6 +117,17 @@ impl AuditFacts for pb::ControllerChange {
         }
     }
 }
+impl AuditFacts for pb::CreateImportJobRequest {}
+impl AuditFacts for pb::ImportJob {
+    fn facts(&self, e: &mut NewEvent) {
+        e.signature_ref = format!("import-job:{}", self.job_id);
+    }
+}
+impl AuditFacts for pb::ImportAccountRequest {
+    fn facts(&self, e: &mut NewEvent) {
+        e.signature_ref = format!("import-job:{}", bounded(&self.job_id));
+    }
+}
 impl AuditFacts for pb::UnfreezeAccountRequest {
     fn facts(&self, e: &mut NewEvent) {
         e.account = bounded(&self.account_id);

@@ -126,7 +126,10 @@ fn store_status(e: &StoreError, msg: String) -> Status {
 
 fn hsm_status(e: &HsmError, msg: String) -> Status {
     match e {
-        HsmError::KekMissing { .. } | HsmError::CustodyRefused { .. } => Status::failed_precondition(msg),
+        HsmError::KekMissing { .. } | HsmError::CustodyRefused { .. } | HsmError::TransportKeyNotFound { .. } => {
+            Status::failed_precondition(msg)
+        }
+        HsmError::ImportRefused { .. } => Status::invalid_argument(msg),
         HsmError::KeyMismatch { .. } => Status::data_loss(msg),
         HsmError::Internal { .. } | HsmError::Unsupported { .. } => opaque(tonic::Code::Internal, "HSM error", &msg),
         _ => opaque(tonic::Code::Unavailable, "HSM unavailable", &msg),

@@ -13,8 +13,9 @@ use crate::api::pb::account_service_client::AccountServiceClient;
 use crate::api::pb::signing_service_client::SigningServiceClient;
 use crate::api::pb::{
     Account, CancelControllerChangeRequest, ChangeControllerRequest, ControllerChange, CreateAccountRequest,
-    DeleteAccountRequest, FreezeAccountRequest, GetAccountRequest, ListAccountsRequest, RotateAccountKeysRequest,
-    SignMessageRequest, SignTypedDataRequest, SignatureAlgorithm, UnfreezeAccountRequest, UpdateAccountRequest,
+    CreateImportJobRequest, DeleteAccountRequest, FreezeAccountRequest, GetAccountRequest, ImportAccountRequest,
+    ListAccountsRequest, RotateAccountKeysRequest, SignMessageRequest, SignTypedDataRequest, SignatureAlgorithm,
+    UnfreezeAccountRequest, UpdateAccountRequest,
 };
 use crate::dev::read_client_file;
 use crate::metrics::code_name;
@@ -30,6 +31,27 @@ pub struct RpcError(pub tonic::Status);
 pub enum AccountCmd {
     /// Create an account (secp256k1 + Ed25519 keys generated in the HSM).
     Create {
+        /// Controller wallet address (0x...).
+        #[arg(long)]
+        controller: String,
+        /// Label.
+        #[arg(long, default_value = "")]
+        label: String,
+        /// Further identities allowed to have the account sign (repeatable).
+        #[arg(long)]
+        allow: Vec<String>,
+    },
+    /// Create an account with an existing key (bring your own key): the key is encrypted here to
+    /// a one-time transport key the daemon makes in its token (RSA-OAEP, SHA-1), never sent in
+    /// the clear; the other algorithm's key is generated.
+    Import {
+        /// The imported key's algorithm.
+        #[arg(long, value_enum)]
+        alg: AlgArg,
+        /// A file holding the key's 32 bytes in hex (the secp256k1 private key, or the Ed25519
+        /// seed); `-` reads standard input.
+        #[arg(long)]
+        key_file: PathBuf,
         /// Controller wallet address (0x...).
         #[arg(long)]
         controller: String,
@@ -514,6 +536,55 @@ pub async fn account(home: &Path, opts: &ClientOpts, cmd: AccountCmd) -> anyhow:
             let mut c = AccountServiceClient::new(connect(home, opts).await?);
             let a = c
                 .unfreeze_account(UnfreezeAccountRequest { account_id })
+                .await
+                .map_err(RpcError)?
+                .into_inner();
+            print_account(opts.json, &a);
+        }
+        AccountCmd::Import {
+            alg,
+            key_file,
+            controller,
+            label,
+            allow,
+        } => {
+            let text = zeroize::Zeroizing::new(if key_file.as_os_str() == "-" {
+                std::io::read_to_string(std::io::stdin()).context("reading stdin")?
+            } else {
+                std::fs::read_to_string(&key_file).with_context(|| format!("reading {}", key_file.display()))?
+            });
+            let key = zeroize::Zeroizing::new(
+                hex::decode(text.trim().trim_start_matches("0x")).context("the key file is not hex")?,
+            );
+            anyhow::ensure!(
+                key.len() == 32,
+                "the key is {} bytes; a private key or seed is 32",
+                key.len()
+            );
+            let mut c = AccountServiceClient::new(connect(home, opts).await?);
+            let job = c
+                .create_import_job(CreateImportJobRequest {})
+                .await
+                .map_err(RpcError)?
+                .into_inner();
+            use rsa::pkcs8::DecodePublicKey as _;
+            let transport = rsa::RsaPublicKey::from_public_key_der(&job.public_key_der)
+                .context("the daemon's transport key is not an RSA public key")?;
+            let wrapped_key = transport
+                .encrypt(&mut rand::rngs::OsRng, rsa::Oaep::new::<sha1::Sha1>(), &key[..])
+                .context("encrypting the key to the transport key")?;
+            let a = c
+                .import_account(ImportAccountRequest {
+                    job_id: job.job_id,
+                    alg: match alg {
+                        AlgArg::Ed25519 => "ed25519".into(),
+                        AlgArg::Secp256k1 => "secp256k1".into(),
+                    },
+                    wrapped_key,
+                    controller,
+                    label,
+                    allow,
+                })
                 .await
                 .map_err(RpcError)?
                 .into_inner();

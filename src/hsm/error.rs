@@ -97,6 +97,18 @@ pub enum HsmError {
         /// What is not supported.
         what: String,
     },
+    /// An import job's transport key is not on this token.
+    #[error("import job {job}: its transport key is not on this token (used, expired, or made on another token)")]
+    TransportKeyNotFound {
+        /// The job.
+        job: String,
+    },
+    /// An imported key was refused.
+    #[error("import refused: {reason}")]
+    ImportRefused {
+        /// Why.
+        reason: String,
+    },
     /// No issuer key with this label in the cache (run `issuer_keys` / `keyward init`).
     #[error("no issuer key labelled {label:?} on the token")]
     IssuerKeyNotFound {

@@ -354,6 +354,206 @@ impl Hsm {
     }
 }
 
+/// An imported private key of `alg` (its 32 bytes, which this function does not keep) wrapped
+/// under `kek` the way a generated one is: as a token object made from the bytes (session,
+/// sensitive, extractable only under a wrap) wrapped at once, or for Ed25519 on tokens that
+/// cannot wrap EdDSA keys, through the PKCS#8 carrier. Returns the public key and the blob.
+fn wrap_imported(
+    s: &Session,
+    alg: KeyAlg,
+    secret: &[u8],
+    on_host: bool,
+    kek: &Kek,
+) -> Result<(Vec<u8>, Vec<u8>), Fail> {
+    let bad = |what: &str| {
+        Fail::Hsm(HsmError::ImportRefused {
+            reason: what.to_string(),
+        })
+    };
+    let bytes: [u8; 32] = secret.try_into().map_err(|_| bad("an imported key is 32 bytes"))?;
+    let public = match alg {
+        KeyAlg::Secp256k1 => {
+            let key = k256::SecretKey::from_slice(&bytes).map_err(|_| bad("not a secp256k1 private key"))?;
+            k256::elliptic_curve::sec1::ToEncodedPoint::to_encoded_point(&key.public_key(), false)
+                .as_bytes()
+                .to_vec()
+        }
+        KeyAlg::Ed25519 => ed25519_dalek::SigningKey::from_bytes(&bytes)
+            .verifying_key()
+            .to_bytes()
+            .to_vec(),
+    };
+    let mut bytes = Zeroizing::new(bytes);
+    if alg == KeyAlg::Ed25519 && on_host {
+        let wrapped = wrap_ed25519_seed(s, &bytes[..], kek)?;
+        return Ok((public, wrapped));
+    }
+    let mut template = vec![
+        Attribute::Class(ObjectClass::PRIVATE_KEY),
+        Attribute::KeyType(key_type(alg)),
+        Attribute::Token(false),
+        Attribute::Private(true),
+        Attribute::Sensitive(true),
+        Attribute::Extractable(true),
+        Attribute::Sign(true),
+        Attribute::Derive(false),
+        Attribute::EcParams(ec_params(alg).to_vec()),
+        Attribute::Value(bytes.to_vec()),
+    ];
+    bytes.zeroize();
+    let object = s.create_object(&template);
+    scrub(&mut template);
+    let object = object?;
+    let wrapped = s.wrap_key(&wrap_mechanism(), kek.handle, object);
+    destroy_quietly(s, object, "imported private key");
+    Ok((public, wrapped?))
+}
+
+/// The label of an import job's transport key.
+pub(crate) fn transport_label(job: &str) -> String {
+    format!("keyward-import-{job}")
+}
+
+/// RSA-OAEP (SHA-1, MGF1-SHA-1, no label): how a key travels to an import job. SHA-1, not
+/// SHA-256: SoftHSM 2.6 decrypts OAEP with SHA-1 only (AWS KMS offers both for imports; OAEP's
+/// security does not rest on SHA-1's collision resistance).
+fn oaep() -> Mechanism<'static> {
+    Mechanism::RsaPkcsOaep(cryptoki::mechanism::rsa::PkcsOaepParams::new(
+        cryptoki::mechanism::MechanismType::SHA1,
+        cryptoki::mechanism::rsa::PkcsMgfType::MGF1_SHA1,
+        cryptoki::mechanism::rsa::PkcsOaepSource::empty(),
+    ))
+}
+
+/// An import job's RSA public key: modulus and public exponent, big-endian.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TransportKey {
+    /// The modulus.
+    pub modulus: Vec<u8>,
+    /// The public exponent.
+    pub exponent: Vec<u8>,
+}
+
+impl Hsm {
+    /// Creates an import job's one-time RSA-3072 transport key on the token: its private half a
+    /// token object (private, sensitive, never extractable, decrypt only) labelled for `job`.
+    pub fn create_transport_key(&self, job: &str) -> Result<TransportKey, HsmError> {
+        const OP: &str = "create_transport_key";
+        let label = self.inner.pool.label.clone();
+        let name = transport_label(job);
+        self.inner.pool.with_session(OP, |p| {
+            let s = &p.session;
+            let r = (|| -> Result<TransportKey, Fail> {
+                let public = [
+                    Attribute::Token(false),
+                    Attribute::Private(false),
+                    Attribute::Encrypt(true),
+                    Attribute::ModulusBits(3072u64.into()),
+                    Attribute::PublicExponent(vec![0x01, 0x00, 0x01]),
+                ];
+                let private = [
+                    Attribute::Token(true),
+                    Attribute::Private(true),
+                    Attribute::Sensitive(true),
+                    Attribute::Extractable(false),
+                    Attribute::Decrypt(true),
+                    Attribute::Sign(false),
+                    Attribute::Unwrap(false),
+                    Attribute::Label(name.as_bytes().to_vec()),
+                ];
+                let (pubh, privh) = s.generate_key_pair(&Mechanism::RsaPkcsKeyPairGen, &public, &private)?;
+                let attrs = s.get_attributes(pubh, &[AttributeType::Modulus, AttributeType::PublicExponent]);
+                destroy_quietly(s, pubh, "transport public key");
+                let mut key = TransportKey {
+                    modulus: Vec::new(),
+                    exponent: Vec::new(),
+                };
+                for a in attrs? {
+                    match a {
+                        Attribute::Modulus(m) => key.modulus = m,
+                        Attribute::PublicExponent(e) => key.exponent = e,
+                        _ => {}
+                    }
+                }
+                if key.modulus.is_empty() || key.exponent.is_empty() {
+                    destroy_quietly(s, privh, "transport private key");
+                    return Err(Fail::Hsm(HsmError::Internal {
+                        op: OP,
+                        rv: "the token gave no RSA public key".into(),
+                    }));
+                }
+                Ok(key)
+            })();
+            settle(r, OP, &label)
+        })
+    }
+
+    /// Imports a key of `alg` sent to `job` (RSA-OAEP ciphertext of its 32 bytes): the job's
+    /// transport key decrypts it in the token and is destroyed (also when the ciphertext is
+    /// bad: a job serves once); the key is wrapped under the current KEK of its purpose, as a
+    /// generated one. The 32 bytes pass through host memory here (zeroized), as Ed25519 seeds
+    /// do on tokens that cannot wrap them.
+    pub fn import_wrapped(&self, job: &str, alg: KeyAlg, ciphertext: &[u8]) -> Result<WrappedKey, HsmError> {
+        const OP: &str = "import_wrapped";
+        let purpose = self.purpose_for(alg)?;
+        let kek = self.kek(None, purpose)?;
+        let label = self.inner.pool.label.clone();
+        let on_host = alg == KeyAlg::Ed25519 && self.ed25519_via_host();
+        let name = transport_label(job);
+        self.inner.pool.with_session(OP, |p| {
+            let s = &p.session;
+            let r = (|| -> Result<WrappedKey, Fail> {
+                let found = s.find_objects(&[
+                    Attribute::Class(ObjectClass::PRIVATE_KEY),
+                    Attribute::Token(true),
+                    Attribute::Label(name.as_bytes().to_vec()),
+                ])?;
+                let Some(&transport) = found.first() else {
+                    return Err(Fail::Hsm(HsmError::TransportKeyNotFound { job: job.to_string() }));
+                };
+                let plain = s.decrypt(&oaep(), transport, ciphertext).map(Zeroizing::new);
+                for h in &found {
+                    destroy_quietly(s, *h, "transport private key");
+                }
+                let plain = plain.map_err(|_| {
+                    Fail::Hsm(HsmError::ImportRefused {
+                        reason: "the wrapped key does not decrypt under the job's transport key (RSA-OAEP, SHA-1)"
+                            .into(),
+                    })
+                })?;
+                let (public_key, wrapped) = wrap_imported(s, alg, &plain, on_host, &kek)?;
+                Ok(WrappedKey {
+                    public_key,
+                    wrapped,
+                    kek_version: kek.version,
+                })
+            })();
+            settle(r, OP, &label)
+        })
+    }
+
+    /// Destroys an import job's transport key if it is still on the token.
+    pub fn destroy_transport_key(&self, job: &str) -> Result<(), HsmError> {
+        const OP: &str = "destroy_transport_key";
+        let label = self.inner.pool.label.clone();
+        let name = transport_label(job);
+        self.inner.pool.with_session(OP, |p| {
+            let s = &p.session;
+            let r = (|| -> Result<(), Fail> {
+                for h in s.find_objects(&[
+                    Attribute::Class(ObjectClass::PRIVATE_KEY),
+                    Attribute::Token(true),
+                    Attribute::Label(name.as_bytes().to_vec()),
+                ])? {
+                    destroy_quietly(s, h, "transport private key");
+                }
+                Ok(())
+            })();
+            settle(r, OP, &label)
+        })
+    }
+}
+
 /// Ed25519 through host memory, refused by `hsm.refuse_host_ed25519`.
 pub(crate) fn refused_ed25519() -> HsmError {
     HsmError::CustodyRefused {

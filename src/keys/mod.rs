@@ -143,7 +143,45 @@ impl KeyService {
         event: Option<crate::audit::NewEvent>,
     ) -> Result<(AccountRecord, Option<u64>), KeyError> {
         let wrapped = self.generate(INITIAL_KEY_VERSION).await?;
+        self.store_new(new, wrapped, event).await
+    }
 
+    /// As [`KeyService::create_account_audited`], with the key of `alg` imported (sent to import
+    /// job `job` as RSA-OAEP ciphertext of its 32 bytes, see [`Hsm::import_wrapped`]) and the
+    /// other one generated. The job must have been taken in the store first.
+    pub async fn import_account_audited(
+        &self,
+        new: NewAccount,
+        job: String,
+        alg: KeyAlg,
+        ciphertext: Vec<u8>,
+        event: Option<crate::audit::NewEvent>,
+    ) -> Result<(AccountRecord, Option<u64>), KeyError> {
+        let hsm = self.hsm.clone();
+        let imported = tokio::task::spawn_blocking(crate::telemetry::in_span("hsm.import_wrapped", move || {
+            let out = hsm.import_wrapped(&job, alg, &ciphertext);
+            // The imported key's bytes were on this thread's stack.
+            scrub_stack::<SCRUB_AFTER_UNWRAP>();
+            out
+        }))
+        .await
+        .map_err(|_| KeyError::Internal("import task failed"))??;
+        let mut keys = self.generate(INITIAL_KEY_VERSION).await?;
+        for k in keys.iter_mut().filter(|k| k.alg == alg) {
+            k.public_key.clone_from(&imported.public_key);
+            k.wrapped.clone_from(&imported.wrapped);
+            k.kek_version = imported.kek_version;
+        }
+        self.store_new(new, keys, event).await
+    }
+
+    /// Stores a new account with `keys` and its audit event, in one transaction.
+    async fn store_new(
+        &self,
+        new: NewAccount,
+        wrapped: Vec<KeyRecord>,
+        event: Option<crate::audit::NewEvent>,
+    ) -> Result<(AccountRecord, Option<u64>), KeyError> {
         let mut allowed = new.allowed;
         allowed.sort();
         allowed.dedup();

@@ -26,6 +26,10 @@ pub enum Action {
     ChangeController,
     /// AccountService.CancelControllerChange
     CancelControllerChange,
+    /// AccountService.CreateImportJob
+    CreateImportJob,
+    /// AccountService.ImportAccount
+    ImportAccount,
     /// SigningService.SignTypedData
     SignTypedData,
     /// SigningService.SignMessage
@@ -60,7 +64,7 @@ pub enum Action {
 
 impl Action {
     /// Every action.
-    pub const ALL: [Action; 26] = [
+    pub const ALL: [Action; 28] = [
         Action::CreateAccount,
         Action::GetAccount,
         Action::GetAccountJwks,
@@ -72,6 +76,8 @@ impl Action {
         Action::RotateAccountKeys,
         Action::ChangeController,
         Action::CancelControllerChange,
+        Action::CreateImportJob,
+        Action::ImportAccount,
         Action::SignTypedData,
         Action::SignMessage,
         Action::SignPayment,
@@ -103,6 +109,8 @@ impl Action {
             Action::RotateAccountKeys => "RotateAccountKeys",
             Action::ChangeController => "ChangeController",
             Action::CancelControllerChange => "CancelControllerChange",
+            Action::CreateImportJob => "CreateImportJob",
+            Action::ImportAccount => "ImportAccount",
             Action::SignTypedData => "SignTypedData",
             Action::SignMessage => "SignMessage",
             Action::SignPayment => "SignPayment",
@@ -142,7 +150,7 @@ impl Action {
             | Action::DeleteAccount
             | Action::RotateAccountKeys
             | Action::CancelControllerChange => Some("ManageAccounts"),
-            Action::ChangeController => None,
+            Action::ChangeController | Action::CreateImportJob | Action::ImportAccount => None,
             Action::ListAccounts => None,
             Action::CreateAccount | Action::GetAccount | Action::ReadAudit => None,
         }

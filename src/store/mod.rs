@@ -656,6 +656,20 @@ pub trait Store: Send + Sync + fmt::Debug {
         event: &crate::audit::NewEvent,
     ) -> Result<Vec<ControllerChangeRecord>, StoreError>;
 
+    /// Records an import job (`id`, by `created_by`, usable until `expires_at`) with `event`.
+    async fn create_import_job_audited(
+        &self,
+        id: &str,
+        created_by: &str,
+        created_at: i64,
+        expires_at: i64,
+        event: Option<&crate::audit::NewEvent>,
+    ) -> Result<Option<u64>, StoreError>;
+
+    /// Takes import job `id` for one import at `now`: `Ok(None)` if taken now, else why not
+    /// (no such job, used, or expired). A job is taken once, whatever races.
+    async fn take_import_job(&self, id: &str, now: i64) -> Result<Option<String>, StoreError>;
+
     /// The `(seq, account id)` of every account change at or after `since` (wall-clock unix
     /// seconds), by seq.
     async fn account_changes_since(&self, since: i64) -> Result<Vec<(i64, String)>, StoreError>;

@@ -1532,6 +1532,54 @@ where
         Ok(applied)
     }
 
+    async fn create_import_job_audited(
+        &self,
+        id: &str,
+        created_by: &str,
+        created_at: i64,
+        expires_at: i64,
+        event: Option<&crate::audit::NewEvent>,
+    ) -> Result<Option<u64>, StoreError> {
+        let mut tx = self.begin_write().await?;
+        sqlx::query(
+            "INSERT INTO import_jobs (id, created_by, created_at, expires_at, used_at) VALUES ($1, $2, $3, $4, NULL)",
+        )
+        .bind(id)
+        .bind(created_by)
+        .bind(created_at)
+        .bind(expires_at)
+        .execute(&mut *tx)
+        .await
+        .map_err(conflict_as(DB::BACKEND, || format!("import job {id}")))?;
+        let seq = crate::audit::store::append_one::<DB>(&mut tx, event).await?;
+        tx.commit().await?;
+        Ok(seq)
+    }
+
+    async fn take_import_job(&self, id: &str, now: i64) -> Result<Option<String>, StoreError> {
+        let taken =
+            sqlx::query("UPDATE import_jobs SET used_at = $1 WHERE id = $2 AND used_at IS NULL AND expires_at > $1")
+                .bind(now)
+                .bind(id)
+                .execute(&self.pool)
+                .await
+                .map_err(err::<DB>)?;
+        if DB::rows_affected(&taken) == 1 {
+            return Ok(None);
+        }
+        let row: Option<(Option<i64>, i64)> =
+            sqlx::query_as("SELECT used_at, expires_at FROM import_jobs WHERE id = $1")
+                .bind(id)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(err::<DB>)?;
+        Ok(Some(match row {
+            None => format!("no import job {id}"),
+            Some((Some(at), _)) => format!("import job {id} was used at {at}; ask for a new one"),
+            Some((None, exp)) => format!("import job {id} expired at {exp}; ask for a new one"),
+        }))
+    }
+
     async fn account_changes_since(&self, since: i64) -> Result<Vec<(i64, String)>, StoreError> {
         let rows = sqlx::query("SELECT seq, account_id FROM account_changes WHERE changed_at >= $1 ORDER BY seq")
             .bind(since)
