@@ -1017,3 +1017,57 @@ fn import_hsm_custody_sqlite() {
 fn import_host_custody_postgres() {
     import(Custody::Host, StoreKind::Postgres);
 }
+
+/// An import job nobody uses leaves no transport key on the token past its expiry: the next
+/// job this replica makes destroys it; the expired job is refused.
+#[test]
+fn abandoned_import_jobs_leave_no_transport_key() {
+    let Some(env) = Env::new(Custody::Host, StoreKind::Sqlite) else {
+        return;
+    };
+    block_on(async {
+        env.init().await;
+        let clock = std::sync::Arc::new(keyward::clock::ManualClock::new(keyward::clock::unix_now()));
+        let d = env.start_with_clock(clock.clone()).await;
+        let mut admin = d.accounts(&env, "admin").await;
+        let on_token = || {
+            let hsm = d.state.keys.hsm().clone();
+            async move {
+                tokio::task::spawn_blocking(move || hsm.transport_jobs())
+                    .await
+                    .expect("task")
+                    .expect("transport jobs")
+            }
+        };
+        let abandoned = admin
+            .create_import_job(keyward::api::pb::CreateImportJobRequest {})
+            .await
+            .expect("job")
+            .into_inner();
+        assert_eq!(on_token().await, vec![abandoned.job_id.clone()]);
+        clock.advance(3601);
+        let next = admin
+            .create_import_job(keyward::api::pb::CreateImportJobRequest {})
+            .await
+            .expect("job")
+            .into_inner();
+        assert_eq!(
+            on_token().await,
+            vec![next.job_id.clone()],
+            "the expired job's key is gone"
+        );
+        let e = admin
+            .import_account(keyward::api::pb::ImportAccountRequest {
+                job_id: abandoned.job_id.clone(),
+                alg: "ed25519".into(),
+                wrapped_key: vec![1; 384],
+                controller: CONTROLLER.into(),
+                ..Default::default()
+            })
+            .await
+            .expect_err("expired");
+        assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+        assert!(e.message().contains("expired"), "{e:?}");
+        d.stop().await;
+    });
+}

@@ -66,6 +66,34 @@ fn check_allow(allow: &[String]) -> Result<(), ApiError> {
 /// How long an import job's transport key waits for its key.
 const IMPORT_JOB_SECONDS: i64 = 3600;
 
+/// Destroys the transport keys on this replica's token whose jobs can no longer be taken
+/// (expired or used, or unknown to the store): an abandoned job leaves nothing behind past
+/// its expiry once this replica makes its next job. Best effort: failures are logged.
+async fn sweep_transport_keys(d: &super::Daemon) {
+    let hsm = d.keys.hsm().clone();
+    let jobs = match tokio::task::spawn_blocking(move || hsm.transport_jobs()).await {
+        Ok(Ok(jobs)) => jobs,
+        Ok(Err(e)) => return tracing::warn!(error = %e, "listing transport keys failed"),
+        Err(_) => return,
+    };
+    let now = d.sessions.now();
+    for job in jobs {
+        match d.keys.store().import_job_open(&job, now).await {
+            Ok(true) => {}
+            Ok(false) => {
+                let hsm = d.keys.hsm().clone();
+                let j = job.clone();
+                match tokio::task::spawn_blocking(move || hsm.destroy_transport_key(&j)).await {
+                    Ok(Ok(())) => tracing::info!(job = %job, "transport key of a closed import job destroyed"),
+                    Ok(Err(e)) => tracing::warn!(job = %job, error = %e, "destroying a transport key failed"),
+                    Err(_) => {}
+                }
+            }
+            Err(e) => tracing::warn!(job = %job, error = %e, "reading an import job failed"),
+        }
+    }
+}
+
 /// How far ahead a signed ControllerChange may be valid.
 const MAX_CHANGE_VALIDITY: i64 = 86_400;
 
@@ -680,6 +708,7 @@ impl AccountService for AccountApi {
                     RequestContext::default(),
                 )
                 .await?;
+                sweep_transport_keys(&d).await;
                 let job = uuid::Uuid::new_v4().to_string();
                 let hsm = d.keys.hsm().clone();
                 let id = job.clone();

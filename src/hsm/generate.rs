@@ -532,6 +532,32 @@ impl Hsm {
         })
     }
 
+    /// The import jobs whose transport keys are on this token.
+    pub fn transport_jobs(&self) -> Result<Vec<String>, HsmError> {
+        const OP: &str = "transport_jobs";
+        let label = self.inner.pool.label.clone();
+        self.inner.pool.with_session(OP, |p| {
+            let s = &p.session;
+            let r = (|| -> Result<Vec<String>, Fail> {
+                let mut jobs = Vec::new();
+                for h in s.find_objects(&[Attribute::Class(ObjectClass::PRIVATE_KEY), Attribute::Token(true)])? {
+                    for a in s.get_attributes(h, &[AttributeType::Label])? {
+                        if let Attribute::Label(l) = a {
+                            if let Some(job) = String::from_utf8(l)
+                                .ok()
+                                .and_then(|l| l.strip_prefix(&transport_label("")).map(str::to_string))
+                            {
+                                jobs.push(job);
+                            }
+                        }
+                    }
+                }
+                Ok(jobs)
+            })();
+            settle(r, OP, &label)
+        })
+    }
+
     /// Destroys an import job's transport key if it is still on the token.
     pub fn destroy_transport_key(&self, job: &str) -> Result<(), HsmError> {
         const OP: &str = "destroy_transport_key";

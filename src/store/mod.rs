@@ -666,6 +666,9 @@ pub trait Store: Send + Sync + fmt::Debug {
         event: Option<&crate::audit::NewEvent>,
     ) -> Result<Option<u64>, StoreError>;
 
+    /// Whether import job `id` can still be taken at `now` (known, unused, not expired).
+    async fn import_job_open(&self, id: &str, now: i64) -> Result<bool, StoreError>;
+
     /// Takes import job `id` for one import at `now`: `Ok(None)` if taken now, else why not
     /// (no such job, used, or expired). A job is taken once, whatever races.
     async fn take_import_job(&self, id: &str, now: i64) -> Result<Option<String>, StoreError>;

@@ -1556,6 +1556,18 @@ where
         Ok(seq)
     }
 
+    async fn import_job_open(&self, id: &str, now: i64) -> Result<bool, StoreError> {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM import_jobs WHERE id = $1 AND used_at IS NULL AND expires_at > $2",
+        )
+        .bind(id)
+        .bind(now)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(err::<DB>)?;
+        Ok(n > 0)
+    }
+
     async fn take_import_job(&self, id: &str, now: i64) -> Result<Option<String>, StoreError> {
         let taken =
             sqlx::query("UPDATE import_jobs SET used_at = $1 WHERE id = $2 AND used_at IS NULL AND expires_at > $1")
