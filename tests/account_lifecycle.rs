@@ -626,6 +626,15 @@ fn lifecycle(store: StoreKind) {
         until(None, || sign(&d1, &env, &b_id)).await; // unfrozen on d2 above
         let bob_token = open_session(&d2, &env, &wallet, &b_id).await.expect("bob's session");
         pay(&d1, &env, &bob_token, "b-1").await.expect("bob pays");
+        // A controller change is pending when bob is deleted: the deletion cancels it.
+        admin1
+            .change_controller(keyward::api::pb::ChangeControllerRequest {
+                account_id: b_id.clone(),
+                new_controller: wallet2.address().to_checksum(),
+                ..Default::default()
+            })
+            .await
+            .expect("pending change on bob");
         let (ok, _, err) = cli(&env, &d1, "admin", &["account", "delete", &b_id, "--reason", "closed"]);
         assert!(!ok && err.contains("--yes"), "{err}");
         let (ok, out, err) = cli(
@@ -695,6 +704,11 @@ fn lifecycle(store: StoreKind) {
         // In the store: no wrapped key left, none counted under a KEK.
         let store = d1.state.keys.store().clone();
         let stored = store.get_account(&b_id).await.expect("read").expect("tombstone");
+        let (pending, _) = store
+            .cancel_controller_change_audited(&b_id, None, keyward::clock::unix_now(), None)
+            .await
+            .expect("store");
+        assert_eq!(pending, None, "the deletion cancelled bob's pending controller change");
         assert!(stored.keys.iter().all(|k| k.wrapped.is_empty() && k.kek_version == 0));
         assert_eq!(stored.keys.len(), 2, "public keys stay");
         let counted: u64 = store.keys_per_kek().await.expect("count").iter().map(|(_, n)| n).sum();
@@ -749,8 +763,8 @@ fn lifecycle(store: StoreKind) {
         );
         assert_eq!(
             of("ChangeController").iter().filter(|e| e.body.code == "OK").count(),
-            4,
-            "prepared, signed, two operator changes"
+            5,
+            "prepared, signed, two operator changes on alice, one on bob"
         );
         let applied = of(keyward::audit::event::CONTROLLER_CHANGED);
         assert_eq!(applied.len(), 1, "{applied:?}");

@@ -80,7 +80,8 @@ pub struct AccountChange {
     /// Freeze (`Some(Some(..))`) or unfreeze (`Some(None)`).
     pub frozen: Option<Option<Frozen>>,
     /// Delete at this time: the wrapped private keys are emptied (KEK version 0), open
-    /// sessions revoked; the row and the public keys stay.
+    /// sessions revoked, a pending controller change cancelled; the row and the public keys
+    /// stay.
     pub deleted_at: Option<i64>,
     /// A new version of the account's keys (rotation); stored only if no key of that
     /// version exists yet (else [`StoreError::Conflict`]).

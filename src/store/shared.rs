@@ -1373,6 +1373,15 @@ where
                 .await
                 .map_err(err::<DB>)?;
             sqlx::query(
+                "UPDATE controller_changes SET state = 'cancelled', settled_at = $1 \
+                 WHERE account_id = $2 AND state = 'pending'",
+            )
+            .bind(at)
+            .bind(id)
+            .execute(&mut *tx)
+            .await
+            .map_err(err::<DB>)?;
+            sqlx::query(
                 "UPDATE sessions SET revoked_at = $1, revoked_by = 'keyward:account-deleted' \
                  WHERE account_id = $2 AND revoked_at IS NULL",
             )
