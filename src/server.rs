@@ -568,8 +568,16 @@ async fn follow_account_changes(d: Arc<Daemon>, mut stop: tokio::sync::watch::Re
     // The last read that answered: after the store was away, read back from there (the
     // changes made meanwhile are older than the window by then).
     let mut last_ok: Option<i64> = None;
+    let mut pruned_at = 0i64;
     loop {
         let now = crate::clock::unix_now();
+        // Once an hour: the feed's rows older than a day go (replicas read its last seconds).
+        if now - pruned_at >= 3600 {
+            pruned_at = now;
+            if let Err(e) = d.keys.store().prune_account_changes(now - 86_400).await {
+                tracing::debug!(error = %e, "pruning the account change feed failed");
+            }
+        }
         let since = last_ok.unwrap_or(now).min(now) - ACCOUNT_CHANGES_WINDOW;
         match d.keys.store().account_changes_since(since).await {
             Ok(changes) => {

@@ -674,6 +674,10 @@ pub trait Store: Send + Sync + fmt::Debug {
     /// (no such job, used, or expired). A job is taken once, whatever races.
     async fn take_import_job(&self, id: &str, now: i64) -> Result<Option<String>, StoreError>;
 
+    /// Deletes the account change feed's rows older than `before` (wall-clock unix seconds):
+    /// replicas read only its last seconds. Returns how many went.
+    async fn prune_account_changes(&self, before: i64) -> Result<u64, StoreError>;
+
     /// The `(seq, account id)` of every account change at or after `since` (wall-clock unix
     /// seconds), by seq.
     async fn account_changes_since(&self, since: i64) -> Result<Vec<(i64, String)>, StoreError>;

@@ -1601,6 +1601,17 @@ where
         }))
     }
 
+    async fn prune_account_changes(&self, before: i64) -> Result<u64, StoreError> {
+        let mut tx = self.begin_write().await?;
+        let done = sqlx::query("DELETE FROM account_changes WHERE changed_at < $1")
+            .bind(before)
+            .execute(&mut *tx)
+            .await
+            .map_err(err::<DB>)?;
+        tx.commit().await?;
+        Ok(DB::rows_affected(&done))
+    }
+
     async fn account_changes_since(&self, since: i64) -> Result<Vec<(i64, String)>, StoreError> {
         let rows = sqlx::query("SELECT seq, account_id FROM account_changes WHERE changed_at >= $1 ORDER BY seq")
             .bind(since)

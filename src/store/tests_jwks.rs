@@ -288,3 +288,55 @@ async fn history_outlives_rows_postgres() {
     };
     history_outlives_rows(schema.url()).await;
 }
+
+/// The account change feed: a change is read back by time; old rows are pruned.
+async fn change_feed(store: Arc<dyn Store>) {
+    let mut rec = super::tests::record("5d7c2a4e-1111-4222-8333-444455556666");
+    rec.keys.clear();
+    store.create_account(&rec).await.unwrap();
+    let freeze = AccountChange {
+        frozen: Some(Some(Frozen {
+            at: 1,
+            reason: "r".into(),
+        })),
+        ..AccountChange::default()
+    };
+    assert_eq!(
+        store
+            .change_account_audited(&rec.id, &freeze, 1_000, None)
+            .await
+            .unwrap(),
+        (true, None)
+    );
+    assert_eq!(
+        store
+            .change_account_audited("00000000-0000-4000-8000-000000000000", &freeze, 1_000, None)
+            .await
+            .unwrap(),
+        (false, None),
+        "no such account: nothing written"
+    );
+    store
+        .change_account_audited(&rec.id, &AccountChange::default(), 5_000, None)
+        .await
+        .unwrap();
+    let all = store.account_changes_since(0).await.unwrap();
+    assert_eq!(all.len(), 2);
+    assert!(all.iter().all(|(_, id)| id == &rec.id));
+    assert_eq!(store.account_changes_since(2_000).await.unwrap().len(), 1);
+    assert_eq!(
+        store
+            .get_account(&rec.id)
+            .await
+            .unwrap()
+            .unwrap()
+            .frozen
+            .map(|f| f.reason),
+        Some("r".into())
+    );
+    assert_eq!(store.prune_account_changes(2_000).await.unwrap(), 1);
+    assert_eq!(store.account_changes_since(0).await.unwrap(), all[1..].to_vec());
+    store.close().await;
+}
+
+both!(change_feed);
