@@ -63,6 +63,20 @@ fn check_allow(allow: &[String]) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// The account `id` once `identity` may do `action` on it, read from the store rather than this
+/// replica's cache: the change RPCs decide and check the account's state as it is now (another
+/// replica may have changed it a moment ago).
+async fn fresh_account(
+    d: &super::Daemon,
+    identity: &str,
+    action: Action,
+    id: &str,
+    context: RequestContext,
+) -> Result<AccountRecord, ApiError> {
+    d.keys.evict(id);
+    d.account_for(identity, action, id, context).await
+}
+
 /// How long an import job's transport key waits for its key.
 const IMPORT_JOB_SECONDS: i64 = 3600;
 
@@ -354,10 +368,8 @@ impl AccountService for AccountApi {
                         "nothing to change: give label and/or set_allow",
                     ));
                 }
-                // The decision and the state checks read the store, not this replica's cache
-                // (another replica may have changed the account a moment ago).
-                d.keys.evict(&req.account_id);
-                d.account_for(
+                fresh_account(
+                    &d,
                     &identity,
                     Action::UpdateAccount,
                     &req.account_id,
@@ -378,25 +390,15 @@ impl AccountService for AccountApi {
         self.0
             .handle("FreezeAccount", request, |d, identity, req| async move {
                 check_account_id(&req.account_id)?;
-                let reason = req.reason.trim();
-                if reason.is_empty()
-                    || reason.chars().count() > MAX_REASON_CHARS
-                    || reason.chars().any(char::is_control)
-                {
-                    return Err(ApiError::invalid(
-                        "reason",
-                        format!("1 to {MAX_REASON_CHARS} characters, no control characters"),
-                    ));
-                }
-                d.keys.evict(&req.account_id);
-                let record = d
-                    .account_for(
-                        &identity,
-                        Action::FreezeAccount,
-                        &req.account_id,
-                        RequestContext::default(),
-                    )
-                    .await?;
+                let reason = check_reason(&req.reason)?;
+                let record = fresh_account(
+                    &d,
+                    &identity,
+                    Action::FreezeAccount,
+                    &req.account_id,
+                    RequestContext::default(),
+                )
+                .await?;
                 if record.frozen.is_some() {
                     // Already frozen: the first freeze's time and reason stay.
                     return to_proto(&record);
@@ -425,15 +427,14 @@ impl AccountService for AccountApi {
         self.0
             .handle("UnfreezeAccount", request, |d, identity, req| async move {
                 check_account_id(&req.account_id)?;
-                d.keys.evict(&req.account_id);
-                let record = d
-                    .account_for(
-                        &identity,
-                        Action::UnfreezeAccount,
-                        &req.account_id,
-                        RequestContext::default(),
-                    )
-                    .await?;
+                let record = fresh_account(
+                    &d,
+                    &identity,
+                    Action::UnfreezeAccount,
+                    &req.account_id,
+                    RequestContext::default(),
+                )
+                .await?;
                 if record.frozen.is_none() {
                     return to_proto(&record);
                 }
@@ -458,9 +459,7 @@ impl AccountService for AccountApi {
             .handle("DeleteAccount", request, |d, identity, req| async move {
                 check_account_id(&req.account_id)?;
                 let reason = check_reason(&req.reason)?;
-                d.keys.evict(&req.account_id);
-                let record = d
-                    .account_for(&identity, Action::DeleteAccount, &req.account_id, RequestContext::default())
+                let record = fresh_account(&d, &identity, Action::DeleteAccount, &req.account_id, RequestContext::default())
                     .await?;
                 if record.deleted_at.is_some() {
                     // Already deleted: nothing more to destroy.
@@ -490,15 +489,14 @@ impl AccountService for AccountApi {
             .handle("RotateAccountKeys", request, |d, identity, req| async move {
                 check_account_id(&req.account_id)?;
                 let reason = check_reason(&req.reason)?;
-                d.keys.evict(&req.account_id);
-                let record = d
-                    .account_for(
-                        &identity,
-                        Action::RotateAccountKeys,
-                        &req.account_id,
-                        RequestContext::default(),
-                    )
-                    .await?;
+                let record = fresh_account(
+                    &d,
+                    &identity,
+                    Action::RotateAccountKeys,
+                    &req.account_id,
+                    RequestContext::default(),
+                )
+                .await?;
                 let version = record.keys.iter().map(|k| k.key_version).max().unwrap_or(0);
                 let next = version
                     .checked_add(1)
@@ -533,13 +531,11 @@ impl AccountService for AccountApi {
                     .map_err(|e| ApiError::invalid("new_controller", e.to_string()))?;
                 // A document to sign (prepare_only) is for a controller-signed change.
                 let signed = !req.controller_signature.is_empty() || req.prepare_only;
-                d.keys.evict(&req.account_id);
                 let context = RequestContext {
                     controller_signed: signed,
                     ..RequestContext::default()
                 };
-                let record = d
-                    .account_for(&identity, Action::ChangeController, &req.account_id, context)
+                let record = fresh_account(&d, &identity, Action::ChangeController, &req.account_id, context)
                     .await?;
                 let current = Address::parse(&record.controller)
                     .map_err(|_| ApiError::Internal("stored controller does not parse"))?;
@@ -578,20 +574,7 @@ impl AccountService for AccountApi {
                     return Ok(change_to_proto(&d, &unsigned, typed_data_json));
                 }
                 let digest = if signed {
-                    let typed = crate::crypto::eip712::TypedData::from_value(&doc)
-                        .map_err(|_| ApiError::Internal("ControllerChange document"))?;
-                    let hash = typed.signing_hash();
-                    if req.controller_signature.len() != 65 {
-                        return Err(ApiError::invalid("controller_signature", "expected 65 bytes r || s || v"));
-                    }
-                    let signer = crate::crypto::eth::recover_address(&hash, &req.controller_signature)
-                        .map_err(|e| ApiError::invalid("controller_signature", e.to_string()))?;
-                    if signer != current {
-                        return Err(crate::session::SessionError::WrongSigner {
-                            expected: current.to_checksum(),
-                        }
-                        .into());
-                    }
+                    let hash = crate::session::check_controller_signature(&doc, current, &req.controller_signature)?;
                     Some(hex::encode(hash))
                 } else {
                     None
@@ -641,18 +624,17 @@ impl AccountService for AccountApi {
                 if signed && uuid::Uuid::parse_str(&req.change_id).is_err() {
                     return Err(ApiError::invalid("change_id", "is required with controller_signature"));
                 }
-                d.keys.evict(&req.account_id);
-                let record = d
-                    .account_for(
-                        &identity,
-                        Action::CancelControllerChange,
-                        &req.account_id,
-                        RequestContext {
-                            controller_signed: signed,
-                            ..RequestContext::default()
-                        },
-                    )
-                    .await?;
+                let record = fresh_account(
+                    &d,
+                    &identity,
+                    Action::CancelControllerChange,
+                    &req.account_id,
+                    RequestContext {
+                        controller_signed: signed,
+                        ..RequestContext::default()
+                    },
+                )
+                .await?;
                 if signed {
                     let controller = Address::parse(&record.controller)
                         .map_err(|_| ApiError::Internal("stored controller does not parse"))?;
@@ -662,22 +644,7 @@ impl AccountService for AccountApi {
                         controller,
                         &req.change_id,
                     );
-                    let typed = crate::crypto::eip712::TypedData::from_value(&doc)
-                        .map_err(|_| ApiError::Internal("ControllerChangeCancellation document"))?;
-                    if req.controller_signature.len() != 65 {
-                        return Err(ApiError::invalid(
-                            "controller_signature",
-                            "expected 65 bytes r || s || v",
-                        ));
-                    }
-                    let signer = crate::crypto::eth::recover_address(&typed.signing_hash(), &req.controller_signature)
-                        .map_err(|e| ApiError::invalid("controller_signature", e.to_string()))?;
-                    if signer != controller {
-                        return Err(crate::session::SessionError::WrongSigner {
-                            expected: controller.to_checksum(),
-                        }
-                        .into());
-                    }
+                    crate::session::check_controller_signature(&doc, controller, &req.controller_signature)?;
                 }
                 let only = (!req.change_id.is_empty()).then_some(req.change_id.as_str());
                 let event = crate::audit::context::in_transaction(String::new(), String::new());

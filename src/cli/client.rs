@@ -359,6 +359,14 @@ fn print_controller_change(json_out: bool, c: &ControllerChange) {
     );
 }
 
+/// A `--signature` value (0x hex) as bytes; none is empty.
+fn signature_arg(signature: Option<&str>) -> anyhow::Result<Vec<u8>> {
+    match signature {
+        Some(h) => hex::decode(h.trim().trim_start_matches("0x")).context("--signature is not hex"),
+        None => Ok(Vec::new()),
+    }
+}
+
 /// Runs an account command.
 pub async fn account(home: &Path, opts: &ClientOpts, cmd: AccountCmd) -> anyhow::Result<()> {
     match cmd {
@@ -475,10 +483,7 @@ pub async fn account(home: &Path, opts: &ClientOpts, cmd: AccountCmd) -> anyhow:
             prepare,
             signature,
         } => {
-            let controller_signature = match &signature {
-                Some(h) => hex::decode(h.trim().trim_start_matches("0x")).context("--signature is not hex")?,
-                None => Vec::new(),
-            };
+            let controller_signature = signature_arg(signature.as_deref())?;
             let valid_before = match valid_before {
                 Some(t) => t,
                 None if prepare || signature.is_some() => crate::clock::unix_now() + 3600,
@@ -507,10 +512,7 @@ pub async fn account(home: &Path, opts: &ClientOpts, cmd: AccountCmd) -> anyhow:
             change_id,
             signature,
         } => {
-            let controller_signature = match &signature {
-                Some(h) => hex::decode(h.trim().trim_start_matches("0x")).context("--signature is not hex")?,
-                None => Vec::new(),
-            };
+            let controller_signature = signature_arg(signature.as_deref())?;
             let mut c = AccountServiceClient::new(connect(home, opts).await?);
             let r = c
                 .cancel_controller_change(CancelControllerChangeRequest {

@@ -13,7 +13,8 @@ mod typed;
 pub use error::SessionError;
 pub use scope::{Scope, ScopeDenied, ScopeError, Scopes, MAX_SCOPES};
 pub use service::{
-    parse_amount, ChallengeRequest, SessionSettings, Sessions, Spend, SpendResult, MAX_TOKEN_BYTES, RECOVERY_RULE,
+    check_controller_signature, parse_amount, ChallengeRequest, SessionSettings, Sessions, Spend, SpendResult,
+    MAX_TOKEN_BYTES, RECOVERY_RULE,
 };
 pub use token::{SessionClaims, TOKEN_TYP};
 pub use typed::{

@@ -104,6 +104,27 @@ pub const PRUNE_EVERY: std::time::Duration = std::time::Duration::from_secs(3600
 /// Rows per prune transaction (the SQLite writer lock is free in between).
 const PRUNE_BATCH: u32 = 500;
 
+/// Checks that `signature` (65 bytes r‖s‖v, field `controller_signature`) over the EIP-712
+/// document `doc` (one keyward builds) is `controller`'s; its signing hash.
+pub fn check_controller_signature(
+    doc: &Value,
+    controller: Address,
+    signature: &[u8],
+) -> Result<[u8; 32], SessionError> {
+    let typed = TypedData::from_value(doc).map_err(|_| SessionError::Internal("controller document"))?;
+    if signature.len() != 65 {
+        return Err(invalid("controller_signature", "expected 65 bytes r || s || v"));
+    }
+    let hash = typed.signing_hash();
+    let signer = recover_address(&hash, signature).map_err(|e| invalid("controller_signature", e.to_string()))?;
+    if signer != controller {
+        return Err(SessionError::WrongSigner {
+            expected: controller.to_checksum(),
+        });
+    }
+    Ok(hash)
+}
+
 fn invalid(field: &'static str, reason: impl Into<String>) -> SessionError {
     SessionError::Invalid {
         field,
@@ -363,19 +384,7 @@ impl Sessions {
         controller: Address,
         signature: &[u8],
     ) -> Result<(), SessionError> {
-        let doc = self.revocation_document(s, controller);
-        let typed = TypedData::from_value(&doc).map_err(|_| SessionError::Internal("revocation document"))?;
-        if signature.len() != 65 {
-            return Err(invalid("controller_signature", "expected 65 bytes r || s || v"));
-        }
-        let signer = recover_address(&typed.signing_hash(), signature)
-            .map_err(|e| invalid("controller_signature", e.to_string()))?;
-        if signer != controller {
-            return Err(SessionError::WrongSigner {
-                expected: controller.to_checksum(),
-            });
-        }
-        Ok(())
+        check_controller_signature(&self.revocation_document(s, controller), controller, signature).map(drop)
     }
 
     /// Revokes at once (idempotent).
