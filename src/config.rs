@@ -571,8 +571,8 @@ pub struct JwksConfig {
     /// `Cache-Control: max-age` of the JWKS; must be shorter than the pre-publication window.
     #[serde(default = "default_jwks_max_age")]
     pub max_age_seconds: u64,
-    /// Seconds between two runs of the rotation scheduler (also how soon other replicas see
-    /// lifecycle changes); must be shorter than `max_age_seconds`.
+    /// Seconds between two runs of the rotation scheduler; must be shorter than
+    /// `max_age_seconds`. (Other replicas see lifecycle changes within `jwks::WATCH`, 1 s.)
     #[serde(default = "default_jwks_tick")]
     pub tick_seconds: u64,
 }

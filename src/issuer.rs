@@ -17,11 +17,11 @@
 
 use std::collections::BTreeMap;
 use std::str::FromStr;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use crate::crypto::jwk::{Jwk, JwkError, Jwks};
 use crate::crypto::jws::{self, JwsAlg, JwsError};
-use crate::hsm::{Hsm, HsmError, IssuerAlg, IssuerKeyInfo};
+use crate::hsm::{Curve, Hsm, HsmError, HsmKey, IssuerAlg, IssuerKeyInfo, WrappedKey, WrappedRef};
 use crate::store::{IssuerKeyRecord, IssuerKeyState};
 
 /// How many more times a refresh searches the token for a stored key it did
@@ -99,6 +99,63 @@ pub struct IssuerKey {
     pub state: IssuerKeyState,
 }
 
+/// A stored issuer key's blob, unwrapped into a session object of this process's token
+/// sessions when first needed, and again after the pool re-initialises (its object is then
+/// gone). The session object is destroyed when the last ring holding it is dropped.
+struct WrappedSigner {
+    curve: Curve,
+    public_key: Vec<u8>,
+    wrapped: Vec<u8>,
+    kek_version: u32,
+    key: Mutex<Option<Arc<HsmKey>>>,
+}
+
+impl std::fmt::Debug for WrappedSigner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WrappedSigner")
+            .field("curve", &self.curve)
+            .field("kek_version", &self.kek_version)
+            .finish_non_exhaustive()
+    }
+}
+
+impl WrappedSigner {
+    fn of(alg: IssuerAlg, public_key: Vec<u8>, wrapped: &[u8], kek_version: u32) -> WrappedSigner {
+        WrappedSigner {
+            curve: alg.curve(),
+            public_key,
+            wrapped: wrapped.to_vec(),
+            kek_version,
+            key: Mutex::new(None),
+        }
+    }
+
+    /// The unwrapped key, unwrapping the blob if this process holds no current one.
+    fn key(&self, hsm: &Hsm, fresh: bool) -> Result<Arc<HsmKey>, HsmError> {
+        let mut slot = self.key.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(k) = slot.as_ref().filter(|k| !fresh && k.is_current()) {
+            return Ok(k.clone());
+        }
+        let w = WrappedRef {
+            public_key: &self.public_key,
+            wrapped: &self.wrapped,
+            kek_version: self.kek_version,
+        };
+        let k = Arc::new(hsm.unwrap_curve_for_signing(self.curve, &w)?);
+        *slot = Some(k.clone());
+        Ok(k)
+    }
+
+    /// Signs `data` (see [`Hsm::sign_issuer`] for what it is), unwrapping again once if the
+    /// pool re-initialised since the key was unwrapped.
+    fn sign(&self, hsm: &Hsm, data: &[u8]) -> Result<Vec<u8>, HsmError> {
+        match hsm.sign(&*self.key(hsm, false)?, data) {
+            Err(HsmError::StaleKey) => hsm.sign(&*self.key(hsm, true)?, data),
+            other => other,
+        }
+    }
+}
+
 /// One immutable view of the ring.
 #[derive(Debug, Default)]
 struct Ring {
@@ -107,10 +164,16 @@ struct Ring {
     active: BTreeMap<IssuerAlg, usize>,
     /// The JWKs of `keys`, in the same order (verification without cloning).
     published: Vec<Jwk>,
+    /// Keys stored wrapped, by kid; a key not here signs with its token object (label).
+    wrapped: BTreeMap<String, Arc<WrappedSigner>>,
 }
 
 impl Ring {
-    fn new(mut keys: Vec<IssuerKey>) -> Ring {
+    fn new(keys: Vec<IssuerKey>) -> Ring {
+        Ring::with_signers(keys, BTreeMap::new())
+    }
+
+    fn with_signers(mut keys: Vec<IssuerKey>, wrapped: BTreeMap<String, Arc<WrappedSigner>>) -> Ring {
         keys.sort_by(|a, b| (a.info.alg, &a.jwk.kid).cmp(&(b.info.alg, &b.jwk.kid)));
         let active = keys
             .iter()
@@ -122,6 +185,7 @@ impl Ring {
             published: keys.iter().map(|k| k.jwk.clone()).collect(),
             keys,
             active,
+            wrapped,
         }
     }
 }
@@ -263,12 +327,31 @@ impl Issuer {
         let current = self.ring();
         let mut token: Option<Vec<IssuerKeyInfo>> = None;
         let mut keys = Vec::new();
+        let mut wrapped = BTreeMap::new();
         for rec in records.iter().filter(|r| r.state.published()) {
             let bad = |reason: String| IssuerError::BadRecord {
                 kid: rec.kid.clone(),
                 reason,
             };
+            let blob = rec.wrapped.as_deref().zip(rec.kek_version);
             if let Some(k) = current.keys.iter().find(|k| k.jwk.kid == rec.kid) {
+                // A blob stays unwrapped for as long as the key may sign; one that failed to
+                // unwrap before is tried again.
+                if let Some((bytes, version)) = blob {
+                    // Kept while the blob is the one it was made from (a rewrap gives a new
+                    // blob under a new KEK, whose old version may be retired next).
+                    let same = |w: &&Arc<WrappedSigner>| w.kek_version == version && w.wrapped == bytes;
+                    match current.wrapped.get(&rec.kid).filter(same) {
+                        Some(signer) => {
+                            wrapped.insert(rec.kid.clone(), signer.clone());
+                        }
+                        None => {
+                            if let Some(signer) = self.wrapped_signer(k, rec)? {
+                                wrapped.insert(rec.kid.clone(), signer);
+                            }
+                        }
+                    }
+                }
                 keys.push(IssuerKey {
                     state: rec.state,
                     ..k.clone()
@@ -279,6 +362,18 @@ impl Issuer {
             let stored: Jwk = serde_json::from_str(&rec.jwk).map_err(|e| bad(format!("jwk: {e}")))?;
             if stored.thumbprint() != rec.kid {
                 return Err(bad("kid is not the thumbprint of the stored JWK".into()));
+            }
+            // A stored key (it has, or had, a blob): never a token object to search for.
+            if rec.kek_version.is_some() {
+                if rec.state == IssuerKeyState::Active && blob.is_none() {
+                    return Err(bad("an active stored key without its blob".into()));
+                }
+                let key = stored_key(alg, rec, stored)?;
+                if let Some(signer) = self.wrapped_signer(&key, rec)? {
+                    wrapped.insert(rec.kid.clone(), signer);
+                }
+                keys.push(key);
+                continue;
             }
             if token.is_none() {
                 token = Some(self.hsm.issuer_keys()?);
@@ -306,18 +401,7 @@ impl Issuer {
                 // backup does not hold issuer keys): it signs nothing any more, and still
                 // verifies what it signed, from its stored public key.
                 if rec.state == IssuerKeyState::Retired {
-                    let public_key =
-                        raw_public_key(alg, &stored).ok_or_else(|| bad("stored JWK does not decode".into()))?;
-                    keys.push(IssuerKey {
-                        info: IssuerKeyInfo {
-                            alg,
-                            label: rec.label.clone(),
-                            id: rec.kid.as_bytes().to_vec(),
-                            public_key,
-                        },
-                        jwk: stored,
-                        state: rec.state,
-                    });
+                    keys.push(stored_key(alg, rec, stored)?);
                     continue;
                 }
                 return Err(IssuerError::MissingOnToken {
@@ -336,8 +420,8 @@ impl Issuer {
             self.binding_check(&key)?;
             keys.push(key);
         }
-        let ring = Arc::new(Ring::new(keys));
-        let changed = ring.keys != current.keys;
+        let ring = Arc::new(Ring::with_signers(keys, wrapped));
+        let changed = ring.keys != current.keys || ring.wrapped.len() != current.wrapped.len();
         *self.ring.write().unwrap_or_else(|e| e.into_inner()) = ring;
         if changed {
             tracing::info!(
@@ -348,11 +432,51 @@ impl Issuer {
         Ok(())
     }
 
+    /// The signer of a stored blob, unwrapped and proven to sign under the key's JWK. An
+    /// active key that cannot be unwrapped fails the refresh (the previous ring stays); a
+    /// `next` key is published anyway, and its blob tried again at the next refresh.
+    fn wrapped_signer(
+        &self,
+        key: &IssuerKey,
+        rec: &IssuerKeyRecord,
+    ) -> Result<Option<Arc<WrappedSigner>>, IssuerError> {
+        let (Some(blob), Some(kek_version)) = (rec.wrapped.as_deref(), rec.kek_version) else {
+            return Ok(None);
+        };
+        let signer = Arc::new(WrappedSigner::of(
+            key.info.alg,
+            key.info.public_key.clone(),
+            blob,
+            kek_version,
+        ));
+        match self.check_signer(key, &signer) {
+            Ok(()) => Ok(Some(signer)),
+            Err(e) if rec.state != IssuerKeyState::Active => {
+                tracing::warn!(kid = %rec.kid, state = rec.state.as_str(), error = %e,
+                    "issuer key blob does not unwrap here yet; published, retried at the next refresh");
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    fn check_signer(&self, key: &IssuerKey, signer: &WrappedSigner) -> Result<(), IssuerError> {
+        let claims = serde_json::json!({ "probe": "keyward issuer binding check" });
+        let token = jws::sign_compact(jws_alg(key.info.alg), &key.jwk.kid, PROBE_TYP, &claims, |data| {
+            signer.sign(&self.hsm, data).map_err(IssuerError::from)
+        })?;
+        self.verify_probe(key, &token)
+    }
+
     /// Sign a probe with the HSM key and verify it under the JWK.
     fn binding_check(&self, key: &IssuerKey) -> Result<(), IssuerError> {
         let claims = serde_json::json!({ "probe": "keyward issuer binding check" });
         let token = self.sign_with(key, PROBE_TYP, &claims)?;
-        jws::verify_compact(&token, std::slice::from_ref(&key.jwk)).map_err(|source| IssuerError::BindingCheck {
+        self.verify_probe(key, &token)
+    }
+
+    fn verify_probe(&self, key: &IssuerKey, token: &str) -> Result<(), IssuerError> {
+        jws::verify_compact(token, std::slice::from_ref(&key.jwk)).map_err(|source| IssuerError::BindingCheck {
             label: key.info.label.clone(),
             source,
         })?;
@@ -360,9 +484,46 @@ impl Issuer {
     }
 
     fn sign_with(&self, key: &IssuerKey, typ: &str, claims: &serde_json::Value) -> Result<String, IssuerError> {
-        jws::sign_compact(jws_alg(key.info.alg), &key.jwk.kid, typ, claims, |data| {
-            self.hsm.sign_issuer(&key.info.label, data).map_err(IssuerError::from)
+        let signer = self.ring().wrapped.get(&key.jwk.kid).cloned();
+        jws::sign_compact(jws_alg(key.info.alg), &key.jwk.kid, typ, claims, |data| match &signer {
+            Some(signer) => signer.sign(&self.hsm, data).map_err(IssuerError::from),
+            None => self.hsm.sign_issuer(&key.info.label, data).map_err(IssuerError::from),
         })
+    }
+
+    /// Drops every unwrapped issuer key this process holds (their session objects go to the
+    /// key reaper; [`crate::hsm::flush_key_destroys`] waits for them). For shutdown, after the
+    /// last signature: a later one would unwrap its key again.
+    pub fn release_keys(&self) {
+        for signer in self.ring().wrapped.values() {
+            let key = signer.key.lock().unwrap_or_else(|p| p.into_inner()).take();
+            drop(key);
+        }
+    }
+
+    /// Whether the key `kid` signs from a stored blob (false: a token object, or not held).
+    pub fn is_wrapped(&self, kid: &str) -> bool {
+        self.ring().wrapped.contains_key(kid)
+    }
+
+    /// `keyward doctor`: unwraps a stored issuer key's blob (nothing cached) and proves it
+    /// signs under the key's stored JWK. Blocking.
+    pub fn check_stored(hsm: &Hsm, rec: &IssuerKeyRecord) -> Result<(), IssuerError> {
+        let bad = |reason: String| IssuerError::BadRecord {
+            kid: rec.kid.clone(),
+            reason,
+        };
+        let (Some(blob), Some(kek_version)) = (rec.wrapped.as_deref(), rec.kek_version) else {
+            return Err(bad("no blob to check".into()));
+        };
+        let alg = IssuerAlg::from_str(&rec.alg).map_err(|e| bad(e.to_string()))?;
+        let jwk: Jwk = serde_json::from_str(&rec.jwk).map_err(|e| bad(format!("jwk: {e}")))?;
+        if jwk.thumbprint() != rec.kid {
+            return Err(bad("kid is not the thumbprint of the stored JWK".into()));
+        }
+        let key = stored_key(alg, rec, jwk)?;
+        let signer = WrappedSigner::of(alg, key.info.public_key.clone(), blob, kek_version);
+        Issuer::empty(hsm).check_signer(&key, &signer)
     }
 
     /// The active key of `alg`.
@@ -398,6 +559,36 @@ impl Issuer {
     pub fn verify(&self, token: &str) -> Result<jws::Verified, IssuerError> {
         Ok(jws::verify_compact(token, &self.ring().published)?)
     }
+}
+
+/// A ring entry from a stored row and its decoded JWK (public key taken from the JWK).
+fn stored_key(alg: IssuerAlg, rec: &IssuerKeyRecord, jwk: Jwk) -> Result<IssuerKey, IssuerError> {
+    let public_key = raw_public_key(alg, &jwk).ok_or_else(|| IssuerError::BadRecord {
+        kid: rec.kid.clone(),
+        reason: "stored JWK does not decode".into(),
+    })?;
+    Ok(IssuerKey {
+        info: IssuerKeyInfo {
+            alg,
+            label: rec.label.clone(),
+            id: rec.kid.as_bytes().to_vec(),
+            public_key,
+        },
+        jwk,
+        state: rec.state,
+    })
+}
+
+/// Generate a new issuer key of `alg` wrapped under the current KEK (kid = thumbprint of its
+/// JWK), to be stored: the private key exists on the token only as session objects, here
+/// and wherever the blob is unwrapped. Blocking.
+pub fn create_wrapped_key(hsm: &Hsm, alg: IssuerAlg) -> Result<(Jwk, WrappedKey), IssuerError> {
+    let w = hsm.generate_wrapped_curve(alg.curve())?;
+    let jwk = jwk_for(alg, &w.public_key).map_err(|source| IssuerError::BadPublicKey {
+        label: format!("new {alg} key"),
+        source,
+    })?;
+    Ok((jwk, w))
 }
 
 /// Generate a new token key of `alg` (kid = thumbprint). Blocking.

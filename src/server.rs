@@ -17,7 +17,6 @@ use crate::api::{AccountApi, Daemon, JwksApi, SessionApi, SigningApi};
 use crate::clock::{Clock, SystemClock};
 use crate::config::{Config, ConfigError};
 use crate::hsm::{Hsm, HsmError};
-use crate::issuer::Issuer;
 use crate::keys::KeyService;
 use crate::metrics::Metrics;
 use crate::session::{Domain, SessionSettings, Sessions};
@@ -153,11 +152,11 @@ pub async fn open_hsm(config: &Config) -> Result<Hsm, ServeError> {
 }
 
 /// Creates what the token must hold (`keyward init`, and `dev` on first run):
-/// the key-encryption key and the issuer keys. Idempotent.
+/// the key-encryption key. Idempotent. Issuer keys are made by the daemon's
+/// key lifecycle at start, wrapped under this KEK and kept in the store.
 pub async fn init_token(hsm: Hsm) -> Result<u32, ServeError> {
     tokio::task::spawn_blocking(move || -> Result<u32, ServeError> {
         let kek = hsm.ensure_kek()?;
-        Issuer::ensure(&hsm, &crate::issuer::DEFAULT_ALGS).map_err(|e| ServeError::Issuer(e.to_string()))?;
         Ok(kek)
     })
     .await
@@ -495,6 +494,7 @@ where
         Err(e) => tracing::warn!(error = %e, "final audit checkpoint failed"),
     }
     d.keys.clear_cache();
+    d.jwks.issuer().release_keys();
     // The keys were handed to the reaper thread: wait until they are gone.
     let _ = tokio::task::spawn_blocking(crate::hsm::flush_key_destroys).await;
     tracing::info!("stopped");

@@ -301,6 +301,26 @@ fn refuse_host_ed25519_is_failed_precondition() {
         )
         .expect("config");
         let d = env.start().await;
+        // The stored EdDSA issuer keys were wrapped through host memory: this custody refuses
+        // them, so they are retired and the signing key is made as a token object instead.
+        let keys = d.state.jwks.list().await.expect("issuer keys");
+        let eddsa: Vec<_> = keys.iter().filter(|k| k.alg == "EdDSA").collect();
+        let active = eddsa
+            .iter()
+            .find(|k| k.state == keyward::store::IssuerKeyState::Active)
+            .expect("an active EdDSA key");
+        assert_eq!(
+            active.kek_version, None,
+            "a token object, not a host-path blob: {eddsa:?}"
+        );
+        assert_eq!(
+            eddsa
+                .iter()
+                .filter(|k| k.state == keyward::store::IssuerKeyState::Retired && k.kek_version.is_some())
+                .count(),
+            2,
+            "the stored active and next keys retired: {eddsa:?}"
+        );
         let refused = d
             .accounts(&env, "admin")
             .await

@@ -248,6 +248,19 @@ impl Story {
             .map(|i| i.label)
             .collect()
     }
+
+    /// The stored row of `kid`: (has a blob, KEK version), or None once removed.
+    async fn stored(&self, kid: &str) -> Option<(bool, Option<u32>)> {
+        self.daemon
+            .state
+            .jwks
+            .list()
+            .await
+            .expect("list")
+            .into_iter()
+            .find(|k| k.kid == kid)
+            .map(|k| (k.wrapped.is_some(), k.kek_version))
+    }
 }
 
 fn kid_of(token: &str) -> String {
@@ -427,9 +440,18 @@ fn rotation_story(store: StoreKind) {
         let states = st.states().await;
         assert_eq!(kid_in_state(&states, "EdDSA", "revoked"), vec![new_kid.clone()]);
         assert_eq!(kid_in_state(&states, "EdDSA", "next").len(), 1, "a new next key");
-        assert!(
-            !st.token_labels().await.iter().any(|l| l.ends_with(&new_kid)),
+        // Issuer keys are stored wrapped under the KEK, never token objects; a revoked key's
+        // blob is destroyed by the revoking transaction.
+        assert!(st.token_labels().await.is_empty(), "no issuer key is a token object");
+        assert_eq!(
+            st.stored(&new_kid).await,
+            Some((false, Some(1))),
             "revoked key destroyed"
+        );
+        assert_eq!(
+            st.stored(&fresh_next).await,
+            Some((true, Some(1))),
+            "the active key keeps its blob"
         );
         let missing = st
             .jwks_client("admin")
@@ -440,7 +462,8 @@ fn rotation_story(store: StoreKind) {
         assert_eq!(missing.code(), Code::NotFound);
 
         // Retired keys stay published through the grace period, then are removed and destroyed.
-        assert!(st.token_labels().await.iter().any(|l| l.ends_with(&old_kid)));
+        // A retired key signs nothing more: its blob went with its retirement.
+        assert_eq!(st.stored(&old_kid).await, Some((false, Some(1))));
         let lc = st.daemon.state.jwks.clone();
         let retired_at = START + MAX_AGE;
         lc.tick(retired_at + 90 * DAY - 1).await.expect("tick");
@@ -448,10 +471,7 @@ fn rotation_story(store: StoreKind) {
         let report = lc.tick(retired_at + 90 * DAY).await.expect("tick");
         assert!(report.removed.contains(&old_kid), "{report:?}");
         assert!(!kids(&st.fetch_jwks().await.0).contains(&old_kid));
-        assert!(
-            !st.token_labels().await.iter().any(|l| l.ends_with(&old_kid)),
-            "destroyed on the token"
-        );
+        assert_eq!(st.stored(&old_kid).await, None, "removed from the store");
         let hsm = st.daemon.state.keys.hsm().clone();
         let objects = tokio::task::spawn_blocking(move || hsm.inspect_private_keys().expect("inspect"))
             .await
@@ -520,6 +540,60 @@ fn scheduled_rotation_publishes_then_promotes() {
         assert!(!kids(&st.fetch_jwks().await.0).contains(&a));
         st.daemon.stop().await;
     });
+}
+
+/// A revocation made through one replica reaches another within about a second (the watch,
+/// `keyward::jwks::WATCH`), long before its scheduler's next run (`tick_seconds = 300` here): the
+/// other replica stops publishing the revoked key and signs with the promoted one.
+fn a_revocation_reaches_the_other_replica_within_the_watch(store: StoreKind) {
+    let Some(env) = env_with_jwks(store) else { return };
+    block_on(async {
+        let st = Story::start(env).await;
+        let other = st.env.start_with_clock(st.clock.clone()).await;
+        let states = st.states().await;
+        let active = kid_in_state(&states, "EdDSA", "active")[0].clone();
+        let issuer = other.state.sessions.issuer().clone();
+        let claims = serde_json::json!({ "iss": "test" });
+        let sign = |issuer: &keyward::issuer::Issuer| {
+            kid_of(&issuer.sign_jws(IssuerAlg::EdDSA, "test", &claims).expect("sign"))
+        };
+        assert_eq!(sign(&issuer), active);
+        let rv = st
+            .jwks_client("admin")
+            .await
+            .revoke_issuer_key(RevokeIssuerKeyRequest { kid: active.clone() })
+            .await
+            .expect("revoke")
+            .into_inner();
+        let promoted = rv.promoted_kid;
+        assert!(!promoted.is_empty());
+        let revoked_at = std::time::Instant::now();
+        loop {
+            let r = https_get(other.https_addr, &st.env.pki.ca_cert, "/.well-known/jwks.json", &[]).await;
+            let jwks: Jwks = serde_json::from_str(&r.body).expect("JWKS JSON");
+            if !kids(&jwks).contains(&active) && sign(&issuer) == promoted {
+                break;
+            }
+            assert!(
+                revoked_at.elapsed() < keyward::jwks::WATCH * 4,
+                "the other replica still serves or signs with the revoked key after {:?}",
+                revoked_at.elapsed()
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        other.stop().await;
+        st.daemon.stop().await;
+    });
+}
+
+#[test]
+fn a_revocation_reaches_the_other_replica_within_the_watch_sqlite() {
+    a_revocation_reaches_the_other_replica_within_the_watch(StoreKind::Sqlite);
+}
+
+#[test]
+fn a_revocation_reaches_the_other_replica_within_the_watch_postgres() {
+    a_revocation_reaches_the_other_replica_within_the_watch(StoreKind::Postgres);
 }
 
 /// Runs the `keyward` binary as a client of the in-process daemon.

@@ -67,6 +67,8 @@ fn backup(config: &str, so_pin: &str, shares: u8, threshold: u8, out: &str) -> O
 thread_local! {
     /// The metrics listener of the daemon [`serve`] started last.
     static METRICS: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
+    /// The HTTPS (JWKS) listener of the daemon [`serve`] started last.
+    static HTTPS: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
 }
 
 /// The last served daemon's `/metrics` text (plain HTTP/1.0 GET).
@@ -99,7 +101,8 @@ fn serve(config: &Path) -> (Child, String) {
             if v["fields"]["message"] == "serving" {
                 let grpc = v["fields"]["grpc"].as_str().unwrap_or_default().to_string();
                 let metrics = v["fields"]["metrics"].as_str().unwrap_or_default().to_string();
-                let _ = tx.send(Ok(format!("{grpc} {metrics}")));
+                let https = v["fields"]["https"].as_str().unwrap_or_default().to_string();
+                let _ = tx.send(Ok(format!("{grpc} {metrics} {https}")));
             } else if v["level"] == "ERROR" {
                 let _ = tx.send(Err(line));
             }
@@ -107,8 +110,12 @@ fn serve(config: &Path) -> (Child, String) {
     });
     match rx.recv_timeout(Duration::from_secs(60)) {
         Ok(Ok(addrs)) => {
-            let (grpc, metrics) = addrs.split_once(' ').unwrap_or((addrs.as_str(), ""));
+            let mut parts = addrs.split(' ');
+            let grpc = parts.next().unwrap_or_default();
+            let metrics = parts.next().unwrap_or_default();
+            let https = parts.next().unwrap_or_default();
             METRICS.with(|m| *m.borrow_mut() = metrics.to_string());
+            HTTPS.with(|h| *h.borrow_mut() = https.to_string());
             (child, format!("https://{grpc}"))
         }
         other => {
@@ -202,6 +209,22 @@ fn drill(custody: Custody, store: StoreKind) {
         sign_all(&endpoint, &env, &ids).await
     });
     common::signal(&mut daemon, "-TERM");
+    let issuer_keys = || {
+        common::block_on(async {
+            let store = keyward::store::open(&env.store_url).await.expect("store");
+            let mut keys: Vec<(String, String, String)> = store
+                .list_issuer_keys()
+                .await
+                .expect("issuer keys")
+                .into_iter()
+                .map(|k| (k.alg, k.state.as_str().to_string(), k.jwk))
+                .collect();
+            keys.sort();
+            keys
+        })
+    };
+    let issuers_before = issuer_keys();
+    assert_eq!(issuers_before.len(), 4, "{issuers_before:?}");
 
     // The backup: five share files, one KEK set in the store.
     let shares_dir = env.dir.path().join("shares");
@@ -312,6 +335,10 @@ fn drill(custody: Custody, store: StoreKind) {
     // The restore, from three other shares, onto a new token.
     let out = ok(&restore(&[arg(1), arg(3), arg(4)]), "kek restore");
     assert!(out.contains("restored onto token"), "{out}");
+    assert!(
+        out.contains("4 issuer keys are stored wrapped under these KEKs"),
+        "{out}"
+    );
     refused(
         &restore(&[arg(1), arg(3), arg(4)]),
         "a second restore",
@@ -323,9 +350,13 @@ fn drill(custody: Custody, store: StoreKind) {
     let ids: Vec<String> = before.iter().map(|s| s.id.clone()).collect();
     let after = common::block_on(sign_all(&endpoint, &env, &ids));
     assert_eq!(before, after);
+    // The issuer keys sign again from their stored blobs: the same keys in the same states.
+    assert_eq!(issuer_keys(), issuers_before);
     common::signal(&mut daemon, "-TERM");
     let out = ok(&keyward(&["doctor", "--config", &config]), "doctor after the restore");
     assert!(out.contains("checked 4 accounts: 4 ok, 0 failed"), "{out}");
+    // EdDSA and ES256, each an active and a next key.
+    assert!(out.contains("checked 4 stored issuer keys: 4 ok, 0 failed"), "{out}");
 
     // The ceremony is in the audit log, and the chain holds.
     let events = common::block_on(async {
@@ -344,7 +375,16 @@ fn drill(custody: Custody, store: StoreKind) {
         actions.contains(&("KekRestore", "operator:ceremony-test")),
         "{actions:?}"
     );
-    assert!(actions.iter().any(|(a, _)| *a == "IssuerKeyLost"), "{actions:?}");
+    // The issuer keys came back with the KEKs: none was lost, none made anew after the restore.
+    assert!(!actions.iter().any(|(a, _)| *a == "IssuerKeyLost"), "{actions:?}");
+    let restored_at = actions
+        .iter()
+        .position(|(a, _)| *a == "KekRestore")
+        .expect("restore event");
+    assert!(
+        !actions[restored_at..].iter().any(|(a, _)| *a == "IssuerKeyPublished"),
+        "{actions:?}"
+    );
     let out = keyward(&["audit", "verify", "--config", &config]);
     ok(&out, "audit verify");
 }
@@ -486,7 +526,7 @@ fn a_rewrap_killed_mid_run_is_finished_by_the_next() {
     // Host custody: one host KEK, v1, wraps both keys of every account.
     ok(&keyward(&["kek", "rotate", "--config", &config]), "kek rotate");
     let mut run = Command::new(env!("CARGO_BIN_EXE_keyward"))
-        .args(["kek", "rewrap", "--config", &config, "--batch", "1"])
+        .args(["kek", "rewrap", "--config", &config, "--batch", "1", "--json"])
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -494,9 +534,15 @@ fn a_rewrap_killed_mid_run_is_finished_by_the_next() {
         .expect("spawn rewrap");
     let stdout = run.stdout.take().expect("stdout");
     let mut lines = std::io::BufReader::new(stdout).lines();
-    // Killed once a few blobs have moved.
+    // Killed once a few blobs have moved: progress comes as one JSON line per batch.
+    let mut batches = 0;
     for line in lines.by_ref().map_while(Result::ok) {
-        if line.contains(": 5 moved so far") {
+        let v: serde_json::Value = serde_json::from_str(&line).expect("a JSON progress line");
+        assert_eq!(v["kek"], 1, "{v}");
+        assert_eq!(v["total"], 48, "{v}");
+        batches += 1;
+        assert_eq!(v["done"], batches, "one blob per batch: {v}");
+        if v["moved"] == 5 {
             break;
         }
     }
@@ -520,13 +566,17 @@ fn a_rewrap_killed_mid_run_is_finished_by_the_next() {
     assert_eq!(left + moved, 48, "every key is under one version: {status}");
     assert!(moved >= 5 && left > 0, "killed part-way: {status}");
     eprintln!("killed with {moved} moved and {left} left");
-    let out = ok(&keyward(&["kek", "rewrap", "--config", &config]), "kek rewrap again");
-    assert!(
-        out.contains(&format!(
-            "rewrap: {left} keys moved to v2, 0 already moved by another run, 0 failed"
-        )),
-        "the rest moved, none twice: {out}"
+    let out = ok(
+        &keyward(&["kek", "rewrap", "--config", &config, "--json"]),
+        "kek rewrap again",
     );
+    let summary: serde_json::Value =
+        serde_json::from_str(out.lines().last().expect("a summary line")).expect("JSON summary");
+    assert_eq!(summary["done"], true, "{out}");
+    assert_eq!(summary["moved"], left, "the rest moved, none twice: {out}");
+    assert_eq!(summary["raced"], 0, "{out}");
+    assert_eq!(summary["failed"], 0, "{out}");
+    assert_eq!(summary["to"], 2, "{out}");
     let status = ok(&keyward(&["kek", "status", "--config", &config]), "kek status");
     assert!(
         status.contains("KEK v1: 0 account keys") && status.contains("KEK v2: 48 account keys"),
@@ -693,4 +743,214 @@ fn the_user_pin_alone_cannot_export_a_kek() {
         ),
         "{e:?}"
     );
+}
+
+/// The JWKS the last daemon [`serve`] started serves, and the kids in it.
+fn served_kids(https: &str, env: &Env) -> Vec<String> {
+    let (status, body) = common::block_on(keyward::cli::verify::https_get(
+        &format!("https://{https}/.well-known/jwks.json"),
+        &env.pki.ca_cert,
+        "localhost",
+    ))
+    .expect("JWKS fetched");
+    assert_eq!(status, 200, "{body}");
+    let jwks: keyward::crypto::jwk::Jwks = serde_json::from_str(&body).expect("JWKS JSON");
+    let mut kids: Vec<String> = jwks.keys.into_iter().map(|k| k.kid).collect();
+    kids.sort();
+    kids
+}
+
+/// A session token opened at `endpoint` for an account `wallet` controls: a JWS signed with the
+/// daemon's active EdDSA issuer key. Returns its kid and the token.
+async fn session_token(endpoint: &str, env: &Env, account_id: &str, wallet: &common::Wallet) -> (String, String) {
+    use keyward::api::pb::session_service_client::SessionServiceClient;
+    let ch = keyward::tls::connect(endpoint, &env.client_files("wallet-gateway"))
+        .await
+        .expect("connect");
+    let mut s = SessionServiceClient::new(ch);
+    let c = s
+        .create_session_challenge(keyward::api::pb::CreateSessionChallengeRequest {
+            account_id: account_id.into(),
+            delegate: "spiffe://example.org/marketplace".into(),
+            scopes: vec!["payments:0-100".into()],
+            cap: "100".into(),
+            ttl_seconds: 600,
+        })
+        .await
+        .expect("challenge")
+        .into_inner();
+    let token = s
+        .open_session(keyward::api::pb::OpenSessionRequest {
+            challenge_id: c.challenge_id,
+            signature: wallet.sign(&c.typed_data_json),
+        })
+        .await
+        .expect("session opened")
+        .into_inner()
+        .token;
+    use base64::Engine as _;
+    let head = token.split('.').next().expect("header");
+    let header: serde_json::Value = serde_json::from_slice(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(head)
+            .expect("base64url"),
+    )
+    .expect("header JSON");
+    (header["kid"].as_str().expect("kid").to_string(), token)
+}
+
+/// Issuer keys survive the token: two daemons on one PostgreSQL database, each with its own
+/// SoftHSM token, the second token holding the same KEKs by `keyward kek restore` from the
+/// first's backup. Both sign with the stored issuer keys; a rotation made through the first is
+/// served by the second and used by it for the next session token, without a restart.
+#[test]
+fn a_restored_second_token_serves_and_uses_the_first_ones_issuer_rotation() {
+    let Some(env) = Env::new(Custody::Hsm, StoreKind::Postgres) else {
+        return;
+    };
+    let mut text = std::fs::read_to_string(&env.config_path).expect("config");
+    // A next key may be promoted after 2 s of publication; every replica refreshes each second.
+    text.push_str("[jwks]\nmax_age_seconds = 2\ntick_seconds = 1\n");
+    std::fs::write(&env.config_path, &text).expect("config");
+    let config = env.config_path.to_str().expect("utf-8 path").to_string();
+    let so_pin = env.dir.path().join("so-pin");
+    write_0600(&so_pin, &format!("{}\n", env.token.so_pin));
+    let so_pin = so_pin.to_str().expect("utf-8").to_string();
+    ok(&keyward(&["init", "--config", &config]), "init");
+    let (mut a, _) = serve(&env.config_path);
+    common::signal(&mut a, "-TERM");
+
+    // The second token: empty, then given the first one's KEKs from a 2-of-3 backup.
+    let shares_dir = env.dir.path().join("shares");
+    ok(
+        &backup(&config, &so_pin, 3, 2, shares_dir.to_str().expect("utf-8")),
+        "kek backup",
+    );
+    let shares = files_in(&shares_dir);
+    let token_b = keyward::testkit::SoftHsmToken::new().expect("second SoftHSM token");
+    write_0600(&env.dir.path().join("hsm-pin-b"), &format!("{}\n", token_b.pin));
+    let text_b = text
+        .replace(&env.token.label, &token_b.label)
+        .replace(
+            &env.token.conf_path.display().to_string(),
+            &token_b.conf_path.display().to_string(),
+        )
+        .replace("pin_file = \"hsm-pin\"", "pin_file = \"hsm-pin-b\"");
+    assert_ne!(text_b, text);
+    let config_b_path = env.dir.path().join("keyward-b.toml");
+    std::fs::write(&config_b_path, &text_b).expect("config b");
+    let config_b = config_b_path.to_str().expect("utf-8").to_string();
+    let out = ok(
+        &keyward(&[
+            "kek",
+            "restore",
+            "--config",
+            &config_b,
+            "--share",
+            shares[0].to_str().expect("utf-8"),
+            "--share",
+            shares[2].to_str().expect("utf-8"),
+        ]),
+        "kek restore onto the second token",
+    );
+    assert!(
+        out.contains("4 issuer keys are stored wrapped under these KEKs"),
+        "{out}"
+    );
+
+    let (mut a, a_grpc) = serve(&env.config_path);
+    let a_https = HTTPS.with(|h| h.borrow().clone());
+    let (mut b, b_grpc) = serve(&config_b_path);
+    let b_https = HTTPS.with(|h| h.borrow().clone());
+    let wallet = common::Wallet::new(0x5a);
+    let account_id = common::block_on(async {
+        let ch = keyward::tls::connect(&a_grpc, &env.client_files("admin"))
+            .await
+            .expect("connect");
+        AccountServiceClient::new(ch)
+            .create_account(CreateAccountRequest {
+                controller: wallet.address().to_checksum(),
+                label: "two-tokens".into(),
+                allow: vec![],
+            })
+            .await
+            .expect("account created")
+            .into_inner()
+            .account_id
+    });
+
+    // Both publish the same keys and sign with the same active key.
+    let before = served_kids(&a_https, &env);
+    assert_eq!(before.len(), 4, "EdDSA and ES256, active and next: {before:?}");
+    assert_eq!(served_kids(&b_https, &env), before);
+    let (kid_a, _) = common::block_on(session_token(&a_grpc, &env, &account_id, &wallet));
+    let (kid_b, token_b_signed) = common::block_on(session_token(&b_grpc, &env, &account_id, &wallet));
+    assert_eq!(kid_a, kid_b);
+    let jwks_a: keyward::crypto::jwk::Jwks = {
+        let (_, body) = common::block_on(keyward::cli::verify::https_get(
+            &format!("https://{a_https}/.well-known/jwks.json"),
+            &env.pki.ca_cert,
+            "localhost",
+        ))
+        .expect("JWKS");
+        serde_json::from_str(&body).expect("JWKS JSON")
+    };
+    keyward::crypto::jws::verify_compact(&token_b_signed, &jwks_a.keys).expect("B's token verifies under A's JWKS");
+
+    // The rotation, through the first daemon, once the next key has been published long enough.
+    std::thread::sleep(Duration::from_millis(2500));
+    let rotated = common::block_on(async {
+        use keyward::api::pb::jwks_service_client::JwksServiceClient;
+        let ch = keyward::tls::connect(&a_grpc, &env.client_files("admin"))
+            .await
+            .expect("connect");
+        JwksServiceClient::new(ch)
+            .rotate_issuer_key(keyward::api::pb::RotateIssuerKeyRequest { alg: "EdDSA".into() })
+            .await
+            .expect("rotation")
+            .into_inner()
+            .rotations
+    });
+    assert_eq!(rotated.len(), 1);
+    let (new_kid, fresh_next) = (rotated[0].activated_kid.clone(), rotated[0].next_kid.clone());
+    assert_eq!(rotated[0].retired_kid, kid_a);
+    assert!(!fresh_next.is_empty() && new_kid != kid_a);
+
+    // The second daemon serves the new key set and signs with the new key, without a restart.
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let kids = served_kids(&b_https, &env);
+        let (kid, token) = common::block_on(session_token(&b_grpc, &env, &account_id, &wallet));
+        if kids.contains(&fresh_next) && kid == new_kid {
+            assert_eq!(kids, served_kids(&a_https, &env), "both serve one key set");
+            keyward::crypto::jws::verify_compact(
+                &token,
+                &serde_json::from_str::<keyward::crypto::jwk::Jwks>(
+                    &common::block_on(keyward::cli::verify::https_get(
+                        &format!("https://{a_https}/.well-known/jwks.json"),
+                        &env.pki.ca_cert,
+                        "localhost",
+                    ))
+                    .expect("JWKS")
+                    .1,
+                )
+                .expect("JWKS JSON")
+                .keys,
+            )
+            .expect("B's token under the new key verifies under A's JWKS");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the second daemon did not take up the rotation: serves {kids:?}, signs with {kid}, expected {new_kid}"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    // Each token unwraps every stored issuer key blob and it signs under its published key.
+    for cfg in [&config, &config_b] {
+        let out = ok(&keyward(&["doctor", "--config", cfg]), "doctor");
+        assert!(out.contains("checked 4 stored issuer keys: 4 ok, 0 failed"), "{out}");
+    }
+    common::signal(&mut a, "-TERM");
+    common::signal(&mut b, "-TERM");
 }

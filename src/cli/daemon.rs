@@ -53,7 +53,13 @@ pub(super) fn before_threads(config: &mut Config) -> anyhow::Result<()> {
 
 pub(super) fn run_blocking<F: std::future::Future<Output = anyhow::Result<()>>>(f: F) -> anyhow::Result<()> {
     let rt = runtime().map_err(|_| anyhow::anyhow!("cannot start the async runtime"))?;
-    rt.block_on(f)
+    let out = rt.block_on(f);
+    // Unwrapped keys dropped with the runtime's tasks (an issuer key ring, a key cache) went
+    // to the reaper thread: let it destroy them before the process exits and the PKCS#11
+    // library is torn down under it.
+    drop(rt);
+    crate::hsm::flush_key_destroys();
+    out
 }
 
 /// SIGTERM, SIGINT and SIGHUP streams. Installed before the daemon announces

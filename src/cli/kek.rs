@@ -63,6 +63,10 @@ pub struct RewrapArgs {
     /// Blobs read from the store per batch.
     #[arg(long, default_value_t = 200)]
     batch: u32,
+    /// Progress as JSON lines (one per batch: KEK version, done, total, moved; then a summary
+    /// line with `"done": true`) instead of a bar or text.
+    #[arg(long)]
+    json: bool,
 }
 
 /// The config file.
@@ -178,7 +182,26 @@ pub fn doctor(a: DoctorArgs) -> anyhow::Result<bool> {
             checked - failed.len() as u64,
             failed.len()
         );
-        Ok(failed.len())
+        let (mut issuers, mut issuer_failed) = (0u64, 0usize);
+        for rec in store.list_issuer_keys().await? {
+            if rec.wrapped.is_none() {
+                continue;
+            }
+            issuers += 1;
+            let (h, r) = (hsm.clone(), rec.clone());
+            let out = tokio::task::spawn_blocking(move || crate::issuer::Issuer::check_stored(&h, &r))
+                .await
+                .map_err(|_| anyhow::anyhow!("check task failed"))?;
+            if let Err(e) = out {
+                println!("FAIL issuer key {} ({}): {e}", rec.kid, rec.alg);
+                issuer_failed += 1;
+            }
+        }
+        println!(
+            "checked {issuers} stored issuer keys: {} ok, {issuer_failed} failed",
+            issuers - issuer_failed as u64
+        );
+        Ok(failed.len() + issuer_failed)
     })?;
     Ok(failed == 0)
 }
@@ -231,6 +254,7 @@ fn status(config: &Path) -> anyhow::Result<()> {
     run_blocking(async move {
         let store = crate::store::open(&config.store.url).await?;
         let per = store.keys_per_kek().await?;
+        let issuers = store.issuer_keys_per_kek().await?;
         let last = store.get_kek_backup(None).await?;
         println!("token {:?}", config.hsm.token_label);
         for v in live.keys() {
@@ -246,10 +270,18 @@ fn status(config: &Path) -> anyhow::Result<()> {
                     }
                 })
                 .unwrap_or("not in the newest backup");
-            println!("  KEK v{v}: {keys} account keys; {backed}");
+            let issuer = issuers.iter().find(|(k, _)| k == v).map_or(0, |(_, n)| *n);
+            println!("  KEK v{v}: {keys} account keys, {issuer} issuer keys; {backed}");
         }
+        let mut missing: std::collections::BTreeMap<u32, (u64, u64)> = Default::default();
         for (v, n) in per.iter().filter(|(v, _)| !live.contains_key(v)) {
-            println!("  KEK v{v}: {n} account keys, NOT ON THE TOKEN");
+            missing.entry(*v).or_default().0 = *n;
+        }
+        for (v, n) in issuers.iter().filter(|(v, _)| !live.contains_key(v)) {
+            missing.entry(*v).or_default().1 = *n;
+        }
+        for (v, (n, i)) in missing {
+            println!("  KEK v{v}: {n} account keys, {i} issuer keys, NOT ON THE TOKEN");
         }
         match last {
             Some(b) => println!(
@@ -293,30 +325,94 @@ fn rotate(config: &Path) -> anyhow::Result<()> {
     })
 }
 
+/// How `kek rewrap` shows its progress: a bar on a terminal, a line per batch otherwise, or
+/// JSON lines (`--json`) for scripts.
+enum Progress {
+    Bar,
+    Lines,
+    Json,
+}
+
+impl Progress {
+    fn new(json: bool) -> Progress {
+        use std::io::IsTerminal as _;
+        if json {
+            Progress::Json
+        } else if std::io::stdout().is_terminal() {
+            Progress::Bar
+        } else {
+            Progress::Lines
+        }
+    }
+
+    /// A human line (nothing in JSON mode; the bar's line is ended first).
+    fn say(&self, line: &str) {
+        match self {
+            Progress::Json => {}
+            Progress::Bar => println!("\r\x1b[2K{line}"),
+            Progress::Lines => println!("{line}"),
+        }
+    }
+
+    /// A JSON line (JSON mode only).
+    fn json(&self, value: serde_json::Value) {
+        if let Progress::Json = self {
+            println!("{value}");
+        }
+    }
+
+    /// After a batch of KEK `version`: `done` of the `total` blobs it held at the start.
+    fn batch(&self, label: &str, version: u32, done: u64, total: u64, moved: u64) {
+        match self {
+            Progress::Json => self.json(
+                serde_json::json!({"kek": version, "label": label, "done": done, "total": total, "moved": moved}),
+            ),
+            Progress::Lines => println!("  {label}: {moved} moved so far"),
+            Progress::Bar => {
+                const WIDTH: u64 = 30;
+                let filled = (done.min(total) * WIDTH).checked_div(total).unwrap_or(WIDTH);
+                let bar: String = (0..WIDTH).map(|i| if i < filled { '#' } else { '-' }).collect();
+                print!("\r\x1b[2K  {label} [{bar}] {done}/{total}");
+                let _ = std::io::stdout().flush();
+            }
+        }
+    }
+
+    /// The end of a KEK version's batches.
+    fn end_version(&self) {
+        if let Progress::Bar = self {
+            println!();
+        }
+    }
+}
+
 fn rewrap(a: RewrapArgs) -> anyhow::Result<()> {
     let config = load(&a.config)?;
+    let progress = Progress::new(a.json);
     run_blocking(async move {
         let hsm = crate::server::open_hsm(&config).await?;
         let store = crate::store::open(&config.store.url).await?;
         let (mut moved, mut raced, mut failed, mut stay) = (0u64, 0u64, 0u64, 0u64);
         let mut target = None;
         for (version, label, kind) in hsm.keks() {
+            let total = store
+                .keys_per_kek()
+                .await?
+                .iter()
+                .find(|(v, _)| *v == version)
+                .map_or(0, |(_, n)| *n);
             if kind == crate::hsm::KekKind::Sealed {
-                let n = store
-                    .keys_per_kek()
-                    .await?
-                    .iter()
-                    .find(|(v, _)| *v == version)
-                    .map_or(0, |(_, n)| *n);
-                stay += n;
-                if n > 0 {
-                    println!(
-                        "  {label}: {n} keys stay (a sealed KEK's keys cannot leave the token, not even rewrapped)"
-                    );
+                stay += total;
+                if total > 0 {
+                    progress.say(&format!(
+                        "  {label}: {total} keys stay (a sealed KEK's keys cannot leave the token, not even rewrapped)"
+                    ));
+                    progress.json(serde_json::json!({"kek": version, "label": label, "stay": total}));
                 }
                 continue;
             }
             let mut after: Option<crate::store::KeyBlob> = None;
+            let mut done = 0u64;
             'pages: loop {
                 let page = store.key_blobs_under(version, after.as_ref(), a.batch.max(1)).await?;
                 let Some(last) = page.last().cloned() else { break };
@@ -338,28 +434,87 @@ fn rewrap(a: RewrapArgs) -> anyhow::Result<()> {
                         }
                         Err(e) => {
                             failed += 1;
-                            println!("FAIL account {} {}: {e}", blob.account_id, blob.alg);
+                            progress.say(&format!("FAIL account {} {}: {e}", blob.account_id, blob.alg));
+                            progress.json(serde_json::json!({
+                                "failed": "account", "account_id": blob.account_id, "alg": blob.alg, "error": e.to_string(),
+                            }));
                         }
                     }
+                    done += 1;
                 }
-                println!("  {label}: {moved} moved so far");
+                progress.batch(&label, version, done, total, moved);
                 after = Some(last);
+            }
+            if done > 0 {
+                progress.end_version();
+            }
+        }
+        // Issuer keys: a stored `next` or `active` key's blob under an older host-kind KEK.
+        let (mut i_moved, mut i_stay, mut i_failed) = (0u64, 0u64, 0u64);
+        let kinds: std::collections::BTreeMap<u32, crate::hsm::KekKind> =
+            hsm.keks().into_iter().map(|(v, _, kind)| (v, kind)).collect();
+        for k in store.list_issuer_keys().await? {
+            let (Some(blob), Some(version)) = (k.wrapped.clone(), k.kek_version) else {
+                continue;
+            };
+            if kinds.get(&version) == Some(&crate::hsm::KekKind::Sealed) {
+                if hsm.kek_version() != version {
+                    i_stay += 1;
+                    progress.say(&format!(
+                        "  issuer key {} ({}) stays under sealed KEK v{version} until it is rotated out",
+                        k.kid, k.alg
+                    ));
+                }
+                continue;
+            }
+            let h = hsm.clone();
+            let out = tokio::task::spawn_blocking(move || h.rewrap_host_blob(&blob, version))
+                .await
+                .map_err(|_| anyhow::anyhow!("rewrap task failed"))?;
+            match out {
+                Ok(None) => {}
+                Ok(Some((wrapped, to))) => {
+                    target = Some(to);
+                    if store.replace_issuer_blob(&k.kid, version, &wrapped, to).await? {
+                        i_moved += 1;
+                        progress.say(&format!("  issuer key {} ({}) moved to KEK v{to}", k.kid, k.alg));
+                    }
+                }
+                Err(e) => {
+                    i_failed += 1;
+                    progress.say(&format!("FAIL issuer key {} {}: {e}", k.kid, k.alg));
+                    progress.json(serde_json::json!({
+                        "failed": "issuer key", "kid": k.kid, "alg": k.alg, "error": e.to_string(),
+                    }));
+                }
             }
         }
         let to = target.map_or_else(|| "-".to_string(), |v| format!("v{v}"));
         let seq = store
             .append_event(&event(
                 "KekRewrap",
-                format!("kek-rewrap:{to}:moved={moved},failed={failed}"),
+                format!(
+                    "kek-rewrap:{to}:moved={moved},failed={failed},issuer-moved={i_moved},issuer-failed={i_failed}"
+                ),
                 String::new(),
             ))
             .await?;
-        println!(
+        progress.say(&format!(
+            "issuer keys: {i_moved} moved, {i_failed} failed, {i_stay} under sealed KEKs stay until rotated out"
+        ));
+        progress.say(&format!(
             "rewrap: {moved} keys moved to {to}, {raced} already moved by another run, {failed} failed, \
              {stay} under sealed KEKs stay (audit event {seq})"
-        );
-        if failed > 0 {
-            anyhow::bail!("{failed} keys could not be rewrapped; they stay under their KEK");
+        ));
+        progress.json(serde_json::json!({
+            "done": true, "to": target, "moved": moved, "raced": raced, "failed": failed, "stay": stay,
+            "issuer_moved": i_moved, "issuer_failed": i_failed, "issuer_stay": i_stay, "audit_event": seq,
+        }));
+        if failed + i_failed > 0 {
+            anyhow::bail!(
+                "{} keys could not be rewrapped; they stay under their KEK",
+                failed + i_failed
+            );
         }
         Ok(())
     })
@@ -379,6 +534,19 @@ fn retire(config: &Path, version: u32) -> anyhow::Result<()> {
             anyhow::bail!(
                 "{left} account keys are still wrapped under KEK v{version}: move them first (`keyward kek \
                  rewrap`; keys under a sealed KEK move only when their accounts' keys are rotated); nothing changed"
+            );
+        }
+        let issuers = store
+            .issuer_keys_per_kek()
+            .await?
+            .iter()
+            .find(|(v, _)| *v == version)
+            .map_or(0, |(_, n)| *n);
+        if issuers > 0 {
+            anyhow::bail!(
+                "{issuers} issuer keys are still wrapped under KEK v{version}: move them first (`keyward kek \
+                 rewrap`; under a sealed KEK they leave it with the next issuer key rotation, `keyward jwks \
+                 rotate`, as a retired key's blob is destroyed); nothing changed"
             );
         }
         let hsm = crate::server::open_hsm(&config).await?;
@@ -598,13 +766,23 @@ fn restore(a: RestoreArgs) -> anyhow::Result<()> {
             "backup {} restored onto token {:?} (audit event {seq}): every account key wrapped under these KEKs signs again",
             rec.id, config.hsm.token_label
         );
-        // Issuer keys are token objects that no backup holds: those the store
-        // still signs with are gone with the old token. Retire them (they stay
-        // published and verify what they signed); the daemon makes new ones at
-        // its next start.
+        // Issuer keys in the store are wrapped under these KEKs: they sign
+        // again as they are. Keys made as token objects only (before issuer
+        // keys were stored, or EdDSA in hsm custody with refuse_host_ed25519)
+        // are gone with the old token: retire them (they stay published and
+        // verify what they signed); the daemon makes new ones at its next start.
         let now = now_ms() / 1000;
+        let stored = store
+            .list_issuer_keys()
+            .await?
+            .iter()
+            .filter(|k| k.wrapped.is_some())
+            .count();
+        if stored > 0 {
+            println!("  {stored} issuer keys are stored wrapped under these KEKs: they sign again as before");
+        }
         for k in store.list_issuer_keys().await? {
-            if matches!(k.state, IssuerKeyState::Next | IssuerKeyState::Active) {
+            if matches!(k.state, IssuerKeyState::Next | IssuerKeyState::Active) && k.kek_version.is_none() {
                 let e = event("IssuerKeyLost", format!("kid:{}", k.kid), String::new());
                 if store.retire_issuer_key_audited(&k.kid, now, &e).await? {
                     println!(

@@ -33,31 +33,66 @@ pub(crate) const ED25519_PKCS8_PREFIX: &[u8] = &[
     0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22, 0x04, 0x20,
 ];
 
-pub(crate) fn ec_params(alg: KeyAlg) -> &'static [u8] {
-    match alg {
-        KeyAlg::Secp256k1 => SECP256K1_PARAMS,
-        KeyAlg::Ed25519 => ED25519_PARAMS,
+/// DER of the P-256 curve OID 1.2.840.10045.3.1.7.
+pub(crate) const P256_PARAMS: &[u8] = &[0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
+
+/// The curve of a private key the token generates, wraps and unwraps: account keys use
+/// secp256k1 and Ed25519 ([`KeyAlg`]); issuer keys (ES256) add P-256.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Curve {
+    /// secp256k1 (`CKK_EC`).
+    Secp256k1,
+    /// NIST P-256 (`CKK_EC`).
+    P256,
+    /// Ed25519 (`CKK_EC_EDWARDS`).
+    Ed25519,
+}
+
+impl From<KeyAlg> for Curve {
+    fn from(alg: KeyAlg) -> Curve {
+        match alg {
+            KeyAlg::Secp256k1 => Curve::Secp256k1,
+            KeyAlg::Ed25519 => Curve::Ed25519,
+        }
     }
 }
 
-pub(crate) fn params_match(alg: KeyAlg, params: &[u8]) -> bool {
-    match alg {
-        KeyAlg::Secp256k1 => params == SECP256K1_PARAMS,
-        KeyAlg::Ed25519 => params == ED25519_PARAMS || params == ED25519_PARAMS_NAME,
+impl std::fmt::Display for Curve {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Curve::Secp256k1 => "secp256k1",
+            Curve::P256 => "P-256",
+            Curve::Ed25519 => "ed25519",
+        })
     }
 }
 
-pub(crate) fn key_type(alg: KeyAlg) -> KeyType {
+pub(crate) fn ec_params(alg: Curve) -> &'static [u8] {
     match alg {
-        KeyAlg::Secp256k1 => KeyType::EC,
-        KeyAlg::Ed25519 => KeyType::EC_EDWARDS,
+        Curve::Secp256k1 => SECP256K1_PARAMS,
+        Curve::P256 => P256_PARAMS,
+        Curve::Ed25519 => ED25519_PARAMS,
     }
 }
 
-pub(crate) fn public_key_len(alg: KeyAlg) -> usize {
+pub(crate) fn params_match(alg: Curve, params: &[u8]) -> bool {
     match alg {
-        KeyAlg::Secp256k1 => 65,
-        KeyAlg::Ed25519 => 32,
+        Curve::Ed25519 => params == ED25519_PARAMS || params == ED25519_PARAMS_NAME,
+        other => params == ec_params(other),
+    }
+}
+
+pub(crate) fn key_type(alg: Curve) -> KeyType {
+    match alg {
+        Curve::Secp256k1 | Curve::P256 => KeyType::EC,
+        Curve::Ed25519 => KeyType::EC_EDWARDS,
+    }
+}
+
+pub(crate) fn public_key_len(alg: Curve) -> usize {
+    match alg {
+        Curve::Secp256k1 | Curve::P256 => 65,
+        Curve::Ed25519 => 32,
     }
 }
 
@@ -78,7 +113,7 @@ pub struct WrappedKey {
 }
 
 /// Strip the DER OCTET STRING that PKCS#11 v2.40+ puts around CKA_EC_POINT (tolerates raw).
-pub(crate) fn decode_ec_point(alg: KeyAlg, raw: &[u8]) -> Option<Vec<u8>> {
+pub(crate) fn decode_ec_point(alg: Curve, raw: &[u8]) -> Option<Vec<u8>> {
     let want = public_key_len(alg);
     let inner = if raw.len() == want {
         raw
@@ -92,7 +127,7 @@ pub(crate) fn decode_ec_point(alg: KeyAlg, raw: &[u8]) -> Option<Vec<u8>> {
     if inner.len() != want {
         return None;
     }
-    if alg == KeyAlg::Secp256k1 && inner.first() != Some(&0x04) {
+    if alg != Curve::Ed25519 && inner.first() != Some(&0x04) {
         return None;
     }
     Some(inner.to_vec())
@@ -145,10 +180,10 @@ pub(crate) fn scrub(template: &mut [Attribute]) {
     }
 }
 
-fn generate_pair(s: &Session, alg: KeyAlg, sensitive: bool) -> Result<(ObjectHandle, ObjectHandle), CkError> {
+fn generate_pair(s: &Session, alg: Curve, sensitive: bool) -> Result<(ObjectHandle, ObjectHandle), CkError> {
     let mech = match alg {
-        KeyAlg::Secp256k1 => Mechanism::EccKeyPairGen,
-        KeyAlg::Ed25519 => Mechanism::EccEdwardsKeyPairGen,
+        Curve::Secp256k1 | Curve::P256 => Mechanism::EccKeyPairGen,
+        Curve::Ed25519 => Mechanism::EccEdwardsKeyPairGen,
     };
     let public = [
         Attribute::Token(false),
@@ -167,7 +202,7 @@ fn generate_pair(s: &Session, alg: KeyAlg, sensitive: bool) -> Result<(ObjectHan
     s.generate_key_pair(&mech, &public, &private)
 }
 
-fn read_point(s: &Session, public: ObjectHandle, alg: KeyAlg) -> Result<Vec<u8>, Fail> {
+fn read_point(s: &Session, public: ObjectHandle, alg: Curve) -> Result<Vec<u8>, Fail> {
     let point = s
         .get_attributes(public, &[AttributeType::EcPoint])?
         .into_iter()
@@ -184,7 +219,7 @@ fn read_point(s: &Session, public: ObjectHandle, alg: KeyAlg) -> Result<Vec<u8>,
 }
 
 /// Generate with a sensitive private key and wrap it directly (PKCS#8 inside the token).
-fn generate_native(s: &Session, alg: KeyAlg, kek: &Kek) -> Result<(Vec<u8>, Vec<u8>), Fail> {
+fn generate_native(s: &Session, alg: Curve, kek: &Kek) -> Result<(Vec<u8>, Vec<u8>), Fail> {
     let (public, private) = generate_pair(s, alg, true)?;
     let point = read_point(s, public, alg);
     let wrapped = s.wrap_key(&wrap_mechanism(), kek.handle, private);
@@ -263,7 +298,7 @@ pub(crate) fn probe_eddsa_native(s: &Session) -> Result<bool, CkError> {
         ],
     )?;
     let result = (|| {
-        let (public, private) = generate_pair(s, KeyAlg::Ed25519, true)?;
+        let (public, private) = generate_pair(s, Curve::Ed25519, true)?;
         let wrapped = s.wrap_key(&wrap_mechanism(), wrapping, private);
         destroy_quietly(s, private, "probe private key");
         destroy_quietly(s, public, "probe public key");
@@ -295,14 +330,14 @@ pub(crate) fn probe_eddsa_native(s: &Session) -> Result<bool, CkError> {
 
 impl Hsm {
     /// Which KEK a new key of `alg` goes under in this custody, or why it is refused.
-    fn purpose_for(&self, alg: KeyAlg) -> Result<Purpose, HsmError> {
+    fn purpose_for(&self, alg: Curve) -> Result<Purpose, HsmError> {
         let policy = self.inner.custody;
         match (policy.mode, alg) {
             (Custody::Host, _) => Ok(Purpose::Host),
-            (Custody::Hsm, KeyAlg::Secp256k1) => Ok(Purpose::Sealed),
-            (Custody::Hsm, KeyAlg::Ed25519) if !self.ed25519_via_host() => Ok(Purpose::Sealed),
-            (Custody::Hsm, KeyAlg::Ed25519) if policy.refuse_host_ed25519 => Err(refused_ed25519()),
-            (Custody::Hsm, KeyAlg::Ed25519) => Ok(Purpose::Host),
+            (Custody::Hsm, Curve::Secp256k1 | Curve::P256) => Ok(Purpose::Sealed),
+            (Custody::Hsm, Curve::Ed25519) if !self.ed25519_via_host() => Ok(Purpose::Sealed),
+            (Custody::Hsm, Curve::Ed25519) if policy.refuse_host_ed25519 => Err(refused_ed25519()),
+            (Custody::Hsm, Curve::Ed25519) => Ok(Purpose::Host),
         }
     }
 
@@ -311,15 +346,20 @@ impl Hsm {
     /// error. hsm custody with `refuse_host_ed25519` on a token without native EdDSA wrapping
     /// refuses Ed25519 with [`HsmError::CustodyRefused`].
     pub fn generate_wrapped(&self, alg: KeyAlg) -> Result<WrappedKey, HsmError> {
+        self.generate_wrapped_curve(alg.into())
+    }
+
+    /// As [`Hsm::generate_wrapped`], for any [`Curve`] (issuer keys use P-256 too).
+    pub fn generate_wrapped_curve(&self, alg: Curve) -> Result<WrappedKey, HsmError> {
         let purpose = self.purpose_for(alg)?;
         self.retry_on_kek(|| self.generate_wrapped_once(alg, purpose))
     }
 
-    fn generate_wrapped_once(&self, alg: KeyAlg, purpose: Purpose) -> Result<WrappedKey, HsmError> {
+    fn generate_wrapped_once(&self, alg: Curve, purpose: Purpose) -> Result<WrappedKey, HsmError> {
         const OP: &str = "generate_wrapped";
         let kek = self.kek(None, purpose)?;
         let label = self.inner.pool.label.clone();
-        let on_host = alg == KeyAlg::Ed25519 && self.ed25519_via_host();
+        let on_host = alg == Curve::Ed25519 && self.ed25519_via_host();
         let mut kek_bad = false;
         let res = self.inner.pool.with_session(OP, |p| {
             if p.epoch != kek.epoch {
@@ -390,14 +430,14 @@ fn wrap_imported(
     }
     let mut template = vec![
         Attribute::Class(ObjectClass::PRIVATE_KEY),
-        Attribute::KeyType(key_type(alg)),
+        Attribute::KeyType(key_type(alg.into())),
         Attribute::Token(false),
         Attribute::Private(true),
         Attribute::Sensitive(true),
         Attribute::Extractable(true),
         Attribute::Sign(true),
         Attribute::Derive(false),
-        Attribute::EcParams(ec_params(alg).to_vec()),
+        Attribute::EcParams(ec_params(alg.into()).to_vec()),
         Attribute::Value(bytes.to_vec()),
     ];
     bytes.zeroize();
@@ -495,7 +535,7 @@ impl Hsm {
     /// do on tokens that cannot wrap them.
     pub fn import_wrapped(&self, job: &str, alg: KeyAlg, ciphertext: &[u8]) -> Result<WrappedKey, HsmError> {
         const OP: &str = "import_wrapped";
-        let purpose = self.purpose_for(alg)?;
+        let purpose = self.purpose_for(alg.into())?;
         let kek = self.kek(None, purpose)?;
         let label = self.inner.pool.label.clone();
         let on_host = alg == KeyAlg::Ed25519 && self.ed25519_via_host();
@@ -598,13 +638,13 @@ mod tests {
     fn ec_point_decoding() {
         let mut der = vec![0x04, 0x41, 0x04];
         der.extend_from_slice(&[7u8; 64]);
-        let p = decode_ec_point(KeyAlg::Secp256k1, &der);
+        let p = decode_ec_point(Curve::Secp256k1, &der);
         assert_eq!(p.as_ref().map(|v| v.len()), Some(65));
         let mut ed = vec![0x04, 0x20];
         ed.extend_from_slice(&[9u8; 32]);
-        assert_eq!(decode_ec_point(KeyAlg::Ed25519, &ed), Some(vec![9u8; 32]));
-        assert_eq!(decode_ec_point(KeyAlg::Ed25519, &[0x04, 0x02, 1, 2]), None);
-        assert_eq!(decode_ec_point(KeyAlg::Secp256k1, &[0x04, 0x41]), None);
+        assert_eq!(decode_ec_point(Curve::Ed25519, &ed), Some(vec![9u8; 32]));
+        assert_eq!(decode_ec_point(Curve::Ed25519, &[0x04, 0x02, 1, 2]), None);
+        assert_eq!(decode_ec_point(Curve::Secp256k1, &[0x04, 0x41]), None);
     }
 
     #[test]

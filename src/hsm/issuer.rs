@@ -24,13 +24,11 @@ use cryptoki::object::{Attribute, AttributeType, ObjectClass, ObjectHandle};
 use cryptoki::session::Session;
 
 use super::error::{breakage, is_handle_invalid, map_err, settle, Breakage, Fail, HsmError};
-use super::generate::{destroy_quietly, ED25519_PARAMS, ED25519_PARAMS_NAME, SECP256K1_PARAMS};
+use super::generate::{destroy_quietly, Curve, ED25519_PARAMS, ED25519_PARAMS_NAME, P256_PARAMS, SECP256K1_PARAMS};
 use super::Hsm;
 
 /// Label prefix of issuer key objects.
 pub const ISSUER_LABEL_PREFIX: &str = "keyward-issuer-";
-/// DER of the P-256 curve OID 1.2.840.10045.3.1.7.
-const P256_PARAMS: &[u8] = &[0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
 /// Longest kid accepted (a SHA-256 thumbprint is 43 characters).
 const MAX_KID_LEN: usize = 64;
 
@@ -55,6 +53,15 @@ impl IssuerAlg {
             IssuerAlg::EdDSA => "EdDSA",
             IssuerAlg::ES256 => "ES256",
             IssuerAlg::ES256K => "ES256K",
+        }
+    }
+
+    /// The curve of its private key.
+    pub fn curve(self) -> Curve {
+        match self {
+            IssuerAlg::EdDSA => Curve::Ed25519,
+            IssuerAlg::ES256 => Curve::P256,
+            IssuerAlg::ES256K => Curve::Secp256k1,
         }
     }
 

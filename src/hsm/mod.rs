@@ -54,7 +54,7 @@ pub use backup::{
 };
 pub use config::{CustodyPolicy, HsmConfig, DEFAULT_KEK_LABEL_PREFIX};
 pub use error::{ckr_name, HsmError};
-pub use generate::{TransportKey, WrappedKey};
+pub use generate::{Curve, TransportKey, WrappedKey};
 pub use inspect::ObjectInfo;
 pub use issuer::{issuer_label, IssuerAlg, IssuerKeyInfo, UnknownIssuerAlg, ISSUER_LABEL_PREFIX};
 pub use kek::{kek_label, KekKind, KEK_RELOAD};

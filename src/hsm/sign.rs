@@ -7,16 +7,16 @@ use cryptoki::mechanism::Mechanism;
 use cryptoki::object::ObjectHandle;
 
 use super::error::{breakage, is_handle_invalid, map_err, Breakage, HsmError};
+use super::generate::Curve;
 use super::pool::Origin;
 use super::Hsm;
-use crate::types::KeyAlg;
 
 /// A private key unwrapped into a pool session (custody "hsm"). Dropping it destroys the
 /// session object (best effort). Not `Clone`: one owner destroys it.
 pub struct HsmKey {
     hsm: Hsm,
     handle: ObjectHandle,
-    alg: KeyAlg,
+    alg: Curve,
     origin: Origin,
 }
 
@@ -30,7 +30,7 @@ impl fmt::Debug for HsmKey {
 }
 
 impl HsmKey {
-    pub(crate) fn new(hsm: Hsm, handle: ObjectHandle, alg: KeyAlg, origin: Origin) -> Self {
+    pub(crate) fn new(hsm: Hsm, handle: ObjectHandle, alg: Curve, origin: Origin) -> Self {
         HsmKey {
             hsm,
             handle,
@@ -39,8 +39,8 @@ impl HsmKey {
         }
     }
 
-    /// The key's algorithm.
-    pub fn alg(&self) -> KeyAlg {
+    /// The key's curve.
+    pub fn curve(&self) -> Curve {
         self.alg
     }
 
@@ -153,7 +153,7 @@ pub fn keys_reaped() -> u64 {
 }
 
 impl Hsm {
-    /// Sign with an unwrapped key. secp256k1: `CKM_ECDSA` over a 32-byte prehash, returns raw
+    /// Sign with an unwrapped key. secp256k1 and P-256: `CKM_ECDSA` over a 32-byte prehash, returns raw
     /// `r‖s` (64 bytes, NOT low-s normalised: the caller normalises and finds v). ed25519:
     /// `CKM_EDDSA` over the message, 64 bytes. A key from an older pool epoch gives `StaleKey`.
     pub fn sign(&self, key: &HsmKey, data: &[u8]) -> Result<Vec<u8>, HsmError> {
@@ -161,9 +161,9 @@ impl Hsm {
         if !Hsm::same(&self.inner, &key.hsm.inner) {
             return Err(HsmError::StaleKey);
         }
-        if key.alg == KeyAlg::Secp256k1 && data.len() != 32 {
+        if key.alg != Curve::Ed25519 && data.len() != 32 {
             return Err(HsmError::Unsupported {
-                what: format!("secp256k1 signing takes a 32-byte prehash, got {} bytes", data.len()),
+                what: format!("{} signing takes a 32-byte prehash, got {} bytes", key.alg, data.len()),
             });
         }
         let pool = &self.inner.pool;
@@ -172,8 +172,8 @@ impl Hsm {
         }
         let label = pool.label.clone();
         let mech = match key.alg {
-            KeyAlg::Secp256k1 => Mechanism::Ecdsa,
-            KeyAlg::Ed25519 => Mechanism::Eddsa(EddsaParams::new(EddsaSignatureScheme::Pure)),
+            Curve::Secp256k1 | Curve::P256 => Mechanism::Ecdsa,
+            Curve::Ed25519 => Mechanism::Eddsa(EddsaParams::new(EddsaSignatureScheme::Pure)),
         };
         let sig = pool.with_session(OP, |p| {
             if p.epoch != key.origin.epoch || !pool.is_current(key.origin) {

@@ -19,6 +19,7 @@ use k256::pkcs8::DecodePrivateKey as _;
 use zeroize::{Zeroize as _, Zeroizing};
 
 use super::error::{rv_of, settle, Breakage, Fail, HsmError};
+use super::generate::Curve;
 use super::generate::{
     destroy_quietly, ec_params, ed25519_seed_from_pkcs8, key_type, params_match, public_key_len, refused_ed25519,
     scrub, wrap_mechanism,
@@ -43,7 +44,7 @@ pub struct WrappedRef<'a> {
 }
 
 /// A signing-only session key: what a sealed KEK's unwrap template demands.
-fn private_template(alg: KeyAlg) -> Vec<Attribute> {
+fn private_template(alg: Curve) -> Vec<Attribute> {
     vec![
         Attribute::Class(ObjectClass::PRIVATE_KEY),
         Attribute::KeyType(key_type(alg)),
@@ -56,7 +57,7 @@ fn private_template(alg: KeyAlg) -> Vec<Attribute> {
     ]
 }
 
-fn mismatch(alg: KeyAlg, kek: &Kek) -> Fail {
+fn mismatch(alg: Curve, kek: &Kek) -> Fail {
     Fail::Hsm(HsmError::KeyMismatch {
         reason: format!("blob is not a {alg} key under KEK v{}", kek.version),
     })
@@ -67,7 +68,7 @@ fn mismatch(alg: KeyAlg, kek: &Kek) -> Fail {
 /// corrupted blob or a wrong KEK with CKR_GENERAL_ERROR, which also signals device failure, so
 /// that code is disambiguated by probing the session and the KEK: both fine means a bad blob
 /// (no pool re-initialisation, which would let one bad blob invalidate every cached key).
-fn unwrap_err(s: &Session, e: CkError, alg: KeyAlg, kek: &Kek) -> Fail {
+fn unwrap_err(s: &Session, e: CkError, alg: Curve, kek: &Kek) -> Fail {
     match rv_of(&e) {
         Some(
             RvError::WrappedKeyInvalid
@@ -99,7 +100,7 @@ fn probe(s: &Session, kek: &Kek) -> Result<(), CkError> {
 }
 
 /// Checks that the unwrapped object is a key of `alg`.
-fn check_alg(s: &Session, h: ObjectHandle, alg: KeyAlg, kek: &Kek) -> Result<(), Fail> {
+fn check_alg(s: &Session, h: ObjectHandle, alg: Curve, kek: &Kek) -> Result<(), Fail> {
     let attrs = s.get_attributes(h, &[AttributeType::KeyType, AttributeType::EcParams])?;
     let mut ok_type = false;
     let mut ok_params = false;
@@ -118,7 +119,7 @@ fn check_alg(s: &Session, h: ObjectHandle, alg: KeyAlg, kek: &Kek) -> Result<(),
 }
 
 /// Native C_UnwrapKey into a private key object of `alg`, checked.
-fn unwrap_native(s: &Session, alg: KeyAlg, kek: &Kek, blob: &[u8]) -> Result<ObjectHandle, Fail> {
+fn unwrap_native(s: &Session, alg: Curve, kek: &Kek, blob: &[u8]) -> Result<ObjectHandle, Fail> {
     let h = s
         .unwrap_key(&wrap_mechanism(), kek.handle, blob, &private_template(alg))
         .map_err(|e| unwrap_err(s, e, alg, kek))?;
@@ -142,7 +143,7 @@ pub(crate) const CARRIER_TEMPLATE: [Attribute; 6] = [
 
 /// Unwrap the blob as an extractable generic secret (its PKCS#8 bytes) and move those out of
 /// the token encrypted (see `transport.rs`); the carrier object is destroyed.
-fn unwrap_pkcs8(s: &Session, alg: KeyAlg, kek: &Kek, blob: &[u8]) -> Result<Zeroizing<Vec<u8>>, Fail> {
+fn unwrap_pkcs8(s: &Session, alg: Curve, kek: &Kek, blob: &[u8]) -> Result<Zeroizing<Vec<u8>>, Fail> {
     let carrier = s
         .unwrap_key(&wrap_mechanism(), kek.handle, blob, &CARRIER_TEMPLATE)
         .map_err(|e| unwrap_err(s, e, alg, kek))?;
@@ -153,10 +154,12 @@ fn unwrap_pkcs8(s: &Session, alg: KeyAlg, kek: &Kek, blob: &[u8]) -> Result<Zero
 
 /// The 32-byte private key inside a PKCS#8 `PrivateKeyInfo` of `alg` (secp256k1: big-endian
 /// scalar; Ed25519: seed), in zeroizing memory.
-fn secret_from_pkcs8(alg: KeyAlg, der: &[u8], kek: &Kek) -> Result<Zeroizing<Vec<u8>>, Fail> {
+fn secret_from_pkcs8(alg: Curve, der: &[u8], kek: &Kek) -> Result<Zeroizing<Vec<u8>>, Fail> {
     match alg {
-        KeyAlg::Ed25519 => ed25519_seed_from_pkcs8(der).ok_or_else(|| mismatch(alg, kek)),
-        KeyAlg::Secp256k1 => {
+        Curve::Ed25519 => ed25519_seed_from_pkcs8(der).ok_or_else(|| mismatch(alg, kek)),
+        // Issuer keys only: they are unwrapped into the token, never to the host.
+        Curve::P256 => Err(mismatch(alg, kek)),
+        Curve::Secp256k1 => {
             let sk = k256::SecretKey::from_pkcs8_der(der).map_err(|_| mismatch(alg, kek))?;
             let mut bytes: [u8; 32] = sk.to_bytes().into();
             let out = Zeroizing::new(bytes.to_vec());
@@ -168,17 +171,17 @@ fn secret_from_pkcs8(alg: KeyAlg, der: &[u8], kek: &Kek) -> Result<Zeroizing<Vec
 
 /// Ed25519 signing key from a seed (tokens without native EdDSA unwrap).
 fn ed25519_key_from_seed(s: &Session, seed: &[u8]) -> Result<ObjectHandle, Fail> {
-    let mut template = private_template(KeyAlg::Ed25519);
-    template.push(Attribute::EcParams(ec_params(KeyAlg::Ed25519).to_vec()));
+    let mut template = private_template(Curve::Ed25519);
+    template.push(Attribute::EcParams(ec_params(Curve::Ed25519).to_vec()));
     template.push(Attribute::Value(seed.to_vec()));
     let h = s.create_object(&template);
     scrub(&mut template);
     Ok(h?)
 }
 
-fn check_public(alg: KeyAlg, w: &WrappedRef<'_>) -> Result<(), HsmError> {
+fn check_public(alg: Curve, w: &WrappedRef<'_>) -> Result<(), HsmError> {
     let ok =
-        w.public_key.len() == public_key_len(alg) && (alg != KeyAlg::Secp256k1 || w.public_key.first() == Some(&0x04));
+        w.public_key.len() == public_key_len(alg) && (alg == Curve::Ed25519 || w.public_key.first() == Some(&0x04));
     if ok {
         Ok(())
     } else {
@@ -202,7 +205,7 @@ enum Target {
 
 impl Hsm {
     /// The custody rules for a blob of `alg` under `kek` (see the module docs).
-    fn admit(&self, alg: KeyAlg, kek: &Kek, target: Target) -> Result<(), HsmError> {
+    fn admit(&self, alg: Curve, kek: &Kek, target: Target) -> Result<(), HsmError> {
         let policy = self.inner.custody;
         let label = kek_label(&self.inner.kek_prefix, kek.version, kek.kind);
         match (target, kek.kind, alg) {
@@ -213,28 +216,30 @@ impl Hsm {
                 ),
             }),
             (Target::Host, _, _) | (Target::Token, KekKind::Sealed, _) => Ok(()),
-            (Target::Token, _, KeyAlg::Ed25519) if policy.mode == Custody::Hsm && policy.refuse_host_ed25519 => {
+            (Target::Token, _, Curve::Ed25519) if policy.mode == Custody::Hsm && policy.refuse_host_ed25519 => {
                 Err(refused_ed25519())
             }
-            (Target::Token, _, KeyAlg::Ed25519) => Ok(()),
-            (Target::Token, _, KeyAlg::Secp256k1) if policy.mode == Custody::Hsm && !policy.allow_unenforced_kek => {
+            (Target::Token, _, Curve::Ed25519) => Ok(()),
+            (Target::Token, _, Curve::Secp256k1 | Curve::P256)
+                if policy.mode == Custody::Hsm && !policy.allow_unenforced_kek =>
+            {
                 Err(HsmError::CustodyRefused {
                     reason: format!(
-                        "this secp256k1 key is wrapped under {label}, which has no enforced unwrap \
+                        "this {alg} key is wrapped under {label}, which has no enforced unwrap \
                          template (it was made in host custody, or before KEKs were sealed): whoever \
                          holds the PIN can read it, so hsm custody refuses it (hsm.allow_unenforced_kek \
                          = true accepts it)"
                     ),
                 })
             }
-            (Target::Token, _, KeyAlg::Secp256k1) => Ok(()),
+            (Target::Token, _, Curve::Secp256k1 | Curve::P256) => Ok(()),
         }
     }
 
     fn unwrap_inner(
         &self,
         op: &'static str,
-        alg: KeyAlg,
+        alg: Curve,
         w: &WrappedRef<'_>,
         target: Target,
     ) -> Result<Unwrapped, HsmError> {
@@ -253,13 +258,13 @@ impl Hsm {
     fn unwrap_once(
         &self,
         op: &'static str,
-        alg: KeyAlg,
+        alg: Curve,
         w: &WrappedRef<'_>,
         kek: &Kek,
         target: Target,
     ) -> Result<Unwrapped, HsmError> {
         let label = self.inner.pool.label.clone();
-        let via_seed = alg == KeyAlg::Ed25519 && self.ed25519_via_host();
+        let via_seed = alg == Curve::Ed25519 && self.ed25519_via_host();
         let mut kek_bad = false;
         let res = self.inner.pool.with_session(op, |p| {
             if p.epoch != kek.epoch {
@@ -304,6 +309,11 @@ impl Hsm {
     /// This does NOT prove that the blob belongs to `w.public_key`: the caller MUST sign a test
     /// message with the returned key and verify it against `w.public_key` before caching it.
     pub fn unwrap_for_signing(&self, alg: KeyAlg, w: &WrappedRef<'_>) -> Result<HsmKey, HsmError> {
+        self.unwrap_curve_for_signing(alg.into(), w)
+    }
+
+    /// As [`Hsm::unwrap_for_signing`], for any [`Curve`] (issuer keys use P-256 too).
+    pub fn unwrap_curve_for_signing(&self, alg: Curve, w: &WrappedRef<'_>) -> Result<HsmKey, HsmError> {
         match self.unwrap_inner("unwrap_for_signing", alg, w, Target::Token)? {
             Unwrapped::Key(handle, origin) => Ok(HsmKey::new(self.clone(), handle, alg, origin)),
             Unwrapped::Secret(_) => Err(HsmError::Internal {
@@ -318,7 +328,7 @@ impl Hsm {
     /// attribute (module docs). A blob under a sealed KEK is refused ([`HsmError::CustodyRefused`]).
     /// Callers scrub their stack afterwards (`keys::scrub_stack`).
     pub fn unwrap_to_host(&self, alg: KeyAlg, w: &WrappedRef<'_>) -> Result<Zeroizing<Vec<u8>>, HsmError> {
-        match self.unwrap_inner("unwrap_to_host", alg, w, Target::Host)? {
+        match self.unwrap_inner("unwrap_to_host", alg.into(), w, Target::Host)? {
             Unwrapped::Secret(v) => Ok(v),
             Unwrapped::Key(..) => Err(HsmError::Internal {
                 op: "unwrap_to_host",

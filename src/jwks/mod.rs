@@ -42,7 +42,7 @@ use crate::audit::event::{
 use crate::clock::Clock;
 use crate::config::JwksConfig;
 use crate::hsm::{Hsm, HsmError, IssuerAlg};
-use crate::issuer::{create_token_key, jwk_for, Issuer, IssuerError};
+use crate::issuer::{create_token_key, create_wrapped_key, jwk_for, Issuer, IssuerError};
 use crate::store::{IssuerKeyRecord, IssuerKeyState, PromoteAudit, PromoteOutcome, RevokeOutcome, Store, StoreError};
 
 /// Lifecycle settings, in seconds.
@@ -191,6 +191,24 @@ pub struct KeyLifecycle {
     serial: tokio::sync::Mutex<()>,
     /// The issuer key history as served (reloaded with the ring).
     history: RwLock<Arc<JwksDocument>>,
+    /// What the ring was last loaded from ([`fingerprint`]): the watch reloads when the store
+    /// differs.
+    loaded: std::sync::Mutex<Vec<KeyMark>>,
+}
+
+/// How often each replica compares the stored issuer keys with the ring it serves: a
+/// rotation or revocation made by another replica reaches it within this, whatever
+/// `jwks.tick_seconds` is.
+pub const WATCH: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// What of a stored key the ring depends on: kid, state, KEK version and blob.
+type KeyMark = (String, IssuerKeyState, Option<u32>, Option<Vec<u8>>);
+
+fn fingerprint(records: &[IssuerKeyRecord]) -> Vec<KeyMark> {
+    records
+        .iter()
+        .map(|r| (r.kid.clone(), r.state, r.kek_version, r.wrapped.clone()))
+        .collect()
 }
 
 async fn blocking<T, F>(f: F) -> Result<T, JwksError>
@@ -218,7 +236,28 @@ impl KeyLifecycle {
         settings: JwksSettings,
     ) -> Result<KeyLifecycle, JwksError> {
         let now = clock.now();
-        let records = store.list_issuer_keys().await?;
+        let mut records = store.list_issuer_keys().await?;
+        // A stored key this custody no longer admits (e.g. `hsm.refuse_host_ed25519` turned
+        // on after EdDSA keys were wrapped through host memory) can never sign here: retire it
+        // (it stays published and verifies what it signed), so new keys are made below.
+        let mut retired_any = false;
+        for rec in records
+            .iter()
+            .filter(|r| r.wrapped.is_some() && matches!(r.state, IssuerKeyState::Next | IssuerKeyState::Active))
+        {
+            let (h, r) = (hsm.clone(), rec.clone());
+            let refused = match blocking(move || Ok(Issuer::check_stored(&h, &r))).await? {
+                Err(IssuerError::Hsm(HsmError::CustodyRefused { reason })) => reason,
+                _ => continue,
+            };
+            tracing::warn!(alg = %rec.alg, kid = %rec.kid, reason = %refused,
+                "stored issuer key refused by this custody: retired, a new one is made");
+            let event = daemon_event(ISSUER_KEY_RETIRED, format!("kid:{}", rec.kid));
+            retired_any |= store.retire_issuer_key_audited(&rec.kid, now, &event).await?;
+        }
+        if retired_any {
+            records = store.list_issuer_keys().await?;
+        }
         let adopt = {
             let hsm = hsm.clone();
             let known: Vec<String> = records.iter().map(|r| r.label.clone()).collect();
@@ -257,6 +296,7 @@ impl KeyLifecycle {
             settings,
             serial: tokio::sync::Mutex::new(()),
             history: RwLock::new(Arc::new(document(r#"{"keys":[]}"#.into(), 0))),
+            loaded: std::sync::Mutex::new(Vec::new()),
         };
         {
             let _g = lc.serial.lock().await;
@@ -312,8 +352,10 @@ impl KeyLifecycle {
     /// Reloads the ring and the history from the store.
     pub async fn refresh(&self) -> Result<(), JwksError> {
         let records = self.store.list_issuer_keys().await?;
+        let mark = fingerprint(&records);
         let issuer = self.issuer.clone();
         blocking(move || Ok(issuer.refresh(&records)?)).await?;
+        *self.loaded.lock().unwrap_or_else(|p| p.into_inner()) = mark;
         let body = serde_json::to_string(&self.history().await?)
             .map_err(|_| JwksError::Internal("issuer key history does not encode"))?;
         let doc = Arc::new(document(body, self.settings.max_age));
@@ -330,14 +372,39 @@ impl KeyLifecycle {
     /// asked (first start, the scheduler, or a rotation or revocation a request made).
     async fn add(&self, alg: IssuerAlg, state: IssuerKeyState, now: i64) -> Result<Option<String>, JwksError> {
         let hsm = self.hsm.clone();
-        let (info, jwk) = blocking(move || Ok(create_token_key(&hsm, alg)?)).await?;
-        let rec = record(alg, &info.label, &jwk, state, now)?;
+        let made = blocking(move || match create_wrapped_key(&hsm, alg) {
+            Ok((jwk, w)) => Ok((jwk, Some(w), None)),
+            // hsm custody with `refuse_host_ed25519` on a token that cannot wrap EdDSA keys
+            // itself: an EdDSA key would pass through host memory to be wrapped, so it is made
+            // as a token object instead, as before issuer keys were stored (it does not survive
+            // the token; the README's key ceremony says so).
+            Err(IssuerError::Hsm(HsmError::CustodyRefused { reason })) => {
+                tracing::warn!(alg = %alg, reason = %reason,
+                    "issuer key cannot be wrapped in this custody; made as a token object that no KEK backup holds");
+                let (info, jwk) = create_token_key(&hsm, alg)?;
+                Ok((jwk, None, Some(info.label)))
+            }
+            Err(e) => Err(e.into()),
+        })
+        .await?;
+        let (jwk, wrapped, token_label) = made;
+        let label = token_label
+            .clone()
+            .unwrap_or_else(|| crate::hsm::issuer_label(alg, &jwk.kid));
+        let mut rec = record(alg, &label, &jwk, state, now)?;
+        if let Some(w) = wrapped {
+            rec.wrapped = Some(w.wrapped);
+            rec.kek_version = Some(w.kek_version);
+        }
         let event = daemon_event(ISSUER_KEY_PUBLISHED, format!("kid:{}", rec.kid));
         if self.store.add_issuer_key_audited(&rec, Some(&event)).await?.0 {
-            tracing::info!(alg = %alg, kid = %rec.kid, state = state.as_str(), "issuer key published");
+            tracing::info!(alg = %alg, kid = %rec.kid, state = state.as_str(), stored = rec.wrapped.is_some(),
+                "issuer key published");
             Ok(Some(rec.kid))
         } else {
-            self.destroy(info.label).await;
+            if let Some(label) = token_label {
+                self.destroy(label).await;
+            }
             Ok(None)
         }
     }
@@ -440,7 +507,9 @@ impl KeyLifecycle {
             let event = daemon_event(ISSUER_KEY_REMOVED, format!("kid:{}", rec.kid));
             if self.store.delete_issuer_key_audited(&rec.kid, Some(&event)).await?.0 {
                 tracing::info!(alg = %rec.alg, kid = %rec.kid, "retired issuer key removed after the grace period");
-                self.destroy(rec.label.clone()).await;
+                if rec.kek_version.is_none() {
+                    self.destroy(rec.label.clone()).await;
+                }
                 report.removed.push(rec.kid);
             }
         }
@@ -563,7 +632,9 @@ impl KeyLifecycle {
                 "issuer key revoked: removed from the JWKS");
         }
         self.refresh().await?;
-        if before.state != IssuerKeyState::Revoked {
+        // A stored key's blob was destroyed by the revoking transaction; a token key's
+        // object is destroyed here.
+        if before.state != IssuerKeyState::Revoked && before.kek_version.is_none() {
             self.destroy(before.label.clone()).await;
         }
         if let Some(alg) = alg_of(before).filter(|a| self.settings.algorithms.contains(a)) {
@@ -573,28 +644,56 @@ impl KeyLifecycle {
         Ok(outcome)
     }
 
-    /// Runs [`KeyLifecycle::tick`] every `tick_seconds` until `stop` turns true.
+    /// Reloads the ring if the stored keys differ from what it was loaded from (another
+    /// replica rotated, revoked or rewrapped). Returns whether it reloaded.
+    pub async fn watch_once(&self) -> Result<bool, JwksError> {
+        let records = self.store.list_issuer_keys().await?;
+        if *self.loaded.lock().unwrap_or_else(|p| p.into_inner()) == fingerprint(&records) {
+            return Ok(false);
+        }
+        let _g = self.serial.lock().await;
+        self.refresh().await?;
+        Ok(true)
+    }
+
+    /// Runs [`KeyLifecycle::tick`] every `tick_seconds`, and [`KeyLifecycle::watch_once`]
+    /// every [`WATCH`], until `stop` turns true.
     pub async fn run(self: Arc<Self>, mut stop: tokio::sync::watch::Receiver<bool>) {
         let mut interval = tokio::time::interval(self.settings.tick);
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         interval.tick().await;
+        let mut watch = tokio::time::interval(WATCH.min(self.settings.tick));
+        watch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        watch.tick().await;
         loop {
             if *stop.borrow() {
                 break;
             }
-            let run = tokio::select! {
+            enum Due {
+                Tick,
+                Watch,
+            }
+            let due = tokio::select! {
                 changed = stop.changed() => {
                     if changed.is_err() {
                         break;
                     }
-                    false
+                    continue;
                 }
-                _ = interval.tick() => true,
+                _ = interval.tick() => Due::Tick,
+                _ = watch.tick() => Due::Watch,
             };
-            if run {
-                if let Err(e) = self.tick(self.clock.now()).await {
-                    tracing::warn!(error = %e, "issuer key scheduler run failed");
+            match due {
+                Due::Tick => {
+                    if let Err(e) = self.tick(self.clock.now()).await {
+                        tracing::warn!(error = %e, "issuer key scheduler run failed");
+                    }
                 }
+                Due::Watch => match self.watch_once().await {
+                    Ok(true) => tracing::debug!("issuer keys changed in the store; ring reloaded"),
+                    Ok(false) => {}
+                    Err(e) => tracing::warn!(error = %e, "issuer key watch failed"),
+                },
             }
         }
     }
@@ -617,5 +716,7 @@ fn record(
         retired_at: None,
         revoked_at: None,
         jwk: serde_json::to_string(jwk).map_err(|_| JwksError::Internal("JWK encoding"))?,
+        wrapped: None,
+        kek_version: None,
     })
 }

@@ -697,6 +697,20 @@ pub trait Store: Send + Sync + fmt::Debug {
     /// How many account keys each KEK version wraps: (version, keys), ascending.
     async fn keys_per_kek(&self) -> Result<Vec<(u32, u64)>, StoreError>;
 
+    /// How many issuer key blobs each KEK version wraps (only `next` and
+    /// `active` keys keep one): (version, keys), ascending.
+    async fn issuer_keys_per_kek(&self) -> Result<Vec<(u32, u64)>, StoreError>;
+
+    /// Replaces the blob of issuer key `kid` if it is still under `from_kek`
+    /// (a rewrap); returns whether it was.
+    async fn replace_issuer_blob(
+        &self,
+        kid: &str,
+        from_kek: u32,
+        wrapped: &[u8],
+        kek_version: u32,
+    ) -> Result<bool, StoreError>;
+
     /// Appends one event on its own (operator commands run without a daemon).
     async fn append_event(&self, event: &crate::audit::NewEvent) -> Result<u64, StoreError> {
         let stored = self.audit().append_events(std::slice::from_ref(event)).await?;
@@ -1546,7 +1560,7 @@ impl IssuerKeyState {
 }
 
 /// One issuer key as stored.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct IssuerKeyRecord {
     /// The RFC 7638 thumbprint.
     pub kid: String,
@@ -1566,6 +1580,34 @@ pub struct IssuerKeyRecord {
     pub revoked_at: Option<i64>,
     /// The public JWK, JSON.
     pub jwk: String,
+    /// The private key wrapped under KEK `kek_version` (`CKM_AES_KEY_WRAP_PAD` of its PKCS#8),
+    /// as account keys are. `None` for a key that lives only as a token object (made before
+    /// issuer keys were stored), and for one that can no longer sign (retired or revoked: its
+    /// blob is destroyed in the transaction that changes its state).
+    pub wrapped: Option<Vec<u8>>,
+    /// The KEK version of `wrapped`; kept after the blob is destroyed, so it also tells a
+    /// stored key from a token-only one.
+    pub kek_version: Option<u32>,
+}
+
+impl fmt::Debug for IssuerKeyRecord {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("IssuerKeyRecord")
+            .field("kid", &self.kid)
+            .field("alg", &self.alg)
+            .field("label", &self.label)
+            .field("state", &self.state)
+            .field("created_at", &self.created_at)
+            .field("activated_at", &self.activated_at)
+            .field("retired_at", &self.retired_at)
+            .field("revoked_at", &self.revoked_at)
+            .field(
+                "wrapped",
+                &self.wrapped.as_ref().map(|w| format!("<{} bytes>", w.len())),
+            )
+            .field("kek_version", &self.kek_version)
+            .finish()
+    }
 }
 
 /// One `issuer_key_history` row: an issuer public key and its lifecycle
@@ -1721,6 +1763,8 @@ pub(crate) struct RawIssuerKey {
     pub retired_at: Option<i64>,
     pub revoked_at: Option<i64>,
     pub jwk: String,
+    pub wrapped: Option<Vec<u8>>,
+    pub kek_version: Option<i64>,
 }
 
 impl RawIssuerKey {
@@ -1728,6 +1772,14 @@ impl RawIssuerKey {
         let state = IssuerKeyState::parse(&self.state).ok_or_else(|| StoreError::Corrupt {
             what: format!("issuer key {}: state {:?}", self.kid, self.state),
         })?;
+        let kek_version = self
+            .kek_version
+            .map(|v| {
+                u32::try_from(v).map_err(|_| StoreError::Corrupt {
+                    what: format!("issuer key {}: kek_version {v}", self.kid),
+                })
+            })
+            .transpose()?;
         Ok(IssuerKeyRecord {
             kid: self.kid,
             alg: self.alg,
@@ -1738,13 +1790,15 @@ impl RawIssuerKey {
             retired_at: self.retired_at,
             revoked_at: self.revoked_at,
             jwk: self.jwk,
+            wrapped: self.wrapped,
+            kek_version,
         })
     }
 }
 
 /// The columns of an `issuer_keys` row.
 pub(crate) const ISSUER_KEY_COLUMNS: &str =
-    "kid, alg, label, state, created_at, activated_at, retired_at, revoked_at, jwk";
+    "kid, alg, label, state, created_at, activated_at, retired_at, revoked_at, jwk, wrapped, kek_version";
 
 /// Orders keys by algorithm, then creation time, then kid.
 pub(crate) fn sort_issuer_keys(keys: &mut [IssuerKeyRecord]) {

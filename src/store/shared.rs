@@ -174,6 +174,7 @@ where
     for<'q> Option<i64>: Encode<'q, DB>,
     for<'q> Vec<u8>: Encode<'q, DB> + Decode<'q, DB> + Type<DB>,
     for<'q> &'q [u8]: Encode<'q, DB> + Type<DB>,
+    for<'q> Option<&'q [u8]>: Encode<'q, DB>,
     for<'q> bool: Decode<'q, DB> + Type<DB>,
     for<'r> &'r str: ColumnIndex<DB::Row>,
     usize: ColumnIndex<DB::Row>,
@@ -280,6 +281,8 @@ where
             retired_at: row.try_get("retired_at").map_err(err::<DB>)?,
             revoked_at: row.try_get("revoked_at").map_err(err::<DB>)?,
             jwk: row.try_get("jwk").map_err(err::<DB>)?,
+            wrapped: row.try_get("wrapped").map_err(err::<DB>)?,
+            kek_version: row.try_get("kek_version").map_err(err::<DB>)?,
         })
     }
 
@@ -371,7 +374,8 @@ where
     ) -> Result<(), StoreError> {
         if let Some(active) = active {
             sqlx::query(
-                "UPDATE issuer_keys SET state = 'retired', retired_at = $1 WHERE kid = $2 AND state = 'active'",
+                "UPDATE issuer_keys SET state = 'retired', retired_at = $1, wrapped = NULL \
+                 WHERE kid = $2 AND state = 'active'",
             )
             .bind(now)
             .bind(active)
@@ -386,6 +390,21 @@ where
             .await
             .map_err(err::<DB>)?;
         Ok(())
+    }
+
+    /// `(kek_version, n)` rows of a per-KEK count query.
+    async fn count_per_kek(&self, sql: &str) -> Result<Vec<(u32, u64)>, StoreError> {
+        let rows = sqlx::query(sql).fetch_all(&self.pool).await.map_err(err::<DB>)?;
+        rows.iter()
+            .map(|r| {
+                let v: i64 = r.try_get("kek_version").map_err(err::<DB>)?;
+                let n: i64 = r.try_get("n").map_err(err::<DB>)?;
+                let v = u32::try_from(v).map_err(|_| StoreError::Corrupt {
+                    what: format!("kek_version {v}"),
+                })?;
+                Ok((v, count(n)?))
+            })
+            .collect()
     }
 
     /// Takes the dialect's rotation lock for the transaction (waiting), or
@@ -586,6 +605,7 @@ where
     for<'q> Option<i64>: Encode<'q, DB>,
     for<'q> Vec<u8>: Encode<'q, DB> + Decode<'q, DB> + Type<DB>,
     for<'q> &'q [u8]: Encode<'q, DB> + Type<DB>,
+    for<'q> Option<&'q [u8]>: Encode<'q, DB>,
     for<'q> bool: Decode<'q, DB> + Type<DB>,
     for<'r> &'r str: ColumnIndex<DB::Row>,
     usize: ColumnIndex<DB::Row>,
@@ -1688,23 +1708,40 @@ where
     }
 
     async fn keys_per_kek(&self) -> Result<Vec<(u32, u64)>, StoreError> {
-        let rows = sqlx::query(
+        self.count_per_kek(
             "SELECT kek_version, COUNT(*) AS n FROM account_keys WHERE kek_version > 0 \
              GROUP BY kek_version ORDER BY kek_version",
         )
-        .fetch_all(&self.pool)
+        .await
+    }
+
+    async fn issuer_keys_per_kek(&self) -> Result<Vec<(u32, u64)>, StoreError> {
+        self.count_per_kek(
+            "SELECT kek_version, COUNT(*) AS n FROM issuer_keys WHERE wrapped IS NOT NULL \
+             GROUP BY kek_version ORDER BY kek_version",
+        )
+        .await
+    }
+
+    async fn replace_issuer_blob(
+        &self,
+        kid: &str,
+        from_kek: u32,
+        wrapped: &[u8],
+        kek_version: u32,
+    ) -> Result<bool, StoreError> {
+        let done = sqlx::query(
+            "UPDATE issuer_keys SET wrapped = $1, kek_version = $2 \
+             WHERE kid = $3 AND kek_version = $4 AND wrapped IS NOT NULL",
+        )
+        .bind(wrapped)
+        .bind(i64::from(kek_version))
+        .bind(kid)
+        .bind(i64::from(from_kek))
+        .execute(&self.pool)
         .await
         .map_err(err::<DB>)?;
-        rows.iter()
-            .map(|r| {
-                let v: i64 = r.try_get("kek_version").map_err(err::<DB>)?;
-                let n: i64 = r.try_get("n").map_err(err::<DB>)?;
-                let v = u32::try_from(v).map_err(|_| StoreError::Corrupt {
-                    what: format!("kek_version {v}"),
-                })?;
-                Ok((v, count(n)?))
-            })
-            .collect()
+        Ok(DB::rows_affected(&done) == 1)
     }
 
     async fn retire_issuer_key_audited(
@@ -1716,7 +1753,8 @@ where
         let mut tx = self.begin_write().await?;
         Self::lock_rotation(&mut tx, false).await?;
         let done = sqlx::query(
-            "UPDATE issuer_keys SET state = 'retired', retired_at = $1 WHERE kid = $2 AND state IN ('next', 'active')",
+            "UPDATE issuer_keys SET state = 'retired', retired_at = $1, wrapped = NULL \
+             WHERE kid = $2 AND state IN ('next', 'active')",
         )
         .bind(now)
         .bind(kid)
@@ -1784,7 +1822,7 @@ where
             return Ok((false, None));
         }
         sqlx::query(&format!(
-            "INSERT INTO issuer_keys ({ISSUER_KEY_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)"
+            "INSERT INTO issuer_keys ({ISSUER_KEY_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
         ))
         .bind(&rec.kid)
         .bind(&rec.alg)
@@ -1795,6 +1833,8 @@ where
         .bind(rec.retired_at)
         .bind(rec.revoked_at)
         .bind(&rec.jwk)
+        .bind(rec.wrapped.as_deref())
+        .bind(rec.kek_version.map(i64::from))
         .execute(&mut *tx)
         .await
         .map_err(conflict_as(DB::BACKEND, || format!("issuer key {}", rec.kid)))?;
@@ -1861,12 +1901,15 @@ where
             tx.rollback().await?;
             return Ok((Some(RevokeOutcome { before, promoted: None }), None));
         }
-        sqlx::query("UPDATE issuer_keys SET state = 'revoked', revoked_at = $1 WHERE kid = $2")
-            .bind(now)
-            .bind(kid)
-            .execute(&mut *tx)
-            .await
-            .map_err(err::<DB>)?;
+        sqlx::query(
+            "UPDATE issuer_keys SET state = 'revoked', revoked_at = $1, wrapped = NULL \
+             WHERE kid = $2",
+        )
+        .bind(now)
+        .bind(kid)
+        .execute(&mut *tx)
+        .await
+        .map_err(err::<DB>)?;
         let mut promoted = None;
         if before.state == IssuerKeyState::Active {
             let keys = Self::issuer_keys_where(&mut *tx, Some(&before.alg)).await?;

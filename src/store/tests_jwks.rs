@@ -34,7 +34,14 @@ pub(super) fn rec(kid: &str, alg: &str, state: IssuerKeyState, now: i64) -> Issu
         retired_at: None,
         revoked_at: None,
         jwk: format!(r#"{{"kid":"{kid}"}}"#),
+        wrapped: Some(format!("blob-{kid}").into_bytes()),
+        kek_version: Some(1),
     }
+}
+
+fn blob_of(keys: &[IssuerKeyRecord], kid: &str) -> Option<(Vec<u8>, u32)> {
+    let k = keys.iter().find(|k| k.kid == kid)?;
+    Some((k.wrapped.clone()?, k.kek_version?))
 }
 
 fn state_of(keys: &[IssuerKeyRecord], kid: &str) -> Option<IssuerKeyState> {
@@ -104,6 +111,22 @@ async fn transitions(store: Arc<dyn Store>) {
     let n1 = keys.iter().find(|k| k.kid == "n1").unwrap();
     assert_eq!(n1.activated_at, Some(160));
     assert_eq!(keys.iter().find(|k| k.kid == "a1").unwrap().retired_at, Some(160));
+    // The retired key's blob is destroyed with its promotion; the active one keeps its own.
+    assert_eq!(blob_of(&keys, "a1"), None);
+    assert_eq!(
+        keys.iter().find(|k| k.kid == "a1").unwrap().kek_version,
+        Some(1),
+        "kept: a stored key"
+    );
+    assert_eq!(blob_of(&keys, "n1"), Some((b"blob-n1".to_vec(), 1)));
+    assert_eq!(store.issuer_keys_per_kek().await.unwrap(), vec![(1, 2)]);
+    // A rewrap moves a blob only from the version it is under.
+    assert!(!store.replace_issuer_blob("n1", 2, b"moved", 3).await.unwrap());
+    assert!(!store.replace_issuer_blob("a1", 1, b"moved", 3).await.unwrap());
+    assert!(store.replace_issuer_blob("e1", 1, b"moved-e1", 2).await.unwrap());
+    let keys = store.list_issuer_keys().await.unwrap();
+    assert_eq!(blob_of(&keys, "e1"), Some((b"moved-e1".to_vec(), 2)));
+    assert_eq!(store.issuer_keys_per_kek().await.unwrap(), vec![(1, 1), (2, 1)]);
 
     // Revoking the active key promotes the next one at once (no age rule).
     assert!(store
@@ -116,6 +139,7 @@ async fn transitions(store: Arc<dyn Store>) {
     let keys = store.list_issuer_keys().await.unwrap();
     assert_eq!(state_of(&keys, "n1"), Some(IssuerKeyState::Revoked));
     assert_eq!(keys.iter().find(|k| k.kid == "n1").unwrap().revoked_at, Some(201));
+    assert_eq!(blob_of(&keys, "n1"), None, "a revoked key's blob is destroyed");
     assert_eq!(state_of(&keys, "n3"), Some(IssuerKeyState::Active));
     // Idempotent.
     let again = store.revoke_issuer_key("n1", 300).await.unwrap().unwrap();
