@@ -882,9 +882,20 @@ pub fn scope(data: &[u8]) {
     });
     for s in scopes.iter() {
         match s {
-            Scope::Payments { min, max } => {
+            Scope::Payments { asset, min, max } => {
+                let payee = scopes
+                    .iter()
+                    .find_map(|s| match s {
+                        Scope::Payee(p) => Some(*p),
+                        _ => None,
+                    })
+                    .unwrap_or(crate::crypto::eth::Address([0; 20]));
+                let currency = asset.as_deref().unwrap_or("USDC");
                 if let Some(m) = manifest {
-                    assert!(scopes.check_payment(*min, &m).is_ok() && scopes.check_payment(*max, &m).is_ok());
+                    assert!(
+                        scopes.check_payment(*min, currency, &payee, &m).is_ok()
+                            && scopes.check_payment(*max, currency, &payee, &m).is_ok()
+                    );
                 }
             }
             Scope::TypedData {
@@ -896,11 +907,18 @@ pub fn scope(data: &[u8]) {
                     .check_typed_data(Some(&chain_id.to_string()), Some(&contract))
                     .is_ok());
             }
-            Scope::LicenseManifest(_) | Scope::Attest(_) => {}
+            Scope::LicenseManifest(_) | Scope::Attest(_) | Scope::Payee(_) => {}
         }
     }
     if !scopes.iter().any(|s| matches!(s, Scope::Payments { .. })) {
-        assert!(scopes.check_payment(0, &manifest.unwrap_or_default()).is_err());
+        assert!(scopes
+            .check_payment(
+                0,
+                "USDC",
+                &crate::crypto::eth::Address([0; 20]),
+                &manifest.unwrap_or_default()
+            )
+            .is_err());
     }
 }
 

@@ -339,6 +339,7 @@ async fn enumeration(env: Env) {
             session_token: String::new(),
             payment_signature_ref: String::new(),
             request_id: "rcpt-1".into(),
+            payment_request_id: String::new(),
         })
         .await
         .expect("receipt")
@@ -358,6 +359,7 @@ async fn enumeration(env: Env) {
             session_token: String::new(),
             payment_signature_ref: String::new(),
             request_id: "rcpt-2".into(),
+            payment_request_id: String::new(),
         })
         .await
         .expect_err("not in a session");

@@ -131,7 +131,7 @@ impl World {
     }
 }
 
-fn receipt_req(account_id: &str, token: &str, request_id: &str) -> SignReceiptRequest {
+fn receipt_req(account_id: &str, token: &str, request_id: &str, payment: &str) -> SignReceiptRequest {
     SignReceiptRequest {
         account_id: account_id.into(),
         buyer: "did:example:buyer".into(),
@@ -142,6 +142,7 @@ fn receipt_req(account_id: &str, token: &str, request_id: &str) -> SignReceiptRe
         session_token: token.into(),
         payment_signature_ref: String::new(),
         request_id: request_id.into(),
+        payment_request_id: payment.into(),
     }
 }
 
@@ -237,8 +238,8 @@ fn a_refused_caller_cannot_tell_existing_from_missing() {
             "SignTypedData",
         );
         same(
-            signing.sign_receipt(receipt_req(a, "", "r-1")).await,
-            signing.sign_receipt(receipt_req(&ghost, "", "r-1")).await,
+            signing.sign_receipt(receipt_req(a, "", "r-1", "")).await,
+            signing.sign_receipt(receipt_req(&ghost, "", "r-1", "")).await,
             "SignReceipt",
         );
         let attest = |id: &str| SignAttestationRequest {
@@ -290,14 +291,29 @@ fn receipt_idempotency_keys_belong_to_their_caller() {
     block_on(async {
         let w = World::start().await;
         let (_, token) = w.session(MARKETPLACE).await;
+        // Inside its session the marketplace's receipt is for a payment it signed there.
+        w.d.signing(&w.env, "marketplace")
+            .await
+            .sign_payment(keyward::api::pb::SignPaymentRequest {
+                session_token: token.clone(),
+                amount: "10".into(),
+                currency: "USDC".into(),
+                manifest: MANIFEST.into(),
+                license_id: "lic-7".into(),
+                payee: String::new(),
+                request_id: "order-42".into(),
+            })
+            .await
+            .expect("payment");
         // The admin signs directly, the marketplace in its session.
         let callers = [("admin", String::new()), ("marketplace", token)];
         let receipt = |profile: &'static str, token: String| {
             let w = &w;
             async move {
+                let payment = if token.is_empty() { "" } else { "order-42" };
                 w.d.signing(&w.env, profile)
                     .await
-                    .sign_receipt(receipt_req(&w.account, &token, "order-42"))
+                    .sign_receipt(receipt_req(&w.account, &token, "order-42", payment))
                     .await
                     .unwrap_or_else(|e| panic!("{profile}'s receipt: the key is its own: {e:?}"))
                     .into_inner()

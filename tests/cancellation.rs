@@ -229,6 +229,7 @@ async fn one(
                     session_token: String::new(),
                     payment_signature_ref: String::new(),
                     request_id: format!("receipt-{receipt_n}"),
+                    payment_request_id: String::new(),
                 })
                 .await?;
         }

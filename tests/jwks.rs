@@ -734,6 +734,7 @@ fn old_signatures_verify_against_the_history(store: StoreKind) {
                 session_token: String::new(),
                 payment_signature_ref: String::new(),
                 request_id: "rcpt-1".into(),
+                payment_request_id: String::new(),
             })
             .await
             .expect("receipt")

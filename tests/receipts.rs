@@ -48,6 +48,7 @@ fn receipt_req(account_id: &str, amount: &str, manifest: &str, token: &str, requ
         session_token: token.into(),
         payment_signature_ref: String::new(),
         request_id: request_id.into(),
+        payment_request_id: String::new(),
     }
 }
 
@@ -121,6 +122,7 @@ impl Story {
                     "payments:0-100".into(),
                     format!("license:manifest:{MANIFEST}"),
                     "attest:ds-1".into(),
+                    "typed-data:1:0xCcCCccccCCCCcCCCCCCcCcCccCcCCCcCcccccccC".into(),
                 ],
                 cap: "1000".into(),
                 ttl_seconds: 1800,
@@ -346,12 +348,36 @@ fn receipt_idempotency_authorization_and_session_scopes() {
             Code::InvalidArgument
         );
 
-        // Inside a session: the delegate, within its scopes.
+        // Inside a session a receipt is for a payment signed in it: its facts are the payment's.
         let (session_id, token) = st.session().await;
-        let r = st
-            .receipt("marketplace", receipt_req(&id, "40", MANIFEST, &token, ""))
+        let payee = "0x1111111111111111111111111111111111111111";
+        let paid = st
+            .daemon
+            .signing(&st.env, "marketplace")
             .await
-            .expect("in scope");
+            .sign_payment(keyward::api::pb::SignPaymentRequest {
+                session_token: token.clone(),
+                amount: "40".into(),
+                currency: "USDC".into(),
+                manifest: MANIFEST.into(),
+                license_id: "lic-7".into(),
+                payee: payee.into(),
+                request_id: "pay-1".into(),
+            })
+            .await
+            .expect("payment")
+            .into_inner();
+        let for_payment = |payment: &str, amount: &str, manifest: &str| {
+            let mut r = receipt_req(&id, amount, manifest, &token, "");
+            r.currency.clear();
+            r.license_id.clear();
+            r.payment_request_id = payment.into();
+            r
+        };
+        let r = st
+            .receipt("marketplace", for_payment("pay-1", "", ""))
+            .await
+            .expect("the payment's receipt");
         assert!(r.audit_seq > b.audit_seq);
         let claims = st
             .daemon
@@ -362,43 +388,121 @@ fn receipt_idempotency_authorization_and_session_scopes() {
             .expect("verifies")
             .claims;
         assert_eq!(claims["session_id"], session_id.as_str());
-        let cases = [
+        assert_eq!(claims["amount"], "40");
+        assert_eq!(claims["currency"], "USDC");
+        assert_eq!(claims["manifest"], MANIFEST);
+        assert_eq!(claims["license_id"], "lic-7");
+        assert_eq!(
+            claims["payee"],
+            Address::parse(payee).expect("payee").to_checksum().as_str()
+        );
+        assert_eq!(claims["payment_request_id"], "pay-1");
+        assert_eq!(
+            claims["payment_digest"],
+            format!("0x{}", hex::encode(&paid.digest)).as_str(),
+            "joins the payment"
+        );
+        // At most one receipt per payment: asking again (facts given, equal) returns it.
+        let again = st
+            .receipt("marketplace", for_payment("pay-1", "40", MANIFEST))
+            .await
+            .expect("the same receipt");
+        assert_eq!(
+            (again.receipt_id.as_str(), again.audit_seq),
+            (r.receipt_id.as_str(), r.audit_seq)
+        );
+        let mut other_buyer = for_payment("pay-1", "", "");
+        other_buyer.buyer = "did:example:someone-else".into();
+        let mut cases = vec![
             (
                 "marketplace",
-                "101",
-                MANIFEST,
-                Code::PermissionDenied,
-                "amount out of range",
+                for_payment("pay-1", "41", ""),
+                Code::InvalidArgument,
+                "an amount other than the payment's",
             ),
             (
                 "marketplace",
-                "5",
-                OTHER_MANIFEST,
-                Code::PermissionDenied,
-                "other manifest",
+                for_payment("pay-1", "", OTHER_MANIFEST),
+                Code::InvalidArgument,
+                "a manifest other than the payment's",
+            ),
+            (
+                "marketplace",
+                other_buyer,
+                Code::InvalidArgument,
+                "a second receipt for the payment",
+            ),
+            (
+                "marketplace",
+                for_payment("", "40", MANIFEST),
+                Code::InvalidArgument,
+                "no payment named",
+            ),
+            (
+                "marketplace",
+                for_payment("pay-nope", "", ""),
+                Code::NotFound,
+                "a payment the session does not have",
             ),
             (
                 "wallet-gateway",
-                "5",
-                MANIFEST,
+                for_payment("pay-1", "", ""),
                 Code::PermissionDenied,
                 "not the delegate",
             ),
             (
                 "admin",
-                "5",
-                MANIFEST,
+                for_payment("pay-1", "", ""),
                 Code::PermissionDenied,
                 "admin is not the delegate",
             ),
         ];
-        for (profile, amount, manifest, code, what) in cases {
-            let err = st
-                .receipt(profile, receipt_req(&id, amount, manifest, &token, ""))
-                .await
-                .expect_err(what);
+        let mut outside = receipt_req(&id, "40", MANIFEST, "", "");
+        outside.payment_request_id = "pay-1".into();
+        cases.push((
+            "admin",
+            outside,
+            Code::InvalidArgument,
+            "a payment named outside its session",
+        ));
+        for (profile, req, code, what) in cases {
+            let err = st.receipt(profile, req).await.expect_err(what);
             assert_eq!(err.code(), code, "{what}: {}", err.message());
         }
+        // A typed-data request of the session is a spend, not a payment.
+        st.daemon
+            .signing(&st.env, "marketplace")
+            .await
+            .sign_typed_data(keyward::api::pb::SignTypedDataRequest {
+                account_id: id.clone(),
+                typed_data_json: MAIL.into(),
+                session_token: token.clone(),
+                request_id: "td-1".into(),
+            })
+            .await
+            .expect("typed data in its scope");
+        let err = st
+            .receipt("marketplace", for_payment("td-1", "", ""))
+            .await
+            .expect_err("not a payment");
+        assert_eq!(err.code(), Code::InvalidArgument, "{}", err.message());
+        assert!(err.message().contains("not a payment"), "{}", err.message());
+        // Another session does not see this one's payments.
+        let (_, other_token) = st.session().await;
+        let err = st
+            .receipt("marketplace", {
+                let mut r = for_payment("pay-1", "", "");
+                r.session_token = other_token;
+                r
+            })
+            .await
+            .expect_err("another session's payment");
+        assert_eq!(
+            err.code(),
+            Code::NotFound,
+            "payments belong to their session: {}",
+            err.message()
+        );
         let err = st
             .receipt("marketplace", receipt_req(&id, "5", MANIFEST, "not.a.token", ""))
             .await

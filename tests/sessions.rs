@@ -366,6 +366,93 @@ fn scope_violations_are_refused_and_spend_nothing() {
     });
 }
 
+/// A grant that names its currency and payees: a payment in another currency, or to another
+/// payee (or to none), is refused naming the scope, and spends nothing; the SessionGrant the
+/// wallet signs shows both. A grant without a currency still pays in any (sessions granted
+/// before currencies were named keep working).
+#[test]
+fn currency_and_payee_scopes_bound_payments() {
+    let env = Env::new(Custody::Host, StoreKind::Sqlite).expect("env");
+    block_on(async {
+        let st = Story::start(env).await;
+        let payee = "0x1111111111111111111111111111111111111111";
+        let license = format!("license:manifest:{MANIFEST}");
+        let payee_scope = format!("payee:{payee}");
+        let (id, typed) = st
+            .challenge(&["payments:USDC:0-100", &payee_scope, &license], "150", 1800)
+            .await
+            .expect("challenge");
+        let shown: serde_json::Value = serde_json::from_str(&typed).expect("typed data");
+        assert_eq!(
+            shown["message"]["scopes"],
+            serde_json::json!(["payments:USDC:0-100", payee_scope, license]),
+            "the wallet sees the currency and the payee it grants"
+        );
+        let (session_id, token) = st.open(&id, st.wallet.sign(&typed)).await.expect("open");
+        let pay = |currency: &'static str, to: &'static str, amount: &'static str| {
+            let (st, token) = (&st, token.clone());
+            async move {
+                st.daemon
+                    .signing(&st.env, "marketplace")
+                    .await
+                    .sign_payment(SignPaymentRequest {
+                        session_token: token,
+                        amount: amount.into(),
+                        currency: currency.into(),
+                        manifest: MANIFEST.into(),
+                        license_id: "lic-7".into(),
+                        payee: to.into(),
+                        request_id: String::new(),
+                    })
+                    .await
+            }
+        };
+        for (currency, to, amount, needle, what) in [
+            ("EUR", payee, "5", "payments in EUR are not granted", "another currency"),
+            (
+                "USDC",
+                "0x2222222222222222222222222222222222222222",
+                "5",
+                "is not one of the session's payee scopes",
+                "another payee",
+            ),
+            ("USDC", "", "5", "is not one of the session's payee scopes", "no payee"),
+            (
+                "USDC",
+                payee,
+                "101",
+                "outside every payments scope",
+                "above the currency's bound",
+            ),
+        ] {
+            let err = pay(currency, to, amount).await.expect_err(what);
+            assert_eq!(err.code(), Code::PermissionDenied, "{what}: {}", err.message());
+            assert!(err.message().contains(needle), "{what}: {}", err.message());
+        }
+        assert_eq!(st.remaining(&session_id).await.0, "150", "refusals spent nothing");
+        pay("USDC", payee, "100").await.expect("in currency, to the payee");
+        assert_eq!(st.remaining(&session_id).await.0, "50");
+
+        // The grant without a currency: any currency, any payee.
+        let (_, legacy) = st.session("1000").await;
+        st.daemon
+            .signing(&st.env, "marketplace")
+            .await
+            .sign_payment(SignPaymentRequest {
+                session_token: legacy,
+                amount: "5".into(),
+                currency: "EUR".into(),
+                manifest: MANIFEST.into(),
+                license_id: "lic-7".into(),
+                payee: "0x2222222222222222222222222222222222222222".into(),
+                request_id: String::new(),
+            })
+            .await
+            .expect("an asset-less grant pays in any currency");
+        st.daemon.stop().await;
+    });
+}
+
 #[test]
 fn altered_tokens_are_unauthenticated() {
     let env = Env::new(Custody::Host, StoreKind::Sqlite).expect("env");

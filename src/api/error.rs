@@ -170,7 +170,9 @@ impl ApiError {
             },
             ApiError::Session(e) => match e {
                 SessionError::Invalid { .. } | SessionError::IdempotencyMismatch => Status::invalid_argument(msg),
-                SessionError::ChallengeNotFound(_) | SessionError::SessionNotFound(_) => Status::not_found(msg),
+                SessionError::ChallengeNotFound(_)
+                | SessionError::SessionNotFound(_)
+                | SessionError::PaymentNotFound(_) => Status::not_found(msg),
                 SessionError::ChallengeUsed(_)
                 | SessionError::ChallengeExpired(_)
                 | SessionError::Revoked(_)
@@ -181,7 +183,9 @@ impl ApiError {
                 | SessionError::Forbidden(_) => Status::permission_denied(msg),
                 SessionError::Token(_) => Status::unauthenticated(msg),
                 SessionError::CapExhausted { .. } | SessionError::TooManyOpen(_) => Status::resource_exhausted(msg),
-                SessionError::InProgress | SessionError::Released => Status::aborted(msg),
+                SessionError::InProgress | SessionError::Released | SessionError::PaymentPending(_) => {
+                    Status::aborted(msg)
+                }
                 SessionError::Store(s) => store_status(s, msg),
                 SessionError::Issuer(_) => opaque(tonic::Code::Unavailable, "issuer key unavailable", &msg),
                 _ => opaque(tonic::Code::Internal, "internal error", &msg),

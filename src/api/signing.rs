@@ -284,7 +284,7 @@ impl SigningService for SigningApi {
                 d.decide(&identity, Action::SignPayment, Resource::Account(&account), context)
                     .await?;
                 scopes
-                    .check_payment(amount, &manifest)
+                    .check_payment(amount, &req.currency, &payee, &manifest)
                     .map_err(crate::session::SessionError::from)?;
                 let hash = body_hash(
                     "payment",
@@ -409,17 +409,22 @@ impl SigningService for SigningApi {
 mod receipts {
     use std::sync::Arc;
 
-    use super::super::pb::{SignAttestationRequest, SignAttestationResponse, SignReceiptRequest, SignReceiptResponse};
+    use super::super::pb::{
+        SignAttestationRequest, SignAttestationResponse, SignPaymentResponse, SignReceiptRequest, SignReceiptResponse,
+    };
     use super::super::{ApiError, Daemon};
     use super::{body_hash, check_currency, check_license, parse_manifest};
+    use crate::crypto::eip712::TypedData;
+    use crate::crypto::eth::Address;
     use crate::crypto::jws::JwsAlg;
     use crate::hsm::IssuerAlg;
     use crate::policy::{Action, PaymentFacts, RequestContext, Resource};
     use crate::receipt::{
         self, AccountPublic, AttestError, AttestationClaims, ReceiptClaims, Seller, ATTESTATION_CLAIM_TYP, RECEIPT_TYP,
     };
-    use crate::session::{Scope, SessionError};
-    use crate::store::{NewReceipt, ReceiptOutcome, ReceiptRecord, ReceiptSigner, SignerError};
+    use crate::session::{payment, Payment, Scope, SessionError};
+    use crate::store::{NewReceipt, ReceiptOutcome, ReceiptRecord, ReceiptSigner, SessionRecord, SignerError};
+    use prost::Message as _;
 
     /// The longest a receipt's issuer signature may take (the HSM session
     /// wait included); past it the receipt is withdrawn and the caller gets
@@ -439,6 +444,88 @@ mod receipts {
         }
     }
 
+    /// The payment a receipt inside a session is for, read back from the session's spends:
+    /// what `SignPayment` signed under `request_id`, rebuilt and checked against its stored
+    /// document, digest and reserved amount.
+    struct Paid {
+        amount: u128,
+        currency: String,
+        manifest: [u8; 32],
+        license_id: String,
+        payee: Address,
+        digest: [u8; 32],
+    }
+
+    async fn paid(d: &Daemon, session: &SessionRecord, request_id: &str) -> Result<Paid, ApiError> {
+        let spend = d
+            .keys
+            .store()
+            .get_spend(&session.id, request_id)
+            .await
+            .map_err(SessionError::from)?
+            .ok_or_else(|| SessionError::PaymentNotFound(request_id.to_string()))?;
+        let bytes = spend
+            .response
+            .ok_or_else(|| SessionError::PaymentPending(request_id.to_string()))?;
+        let not_payment = || {
+            ApiError::invalid(
+                "payment_request_id",
+                "names a request of this session that is not a payment",
+            )
+        };
+        let resp = SignPaymentResponse::decode(bytes.as_slice()).map_err(|_| not_payment())?;
+        let doc: serde_json::Value = serde_json::from_str(&resp.typed_data_json).map_err(|_| not_payment())?;
+        let m = &doc["message"];
+        let text = |k: &str| m[k].as_str().ok_or_else(not_payment);
+        let address = |k: &str| text(k).and_then(|a| Address::parse(a).map_err(|_| not_payment()));
+        let amount: u128 = text("amount")?.parse().map_err(|_| not_payment())?;
+        let mut manifest = [0u8; 32];
+        hex::decode_to_slice(text("manifest")?.trim_start_matches("0x"), &mut manifest).map_err(|_| not_payment())?;
+        let (payer, payee) = (address("payer")?, address("payee")?);
+        let nonce = m["nonce"].as_u64().ok_or_else(not_payment)?;
+        let (currency, license_id) = (text("currency")?.to_string(), text("licenseId")?.to_string());
+        let rebuilt = payment(
+            d.sessions.domain(),
+            &Payment {
+                session_id: &session.id,
+                payer_account: &session.account_id,
+                payer,
+                payee,
+                amount,
+                currency: &currency,
+                manifest,
+                license_id: &license_id,
+                nonce,
+            },
+        );
+        if rebuilt != doc || amount != spend.amount {
+            return Err(not_payment());
+        }
+        let digest = TypedData::from_value(&rebuilt)
+            .map_err(|_| not_payment())?
+            .signing_hash();
+        if digest.as_slice() != resp.digest.as_slice() {
+            return Err(not_payment());
+        }
+        Ok(Paid {
+            amount,
+            currency,
+            manifest,
+            license_id,
+            payee,
+            digest,
+        })
+    }
+
+    /// A fact the caller may leave out inside a session (the payment's is taken) but must
+    /// give outside one; given inside one, it must equal the payment's.
+    fn same<T: PartialEq>(field: &'static str, given: Option<T>, paid: &T) -> Result<(), ApiError> {
+        match given {
+            Some(g) if &g != paid => Err(ApiError::invalid(field, "differs from the payment's")),
+            _ => Ok(()),
+        }
+    }
+
     pub(super) async fn sign_receipt(
         d: &Daemon,
         identity: String,
@@ -446,40 +533,101 @@ mod receipts {
     ) -> Result<SignReceiptResponse, ApiError> {
         super::check_account_id(&req.account_id)?;
         receipt::check_text("buyer", &req.buyer, true).map_err(field)?;
-        let amount = crate::session::parse_amount("amount", &req.amount)?;
-        check_currency(&req.currency)?;
-        check_license(&req.license_id)?;
-        let manifest = parse_manifest(&req.manifest)?;
+        let in_session = !req.session_token.is_empty();
+        // Inside a session amount, currency, manifest and license come from the payment.
+        let optional = |v: &str| !(in_session && v.is_empty());
+        let given_amount = optional(&req.amount)
+            .then(|| crate::session::parse_amount("amount", &req.amount))
+            .transpose()?;
+        if optional(&req.currency) {
+            check_currency(&req.currency)?;
+        }
+        if optional(&req.license_id) {
+            check_license(&req.license_id)?;
+        }
+        let given_manifest = optional(&req.manifest)
+            .then(|| parse_manifest(&req.manifest))
+            .transpose()?;
         receipt::check_text("payment_signature_ref", &req.payment_signature_ref, false).map_err(field)?;
         if req.request_id.len() > 128 || req.request_id.chars().any(char::is_control) {
             return Err(ApiError::invalid("request_id", "at most 128 printable characters"));
         }
-        let mut context = RequestContext {
-            payment: Some(PaymentFacts {
-                amount,
-                currency: req.currency.clone(),
-                manifest: hex::encode(manifest),
-                license: req.license_id.clone(),
-            }),
-            ..RequestContext::default()
+        if req.payment_request_id.len() > 128 || req.payment_request_id.chars().any(char::is_control) {
+            return Err(ApiError::invalid(
+                "payment_request_id",
+                "at most 128 printable characters",
+            ));
+        }
+        let facts = |amount: u128, currency: &str, manifest: &[u8; 32], license: &str| PaymentFacts {
+            amount,
+            currency: currency.to_string(),
+            manifest: hex::encode(manifest),
+            license: license.to_string(),
         };
-        let (record, session_id) = if req.session_token.is_empty() {
+        let (record, session_id, paid) = if !in_session {
+            if !req.payment_request_id.is_empty() {
+                return Err(ApiError::invalid(
+                    "payment_request_id",
+                    "names a session's payment: only inside that session",
+                ));
+            }
+            let (Some(amount), Some(manifest)) = (given_amount, given_manifest) else {
+                return Err(ApiError::Internal("receipt facts checked above"));
+            };
+            let context = RequestContext {
+                payment: Some(facts(amount, &req.currency, &manifest, &req.license_id)),
+                ..RequestContext::default()
+            };
             let record = d
                 .account_for(&identity, Action::SignReceipt, &req.account_id, context)
                 .await?;
-            (record, None)
+            (record, None, None)
         } else {
             // The token first: its holder knows the account exists.
             let (session, scopes) = d.sessions.authorize(&req.session_token, &identity).await?;
             if session.account_id != req.account_id {
                 return Err(ApiError::invalid("account_id", "is not the session's account"));
             }
+            if req.payment_request_id.is_empty() {
+                return Err(ApiError::invalid(
+                    "payment_request_id",
+                    "required inside a session: the request_id of the SignPayment this receipt is for",
+                ));
+            }
+            let paid = paid(d, &session, &req.payment_request_id).await?;
+            same("amount", given_amount, &paid.amount)?;
+            same(
+                "currency",
+                optional(&req.currency).then(|| req.currency.clone()),
+                &paid.currency,
+            )?;
+            same("manifest", given_manifest, &paid.manifest)?;
+            same(
+                "license_id",
+                optional(&req.license_id).then(|| req.license_id.clone()),
+                &paid.license_id,
+            )?;
             let record = d.keys.record(&req.account_id).await?;
-            context.session = super::in_session(&session);
+            let context = RequestContext {
+                payment: Some(facts(paid.amount, &paid.currency, &paid.manifest, &paid.license_id)),
+                session: super::in_session(&session),
+                ..RequestContext::default()
+            };
             d.decide(&identity, Action::SignReceipt, Resource::Account(&record), context)
                 .await?;
-            scopes.check_payment(amount, &manifest).map_err(SessionError::from)?;
-            (record, Some(session.id))
+            scopes
+                .check_payment(paid.amount, &paid.currency, &paid.payee, &paid.manifest)
+                .map_err(SessionError::from)?;
+            (record, Some(session.id), Some(paid))
+        };
+        let (amount, currency, manifest, license_id) = match &paid {
+            Some(p) => (p.amount, p.currency.clone(), p.manifest, p.license_id.clone()),
+            None => (
+                given_amount.unwrap_or_default(),
+                req.currency.clone(),
+                given_manifest.unwrap_or_default(),
+                req.license_id.clone(),
+            ),
         };
         let public = AccountPublic::of(&record, d.sessions.domain().chain_id)?;
         let manifest_hex = hex::encode(manifest);
@@ -489,17 +637,19 @@ mod receipts {
                 req.account_id.as_bytes(),
                 req.buyer.as_bytes(),
                 &amount.to_be_bytes(),
-                req.currency.as_bytes(),
+                currency.as_bytes(),
                 &manifest,
-                req.license_id.as_bytes(),
+                license_id.as_bytes(),
                 session_id.as_deref().unwrap_or("").as_bytes(),
                 req.payment_signature_ref.as_bytes(),
             ],
         );
-        let request_id = if req.request_id.is_empty() {
-            uuid::Uuid::new_v4().to_string()
-        } else {
-            req.request_id.clone()
+        // Inside a session a payment has at most one receipt: its idempotency key is the
+        // payment's, whatever request_id the caller gave.
+        let request_id = match (&session_id, &paid) {
+            (Some(session), Some(_)) => format!("payment:{session}:{}", req.payment_request_id),
+            _ if req.request_id.is_empty() => uuid::Uuid::new_v4().to_string(),
+            _ => req.request_id.clone(),
         };
         let receipt_id = uuid::Uuid::new_v4().to_string();
         let now = d.sessions.now();
@@ -513,11 +663,14 @@ mod receipts {
                 did: public.did_key.clone(),
             },
             amount: amount.to_string(),
-            currency: req.currency.clone(),
+            currency,
             manifest: manifest_hex,
-            license_id: req.license_id.clone(),
+            license_id,
             session_id: session_id.clone(),
             payment_signature_ref: (!req.payment_signature_ref.is_empty()).then(|| req.payment_signature_ref.clone()),
+            payee: paid.as_ref().map(|p| p.payee.to_checksum()),
+            payment_request_id: paid.as_ref().map(|_| req.payment_request_id.clone()),
+            payment_digest: paid.as_ref().map(|p| format!("0x{}", hex::encode(p.digest))),
         };
         let issuer = Arc::clone(d.sessions.issuer());
         // Signs once the row and its audit event are committed, with no
@@ -581,6 +734,10 @@ mod receipts {
                 Ok(response(r))
             }
             ReceiptOutcome::Replay(r) | ReceiptOutcome::Completed(r) => Ok(response(r)),
+            ReceiptOutcome::BodyMismatch if paid.is_some() => Err(ApiError::invalid(
+                "payment_request_id",
+                "this payment already has a receipt, for another buyer or payment reference",
+            )),
             ReceiptOutcome::BodyMismatch => Err(SessionError::IdempotencyMismatch.into()),
             ReceiptOutcome::SignFailed(e) => Err(SessionError::Issuer(e.to_string()).into()),
         }

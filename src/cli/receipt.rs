@@ -20,21 +20,25 @@ pub struct ReceiptArgs {
     /// The buyer (a DID or an identity string).
     #[arg(long)]
     pub buyer: String,
-    /// Amount in minor units (decimal).
-    #[arg(long)]
+    /// Amount in minor units (decimal). Inside a session: taken from the payment.
+    #[arg(long, default_value = "")]
     pub amount: String,
-    /// Currency code.
-    #[arg(long)]
+    /// Currency code. Inside a session: taken from the payment.
+    #[arg(long, default_value = "")]
     pub currency: String,
-    /// SHA-256 of the dataset manifest (64 hex digits).
-    #[arg(long)]
+    /// SHA-256 of the dataset manifest (64 hex digits). Inside a session: taken from the
+    /// payment.
+    #[arg(long, default_value = "")]
     pub manifest: String,
-    /// License id.
-    #[arg(long)]
+    /// License id. Inside a session: taken from the payment.
+    #[arg(long, default_value = "")]
     pub license: String,
     /// Issue inside a delegated session (token from `session open`).
     #[arg(long, default_value = "")]
     pub session: String,
+    /// Inside a session: the request id of the payment (`sign payment`) the receipt is for.
+    #[arg(long, default_value = "")]
+    pub payment: String,
     /// Reference to the payment signature.
     #[arg(long, default_value = "")]
     pub payment_signature_ref: String,
@@ -92,6 +96,7 @@ pub async fn sign_receipt(home: &Path, opts: &ClientOpts, a: ReceiptArgs) -> any
             session_token: a.session,
             payment_signature_ref: a.payment_signature_ref,
             request_id: a.request_id,
+            payment_request_id: a.payment,
         })
         .await
         .map_err(RpcError)?

@@ -140,6 +140,16 @@ pub struct ReceiptClaims {
     /// Reference to the payment signature (e.g. a transaction or SignPayment request).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub payment_signature_ref: Option<String>,
+    /// Inside a session: the payment's payee (EIP-55), taken from the payment.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub payee: Option<String>,
+    /// Inside a session: the request id of the `SignPayment` this receipt is for.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub payment_request_id: Option<String>,
+    /// Inside a session: the payment's EIP-712 signing hash (`0x` + 64 hex digits), which its
+    /// audit event records as its digest.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub payment_digest: Option<String>,
 }
 
 /// Contribution attestation claims.

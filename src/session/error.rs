@@ -73,6 +73,12 @@ pub enum SessionError {
     /// The caller may not manage this session.
     #[error("{0}")]
     Forbidden(String),
+    /// A receipt names a payment request id the session has no spend for.
+    #[error("no payment with request_id {0:?} in this session")]
+    PaymentNotFound(String),
+    /// A receipt names a payment that has not completed (yet).
+    #[error("payment {0:?} has not completed; retry once it has")]
+    PaymentPending(String),
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),

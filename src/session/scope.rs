@@ -1,7 +1,11 @@
 //! The session scope grammar, parsed strictly when a challenge is created:
 //!
 //! ```text
-//! payments:<min>-<max>                       per-call amount bounds, integer minor units (u128), min <= max
+//! payments:<min>-<max>                       per-call amount bounds, integer minor units (u128), min <= max,
+//!                                            in any currency (sessions granted before assets were named)
+//! payments:<currency>:<min>-<max>            the same, in one currency only (1-16 of [A-Z0-9])
+//! payee:<address>                            a payee payments may go to (0x address); with one or more,
+//!                                            payments go to those only
 //! license:manifest:<sha256>                  64 lowercase hex digits
 //! typed-data:<chainId>:<verifyingContract>   decimal chain id (u64), 0x address
 //! attest:<dataset-id>                        1-128 of [A-Za-z0-9._:-]
@@ -20,13 +24,17 @@ pub const MAX_SCOPES: usize = 32;
 /// One parsed scope.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Scope {
-    /// Payments whose amount lies in `min..=max`.
+    /// Payments whose amount lies in `min..=max`, in `asset` (any currency when `None`).
     Payments {
+        /// The currency the bounds are for; `None`: any (the form granted before assets).
+        asset: Option<String>,
         /// Smallest amount per call.
         min: u128,
         /// Largest amount per call.
         max: u128,
     },
+    /// A payee payments may go to.
+    Payee(Address),
     /// Licenses of one dataset manifest (its SHA-256).
     LicenseManifest([u8; 32]),
     /// EIP-712 documents of one domain.
@@ -50,6 +58,11 @@ pub struct ScopeError {
     pub reason: &'static str,
 }
 
+/// A currency code: 1-16 of [A-Z0-9] (what `SignPayment` accepts).
+fn is_currency(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 16 && s.bytes().all(|b| b.is_ascii_uppercase() || b.is_ascii_digit())
+}
+
 fn parse_u128(s: &str) -> Option<u128> {
     if s.is_empty() || s.len() > 39 || !s.bytes().all(|b| b.is_ascii_digit()) || (s.len() > 1 && s.starts_with('0')) {
         return None;
@@ -65,15 +78,28 @@ impl Scope {
             reason,
         };
         if let Some(rest) = s.strip_prefix("payments:") {
-            let (a, b) = rest
+            let (asset, bounds) = match rest.split_once(':') {
+                Some((asset, bounds)) => {
+                    if !is_currency(asset) {
+                        return Err(err("currency must be 1-16 of [A-Z0-9]"));
+                    }
+                    (Some(asset.to_string()), bounds)
+                }
+                None => (None, rest),
+            };
+            let (a, b) = bounds
                 .split_once('-')
-                .ok_or_else(|| err("expected payments:<min>-<max>"))?;
+                .ok_or_else(|| err("expected payments:[<currency>:]<min>-<max>"))?;
             let min = parse_u128(a).ok_or_else(|| err("min is not a canonical unsigned integer"))?;
             let max = parse_u128(b).ok_or_else(|| err("max is not a canonical unsigned integer"))?;
             if min > max {
                 return Err(err("min is greater than max"));
             }
-            return Ok(Scope::Payments { min, max });
+            return Ok(Scope::Payments { asset, min, max });
+        }
+        if let Some(rest) = s.strip_prefix("payee:") {
+            let payee = Address::parse(rest).map_err(|_| err("expected payee:<0x address>"))?;
+            return Ok(Scope::Payee(payee));
         }
         if let Some(rest) = s.strip_prefix("license:manifest:") {
             if rest.len() != 64 || !rest.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
@@ -109,7 +135,7 @@ impl Scope {
             return Ok(Scope::Attest(rest.to_string()));
         }
         Err(err(
-            "unknown scope kind (payments, license:manifest, typed-data, attest)",
+            "unknown scope kind (payments, payee, license:manifest, typed-data, attest)",
         ))
     }
 }
@@ -117,7 +143,13 @@ impl Scope {
 impl fmt::Display for Scope {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Scope::Payments { min, max } => write!(f, "payments:{min}-{max}"),
+            Scope::Payments { asset: None, min, max } => write!(f, "payments:{min}-{max}"),
+            Scope::Payments {
+                asset: Some(asset),
+                min,
+                max,
+            } => write!(f, "payments:{asset}:{min}-{max}"),
+            Scope::Payee(a) => write!(f, "payee:{}", a.to_checksum()),
             Scope::LicenseManifest(h) => write!(f, "license:manifest:{}", hex::encode(h)),
             Scope::TypedData {
                 chain_id,
@@ -139,6 +171,22 @@ pub enum ScopeDenied {
     /// No payments scope covers the amount.
     #[error("amount {0} is outside every payments scope of the session")]
     Amount(u128),
+    /// The session's payments scopes name other currencies only.
+    #[error("payments in {currency} are not granted: the session's payments scopes are {granted}")]
+    Asset {
+        /// The payment's currency.
+        currency: String,
+        /// The session's payments scopes.
+        granted: String,
+    },
+    /// The session names its payees, and not this one.
+    #[error("payee {payee} is not one of the session's payee scopes ({granted})")]
+    Payee {
+        /// The payment's payee.
+        payee: String,
+        /// The session's payee scopes.
+        granted: String,
+    },
     /// No license scope names the manifest.
     #[error("manifest {0} is not covered by a license:manifest scope of the session")]
     Manifest(String),
@@ -193,14 +241,39 @@ impl Scopes {
         self.0.iter()
     }
 
-    /// Checks a payment of `amount` for `manifest`.
-    pub fn check_payment(&self, amount: u128, manifest: &[u8; 32]) -> Result<(), ScopeDenied> {
-        let amount_ok = self
-            .0
+    /// Checks a payment of `amount` in `currency` to `payee` for `manifest`: a payments scope
+    /// for that currency (or for any) must cover the amount, the payee must be one of the
+    /// session's payee scopes if it has any, and a license scope must name the manifest.
+    pub fn check_payment(
+        &self,
+        amount: u128,
+        currency: &str,
+        payee: &Address,
+        manifest: &[u8; 32],
+    ) -> Result<(), ScopeDenied> {
+        let payments: Vec<&Scope> = self.0.iter().filter(|s| matches!(s, Scope::Payments { .. })).collect();
+        let in_currency: Vec<&&Scope> = payments
             .iter()
-            .any(|s| matches!(s, Scope::Payments { min, max } if (*min..=*max).contains(&amount)));
+            .filter(|s| matches!(s, Scope::Payments { asset, .. } if asset.as_deref().is_none_or(|a| a == currency)))
+            .collect();
+        if in_currency.is_empty() && !payments.is_empty() {
+            return Err(ScopeDenied::Asset {
+                currency: currency.to_string(),
+                granted: payments.iter().map(ToString::to_string).collect::<Vec<_>>().join(", "),
+            });
+        }
+        let amount_ok = in_currency
+            .iter()
+            .any(|s| matches!(s, Scope::Payments { min, max, .. } if (*min..=*max).contains(&amount)));
         if !amount_ok {
             return Err(ScopeDenied::Amount(amount));
+        }
+        let payees: Vec<&Scope> = self.0.iter().filter(|s| matches!(s, Scope::Payee(_))).collect();
+        if !payees.is_empty() && !payees.iter().any(|s| matches!(s, Scope::Payee(p) if p == payee)) {
+            return Err(ScopeDenied::Payee {
+                payee: payee.to_checksum(),
+                granted: payees.iter().map(ToString::to_string).collect::<Vec<_>>().join(", "),
+            });
         }
         let manifest_ok = self
             .0
@@ -245,6 +318,9 @@ mod tests {
             &format!("license:manifest:{M}"),
             "typed-data:1:0xcccccccccccccccccccccccccccccccccccccccc",
             "attest:dataset-42.v1",
+            "payments:USDC:0-100",
+            "payments:EUR2:5-5",
+            "payee:0x73d4EC5c27326aef6a683a42755e954A1F168D5f",
         ] {
             assert_eq!(Scope::parse(s).expect(s).to_string(), s);
         }
@@ -275,6 +351,15 @@ mod tests {
             "attest:a b",
             "admin:*",
             "PAYMENTS:0-1",
+            "payments:usdc:0-1",
+            "payments::0-1",
+            "payments:USDC:",
+            "payments:USDC:1-0",
+            "payments:ABCDEFGHIJKLMNOPQ:0-1",
+            "payments:US-DC:0-1",
+            "payee:",
+            "payee:0x1234",
+            "payee:vitalik.eth",
         ] {
             assert!(Scope::parse(s).is_err(), "{s:?} must be refused");
         }
@@ -289,16 +374,56 @@ mod tests {
         let scopes = Scopes::parse(&["payments:0-100".to_string(), format!("license:manifest:{M}")]).expect("valid");
         let mut m = [0u8; 32];
         hex::decode_to_slice(M, &mut m).expect("hex");
-        assert!(scopes.check_payment(0, &m).is_ok());
-        assert!(scopes.check_payment(100, &m).is_ok());
-        assert_eq!(scopes.check_payment(101, &m), Err(ScopeDenied::Amount(101)));
+        let anyone = Address([0x22; 20]);
+        assert!(scopes.check_payment(0, "USDC", &anyone, &m).is_ok());
+        assert!(
+            scopes.check_payment(100, "EUR", &anyone, &m).is_ok(),
+            "no currency named: any"
+        );
+        assert_eq!(
+            scopes.check_payment(101, "USDC", &anyone, &m),
+            Err(ScopeDenied::Amount(101))
+        );
         assert!(matches!(
-            scopes.check_payment(5, &[0u8; 32]),
+            scopes.check_payment(5, "USDC", &anyone, &[0u8; 32]),
             Err(ScopeDenied::Manifest(_))
         ));
         // No manifest scope at all: payments are not covered.
         let no_manifest = Scopes::parse(&["payments:0-100"]).expect("valid");
-        assert!(no_manifest.check_payment(5, &m).is_err());
+        assert!(no_manifest.check_payment(5, "USDC", &anyone, &m).is_err());
+    }
+
+    #[test]
+    fn currency_and_payee_checks() {
+        let payee = Address([0x22; 20]);
+        let scopes = Scopes::parse(&[
+            "payments:USDC:0-100".to_string(),
+            "payments:EUR:10-20".to_string(),
+            format!("payee:0x{}", hex::encode(payee.0)),
+            format!("license:manifest:{M}"),
+        ])
+        .expect("valid");
+        let mut m = [0u8; 32];
+        hex::decode_to_slice(M, &mut m).expect("hex");
+        assert!(scopes.check_payment(100, "USDC", &payee, &m).is_ok());
+        assert!(scopes.check_payment(15, "EUR", &payee, &m).is_ok());
+        // Each currency has its own bounds.
+        assert_eq!(
+            scopes.check_payment(50, "EUR", &payee, &m),
+            Err(ScopeDenied::Amount(50))
+        );
+        // A currency the grant does not name, whatever the amount.
+        let denied = scopes.check_payment(1, "USDT", &payee, &m).expect_err("other currency");
+        assert!(
+            matches!(&denied, ScopeDenied::Asset { currency, .. } if currency == "USDT"),
+            "{denied}"
+        );
+        assert!(denied.to_string().contains("payments:USDC:0-100"), "{denied}");
+        // A payee the grant does not name; the zero address (no payee given) too.
+        for other in [Address([0x33; 20]), Address([0; 20])] {
+            let denied = scopes.check_payment(1, "USDC", &other, &m).expect_err("other payee");
+            assert!(matches!(denied, ScopeDenied::Payee { .. }), "{denied}");
+        }
     }
 
     #[test]

@@ -288,6 +288,15 @@ pub struct PendingSpend {
     pub created_at: i64,
 }
 
+/// One stored spend ([`Store::get_spend`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SpendRecord {
+    /// The amount it took from the cap.
+    pub amount: u128,
+    /// The encoded response of the completed request; `None` while pending.
+    pub response: Option<Vec<u8>>,
+}
+
 /// What [`Store::reserve_spend`] did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SpendOutcome {
@@ -527,6 +536,10 @@ pub trait Store: Send + Sync + fmt::Debug {
     /// caller holding a signature must not hand it out when this is false:
     /// the amount may have been given back to the session.
     async fn complete_spend(&self, session_id: &str, request_id: &str, response: &[u8]) -> Result<bool, StoreError>;
+
+    /// One spend of a session: its amount and, once completed, the response it gave (a
+    /// receipt names the payment it is for by its request id).
+    async fn get_spend(&self, session_id: &str, request_id: &str) -> Result<Option<SpendRecord>, StoreError>;
 
     /// Spends still pending (reserved, neither completed nor released) that
     /// were reserved before `before` (unix seconds), oldest first, at most

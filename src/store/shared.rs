@@ -1027,6 +1027,25 @@ where
         Ok(DB::rows_affected(&done) == 1)
     }
 
+    async fn get_spend(&self, session_id: &str, request_id: &str) -> Result<Option<super::SpendRecord>, StoreError> {
+        let row = sqlx::query("SELECT amount, response FROM spends WHERE session_id = $1 AND request_id = $2")
+            .bind(session_id)
+            .bind(request_id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(err::<DB>)?;
+        row.map(|r| {
+            let amount: String = r.try_get("amount").map_err(err::<DB>)?;
+            Ok(super::SpendRecord {
+                amount: amount.parse().map_err(|_| StoreError::Corrupt {
+                    what: format!("spend amount {amount:?}"),
+                })?,
+                response: r.try_get("response").map_err(err::<DB>)?,
+            })
+        })
+        .transpose()
+    }
+
     async fn stale_spends(&self, before: i64, limit: u32) -> Result<Vec<super::PendingSpend>, StoreError> {
         let rows = sqlx::query(
             "SELECT p.session_id, s.account_id, p.request_id, p.created_at \

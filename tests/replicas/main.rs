@@ -450,6 +450,7 @@ fn one_issuer_rotation_at_a_time_and_every_replica_serves_it() {
                         session_token: String::new(),
                         payment_signature_ref: String::new(),
                         request_id: format!("receipt-{i}-{}", Instant::now().elapsed().as_nanos()),
+                        payment_request_id: String::new(),
                     })
                     .await
                     .expect("receipt")
