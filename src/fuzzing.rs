@@ -28,7 +28,7 @@ use crate::crypto::eip712::TypedData;
 use crate::crypto::eth::{recover_address, to_recoverable, Address};
 use crate::crypto::jwk::Jwk;
 use crate::crypto::jws::{sign_compact, verify_compact, JwsAlg, JwsError, Verified, MAX_TOKEN_LEN};
-use crate::session::{Scope, Scopes};
+use crate::session::{Asset, Scope, Scopes, SCOPE_GRAMMAR};
 use crate::tls::identity::{identity_with, IdentityFallback, IdentityRules};
 
 mod proto;
@@ -890,21 +890,38 @@ pub fn scope(data: &[u8]) {
                         _ => None,
                     })
                     .unwrap_or(crate::crypto::eth::Address([0; 20]));
-                let currency = asset.as_deref().unwrap_or("USDC");
-                if let Some(m) = manifest {
+                let asset = asset.clone().unwrap_or(Asset::Currency("USDC".into()));
+                assert!(
+                    scopes.check_spend(&asset, *min, &payee).is_ok()
+                        && scopes.check_spend(&asset, *max, &payee).is_ok()
+                );
+                if let (Some(m), Asset::Currency(currency)) = (manifest, &asset) {
                     assert!(
                         scopes.check_payment(*min, currency, &payee, &m).is_ok()
                             && scopes.check_payment(*max, currency, &payee, &m).is_ok()
                     );
                 }
             }
+            Scope::Cap { asset, amount } => assert_eq!(scopes.cap_for(asset), Some(*amount)),
             Scope::TypedData {
                 chain_id,
                 verifying_contract,
+                unbounded,
             } => {
                 let contract = verifying_contract.to_checksum();
+                let chain = chain_id.to_string();
+                // Recognised transfers under any typed-data scope; anything else only unbounded.
                 assert!(scopes
-                    .check_typed_data(Some(&chain_id.to_string()), Some(&contract))
+                    .check_typed_data(Some(&chain), Some(&contract), "Mail", true, SCOPE_GRAMMAR)
+                    .is_ok());
+                assert_eq!(
+                    scopes
+                        .check_typed_data(Some(&chain), Some(&contract), "Mail", false, SCOPE_GRAMMAR)
+                        .is_ok(),
+                    *unbounded
+                );
+                assert!(scopes
+                    .check_typed_data(Some(&chain), Some(&contract), "Mail", false, 1)
                     .is_ok());
             }
             Scope::LicenseManifest(_) | Scope::Attest(_) | Scope::Payee(_) => {}

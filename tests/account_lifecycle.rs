@@ -130,30 +130,6 @@ where
     }
 }
 
-/// Runs the `keyward` binary against daemon `d` as `profile`.
-fn cli(env: &Env, d: &Daemon, profile: &str, args: &[&str]) -> (bool, String, String) {
-    let p = env.pki.clients.iter().find(|c| c.name == profile).expect("profile");
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_keyward"))
-        .arg("--home")
-        .arg(env.dir.path().join("cli-home"))
-        .arg("--endpoint")
-        .arg(&d.grpc)
-        .arg("--ca")
-        .arg(&env.pki.ca_cert)
-        .arg("--cert")
-        .arg(&p.cert)
-        .arg("--key")
-        .arg(&p.key)
-        .args(args)
-        .output()
-        .expect("run keyward");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).to_string(),
-        String::from_utf8_lossy(&out.stderr).to_string(),
-    )
-}
-
 fn lifecycle(store: StoreKind) {
     let Some(env) = Env::new(Custody::Host, store) else {
         return;

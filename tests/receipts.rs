@@ -122,7 +122,7 @@ impl Story {
                     "payments:0-100".into(),
                     format!("license:manifest:{MANIFEST}"),
                     "attest:ds-1".into(),
-                    "typed-data:1:0xCcCCccccCCCCcCCCCCCcCcCccCcCCCcCcccccccC".into(),
+                    "typed-data:1:0xCcCCccccCCCCcCCCCCCcCcCccCcCCCcCcccccccC:unbounded".into(),
                 ],
                 cap: "1000".into(),
                 ttl_seconds: 1800,

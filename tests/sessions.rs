@@ -408,7 +408,7 @@ fn currency_and_payee_scopes_bound_payments() {
             }
         };
         for (currency, to, amount, needle, what) in [
-            ("EUR", payee, "5", "payments in EUR are not granted", "another currency"),
+            ("EUR", payee, "5", "spends in EUR are not granted", "another currency"),
             (
                 "USDC",
                 "0x2222222222222222222222222222222222222222",
@@ -640,7 +640,11 @@ fn typed_data_inside_a_session_needs_a_domain_scope() {
     block_on(async {
         let st = Story::start(env).await;
         let (id, typed) = st
-            .challenge(&["typed-data:1:0xcccccccccccccccccccccccccccccccccccccccc"], "1", 600)
+            .challenge(
+                &["typed-data:1:0xcccccccccccccccccccccccccccccccccccccccc:unbounded"],
+                "1",
+                600,
+            )
             .await
             .expect("challenge");
         let (session_id, token) = st.open(&id, st.wallet.sign(&typed)).await.expect("open");

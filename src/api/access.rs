@@ -53,6 +53,7 @@ fn ghost_session(id: &str) -> SessionRecord {
         jti: String::new(),
         revoked_at: None,
         revoked_by: None,
+        scope_grammar: crate::session::SCOPE_GRAMMAR,
     }
 }
 

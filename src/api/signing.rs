@@ -14,7 +14,7 @@ use crate::crypto::eip712::TypedData;
 use crate::crypto::eth::{personal_message_digest, Address};
 use crate::keys::public_keys;
 use crate::policy::{Action, MessageFacts, PaymentFacts, RequestContext, Resource, SessionFacts, TypedDataFacts};
-use crate::session::{payment, Payment, Spend};
+use crate::session::{payment, Payment, SessionError, Spend};
 use prost::Message as _;
 use sha2::{Digest as _, Sha256};
 
@@ -166,17 +166,45 @@ impl SigningService for SigningApi {
                 };
                 d.decide(&identity, Action::SignTypedData, Resource::Account(&record), context)
                     .await?;
+                // A transfer keyward recognises (EIP-3009, EIP-2612, Permit2) is
+                // bounded by its asset's scopes and reserved against its cap; any
+                // other document needs an unbounded typed-data scope.
+                let doc: serde_json::Value =
+                    serde_json::from_str(&req.typed_data_json).map_err(|_| ApiError::Internal("typed data re-read"))?;
+                let transfer = crate::session::transfer::recognise(&typed, &doc).map_err(SessionError::from)?;
                 scopes
                     .check_typed_data(
                         typed.domain_chain_id().as_deref(),
                         typed.domain_verifying_contract().as_deref(),
+                        typed.primary_type(),
+                        transfer.is_some(),
+                        session.scope_grammar,
                     )
-                    .map_err(crate::session::SessionError::from)?;
+                    .map_err(SessionError::from)?;
+                let (amount, asset) = match &transfer {
+                    Some(t) => {
+                        let (secp, _) = public_keys(&record)?;
+                        t.check(&Address::from_public_key(&secp), session.expires_at)
+                            .map_err(SessionError::from)?;
+                        scopes
+                            .check_spend(&t.asset, t.amount, &t.payee)
+                            .map_err(SessionError::from)?;
+                        (t.amount, Some(t.asset.to_string()))
+                    }
+                    None => (0, None),
+                };
+                let asset_cap = transfer
+                    .as_ref()
+                    .and_then(|t| scopes.cap_for(&t.asset))
+                    .zip(asset.as_deref())
+                    .map(|(cap, a)| (a, cap));
                 let hash = body_hash("typed-data", &[session.id.as_bytes(), &digest]);
                 let digest_hex = hex::encode(digest);
                 let reserved = match d
                     .sessions
-                    .begin_spend(&session, &req.request_id, hash, 0, &|_| digest_hex.clone())
+                    .begin_spend(&session, &req.request_id, hash, amount, asset_cap, &|_| {
+                        digest_hex.clone()
+                    })
                     .await?
                 {
                     Spend::Replay(bytes) => {
@@ -184,6 +212,23 @@ impl SigningService for SigningApi {
                             .map_err(|_| ApiError::Internal("stored response does not decode"))
                     }
                     Spend::Reserved(r) => r,
+                };
+                // The account's daily cap for the asset (a retry replays above and counts once).
+                let hold = match asset.as_deref() {
+                    Some(a) => match d
+                        .policy
+                        .hold_daily_spend(&identity, &session.account_id, a, amount)
+                        .await
+                    {
+                        Ok(h) => h,
+                        Err(e) => return Err(release(&d, &session, &reserved.request_id, e.into()).await),
+                    },
+                    None => None,
+                };
+                let release_hold = |hold: Option<_>| async {
+                    if let Some(h) = hold {
+                        d.policy.release_daily_spend(h).await;
+                    }
                 };
                 match d.keys.sign_eth_digest(&session.account_id, digest).await {
                     Ok((keys, signature)) => {
@@ -195,10 +240,16 @@ impl SigningService for SigningApi {
                         match complete(&d, &session.id, &reserved.request_id, &resp).await {
                             Ok(()) => Ok(resp),
                             // The signature is withheld: give the reservation back.
-                            Err(e) => Err(release(&d, &session, &reserved.request_id, e).await),
+                            Err(e) => {
+                                release_hold(hold).await;
+                                Err(release(&d, &session, &reserved.request_id, e).await)
+                            }
                         }
                     }
-                    Err(e) => Err(release(&d, &session, &reserved.request_id, e.into()).await),
+                    Err(e) => {
+                        release_hold(hold).await;
+                        Err(release(&d, &session, &reserved.request_id, e.into()).await)
+                    }
                 }
             })
             .await
@@ -286,6 +337,9 @@ impl SigningService for SigningApi {
                 scopes
                     .check_payment(amount, &req.currency, &payee, &manifest)
                     .map_err(crate::session::SessionError::from)?;
+                let asset_cap = scopes
+                    .cap_for(&crate::session::Asset::Currency(req.currency.clone()))
+                    .map(|cap| (req.currency.as_str(), cap));
                 let hash = body_hash(
                     "payment",
                     &[
@@ -323,7 +377,7 @@ impl SigningService for SigningApi {
                 };
                 let reserved = match d
                     .sessions
-                    .begin_spend(&session, &req.request_id, hash, amount, &digest_of)
+                    .begin_spend(&session, &req.request_id, hash, amount, asset_cap, &digest_of)
                     .await?
                 {
                     Spend::Replay(bytes) => {

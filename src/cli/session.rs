@@ -30,11 +30,14 @@ pub enum SessionCmd {
         /// The delegate's identity (URI SAN of its client certificate).
         #[arg(long)]
         delegate: String,
-        /// A scope (repeatable): payments:<min>-<max>, license:manifest:<sha256>,
-        /// typed-data:<chainId>:<verifyingContract>, attest:<dataset-id>.
+        /// A scope (repeatable): payments:[<asset>:]<min>-<max>, cap:<asset>:<amount>,
+        /// payee:<address>, license:manifest:<sha256>,
+        /// typed-data:<chainId>:<verifyingContract>[:unbounded], attest:<dataset-id>.
+        /// An asset is a currency (USDC) or eip155:<chainId>/erc20:<address>.
         #[arg(long = "scope", required = true)]
         scopes: Vec<String>,
-        /// Cumulative cap in minor units.
+        /// Cumulative cap in minor units, of every spend in an asset without its own
+        /// cap:<asset>:<amount> scope (0: none).
         #[arg(long)]
         cap: String,
         /// Session lifetime: 90s, 30m, 2h, 1d, or seconds.

@@ -353,6 +353,22 @@ impl TypedData {
     }
 }
 
+/// A message value of an integer type, as the document's validation read it
+/// (JSON number, decimal string or `0x` hex string); `None` for a negative or
+/// non-integer value.
+pub fn uint_value(v: &Value) -> Option<BigUint> {
+    match parse_integer(v, "value") {
+        Ok((false, mag)) => Some(mag),
+        Ok((true, mag)) if mag.is_zero() => Some(mag),
+        _ => None,
+    }
+}
+
+/// A message value of type `address`, as the document's validation read it.
+pub fn address_value(v: &Value) -> Option<[u8; 20]> {
+    parse_address(v, "value").ok()
+}
+
 impl std::str::FromStr for TypedData {
     type Err = Eip712Error;
 

@@ -73,12 +73,13 @@ pub struct RateLimit {
     pub bucket: Bucket,
 }
 
-/// One daily spend cap (UTC days), per account, on SignPayment.
+/// One daily spend cap (UTC days), per account, on what sessions spend in one
+/// asset: payments in a currency, or a token's recognised transfers.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DailySpend {
     /// Its name.
     pub name: String,
-    /// The currency it caps.
+    /// The asset it caps (a currency code or `eip155:<chainId>/erc20:<address>`).
     pub currency: String,
     /// Minor units per account per day.
     pub cap: u128,
@@ -173,10 +174,23 @@ impl Limits {
         let mut daily_spend = Vec::new();
         for d in file.daily_spend {
             unique(&d.name)?;
+            // The asset's canonical form, as spends name it (token addresses lower-case).
+            let currency = crate::session::Asset::parse(&d.currency)
+                .ok_or_else(|| {
+                    invalid(
+                        path,
+                        format!(
+                            "daily_spend {}: currency {:?} is neither a currency code (1-16 of [A-Z0-9]) \
+                             nor eip155:<chainId>/erc20:<address>",
+                            d.name, d.currency
+                        ),
+                    )
+                })?
+                .to_string();
             daily_spend.push(DailySpend {
                 cap: amount(path, &format!("daily_spend {}", d.name), &d.cap)?,
                 name: d.name,
-                currency: d.currency,
+                currency,
             });
         }
         let s = file.sessions;

@@ -232,7 +232,16 @@ impl DecisionPoint {
             if let Some(max) = s.max_ttl_seconds.filter(|m| asked.ttl_seconds > *m) {
                 return Ok(Some(("sessions.max_ttl_seconds".into(), format!("ttl above {max} s"))));
             }
-            if let Some(max) = s.max_cap.filter(|m| asked.cap > *m) {
+            // The session's cap and every asset's own cap.
+            let largest = asked
+                .scopes
+                .iter()
+                .filter_map(|s| match crate::session::Scope::parse(s) {
+                    Ok(crate::session::Scope::Cap { amount, .. }) => Some(amount),
+                    _ => None,
+                })
+                .fold(asked.cap, u128::max);
+            if let Some(max) = s.max_cap.filter(|m| largest > *m) {
                 return Ok(Some(("sessions.max_cap".into(), format!("cap above {max}"))));
             }
         }

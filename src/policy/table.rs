@@ -263,6 +263,7 @@ impl Table {
                         jti: String::new(),
                         revoked_at: None,
                         revoked_by: None,
+                        scope_grammar: crate::session::SCOPE_GRAMMAR,
                     };
                     (Some(account), Some(record))
                 }

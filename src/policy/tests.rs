@@ -41,6 +41,7 @@ fn session(a: &AccountRecord) -> SessionRecord {
         jti: "j".into(),
         revoked_at: None,
         revoked_by: None,
+        scope_grammar: crate::session::SCOPE_GRAMMAR,
     }
 }
 

@@ -8,10 +8,11 @@ mod error;
 mod scope;
 mod service;
 mod token;
+pub mod transfer;
 mod typed;
 
 pub use error::SessionError;
-pub use scope::{Scope, ScopeDenied, ScopeError, Scopes, MAX_SCOPES};
+pub use scope::{Asset, Scope, ScopeDenied, ScopeError, Scopes, MAX_SCOPES, SCOPE_GRAMMAR};
 pub use service::{
     check_controller_signature, parse_amount, ChallengeRequest, SessionSettings, Sessions, Spend, SpendResult,
     MAX_TOKEN_BYTES, RECOVERY_RULE,

@@ -2,17 +2,30 @@
 //!
 //! ```text
 //! payments:<min>-<max>                       per-call amount bounds, integer minor units (u128), min <= max,
-//!                                            in any currency (sessions granted before assets were named)
-//! payments:<currency>:<min>-<max>            the same, in one currency only (1-16 of [A-Z0-9])
+//!                                            in any off-chain currency (sessions granted before assets)
+//! payments:<asset>:<min>-<max>               the same, in one asset only
+//! cap:<asset>:<amount>                       the most all spends in <asset> may add up to; spends in an
+//!                                            asset without its own cap count against the session's cap
 //! payee:<address>                            a payee payments may go to (0x address); with one or more,
-//!                                            payments go to those only
+//!                                            payments, transfers and allowances go to those only
 //! license:manifest:<sha256>                  64 lowercase hex digits
-//! typed-data:<chainId>:<verifyingContract>   decimal chain id (u64), 0x address
+//! typed-data:<chainId>:<verifyingContract>   EIP-712 documents of that domain that move value in a way
+//!                                            keyward recognises (EIP-3009, EIP-2612, Permit2), each
+//!                                            bounded by its asset's payments scope and counted
+//!                                            against its cap
+//! typed-data:<chainId>:<verifyingContract>:unbounded
+//!                                            any document of that domain (recognised ones still
+//!                                            bounded and counted)
 //! attest:<dataset-id>                        1-128 of [A-Za-z0-9._:-]
+//!
+//! <asset>   <CURRENCY>                       an off-chain currency: 1-16 of [A-Z0-9] (SignPayment)
+//!           eip155:<chainId>/erc20:<address> an ERC-20 token on an EVM chain (CAIP-19)
 //! ```
 //!
 //! Anything else is refused. Scopes only ever grant: an operation is allowed
 //! when a scope of its kind covers it; with no scope of that kind it is not.
+//! Sessions opened before assets and the `:unbounded` marker existed (scope
+//! grammar 1) read a plain typed-data scope as unbounded, as it was granted.
 
 use std::fmt;
 
@@ -21,17 +34,68 @@ use crate::crypto::eth::Address;
 /// Most scopes one session may carry.
 pub const MAX_SCOPES: usize = 32;
 
+/// The scope grammar of sessions opened from this version on: a plain
+/// typed-data scope signs recognised transfers only. Grammar 1 (sessions
+/// opened before) reads it as unbounded.
+pub const SCOPE_GRAMMAR: u8 = 2;
+
+/// What a spend moves.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Asset {
+    /// Off-chain credit in a currency (keyward's `Payment` voucher).
+    Currency(String),
+    /// An ERC-20 token.
+    Erc20 {
+        /// EIP-155 chain id.
+        chain_id: u64,
+        /// The token contract.
+        token: Address,
+    },
+}
+
+impl Asset {
+    /// Parses `<CURRENCY>` or `eip155:<chainId>/erc20:<address>`.
+    pub fn parse(s: &str) -> Option<Asset> {
+        if let Some(rest) = s.strip_prefix("eip155:") {
+            let (chain, token) = rest.split_once("/erc20:")?;
+            let chain_id = parse_u128(chain).and_then(|c| u64::try_from(c).ok())?;
+            if chain_id == 0 {
+                return None;
+            }
+            let token = Address::parse(token).ok()?;
+            return Some(Asset::Erc20 { chain_id, token });
+        }
+        is_currency(s).then(|| Asset::Currency(s.to_string()))
+    }
+}
+
+impl fmt::Display for Asset {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Asset::Currency(c) => f.write_str(c),
+            Asset::Erc20 { chain_id, token } => write!(f, "eip155:{chain_id}/erc20:0x{}", hex::encode(token.0)),
+        }
+    }
+}
+
 /// One parsed scope.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Scope {
-    /// Payments whose amount lies in `min..=max`, in `asset` (any currency when `None`).
+    /// Spends whose amount lies in `min..=max`, in `asset` (any currency when `None`).
     Payments {
-        /// The currency the bounds are for; `None`: any (the form granted before assets).
-        asset: Option<String>,
+        /// The asset the bounds are for; `None`: any off-chain currency (the form granted before assets).
+        asset: Option<Asset>,
         /// Smallest amount per call.
         min: u128,
         /// Largest amount per call.
         max: u128,
+    },
+    /// The most all spends in one asset may add up to.
+    Cap {
+        /// The asset.
+        asset: Asset,
+        /// The cap, in its minor units.
+        amount: u128,
     },
     /// A payee payments may go to.
     Payee(Address),
@@ -43,6 +107,8 @@ pub enum Scope {
         chain_id: u64,
         /// The domain's verifyingContract.
         verifying_contract: Address,
+        /// Any document of the domain, not only recognised transfers.
+        unbounded: bool,
     },
     /// Attestations about one dataset.
     Attest(String),
@@ -70,6 +136,8 @@ fn parse_u128(s: &str) -> Option<u128> {
     s.parse().ok()
 }
 
+const ASSET_FORMS: &str = "asset must be a currency (1-16 of [A-Z0-9]) or eip155:<chainId>/erc20:<address>";
+
 impl Scope {
     /// Parses one scope string.
     pub fn parse(s: &str) -> Result<Scope, ScopeError> {
@@ -78,24 +146,28 @@ impl Scope {
             reason,
         };
         if let Some(rest) = s.strip_prefix("payments:") {
-            let (asset, bounds) = match rest.split_once(':') {
-                Some((asset, bounds)) => {
-                    if !is_currency(asset) {
-                        return Err(err("currency must be 1-16 of [A-Z0-9]"));
-                    }
-                    (Some(asset.to_string()), bounds)
-                }
+            // The bounds are the last part: an asset may itself hold ':'.
+            let (asset, bounds) = match rest.rsplit_once(':') {
+                Some((asset, bounds)) => (Some(Asset::parse(asset).ok_or_else(|| err(ASSET_FORMS))?), bounds),
                 None => (None, rest),
             };
             let (a, b) = bounds
                 .split_once('-')
-                .ok_or_else(|| err("expected payments:[<currency>:]<min>-<max>"))?;
+                .ok_or_else(|| err("expected payments:[<asset>:]<min>-<max>"))?;
             let min = parse_u128(a).ok_or_else(|| err("min is not a canonical unsigned integer"))?;
             let max = parse_u128(b).ok_or_else(|| err("max is not a canonical unsigned integer"))?;
             if min > max {
                 return Err(err("min is greater than max"));
             }
             return Ok(Scope::Payments { asset, min, max });
+        }
+        if let Some(rest) = s.strip_prefix("cap:") {
+            let (asset, amount) = rest
+                .rsplit_once(':')
+                .ok_or_else(|| err("expected cap:<asset>:<amount>"))?;
+            let asset = Asset::parse(asset).ok_or_else(|| err(ASSET_FORMS))?;
+            let amount = parse_u128(amount).ok_or_else(|| err("amount is not a canonical unsigned integer"))?;
+            return Ok(Scope::Cap { asset, amount });
         }
         if let Some(rest) = s.strip_prefix("payee:") {
             let payee = Address::parse(rest).map_err(|_| err("expected payee:<0x address>"))?;
@@ -110,9 +182,13 @@ impl Scope {
             return Ok(Scope::LicenseManifest(h));
         }
         if let Some(rest) = s.strip_prefix("typed-data:") {
+            let (rest, unbounded) = match rest.strip_suffix(":unbounded") {
+                Some(r) => (r, true),
+                None => (rest, false),
+            };
             let (chain, contract) = rest
                 .split_once(':')
-                .ok_or_else(|| err("expected typed-data:<chainId>:<verifyingContract>"))?;
+                .ok_or_else(|| err("expected typed-data:<chainId>:<verifyingContract>[:unbounded]"))?;
             let chain_id = parse_u128(chain)
                 .and_then(|c| u64::try_from(c).ok())
                 .ok_or_else(|| err("chainId is not a canonical u64"))?;
@@ -121,6 +197,7 @@ impl Scope {
             return Ok(Scope::TypedData {
                 chain_id,
                 verifying_contract,
+                unbounded,
             });
         }
         if let Some(rest) = s.strip_prefix("attest:") {
@@ -135,7 +212,7 @@ impl Scope {
             return Ok(Scope::Attest(rest.to_string()));
         }
         Err(err(
-            "unknown scope kind (payments, payee, license:manifest, typed-data, attest)",
+            "unknown scope kind (payments, cap, payee, license:manifest, typed-data, attest)",
         ))
     }
 }
@@ -149,12 +226,19 @@ impl fmt::Display for Scope {
                 min,
                 max,
             } => write!(f, "payments:{asset}:{min}-{max}"),
+            Scope::Cap { asset, amount } => write!(f, "cap:{asset}:{amount}"),
             Scope::Payee(a) => write!(f, "payee:{}", a.to_checksum()),
             Scope::LicenseManifest(h) => write!(f, "license:manifest:{}", hex::encode(h)),
             Scope::TypedData {
                 chain_id,
                 verifying_contract,
-            } => write!(f, "typed-data:{chain_id}:0x{}", hex::encode(verifying_contract.0)),
+                unbounded,
+            } => write!(
+                f,
+                "typed-data:{chain_id}:0x{}{}",
+                hex::encode(verifying_contract.0),
+                if *unbounded { ":unbounded" } else { "" }
+            ),
             Scope::Attest(d) => write!(f, "attest:{d}"),
         }
     }
@@ -171,10 +255,13 @@ pub enum ScopeDenied {
     /// No payments scope covers the amount.
     #[error("amount {0} is outside every payments scope of the session")]
     Amount(u128),
-    /// The session's payments scopes name other currencies only.
-    #[error("payments in {currency} are not granted: the session's payments scopes are {granted}")]
+    /// An amount above what any scope can grant (more than 128 bits).
+    #[error("amount {0} is above every payments scope of the session")]
+    TooLarge(String),
+    /// The session's payments scopes name other assets only.
+    #[error("spends in {currency} are not granted: the session's payments scopes are {granted}")]
     Asset {
-        /// The payment's currency.
+        /// The spend's asset (a currency, or `eip155:<chainId>/erc20:<address>`).
         currency: String,
         /// The session's payments scopes.
         granted: String,
@@ -200,10 +287,26 @@ pub enum ScopeDenied {
         /// The document's verifyingContract.
         contract: Option<String>,
     },
+    /// The domain's scope covers recognised transfers only, and this document is not one.
+    #[error(
+        "{primary_type} is not a transfer keyward recognises (EIP-3009, EIP-2612, Permit2); \
+         the scope {scope} signs those only (typed-data:<chainId>:<verifyingContract>:unbounded signs any)"
+    )]
+    Unbounded {
+        /// The document's primaryType.
+        primary_type: String,
+        /// The scope that named the domain.
+        scope: String,
+    },
+    /// A recognised transfer that is not the account's own, or outlives the session.
+    #[error("{0}")]
+    Transfer(String),
 }
 
 impl Scopes {
-    /// Parses every scope; refuses duplicates, an empty list and too many.
+    /// Parses every scope; refuses duplicates, an empty list, too many, a
+    /// cap for an asset no payments scope names, two caps for one asset and
+    /// two typed-data scopes for one domain.
     pub fn parse<S: AsRef<str>>(items: &[S]) -> Result<Scopes, ScopeError> {
         if items.is_empty() {
             return Err(ScopeError {
@@ -220,13 +323,50 @@ impl Scopes {
         let mut out: Vec<Scope> = Vec::with_capacity(items.len());
         for s in items {
             let scope = Scope::parse(s.as_ref())?;
-            if out.contains(&scope) {
-                return Err(ScopeError {
+            let refuse = |reason| {
+                Err(ScopeError {
                     scope: s.as_ref().to_string(),
-                    reason: "duplicate scope",
-                });
+                    reason,
+                })
+            };
+            if out.contains(&scope) {
+                return refuse("duplicate scope");
+            }
+            match &scope {
+                Scope::Cap { asset, .. }
+                    if out
+                        .iter()
+                        .any(|o| matches!(o, Scope::Cap { asset: a, .. } if a == asset)) =>
+                {
+                    return refuse("a second cap for the same asset");
+                }
+                Scope::TypedData {
+                    chain_id,
+                    verifying_contract,
+                    ..
+                } if out.iter().any(|o| {
+                    matches!(o, Scope::TypedData { chain_id: c, verifying_contract: v, .. }
+                        if c == chain_id && v == verifying_contract)
+                }) =>
+                {
+                    return refuse("a second typed-data scope for the same domain");
+                }
+                _ => {}
             }
             out.push(scope);
+        }
+        for (scope, s) in out.iter().zip(items) {
+            if let Scope::Cap { asset, .. } = scope {
+                if !out
+                    .iter()
+                    .any(|o| matches!(o, Scope::Payments { asset: Some(a), .. } if a == asset))
+                {
+                    return Err(ScopeError {
+                        scope: s.as_ref().to_string(),
+                        reason: "a cap for an asset no payments:<asset>:<min>-<max> scope names",
+                    });
+                }
+            }
         }
         Ok(Scopes(out))
     }
@@ -241,28 +381,40 @@ impl Scopes {
         self.0.iter()
     }
 
-    /// Checks a payment of `amount` in `currency` to `payee` for `manifest`: a payments scope
-    /// for that currency (or for any) must cover the amount, the payee must be one of the
-    /// session's payee scopes if it has any, and a license scope must name the manifest.
-    pub fn check_payment(
-        &self,
-        amount: u128,
-        currency: &str,
-        payee: &Address,
-        manifest: &[u8; 32],
-    ) -> Result<(), ScopeDenied> {
+    /// The asset's own cap, if a `cap:` scope names it; spends in an asset
+    /// without one count against the session's cap.
+    pub fn cap_for(&self, asset: &Asset) -> Option<u128> {
+        self.0.iter().find_map(|s| match s {
+            Scope::Cap { asset: a, amount } if a == asset => Some(*amount),
+            _ => None,
+        })
+    }
+
+    /// Checks a spend of `amount` in `asset` to `payee`: a payments scope for
+    /// that asset (or, for a currency, one for any) must cover the amount, and
+    /// the payee must be one of the session's payee scopes if it has any.
+    pub fn check_spend(&self, asset: &Asset, amount: u128, payee: &Address) -> Result<(), ScopeDenied> {
         let payments: Vec<&Scope> = self.0.iter().filter(|s| matches!(s, Scope::Payments { .. })).collect();
-        let in_currency: Vec<&&Scope> = payments
+        let covering: Vec<&&Scope> = payments
             .iter()
-            .filter(|s| matches!(s, Scope::Payments { asset, .. } if asset.as_deref().is_none_or(|a| a == currency)))
+            .filter(|s| match s {
+                Scope::Payments { asset: Some(a), .. } => a == asset,
+                // The form granted before assets: any off-chain currency, never a token.
+                Scope::Payments { asset: None, .. } => matches!(asset, Asset::Currency(_)),
+                _ => false,
+            })
             .collect();
-        if in_currency.is_empty() && !payments.is_empty() {
+        if covering.is_empty() {
             return Err(ScopeDenied::Asset {
-                currency: currency.to_string(),
-                granted: payments.iter().map(ToString::to_string).collect::<Vec<_>>().join(", "),
+                currency: asset.to_string(),
+                granted: if payments.is_empty() {
+                    "none".to_string()
+                } else {
+                    payments.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+                },
             });
         }
-        let amount_ok = in_currency
+        let amount_ok = covering
             .iter()
             .any(|s| matches!(s, Scope::Payments { min, max, .. } if (*min..=*max).contains(&amount)));
         if !amount_ok {
@@ -275,6 +427,19 @@ impl Scopes {
                 granted: payees.iter().map(ToString::to_string).collect::<Vec<_>>().join(", "),
             });
         }
+        Ok(())
+    }
+
+    /// Checks a payment of `amount` in `currency` to `payee` for `manifest`:
+    /// [`Scopes::check_spend`], and a license scope must name the manifest.
+    pub fn check_payment(
+        &self,
+        amount: u128,
+        currency: &str,
+        payee: &Address,
+        manifest: &[u8; 32],
+    ) -> Result<(), ScopeDenied> {
+        self.check_spend(&Asset::Currency(currency.to_string()), amount, payee)?;
         let manifest_ok = self
             .0
             .iter()
@@ -285,21 +450,37 @@ impl Scopes {
         Ok(())
     }
 
-    /// Checks an EIP-712 document's domain.
-    pub fn check_typed_data(&self, chain_id: Option<&str>, contract: Option<&str>) -> Result<(), ScopeDenied> {
+    /// Checks an EIP-712 document's domain: a typed-data scope must name it.
+    /// A document keyward does not recognise as a transfer (`recognised`
+    /// false) also needs the scope to be unbounded, or the session to be of
+    /// scope grammar 1. The primary type names the document in the refusal.
+    pub fn check_typed_data(
+        &self,
+        chain_id: Option<&str>,
+        contract: Option<&str>,
+        primary_type: &str,
+        recognised: bool,
+        grammar: u8,
+    ) -> Result<(), ScopeDenied> {
         let denied = || ScopeDenied::Domain {
             chain_id: chain_id.map(str::to_string),
             contract: contract.map(str::to_string),
         };
         let chain: u64 = chain_id.and_then(|c| c.parse().ok()).ok_or_else(denied)?;
         let addr = contract.and_then(|c| Address::parse(c).ok()).ok_or_else(denied)?;
-        let ok = self.0.iter().any(|s| {
-            matches!(s, Scope::TypedData { chain_id, verifying_contract } if *chain_id == chain && *verifying_contract == addr)
-        });
-        if ok {
+        let scope = self
+            .0
+            .iter()
+            .find(|s| matches!(s, Scope::TypedData { chain_id, verifying_contract, .. } if *chain_id == chain && *verifying_contract == addr))
+            .ok_or_else(denied)?;
+        let unbounded = matches!(scope, Scope::TypedData { unbounded: true, .. }) || grammar < SCOPE_GRAMMAR;
+        if recognised || unbounded {
             Ok(())
         } else {
-            Err(denied())
+            Err(ScopeDenied::Unbounded {
+                primary_type: primary_type.chars().take(100).collect(),
+                scope: scope.to_string(),
+            })
         }
     }
 }
@@ -428,16 +609,98 @@ mod tests {
 
     #[test]
     fn typed_data_checks() {
-        let scopes = Scopes::parse(&["typed-data:1:0xcccccccccccccccccccccccccccccccccccccccc"]).expect("valid");
-        assert!(scopes
-            .check_typed_data(Some("1"), Some("0xcccccccccccccccccccccccccccccccccccccccc"))
+        let c = "0xcccccccccccccccccccccccccccccccccccccccc";
+        let scopes = Scopes::parse(&[format!("typed-data:1:{c}")]).expect("valid");
+        let check = |chain, contract, recognised, grammar| {
+            scopes.check_typed_data(chain, contract, "Order", recognised, grammar)
+        };
+        assert!(check(Some("1"), Some(c), true, SCOPE_GRAMMAR).is_ok());
+        // Not a recognised transfer: refused under a plain scope, naming the marker.
+        let denied = check(Some("1"), Some(c), false, SCOPE_GRAMMAR).expect_err("bounded");
+        assert!(matches!(denied, ScopeDenied::Unbounded { .. }), "{denied}");
+        assert!(denied.to_string().contains(":unbounded"), "{denied}");
+        // Sessions opened before the marker existed keep what they were granted.
+        assert!(check(Some("1"), Some(c), false, 1).is_ok());
+        assert!(check(Some("5"), Some(c), true, SCOPE_GRAMMAR).is_err());
+        assert!(check(Some("1"), Some("0xdddddddddddddddddddddddddddddddddddddddd"), true, 1).is_err());
+        assert!(check(None, None, true, 1).is_err());
+        let unbounded = Scopes::parse(&[format!("typed-data:1:{c}:unbounded")]).expect("valid");
+        assert!(unbounded
+            .check_typed_data(Some("1"), Some(c), "Order", false, SCOPE_GRAMMAR)
             .is_ok());
-        assert!(scopes
-            .check_typed_data(Some("5"), Some("0xcccccccccccccccccccccccccccccccccccccccc"))
-            .is_err());
-        assert!(scopes
-            .check_typed_data(Some("1"), Some("0xdddddddddddddddddddddddddddddddddddddddd"))
-            .is_err());
-        assert!(scopes.check_typed_data(None, None).is_err());
+    }
+
+    const USDC: &str = "eip155:8453/erc20:0x833589fcd6edb6e08f4c7c32d4f71b54bda02913";
+
+    #[test]
+    fn assets_parse_strictly_and_print_canonically() {
+        for s in [
+            format!("payments:{USDC}:1-5000000"),
+            format!("cap:{USDC}:10000000"),
+            "cap:EUR:500".to_string(),
+            "typed-data:8453:0x833589fcd6edb6e08f4c7c32d4f71b54bda02913:unbounded".to_string(),
+        ] {
+            assert_eq!(Scope::parse(&s).expect(&s).to_string(), s);
+        }
+        // A checksummed token prints lower-case, as typed-data scopes do.
+        let s = Scope::parse("payments:eip155:8453/erc20:0x833589fCD6eDb6E08f4c7C32D4f71b54bdA02913:0-1").expect("ok");
+        assert_eq!(s.to_string(), format!("payments:{USDC}:0-1"));
+        for s in [
+            "payments:eip155:0/erc20:0x833589fcd6edb6e08f4c7c32d4f71b54bda02913:0-1",
+            "payments:eip155:8453/erc20:0x1234:0-1",
+            "payments:eip155:8453/erc721:0x833589fcd6edb6e08f4c7c32d4f71b54bda02913:0-1",
+            "payments:eip155:08453/erc20:0x833589fcd6edb6e08f4c7c32d4f71b54bda02913:0-1",
+            "payments:eip155:8453:0-1",
+            "cap:USDC",
+            "cap:USDC:-1",
+            "cap:usdc:5",
+            "cap::5",
+            "typed-data:1:0xcccccccccccccccccccccccccccccccccccccccc:Unbounded",
+            "typed-data:1:0xcccccccccccccccccccccccccccccccccccccccc:",
+        ] {
+            assert!(Scope::parse(s).is_err(), "{s:?} must be refused");
+        }
+        // A cap needs a payments scope for its asset, and one cap per asset, one scope per domain.
+        assert!(Scopes::parse(&["payments:EUR:0-5", "cap:USDC:10"]).is_err());
+        assert!(
+            Scopes::parse(&["payments:0-5", "cap:USDC:10"]).is_err(),
+            "the any-currency form names no asset"
+        );
+        assert!(Scopes::parse(&["payments:USDC:0-5", "cap:USDC:10", "cap:USDC:11"]).is_err());
+        let c = "0xcccccccccccccccccccccccccccccccccccccccc";
+        assert!(Scopes::parse(&[format!("typed-data:1:{c}"), format!("typed-data:1:{c}:unbounded")]).is_err());
+        let ok = Scopes::parse(&["payments:USDC:0-5", "cap:USDC:10"]).expect("valid");
+        assert_eq!(ok.cap_for(&Asset::Currency("USDC".into())), Some(10));
+        assert_eq!(ok.cap_for(&Asset::Currency("EUR".into())), None);
+    }
+
+    #[test]
+    fn spends_in_tokens_need_their_own_scope() {
+        let usdc = Asset::parse("eip155:8453/erc20:0x833589fcd6edb6e08f4c7c32d4f71b54bda02913").expect("asset");
+        let payee = Address([0x22; 20]);
+        // The form granted before assets covers off-chain currencies, never a token.
+        let legacy = Scopes::parse(&["payments:0-100"]).expect("valid");
+        assert!(legacy.check_spend(&Asset::Currency("EUR".into()), 5, &payee).is_ok());
+        let denied = legacy.check_spend(&usdc, 5, &payee).expect_err("token");
+        assert!(denied.to_string().contains(USDC), "{denied}");
+        let scopes = Scopes::parse(&[
+            format!("payments:{USDC}:1-5000000"),
+            format!("payee:0x{}", hex::encode(payee.0)),
+        ])
+        .expect("valid");
+        assert!(scopes.check_spend(&usdc, 5_000_000, &payee).is_ok());
+        assert_eq!(
+            scopes.check_spend(&usdc, 5_000_001, &payee),
+            Err(ScopeDenied::Amount(5_000_001))
+        );
+        assert!(matches!(
+            scopes.check_spend(&usdc, 5, &Address([0x33; 20])),
+            Err(ScopeDenied::Payee { .. })
+        ));
+        let other_chain = Asset::parse("eip155:1/erc20:0x833589fcd6edb6e08f4c7c32d4f71b54bda02913").expect("asset");
+        assert!(matches!(
+            scopes.check_spend(&other_chain, 5, &payee),
+            Err(ScopeDenied::Asset { .. })
+        ));
     }
 }

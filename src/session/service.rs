@@ -6,6 +6,7 @@ use std::sync::Arc;
 use rand::RngCore;
 use serde_json::Value;
 
+use super::scope::{Scope, SCOPE_GRAMMAR};
 use super::token::{SessionClaims, ISSUER, TOKEN_TYP};
 use super::typed::{session_grant, session_revocation, Domain, Grant};
 use super::{Scopes, SessionError};
@@ -182,8 +183,12 @@ impl Sessions {
         }
         let scopes = Scopes::parse(scopes).map_err(|e| invalid("scopes", e.to_string()))?;
         let cap = parse_amount("cap", cap)?;
-        if cap == 0 {
-            return Err(invalid("cap", "must be greater than 0"));
+        // 0: nothing outside the assets' own caps (then at least one is needed).
+        if cap == 0 && !scopes.iter().any(|s| matches!(s, Scope::Cap { .. })) {
+            return Err(invalid(
+                "cap",
+                "must be greater than 0 (or 0 with a cap:<asset>:<amount> scope for each asset)",
+            ));
         }
         let max = u64::try_from(self.settings.max_ttl).unwrap_or(0);
         if ttl == 0 || ttl > max {
@@ -215,6 +220,7 @@ impl Sessions {
                 issued_at: now,
                 expires_at: session_expires_at,
             },
+            &scopes,
         );
         let record = ChallengeRecord {
             id: uuid::Uuid::new_v4().to_string(),
@@ -289,6 +295,7 @@ impl Sessions {
             jti: uuid::Uuid::new_v4().to_string(),
             revoked_at: None,
             revoked_by: None,
+            scope_grammar: SCOPE_GRAMMAR,
         };
         let token = self.issue_token(&session).await?;
         // The request's audit event is appended in the opening transaction.
@@ -445,8 +452,9 @@ impl Sessions {
         Ok((session, scopes))
     }
 
-    /// Reserves `amount` against the session's cap and records the request,
-    /// atomically; or returns the stored result of the identical request.
+    /// Reserves `amount` against the session's cap (or, with `asset_cap`,
+    /// against that asset's own cap) and records the request, atomically; or
+    /// returns the stored result of the identical request.
     /// Inside a request the request's audit event is appended in the
     /// reserving transaction, before anything is signed: `digest` gives the
     /// hex digest of what will be signed from the spend's nonce, the
@@ -457,6 +465,7 @@ impl Sessions {
         request_id: &str,
         body_hash: [u8; 32],
         amount: u128,
+        asset_cap: Option<(&str, u128)>,
         digest: &(dyn Fn(u64) -> String + Send + Sync),
     ) -> Result<Spend, SessionError> {
         if request_id.len() > 128 || request_id.chars().any(char::is_control) {
@@ -496,6 +505,7 @@ impl Sessions {
                         request_id: &request_id,
                         body_hash,
                         amount,
+                        asset_cap,
                         now: self.clock.now(),
                     },
                     event.as_ref().map(|_| &build as SpendEvent<'_>),

@@ -3,8 +3,12 @@
 //!
 //! ```text
 //! EIP712Domain(string name,string version,uint256 chainId[,address verifyingContract])
-//! SessionGrant(string accountId,address account,address controller,string delegate,string[] scopes,
+//! SessionGrant(string accountId,address account,address controller,string delegate,
+//!              Allowance[] allowances,address[] payees,Contract[] contracts,string[] scopes,
 //!              uint256 cap,bytes32 nonce,uint64 issuedAt,uint64 expiresAt)
+//!   Allowance(string currency,uint256 chainId,address token,uint256 minPerCall,uint256 maxPerCall,
+//!             uint256 cap,bool ownCap)
+//!   Contract(uint256 chainId,address verifyingContract,bool unbounded)
 //! SessionRevocation(string sessionId,string accountId,address controller)
 //! ControllerChange(string accountId,address currentController,address newController,uint64 validBefore)
 //! ControllerChangeCancellation(string accountId,address controller,string changeId)
@@ -14,6 +18,7 @@
 
 use serde_json::{json, Value};
 
+use super::scope::{Asset, Scope, Scopes};
 use crate::crypto::eth::Address;
 
 /// The domain every session document is signed under.
@@ -84,15 +89,60 @@ pub struct Grant<'a> {
     pub expires_at: i64,
 }
 
-/// The SessionGrant document a wallet signs to open a session.
-pub fn session_grant(domain: &Domain, g: &Grant<'_>) -> Value {
-    domain.document(
+/// The SessionGrant document a wallet signs to open a session. Besides the
+/// canonical scope strings (what the session token carries), what may move
+/// is spelled out field by field for a wallet to display: one `Allowance`
+/// per payments scope (an off-chain `currency`, or a token's `chainId` and
+/// `token`; "*" for the scope of any currency; its per-call bounds; its own
+/// cap, or the session's `cap` it shares when `ownCap` is false), the allowed
+/// `payees` (none: any), and one `Contract` per typed-data scope (`unbounded`:
+/// any document of that domain, not only recognised transfers).
+pub fn session_grant(domain: &Domain, g: &Grant<'_>, parsed: &Scopes) -> Value {
+    let mut allowances = Vec::new();
+    let mut payees = Vec::new();
+    let mut contracts = Vec::new();
+    for s in parsed.iter() {
+        match s {
+            Scope::Payments { asset, min, max } => {
+                let (currency, chain_id, token) = match asset {
+                    None => ("*".to_string(), 0, Address([0; 20])),
+                    Some(Asset::Currency(c)) => (c.clone(), 0, Address([0; 20])),
+                    Some(Asset::Erc20 { chain_id, token }) => (String::new(), *chain_id, *token),
+                };
+                let own = asset.as_ref().and_then(|a| parsed.cap_for(a));
+                allowances.push(json!({
+                    "currency": currency,
+                    "chainId": chain_id,
+                    "token": token.to_checksum(),
+                    "minPerCall": min.to_string(),
+                    "maxPerCall": max.to_string(),
+                    "cap": own.unwrap_or(g.cap).to_string(),
+                    "ownCap": own.is_some(),
+                }));
+            }
+            Scope::Payee(p) => payees.push(json!(p.to_checksum())),
+            Scope::TypedData {
+                chain_id,
+                verifying_contract,
+                unbounded,
+            } => contracts.push(json!({
+                "chainId": chain_id,
+                "verifyingContract": verifying_contract.to_checksum(),
+                "unbounded": unbounded,
+            })),
+            Scope::Cap { .. } | Scope::LicenseManifest(_) | Scope::Attest(_) => {}
+        }
+    }
+    let mut doc = domain.document(
         "SessionGrant",
         json!([
             {"name": "accountId", "type": "string"},
             {"name": "account", "type": "address"},
             {"name": "controller", "type": "address"},
             {"name": "delegate", "type": "string"},
+            {"name": "allowances", "type": "Allowance[]"},
+            {"name": "payees", "type": "address[]"},
+            {"name": "contracts", "type": "Contract[]"},
             {"name": "scopes", "type": "string[]"},
             {"name": "cap", "type": "uint256"},
             {"name": "nonce", "type": "bytes32"},
@@ -104,13 +154,31 @@ pub fn session_grant(domain: &Domain, g: &Grant<'_>) -> Value {
             "account": g.account.to_checksum(),
             "controller": g.controller.to_checksum(),
             "delegate": g.delegate,
+            "allowances": allowances,
+            "payees": payees,
+            "contracts": contracts,
             "scopes": g.scopes,
             "cap": g.cap.to_string(),
             "nonce": format!("0x{}", hex::encode(g.nonce)),
             "issuedAt": g.issued_at,
             "expiresAt": g.expires_at,
         }),
-    )
+    );
+    doc["types"]["Allowance"] = json!([
+        {"name": "currency", "type": "string"},
+        {"name": "chainId", "type": "uint256"},
+        {"name": "token", "type": "address"},
+        {"name": "minPerCall", "type": "uint256"},
+        {"name": "maxPerCall", "type": "uint256"},
+        {"name": "cap", "type": "uint256"},
+        {"name": "ownCap", "type": "bool"},
+    ]);
+    doc["types"]["Contract"] = json!([
+        {"name": "chainId", "type": "uint256"},
+        {"name": "verifyingContract", "type": "address"},
+        {"name": "unbounded", "type": "bool"},
+    ]);
+    doc
 }
 
 /// The SessionRevocation document a controller signs to revoke a session.
@@ -259,6 +327,7 @@ mod tests {
                     issued_at: 1,
                     expires_at: 2,
                 },
+                &Scopes::parse(&scopes).expect("scopes"),
             );
             let t = TypedData::from_value(&g).expect("grant encodes");
             assert_eq!(t.primary_type(), "SessionGrant");
@@ -289,6 +358,15 @@ mod tests {
     fn grant_encode_type_is_stable() {
         // Wallet developers render this string; changing it breaks them.
         let a = Address([0x11; 20]);
+        let scopes: Vec<String> = [
+            "payments:0-5",
+            "payments:eip155:8453/erc20:0x833589fcd6edb6e08f4c7c32d4f71b54bda02913:1-100",
+            "cap:eip155:8453/erc20:0x833589fcd6edb6e08f4c7c32d4f71b54bda02913:500",
+            "payee:0x2222222222222222222222222222222222222222",
+            "typed-data:8453:0x833589fcd6edb6e08f4c7c32d4f71b54bda02913:unbounded",
+        ]
+        .map(String::from)
+        .to_vec();
         let g = session_grant(
             &Domain {
                 chain_id: 1,
@@ -299,17 +377,40 @@ mod tests {
                 account: a,
                 controller: a,
                 delegate: "d",
-                scopes: &[],
-                cap: 1,
+                scopes: &scopes,
+                cap: 7,
                 nonce: [0; 32],
                 issued_at: 1,
                 expires_at: 2,
             },
+            &Scopes::parse(&scopes).expect("scopes"),
         );
         let t = TypedData::from_value(&g).expect("encodes");
         assert_eq!(
             t.encode_type("SessionGrant").expect("type"),
-            "SessionGrant(string accountId,address account,address controller,string delegate,string[] scopes,uint256 cap,bytes32 nonce,uint64 issuedAt,uint64 expiresAt)"
+            "SessionGrant(string accountId,address account,address controller,string delegate,\
+             Allowance[] allowances,address[] payees,Contract[] contracts,string[] scopes,uint256 cap,\
+             bytes32 nonce,uint64 issuedAt,uint64 expiresAt)\
+             Allowance(string currency,uint256 chainId,address token,uint256 minPerCall,uint256 maxPerCall,\
+             uint256 cap,bool ownCap)\
+             Contract(uint256 chainId,address verifyingContract,bool unbounded)"
         );
+        // Field by field: the any-currency form shares the session's cap, the token has its own.
+        let m = &g["message"];
+        assert_eq!(m["allowances"][0]["currency"], "*");
+        assert_eq!(
+            (&m["allowances"][0]["cap"], &m["allowances"][0]["ownCap"]),
+            (&json!("7"), &json!(false))
+        );
+        assert_eq!(
+            m["allowances"][1]["token"],
+            "0x833589fCD6eDb6E08f4c7C32D4f71b54bdA02913"
+        );
+        assert_eq!(
+            (&m["allowances"][1]["cap"], &m["allowances"][1]["ownCap"]),
+            (&json!("500"), &json!(true))
+        );
+        assert_eq!(m["payees"], json!(["0x2222222222222222222222222222222222222222"]));
+        assert_eq!(m["contracts"][0]["unbounded"], json!(true));
     }
 }

@@ -236,6 +236,9 @@ pub struct SessionRecord {
     pub revoked_at: Option<i64>,
     /// Who first revoked the session.
     pub revoked_by: Option<String>,
+    /// The scope grammar it was opened under (1: before assets; see
+    /// [`crate::session::SCOPE_GRAMMAR`]).
+    pub scope_grammar: u8,
 }
 
 /// What [`Store::open_session`] did.
@@ -264,8 +267,12 @@ pub struct SpendRequest<'a> {
     /// A hash of the request body, to tell a retry from a different request
     /// reusing the id.
     pub body_hash: [u8; 32],
-    /// How much the spend takes from the session's `remaining`.
+    /// How much the spend takes from the session's `remaining`, or adds to
+    /// its asset's spent total.
     pub amount: u128,
+    /// The asset and its own cap when the spend counts against that cap
+    /// (a `cap:<asset>:` scope) rather than the session's.
+    pub asset_cap: Option<(&'a str, u128)>,
     /// The current time, unix seconds UTC.
     pub now: i64,
 }
@@ -555,8 +562,8 @@ pub trait Store: Send + Sync + fmt::Debug {
     async fn probe_write(&self, now: i64) -> Result<(), StoreError>;
 
     /// Signing failed: deletes the pending spend and gives its amount back
-    /// to the session's `remaining` (`uses` stays, so nonces are never
-    /// reused). A no-op if the spend is missing or completed.
+    /// to the session's `remaining`, or to its asset's cap (`uses` stays, so
+    /// nonces are never reused). A no-op if the spend is missing or completed.
     async fn release_spend(&self, session_id: &str, request_id: &str) -> Result<(), StoreError> {
         self.release_spend_audited(session_id, request_id, None)
             .await
@@ -1376,6 +1383,7 @@ pub(crate) struct RawSession {
     pub jti: String,
     pub revoked_at: Option<i64>,
     pub revoked_by: Option<String>,
+    pub scope_grammar: i64,
 }
 
 impl RawSession {
@@ -1396,13 +1404,16 @@ impl RawSession {
             jti: self.jti,
             revoked_at: self.revoked_at,
             revoked_by: self.revoked_by,
+            scope_grammar: u8::try_from(self.scope_grammar).map_err(|_| StoreError::Corrupt {
+                what: format!("{what}: scope_grammar {} out of range", self.scope_grammar),
+            })?,
         })
     }
 }
 
 /// The columns of a `sessions` row, in [`RawSession`] order.
 pub(crate) const SESSION_COLUMNS: &str = "id, account_id, delegate, scopes, cap, remaining, uses, \
-     issued_at, expires_at, challenge_id, jti, revoked_at, revoked_by";
+     issued_at, expires_at, challenge_id, jti, revoked_at, revoked_by, scope_grammar";
 
 /// The columns of a `challenges` row, in [`RawChallenge`] order.
 pub(crate) const CHALLENGE_COLUMNS: &str =
@@ -1475,8 +1486,18 @@ pub(crate) fn challenge_mismatch(backend: &'static str, challenge_id: &str, sess
 pub(crate) enum SpendDecision {
     /// Answer this without changing anything.
     Answer(SpendOutcome),
-    /// Write the new remaining and uses, and insert the spend.
-    Reserve { remaining: u128, uses: u64 },
+    /// Write the session's new remaining and uses (and the asset's new spent
+    /// total when the spend counts against its asset's cap), and insert the spend.
+    Reserve {
+        /// The session row's `remaining` afterwards (unchanged for an asset's spend).
+        session_remaining: u128,
+        /// What is left of the cap the spend counts against, to report.
+        left: u128,
+        /// The session's `uses` afterwards: the spend's nonce.
+        uses: u64,
+        /// The asset's spent total afterwards, for a spend under its own cap.
+        asset_spent: Option<u128>,
+    },
 }
 
 /// An existing `spends` row for the same request id, as read.
@@ -1486,11 +1507,14 @@ pub(crate) struct RawSpend {
 }
 
 /// The checks of `reserve_spend`, in the documented order, on the session
-/// row locked for update (or read under the writer lock).
+/// row locked for update (or read under the writer lock). `asset_spent` is
+/// the spent total of the request's asset (0 when it has no row yet), read
+/// under the same lock, when the request counts against an asset's cap.
 pub(crate) fn decide_spend(
     r: &SpendRequest<'_>,
     session: Option<SessionRecord>,
     existing: Option<RawSpend>,
+    asset_spent: u128,
 ) -> Result<SpendDecision, StoreError> {
     let Some(session) = session else {
         return Ok(SpendDecision::Answer(SpendOutcome::NotFound));
@@ -1514,17 +1538,31 @@ pub(crate) fn decide_spend(
     if r.now >= session.expires_at {
         return Ok(SpendDecision::Answer(SpendOutcome::Expired));
     }
-    if r.amount > session.remaining {
+    let available = match r.asset_cap {
+        Some((_, cap)) => cap.saturating_sub(asset_spent),
+        None => session.remaining,
+    };
+    if r.amount > available {
         return Ok(SpendDecision::Answer(SpendOutcome::Insufficient {
-            remaining: session.remaining,
+            remaining: available,
         }));
     }
     let uses = session.uses.checked_add(1).ok_or_else(|| StoreError::Corrupt {
         what: format!("session {}: uses overflow", session.id),
     })?;
-    Ok(SpendDecision::Reserve {
-        remaining: session.remaining - r.amount,
-        uses,
+    Ok(match r.asset_cap {
+        Some(_) => SpendDecision::Reserve {
+            session_remaining: session.remaining,
+            left: available - r.amount,
+            uses,
+            asset_spent: Some(asset_spent + r.amount),
+        },
+        None => SpendDecision::Reserve {
+            session_remaining: session.remaining - r.amount,
+            left: session.remaining - r.amount,
+            uses,
+            asset_spent: None,
+        },
     })
 }
 

@@ -209,6 +209,7 @@ where
             jti: row.try_get("jti").map_err(err::<DB>)?,
             revoked_at: row.try_get("revoked_at").map_err(err::<DB>)?,
             revoked_by: row.try_get("revoked_by").map_err(err::<DB>)?,
+            scope_grammar: row.try_get("scope_grammar").map_err(err::<DB>)?,
         })
     }
 
@@ -343,6 +344,7 @@ where
             let challenge: String = row.try_get("challenge_id").map_err(err::<DB>)?;
             // Children first: spends name the session, the session its challenge.
             Self::delete_by(&mut tx, "DELETE FROM spends WHERE session_id = $1", &id).await?;
+            Self::delete_by(&mut tx, "DELETE FROM session_assets WHERE session_id = $1", &id).await?;
             pruned.sessions += Self::delete_by(&mut tx, "DELETE FROM sessions WHERE id = $1", &id).await?;
             pruned.challenges += Self::delete_by(&mut tx, "DELETE FROM challenges WHERE id = $1", &challenge).await?;
         }
@@ -859,8 +861,8 @@ where
         sqlx::query(
             "INSERT INTO sessions \
              (id, account_id, delegate, scopes, cap, remaining, uses, issued_at, expires_at, \
-              challenge_id, jti, revoked_at, revoked_by) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
+              challenge_id, jti, revoked_at, revoked_by, scope_grammar) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
         )
         .bind(&session.id)
         .bind(&session.account_id)
@@ -875,6 +877,7 @@ where
         .bind(&session.jti)
         .bind(session.revoked_at)
         .bind(&session.revoked_by)
+        .bind(i64::from(session.scope_grammar))
         .execute(&mut *tx)
         .await
         .map_err(conflict_as(DB::BACKEND, || what.clone()))?;
@@ -975,12 +978,33 @@ where
                 })
                 .transpose()?,
         };
-        let (remaining, uses) = match decide_spend(r, session, existing)? {
+        let asset_spent = match (&session, r.asset_cap) {
+            (Some(_), Some((asset, _))) => {
+                let spent: Option<String> =
+                    sqlx::query_scalar("SELECT spent FROM session_assets WHERE session_id = $1 AND asset = $2")
+                        .bind(r.session_id)
+                        .bind(asset)
+                        .fetch_optional(&mut *tx)
+                        .await
+                        .map_err(err::<DB>)?;
+                match spent {
+                    Some(s) => decode_amount(&format!("session {} asset {asset}", r.session_id), "spent", &s)?,
+                    None => 0,
+                }
+            }
+            _ => 0,
+        };
+        let (remaining, left, uses, new_spent) = match decide_spend(r, session, existing, asset_spent)? {
             SpendDecision::Answer(outcome) => {
                 tx.rollback().await?;
                 return Ok((outcome, None));
             }
-            SpendDecision::Reserve { remaining, uses } => (remaining, uses),
+            SpendDecision::Reserve {
+                session_remaining,
+                left,
+                uses,
+                asset_spent,
+            } => (session_remaining, left, uses, asset_spent),
         };
         let what = format!("session {}", r.session_id);
         let stored_uses = encode_uses(&what, uses)?;
@@ -991,9 +1015,22 @@ where
             .execute(&mut *tx)
             .await
             .map_err(err::<DB>)?;
+        let asset = r.asset_cap.map(|(asset, _)| asset);
+        if let (Some(asset), Some(spent)) = (asset, new_spent) {
+            sqlx::query(
+                "INSERT INTO session_assets (session_id, asset, spent) VALUES ($1, $2, $3) \
+                 ON CONFLICT (session_id, asset) DO UPDATE SET spent = excluded.spent",
+            )
+            .bind(r.session_id)
+            .bind(asset)
+            .bind(encode_amount(spent))
+            .execute(&mut *tx)
+            .await
+            .map_err(err::<DB>)?;
+        }
         sqlx::query(
-            "INSERT INTO spends (session_id, request_id, body_hash, amount, nonce, created_at, response) \
-             VALUES ($1, $2, $3, $4, $5, $6, NULL)",
+            "INSERT INTO spends (session_id, request_id, body_hash, amount, nonce, created_at, response, asset) \
+             VALUES ($1, $2, $3, $4, $5, $6, NULL, $7)",
         )
         .bind(r.session_id)
         .bind(r.request_id)
@@ -1001,6 +1038,7 @@ where
         .bind(encode_amount(r.amount))
         .bind(stored_uses)
         .bind(r.now)
+        .bind(asset)
         .execute(&mut *tx)
         .await
         .map_err(conflict_as(DB::BACKEND, || {
@@ -1009,7 +1047,13 @@ where
         let event = event.map(|build| build(uses));
         let seq = crate::audit::store::append_one::<DB>(&mut tx, event.as_ref()).await?;
         tx.commit().await?;
-        Ok((SpendOutcome::Reserved { remaining, nonce: uses }, seq))
+        Ok((
+            SpendOutcome::Reserved {
+                remaining: left,
+                nonce: uses,
+            },
+            seq,
+        ))
     }
 
     async fn complete_spend(&self, session_id: &str, request_id: &str, response: &[u8]) -> Result<bool, StoreError> {
@@ -1097,36 +1141,64 @@ where
             .fetch_optional(&mut *tx)
             .await
             .map_err(err::<DB>)?;
-        let pending: Option<String> = sqlx::query_scalar(
-            "SELECT amount FROM spends WHERE session_id = $1 AND request_id = $2 AND response IS NULL",
+        let pending = sqlx::query(
+            "SELECT amount, asset FROM spends WHERE session_id = $1 AND request_id = $2 AND response IS NULL",
         )
         .bind(session_id)
         .bind(request_id)
         .fetch_optional(&mut *tx)
         .await
         .map_err(err::<DB>)?;
-        let (Some(remaining), Some(amount)) = (remaining, pending) else {
+        let (Some(remaining), Some(pending)) = (remaining, pending) else {
             tx.rollback().await?;
             return Ok(None);
         };
+        let amount: String = pending.try_get("amount").map_err(err::<DB>)?;
+        let asset: Option<String> = pending.try_get("asset").map_err(err::<DB>)?;
         let what = format!("session {session_id}");
-        let remaining = decode_amount(&what, "remaining", &remaining)?;
         let amount = decode_amount(&format!("spend {request_id} of {what}"), "amount", &amount)?;
-        let restored = remaining.checked_add(amount).ok_or_else(|| StoreError::Corrupt {
-            what: format!("{what}: remaining {remaining} + released {amount} overflows"),
-        })?;
         sqlx::query("DELETE FROM spends WHERE session_id = $1 AND request_id = $2")
             .bind(session_id)
             .bind(request_id)
             .execute(&mut *tx)
             .await
             .map_err(err::<DB>)?;
-        sqlx::query("UPDATE sessions SET remaining = $1 WHERE id = $2")
-            .bind(encode_amount(restored))
-            .bind(session_id)
-            .execute(&mut *tx)
-            .await
-            .map_err(err::<DB>)?;
+        match asset {
+            // Counted against its asset's own cap: the asset's total gives it back.
+            Some(asset) => {
+                let spent: Option<String> =
+                    sqlx::query_scalar("SELECT spent FROM session_assets WHERE session_id = $1 AND asset = $2")
+                        .bind(session_id)
+                        .bind(&asset)
+                        .fetch_optional(&mut *tx)
+                        .await
+                        .map_err(err::<DB>)?;
+                let corrupt = || StoreError::Corrupt {
+                    what: format!("{what}: asset {asset} released {amount} more than it spent"),
+                };
+                let spent = decode_amount(&format!("{what} asset {asset}"), "spent", &spent.ok_or_else(corrupt)?)?;
+                let left = spent.checked_sub(amount).ok_or_else(corrupt)?;
+                sqlx::query("UPDATE session_assets SET spent = $1 WHERE session_id = $2 AND asset = $3")
+                    .bind(encode_amount(left))
+                    .bind(session_id)
+                    .bind(&asset)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(err::<DB>)?;
+            }
+            None => {
+                let remaining = decode_amount(&what, "remaining", &remaining)?;
+                let restored = remaining.checked_add(amount).ok_or_else(|| StoreError::Corrupt {
+                    what: format!("{what}: remaining {remaining} + released {amount} overflows"),
+                })?;
+                sqlx::query("UPDATE sessions SET remaining = $1 WHERE id = $2")
+                    .bind(encode_amount(restored))
+                    .bind(session_id)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(err::<DB>)?;
+            }
+        }
         let seq = crate::audit::store::append_one::<DB>(&mut tx, event).await?;
         tx.commit().await?;
         Ok(seq)

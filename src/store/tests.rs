@@ -370,6 +370,7 @@ fn session(id: &str, account_id: &str, challenge_id: &str, cap: u128) -> Session
         jti: format!("jti-{id}"),
         revoked_at: None,
         revoked_by: None,
+        scope_grammar: crate::session::SCOPE_GRAMMAR,
     }
 }
 
@@ -391,6 +392,7 @@ pub(super) fn spend<'a>(session_id: &'a str, request_id: &'a str, body: u8, amou
         request_id,
         body_hash: [body; 32],
         amount,
+        asset_cap: None,
         now: T0 + 100,
     }
 }
@@ -862,6 +864,70 @@ async fn spend_cap_race(fx: &Fixture) {
     store.close().await;
 }
 
+/// Spends under an asset's own cap and under the session's cap, racing in one
+/// session: each cap is exact, and neither takes from the other.
+async fn asset_cap_race(fx: &Fixture) {
+    let store = fx.open().await;
+    open_new_session(&store, "acct", "s-assets", 300).await;
+    let tasks: Vec<_> = (0..200)
+        .map(|i| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let request_id = format!("req-{i:03}");
+                let r = SpendRequest {
+                    body_hash: [i as u8; 32],
+                    asset_cap: (i % 2 == 0).then_some(("USDC", 500)),
+                    ..spend("s-assets", &request_id, 0, 7)
+                };
+                (request_id.clone(), i % 2 == 0, store.reserve_spend(&r).await.unwrap())
+            })
+        })
+        .collect();
+    let (mut in_asset, mut in_session, mut nonces) = (Vec::new(), 0u32, Vec::new());
+    for t in tasks {
+        match t.await.unwrap() {
+            (id, asset, SpendOutcome::Reserved { nonce, .. }) => {
+                nonces.push(nonce);
+                if asset {
+                    in_asset.push(id);
+                } else {
+                    in_session += 1;
+                }
+            }
+            (_, true, SpendOutcome::Insufficient { remaining }) => assert_eq!(remaining, 500 % 7),
+            (_, false, SpendOutcome::Insufficient { remaining }) => assert_eq!(remaining, 300 % 7),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!((in_asset.len(), in_session), (500 / 7, 300 / 7));
+    nonces.sort_unstable();
+    assert_eq!(nonces, (1..=(500 / 7 + 300 / 7) as u64).collect::<Vec<u64>>());
+    let s = store.get_session("s-assets").await.unwrap().unwrap();
+    assert_eq!(
+        s.remaining,
+        300 - 7 * (300 / 7),
+        "asset spends leave the session's cap alone"
+    );
+    let spent = || fx.scalar("SELECT CAST(spent AS BIGINT) FROM session_assets WHERE session_id = 's-assets'");
+    assert_eq!(spent().await, 7 * (500 / 7));
+    // Releasing an asset's spend gives it back to that asset only.
+    store.release_spend("s-assets", &in_asset[0]).await.unwrap();
+    assert_eq!(spent().await, 7 * (500 / 7 - 1));
+    let again = SpendRequest {
+        asset_cap: Some(("USDC", 500)),
+        ..spend("s-assets", "after", 9, 7)
+    };
+    assert!(matches!(
+        store.reserve_spend(&again).await.unwrap(),
+        SpendOutcome::Reserved { remaining, .. } if remaining == 500 % 7
+    ));
+    assert_eq!(
+        store.get_session("s-assets").await.unwrap().unwrap().remaining,
+        s.remaining
+    );
+    store.close().await;
+}
+
 async fn corrupt_session_rows(fx: &Fixture) {
     let store = fx.open().await;
     open_new_session(&store, "acct", "s-1", 100).await;
@@ -944,6 +1010,7 @@ macro_rules! conformance_suite {
                 spend_lifecycle,
                 spend_refusals,
                 spend_cap_race,
+                asset_cap_race,
                 corrupt_session_rows,
             );
         }

@@ -51,6 +51,7 @@ async fn open_at(store: &Arc<dyn Store>, acct: &str, id: &str, issued_at: i64, e
         jti: format!("jti-{id}"),
         revoked_at: None,
         revoked_by: None,
+        scope_grammar: crate::session::SCOPE_GRAMMAR,
     };
     assert_eq!(
         store.open_session(&ch, issued_at, &s).await.unwrap(),

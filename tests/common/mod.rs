@@ -443,3 +443,27 @@ pub async fn dev_channel(home: &Path, profile: &str) -> Channel {
     };
     keyward::tls::connect(&f.endpoint, &files).await.expect("connect")
 }
+
+/// Runs the `keyward` binary against daemon `d` as `profile`.
+pub fn cli(env: &Env, d: &Daemon, profile: &str, args: &[&str]) -> (bool, String, String) {
+    let p = env.pki.clients.iter().find(|c| c.name == profile).expect("profile");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_keyward"))
+        .arg("--home")
+        .arg(env.dir.path().join("cli-home"))
+        .arg("--endpoint")
+        .arg(&d.grpc)
+        .arg("--ca")
+        .arg(&env.pki.ca_cert)
+        .arg("--cert")
+        .arg(&p.cert)
+        .arg("--key")
+        .arg(&p.key)
+        .args(args)
+        .output()
+        .expect("run keyward");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).to_string(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    )
+}

@@ -1,0 +1,461 @@
+//! Sessions that bound real value: stablecoin authorizations (EIP-3009,
+//! EIP-2612, Permit2) signed inside a session are bounded by the asset's
+//! scopes and counted against its cap like keyward's own payments. A real
+//! daemon, a real SoftHSM token, real mTLS, real stores; the documents are
+//! the ones ethers v6 and eth-account built (tests/data/eip712/stablecoin).
+
+mod common;
+
+use std::sync::Arc;
+
+use common::*;
+use keyward::api::pb::session_service_client::SessionServiceClient;
+use keyward::api::pb::{
+    CreateSessionChallengeRequest, GetSessionRequest, OpenSessionRequest, SignPaymentRequest, SignTypedDataRequest,
+    SignTypedDataResponse,
+};
+use keyward::clock::ManualClock;
+use keyward::config::Custody;
+use keyward::crypto::eth::recover_address;
+use serde_json::Value;
+use tonic::Code;
+
+const MARKETPLACE: &str = "spiffe://example.org/marketplace";
+const MANIFEST: &str = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08";
+/// USDC on Base, the EIP-3009 / EIP-2612 token of the vectors.
+const USDC: &str = "0x833589fCD6eDb6E08f4c7C32D4f71b54bdA02913";
+const PERMIT2: &str = "0x000000000022D473030F116dDEE9F6B43aC78BA3";
+/// The vectors' spender and recipient.
+const PAYEE: &str = "0x70997970C51812dc3A010C7d01b50e0d17dc79C8";
+/// The vectors' signer: the well-known test key #0 of Hardhat and Anvil.
+const VECTOR_KEY: &str = "ac0974bec39a17e36ba4a6b4d238ff944bacb478cbed5efcae784d7bf4f2ff80";
+const VECTOR_SIGNER: &str = "0xf39Fd6e51aad88F6F4ce6aB8827279cffFb92266";
+/// Every vector is valid until this time.
+const VECTOR_DEADLINE: i64 = 1_900_000_000;
+const DOCUMENTS: [&str; 5] = [
+    "eip3009_transfer",
+    "eip3009_receive",
+    "eip2612_permit",
+    "permit2_transfer_from",
+    "permit2_single",
+];
+
+fn vector(name: &str, lib: &str) -> Value {
+    let path = format!(
+        "{}/tests/data/eip712/stablecoin/{name}.{lib}.json",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    serde_json::from_str(&std::fs::read_to_string(&path).expect("vector")).expect("vector json")
+}
+
+fn asset() -> String {
+    format!("eip155:8453/erc20:{}", USDC.to_lowercase())
+}
+
+struct Holder {
+    env: Env,
+    daemon: Daemon,
+    wallet: Wallet,
+    account_id: String,
+    address: String,
+}
+
+impl Holder {
+    /// A daemon at `now`, and an account: the vectors' key imported when
+    /// `import`, a fresh one otherwise.
+    async fn start(env: Env, now: i64, import: bool) -> Holder {
+        env.init().await;
+        // The operator allows the token's and Permit2's domains on Base (the default
+        // policies allow the EIP-712 specification's example domain only).
+        let policy = env.dir.path().join("policies/signing.cedar");
+        let text = std::fs::read_to_string(&policy).expect("policy");
+        let mail = "\"eip155:1:0xcccccccccccccccccccccccccccccccccccccccc\"";
+        assert!(text.contains(mail), "the default allow-list names the Mail domain");
+        let allowed = format!(
+            "{mail}, \"eip155:8453:{}\", \"eip155:8453:{}\"",
+            USDC.to_lowercase(),
+            PERMIT2.to_lowercase()
+        );
+        std::fs::write(&policy, text.replace(mail, &allowed)).expect("policy");
+        let daemon = env.start_with_clock(Arc::new(ManualClock::new(now))).await;
+        let wallet = Wallet::new(0x42);
+        let controller = wallet.address().to_checksum();
+        let (account_id, address) = if import {
+            let key_file = env.dir.path().join("vector.key");
+            std::fs::write(&key_file, VECTOR_KEY).expect("key file");
+            let (ok, out, err) = cli(
+                &env,
+                &daemon,
+                "admin",
+                &[
+                    "account",
+                    "import",
+                    "--alg",
+                    "secp256k1",
+                    "--key-file",
+                    key_file.to_str().expect("path"),
+                    "--controller",
+                    &controller,
+                    "--json",
+                ],
+            );
+            assert!(ok, "{err}");
+            let v: Value = serde_json::from_str(out.trim()).expect("json");
+            (
+                v["account_id"].as_str().expect("id").to_string(),
+                v["eth_address"].as_str().expect("address").to_string(),
+            )
+        } else {
+            let a = daemon
+                .accounts(&env, "admin")
+                .await
+                .create_account(keyward::api::pb::CreateAccountRequest {
+                    controller,
+                    label: "alice".into(),
+                    allow: vec![],
+                })
+                .await
+                .expect("account")
+                .into_inner();
+            (a.account_id, a.eth_address)
+        };
+        Holder {
+            env,
+            daemon,
+            wallet,
+            account_id,
+            address,
+        }
+    }
+
+    /// The wallet signs the grant it is shown: (grant document, session id, token).
+    async fn session(&self, scopes: &[String], cap: &str, ttl: u64) -> (Value, String, String) {
+        let mut sessions = SessionServiceClient::new(self.daemon.channel(&self.env, "wallet-gateway").await);
+        let c = sessions
+            .create_session_challenge(CreateSessionChallengeRequest {
+                account_id: self.account_id.clone(),
+                delegate: MARKETPLACE.into(),
+                scopes: scopes.to_vec(),
+                cap: cap.into(),
+                ttl_seconds: ttl,
+            })
+            .await
+            .expect("challenge")
+            .into_inner();
+        let opened = sessions
+            .open_session(OpenSessionRequest {
+                challenge_id: c.challenge_id,
+                signature: self.wallet.sign(&c.typed_data_json),
+            })
+            .await
+            .expect("open")
+            .into_inner();
+        let grant = serde_json::from_str(&c.typed_data_json).expect("grant");
+        (grant, opened.session.expect("session").session_id, opened.token)
+    }
+
+    async fn sign(&self, token: &str, doc: &Value, request_id: &str) -> Result<SignTypedDataResponse, tonic::Status> {
+        self.daemon
+            .signing(&self.env, "marketplace")
+            .await
+            .sign_typed_data(SignTypedDataRequest {
+                account_id: self.account_id.clone(),
+                typed_data_json: doc.to_string(),
+                session_token: token.into(),
+                request_id: request_id.into(),
+            })
+            .await
+            .map(|r| r.into_inner())
+    }
+
+    async fn remaining(&self, session_id: &str) -> String {
+        SessionServiceClient::new(self.daemon.channel(&self.env, "wallet-gateway").await)
+            .get_session(GetSessionRequest {
+                session_id: session_id.into(),
+            })
+            .await
+            .expect("session")
+            .into_inner()
+            .remaining
+    }
+}
+
+/// The five documents exactly as ethers v6 built them, signed inside a session
+/// by the vectors' own key: the daemon's digest is ethers' and eth-account's,
+/// its signature is theirs byte for byte (RFC 6979 on all three sides), and
+/// each one counts against the asset's own cap until the cap is spent.
+#[test]
+fn stablecoin_authorizations_sign_as_ethers_does_and_count_against_the_asset_cap() {
+    let env = Env::new(Custody::Host, StoreKind::Sqlite).expect("env");
+    block_on(async {
+        let w = Holder::start(env, VECTOR_DEADLINE - 1000, true).await;
+        assert_eq!(w.address, VECTOR_SIGNER, "the imported key is the vectors' signer");
+        // 2.5 + 2.5 + 1 + 3 + 4 USDC: exactly the asset's cap.
+        let scopes = [
+            format!("payments:{}:1-4000000", asset()),
+            format!("cap:{}:13000000", asset()),
+            format!("payee:{PAYEE}"),
+            format!("typed-data:8453:{USDC}"),
+            format!("typed-data:8453:{PERMIT2}"),
+        ];
+        let (grant, session_id, token) = w.session(&scopes, "0", 1800).await;
+        // What the wallet was shown, field by field.
+        let m = &grant["message"];
+        assert_eq!(m["allowances"].as_array().map(Vec::len), Some(1), "{m}");
+        let a = &m["allowances"][0];
+        assert_eq!(
+            (
+                &a["chainId"],
+                &a["token"],
+                &a["minPerCall"],
+                &a["maxPerCall"],
+                &a["cap"],
+                &a["ownCap"]
+            ),
+            (
+                &Value::from(8453),
+                &Value::from(USDC),
+                &Value::from("1"),
+                &Value::from("4000000"),
+                &Value::from("13000000"),
+                &Value::from(true)
+            ),
+            "{a}"
+        );
+        assert_eq!(m["payees"], serde_json::json!([PAYEE]));
+        assert_eq!(m["contracts"][0]["unbounded"], Value::from(false));
+        assert_eq!(m["cap"], Value::from("0"), "nothing moves outside the asset's own cap");
+
+        let mut first = None;
+        for name in DOCUMENTS {
+            let ethers = vector(name, "ethers");
+            let theirs = vector(name, "eth_account");
+            assert_eq!(
+                ethers["digest"], theirs["digest"],
+                "{name}: ethers and eth-account agree"
+            );
+            let r = w.sign(&token, &ethers["typed_data"], name).await.expect(name);
+            assert_eq!(
+                format!("0x{}", hex::encode(&r.digest)),
+                ethers["digest"].as_str().expect("digest"),
+                "{name}: the daemon's digest is ethers'"
+            );
+            assert_eq!(
+                format!("0x{}", hex::encode(&r.signature)),
+                ethers["signature"].as_str().expect("signature"),
+                "{name}: the daemon's signature is ethers'"
+            );
+            let digest: [u8; 32] = r.digest.as_slice().try_into().expect("32");
+            assert_eq!(
+                recover_address(&digest, &r.signature).expect("recovers").to_checksum(),
+                VECTOR_SIGNER
+            );
+            first.get_or_insert(r);
+        }
+        // A retry is answered from the store and counts once.
+        let again = w
+            .sign(&token, &vector(DOCUMENTS[0], "ethers")["typed_data"], DOCUMENTS[0])
+            .await
+            .expect("retry");
+        assert_eq!(Some(again), first);
+        // The cap is spent: one more unit of USDC is refused, whatever the document.
+        let mut more = vector("eip3009_transfer", "ethers")["typed_data"].clone();
+        more["message"]["value"] = Value::from("1");
+        more["message"]["nonce"] = Value::from(format!("0x{}", "11".repeat(32)));
+        let err = w.sign(&token, &more, "one-more").await.expect_err("cap spent");
+        assert_eq!(err.code(), Code::ResourceExhausted, "{}", err.message());
+        assert!(err.message().contains("0 left, 1 requested"), "{}", err.message());
+        assert_eq!(w.remaining(&session_id).await, "0");
+        w.daemon.stop().await;
+    });
+}
+
+/// A document built from a vector for this account, valid until `until`.
+fn document(name: &str, owner: &str, until: i64) -> Value {
+    let mut doc = vector(name, "eth_account")["typed_data"].clone();
+    let m = &mut doc["message"];
+    for field in ["from", "owner"] {
+        if m.get(field).is_some() {
+            m[field] = Value::from(owner);
+        }
+    }
+    for field in ["validBefore", "deadline", "sigDeadline"] {
+        if m.get(field).is_some() {
+            m[field] = Value::from(until.to_string());
+        }
+    }
+    if m.get("details").is_some() {
+        m["details"]["expiration"] = Value::from(until.to_string());
+    }
+    doc
+}
+
+/// Every way a transfer can leave the grant is refused with PERMISSION_DENIED
+/// and spends nothing; what the grant names signs until its cap is spent.
+#[test]
+fn transfers_outside_the_grant_are_refused_and_spend_nothing() {
+    let env = Env::new(Custody::Host, StoreKind::Sqlite).expect("env");
+    block_on(async {
+        let now = 1_800_000_000;
+        let w = Holder::start(env, now, false).await;
+        let scopes = [
+            format!("payments:{}:1-3000000", asset()),
+            format!("cap:{}:5000000", asset()),
+            format!("payee:{PAYEE}"),
+            format!("typed-data:8453:{USDC}"),
+            format!("typed-data:8453:{PERMIT2}"),
+        ];
+        let (_, _, token) = w.session(&scopes, "0", 600).await;
+        let end = now + 600;
+        let transfer = |value: &str| {
+            let mut d = document("eip3009_transfer", &w.address, end);
+            d["message"]["value"] = Value::from(value);
+            d
+        };
+        let other = "0x2222222222222222222222222222222222222222";
+        let mut cases: Vec<(&str, Value, &str)> = Vec::new();
+        let mut d = transfer("5");
+        d["message"]["to"] = Value::from(other);
+        cases.push(("another payee", d, "is not one of the session's payee scopes"));
+        cases.push((
+            "above the per-call bound",
+            transfer("3000001"),
+            "outside every payments scope",
+        ));
+        cases.push((
+            "above 128 bits",
+            transfer("115792089237316195423570985008687907853269984665640564039457584007913129639935"),
+            "above every payments scope",
+        ));
+        let mut d = transfer("5");
+        d["message"]["validBefore"] = Value::from((end + 1).to_string());
+        cases.push(("outliving the session", d, "after the session expires"));
+        let mut d = transfer("5");
+        d["message"]["from"] = Value::from(other);
+        cases.push(("someone else's tokens", d, "is not the session's account"));
+        let mut d = document("permit2_transfer_from", &w.address, end);
+        d["message"]["permitted"]["token"] = Value::from("0xfde4C96c8593536E31F229EA8f37b2ADa2699bb2");
+        cases.push(("another token through Permit2", d, "are not granted"));
+        let mut d = document("permit2_single", &w.address, end);
+        d["message"]["details"]["expiration"] = Value::from((end + 1).to_string());
+        cases.push(("an allowance outliving the session", d, "after the session expires"));
+        // Any other document of the token's domain needs the :unbounded marker.
+        let mut mail: Value = serde_json::from_str(MAIL).expect("mail");
+        mail["domain"]["chainId"] = Value::from(8453);
+        mail["domain"]["verifyingContract"] = Value::from(USDC);
+        cases.push(("an unrecognised document", mail.clone(), ":unbounded"));
+        for (what, doc, needle) in &cases {
+            let err = w.sign(&token, doc, "").await.expect_err(what);
+            assert_eq!(err.code(), Code::PermissionDenied, "{what}: {}", err.message());
+            assert!(err.message().contains(needle), "{what}: {}", err.message());
+        }
+        // Nothing was spent: the whole cap is still there.
+        w.sign(&token, &transfer("3000000"), "a")
+            .await
+            .expect("within the grant");
+        let err = w
+            .sign(&token, &transfer("2000001"), "b")
+            .await
+            .expect_err("over the cap");
+        assert_eq!(err.code(), Code::ResourceExhausted, "{}", err.message());
+        assert!(err.message().contains("2000000 left"), "{}", err.message());
+        let permit = {
+            let mut d = document("eip2612_permit", &w.address, end);
+            d["message"]["value"] = Value::from("2000000");
+            d
+        };
+        w.sign(&token, &permit, "c").await.expect("the rest of the cap");
+
+        // The same document under an unbounded scope signs, and counts nothing.
+        let unbounded = [format!("typed-data:8453:{USDC}:unbounded")];
+        let (grant, session_id, token) = w.session(&unbounded, "1", 600).await;
+        assert_eq!(grant["message"]["contracts"][0]["unbounded"], Value::from(true));
+        w.sign(&token, &mail, "").await.expect("unbounded domain");
+        assert_eq!(w.remaining(&session_id).await, "1");
+        // ...but a recognised transfer there still needs its asset's scope.
+        let err = w.sign(&token, &transfer("1"), "").await.expect_err("no asset scope");
+        assert_eq!(err.code(), Code::PermissionDenied, "{}", err.message());
+        assert!(err.message().contains("are not granted"), "{}", err.message());
+        w.daemon.stop().await;
+    });
+}
+
+/// 200 concurrent requests at the cap's boundary in one session, mixing
+/// keyward payments (7 each) and EIP-3009 authorizations (11 each) that share
+/// the session's cap: what was signed never adds up to more than the cap, and
+/// what is left is exactly the cap less what was signed.
+fn mixed_race(store: StoreKind) {
+    let Some(env) = Env::new(Custody::Host, store) else {
+        return;
+    };
+    block_on(async {
+        let now = 1_800_000_000;
+        let w = Arc::new(Holder::start(env, now, false).await);
+        let scopes = [
+            "payments:USDC:1-100".to_string(),
+            format!("license:manifest:{MANIFEST}"),
+            format!("payments:{}:1-100", asset()),
+            format!("typed-data:8453:{USDC}"),
+        ];
+        let (_, session_id, token) = w.session(&scopes, "1000", 600).await;
+        let mut clients = Vec::new();
+        for _ in 0..8 {
+            clients.push(w.daemon.signing(&w.env, "marketplace").await);
+        }
+        let mut tasks = Vec::new();
+        for i in 0..200usize {
+            let mut c = clients[i % clients.len()].clone();
+            let token = token.clone();
+            let (account_id, address) = (w.account_id.clone(), w.address.clone());
+            tasks.push(tokio::spawn(async move {
+                if i % 2 == 0 {
+                    c.sign_payment(SignPaymentRequest {
+                        session_token: token,
+                        amount: "7".into(),
+                        currency: "USDC".into(),
+                        manifest: MANIFEST.into(),
+                        license_id: "lic".into(),
+                        payee: String::new(),
+                        request_id: format!("pay-{i}"),
+                    })
+                    .await
+                    .map(|_| 7u128)
+                } else {
+                    let mut d = document("eip3009_transfer", &address, now + 600);
+                    d["message"]["value"] = Value::from("11");
+                    d["message"]["nonce"] = Value::from(format!("0x{i:064x}"));
+                    c.sign_typed_data(SignTypedDataRequest {
+                        account_id,
+                        typed_data_json: d.to_string(),
+                        session_token: token,
+                        request_id: format!("auth-{i}"),
+                    })
+                    .await
+                    .map(|_| 11u128)
+                }
+            }));
+        }
+        let (mut signed, mut refused) = (0u128, 0);
+        for t in tasks {
+            match t.await.expect("task") {
+                Ok(amount) => signed += amount,
+                Err(e) if e.code() == Code::ResourceExhausted => refused += 1,
+                Err(e) => panic!("unexpected {e:?}"),
+            }
+        }
+        let remaining: u128 = w.remaining(&session_id).await.parse().expect("remaining");
+        assert!(signed <= 1000, "signed {signed} over a cap of 1000");
+        assert_eq!(signed + remaining, 1000, "what is left is the cap less what was signed");
+        assert!(refused > 0 && remaining < 11, "the cap was reached: {remaining} left");
+    });
+}
+
+#[test]
+fn mixed_race_at_the_cap_sqlite() {
+    mixed_race(StoreKind::Sqlite);
+}
+
+#[test]
+fn mixed_race_at_the_cap_postgres() {
+    mixed_race(StoreKind::Postgres);
+}
