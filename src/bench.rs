@@ -322,6 +322,14 @@ impl SigningService for Bare {
             "the bare baseline signs typed data and messages only",
         ))
     }
+    async fn sign_transaction(
+        &self,
+        _: Request<crate::api::pb::SignTransactionRequest>,
+    ) -> Result<Response<crate::api::pb::SignTransactionResponse>, Status> {
+        Err(Status::unimplemented(
+            "the bare baseline signs typed data and messages only",
+        ))
+    }
     async fn sign_message(&self, r: Request<SignMessageRequest>) -> Result<Response<SignMessageResponse>, Status> {
         let sig = self.ed.sign(&r.into_inner().data);
         Ok(Response::new(SignMessageResponse {

@@ -924,6 +924,18 @@ pub fn scope(data: &[u8]) {
                     .check_typed_data(Some(&chain), Some(&contract), "Mail", false, 1)
                     .is_ok());
             }
+            Scope::Tx { chain_id, to, selector } => {
+                assert!(scopes.check_tx(*chain_id, to, *selector).is_ok());
+                if selector.is_some() {
+                    // Another function of the same contract, unless another scope names it.
+                    let other = Some([0xff, 0xff, 0xff, 0xfe]);
+                    let named = scopes.iter().any(|s| {
+                        matches!(s, Scope::Tx { chain_id: c, to: t, selector: sel }
+                            if c == chain_id && t == to && (sel.is_none() || *sel == other))
+                    });
+                    assert_eq!(scopes.check_tx(*chain_id, to, other).is_ok(), named);
+                }
+            }
             Scope::LicenseManifest(_) | Scope::Attest(_) | Scope::Payee(_) => {}
         }
     }

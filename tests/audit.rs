@@ -380,6 +380,32 @@ async fn enumeration(env: Env) {
         .await
         .expect_err("not in a session");
     c.one("SignAttestation", false).await;
+    let transaction = |account_id: &str| SignTransactionRequest {
+        account_id: account_id.into(),
+        chain_id: 1,
+        gas_limit: 21_000,
+        max_fee_per_gas: "30000000000".into(),
+        max_priority_fee_per_gas: "1000000000".into(),
+        to: "0x70997970C51812dc3A010C7d01b50e0d17dc79C8".into(),
+        value: "1".into(),
+        ..Default::default()
+    };
+    let signed = op
+        .sign_transaction(transaction(&a.account_id))
+        .await
+        .expect("transaction")
+        .into_inner();
+    let e = c.one("SignTransaction", true).await;
+    assert_eq!(e.body.digest, hex::encode(&signed.signing_hash));
+    assert_eq!(
+        e.body.signature_ref,
+        format!("tx:0x{}", hex::encode(&signed.transaction_hash))
+    );
+    market
+        .sign_transaction(transaction(&b.account_id))
+        .await
+        .expect_err("not in a session");
+    c.one("SignTransaction", false).await;
 
     // SessionService
     let mut sessions = SessionServiceClient::new(d.channel(&env, "wallet-gateway").await);

@@ -17,7 +17,7 @@ use keyward::api::pb::{
     CreateAccountRequest, CreateSessionChallengeRequest, GetAccountJwksRequest, GetAccountRequest, GetJwksRequest,
     GetSessionRequest, ListIssuerKeysRequest, ListSessionsRequest, OpenSessionRequest, RevokeIssuerKeyRequest,
     RevokeSessionRequest, RotateIssuerKeyRequest, SignAttestationRequest, SignMessageRequest, SignPaymentRequest,
-    SignReceiptRequest, SignTypedDataRequest, SignatureAlgorithm,
+    SignReceiptRequest, SignTransactionRequest, SignTypedDataRequest, SignatureAlgorithm,
 };
 use keyward::clock::ManualClock;
 use keyward::config::Custody;
@@ -409,6 +409,17 @@ fn every_rpc_is_decided() {
                 ..Default::default()
             })
             .await;
+        let _ = signer
+            .sign_transaction(SignTransactionRequest {
+                account_id: account.clone(),
+                chain_id: 1,
+                gas_limit: 21_000,
+                max_fee_per_gas: "1".into(),
+                max_priority_fee_per_gas: "1".into(),
+                to: "0x70997970C51812dc3A010C7d01b50e0d17dc79C8".into(),
+                ..Default::default()
+            })
+            .await;
         let mut sessions: SessionServiceClient<Channel> = SessionServiceClient::new(ch("admin").await);
         let _ = sessions
             .get_session(GetSessionRequest {
@@ -487,7 +498,7 @@ fn every_rpc_is_decided() {
             .filter_map(|l| l.split('(').next())
             .map(str::trim)
             .collect();
-        assert_eq!(rpcs.len(), 28, "{rpcs:?}");
+        assert_eq!(rpcs.len(), 29, "{rpcs:?}");
         for rpc in rpcs {
             let action = keyward::policy::Action::for_rpc(rpc).unwrap_or_else(|| panic!("{rpc} has no action"));
             assert!(

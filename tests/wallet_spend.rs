@@ -11,8 +11,8 @@ use std::sync::Arc;
 use common::*;
 use keyward::api::pb::session_service_client::SessionServiceClient;
 use keyward::api::pb::{
-    CreateSessionChallengeRequest, GetSessionRequest, OpenSessionRequest, SignPaymentRequest, SignTypedDataRequest,
-    SignTypedDataResponse,
+    CreateSessionChallengeRequest, GetSessionRequest, OpenSessionRequest, SignPaymentRequest, SignTransactionRequest,
+    SignTransactionResponse, SignTypedDataRequest, SignTypedDataResponse,
 };
 use keyward::clock::ManualClock;
 use keyward::config::Custody;
@@ -163,6 +163,22 @@ impl Holder {
                 typed_data_json: doc.to_string(),
                 session_token: token.into(),
                 request_id: request_id.into(),
+            })
+            .await
+            .map(|r| r.into_inner())
+    }
+
+    async fn transaction(
+        &self,
+        profile: &str,
+        req: SignTransactionRequest,
+    ) -> Result<SignTransactionResponse, tonic::Status> {
+        self.daemon
+            .signing(&self.env, profile)
+            .await
+            .sign_transaction(SignTransactionRequest {
+                account_id: self.account_id.clone(),
+                ..req
             })
             .await
             .map(|r| r.into_inner())
@@ -381,8 +397,8 @@ fn transfers_outside_the_grant_are_refused_and_spend_nothing() {
 }
 
 /// 200 concurrent requests at the cap's boundary in one session, mixing
-/// keyward payments (7 each) and EIP-3009 authorizations (11 each) that share
-/// the session's cap: what was signed never adds up to more than the cap, and
+/// keyward payments (7 each), EIP-3009 authorizations (11 each) and ether
+/// transactions (13 wei each) that share the session's cap: what was signed never adds up to more than the cap, and
 /// what is left is exactly the cap less what was signed.
 fn mixed_race(store: StoreKind) {
     let Some(env) = Env::new(Custody::Host, store) else {
@@ -396,6 +412,8 @@ fn mixed_race(store: StoreKind) {
             format!("license:manifest:{MANIFEST}"),
             format!("payments:{}:1-100", asset()),
             format!("typed-data:8453:{USDC}"),
+            format!("tx:8453:{PAYEE}"),
+            "payments:eip155:8453/slip44:60:1-100".to_string(),
         ];
         let (_, session_id, token) = w.session(&scopes, "1000", 600).await;
         let mut clients = Vec::new();
@@ -408,7 +426,19 @@ fn mixed_race(store: StoreKind) {
             let token = token.clone();
             let (account_id, address) = (w.account_id.clone(), w.address.clone());
             tasks.push(tokio::spawn(async move {
-                if i % 2 == 0 {
+                if i % 3 == 2 {
+                    return c
+                        .sign_transaction(SignTransactionRequest {
+                            account_id,
+                            session_token: token,
+                            request_id: format!("tx-{i}"),
+                            nonce: i as u64,
+                            ..tx(PAYEE, "13", vec![])
+                        })
+                        .await
+                        .map(|_| 13u128);
+                }
+                if i % 3 == 0 {
                     c.sign_payment(SignPaymentRequest {
                         session_token: token,
                         amount: "7".into(),
@@ -446,7 +476,7 @@ fn mixed_race(store: StoreKind) {
         let remaining: u128 = w.remaining(&session_id).await.parse().expect("remaining");
         assert!(signed <= 1000, "signed {signed} over a cap of 1000");
         assert_eq!(signed + remaining, 1000, "what is left is the cap less what was signed");
-        assert!(refused > 0 && remaining < 11, "the cap was reached: {remaining} left");
+        assert!(refused > 0 && remaining < 13, "the cap was reached: {remaining} left");
     });
 }
 
@@ -458,4 +488,284 @@ fn mixed_race_at_the_cap_sqlite() {
 #[test]
 fn mixed_race_at_the_cap_postgres() {
     mixed_race(StoreKind::Postgres);
+}
+
+/// An EIP-1559 transaction on Base, 21,000 gas at 1 gwei.
+fn tx(to: &str, value: &str, data: Vec<u8>) -> SignTransactionRequest {
+    SignTransactionRequest {
+        chain_id: 8453,
+        nonce: 0,
+        gas_limit: 60_000,
+        max_fee_per_gas: "1000000000".into(),
+        max_priority_fee_per_gas: "1000000".into(),
+        to: to.into(),
+        value: value.into(),
+        data,
+        ..Default::default()
+    }
+}
+
+/// ERC-20 `transfer(to, amount)` call data.
+fn erc20_transfer(to: &str, amount: u128) -> Vec<u8> {
+    let mut data = hex::decode("a9059cbb").expect("selector");
+    data.extend_from_slice(&[0u8; 12]);
+    data.extend_from_slice(&hex::decode(to.trim_start_matches("0x")).expect("address"));
+    data.extend_from_slice(&[0u8; 16]);
+    data.extend_from_slice(&amount.to_be_bytes());
+    data
+}
+
+/// An operator has the account sign transactions directly: the raw bytes are
+/// eth-account's for the same key and fields (RFC 6979 on both sides), and
+/// eth-account decodes them to the fields asked for and the account as sender.
+/// Malformed requests are INVALID_ARGUMENT; the marketplace signs nothing
+/// outside a session.
+#[test]
+fn transactions_sign_as_eth_account_does_and_decode_with_it() {
+    let env = Env::new(Custody::Host, StoreKind::Sqlite).expect("env");
+    block_on(async {
+        let w = Holder::start(env, 1_800_000_000, true).await;
+        let cases = [
+            (
+                SignTransactionRequest {
+                    chain_id: 1,
+                    nonce: 7,
+                    gas_limit: 22_000,
+                    max_fee_per_gas: "30000000000".into(),
+                    max_priority_fee_per_gas: "2000000000".into(),
+                    to: PAYEE.into(),
+                    value: "1000000000000000".into(),
+                    data: vec![0xde, 0xad, 0xbe, 0xef],
+                    ..Default::default()
+                },
+                "0x02f876010784773594008506fc23ac008255f09470997970c51812dc3a010c7d01b50e0d17dc79c887038d7ea4c6800084deadbeefc001a05ebfc51c42b32dc76e934a90e727fb8b40d9d30c32540bece4375be973923535a056a8db22651544e30172736db06690a84c4e2fc5ae99b02eb89e3dc531f93e57",
+            ),
+            (
+                SignTransactionRequest {
+                    legacy: true,
+                    chain_id: 1,
+                    nonce: 8,
+                    gas_limit: 21_000,
+                    gas_price: "20000000000".into(),
+                    to: PAYEE.into(),
+                    value: "12345".into(),
+                    ..Default::default()
+                },
+                "0xf866088504a817c8008252089470997970c51812dc3a010c7d01b50e0d17dc79c88230398026a008490ffb060bf92437f8736b36c6ec8d240a9fa8bd1ff67f0e5cf5fe8f0402afa069eb5f4fbc273abf6497fb9e59430ab17fdfc13cbe8318434001f54cda24f2f6",
+            ),
+        ];
+        for (req, eth_account_raw) in cases {
+            let legacy = req.legacy;
+            let r = w.transaction("admin", req.clone()).await.expect("operator signs");
+            assert_eq!(format!("0x{}", hex::encode(&r.raw_transaction)), eth_account_raw);
+            assert_eq!(r.signer, VECTOR_SIGNER);
+            let signing_hash: [u8; 32] = r.signing_hash.as_slice().try_into().expect("32");
+            assert_ne!(
+                signing_hash.to_vec(),
+                r.transaction_hash,
+                "the signed hash is not the transaction's"
+            );
+            if let Some(d) = eth_account_decode_tx(&r.raw_transaction) {
+                assert_eq!(d["sender"], VECTOR_SIGNER);
+                assert_eq!(d["hash"], format!("0x{}", hex::encode(&r.transaction_hash)));
+                assert_eq!(d["type"], if legacy { "0" } else { "2" });
+                assert_eq!(d["nonce"], req.nonce.to_string());
+                assert_eq!(d["chainId"], req.chain_id.to_string());
+                assert_eq!(d["to"], PAYEE);
+                assert_eq!(d["value"], req.value);
+                assert_eq!(d["data"], format!("0x{}", hex::encode(&req.data)));
+            }
+        }
+        let err = w
+            .transaction("marketplace", tx(PAYEE, "1", vec![]))
+            .await
+            .expect_err("no session");
+        assert_eq!(err.code(), Code::PermissionDenied, "{}", err.message());
+        let bad = [
+            ("to", tx("", "1", vec![])),
+            ("to", tx("0x1234", "1", vec![])),
+            ("value", tx(PAYEE, "01", vec![])),
+            (
+                "value",
+                tx(
+                    PAYEE,
+                    "115792089237316195423570985008687907853269984665640564039457584007913129639936",
+                    vec![],
+                ),
+            ),
+            (
+                "chain_id",
+                SignTransactionRequest {
+                    chain_id: 0,
+                    ..tx(PAYEE, "1", vec![])
+                },
+            ),
+            (
+                "gas_limit",
+                SignTransactionRequest {
+                    gas_limit: 20_999,
+                    ..tx(PAYEE, "1", vec![])
+                },
+            ),
+            (
+                "max_priority_fee_per_gas",
+                SignTransactionRequest {
+                    max_priority_fee_per_gas: "2000000000".into(),
+                    ..tx(PAYEE, "1", vec![])
+                },
+            ),
+            (
+                "gas_price",
+                SignTransactionRequest {
+                    gas_price: "1".into(),
+                    ..tx(PAYEE, "1", vec![])
+                },
+            ),
+            (
+                "gas_price",
+                SignTransactionRequest {
+                    legacy: true,
+                    ..tx(PAYEE, "1", vec![])
+                },
+            ),
+            ("data", tx(PAYEE, "1", vec![0; 128 * 1024 + 1])),
+        ];
+        for (field, req) in bad {
+            let err = w.transaction("admin", req).await.expect_err(field);
+            assert_eq!(err.code(), Code::InvalidArgument, "{field}: {}", err.message());
+            assert!(err.message().contains(field), "{field}: {}", err.message());
+        }
+        w.daemon.stop().await;
+    });
+}
+
+/// Inside a session a transaction needs a tx scope naming its chain, address
+/// and function; its ether is a spend of the chain's native asset, an ERC-20
+/// transfer a spend of that token, each bounded by its payments scope and
+/// payees and reserved against its cap.
+#[test]
+fn transactions_in_a_session_are_bounded_and_counted() {
+    let env = Env::new(Custody::Host, StoreKind::Postgres).or_else(|| Env::new(Custody::Host, StoreKind::Sqlite));
+    let env = env.expect("env");
+    block_on(async {
+        let w = Holder::start(env, 1_800_000_000, false).await;
+        let eth = "eip155:8453/slip44:60";
+        let scopes = [
+            format!("tx:8453:{PAYEE}"),
+            format!("payments:{eth}:1-1000000000000000"),
+            format!("cap:{eth}:1500000000000000"),
+            format!("tx:8453:{USDC}:0xa9059cbb"),
+            format!("payments:{}:1-3000000", asset()),
+            format!("cap:{}:3000000", asset()),
+            format!("payee:{PAYEE}"),
+        ];
+        // An asset's cap is bounded by the operator's limit for that asset (1 ether on Base).
+        let mut too_much = scopes.to_vec();
+        too_much[2] = format!("cap:{eth}:1000000000000000001");
+        let err = SessionServiceClient::new(w.daemon.channel(&w.env, "wallet-gateway").await)
+            .create_session_challenge(CreateSessionChallengeRequest {
+                account_id: w.account_id.clone(),
+                delegate: MARKETPLACE.into(),
+                scopes: too_much,
+                cap: "0".into(),
+                ttl_seconds: 600,
+            })
+            .await
+            .expect_err("above the asset's limit");
+        assert_eq!(err.code(), Code::ResourceExhausted, "{}", err.message());
+        assert!(err.message().contains("sessions.max_asset_cap"), "{}", err.message());
+        let (grant, _, token) = w.session(&scopes, "0", 600).await;
+        let calls = &grant["message"]["calls"];
+        assert_eq!(calls[1]["selector"], "0xa9059cbb", "{calls}");
+        assert_eq!(calls[0]["anyFunction"], true, "{calls}");
+        assert_eq!(
+            grant["message"]["allowances"][0]["token"],
+            "0x0000000000000000000000000000000000000000"
+        );
+        let in_session = |mut req: SignTransactionRequest, id: &str| {
+            req.session_token = token.clone();
+            req.request_id = id.into();
+            req
+        };
+        let r = w
+            .transaction(
+                "marketplace",
+                in_session(tx(PAYEE, "1000000000000000", vec![]), "eth-1"),
+            )
+            .await
+            .expect("ether to the payee");
+        assert_eq!(r.remaining, "500000000000000");
+        if let Some(d) = eth_account_decode_tx(&r.raw_transaction) {
+            assert_eq!(d["sender"], w.address);
+            assert_eq!(d["value"], "1000000000000000");
+        }
+        let again = w
+            .transaction(
+                "marketplace",
+                in_session(tx(PAYEE, "1000000000000000", vec![]), "eth-1"),
+            )
+            .await
+            .expect("retry");
+        assert_eq!(again, r, "a retry is answered from the store");
+        let err = w
+            .transaction("marketplace", in_session(tx(PAYEE, "600000000000000", vec![]), "eth-2"))
+            .await
+            .expect_err("over the ether cap");
+        assert_eq!(err.code(), Code::ResourceExhausted, "{}", err.message());
+
+        let other = "0x2222222222222222222222222222222222222222";
+        let approve = {
+            let mut d = erc20_transfer(PAYEE, 5);
+            d[..4].copy_from_slice(&[0x09, 0x5e, 0xa7, 0xb3]);
+            d
+        };
+        for (what, req, needle) in [
+            ("another address", tx(other, "1", vec![]), "not covered by a tx scope"),
+            ("another function", tx(USDC, "", approve), "calling 0x095ea7b3"),
+            (
+                "another chain",
+                SignTransactionRequest {
+                    chain_id: 1,
+                    ..tx(PAYEE, "1", vec![])
+                },
+                "chain 1",
+            ),
+            (
+                "a token to another payee",
+                tx(USDC, "", erc20_transfer(other, 5)),
+                "payee",
+            ),
+            (
+                "a token transfer above its bound",
+                tx(USDC, "", erc20_transfer(PAYEE, 3_000_001)),
+                "outside every",
+            ),
+            (
+                "ether with a token transfer",
+                tx(USDC, "1", erc20_transfer(PAYEE, 5)),
+                "carries no ether",
+            ),
+        ] {
+            let err = w.transaction("marketplace", in_session(req, "")).await.expect_err(what);
+            assert_eq!(err.code(), Code::PermissionDenied, "{what}: {}", err.message());
+            assert!(err.message().contains(needle), "{what}: {}", err.message());
+        }
+        let r = w
+            .transaction(
+                "marketplace",
+                in_session(tx(USDC, "", erc20_transfer(PAYEE, 2_000_000)), "usdc-1"),
+            )
+            .await
+            .expect("USDC to the payee");
+        assert_eq!(r.remaining, "1000000", "the token's own cap");
+        let err = w
+            .transaction(
+                "marketplace",
+                in_session(tx(USDC, "", erc20_transfer(PAYEE, 1_000_001)), ""),
+            )
+            .await
+            .expect_err("over the token's cap");
+        assert_eq!(err.code(), Code::ResourceExhausted, "{}", err.message());
+        w.daemon.stop().await;
+    });
 }

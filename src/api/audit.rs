@@ -147,6 +147,19 @@ impl AuditFacts for pb::SignTypedDataResponse {
         e.signature_ref = sig_ref(&self.signature);
     }
 }
+impl AuditFacts for pb::SignTransactionRequest {
+    fn facts(&self, e: &mut NewEvent) {
+        e.account = bounded(&self.account_id);
+        e.session = token_session(&self.session_token);
+        e.request_id = bounded(&self.request_id);
+    }
+}
+impl AuditFacts for pb::SignTransactionResponse {
+    fn facts(&self, e: &mut NewEvent) {
+        e.digest = hex::encode(&self.signing_hash);
+        e.signature_ref = format!("tx:0x{}", hex::encode(&self.transaction_hash));
+    }
+}
 impl AuditFacts for pb::SignMessageRequest {
     fn facts(&self, e: &mut NewEvent) {
         e.account = bounded(&self.account_id);

@@ -1,4 +1,4 @@
-//! SigningService: SignTypedData, SignMessage.
+//! SigningService: SignTypedData, SignMessage, SignPayment, SignTransaction, SignReceipt, SignAttestation.
 
 use tonic::{Request, Response, Status};
 
@@ -6,16 +6,15 @@ use super::account::check_account_id;
 use super::pb::signing_service_server::SigningService;
 use super::pb::{
     SignAttestationRequest, SignAttestationResponse, SignMessageRequest, SignMessageResponse, SignPaymentRequest,
-    SignPaymentResponse, SignReceiptRequest, SignReceiptResponse, SignTypedDataRequest, SignTypedDataResponse,
-    SignatureAlgorithm,
+    SignPaymentResponse, SignReceiptRequest, SignReceiptResponse, SignTransactionRequest, SignTransactionResponse,
+    SignTypedDataRequest, SignTypedDataResponse, SignatureAlgorithm,
 };
 use super::{ApiError, SigningApi, MAX_MESSAGE_BYTES, MAX_TYPED_DATA_BYTES};
 use crate::crypto::eip712::TypedData;
 use crate::crypto::eth::{personal_message_digest, Address};
 use crate::keys::public_keys;
 use crate::policy::{Action, MessageFacts, PaymentFacts, RequestContext, Resource, SessionFacts, TypedDataFacts};
-use crate::session::{payment, Payment, SessionError, Spend};
-use prost::Message as _;
+use crate::session::{payment, Asset, Payment, SessionError, Spend};
 use sha2::{Digest as _, Sha256};
 
 /// A hash of the fields that make a request what it is, for idempotency.
@@ -109,6 +108,86 @@ async fn release(
     failure
 }
 
+/// A spend inside a session, decided and within its scopes: what
+/// [`spend_then_sign`] reserves.
+struct SessionSpend<'a> {
+    session: &'a crate::store::SessionRecord,
+    request_id: &'a str,
+    /// Tells a retry from another request reusing the id.
+    body_hash: [u8; 32],
+    amount: u128,
+    /// What it spends (the account's daily total for it is held too); `None`: nothing.
+    asset: Option<&'a Asset>,
+    /// The asset's own cap, if a `cap:` scope gives it one.
+    cap: Option<u128>,
+}
+
+/// Reserves a session spend (its audit event in the same transaction),
+/// holds the account's daily total for the asset, signs with `sign` and
+/// stores the response; a retry of a completed request returns the stored
+/// response. Whatever fails after the reservation gives back the reservation
+/// and the daily hold, and the signature is withheld.
+async fn spend_then_sign<T, F, Fut>(
+    d: &super::Daemon,
+    identity: &str,
+    spend: SessionSpend<'_>,
+    digest: &(dyn Fn(u64) -> String + Send + Sync),
+    sign: F,
+) -> Result<T, ApiError>
+where
+    T: prost::Message + Default,
+    F: FnOnce(crate::session::SpendResult) -> Fut,
+    Fut: std::future::Future<Output = Result<T, ApiError>>,
+{
+    let session = spend.session;
+    let asset = spend.asset.map(ToString::to_string);
+    let asset_cap = spend.cap.zip(asset.as_deref()).map(|(cap, a)| (a, cap));
+    let reserved = match d
+        .sessions
+        .begin_spend(
+            session,
+            spend.request_id,
+            spend.body_hash,
+            spend.amount,
+            asset_cap,
+            digest,
+        )
+        .await?
+    {
+        Spend::Replay(bytes) => {
+            return T::decode(bytes.as_slice()).map_err(|_| ApiError::Internal("stored response does not decode"))
+        }
+        Spend::Reserved(r) => r,
+    };
+    let request_id = reserved.request_id.clone();
+    // The account's daily cap for the asset (a retry replays above and counts once).
+    let hold = match asset.as_deref() {
+        Some(a) => match d
+            .policy
+            .hold_daily_spend(identity, &session.account_id, a, spend.amount)
+            .await
+        {
+            Ok(h) => h,
+            Err(e) => return Err(release(d, session, &request_id, e.into()).await),
+        },
+        None => None,
+    };
+    let signed = match sign(reserved).await {
+        Ok(resp) => complete(d, &session.id, &request_id, &resp).await.map(|()| resp),
+        Err(e) => Err(e),
+    };
+    match signed {
+        Ok(resp) => Ok(resp),
+        Err(e) => {
+            // The signature is withheld: give back what it held.
+            if let Some(h) = hold {
+                d.policy.release_daily_spend(h).await;
+            }
+            Err(release(d, session, &request_id, e).await)
+        }
+    }
+}
+
 #[tonic::async_trait]
 impl SigningService for SigningApi {
     async fn sign_typed_data(
@@ -181,7 +260,7 @@ impl SigningService for SigningApi {
                         session.scope_grammar,
                     )
                     .map_err(SessionError::from)?;
-                let (amount, asset) = match &transfer {
+                let amount = match &transfer {
                     Some(t) => {
                         let (secp, _) = public_keys(&record)?;
                         t.check(&Address::from_public_key(&secp), session.expires_at)
@@ -189,68 +268,29 @@ impl SigningService for SigningApi {
                         scopes
                             .check_spend(&t.asset, t.amount, &t.payee)
                             .map_err(SessionError::from)?;
-                        (t.amount, Some(t.asset.to_string()))
+                        t.amount
                     }
-                    None => (0, None),
+                    None => 0,
                 };
-                let asset_cap = transfer
-                    .as_ref()
-                    .and_then(|t| scopes.cap_for(&t.asset))
-                    .zip(asset.as_deref())
-                    .map(|(cap, a)| (a, cap));
                 let hash = body_hash("typed-data", &[session.id.as_bytes(), &digest]);
                 let digest_hex = hex::encode(digest);
-                let reserved = match d
-                    .sessions
-                    .begin_spend(&session, &req.request_id, hash, amount, asset_cap, &|_| {
-                        digest_hex.clone()
+                let spend = SessionSpend {
+                    session: &session,
+                    request_id: &req.request_id,
+                    body_hash: hash,
+                    amount,
+                    asset: transfer.as_ref().map(|t| &t.asset),
+                    cap: transfer.as_ref().and_then(|t| scopes.cap_for(&t.asset)),
+                };
+                spend_then_sign(&d, &identity, spend, &|_| digest_hex.clone(), |_| async {
+                    let (keys, signature) = d.keys.sign_eth_digest(&session.account_id, digest).await?;
+                    Ok(SignTypedDataResponse {
+                        digest: digest.to_vec(),
+                        signature: signature.to_vec(),
+                        signer: keys.eth_address().to_checksum(),
                     })
-                    .await?
-                {
-                    Spend::Replay(bytes) => {
-                        return SignTypedDataResponse::decode(bytes.as_slice())
-                            .map_err(|_| ApiError::Internal("stored response does not decode"))
-                    }
-                    Spend::Reserved(r) => r,
-                };
-                // The account's daily cap for the asset (a retry replays above and counts once).
-                let hold = match asset.as_deref() {
-                    Some(a) => match d
-                        .policy
-                        .hold_daily_spend(&identity, &session.account_id, a, amount)
-                        .await
-                    {
-                        Ok(h) => h,
-                        Err(e) => return Err(release(&d, &session, &reserved.request_id, e.into()).await),
-                    },
-                    None => None,
-                };
-                let release_hold = |hold: Option<_>| async {
-                    if let Some(h) = hold {
-                        d.policy.release_daily_spend(h).await;
-                    }
-                };
-                match d.keys.sign_eth_digest(&session.account_id, digest).await {
-                    Ok((keys, signature)) => {
-                        let resp = SignTypedDataResponse {
-                            digest: digest.to_vec(),
-                            signature: signature.to_vec(),
-                            signer: keys.eth_address().to_checksum(),
-                        };
-                        match complete(&d, &session.id, &reserved.request_id, &resp).await {
-                            Ok(()) => Ok(resp),
-                            // The signature is withheld: give the reservation back.
-                            Err(e) => {
-                                release_hold(hold).await;
-                                Err(release(&d, &session, &reserved.request_id, e).await)
-                            }
-                        }
-                    }
-                    Err(e) => {
-                        release_hold(hold).await;
-                        Err(release(&d, &session, &reserved.request_id, e.into()).await)
-                    }
-                }
+                })
+                .await
             })
             .await
     }
@@ -337,9 +377,7 @@ impl SigningService for SigningApi {
                 scopes
                     .check_payment(amount, &req.currency, &payee, &manifest)
                     .map_err(crate::session::SessionError::from)?;
-                let asset_cap = scopes
-                    .cap_for(&crate::session::Asset::Currency(req.currency.clone()))
-                    .map(|cap| (req.currency.as_str(), cap));
+                let asset = Asset::Currency(req.currency.clone());
                 let hash = body_hash(
                     "payment",
                     &[
@@ -375,32 +413,21 @@ impl SigningService for SigningApi {
                         .map(|t| hex::encode(t.signing_hash()))
                         .unwrap_or_default()
                 };
-                let reserved = match d
-                    .sessions
-                    .begin_spend(&session, &req.request_id, hash, amount, asset_cap, &digest_of)
-                    .await?
-                {
-                    Spend::Replay(bytes) => {
-                        return SignPaymentResponse::decode(bytes.as_slice())
-                            .map_err(|_| ApiError::Internal("stored response does not decode"))
-                    }
-                    Spend::Reserved(r) => r,
+                let spend = SessionSpend {
+                    session: &session,
+                    request_id: &req.request_id,
+                    body_hash: hash,
+                    amount,
+                    asset: Some(&asset),
+                    cap: scopes.cap_for(&asset),
                 };
-                // The account's daily cap for the currency (a retry replays above and counts once).
-                let hold = match d
-                    .policy
-                    .hold_daily_spend(&identity, &session.account_id, &req.currency, amount)
-                    .await
-                {
-                    Ok(h) => h,
-                    Err(e) => return Err(release(&d, &session, &reserved.request_id, e.into()).await),
-                };
-                let signed = async {
+                let (document, d, session) = (&document, &d, &session);
+                spend_then_sign(d, &identity, spend, &digest_of, |reserved| async move {
                     let doc = document(reserved.nonce);
                     let typed = TypedData::from_value(&doc).map_err(|_| ApiError::Internal("payment document"))?;
                     let digest = typed.signing_hash();
                     let (keys, signature) = d.keys.sign_eth_digest(&session.account_id, digest).await?;
-                    Ok::<_, ApiError>(SignPaymentResponse {
+                    Ok(SignPaymentResponse {
                         session_id: session.id.clone(),
                         typed_data_json: doc.to_string(),
                         digest: digest.to_vec(),
@@ -408,28 +435,21 @@ impl SigningService for SigningApi {
                         signer: keys.eth_address().to_checksum(),
                         remaining: reserved.remaining.to_string(),
                         nonce: reserved.nonce,
-                        request_id: reserved.request_id.clone(),
+                        request_id: reserved.request_id,
                     })
-                }
-                .await;
-                match signed {
-                    Ok(resp) => match complete(&d, &session.id, &reserved.request_id, &resp).await {
-                        Ok(()) => Ok(resp),
-                        Err(e) => {
-                            // The signature is withheld: give back what it held.
-                            if let Some(h) = hold {
-                                d.policy.release_daily_spend(h).await;
-                            }
-                            Err(release(&d, &session, &reserved.request_id, e).await)
-                        }
-                    },
-                    Err(e) => {
-                        if let Some(h) = hold {
-                            d.policy.release_daily_spend(h).await;
-                        }
-                        Err(release(&d, &session, &reserved.request_id, e).await)
-                    }
-                }
+                })
+                .await
+            })
+            .await
+    }
+
+    async fn sign_transaction(
+        &self,
+        request: Request<SignTransactionRequest>,
+    ) -> Result<Response<SignTransactionResponse>, Status> {
+        self.0
+            .handle("SignTransaction", request, |d, identity, req| async move {
+                transaction::sign_transaction(&d, identity, req).await
             })
             .await
     }
@@ -458,6 +478,8 @@ impl SigningService for SigningApi {
             .await
     }
 }
+
+mod transaction;
 
 /// Receipts and attestations (issue 5): validation, authorization, signing.
 mod receipts {

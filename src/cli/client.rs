@@ -199,6 +199,8 @@ pub enum SignCmd {
     },
     /// Sign a Payment inside a delegated session.
     Payment(super::session::PaymentArgs),
+    /// Sign an Ethereum transaction (EIP-1559, or legacy EIP-155 with --gas-price).
+    Transaction(super::session::TransactionArgs),
     /// A receipt signed by the daemon's issuer key, with its audit sequence number.
     Receipt(super::receipt::ReceiptArgs),
     /// A contribution attestation signed by the account's own key.
@@ -609,6 +611,7 @@ pub async fn account(home: &Path, opts: &ClientOpts, cmd: AccountCmd) -> anyhow:
 pub async fn sign(home: &Path, opts: &ClientOpts, cmd: SignCmd) -> anyhow::Result<()> {
     match cmd {
         SignCmd::Payment(args) => return super::session::sign_payment(home, opts, args).await,
+        SignCmd::Transaction(args) => return super::session::sign_transaction(home, opts, args).await,
         SignCmd::Receipt(args) => return super::receipt::sign_receipt(home, opts, args).await,
         SignCmd::Attestation(args) => return super::receipt::sign_attestation(home, opts, args).await,
         SignCmd::TypedData {

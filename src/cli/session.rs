@@ -14,7 +14,7 @@ use crate::api::pb::session_service_client::SessionServiceClient;
 use crate::api::pb::signing_service_client::SigningServiceClient;
 use crate::api::pb::{
     CreateSessionChallengeRequest, GetSessionRequest, ListSessionsRequest, OpenSessionRequest, RevokeSessionRequest,
-    Session, SessionState, SignPaymentRequest,
+    Session, SessionState, SignPaymentRequest, SignTransactionRequest,
 };
 use crate::crypto::eip712::TypedData;
 use crate::crypto::eth::Address;
@@ -101,6 +101,93 @@ pub struct PaymentArgs {
     /// Idempotency key: a retry with the same key returns the first result.
     #[arg(long, default_value = "")]
     request_id: String,
+}
+
+/// `sign transaction`.
+#[derive(Debug, clap::Args)]
+pub struct TransactionArgs {
+    /// Account id.
+    #[arg(long)]
+    account: String,
+    /// EIP-155 chain id.
+    #[arg(long)]
+    chain_id: u64,
+    /// The account's nonce on that chain.
+    #[arg(long)]
+    nonce: u64,
+    /// Gas limit.
+    #[arg(long)]
+    gas: u64,
+    /// EIP-1559 fee cap, wei per gas.
+    #[arg(long, default_value = "", conflicts_with = "gas_price")]
+    max_fee_per_gas: String,
+    /// EIP-1559 priority fee, wei per gas.
+    #[arg(long, default_value = "", conflicts_with = "gas_price")]
+    max_priority_fee_per_gas: String,
+    /// Legacy (EIP-155) gas price, wei per gas: signs a legacy transaction.
+    #[arg(long)]
+    gas_price: Option<String>,
+    /// Recipient or contract (0x address).
+    #[arg(long)]
+    to: String,
+    /// Wei, decimal.
+    #[arg(long, default_value = "")]
+    value: String,
+    /// Call data, 0x hex.
+    #[arg(long, default_value = "")]
+    data: String,
+    /// Sign inside a delegated session (token from `session open`).
+    #[arg(long, default_value = "")]
+    session: String,
+    /// Idempotency key (session signing).
+    #[arg(long, default_value = "")]
+    request_id: String,
+}
+
+/// Signs a transaction and prints the raw transaction to broadcast.
+pub async fn sign_transaction(home: &Path, opts: &ClientOpts, a: TransactionArgs) -> anyhow::Result<()> {
+    let data = hex::decode(a.data.trim_start_matches("0x")).context("--data is not hex")?;
+    let mut c = SigningServiceClient::new(connect(home, opts).await?);
+    let r = c
+        .sign_transaction(SignTransactionRequest {
+            account_id: a.account.clone(),
+            legacy: a.gas_price.is_some(),
+            chain_id: a.chain_id,
+            nonce: a.nonce,
+            gas_limit: a.gas,
+            max_fee_per_gas: a.max_fee_per_gas,
+            max_priority_fee_per_gas: a.max_priority_fee_per_gas,
+            gas_price: a.gas_price.unwrap_or_default(),
+            to: a.to,
+            value: a.value,
+            data,
+            session_token: a.session,
+            request_id: a.request_id,
+        })
+        .await
+        .map_err(RpcError)?
+        .into_inner();
+    let mut rows = vec![
+        ("raw", hex0x(&r.raw_transaction)),
+        ("hash", hex0x(&r.transaction_hash)),
+        ("signer", r.signer.clone()),
+    ];
+    if !r.remaining.is_empty() {
+        rows.push(("remaining", r.remaining.clone()));
+    }
+    emit(
+        opts.json,
+        &json!({
+            "account_id": a.account,
+            "raw_transaction": hex0x(&r.raw_transaction),
+            "transaction_hash": hex0x(&r.transaction_hash),
+            "signing_hash": hex0x(&r.signing_hash),
+            "signer": r.signer,
+            "remaining": r.remaining,
+        }),
+        &rows,
+    );
+    Ok(())
 }
 
 /// Software wallet commands (development and demos only: the key sits in a file).

@@ -6,3 +6,4 @@ pub mod eth;
 pub mod jwk;
 pub mod jws;
 pub mod message;
+pub mod tx;

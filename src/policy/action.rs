@@ -40,6 +40,8 @@ pub enum Action {
     SignReceipt,
     /// SigningService.SignAttestation
     SignAttestation,
+    /// SigningService.SignTransaction
+    SignTransaction,
     /// SessionService.CreateSessionChallenge
     CreateSessionChallenge,
     /// SessionService.OpenSession
@@ -64,7 +66,7 @@ pub enum Action {
 
 impl Action {
     /// Every action.
-    pub const ALL: [Action; 28] = [
+    pub const ALL: [Action; 29] = [
         Action::CreateAccount,
         Action::GetAccount,
         Action::GetAccountJwks,
@@ -83,6 +85,7 @@ impl Action {
         Action::SignPayment,
         Action::SignReceipt,
         Action::SignAttestation,
+        Action::SignTransaction,
         Action::CreateSessionChallenge,
         Action::OpenSession,
         Action::GetSession,
@@ -116,6 +119,7 @@ impl Action {
             Action::SignPayment => "SignPayment",
             Action::SignReceipt => "SignReceipt",
             Action::SignAttestation => "SignAttestation",
+            Action::SignTransaction => "SignTransaction",
             Action::CreateSessionChallenge => "CreateSessionChallenge",
             Action::OpenSession => "OpenSession",
             Action::GetSession => "GetSession",
@@ -137,7 +141,8 @@ impl Action {
             | Action::SignMessage
             | Action::SignPayment
             | Action::SignReceipt
-            | Action::SignAttestation => Some("Sign"),
+            | Action::SignAttestation
+            | Action::SignTransaction => Some("Sign"),
             Action::CreateSessionChallenge
             | Action::OpenSession
             | Action::ListSessions

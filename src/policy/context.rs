@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use cedar_policy::{Context, Policy, RestrictedExpression};
 
 use super::index::{access, var, Scalar};
-use super::request::{MessageFacts, PaymentFacts, RequestContext, TypedDataFacts};
+use super::request::{MessageFacts, PaymentFacts, RequestContext, TransactionFacts, TypedDataFacts};
 use super::PolicyError;
 
 /// What of the context an action's policies read: only that is built per
@@ -133,6 +133,10 @@ pub(super) const RECORDS: &[(&str, &[&str])] = &[
     ),
     ("payment", &["present", "amount", "currency", "manifest", "license"]),
     ("message", &["present", "alg", "length", "raw_digest"]),
+    (
+        "transaction",
+        &["present", "chain_id", "to", "value", "value_is_zero", "selector"],
+    ),
 ];
 
 /// The context's attributes that are not records.
@@ -218,6 +222,23 @@ pub(super) fn context_field<'a>(c: &'a RequestContext, record: &str, name: &str)
         ("message", "alg") => Field::Str(Borrowed(c.message.as_ref().map(|m| m.alg).unwrap_or_default())),
         ("message", "length") => Field::Long(c.message.as_ref().map(|m| to_long(m.length)).unwrap_or(0)),
         ("message", "raw_digest") => Field::Bool(c.message.as_ref().is_some_and(MessageFacts::raw_digest)),
+        ("transaction", "present") => Field::Bool(c.transaction.is_some()),
+        ("transaction", "chain_id") => Field::Long(c.transaction.as_ref().map(|t| to_long(t.chain_id)).unwrap_or(0)),
+        ("transaction", "value_is_zero") => Field::Bool(
+            c.transaction
+                .as_ref()
+                .is_none_or(|t| t.value.bytes().all(|b| b == b'0')),
+        ),
+        ("transaction", f) => {
+            let tx = c.transaction.as_ref();
+            let s = |get: fn(&TransactionFacts) -> &str| Field::Str(Borrowed(tx.map(get).unwrap_or_default()));
+            match f {
+                "to" => s(|t| &t.to),
+                "value" => s(|t| &t.value),
+                "selector" => s(|t| &t.selector),
+                _ => return None,
+            }
+        }
         _ => return None,
     })
 }

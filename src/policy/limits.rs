@@ -46,6 +46,8 @@ struct DailySpendSpec {
 struct SessionSpec {
     max_ttl_seconds: Option<u64>,
     max_cap: Option<String>,
+    #[serde(default)]
+    max_asset_cap: std::collections::BTreeMap<String, String>,
     max_open_per_account: Option<u64>,
 }
 
@@ -92,6 +94,9 @@ pub struct SessionLimits {
     pub max_ttl_seconds: Option<u64>,
     /// Largest cap a challenge may ask for.
     pub max_cap: Option<u128>,
+    /// Largest `cap:<asset>:` an asset may be given, by canonical asset
+    /// (`max_cap` for an asset not named here).
+    pub max_asset_cap: Vec<(String, u128)>,
     /// Most sessions open (not revoked, not expired) per account.
     pub max_open_per_account: Option<u64>,
 }
@@ -201,6 +206,19 @@ impl Limits {
                 .as_deref()
                 .map(|c| amount(path, "sessions.max_cap", c))
                 .transpose()?,
+            max_asset_cap: s
+                .max_asset_cap
+                .iter()
+                .map(|(asset, cap)| {
+                    let canonical = crate::session::Asset::parse(asset)
+                        .ok_or_else(|| invalid(path, format!("sessions.max_asset_cap: {asset:?} is not an asset")))?
+                        .to_string();
+                    Ok((
+                        canonical,
+                        amount(path, &format!("sessions.max_asset_cap {asset}"), cap)?,
+                    ))
+                })
+                .collect::<Result<_, PolicyError>>()?,
             max_open_per_account: s.max_open_per_account,
         };
         Ok(Limits {

@@ -22,7 +22,9 @@ pub use defaults::{default_policies, install_defaults, DEFAULT_FILES};
 pub use engine::{decide, Policies};
 pub use error::PolicyError;
 pub use point::{DecisionPoint, SpendHold};
-pub use request::{MessageFacts, PaymentFacts, PolicyRequest, RequestContext, Resource, SessionFacts, TypedDataFacts};
+pub use request::{
+    MessageFacts, PaymentFacts, PolicyRequest, RequestContext, Resource, SessionFacts, TransactionFacts, TypedDataFacts,
+};
 
 /// What the decision point decided, for the caller to record (allowed or denied).
 #[derive(Debug, Clone, PartialEq, Eq)]

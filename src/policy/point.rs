@@ -232,17 +232,22 @@ impl DecisionPoint {
             if let Some(max) = s.max_ttl_seconds.filter(|m| asked.ttl_seconds > *m) {
                 return Ok(Some(("sessions.max_ttl_seconds".into(), format!("ttl above {max} s"))));
             }
-            // The session's cap and every asset's own cap.
-            let largest = asked
-                .scopes
-                .iter()
-                .filter_map(|s| match crate::session::Scope::parse(s) {
-                    Ok(crate::session::Scope::Cap { amount, .. }) => Some(amount),
-                    _ => None,
-                })
-                .fold(asked.cap, u128::max);
-            if let Some(max) = s.max_cap.filter(|m| largest > *m) {
+            if let Some(max) = s.max_cap.filter(|m| asked.cap > *m) {
                 return Ok(Some(("sessions.max_cap".into(), format!("cap above {max}"))));
+            }
+            // Every asset's own cap, against its own limit or max_cap.
+            for scope in &asked.scopes {
+                let Ok(crate::session::Scope::Cap { asset, amount }) = crate::session::Scope::parse(scope) else {
+                    continue;
+                };
+                let asset = asset.to_string();
+                let (name, max) = match s.max_asset_cap.iter().find(|(a, _)| *a == asset) {
+                    Some((_, max)) => ("sessions.max_asset_cap", Some(*max)),
+                    None => ("sessions.max_cap", s.max_cap),
+                };
+                if let Some(max) = max.filter(|m| amount > *m) {
+                    return Ok(Some((name.into(), format!("cap of {asset} above {max}"))));
+                }
             }
         }
         // Asking for a challenge is refused early; opening is checked

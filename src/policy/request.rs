@@ -43,6 +43,8 @@ pub struct RequestContext {
     pub payment: Option<PaymentFacts>,
     /// Message facts (SignMessage).
     pub message: Option<MessageFacts>,
+    /// Transaction facts (SignTransaction).
+    pub transaction: Option<TransactionFacts>,
     /// RevokeSession carries the controller's signature.
     pub controller_signed: bool,
     /// SignAttestation: the dataset.
@@ -106,6 +108,19 @@ pub struct PaymentFacts {
     pub manifest: String,
     /// License id.
     pub license: String,
+}
+
+/// Transaction facts.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TransactionFacts {
+    /// EIP-155 chain id.
+    pub chain_id: u64,
+    /// Recipient or contract called, 0x lower-case.
+    pub to: String,
+    /// Wei, decimal.
+    pub value: String,
+    /// The call data's first four bytes, 0x and 8 lower-case hex digits; "" for none.
+    pub selector: String,
 }
 
 /// Message facts.

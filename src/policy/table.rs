@@ -9,7 +9,7 @@ use serde::Deserialize;
 
 use super::{
     decide, Action, Decision, MessageFacts, PaymentFacts, Policies, PolicyError, PolicyRequest, RequestContext,
-    Resource, SessionFacts, TypedDataFacts,
+    Resource, SessionFacts, TransactionFacts, TypedDataFacts,
 };
 use crate::store::{AccountRecord, SessionRecord};
 
@@ -126,12 +126,33 @@ pub struct ContextSpec {
     /// Message facts.
     #[serde(default)]
     pub message: Option<MessageSpec>,
+    /// Transaction facts.
+    #[serde(default)]
+    pub transaction: Option<TransactionSpec>,
     /// RevokeSession with the controller's signature.
     #[serde(default)]
     pub controller_signed: bool,
     /// SignAttestation's dataset.
     #[serde(default)]
     pub dataset: String,
+}
+
+/// Transaction facts.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TransactionSpec {
+    /// EIP-155 chain id.
+    #[serde(default)]
+    pub chain_id: u64,
+    /// Recipient or contract called (0x address).
+    #[serde(default)]
+    pub to: String,
+    /// Wei, decimal (default "0").
+    #[serde(default)]
+    pub value: Option<String>,
+    /// The call's selector, 0x and 8 hex digits ("" for none).
+    #[serde(default)]
+    pub selector: String,
 }
 
 /// EIP-712 domain facts.
@@ -365,6 +386,12 @@ fn context(path: &Path, case: &Case) -> Result<RequestContext, PolicyError> {
                 })
             })
             .transpose()?,
+        transaction: c.transaction.as_ref().map(|t| TransactionFacts {
+            chain_id: t.chain_id,
+            to: t.to.to_ascii_lowercase(),
+            value: t.value.clone().unwrap_or_else(|| "0".into()),
+            selector: t.selector.to_ascii_lowercase(),
+        }),
         controller_signed: c.controller_signed,
         dataset: c.dataset.clone(),
     })

@@ -354,6 +354,96 @@ fn a_forbid_overrides_a_permit() {
     assert_eq!(d.decided_by(), "no-frozen");
 }
 
+/// The shipped example that allows one contract's one function, uncommented.
+#[test]
+fn the_one_function_example_allows_that_call_only() {
+    let examples = DEFAULT_FILES
+        .iter()
+        .find(|(name, _)| name.ends_with("examples.cedar"))
+        .map(|(_, text)| *text)
+        .expect("examples.cedar");
+    let start = examples
+        .find("// @id(\"payroll-sends-usdc-on-base\")")
+        .expect("the example");
+    let end = start + examples[start..].find("// };").expect("its end") + "// };".len();
+    let policy: String = examples[start..end]
+        .lines()
+        .map(|l| l.trim_start_matches("//").trim_start())
+        .collect::<Vec<_>>()
+        .join("\n")
+        // The default clients file has no payroll team; the marketplace stands in.
+        .replace("\"payroll\"", "\"marketplace\"");
+    let p = set(&policy).expect("the example validates");
+    let a = account(&[MARKETPLACE]);
+    let usdc = "0x833589fcd6edb6e08f4c7c32d4f71b54bda02913";
+    let ask = |tx: TransactionFacts, session: bool| {
+        decide(
+            &PolicyRequest {
+                principal: MARKETPLACE,
+                action: Action::SignTransaction,
+                resource: Resource::Account(&a),
+                context: RequestContext {
+                    session: SessionFacts {
+                        active: session,
+                        ..SessionFacts::default()
+                    },
+                    transaction: Some(tx),
+                    ..RequestContext::default()
+                },
+            },
+            &p,
+        )
+        .allowed
+    };
+    let transfer = TransactionFacts {
+        chain_id: 8453,
+        to: usdc.into(),
+        value: "0".into(),
+        selector: "0xa9059cbb".into(),
+    };
+    assert!(ask(transfer.clone(), false), "USDC transfer on Base");
+    for (what, tx) in [
+        (
+            "approve",
+            TransactionFacts {
+                selector: "0x095ea7b3".into(),
+                ..transfer.clone()
+            },
+        ),
+        (
+            "another chain",
+            TransactionFacts {
+                chain_id: 1,
+                ..transfer.clone()
+            },
+        ),
+        (
+            "another token",
+            TransactionFacts {
+                to: MAIL_DOMAIN.into(),
+                ..transfer.clone()
+            },
+        ),
+        (
+            "with ether",
+            TransactionFacts {
+                value: "1".into(),
+                ..transfer.clone()
+            },
+        ),
+        (
+            "no call",
+            TransactionFacts {
+                selector: String::new(),
+                ..transfer.clone()
+            },
+        ),
+    ] {
+        assert!(!ask(tx, false), "{what}");
+    }
+    assert!(!ask(transfer, true), "inside a session the session's scopes decide");
+}
+
 #[test]
 fn time_context_drives_business_hour_rules() {
     let p = set(r#"
@@ -433,8 +523,16 @@ fn every_rpc_of_the_proto_is_an_action_its_handler_asks_for() {
     }
     assert!(rpcs.len() >= 17, "found the RPCs: {rpcs:?}");
     let mut handlers = String::new();
-    for entry in std::fs::read_dir(root.join("src/api")).expect("api dir") {
-        handlers.push_str(&std::fs::read_to_string(entry.expect("entry").path()).expect("source"));
+    let mut dirs = vec![root.join("src/api")];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(dir).expect("api dir") {
+            let path = entry.expect("entry").path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else {
+                handlers.push_str(&std::fs::read_to_string(path).expect("source"));
+            }
+        }
     }
     let p = default_policies().expect("default set");
     for rpc in &rpcs {

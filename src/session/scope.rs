@@ -16,10 +16,15 @@
 //! typed-data:<chainId>:<verifyingContract>:unbounded
 //!                                            any document of that domain (recognised ones still
 //!                                            bounded and counted)
+//! tx:<chainId>:<to>[:<selector>]             transactions to <to> on that chain (calling that function
+//!                                            only: 0x and 8 lower-case hex digits); their value is a
+//!                                            spend of the chain's native asset, an ERC-20 transfer or
+//!                                            approve to a token of a payments scope one of that token
 //! attest:<dataset-id>                        1-128 of [A-Za-z0-9._:-]
 //!
 //! <asset>   <CURRENCY>                       an off-chain currency: 1-16 of [A-Z0-9] (SignPayment)
 //!           eip155:<chainId>/erc20:<address> an ERC-20 token on an EVM chain (CAIP-19)
+//!           eip155:<chainId>/slip44:60       the chain's native asset (ether), in wei
 //! ```
 //!
 //! Anything else is refused. Scopes only ever grant: an operation is allowed
@@ -51,18 +56,30 @@ pub enum Asset {
         /// The token contract.
         token: Address,
     },
+    /// A chain's native asset (ether on Ethereum), in wei.
+    Native {
+        /// EIP-155 chain id.
+        chain_id: u64,
+    },
 }
 
 impl Asset {
     /// Parses `<CURRENCY>` or `eip155:<chainId>/erc20:<address>`.
     pub fn parse(s: &str) -> Option<Asset> {
         if let Some(rest) = s.strip_prefix("eip155:") {
-            let (chain, token) = rest.split_once("/erc20:")?;
+            let (chain, asset) = rest.split_once('/')?;
             let chain_id = parse_u128(chain).and_then(|c| u64::try_from(c).ok())?;
             if chain_id == 0 {
                 return None;
             }
-            let token = Address::parse(token).ok()?;
+            if asset == "slip44:60" {
+                return Some(Asset::Native { chain_id });
+            }
+            let token = Address::parse(asset.strip_prefix("erc20:")?).ok()?;
+            // No token lives at the zero address; a grant shows the native asset there.
+            if token.0 == [0; 20] {
+                return None;
+            }
             return Some(Asset::Erc20 { chain_id, token });
         }
         is_currency(s).then(|| Asset::Currency(s.to_string()))
@@ -74,6 +91,7 @@ impl fmt::Display for Asset {
         match self {
             Asset::Currency(c) => f.write_str(c),
             Asset::Erc20 { chain_id, token } => write!(f, "eip155:{chain_id}/erc20:0x{}", hex::encode(token.0)),
+            Asset::Native { chain_id } => write!(f, "eip155:{chain_id}/slip44:60"),
         }
     }
 }
@@ -110,6 +128,15 @@ pub enum Scope {
         /// Any document of the domain, not only recognised transfers.
         unbounded: bool,
     },
+    /// Transactions to one address.
+    Tx {
+        /// The chain.
+        chain_id: u64,
+        /// The recipient or contract called.
+        to: Address,
+        /// The only function it may call; `None`: any call, or none.
+        selector: Option<[u8; 4]>,
+    },
     /// Attestations about one dataset.
     Attest(String),
 }
@@ -136,7 +163,8 @@ fn parse_u128(s: &str) -> Option<u128> {
     s.parse().ok()
 }
 
-const ASSET_FORMS: &str = "asset must be a currency (1-16 of [A-Z0-9]) or eip155:<chainId>/erc20:<address>";
+const ASSET_FORMS: &str = "asset must be a currency (1-16 of [A-Z0-9]), eip155:<chainId>/erc20:<address> \
+     or eip155:<chainId>/slip44:60";
 
 impl Scope {
     /// Parses one scope string.
@@ -200,6 +228,31 @@ impl Scope {
                 unbounded,
             });
         }
+        if let Some(rest) = s.strip_prefix("tx:") {
+            let mut parts = rest.split(':');
+            let (Some(chain), Some(to), selector, None) = (parts.next(), parts.next(), parts.next(), parts.next())
+            else {
+                return Err(err("expected tx:<chainId>:<to>[:<selector>]"));
+            };
+            let chain_id = parse_u128(chain)
+                .and_then(|c| u64::try_from(c).ok())
+                .filter(|c| *c != 0)
+                .ok_or_else(|| err("chainId is not a canonical u64 above 0"))?;
+            let to = Address::parse(to).map_err(|_| err("to is not an address"))?;
+            let selector = match selector {
+                None => None,
+                Some(sel) => {
+                    let digits = sel
+                        .strip_prefix("0x")
+                        .filter(|d| d.len() == 8 && d.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)))
+                        .ok_or_else(|| err("selector must be 0x and 8 lower-case hex digits"))?;
+                    let mut out = [0u8; 4];
+                    hex::decode_to_slice(digits, &mut out).map_err(|_| err("selector is not hex"))?;
+                    Some(out)
+                }
+            };
+            return Ok(Scope::Tx { chain_id, to, selector });
+        }
         if let Some(rest) = s.strip_prefix("attest:") {
             if rest.is_empty()
                 || rest.len() > 128
@@ -212,7 +265,7 @@ impl Scope {
             return Ok(Scope::Attest(rest.to_string()));
         }
         Err(err(
-            "unknown scope kind (payments, cap, payee, license:manifest, typed-data, attest)",
+            "unknown scope kind (payments, cap, payee, license:manifest, typed-data, tx, attest)",
         ))
     }
 }
@@ -239,6 +292,13 @@ impl fmt::Display for Scope {
                 hex::encode(verifying_contract.0),
                 if *unbounded { ":unbounded" } else { "" }
             ),
+            Scope::Tx { chain_id, to, selector } => {
+                write!(f, "tx:{chain_id}:0x{}", hex::encode(to.0))?;
+                match selector {
+                    Some(s) => write!(f, ":0x{}", hex::encode(s)),
+                    None => Ok(()),
+                }
+            }
             Scope::Attest(d) => write!(f, "attest:{d}"),
         }
     }
@@ -301,6 +361,16 @@ pub enum ScopeDenied {
     /// A recognised transfer that is not the account's own, or outlives the session.
     #[error("{0}")]
     Transfer(String),
+    /// No tx scope names the transaction's chain, recipient and function.
+    #[error("a transaction on chain {chain_id} to {to} calling {selector} is not covered by a tx scope")]
+    Tx {
+        /// The chain.
+        chain_id: u64,
+        /// The recipient or contract.
+        to: String,
+        /// The function's selector, or "no function".
+        selector: String,
+    },
 }
 
 impl Scopes {
@@ -448,6 +518,23 @@ impl Scopes {
             return Err(ScopeDenied::Manifest(hex::encode(manifest)));
         }
         Ok(())
+    }
+
+    /// Checks a transaction: a tx scope must name its chain and recipient,
+    /// and its function if the scope names one.
+    pub fn check_tx(&self, chain: u64, recipient: &Address, function: Option<[u8; 4]>) -> Result<(), ScopeDenied> {
+        let ok = self.0.iter().any(|s| {
+            matches!(s, Scope::Tx { chain_id, to, selector }
+                if *chain_id == chain && to == recipient && selector.is_none_or(|sel| Some(sel) == function))
+        });
+        if ok {
+            return Ok(());
+        }
+        Err(ScopeDenied::Tx {
+            chain_id: chain,
+            to: recipient.to_checksum(),
+            selector: function.map_or_else(|| "no function".to_string(), |f| format!("0x{}", hex::encode(f))),
+        })
     }
 
     /// Checks an EIP-712 document's domain: a typed-data scope must name it.

@@ -4,11 +4,12 @@
 //! ```text
 //! EIP712Domain(string name,string version,uint256 chainId[,address verifyingContract])
 //! SessionGrant(string accountId,address account,address controller,string delegate,
-//!              Allowance[] allowances,address[] payees,Contract[] contracts,string[] scopes,
+//!              Allowance[] allowances,address[] payees,Contract[] contracts,Call[] calls,string[] scopes,
 //!              uint256 cap,bytes32 nonce,uint64 issuedAt,uint64 expiresAt)
 //!   Allowance(string currency,uint256 chainId,address token,uint256 minPerCall,uint256 maxPerCall,
 //!             uint256 cap,bool ownCap)
 //!   Contract(uint256 chainId,address verifyingContract,bool unbounded)
+//!   Call(uint256 chainId,address to,bytes4 selector,bool anyFunction)
 //! SessionRevocation(string sessionId,string accountId,address controller)
 //! ControllerChange(string accountId,address currentController,address newController,uint64 validBefore)
 //! ControllerChangeCancellation(string accountId,address controller,string changeId)
@@ -95,12 +96,15 @@ pub struct Grant<'a> {
 /// per payments scope (an off-chain `currency`, or a token's `chainId` and
 /// `token`; "*" for the scope of any currency; its per-call bounds; its own
 /// cap, or the session's `cap` it shares when `ownCap` is false), the allowed
-/// `payees` (none: any), and one `Contract` per typed-data scope (`unbounded`:
-/// any document of that domain, not only recognised transfers).
+/// `payees` (none: any), one `Contract` per typed-data scope (`unbounded`:
+/// any document of that domain, not only recognised transfers), and one
+/// `Call` per tx scope (`anyFunction`: any call data). A chain's native asset
+/// is shown as the zero `token` of its `chainId`.
 pub fn session_grant(domain: &Domain, g: &Grant<'_>, parsed: &Scopes) -> Value {
     let mut allowances = Vec::new();
     let mut payees = Vec::new();
     let mut contracts = Vec::new();
+    let mut calls = Vec::new();
     for s in parsed.iter() {
         match s {
             Scope::Payments { asset, min, max } => {
@@ -108,6 +112,7 @@ pub fn session_grant(domain: &Domain, g: &Grant<'_>, parsed: &Scopes) -> Value {
                     None => ("*".to_string(), 0, Address([0; 20])),
                     Some(Asset::Currency(c)) => (c.clone(), 0, Address([0; 20])),
                     Some(Asset::Erc20 { chain_id, token }) => (String::new(), *chain_id, *token),
+                    Some(Asset::Native { chain_id }) => (String::new(), *chain_id, Address([0; 20])),
                 };
                 let own = asset.as_ref().and_then(|a| parsed.cap_for(a));
                 allowances.push(json!({
@@ -130,6 +135,12 @@ pub fn session_grant(domain: &Domain, g: &Grant<'_>, parsed: &Scopes) -> Value {
                 "verifyingContract": verifying_contract.to_checksum(),
                 "unbounded": unbounded,
             })),
+            Scope::Tx { chain_id, to, selector } => calls.push(json!({
+                "chainId": chain_id,
+                "to": to.to_checksum(),
+                "selector": format!("0x{}", hex::encode(selector.unwrap_or_default())),
+                "anyFunction": selector.is_none(),
+            })),
             Scope::Cap { .. } | Scope::LicenseManifest(_) | Scope::Attest(_) => {}
         }
     }
@@ -143,6 +154,7 @@ pub fn session_grant(domain: &Domain, g: &Grant<'_>, parsed: &Scopes) -> Value {
             {"name": "allowances", "type": "Allowance[]"},
             {"name": "payees", "type": "address[]"},
             {"name": "contracts", "type": "Contract[]"},
+            {"name": "calls", "type": "Call[]"},
             {"name": "scopes", "type": "string[]"},
             {"name": "cap", "type": "uint256"},
             {"name": "nonce", "type": "bytes32"},
@@ -157,6 +169,7 @@ pub fn session_grant(domain: &Domain, g: &Grant<'_>, parsed: &Scopes) -> Value {
             "allowances": allowances,
             "payees": payees,
             "contracts": contracts,
+            "calls": calls,
             "scopes": g.scopes,
             "cap": g.cap.to_string(),
             "nonce": format!("0x{}", hex::encode(g.nonce)),
@@ -172,6 +185,12 @@ pub fn session_grant(domain: &Domain, g: &Grant<'_>, parsed: &Scopes) -> Value {
         {"name": "maxPerCall", "type": "uint256"},
         {"name": "cap", "type": "uint256"},
         {"name": "ownCap", "type": "bool"},
+    ]);
+    doc["types"]["Call"] = json!([
+        {"name": "chainId", "type": "uint256"},
+        {"name": "to", "type": "address"},
+        {"name": "selector", "type": "bytes4"},
+        {"name": "anyFunction", "type": "bool"},
     ]);
     doc["types"]["Contract"] = json!([
         {"name": "chainId", "type": "uint256"},
@@ -364,6 +383,7 @@ mod tests {
             "cap:eip155:8453/erc20:0x833589fcd6edb6e08f4c7c32d4f71b54bda02913:500",
             "payee:0x2222222222222222222222222222222222222222",
             "typed-data:8453:0x833589fcd6edb6e08f4c7c32d4f71b54bda02913:unbounded",
+            "tx:8453:0x833589fcd6edb6e08f4c7c32d4f71b54bda02913:0xa9059cbb",
         ]
         .map(String::from)
         .to_vec();
@@ -389,10 +409,11 @@ mod tests {
         assert_eq!(
             t.encode_type("SessionGrant").expect("type"),
             "SessionGrant(string accountId,address account,address controller,string delegate,\
-             Allowance[] allowances,address[] payees,Contract[] contracts,string[] scopes,uint256 cap,\
-             bytes32 nonce,uint64 issuedAt,uint64 expiresAt)\
+             Allowance[] allowances,address[] payees,Contract[] contracts,Call[] calls,string[] scopes,\
+             uint256 cap,bytes32 nonce,uint64 issuedAt,uint64 expiresAt)\
              Allowance(string currency,uint256 chainId,address token,uint256 minPerCall,uint256 maxPerCall,\
              uint256 cap,bool ownCap)\
+             Call(uint256 chainId,address to,bytes4 selector,bool anyFunction)\
              Contract(uint256 chainId,address verifyingContract,bool unbounded)"
         );
         // Field by field: the any-currency form shares the session's cap, the token has its own.
@@ -412,5 +433,9 @@ mod tests {
         );
         assert_eq!(m["payees"], json!(["0x2222222222222222222222222222222222222222"]));
         assert_eq!(m["contracts"][0]["unbounded"], json!(true));
+        assert_eq!(
+            (&m["calls"][0]["selector"], &m["calls"][0]["anyFunction"]),
+            (&json!("0xa9059cbb"), &json!(false))
+        );
     }
 }
