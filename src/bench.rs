@@ -299,6 +299,7 @@ impl SigningService for Bare {
             digest: digest.to_vec(),
             signature: out,
             signer: String::new(),
+            remaining: String::new(),
         }))
     }
     async fn sign_payment(&self, _: Request<SignPaymentRequest>) -> Result<Response<SignPaymentResponse>, Status> {

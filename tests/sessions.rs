@@ -564,6 +564,11 @@ fn cap_race(store: StoreKind) {
             st.remaining(&session_id).await,
             ("6".to_string(), 142, SessionState::Active as i32)
         );
+        // Stopped, not dropped at exit: the HSM's threads end before the process does.
+        match Arc::try_unwrap(st) {
+            Ok(st) => st.daemon.stop().await,
+            Err(_) => panic!("the daemon is still shared"),
+        }
     });
 }
 

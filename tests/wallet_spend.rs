@@ -243,7 +243,11 @@ fn stablecoin_authorizations_sign_as_ethers_does_and_count_against_the_asset_cap
         assert_eq!(m["cap"], Value::from("0"), "nothing moves outside the asset's own cap");
 
         let mut first = None;
-        for name in DOCUMENTS {
+        let mut left: u128 = 13_000_000;
+        for (name, amount) in DOCUMENTS
+            .into_iter()
+            .zip([2_500_000u128, 2_500_000, 1_000_000, 3_000_000, 4_000_000])
+        {
             let ethers = vector(name, "ethers");
             let theirs = vector(name, "eth_account");
             assert_eq!(
@@ -266,6 +270,8 @@ fn stablecoin_authorizations_sign_as_ethers_does_and_count_against_the_asset_cap
                 recover_address(&digest, &r.signature).expect("recovers").to_checksum(),
                 VECTOR_SIGNER
             );
+            left -= amount;
+            assert_eq!(r.remaining, left.to_string(), "{name}: what is left of the asset's cap");
             first.get_or_insert(r);
         }
         // A retry is answered from the store and counts once.
@@ -280,8 +286,29 @@ fn stablecoin_authorizations_sign_as_ethers_does_and_count_against_the_asset_cap
         more["message"]["nonce"] = Value::from(format!("0x{}", "11".repeat(32)));
         let err = w.sign(&token, &more, "one-more").await.expect_err("cap spent");
         assert_eq!(err.code(), Code::ResourceExhausted, "{}", err.message());
-        assert!(err.message().contains("0 left, 1 requested"), "{}", err.message());
+        assert!(
+            err.message()
+                .contains(&format!("cap of {} exhausted: 0 left, 1 requested", asset())),
+            "{}",
+            err.message()
+        );
         assert_eq!(w.remaining(&session_id).await, "0");
+        let s = SessionServiceClient::new(w.daemon.channel(&w.env, "wallet-gateway").await)
+            .get_session(GetSessionRequest {
+                session_id: session_id.clone(),
+            })
+            .await
+            .expect("session")
+            .into_inner();
+        assert_eq!(s.assets.len(), 1);
+        assert_eq!(
+            (
+                s.assets[0].asset.as_str(),
+                s.assets[0].cap.as_str(),
+                s.assets[0].remaining.as_str()
+            ),
+            (asset().as_str(), "13000000", "0")
+        );
         w.daemon.stop().await;
     });
 }
@@ -477,6 +504,11 @@ fn mixed_race(store: StoreKind) {
         assert!(signed <= 1000, "signed {signed} over a cap of 1000");
         assert_eq!(signed + remaining, 1000, "what is left is the cap less what was signed");
         assert!(refused > 0 && remaining < 13, "the cap was reached: {remaining} left");
+        // Stopped, not dropped at exit: the HSM's threads end before the process does.
+        match Arc::try_unwrap(w) {
+            Ok(w) => w.daemon.stop().await,
+            Err(_) => panic!("the daemon is still shared"),
+        }
     });
 }
 

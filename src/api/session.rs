@@ -68,6 +68,27 @@ fn page_start(account_id: &str, token: &str) -> Result<Option<SessionCursor>, Ap
 }
 
 impl Daemon {
+    /// Each asset of the session with its own cap, and what is left of it.
+    async fn session_assets(&self, s: &SessionRecord) -> Result<Vec<crate::api::pb::AssetCap>, ApiError> {
+        let scopes = crate::session::Scopes::parse(&s.scopes).map_err(|_| ApiError::Internal("stored scopes"))?;
+        let spent = self.sessions.asset_spent(&s.id).await?;
+        Ok(scopes
+            .iter()
+            .filter_map(|scope| match scope {
+                crate::session::Scope::Cap { asset, amount } => {
+                    let asset = asset.to_string();
+                    let used = spent.iter().find(|(a, _)| *a == asset).map_or(0, |(_, v)| *v);
+                    Some(crate::api::pb::AssetCap {
+                        remaining: amount.saturating_sub(used).to_string(),
+                        cap: amount.to_string(),
+                        asset,
+                    })
+                }
+                _ => None,
+            })
+            .collect())
+    }
+
     /// The session's public description, with its revocation document.
     pub(super) fn session_proto(&self, s: &SessionRecord, account: &AccountRecord) -> Session {
         let now = self.sessions.now();
@@ -95,6 +116,7 @@ impl Daemon {
             revoked_at: s.revoked_at.unwrap_or_default(),
             revoked_by: s.revoked_by.clone().unwrap_or_default(),
             revocation_typed_data_json: revocation,
+            assets: Vec::new(),
         }
     }
 }
@@ -190,7 +212,9 @@ impl SessionService for SessionApi {
                         RequestContext::default(),
                     )
                     .await?;
-                Ok(d.session_proto(&session, &account))
+                let mut out = d.session_proto(&session, &account);
+                out.assets = d.session_assets(&session).await?;
+                Ok(out)
             })
             .await
     }

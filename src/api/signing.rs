@@ -229,6 +229,7 @@ impl SigningService for SigningApi {
                         digest: digest.to_vec(),
                         signature: signature.to_vec(),
                         signer: keys.eth_address().to_checksum(),
+                        remaining: String::new(),
                     });
                 }
                 // Inside a delegated session: the delegate, a covering scope, one
@@ -282,12 +283,14 @@ impl SigningService for SigningApi {
                     asset: transfer.as_ref().map(|t| &t.asset),
                     cap: transfer.as_ref().and_then(|t| scopes.cap_for(&t.asset)),
                 };
-                spend_then_sign(&d, &identity, spend, &|_| digest_hex.clone(), |_| async {
-                    let (keys, signature) = d.keys.sign_eth_digest(&session.account_id, digest).await?;
+                let (d, account_id) = (&d, &session.account_id);
+                spend_then_sign(d, &identity, spend, &|_| digest_hex.clone(), |reserved| async move {
+                    let (keys, signature) = d.keys.sign_eth_digest(account_id, digest).await?;
                     Ok(SignTypedDataResponse {
                         digest: digest.to_vec(),
                         signature: signature.to_vec(),
                         signer: keys.eth_address().to_checksum(),
+                        remaining: reserved.remaining.to_string(),
                     })
                 })
                 .await

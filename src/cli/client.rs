@@ -636,6 +636,14 @@ pub async fn sign(home: &Path, opts: &ClientOpts, cmd: SignCmd) -> anyhow::Resul
                 .await
                 .map_err(RpcError)?
                 .into_inner();
+            let mut rows = vec![
+                ("digest", hex0x(&r.digest)),
+                ("signature", hex0x(&r.signature)),
+                ("signer", r.signer.clone()),
+            ];
+            if !r.remaining.is_empty() {
+                rows.push(("remaining", r.remaining.clone()));
+            }
             emit(
                 opts.json,
                 &json!({
@@ -643,12 +651,9 @@ pub async fn sign(home: &Path, opts: &ClientOpts, cmd: SignCmd) -> anyhow::Resul
                     "digest": hex0x(&r.digest),
                     "signature": hex0x(&r.signature),
                     "signer": r.signer,
+                    "remaining": r.remaining,
                 }),
-                &[
-                    ("digest", hex0x(&r.digest)),
-                    ("signature", hex0x(&r.signature)),
-                    ("signer", r.signer.clone()),
-                ],
+                &rows,
             );
         }
         SignCmd::Message {

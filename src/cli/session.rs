@@ -249,24 +249,27 @@ fn session_json(s: &Session) -> Value {
         "revoked_at": (s.revoked_at != 0).then_some(s.revoked_at),
         "revoked_by": (!s.revoked_by.is_empty()).then(|| s.revoked_by.clone()),
         "revocation_typed_data": serde_json::from_str::<Value>(&s.revocation_typed_data_json).unwrap_or(Value::Null),
+        "assets": s.assets.iter().map(|a| json!({"asset": a.asset, "cap": a.cap, "remaining": a.remaining})).collect::<Vec<_>>(),
     })
 }
 
 fn print_session(json: bool, s: &Session) {
-    emit(
-        json,
-        &session_json(s),
-        &[
-            ("session_id", s.session_id.clone()),
-            ("account_id", s.account_id.clone()),
-            ("delegate", s.delegate.clone()),
-            ("scopes", s.scopes.join(" ")),
-            ("remaining", format!("{} of {}", s.remaining, s.cap)),
-            ("uses", s.uses.to_string()),
-            ("state", state_name(s.state).to_string()),
-            ("expires_at", s.expires_at.to_string()),
-        ],
-    );
+    let mut rows = vec![
+        ("session_id", s.session_id.clone()),
+        ("account_id", s.account_id.clone()),
+        ("delegate", s.delegate.clone()),
+        ("scopes", s.scopes.join(" ")),
+        ("remaining", format!("{} of {}", s.remaining, s.cap)),
+    ];
+    for a in &s.assets {
+        rows.push(("asset", format!("{}: {} of {}", a.asset, a.remaining, a.cap)));
+    }
+    rows.extend([
+        ("uses", s.uses.to_string()),
+        ("state", state_name(s.state).to_string()),
+        ("expires_at", s.expires_at.to_string()),
+    ]);
+    emit(json, &session_json(s), &rows);
 }
 
 fn parse_sig(s: &str) -> anyhow::Result<Vec<u8>> {

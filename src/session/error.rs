@@ -52,8 +52,13 @@ pub enum SessionError {
     #[error("session {0} has expired")]
     Expired(String),
     /// The cap does not cover the amount.
-    #[error("session cap exhausted: {remaining} left, {requested} requested")]
+    #[error(
+        "{} exhausted: {remaining} left, {requested} requested",
+        asset.as_ref().map_or_else(|| "session cap".to_string(), |a| format!("cap of {a}"))
+    )]
     CapExhausted {
+        /// The asset whose own cap it is; `None`: the session's cap.
+        asset: Option<String>,
         /// Left in the cap.
         remaining: u128,
         /// Asked for.

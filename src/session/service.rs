@@ -353,6 +353,11 @@ impl Sessions {
             .ok_or_else(|| SessionError::SessionNotFound(id.to_string()))
     }
 
+    /// What the session's spends under assets' own caps add up to, by asset.
+    pub async fn asset_spent(&self, session_id: &str) -> Result<Vec<(String, u128)>, SessionError> {
+        Ok(self.store.session_asset_spent(session_id).await?)
+    }
+
     /// One page of an account's sessions, newest first, after `after`.
     pub async fn list_page(
         &self,
@@ -530,6 +535,7 @@ impl Sessions {
             SpendOutcome::InProgress => Err(SessionError::InProgress),
             SpendOutcome::BodyMismatch => Err(SessionError::IdempotencyMismatch),
             SpendOutcome::Insufficient { remaining } => Err(SessionError::CapExhausted {
+                asset: asset_cap.map(|(a, _)| a.to_string()),
                 remaining,
                 requested: amount,
             }),

@@ -548,6 +548,10 @@ pub trait Store: Send + Sync + fmt::Debug {
     /// receipt names the payment it is for by its request id).
     async fn get_spend(&self, session_id: &str, request_id: &str) -> Result<Option<SpendRecord>, StoreError>;
 
+    /// What the session's spends under an asset's own cap add up to, by
+    /// asset (pending ones included), in asset order.
+    async fn session_asset_spent(&self, session_id: &str) -> Result<Vec<(String, u128)>, StoreError>;
+
     /// Spends still pending (reserved, neither completed nor released) that
     /// were reserved before `before` (unix seconds), oldest first, at most
     /// `limit`: what the recovery sweep releases (a request that died between

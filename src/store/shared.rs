@@ -1071,6 +1071,22 @@ where
         Ok(DB::rows_affected(&done) == 1)
     }
 
+    async fn session_asset_spent(&self, session_id: &str) -> Result<Vec<(String, u128)>, StoreError> {
+        let rows = sqlx::query("SELECT asset, spent FROM session_assets WHERE session_id = $1 ORDER BY asset")
+            .bind(session_id)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(err::<DB>)?;
+        rows.iter()
+            .map(|row| {
+                let asset: String = row.try_get("asset").map_err(err::<DB>)?;
+                let spent: String = row.try_get("spent").map_err(err::<DB>)?;
+                let spent = decode_amount(&format!("session {session_id} asset {asset}"), "spent", &spent)?;
+                Ok((asset, spent))
+            })
+            .collect()
+    }
+
     async fn get_spend(&self, session_id: &str, request_id: &str) -> Result<Option<super::SpendRecord>, StoreError> {
         let row = sqlx::query("SELECT amount, response FROM spends WHERE session_id = $1 AND request_id = $2")
             .bind(session_id)
