@@ -801,3 +801,44 @@ fn transactions_in_a_session_are_bounded_and_counted() {
         w.daemon.stop().await;
     });
 }
+
+/// A session opened before assets existed (scope grammar 1, as migration 0015
+/// marks every older session) keeps what its wallet granted: its plain
+/// typed-data scope still signs any document of the domain; a recognised
+/// transfer is bounded all the same.
+#[test]
+fn a_session_opened_before_assets_keeps_its_unbounded_domain() {
+    let env = Env::new(Custody::Host, StoreKind::Sqlite).expect("env");
+    block_on(async {
+        let w = Holder::start(env, 1_800_000_000, false).await;
+        let mail_domain = "typed-data:1:0xcccccccccccccccccccccccccccccccccccccccc".to_string();
+        let (_, session_id, token) = w
+            .session(&[mail_domain, format!("typed-data:8453:{USDC}")], "10", 600)
+            .await;
+        let mail: Value = serde_json::from_str(MAIL).expect("mail");
+        let err = w
+            .sign(&token, &mail, "")
+            .await
+            .expect_err("grammar 2: recognised transfers only");
+        assert_eq!(err.code(), Code::PermissionDenied, "{}", err.message());
+        // What an older keyward wrote: the column's default.
+        use sqlx::Connection as _;
+        let mut db = sqlx::SqliteConnection::connect(&w.env.store_url).await.expect("db");
+        sqlx::query("UPDATE sessions SET scope_grammar = 1 WHERE id = ?")
+            .bind(&session_id)
+            .execute(&mut db)
+            .await
+            .expect("update");
+        db.close().await.expect("close");
+        w.sign(&token, &mail, "")
+            .await
+            .expect("grammar 1: the domain as granted");
+        let err = w
+            .sign(&token, &document("eip3009_transfer", &w.address, 1_800_000_600), "")
+            .await
+            .expect_err("a transfer needs its token's payments scope");
+        assert_eq!(err.code(), Code::PermissionDenied, "{}", err.message());
+        assert!(err.message().contains("are not granted"), "{}", err.message());
+        w.daemon.stop().await;
+    });
+}
