@@ -598,26 +598,7 @@ fn a_revocation_reaches_the_other_replica_within_the_watch_postgres() {
 
 /// Runs the `keyward` binary as a client of the in-process daemon.
 fn cli(st: &Story, profile: &str, args: &[&str]) -> (bool, String, String) {
-    let p = st.env.pki.clients.iter().find(|c| c.name == profile).expect("profile");
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_keyward"))
-        .arg("--home")
-        .arg(st.env.dir.path().join("cli-home"))
-        .arg("--endpoint")
-        .arg(&st.daemon.grpc)
-        .arg("--ca")
-        .arg(&st.env.pki.ca_cert)
-        .arg("--cert")
-        .arg(&p.cert)
-        .arg("--key")
-        .arg(&p.key)
-        .args(args)
-        .output()
-        .expect("run keyward");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).to_string(),
-        String::from_utf8_lossy(&out.stderr).to_string(),
-    )
+    common::cli(&st.env, &st.daemon, profile, args)
 }
 
 #[test]

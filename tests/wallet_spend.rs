@@ -751,6 +751,13 @@ fn transactions_in_a_session_are_bounded_and_counted() {
             d[..4].copy_from_slice(&[0x09, 0x5e, 0xa7, 0xb3]);
             d
         };
+        // Token calls a decoder might read as a transfer of anything.
+        let mut trailing = erc20_transfer(PAYEE, 5_000_000_000);
+        trailing.push(0);
+        let mut dirty = erc20_transfer(PAYEE, 5_000_000_000);
+        dirty[4] = 1;
+        let mut transfer_from = hex::decode("23b872dd").expect("selector");
+        transfer_from.extend_from_slice(&[0u8; 96]);
         for (what, req, needle) in [
             ("another address", tx(other, "1", vec![]), "not covered by a tx scope"),
             ("another function", tx(USDC, "", approve), "calling 0x095ea7b3"),
@@ -776,6 +783,21 @@ fn transactions_in_a_session_are_bounded_and_counted() {
                 "ether with a token transfer",
                 tx(USDC, "1", erc20_transfer(PAYEE, 5)),
                 "carries no ether",
+            ),
+            (
+                "a transfer with a trailing byte",
+                tx(USDC, "", trailing),
+                "must be exactly transfer",
+            ),
+            (
+                "a transfer with a dirty address word",
+                tx(USDC, "", dirty),
+                "must be exactly transfer",
+            ),
+            (
+                "transferFrom through a contract any function may call",
+                tx(PAYEE, "", transfer_from),
+                "must be exactly transfer",
             ),
         ] {
             let err = w.transaction("marketplace", in_session(req, "")).await.expect_err(what);

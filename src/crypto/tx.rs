@@ -14,6 +14,16 @@ use super::eth::Address;
 pub const ERC20_TRANSFER: [u8; 4] = [0xa9, 0x05, 0x9c, 0xbb];
 /// ERC-20 `approve(address,uint256)`.
 pub const ERC20_APPROVE: [u8; 4] = [0x09, 0x5e, 0xa7, 0xb3];
+/// The token functions that move or allow value: `transfer`, `approve`,
+/// `transferFrom(address,address,uint256)`, `increaseAllowance(address,uint256)`
+/// and `permit(address,address,uint256,uint256,uint8,bytes32,bytes32)` (EIP-2612).
+pub const ERC20_VALUE_FUNCTIONS: [[u8; 4]; 5] = [
+    ERC20_TRANSFER,
+    ERC20_APPROVE,
+    [0x23, 0xb8, 0x72, 0xdd],
+    [0x39, 0x50, 0x93, 0x51],
+    [0xd5, 0x05, 0xac, 0xcf],
+];
 
 /// How the transaction pays for gas.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -8,7 +8,7 @@ use super::super::{ApiError, Daemon};
 use super::{body_hash, in_session, spend_then_sign, SessionSpend};
 use crate::api::account::check_account_id;
 use crate::crypto::eth::Address;
-use crate::crypto::tx::{Erc20Call, Fees, Transaction};
+use crate::crypto::tx::{Erc20Call, Fees, Transaction, ERC20_VALUE_FUNCTIONS};
 use crate::keys::AccountKeys;
 use crate::policy::{Action, RequestContext, Resource, TransactionFacts};
 use crate::session::{Asset, ScopeDenied, SessionError};
@@ -128,9 +128,28 @@ fn amount(v: &BigUint) -> Result<u128, SessionError> {
 /// What a transaction inside a session spends: an ERC-20 `transfer` or
 /// `approve` spends that token (to its recipient or spender), carrying no
 /// ether; anything else spends its value in the chain's native asset (to
-/// the address called).
-fn spend_of(tx: &Transaction) -> Result<(Asset, u128, Address), SessionError> {
+/// the address called). A call to a token the session's payments scopes
+/// name must be one of those two, and any call of a token function that
+/// moves or allows value must be exactly one of them (selector and two
+/// clean ABI words: a token's decoder may ignore trailing bytes).
+fn spend_of(tx: &Transaction, scopes: &crate::session::Scopes) -> Result<(Asset, u128, Address), SessionError> {
     let value = tx.value();
+    let token = Asset::Erc20 {
+        chain_id: tx.chain_id,
+        token: tx.to,
+    };
+    let names_token = scopes
+        .iter()
+        .any(|s| matches!(s, crate::session::Scope::Payments { asset: Some(a), .. } if *a == token));
+    let value_function = tx.selector().is_some_and(|s| ERC20_VALUE_FUNCTIONS.contains(&s));
+    if tx.erc20_call().is_none() && (names_token || value_function) {
+        return Err(ScopeDenied::Transfer(format!(
+            "a call to {} that moves tokens must be exactly transfer(address,uint256) or \
+             approve(address,uint256) (selector and two ABI words)",
+            tx.to.to_checksum()
+        ))
+        .into());
+    }
     match tx.erc20_call() {
         Some(call) => {
             if value != BigUint::default() {
@@ -185,7 +204,7 @@ pub(super) async fn sign_transaction(
     scopes
         .check_tx(tx.chain_id, &tx.to, tx.selector())
         .map_err(SessionError::from)?;
-    let (asset, amount, payee) = spend_of(&tx)?;
+    let (asset, amount, payee) = spend_of(&tx, &scopes)?;
     // A call that moves nothing needs no payments scope; one that moves value does.
     if amount > 0 || tx.erc20_call().is_some() {
         scopes.check_spend(&asset, amount, &payee).map_err(SessionError::from)?;
