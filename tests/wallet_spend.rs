@@ -460,6 +460,9 @@ fn mixed_race(store: StoreKind) {
                             session_token: token,
                             request_id: format!("tx-{i}"),
                             nonce: i as u64,
+                            // No gas fee, so that each counts 13 wei.
+                            max_fee_per_gas: "0".into(),
+                            max_priority_fee_per_gas: "0".into(),
                             ..tx(PAYEE, "13", vec![])
                         })
                         .await
@@ -672,8 +675,9 @@ fn transactions_sign_as_eth_account_does_and_decode_with_it() {
 }
 
 /// Inside a session a transaction needs a tx scope naming its chain, address
-/// and function; its ether is a spend of the chain's native asset, an ERC-20
-/// transfer a spend of that token, each bounded by its payments scope and
+/// and function; its ether (value and gas: gas limit × fee cap) is a spend of
+/// the chain's native asset, an ERC-20 transfer a spend of that token and its
+/// gas one of ether, all or nothing, each bounded by its payments scope and
 /// payees and reserved against its cap.
 #[test]
 fn transactions_in_a_session_are_bounded_and_counted() {
@@ -684,7 +688,7 @@ fn transactions_in_a_session_are_bounded_and_counted() {
         let eth = "eip155:8453/slip44:60";
         let scopes = [
             format!("tx:8453:{PAYEE}"),
-            format!("payments:{eth}:1-1000000000000000"),
+            format!("payments:{eth}:1-2000000000000000"),
             format!("cap:{eth}:1500000000000000"),
             format!("tx:8453:{USDC}:0xa9059cbb"),
             format!("payments:{}:1-3000000", asset()),
@@ -706,7 +710,7 @@ fn transactions_in_a_session_are_bounded_and_counted() {
             .expect_err("above the asset's limit");
         assert_eq!(err.code(), Code::ResourceExhausted, "{}", err.message());
         assert!(err.message().contains("sessions.max_asset_cap"), "{}", err.message());
-        let (grant, _, token) = w.session(&scopes, "0", 600).await;
+        let (grant, session_id, token) = w.session(&scopes, "0", 600).await;
         let calls = &grant["message"]["calls"];
         assert_eq!(calls[1]["selector"], "0xa9059cbb", "{calls}");
         assert_eq!(calls[0]["anyFunction"], true, "{calls}");
@@ -726,7 +730,8 @@ fn transactions_in_a_session_are_bounded_and_counted() {
             )
             .await
             .expect("ether to the payee");
-        assert_eq!(r.remaining, "500000000000000");
+        // 0.001 ether and 60,000 gas at 1 gwei: 0.00106 of the 0.0015 cap.
+        assert_eq!(r.remaining, "440000000000000");
         if let Some(d) = eth_account_decode_tx(&r.raw_transaction) {
             assert_eq!(d["sender"], w.address);
             assert_eq!(d["value"], "1000000000000000");
@@ -812,6 +817,43 @@ fn transactions_in_a_session_are_bounded_and_counted() {
             .await
             .expect("USDC to the payee");
         assert_eq!(r.remaining, "1000000", "the token's own cap");
+        let s = SessionServiceClient::new(w.daemon.channel(&w.env, "wallet-gateway").await)
+            .get_session(GetSessionRequest {
+                session_id: session_id.clone(),
+            })
+            .await
+            .expect("session")
+            .into_inner();
+        let left: Vec<(&str, &str)> = s
+            .assets
+            .iter()
+            .map(|a| (a.asset.as_str(), a.remaining.as_str()))
+            .collect();
+        assert_eq!(
+            left,
+            [(eth, "380000000000000"), (asset().as_str(), "1000000")],
+            "its gas came from the ether cap"
+        );
+        // Gas the ether cap cannot pay: the token transfer is refused whole.
+        let err = w
+            .transaction(
+                "marketplace",
+                in_session(
+                    SignTransactionRequest {
+                        max_fee_per_gas: "7000000000".into(),
+                        ..tx(USDC, "", erc20_transfer(PAYEE, 1))
+                    },
+                    "",
+                ),
+            )
+            .await
+            .expect_err("gas over the ether cap");
+        assert_eq!(err.code(), Code::ResourceExhausted, "{}", err.message());
+        assert!(
+            err.message().contains(&format!("cap of {eth} exhausted")),
+            "{}",
+            err.message()
+        );
         let err = w
             .transaction(
                 "marketplace",

@@ -7,6 +7,11 @@
 
 ALTER TABLE sessions ADD COLUMN scope_grammar BIGINT NOT NULL DEFAULT 1;
 ALTER TABLE spends ADD COLUMN asset TEXT;
+-- A transaction's gas, when it is paid in another asset than what it moves
+-- (an ERC-20 transfer pays gas in ether): its amount and asset (NULL: the
+-- session's cap), given back with the rest when the spend is released.
+ALTER TABLE spends ADD COLUMN fee_asset TEXT;
+ALTER TABLE spends ADD COLUMN fee_amount TEXT;
 
 CREATE TABLE session_assets (
     session_id TEXT NOT NULL REFERENCES sessions (id),

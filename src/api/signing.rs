@@ -120,6 +120,9 @@ struct SessionSpend<'a> {
     asset: Option<&'a Asset>,
     /// The asset's own cap, if a `cap:` scope gives it one.
     cap: Option<u128>,
+    /// A second part reserved with it (a transaction's gas paid in another
+    /// asset than the one it moves): the asset, the amount, its own cap.
+    fee: Option<(&'a Asset, u128, Option<u128>)>,
 }
 
 /// Reserves a session spend (its audit event in the same transaction),
@@ -142,6 +145,11 @@ where
     let session = spend.session;
     let asset = spend.asset.map(ToString::to_string);
     let asset_cap = spend.cap.zip(asset.as_deref()).map(|(cap, a)| (a, cap));
+    let fee_asset = spend.fee.map(|(a, _, _)| a.to_string());
+    let fee = spend.fee.map(|(_, amount, cap)| crate::store::SpendPart {
+        amount,
+        asset_cap: cap.zip(fee_asset.as_deref()).map(|(cap, a)| (a, cap)),
+    });
     let reserved = match d
         .sessions
         .begin_spend(
@@ -150,6 +158,7 @@ where
             spend.body_hash,
             spend.amount,
             asset_cap,
+            fee,
             digest,
         )
         .await?
@@ -160,18 +169,27 @@ where
         Spend::Reserved(r) => r,
     };
     let request_id = reserved.request_id.clone();
-    // The account's daily cap for the asset (a retry replays above and counts once).
-    let hold = match asset.as_deref() {
-        Some(a) => match d
+    // The account's daily caps for the assets (a retry replays above and counts once).
+    let mut holds = Vec::new();
+    let parts = [
+        asset.as_deref().map(|a| (a, spend.amount)),
+        fee_asset.as_deref().zip(spend.fee.map(|(_, amount, _)| amount)),
+    ];
+    for (a, amount) in parts.into_iter().flatten() {
+        match d
             .policy
-            .hold_daily_spend(identity, &session.account_id, a, spend.amount)
+            .hold_daily_spend(identity, &session.account_id, a, amount)
             .await
         {
-            Ok(h) => h,
-            Err(e) => return Err(release(d, session, &request_id, e.into()).await),
-        },
-        None => None,
-    };
+            Ok(h) => holds.extend(h),
+            Err(e) => {
+                for h in holds {
+                    d.policy.release_daily_spend(h).await;
+                }
+                return Err(release(d, session, &request_id, e.into()).await);
+            }
+        }
+    }
     let signed = match sign(reserved).await {
         Ok(resp) => complete(d, &session.id, &request_id, &resp).await.map(|()| resp),
         Err(e) => Err(e),
@@ -180,7 +198,7 @@ where
         Ok(resp) => Ok(resp),
         Err(e) => {
             // The signature is withheld: give back what it held.
-            if let Some(h) = hold {
+            for h in holds {
                 d.policy.release_daily_spend(h).await;
             }
             Err(release(d, session, &request_id, e).await)
@@ -282,6 +300,7 @@ impl SigningService for SigningApi {
                     amount,
                     asset: transfer.as_ref().map(|t| &t.asset),
                     cap: transfer.as_ref().and_then(|t| scopes.cap_for(&t.asset)),
+                    fee: None,
                 };
                 let (d, account_id) = (&d, &session.account_id);
                 spend_then_sign(d, &identity, spend, &|_| digest_hex.clone(), |reserved| async move {
@@ -423,6 +442,7 @@ impl SigningService for SigningApi {
                     amount,
                     asset: Some(&asset),
                     cap: scopes.cap_for(&asset),
+                    fee: None,
                 };
                 let (document, d, session) = (&document, &d, &session);
                 spend_then_sign(d, &identity, spend, &digest_of, |reserved| async move {

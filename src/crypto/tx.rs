@@ -172,6 +172,16 @@ impl Transaction {
         Ok((envelope.encoded_2718(), envelope.tx_hash().0))
     }
 
+    /// The most the transaction can cost in gas, wei: the gas limit times
+    /// the fee cap (EIP-1559) or the gas price (legacy); `None` above 2^128.
+    pub fn max_fee(&self) -> Option<u128> {
+        let per_gas = match self.fees {
+            Fees::Eip1559 { max_fee_per_gas, .. } => max_fee_per_gas,
+            Fees::Legacy { gas_price } => gas_price,
+        };
+        u128::from(self.gas_limit).checked_mul(per_gas)
+    }
+
     /// The first four bytes of the call data, if there are four.
     pub fn selector(&self) -> Option<[u8; 4]> {
         self.data.get(..4).and_then(|s| s.try_into().ok())

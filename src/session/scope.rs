@@ -464,6 +464,13 @@ impl Scopes {
     /// that asset (or, for a currency, one for any) must cover the amount, and
     /// the payee must be one of the session's payee scopes if it has any.
     pub fn check_spend(&self, asset: &Asset, amount: u128, payee: &Address) -> Result<(), ScopeDenied> {
+        self.check_amount(asset, amount)?;
+        self.check_payee(payee)
+    }
+
+    /// Checks that a payments scope for `asset` (or, for a currency, one for
+    /// any) covers `amount`.
+    pub fn check_amount(&self, asset: &Asset, amount: u128) -> Result<(), ScopeDenied> {
         let payments: Vec<&Scope> = self.0.iter().filter(|s| matches!(s, Scope::Payments { .. })).collect();
         let covering: Vec<&&Scope> = payments
             .iter()
@@ -490,6 +497,11 @@ impl Scopes {
         if !amount_ok {
             return Err(ScopeDenied::Amount(amount));
         }
+        Ok(())
+    }
+
+    /// Checks that `payee` is one of the session's payee scopes, if it has any.
+    pub fn check_payee(&self, payee: &Address) -> Result<(), ScopeDenied> {
         let payees: Vec<&Scope> = self.0.iter().filter(|s| matches!(s, Scope::Payee(_))).collect();
         if !payees.is_empty() && !payees.iter().any(|s| matches!(s, Scope::Payee(p) if p == payee)) {
             return Err(ScopeDenied::Payee {

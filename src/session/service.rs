@@ -17,7 +17,7 @@ use crate::hsm::IssuerAlg;
 use crate::issuer::Issuer;
 use crate::store::{
     AccountRecord, ChallengeRecord, OpenOutcome, Pruned, SessionCursor, SessionRecord, SpendEvent, SpendOutcome,
-    SpendRequest, Store,
+    SpendPart, SpendRequest, Store,
 };
 
 /// Most characters in a delegate identity.
@@ -458,8 +458,9 @@ impl Sessions {
     }
 
     /// Reserves `amount` against the session's cap (or, with `asset_cap`,
-    /// against that asset's own cap) and records the request, atomically; or
-    /// returns the stored result of the identical request.
+    /// against that asset's own cap), and `fee` with it when given, and
+    /// records the request, atomically; or returns the stored result of the
+    /// identical request.
     /// Inside a request the request's audit event is appended in the
     /// reserving transaction, before anything is signed: `digest` gives the
     /// hex digest of what will be signed from the spend's nonce, the
@@ -471,6 +472,7 @@ impl Sessions {
         body_hash: [u8; 32],
         amount: u128,
         asset_cap: Option<(&str, u128)>,
+        fee: Option<SpendPart<'_>>,
         digest: &(dyn Fn(u64) -> String + Send + Sync),
     ) -> Result<Spend, SessionError> {
         if request_id.len() > 128 || request_id.chars().any(char::is_control) {
@@ -511,6 +513,7 @@ impl Sessions {
                         body_hash,
                         amount,
                         asset_cap,
+                        fee,
                         now: self.clock.now(),
                     },
                     event.as_ref().map(|_| &build as SpendEvent<'_>),
@@ -534,10 +537,14 @@ impl Sessions {
             SpendOutcome::Replay { response } => Ok(Spend::Replay(response)),
             SpendOutcome::InProgress => Err(SessionError::InProgress),
             SpendOutcome::BodyMismatch => Err(SessionError::IdempotencyMismatch),
-            SpendOutcome::Insufficient { remaining } => Err(SessionError::CapExhausted {
-                asset: asset_cap.map(|(a, _)| a.to_string()),
+            SpendOutcome::Insufficient {
                 remaining,
-                requested: amount,
+                asset,
+                requested,
+            } => Err(SessionError::CapExhausted {
+                asset,
+                remaining,
+                requested,
             }),
             SpendOutcome::Revoked => Err(SessionError::Revoked(session.id.clone())),
             SpendOutcome::Expired => Err(SessionError::Expired(session.id.clone())),

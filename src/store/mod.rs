@@ -273,8 +273,20 @@ pub struct SpendRequest<'a> {
     /// The asset and its own cap when the spend counts against that cap
     /// (a `cap:<asset>:` scope) rather than the session's.
     pub asset_cap: Option<(&'a str, u128)>,
+    /// A second part reserved with it, all or nothing: a transaction's gas
+    /// when it moves another asset than the one gas is paid in.
+    pub fee: Option<SpendPart<'a>>,
     /// The current time, unix seconds UTC.
     pub now: i64,
+}
+
+/// One part of a spend: how much, and against which cap.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SpendPart<'a> {
+    /// Minor units.
+    pub amount: u128,
+    /// The asset and its own cap; `None`: the session's cap.
+    pub asset_cap: Option<(&'a str, u128)>,
 }
 
 /// Builds a spend's audit event from the nonce its reservation is given
@@ -327,6 +339,10 @@ pub enum SpendOutcome {
     Insufficient {
         /// What is left of the cap.
         remaining: u128,
+        /// The asset whose own cap it is; `None`: the session's cap.
+        asset: Option<String>,
+        /// What the request needed from that cap.
+        requested: u128,
     },
     /// The session was revoked.
     Revoked,
@@ -1490,17 +1506,17 @@ pub(crate) fn challenge_mismatch(backend: &'static str, challenge_id: &str, sess
 pub(crate) enum SpendDecision {
     /// Answer this without changing anything.
     Answer(SpendOutcome),
-    /// Write the session's new remaining and uses (and the asset's new spent
-    /// total when the spend counts against its asset's cap), and insert the spend.
+    /// Write the session's new remaining and uses (and each asset's new
+    /// spent total), and insert the spend.
     Reserve {
-        /// The session row's `remaining` afterwards (unchanged for an asset's spend).
+        /// The session row's `remaining` afterwards.
         session_remaining: u128,
-        /// What is left of the cap the spend counts against, to report.
+        /// What is left of the cap the spend's main part counts against, to report.
         left: u128,
         /// The session's `uses` afterwards: the spend's nonce.
         uses: u64,
-        /// The asset's spent total afterwards, for a spend under its own cap.
-        asset_spent: Option<u128>,
+        /// Each asset with its own cap the spend counts against, and its spent total afterwards.
+        asset_spent: Vec<(String, u128)>,
     },
 }
 
@@ -1510,15 +1526,24 @@ pub(crate) struct RawSpend {
     pub response: Option<Vec<u8>>,
 }
 
+/// The parts of a spend request: its main part, then its fee if any.
+pub(crate) fn spend_parts<'a>(r: &SpendRequest<'a>) -> impl Iterator<Item = SpendPart<'a>> {
+    std::iter::once(SpendPart {
+        amount: r.amount,
+        asset_cap: r.asset_cap,
+    })
+    .chain(r.fee)
+}
+
 /// The checks of `reserve_spend`, in the documented order, on the session
-/// row locked for update (or read under the writer lock). `asset_spent` is
-/// the spent total of the request's asset (0 when it has no row yet), read
-/// under the same lock, when the request counts against an asset's cap.
+/// row locked for update (or read under the writer lock). `spent` holds the
+/// spent total of each asset with its own cap the request counts against
+/// (absent: 0), read under the same lock. All parts are reserved or none.
 pub(crate) fn decide_spend(
     r: &SpendRequest<'_>,
     session: Option<SessionRecord>,
     existing: Option<RawSpend>,
-    asset_spent: u128,
+    spent: &[(String, u128)],
 ) -> Result<SpendDecision, StoreError> {
     let Some(session) = session else {
         return Ok(SpendDecision::Answer(SpendOutcome::NotFound));
@@ -1542,31 +1567,45 @@ pub(crate) fn decide_spend(
     if r.now >= session.expires_at {
         return Ok(SpendDecision::Answer(SpendOutcome::Expired));
     }
-    let available = match r.asset_cap {
-        Some((_, cap)) => cap.saturating_sub(asset_spent),
-        None => session.remaining,
-    };
-    if r.amount > available {
-        return Ok(SpendDecision::Answer(SpendOutcome::Insufficient {
-            remaining: available,
-        }));
+    // What each cap must give: parts counting against the same cap add up.
+    let mut needs: Vec<(Option<(&str, u128)>, u128)> = Vec::with_capacity(2);
+    for part in spend_parts(r) {
+        let key = part.asset_cap.map(|(a, _)| a);
+        match needs.iter_mut().find(|(c, _)| c.map(|(a, _)| a) == key) {
+            Some((_, need)) => *need = need.saturating_add(part.amount),
+            None => needs.push((part.asset_cap, part.amount)),
+        }
+    }
+    let spent_of = |asset: &str| spent.iter().find(|(a, _)| a == asset).map_or(0, |(_, v)| *v);
+    let mut session_remaining = session.remaining;
+    let mut asset_spent = Vec::new();
+    let mut left = None;
+    for (cap, need) in needs {
+        let available = match cap {
+            Some((asset, cap)) => cap.saturating_sub(spent_of(asset)),
+            None => session.remaining,
+        };
+        if need > available {
+            return Ok(SpendDecision::Answer(SpendOutcome::Insufficient {
+                remaining: available,
+                asset: cap.map(|(a, _)| a.to_string()),
+                requested: need,
+            }));
+        }
+        match cap {
+            Some((asset, _)) => asset_spent.push((asset.to_string(), spent_of(asset) + need)),
+            None => session_remaining = available - need,
+        }
+        left.get_or_insert(available - need);
     }
     let uses = session.uses.checked_add(1).ok_or_else(|| StoreError::Corrupt {
         what: format!("session {}: uses overflow", session.id),
     })?;
-    Ok(match r.asset_cap {
-        Some(_) => SpendDecision::Reserve {
-            session_remaining: session.remaining,
-            left: available - r.amount,
-            uses,
-            asset_spent: Some(asset_spent + r.amount),
-        },
-        None => SpendDecision::Reserve {
-            session_remaining: session.remaining - r.amount,
-            left: session.remaining - r.amount,
-            uses,
-            asset_spent: None,
-        },
+    Ok(SpendDecision::Reserve {
+        session_remaining,
+        left: left.unwrap_or(session_remaining),
+        uses,
+        asset_spent,
     })
 }
 

@@ -978,23 +978,29 @@ where
                 })
                 .transpose()?,
         };
-        let asset_spent = match (&session, r.asset_cap) {
-            (Some(_), Some((asset, _))) => {
-                let spent: Option<String> =
+        // The spent totals of the assets with their own caps it counts against.
+        let mut spent = Vec::new();
+        if session.is_some() {
+            for part in super::spend_parts(r) {
+                let Some((asset, _)) = part.asset_cap else { continue };
+                if spent.iter().any(|(a, _): &(String, u128)| a == asset) {
+                    continue;
+                }
+                let row: Option<String> =
                     sqlx::query_scalar("SELECT spent FROM session_assets WHERE session_id = $1 AND asset = $2")
                         .bind(r.session_id)
                         .bind(asset)
                         .fetch_optional(&mut *tx)
                         .await
                         .map_err(err::<DB>)?;
-                match spent {
-                    Some(s) => decode_amount(&format!("session {} asset {asset}", r.session_id), "spent", &s)?,
+                let value = match row {
+                    Some(v) => decode_amount(&format!("session {} asset {asset}", r.session_id), "spent", &v)?,
                     None => 0,
-                }
+                };
+                spent.push((asset.to_string(), value));
             }
-            _ => 0,
-        };
-        let (remaining, left, uses, new_spent) = match decide_spend(r, session, existing, asset_spent)? {
+        }
+        let (remaining, left, uses, new_spent) = match decide_spend(r, session, existing, &spent)? {
             SpendDecision::Answer(outcome) => {
                 tx.rollback().await?;
                 return Ok((outcome, None));
@@ -1015,22 +1021,21 @@ where
             .execute(&mut *tx)
             .await
             .map_err(err::<DB>)?;
-        let asset = r.asset_cap.map(|(asset, _)| asset);
-        if let (Some(asset), Some(spent)) = (asset, new_spent) {
+        for (asset, total) in &new_spent {
             sqlx::query(
                 "INSERT INTO session_assets (session_id, asset, spent) VALUES ($1, $2, $3) \
                  ON CONFLICT (session_id, asset) DO UPDATE SET spent = excluded.spent",
             )
             .bind(r.session_id)
             .bind(asset)
-            .bind(encode_amount(spent))
+            .bind(encode_amount(*total))
             .execute(&mut *tx)
             .await
             .map_err(err::<DB>)?;
         }
         sqlx::query(
-            "INSERT INTO spends (session_id, request_id, body_hash, amount, nonce, created_at, response, asset) \
-             VALUES ($1, $2, $3, $4, $5, $6, NULL, $7)",
+            "INSERT INTO spends (session_id, request_id, body_hash, amount, nonce, created_at, response, asset, \
+             fee_asset, fee_amount) VALUES ($1, $2, $3, $4, $5, $6, NULL, $7, $8, $9)",
         )
         .bind(r.session_id)
         .bind(r.request_id)
@@ -1038,7 +1043,9 @@ where
         .bind(encode_amount(r.amount))
         .bind(stored_uses)
         .bind(r.now)
-        .bind(asset)
+        .bind(r.asset_cap.map(|(a, _)| a))
+        .bind(r.fee.and_then(|f| f.asset_cap).map(|(a, _)| a))
+        .bind(r.fee.map(|f| encode_amount(f.amount)))
         .execute(&mut *tx)
         .await
         .map_err(conflict_as(DB::BACKEND, || {
@@ -1158,7 +1165,8 @@ where
             .await
             .map_err(err::<DB>)?;
         let pending = sqlx::query(
-            "SELECT amount, asset FROM spends WHERE session_id = $1 AND request_id = $2 AND response IS NULL",
+            "SELECT amount, asset, fee_asset, fee_amount FROM spends \
+             WHERE session_id = $1 AND request_id = $2 AND response IS NULL",
         )
         .bind(session_id)
         .bind(request_id)
@@ -1169,52 +1177,60 @@ where
             tx.rollback().await?;
             return Ok(None);
         };
+        let what = format!("session {session_id}");
+        let spend = format!("spend {request_id} of {what}");
         let amount: String = pending.try_get("amount").map_err(err::<DB>)?;
         let asset: Option<String> = pending.try_get("asset").map_err(err::<DB>)?;
-        let what = format!("session {session_id}");
-        let amount = decode_amount(&format!("spend {request_id} of {what}"), "amount", &amount)?;
+        let fee_asset: Option<String> = pending.try_get("fee_asset").map_err(err::<DB>)?;
+        let fee_amount: Option<String> = pending.try_get("fee_amount").map_err(err::<DB>)?;
+        let mut parts = vec![(asset, decode_amount(&spend, "amount", &amount)?)];
+        if let Some(fee) = fee_amount {
+            parts.push((fee_asset, decode_amount(&spend, "fee_amount", &fee)?));
+        }
         sqlx::query("DELETE FROM spends WHERE session_id = $1 AND request_id = $2")
             .bind(session_id)
             .bind(request_id)
             .execute(&mut *tx)
             .await
             .map_err(err::<DB>)?;
-        match asset {
-            // Counted against its asset's own cap: the asset's total gives it back.
-            Some(asset) => {
-                let spent: Option<String> =
-                    sqlx::query_scalar("SELECT spent FROM session_assets WHERE session_id = $1 AND asset = $2")
+        let mut restored = decode_amount(&what, "remaining", &remaining)?;
+        for (asset, amount) in parts {
+            match asset {
+                // Counted against its asset's own cap: the asset's total gives it back.
+                Some(asset) => {
+                    let spent: Option<String> =
+                        sqlx::query_scalar("SELECT spent FROM session_assets WHERE session_id = $1 AND asset = $2")
+                            .bind(session_id)
+                            .bind(&asset)
+                            .fetch_optional(&mut *tx)
+                            .await
+                            .map_err(err::<DB>)?;
+                    let corrupt = || StoreError::Corrupt {
+                        what: format!("{what}: asset {asset} released {amount} more than it spent"),
+                    };
+                    let spent = decode_amount(&format!("{what} asset {asset}"), "spent", &spent.ok_or_else(corrupt)?)?;
+                    let left = spent.checked_sub(amount).ok_or_else(corrupt)?;
+                    sqlx::query("UPDATE session_assets SET spent = $1 WHERE session_id = $2 AND asset = $3")
+                        .bind(encode_amount(left))
                         .bind(session_id)
                         .bind(&asset)
-                        .fetch_optional(&mut *tx)
+                        .execute(&mut *tx)
                         .await
                         .map_err(err::<DB>)?;
-                let corrupt = || StoreError::Corrupt {
-                    what: format!("{what}: asset {asset} released {amount} more than it spent"),
-                };
-                let spent = decode_amount(&format!("{what} asset {asset}"), "spent", &spent.ok_or_else(corrupt)?)?;
-                let left = spent.checked_sub(amount).ok_or_else(corrupt)?;
-                sqlx::query("UPDATE session_assets SET spent = $1 WHERE session_id = $2 AND asset = $3")
-                    .bind(encode_amount(left))
-                    .bind(session_id)
-                    .bind(&asset)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(err::<DB>)?;
-            }
-            None => {
-                let remaining = decode_amount(&what, "remaining", &remaining)?;
-                let restored = remaining.checked_add(amount).ok_or_else(|| StoreError::Corrupt {
-                    what: format!("{what}: remaining {remaining} + released {amount} overflows"),
-                })?;
-                sqlx::query("UPDATE sessions SET remaining = $1 WHERE id = $2")
-                    .bind(encode_amount(restored))
-                    .bind(session_id)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(err::<DB>)?;
+                }
+                None => {
+                    restored = restored.checked_add(amount).ok_or_else(|| StoreError::Corrupt {
+                        what: format!("{what}: remaining {restored} + released {amount} overflows"),
+                    })?;
+                }
             }
         }
+        sqlx::query("UPDATE sessions SET remaining = $1 WHERE id = $2")
+            .bind(encode_amount(restored))
+            .bind(session_id)
+            .execute(&mut *tx)
+            .await
+            .map_err(err::<DB>)?;
         let seq = crate::audit::store::append_one::<DB>(&mut tx, event).await?;
         tx.commit().await?;
         Ok(seq)

@@ -393,6 +393,7 @@ pub(super) fn spend<'a>(session_id: &'a str, request_id: &'a str, body: u8, amou
         body_hash: [body; 32],
         amount,
         asset_cap: None,
+        fee: None,
         now: T0 + 100,
     }
 }
@@ -768,7 +769,11 @@ async fn spend_refusals(fx: &Fixture) {
     );
     assert_eq!(
         store.reserve_spend(&spend("s-1", "req-2", 2, 11)).await.unwrap(),
-        SpendOutcome::Insufficient { remaining: 10 }
+        SpendOutcome::Insufficient {
+            remaining: 10,
+            asset: None,
+            requested: 11
+        }
     );
     let after = store.get_session("s-1").await.unwrap().unwrap();
     assert_eq!((after.remaining, after.uses), (10, 1));
@@ -844,7 +849,7 @@ async fn spend_cap_race(fx: &Fixture) {
                 assert!(remaining < 1000 && remaining % 7 == 1000 % 7, "{remaining}");
                 nonces.push(nonce);
             }
-            SpendOutcome::Insufficient { remaining } => {
+            SpendOutcome::Insufficient { remaining, .. } => {
                 assert_eq!(remaining, 6);
                 insufficient += 1;
             }
@@ -894,8 +899,12 @@ async fn asset_cap_race(fx: &Fixture) {
                     in_session += 1;
                 }
             }
-            (_, true, SpendOutcome::Insufficient { remaining }) => assert_eq!(remaining, 500 % 7),
-            (_, false, SpendOutcome::Insufficient { remaining }) => assert_eq!(remaining, 300 % 7),
+            (_, true, SpendOutcome::Insufficient { remaining, asset, .. }) => {
+                assert_eq!((remaining, asset.as_deref()), (500 % 7, Some("USDC")))
+            }
+            (_, false, SpendOutcome::Insufficient { remaining, asset, .. }) => {
+                assert_eq!((remaining, asset), (300 % 7, None))
+            }
             other => panic!("unexpected {other:?}"),
         }
     }
@@ -925,6 +934,64 @@ async fn asset_cap_race(fx: &Fixture) {
         store.get_session("s-assets").await.unwrap().unwrap().remaining,
         s.remaining
     );
+    store.close().await;
+}
+
+/// A spend with a second part (a transaction's gas in another asset) is
+/// reserved whole or not at all, and released whole.
+async fn two_part_spends(fx: &Fixture) {
+    let store = fx.open().await;
+    open_new_session(&store, "acct", "s-two", 100).await;
+    let two = |id, amount, gas| SpendRequest {
+        asset_cap: Some(("USDC", 50)),
+        fee: Some(SpendPart {
+            amount: gas,
+            asset_cap: None,
+        }),
+        ..spend("s-two", id, 1, amount)
+    };
+    assert!(matches!(
+        store.reserve_spend(&two("a", 30, 80)).await.unwrap(),
+        SpendOutcome::Reserved { remaining: 20, .. }
+    ));
+    let s = store.get_session("s-two").await.unwrap().unwrap();
+    assert_eq!(s.remaining, 20, "the gas part took from the session's cap");
+    // The gas does not fit: nothing of the token part is taken either.
+    assert_eq!(
+        store.reserve_spend(&two("b", 10, 30)).await.unwrap(),
+        SpendOutcome::Insufficient {
+            remaining: 20,
+            asset: None,
+            requested: 30
+        }
+    );
+    // Nor when the token does not fit.
+    assert_eq!(
+        store.reserve_spend(&two("c", 21, 1)).await.unwrap(),
+        SpendOutcome::Insufficient {
+            remaining: 20,
+            asset: Some("USDC".into()),
+            requested: 21
+        }
+    );
+    let spent = || fx.scalar("SELECT CAST(spent AS BIGINT) FROM session_assets WHERE session_id = 's-two'");
+    assert_eq!(spent().await, 30);
+    // Parts counting against the same cap add up.
+    let same = SpendRequest {
+        asset_cap: None,
+        fee: Some(SpendPart {
+            amount: 11,
+            asset_cap: None,
+        }),
+        ..spend("s-two", "d", 1, 10)
+    };
+    assert!(matches!(
+        store.reserve_spend(&same).await.unwrap(),
+        SpendOutcome::Insufficient { requested: 21, .. }
+    ));
+    store.release_spend("s-two", "a").await.unwrap();
+    assert_eq!(spent().await, 0);
+    assert_eq!(store.get_session("s-two").await.unwrap().unwrap().remaining, 100);
     store.close().await;
 }
 
@@ -1011,6 +1078,7 @@ macro_rules! conformance_suite {
                 spend_refusals,
                 spend_cap_race,
                 asset_cap_race,
+                two_part_spends,
                 corrupt_session_rows,
             );
         }

@@ -297,7 +297,14 @@ async fn reservation_and_release_record_their_events(fx: &Fixture) {
             .reserve_spend_audited(&spend("s-1", "req-big", 2, 10_000), Some(&build))
             .await
             .unwrap(),
-        (SpendOutcome::Insufficient { remaining: 900 }, None)
+        (
+            SpendOutcome::Insufficient {
+                remaining: 900,
+                asset: None,
+                requested: 10_000
+            },
+            None
+        )
     );
     assert_eq!(head(&store).await, base + 1);
 

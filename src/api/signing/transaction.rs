@@ -125,15 +125,31 @@ fn amount(v: &BigUint) -> Result<u128, SessionError> {
     u128::try_from(v).map_err(|_| SessionError::from(ScopeDenied::TooLarge(v.to_string())))
 }
 
+/// What a transaction inside a session spends.
+struct TxSpend {
+    /// What it moves: the token of an ERC-20 transfer or approve, else the
+    /// chain's native asset (its value and its gas).
+    asset: Asset,
+    amount: u128,
+    /// Who receives it or may spend it, when it moves value to someone.
+    payee: Option<Address>,
+    /// Its gas, when paid in another asset than `asset` (the native asset's amount).
+    fee: Option<u128>,
+}
+
 /// What a transaction inside a session spends: an ERC-20 `transfer` or
 /// `approve` spends that token (to its recipient or spender), carrying no
-/// ether; anything else spends its value in the chain's native asset (to
-/// the address called). A call to a token the session's payments scopes
-/// name must be one of those two, and any call of a token function that
-/// moves or allows value must be exactly one of them (selector and two
-/// clean ABI words: a token's decoder may ignore trailing bytes).
-fn spend_of(tx: &Transaction, scopes: &crate::session::Scopes) -> Result<(Asset, u128, Address), SessionError> {
+/// ether, and its gas in the chain's native asset; anything else spends its
+/// value and its gas (gas limit × fee cap) in the native asset. A call to a
+/// token the session's payments scopes name must be one of those two, and
+/// any call of a token function that moves or allows value must be exactly
+/// one of them (selector and two clean ABI words: a token's decoder may
+/// ignore trailing bytes).
+fn spend_of(tx: &Transaction, scopes: &crate::session::Scopes) -> Result<TxSpend, SessionError> {
     let value = tx.value();
+    let gas = tx
+        .max_fee()
+        .ok_or_else(|| SessionError::from(ScopeDenied::TooLarge("gas limit × fee per gas".into())))?;
     let token = Asset::Erc20 {
         chain_id: tx.chain_id,
         token: tx.to,
@@ -159,13 +175,19 @@ fn spend_of(tx: &Transaction, scopes: &crate::session::Scopes) -> Result<(Asset,
                 Erc20Call::Transfer { to, amount } => (to, amount),
                 Erc20Call::Approve { spender, amount } => (spender, amount),
             };
-            let token = Asset::Erc20 {
-                chain_id: tx.chain_id,
-                token: tx.to,
-            };
-            Ok((token, amount(&BigUint::from_bytes_be(&amount32))?, payee))
+            Ok(TxSpend {
+                asset: token,
+                amount: amount(&BigUint::from_bytes_be(&amount32))?,
+                payee: Some(payee),
+                fee: (gas > 0).then_some(gas),
+            })
         }
-        None => Ok((Asset::Native { chain_id: tx.chain_id }, amount(&value)?, tx.to)),
+        None => Ok(TxSpend {
+            asset: Asset::Native { chain_id: tx.chain_id },
+            amount: amount(&(value.clone() + gas))?,
+            payee: (value != BigUint::default()).then_some(tx.to),
+            fee: None,
+        }),
     }
 }
 
@@ -204,10 +226,19 @@ pub(super) async fn sign_transaction(
     scopes
         .check_tx(tx.chain_id, &tx.to, tx.selector())
         .map_err(SessionError::from)?;
-    let (asset, amount, payee) = spend_of(&tx, &scopes)?;
+    let spent = spend_of(&tx, &scopes)?;
+    let native = Asset::Native { chain_id: tx.chain_id };
     // A call that moves nothing needs no payments scope; one that moves value does.
-    if amount > 0 || tx.erc20_call().is_some() {
-        scopes.check_spend(&asset, amount, &payee).map_err(SessionError::from)?;
+    if spent.amount > 0 || tx.erc20_call().is_some() {
+        scopes
+            .check_amount(&spent.asset, spent.amount)
+            .map_err(SessionError::from)?;
+    }
+    if let Some(payee) = &spent.payee {
+        scopes.check_payee(payee).map_err(SessionError::from)?;
+    }
+    if let Some(gas) = spent.fee {
+        scopes.check_amount(&native, gas).map_err(SessionError::from)?;
     }
     let hash = body_hash("transaction", &[session.id.as_bytes(), &signing_hash]);
     let digest_hex = hex::encode(signing_hash);
@@ -215,9 +246,10 @@ pub(super) async fn sign_transaction(
         session: &session,
         request_id: &req.request_id,
         body_hash: hash,
-        amount,
-        asset: Some(&asset),
-        cap: scopes.cap_for(&asset),
+        amount: spent.amount,
+        asset: Some(&spent.asset),
+        cap: scopes.cap_for(&spent.asset),
+        fee: spent.fee.map(|gas| (&native, gas, scopes.cap_for(&native))),
     };
     let (account_id, tx) = (&session.account_id, &tx);
     spend_then_sign(d, &identity, spend, &|_| digest_hex.clone(), |reserved| async move {
