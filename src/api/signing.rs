@@ -156,8 +156,10 @@ where
             session,
             spend.request_id,
             spend.body_hash,
-            spend.amount,
-            asset_cap,
+            crate::store::SpendPart {
+                amount: spend.amount,
+                asset_cap,
+            },
             fee,
             digest,
         )

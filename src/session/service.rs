@@ -457,8 +457,8 @@ impl Sessions {
         Ok((session, scopes))
     }
 
-    /// Reserves `amount` against the session's cap (or, with `asset_cap`,
-    /// against that asset's own cap), and `fee` with it when given, and
+    /// Reserves `part` against the session's cap (or, when it names one,
+    /// against its asset's own cap), and `fee` with it when given, and
     /// records the request, atomically; or returns the stored result of the
     /// identical request.
     /// Inside a request the request's audit event is appended in the
@@ -470,8 +470,7 @@ impl Sessions {
         session: &SessionRecord,
         request_id: &str,
         body_hash: [u8; 32],
-        amount: u128,
-        asset_cap: Option<(&str, u128)>,
+        part: SpendPart<'_>,
         fee: Option<SpendPart<'_>>,
         digest: &(dyn Fn(u64) -> String + Send + Sync),
     ) -> Result<Spend, SessionError> {
@@ -511,8 +510,8 @@ impl Sessions {
                         session_id: &session.id,
                         request_id: &request_id,
                         body_hash,
-                        amount,
-                        asset_cap,
+                        amount: part.amount,
+                        asset_cap: part.asset_cap,
                         fee,
                         now: self.clock.now(),
                     },
