@@ -442,6 +442,18 @@ pub fn eip712(data: &[u8]) {
     let value: Value = serde_json::from_slice(data).expect("from_slice parsed it");
     let again = TypedData::from_value(&value).map(|t| t.signing_hash());
     assert_eq!(again.ok(), Some(hash), "from_value disagrees with from_slice");
+    // What a session reads of a transfer: never panics, the same twice, and a
+    // recognised one names a token and the type it was recognised by.
+    let transfer = crate::session::transfer::recognise(&td, &value);
+    assert_eq!(
+        transfer,
+        crate::session::transfer::recognise(&td, &value),
+        "recognition is not deterministic"
+    );
+    if let Ok(Some(t)) = transfer {
+        assert_eq!(t.kind.name(), td.primary_type());
+        assert!(matches!(t.asset, crate::session::Asset::Erc20 { .. }));
+    }
 }
 
 /// `jws::verify_compact` against the fixed keys: whatever it accepts satisfies every rule
