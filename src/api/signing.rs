@@ -108,6 +108,38 @@ async fn release(
     failure
 }
 
+/// Inside a delegated session: the token's session (the caller must be its
+/// delegate, `account_id` its account), its scopes and the account's record,
+/// once the decision point allowed `action` with `context` and the
+/// session's facts.
+async fn session_decided(
+    d: &super::Daemon,
+    identity: &str,
+    token: &str,
+    account_id: &str,
+    action: Action,
+    context: RequestContext,
+) -> Result<
+    (
+        crate::store::SessionRecord,
+        crate::session::Scopes,
+        crate::store::AccountRecord,
+    ),
+    ApiError,
+> {
+    let (session, scopes) = d.sessions.authorize(token, identity).await?;
+    if session.account_id != account_id {
+        return Err(ApiError::invalid("account_id", "is not the session's account"));
+    }
+    let record = d.keys.record(&session.account_id).await?;
+    let context = RequestContext {
+        session: in_session(&session),
+        ..context
+    };
+    d.decide(identity, action, Resource::Account(&record), context).await?;
+    Ok((session, scopes, record))
+}
+
 /// A spend inside a session, decided and within its scopes: what
 /// [`spend_then_sign`] reserves.
 struct SessionSpend<'a> {
@@ -254,18 +286,19 @@ impl SigningService for SigningApi {
                 }
                 // Inside a delegated session: the delegate, a covering scope, one
                 // recorded use (amount 0), idempotent per request_id.
-                let (session, scopes) = d.sessions.authorize(&req.session_token, &identity).await?;
-                if session.account_id != req.account_id {
-                    return Err(ApiError::invalid("account_id", "is not the session's account"));
-                }
-                let record = d.keys.record(&session.account_id).await?;
                 let context = RequestContext {
-                    session: in_session(&session),
                     typed_data: Some(facts),
                     ..RequestContext::default()
                 };
-                d.decide(&identity, Action::SignTypedData, Resource::Account(&record), context)
-                    .await?;
+                let (session, scopes, record) = session_decided(
+                    &d,
+                    &identity,
+                    &req.session_token,
+                    &req.account_id,
+                    Action::SignTypedData,
+                    context,
+                )
+                .await?;
                 // A transfer keyward recognises (EIP-3009, EIP-2612, Permit2) is
                 // bounded by its asset's scopes and reserved against its cap; any
                 // other document needs an unbounded typed-data scope.

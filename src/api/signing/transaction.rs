@@ -5,12 +5,12 @@ use num_bigint::BigUint;
 
 use super::super::pb::{SignTransactionRequest, SignTransactionResponse};
 use super::super::{ApiError, Daemon};
-use super::{body_hash, in_session, spend_then_sign, SessionSpend};
+use super::{body_hash, session_decided, spend_then_sign, SessionSpend};
 use crate::api::account::check_account_id;
 use crate::crypto::eth::Address;
 use crate::crypto::tx::{Erc20Call, Fees, Transaction, ERC20_VALUE_FUNCTIONS};
 use crate::keys::AccountKeys;
-use crate::policy::{Action, RequestContext, Resource, TransactionFacts};
+use crate::policy::{Action, RequestContext, TransactionFacts};
 use crate::session::{Asset, ScopeDenied, SessionError};
 
 /// Most call data signed: the 128 KiB a node accepts in one transaction.
@@ -211,18 +211,19 @@ pub(super) async fn sign_transaction(
     }
     // Inside a delegated session: the delegate, a tx scope naming the call, and
     // what it moves bounded and reserved like a payment.
-    let (session, scopes) = d.sessions.authorize(&req.session_token, &identity).await?;
-    if session.account_id != req.account_id {
-        return Err(ApiError::invalid("account_id", "is not the session's account"));
-    }
-    let record = d.keys.record(&session.account_id).await?;
     let context = RequestContext {
-        session: in_session(&session),
         transaction: Some(facts(&tx)),
         ..RequestContext::default()
     };
-    d.decide(&identity, Action::SignTransaction, Resource::Account(&record), context)
-        .await?;
+    let (session, scopes, _) = session_decided(
+        d,
+        &identity,
+        &req.session_token,
+        &req.account_id,
+        Action::SignTransaction,
+        context,
+    )
+    .await?;
     scopes
         .check_tx(tx.chain_id, &tx.to, tx.selector())
         .map_err(SessionError::from)?;
