@@ -306,7 +306,11 @@ mod tests {
         let (audit_store, audit_url) = sqlite(dir.path(), "audit.db").await;
         let appender = Arc::new(Appender::start(
             audit_store,
-            AppenderSettings { max_batch: 1, queue: 8 },
+            AppenderSettings {
+                max_batch: 1,
+                queue: 8,
+                ..Default::default()
+            },
             None,
         ));
         let components = Components {

@@ -203,6 +203,7 @@ pub async fn start_with_clock(config: &Config, clock: Arc<dyn Clock>) -> Result<
         store.clone(),
         crate::audit::AppenderSettings {
             max_batch: config.audit.group_commit_max_batch,
+            wait: std::time::Duration::from_micros(config.audit.group_commit_wait_micros),
             ..Default::default()
         },
         Some(Arc::new(crate::audit::checkpoint::Checkpointer::new(
@@ -216,6 +217,10 @@ pub async fn start_with_clock(config: &Config, clock: Arc<dyn Clock>) -> Result<
     let metrics = Arc::new(Metrics::new()?);
     metrics.register(Box::new(store.tx_stats().begin_wait.clone()))?;
     metrics.register(Box::new(store.tx_stats().begin_failures.clone()))?;
+    if let Some(s) = audit.stats() {
+        metrics.register(Box::new(s.group_events.clone()))?;
+        metrics.register(Box::new(s.commit_seconds.clone()))?;
+    }
     // Refuses to start on a set that does not parse or validate.
     let policy = Arc::new(
         crate::policy::DecisionPoint::load(&config.policy.dir, &metrics, clock.clone())?

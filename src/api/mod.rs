@@ -275,6 +275,8 @@ impl Daemon {
         let task = tokio::spawn(
             async move {
                 let _in_flight = InFlight::new(daemon.metrics.in_flight().clone(), permit);
+                // Counted until its event is written: a group commit waits for it.
+                let _audit = daemon.audit.enter();
                 let _slot = slot;
                 let result = daemon.run(method, started, identity, trace_id, req, f).await;
                 let code = result.as_ref().err().map_or(tonic::Code::Ok, Status::code);

@@ -70,8 +70,9 @@ pub mod merkle;
 pub mod settings;
 pub mod store;
 pub mod verify;
+pub mod writer;
 
-pub use appender::{Appender, AppenderSettings};
+pub use appender::{Appender, AppenderSettings, AppenderStats};
 pub use chain::{canonical, link, GENESIS};
 pub use event::{Decision, Event, NewEvent};
 pub use settings::AuditConfig;

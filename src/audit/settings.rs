@@ -18,6 +18,12 @@ pub struct AuditConfig {
     /// every event on its own.
     #[serde(default = "default_batch")]
     pub group_commit_max_batch: usize,
+    /// How long a group waits for the events of requests still in flight
+    /// before it commits, in microseconds (0: never waits). A group waits
+    /// only while more requests are in flight than it holds events, so a
+    /// lone request is never held back.
+    #[serde(default = "default_wait")]
+    pub group_commit_wait_micros: u64,
 }
 
 impl Default for AuditConfig {
@@ -26,6 +32,7 @@ impl Default for AuditConfig {
             checkpoint_every_events: default_every_events(),
             checkpoint_every_seconds: default_every_seconds(),
             group_commit_max_batch: default_batch(),
+            group_commit_wait_micros: default_wait(),
         }
     }
 }
@@ -38,6 +45,9 @@ fn default_every_seconds() -> u64 {
 }
 fn default_batch() -> usize {
     256
+}
+fn default_wait() -> u64 {
+    2_000
 }
 
 impl AuditConfig {
@@ -58,6 +68,9 @@ impl AuditConfig {
         if !(1..=10_000).contains(&self.group_commit_max_batch) {
             return invalid("audit.group_commit_max_batch", "must be 1..=10000");
         }
+        if self.group_commit_wait_micros > 100_000 {
+            return invalid("audit.group_commit_wait_micros", "must be at most 100000 (0.1 s)");
+        }
         Ok(())
     }
 }
@@ -77,6 +90,7 @@ mod tests {
             "checkpoint_every_seconds = 0",
             "group_commit_max_batch = 0",
             "group_commit_max_batch = 10001",
+            "group_commit_wait_micros = 100001",
         ] {
             let c: AuditConfig = toml::from_str(bad).expect("parses");
             assert!(

@@ -60,6 +60,15 @@ pub trait AuditStore: Send + Sync + fmt::Debug {
     /// Every stored checkpoint, by `first_seq`.
     async fn checkpoints(&self) -> Result<Vec<Checkpoint>, StoreError>;
 
+    /// The stored checkpoint with the highest `first_seq`, if any (one row,
+    /// however many checkpoints there are).
+    async fn last_checkpoint(&self) -> Result<Option<Checkpoint>, StoreError>;
+
+    /// The `(seq, hash)` of the events `first..=last`, ascending (fewer if
+    /// some are missing): what a checkpoint's Merkle tree needs, without
+    /// reading the events' other columns.
+    async fn event_hashes(&self, first: u64, last: u64) -> Result<Vec<(u64, [u8; 32])>, StoreError>;
+
     /// Stores a checkpoint; false (nothing written) if one already starts at
     /// its `first_seq` (another replica was first).
     async fn add_checkpoint(&self, c: &Checkpoint) -> Result<bool, StoreError>;
@@ -190,6 +199,23 @@ where
         trace_id: row.try_get("trace_id").map_err(err::<DB>)?,
         prev_hash: row.try_get("prev_hash").map_err(err::<DB>)?,
         hash: row.try_get("hash").map_err(err::<DB>)?,
+    })
+}
+
+fn checkpoint_row<DB>(r: &DB::Row) -> Result<Checkpoint, StoreError>
+where
+    DB: Dialect,
+    for<'q> String: Decode<'q, DB> + Type<DB>,
+    for<'q> i64: Decode<'q, DB> + Type<DB>,
+    for<'q> Vec<u8>: Decode<'q, DB> + Type<DB>,
+    for<'r> &'r str: ColumnIndex<DB::Row>,
+{
+    Ok(Checkpoint {
+        first_seq: seq_u64(r.try_get("first_seq").map_err(err::<DB>)?)?,
+        last_seq: seq_u64(r.try_get("last_seq").map_err(err::<DB>)?)?,
+        root: hash32("audit checkpoint", &r.try_get::<Vec<u8>, _>("root").map_err(err::<DB>)?)?,
+        created_at: r.try_get("created_at").map_err(err::<DB>)?,
+        jws: r.try_get("jws").map_err(err::<DB>)?,
     })
 }
 
@@ -380,15 +406,35 @@ where
                 .fetch_all(&self.pool)
                 .await
                 .map_err(err::<DB>)?;
+        rows.iter().map(checkpoint_row::<DB>).collect()
+    }
+
+    async fn last_checkpoint(&self) -> Result<Option<Checkpoint>, StoreError> {
+        let row = sqlx::query(
+            "SELECT first_seq, last_seq, root, created_at, jws FROM audit_checkpoints \
+             ORDER BY first_seq DESC LIMIT 1",
+        )
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(err::<DB>)?;
+        row.as_ref().map(checkpoint_row::<DB>).transpose()
+    }
+
+    async fn event_hashes(&self, first: u64, last: u64) -> Result<Vec<(u64, [u8; 32])>, StoreError> {
+        let rows = sqlx::query("SELECT seq, hash FROM audit_events WHERE seq >= $1 AND seq <= $2 ORDER BY seq")
+            .bind(seq_i64(first)?)
+            .bind(seq_i64(last)?)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(err::<DB>)?;
         rows.iter()
             .map(|r| {
-                Ok(Checkpoint {
-                    first_seq: seq_u64(r.try_get("first_seq").map_err(err::<DB>)?)?,
-                    last_seq: seq_u64(r.try_get("last_seq").map_err(err::<DB>)?)?,
-                    root: hash32("audit checkpoint", &r.try_get::<Vec<u8>, _>("root").map_err(err::<DB>)?)?,
-                    created_at: r.try_get("created_at").map_err(err::<DB>)?,
-                    jws: r.try_get("jws").map_err(err::<DB>)?,
-                })
+                let seq = seq_u64(r.try_get("seq").map_err(err::<DB>)?)?;
+                let hash = hash32(
+                    &format!("audit event {seq}"),
+                    &r.try_get::<Vec<u8>, _>("hash").map_err(err::<DB>)?,
+                )?;
+                Ok((seq, hash))
             })
             .collect()
     }

@@ -80,6 +80,11 @@ pub struct KeyService {
     cache: Arc<KeyCache>,
     metrics: Arc<Metrics>,
     arena: Arc<SecretArena>,
+    /// One permit per HSM session: a signature waits here, as a task, for
+    /// a session to be free, so that no more blocking threads run token
+    /// calls than the token has sessions for (the others would sleep on
+    /// the pool's condition variable, each a thread switch).
+    hsm_slots: Arc<tokio::sync::Semaphore>,
 }
 
 impl KeyService {
@@ -98,6 +103,7 @@ impl KeyService {
                 tracing::warn!(error = %e, "cannot make the process non-dumpable (PR_SET_DUMPABLE)");
             }
         }
+        let slots = hsm.pool_size().max(1);
         KeyService {
             hsm,
             store,
@@ -105,6 +111,7 @@ impl KeyService {
             cache: Arc::new(KeyCache::new(cache_capacity)),
             metrics,
             arena: SecretArena::new(),
+            hsm_slots: Arc::new(tokio::sync::Semaphore::new(slots)),
         }
     }
 
@@ -343,9 +350,20 @@ impl KeyService {
                 let metrics = self.metrics.clone();
                 let k = keys.clone();
                 let op = op.clone();
-                tokio::task::spawn_blocking(crate::telemetry::in_span("hsm.sign", move || op(&k, &hsm, &metrics)))
+                // Waiting for the permit starts nothing; once it is held the
+                // blocking call runs to its end with it, whoever waits.
+                let slot = self
+                    .hsm_slots
+                    .clone()
+                    .acquire_owned()
                     .await
-                    .map_err(|_| KeyError::Internal("signing task failed"))?
+                    .map_err(|_| KeyError::Internal("HSM slots closed"))?;
+                tokio::task::spawn_blocking(crate::telemetry::in_span("hsm.sign", move || {
+                    let _slot = slot;
+                    op(&k, &hsm, &metrics)
+                }))
+                .await
+                .map_err(|_| KeyError::Internal("signing task failed"))?
             };
             match result {
                 Ok(v) => return Ok((keys, v)),

@@ -606,6 +606,14 @@ pub trait Store: Send + Sync + fmt::Debug {
     /// What the store measures of its transactions.
     fn tx_stats(&self) -> &TxStats;
 
+    /// Where the store is one SQLite file with an in-process writer lock:
+    /// the file and that lock, so that the audit log's writer thread can
+    /// append on a connection of its own, serialised with every other write
+    /// (see [`crate::audit::writer`]). `None` for a server database.
+    fn direct_audit(&self) -> Option<crate::audit::writer::DirectAudit> {
+        None
+    }
+
     /// Closes the connection pool, waiting for connections in use to be
     /// returned. Later calls fail with [`StoreError::Unavailable`].
     async fn close(&self);

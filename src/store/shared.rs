@@ -6,6 +6,7 @@
 
 use std::ffi::OsString;
 use std::ops::{Deref, DerefMut};
+use std::sync::Arc;
 
 use sqlx::{ColumnIndex, Decode, Encode, Executor, IntoArguments, Row, Type};
 use tokio::sync::{Mutex, MutexGuard};
@@ -64,8 +65,9 @@ pub struct SqlStore<DB: sqlx::Database> {
     pub(crate) pool: sqlx::Pool<DB>,
     /// The database file (SQLite) or the URL without its password.
     pub(crate) location: OsString,
-    /// The single in-process writer, where the dialect has one.
-    writer: Mutex<()>,
+    /// The single in-process writer, where the dialect has one (shared
+    /// with the audit writer thread, see [`crate::audit::writer`]).
+    writer: Arc<Mutex<()>>,
     pub(crate) tx: super::TxStats,
 }
 
@@ -75,7 +77,7 @@ impl<DB: sqlx::Database> SqlStore<DB> {
         SqlStore {
             pool,
             location,
-            writer: Mutex::new(()),
+            writer: Arc::new(Mutex::new(())),
             tx,
         }
     }
@@ -1245,6 +1247,13 @@ where
 
     fn tx_stats(&self) -> &super::TxStats {
         &self.tx
+    }
+
+    fn direct_audit(&self) -> Option<crate::audit::writer::DirectAudit> {
+        DB::WRITER_MUTEX.then(|| crate::audit::writer::DirectAudit {
+            path: std::path::PathBuf::from(&self.location),
+            writer: self.writer.clone(),
+        })
     }
 
     async fn close(&self) {

@@ -334,3 +334,46 @@ async fn audit_concurrent_appends_form_one_chain_postgres() {
     assert!(r.ok(), "{r:?}");
     assert_eq!(r.events, 40);
 }
+
+/// What a checkpoint reads: the last checkpoint only, and the events'
+/// hashes only; a missing event stops a checkpoint instead of being
+/// skipped over.
+async fn checkpoint_reads(url: &str) {
+    let k = key();
+    let store = open(url).await.unwrap();
+    assert_eq!(store.audit().last_checkpoint().await.unwrap(), None);
+    populate(store.as_ref(), &k).await;
+    let second = checkpoint(store.as_ref(), &k).await;
+    assert_eq!((second.first_seq, second.last_seq), (7, 10));
+    assert_eq!(store.audit().last_checkpoint().await.unwrap(), Some(second));
+
+    let events = store.audit().events_after(0, 100).await.unwrap();
+    let hashes = store.audit().event_hashes(3, 8).await.unwrap();
+    let expected: Vec<(u64, [u8; 32])> = events[2..8].iter().map(|e| (e.seq, e.hash)).collect();
+    assert_eq!(hashes, expected);
+    assert!(store.audit().event_hashes(11, 20).await.unwrap().is_empty());
+
+    store
+        .audit()
+        .append_events(&[event(11), event(12), event(13)])
+        .await
+        .unwrap();
+    raw(url, "DELETE FROM audit_events WHERE seq = 12").await;
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    match pending_claims(store.as_ref(), now).await {
+        Err(crate::audit::AuditError::Invalid(m)) => assert!(m.contains("11..=13"), "{m}"),
+        other => panic!("a gap was checkpointed over: {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_checkpoint_reads_sqlite() {
+    let dir = tempfile::tempdir().unwrap();
+    checkpoint_reads(&sqlite_url_in(dir.path())).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_checkpoint_reads_postgres() {
+    let Some(schema) = PgTestSchema::create() else { return };
+    checkpoint_reads(schema.url()).await;
+}
