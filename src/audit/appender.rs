@@ -301,20 +301,17 @@ async fn run(
                 _ => break,
             }
         }
-        for job in jobs.drain(..) {
-            match job {
-                Job::Append { event, done } => {
-                    events.push(event);
-                    waiters.push(done);
-                }
-                Job::Flush { done } => {
-                    // What came before it is written first.
-                    append_batch(store.as_ref(), &head, stats, &mut events, &mut waiters).await;
+        let mut group = jobs.drain(..);
+        loop {
+            let flush = writer::take_appends(&mut group, &mut events, &mut waiters);
+            append_batch(store.as_ref(), &head, stats, &mut events, &mut waiters).await;
+            match flush {
+                Some(done) => {
                     let _ = done.send(());
                 }
+                None => break,
             }
         }
-        append_batch(store.as_ref(), &head, stats, &mut events, &mut waiters).await;
     }
 }
 

@@ -57,6 +57,27 @@ pub(super) enum Job {
     Flush { done: oneshot::Sender<()> },
 }
 
+/// Moves the appends at the front of `jobs`, up to the first flush, to
+/// `events` and `waiters`, and returns that flush: what was queued before
+/// a flush is written before it is answered. Called until it returns
+/// `None`, with a write after each call.
+pub(super) fn take_appends(
+    jobs: &mut impl Iterator<Item = Job>,
+    events: &mut Vec<NewEvent>,
+    waiters: &mut Vec<oneshot::Sender<Result<u64, AuditError>>>,
+) -> Option<oneshot::Sender<()>> {
+    for job in jobs {
+        match job {
+            Job::Append { event, done } => {
+                events.push(event);
+                waiters.push(done);
+            }
+            Job::Flush { done } => return Some(done),
+        }
+    }
+    None
+}
+
 /// Starts the writer thread on `target`. It stops when every sender of
 /// `rx` is gone, after writing what is queued. It holds nothing but its
 /// connection, the store's writer lock and its channels: at exit nothing
@@ -101,20 +122,17 @@ pub(super) fn spawn(
                         Err(_) => break,
                     }
                 }
-                for job in jobs.drain(..) {
-                    match job {
-                        Job::Append { event, done } => {
-                            events.push(event);
-                            waiters.push(done);
-                        }
-                        Job::Flush { done } => {
-                            // What came before it is written first.
-                            writer.write(&mut events, &mut waiters, &head);
+                let mut group = jobs.drain(..);
+                loop {
+                    let flush = take_appends(&mut group, &mut events, &mut waiters);
+                    writer.write(&mut events, &mut waiters, &head);
+                    match flush {
+                        Some(done) => {
                             let _ = done.send(());
                         }
+                        None => break,
                     }
                 }
-                writer.write(&mut events, &mut waiters, &head);
             }
         })
         .map(|_| ())
@@ -175,13 +193,11 @@ impl Writer {
     }
 
     fn connection(&mut self) -> Result<&mut Connection, rusqlite::Error> {
-        if self.conn.is_none() {
-            self.conn = Some(open(&self.target.path)?);
-        }
-        match self.conn.as_mut() {
-            Some(c) => Ok(c),
-            None => Err(rusqlite::Error::InvalidQuery),
-        }
+        let conn = match self.conn.take() {
+            Some(c) => c,
+            None => open(&self.target.path)?,
+        };
+        Ok(self.conn.insert(conn))
     }
 }
 
