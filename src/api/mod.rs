@@ -319,13 +319,22 @@ impl Daemon {
         pending.event.trace_id = trace_id;
         req.facts(&mut pending.event);
         let daemon = self.clone();
-        let (result, pending) = crate::audit::context::scope(pending, async move {
+        let (result, mut pending) = crate::audit::context::scope(pending, async move {
             match identity {
                 Some(identity) => f(daemon, identity, req).await,
                 None => Err(ApiError::Unauthenticated),
             }
         })
         .await;
+        // A freeze the key service saw after the decision (another replica
+        // froze the account meanwhile) is the same refusal as one the
+        // decision saw, and is recorded as one.
+        if let Err(ApiError::Key(crate::keys::KeyError::Frozen { account, .. })) = &result {
+            pending.event.policies = vec![FROZEN_RULE.to_string()];
+            if pending.event.account.is_empty() {
+                pending.event.account.clone_from(account);
+            }
+        }
         // What decided a refusal (policy ids or limit), for the log line.
         let decided_by = result
             .as_ref()

@@ -302,9 +302,7 @@ impl SigningService for SigningApi {
                 // A transfer keyward recognises (EIP-3009, EIP-2612, Permit2) is
                 // bounded by its asset's scopes and reserved against its cap; any
                 // other document needs an unbounded typed-data scope.
-                let doc: serde_json::Value =
-                    serde_json::from_str(&req.typed_data_json).map_err(|_| ApiError::Internal("typed data re-read"))?;
-                let transfer = crate::session::transfer::recognise(&typed, &doc).map_err(SessionError::from)?;
+                let transfer = crate::session::transfer::recognise(&typed).map_err(SessionError::from)?;
                 scopes
                     .check_typed_data(
                         typed.domain_chain_id().as_deref(),

@@ -14,11 +14,14 @@
 //! have the JSON type that matches their EIP-712 type; cyclic types are refused; type and
 //! field names must be Solidity identifiers; and sizes are bounded.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::cell::RefCell;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use num_bigint::BigUint;
 use num_traits::{One, Zero};
-use serde_json::{Map, Value};
+use serde_json::value::RawValue;
+use serde_json::{Map, Number, Value};
 use sha3::{Digest, Keccak256};
 
 /// Maximum nesting of structs and array dimensions below (and including) the primary type.
@@ -166,19 +169,17 @@ struct Field {
 /// A validated and hashed `eth_signTypedData_v4` document.
 #[derive(Debug, Clone)]
 pub struct TypedData {
-    types: BTreeMap<String, Vec<Field>>,
+    types: Arc<TypeSet>,
     primary_type: String,
-    domain_name: Option<String>,
-    domain_version: Option<String>,
-    domain_chain_id: Option<String>,
-    domain_verifying_contract: Option<String>,
-    domain_separator: [u8; 32],
+    message: Value,
+    domain: Arc<Domain>,
     struct_hash: [u8; 32],
     signing_hash: [u8; 32],
 }
 
 impl TypedData {
-    /// Parses, validates and hashes a JSON document given as bytes.
+    /// Parses, validates and hashes a JSON document given as bytes, in one
+    /// pass over the text that also refuses a repeated key in any object.
     /// Input longer than [`MAX_DOCUMENT_BYTES`] is refused before parsing.
     pub fn from_slice(bytes: &[u8]) -> Result<Self> {
         if bytes.len() > MAX_DOCUMENT_BYTES {
@@ -188,12 +189,24 @@ impl TypedData {
                 max: MAX_DOCUMENT_BYTES,
             });
         }
-        let value: Value = serde_json::from_slice(bytes).map_err(|e| Eip712Error::InvalidJson {
-            path: "document".into(),
-            reason: e.to_string(),
-        })?;
-        reject_duplicate_keys(bytes)?;
-        Self::from_value(&value)
+        let fault = RefCell::new(None);
+        let mut de = serde_json::Deserializer::from_slice(bytes);
+        let parsed = serde::de::DeserializeSeed::deserialize(Document { fault: &fault }, &mut de).and_then(|parts| {
+            de.end()?;
+            Ok(parts)
+        });
+        let parts = match (fault.into_inner(), parsed) {
+            (Some(fault), _) => return Err(fault),
+            (None, Ok(parts)) => parts,
+            (None, Err(e)) => return Err(json_error(e)),
+        };
+        let types_raw = parts.types.ok_or_else(|| missing("types"))?;
+        let types = TypeSet::of_text(types_raw.get())?;
+        let domain = |types: &TypeSet| match parts.domain {
+            None => Err(missing("domain")),
+            Some(raw) => types.domain_of_text(raw.get()),
+        };
+        Self::from_parts(types, parts.primary_type, domain, parts.message)
     }
 
     /// Parses, validates and hashes a JSON document given as text.
@@ -212,20 +225,38 @@ impl TypedData {
             expected: "a JSON object",
         })?;
         for key in doc.keys() {
-            if !matches!(key.as_str(), "types" | "primaryType" | "domain" | "message") {
+            if !TOP_LEVEL.contains(&key.as_str()) {
                 return Err(Eip712Error::UnexpectedField {
                     path: At::Key(&At::Doc, key).render(),
                 });
             }
         }
-
         let types_v = doc.get("types").ok_or_else(|| missing("types"))?;
-        let types = parse_types(types_v)?;
-        let typehashes = check_graph_and_hash_types(&types)?;
+        let types = TypeSet::of_value(types_v)?;
+        let domain = |types: &TypeSet| match doc.get("domain") {
+            None => Err(missing("domain")),
+            Some(v) => types.domain_of_value(v),
+        };
+        Self::from_parts(
+            types,
+            doc.get("primaryType").cloned(),
+            domain,
+            doc.get("message").cloned(),
+        )
+    }
 
-        let primary_type = match doc.get("primaryType") {
+    /// The rest of a document whose `types` are read: the primary type, the
+    /// domain (read by `domain` once the primary type is known) and the
+    /// message's hash, each checked against the types.
+    fn from_parts(
+        types: Arc<TypeSet>,
+        primary_type: Option<Value>,
+        domain: impl FnOnce(&TypeSet) -> Result<Arc<Domain>>,
+        message: Option<Value>,
+    ) -> Result<Self> {
+        let primary_type = match primary_type {
             None => return Err(missing("primaryType")),
-            Some(Value::String(s)) => s.clone(),
+            Some(Value::String(s)) => s,
             Some(_) => return Err(wrong("primaryType", "a string")),
         };
         if primary_type == DOMAIN_TYPE {
@@ -234,70 +265,35 @@ impl TypedData {
                 reason: "EIP712Domain cannot be the primary type".into(),
             });
         }
-        if !types.contains_key(&primary_type) {
+        if !types.fields.contains_key(&primary_type) {
             return Err(Eip712Error::UnknownType {
                 path: "primaryType".into(),
                 name: primary_type,
             });
         }
-
-        let enc = Encoder {
-            types: &types,
-            typehashes: &typehashes,
-        };
-
-        let domain_v = doc.get("domain").ok_or_else(|| missing("domain"))?;
-        let domain_separator = enc.hash_struct(DOMAIN_TYPE, domain_v, &At::Root("domain"), 0)?;
-        let message_v = doc.get("message").ok_or_else(|| missing("message"))?;
-        let struct_hash = enc.hash_struct(&primary_type, message_v, &At::Root("message"), 0)?;
+        let domain = domain(&types)?;
+        let message = message.ok_or_else(|| missing("message"))?;
+        let struct_hash = Encoder { types: &types }.hash_struct(&primary_type, &message, &At::Root("message"), 0)?;
 
         let mut pre = [0u8; 66];
         pre[0] = 0x19;
         pre[1] = 0x01;
-        pre[2..34].copy_from_slice(&domain_separator);
+        pre[2..34].copy_from_slice(&domain.separator);
         pre[34..].copy_from_slice(&struct_hash);
         let signing_hash = keccak256(&pre);
-
-        // Domain summaries for display/policy. The values were validated above.
-        let domain_fields = types.get(DOMAIN_TYPE).map(Vec::as_slice).unwrap_or(&[]);
-        let domain_field = |name: &str| -> Option<(&Ty, &Value)> {
-            let f = domain_fields.iter().find(|f| f.name == name)?;
-            Some((&f.ty, domain_v.get(name)?))
-        };
-        let domain_string = |name: &str| match domain_field(name) {
-            Some((Ty::String, Value::String(s))) => Some(s.clone()),
-            _ => None,
-        };
-        let domain_name = domain_string("name");
-        let domain_version = domain_string("version");
-        let domain_chain_id = match domain_field("chainId") {
-            Some((Ty::Uint(_) | Ty::Int(_), v)) => parse_integer(v, "domain.chainId").ok().map(|(neg, mag)| {
-                if neg && !mag.is_zero() {
-                    format!("-{mag}")
-                } else {
-                    mag.to_string()
-                }
-            }),
-            _ => None,
-        };
-        let domain_verifying_contract = match domain_field("verifyingContract") {
-            Some((Ty::Address, v)) => parse_address(v, "domain.verifyingContract")
-                .ok()
-                .map(|a| format!("0x{}", hex::encode(a))),
-            _ => None,
-        };
-
         Ok(TypedData {
             types,
             primary_type,
-            domain_name,
-            domain_version,
-            domain_chain_id,
-            domain_verifying_contract,
-            domain_separator,
+            message,
+            domain,
             struct_hash,
             signing_hash,
         })
+    }
+
+    /// The document's `message`, as validated against the primary type.
+    pub fn message(&self) -> &Value {
+        &self.message
     }
 
     /// The `primaryType` of the document.
@@ -307,7 +303,7 @@ impl TypedData {
 
     /// `hashStruct(EIP712Domain, domain)`.
     pub fn domain_separator(&self) -> [u8; 32] {
-        self.domain_separator
+        self.domain.separator
     }
 
     /// `hashStruct(primaryType, message)`.
@@ -322,34 +318,34 @@ impl TypedData {
 
     /// `domain.name`, if the domain type has a `string name` field.
     pub fn domain_name(&self) -> Option<&str> {
-        self.domain_name.as_deref()
+        self.domain.name.as_deref()
     }
 
     /// `domain.version`, if the domain type has a `string version` field.
     pub fn domain_version(&self) -> Option<&str> {
-        self.domain_version.as_deref()
+        self.domain.version.as_deref()
     }
 
     /// `domain.chainId` as a decimal string, if the domain type has an integer `chainId` field.
     pub fn domain_chain_id(&self) -> Option<String> {
-        self.domain_chain_id.clone()
+        self.domain.chain_id.clone()
     }
 
     /// `domain.verifyingContract` as lowercase `0x` hex, if the domain type has an
     /// `address verifyingContract` field.
     pub fn domain_verifying_contract(&self) -> Option<String> {
-        self.domain_verifying_contract.clone()
+        self.domain.verifying_contract.clone()
     }
 
     /// `encodeType` of a struct type defined in `types`.
     pub fn encode_type(&self, type_name: &str) -> Result<String> {
-        if !self.types.contains_key(type_name) {
-            return Err(Eip712Error::UnknownType {
+        match self.types.encoded.get(type_name) {
+            Some((encoded, _)) => Ok(encoded.clone()),
+            None => Err(Eip712Error::UnknownType {
                 path: format!("types.{type_name}"),
                 name: type_name.to_string(),
-            });
+            }),
         }
-        Ok(encode_type_string(&self.types, type_name))
     }
 }
 
@@ -512,101 +508,397 @@ fn check_len(path: &(impl Place + ?Sized), what: &str, value: &str, max: usize) 
 }
 
 // ---------------------------------------------------------------------------------------
-// Duplicate keys
+// One pass over the text
 // ---------------------------------------------------------------------------------------
 
-/// Refuses documents with a repeated key in any object: `serde_json::Value` silently keeps
-/// the last one, while a viewer may show the first, so the signed data could differ from
-/// what the user saw. Runs on input that already parsed as JSON.
-fn reject_duplicate_keys(bytes: &[u8]) -> Result<()> {
-    let found = std::cell::RefCell::new(None);
-    let seed = NoDup {
-        at: At::Doc,
-        found: &found,
-    };
-    let mut de = serde_json::Deserializer::from_slice(bytes);
-    let res = serde::de::DeserializeSeed::deserialize(seed, &mut de);
-    match (found.into_inner(), res) {
-        (Some(path), _) => Err(Eip712Error::InvalidJson {
-            path,
-            reason: "duplicate object key".into(),
-        }),
-        (None, Ok(())) => Ok(()),
-        (None, Err(e)) => Err(Eip712Error::InvalidJson {
-            path: "document".into(),
-            reason: e.to_string(),
-        }),
+/// The document's top-level keys.
+const TOP_LEVEL: [&str; 4] = ["types", "primaryType", "domain", "message"];
+
+/// The key under which `serde_json` (with `arbitrary_precision`) hands a
+/// number to a visitor: a one-entry map holding the number's exact text.
+const NUMBER_TOKEN: &str = "$serde_json::private::Number";
+
+/// A parse error from `serde_json`, for the document as a whole.
+fn json_error(e: serde_json::Error) -> Eip712Error {
+    Eip712Error::InvalidJson {
+        path: "document".into(),
+        reason: e.to_string(),
     }
 }
 
-/// Walks a JSON document without building it, recording the path of the first duplicate key.
-struct NoDup<'a> {
-    at: At<'a>,
-    found: &'a std::cell::RefCell<Option<String>>,
+/// The document's parts, read in one pass: `types` and `domain` as their
+/// exact text (the keys of the caches of [`TypeSet`]), the rest as values.
+struct Parts<'de> {
+    types: Option<&'de RawValue>,
+    primary_type: Option<Value>,
+    domain: Option<&'de RawValue>,
+    message: Option<Value>,
 }
 
-impl<'de> serde::de::DeserializeSeed<'de> for NoDup<'_> {
-    type Value = ();
+/// Reads the top level of a document. A fault the document itself has (not
+/// an object, an unexpected or repeated key) is recorded in `fault` and
+/// ends the parse.
+struct Document<'a> {
+    fault: &'a RefCell<Option<Eip712Error>>,
+}
 
-    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> std::result::Result<(), D::Error> {
+impl<'de> serde::de::DeserializeSeed<'de> for Document<'_> {
+    type Value = Parts<'de>;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> std::result::Result<Parts<'de>, D::Error> {
         d.deserialize_any(self)
     }
 }
 
-impl<'de> serde::de::Visitor<'de> for NoDup<'_> {
-    type Value = ();
+impl Document<'_> {
+    fn refuse<T, E: serde::de::Error>(&self, fault: Eip712Error) -> std::result::Result<T, E> {
+        let shown = fault.to_string();
+        *self.fault.borrow_mut() = Some(fault);
+        Err(E::custom(shown))
+    }
+
+    fn not_an_object<T, E: serde::de::Error>(&self) -> std::result::Result<T, E> {
+        self.refuse(wrong("document", "a JSON object"))
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for Document<'_> {
+    type Value = Parts<'de>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a JSON object")
+    }
+
+    fn visit_bool<E: serde::de::Error>(self, _: bool) -> std::result::Result<Parts<'de>, E> {
+        self.not_an_object()
+    }
+    fn visit_i64<E: serde::de::Error>(self, _: i64) -> std::result::Result<Parts<'de>, E> {
+        self.not_an_object()
+    }
+    fn visit_u64<E: serde::de::Error>(self, _: u64) -> std::result::Result<Parts<'de>, E> {
+        self.not_an_object()
+    }
+    fn visit_f64<E: serde::de::Error>(self, _: f64) -> std::result::Result<Parts<'de>, E> {
+        self.not_an_object()
+    }
+    fn visit_str<E: serde::de::Error>(self, _: &str) -> std::result::Result<Parts<'de>, E> {
+        self.not_an_object()
+    }
+    fn visit_unit<E: serde::de::Error>(self) -> std::result::Result<Parts<'de>, E> {
+        self.not_an_object()
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, _: A) -> std::result::Result<Parts<'de>, A::Error> {
+        self.not_an_object()
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> std::result::Result<Parts<'de>, A::Error> {
+        let mut parts = Parts {
+            types: None,
+            primary_type: None,
+            domain: None,
+            message: None,
+        };
+        let mut first = true;
+        while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+            if first && key == NUMBER_TOKEN {
+                return self.not_an_object();
+            }
+            first = false;
+            let repeated = match key.as_ref() {
+                "types" => parts.types.is_some(),
+                "primaryType" => parts.primary_type.is_some(),
+                "domain" => parts.domain.is_some(),
+                "message" => parts.message.is_some(),
+                _ => {
+                    return self.refuse(Eip712Error::UnexpectedField {
+                        path: At::Key(&At::Doc, &key).render(),
+                    })
+                }
+            };
+            if repeated {
+                return self.refuse(duplicate_key(&At::Key(&At::Doc, &key)));
+            }
+            let strict = |root: &'static str| Strict {
+                at: At::Root(root),
+                fault: self.fault,
+            };
+            match key.as_ref() {
+                "types" => parts.types = Some(map.next_value::<&'de RawValue>()?),
+                "primaryType" => parts.primary_type = Some(map.next_value_seed(strict("primaryType"))?),
+                "domain" => parts.domain = Some(map.next_value::<&'de RawValue>()?),
+                _ => parts.message = Some(map.next_value_seed(strict("message"))?),
+            }
+        }
+        Ok(parts)
+    }
+}
+
+fn duplicate_key(at: &At<'_>) -> Eip712Error {
+    Eip712Error::InvalidJson {
+        path: at.render(),
+        reason: "duplicate object key".into(),
+    }
+}
+
+/// Builds a JSON value as `serde_json::Value` would, refusing a repeated
+/// key in any object: `Value` silently keeps the last one, while a viewer
+/// may show the first, so the signed data could differ from what the user
+/// saw. The first repeated key is recorded in `fault` with its path.
+struct Strict<'a> {
+    at: At<'a>,
+    fault: &'a RefCell<Option<Eip712Error>>,
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for Strict<'_> {
+    type Value = Value;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> std::result::Result<Value, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for Strict<'_> {
+    type Value = Value;
 
     fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("any JSON value")
     }
 
-    fn visit_bool<E>(self, _: bool) -> std::result::Result<(), E> {
-        Ok(())
+    fn visit_bool<E>(self, b: bool) -> std::result::Result<Value, E> {
+        Ok(Value::Bool(b))
     }
-    fn visit_i64<E>(self, _: i64) -> std::result::Result<(), E> {
-        Ok(())
+    fn visit_i64<E>(self, n: i64) -> std::result::Result<Value, E> {
+        Ok(Value::Number(n.into()))
     }
-    fn visit_u64<E>(self, _: u64) -> std::result::Result<(), E> {
-        Ok(())
+    fn visit_u64<E>(self, n: u64) -> std::result::Result<Value, E> {
+        Ok(Value::Number(n.into()))
     }
-    fn visit_f64<E>(self, _: f64) -> std::result::Result<(), E> {
-        Ok(())
+    fn visit_f64<E>(self, n: f64) -> std::result::Result<Value, E> {
+        Ok(Number::from_f64(n).map_or(Value::Null, Value::Number))
     }
-    fn visit_str<E>(self, _: &str) -> std::result::Result<(), E> {
-        Ok(())
+    fn visit_str<E>(self, s: &str) -> std::result::Result<Value, E> {
+        Ok(Value::String(s.to_owned()))
     }
-    fn visit_unit<E>(self) -> std::result::Result<(), E> {
-        Ok(())
+    fn visit_string<E>(self, s: String) -> std::result::Result<Value, E> {
+        Ok(Value::String(s))
+    }
+    fn visit_unit<E>(self) -> std::result::Result<Value, E> {
+        Ok(Value::Null)
     }
 
-    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> std::result::Result<(), A::Error> {
-        let mut i = 0usize;
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> std::result::Result<Value, A::Error> {
+        let mut out = Vec::new();
         loop {
-            let seed = NoDup {
-                at: At::Index(&self.at, i),
-                found: self.found,
+            let seed = Strict {
+                at: At::Index(&self.at, out.len()),
+                fault: self.fault,
             };
-            if seq.next_element_seed(seed)?.is_none() {
-                return Ok(());
+            match seq.next_element_seed(seed)? {
+                Some(v) => out.push(v),
+                None => return Ok(Value::Array(out)),
             }
-            i += 1;
         }
     }
 
-    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> std::result::Result<(), A::Error> {
-        let mut seen = BTreeSet::new();
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> std::result::Result<Value, A::Error> {
+        let mut out = Map::new();
         while let Some(key) = map.next_key::<String>()? {
-            if seen.contains(&key) {
-                *self.found.borrow_mut() = Some(At::Key(&self.at, &key).render());
-                return Err(serde::de::Error::custom("duplicate object key"));
+            if out.is_empty() && key == NUMBER_TOKEN {
+                // A number's exact text, as `Value` itself reads it.
+                let text: String = map.next_value()?;
+                return text
+                    .parse::<Number>()
+                    .map(Value::Number)
+                    .map_err(serde::de::Error::custom);
             }
-            map.next_value_seed(NoDup {
+            if out.contains_key(&key) {
+                let fault = duplicate_key(&At::Key(&self.at, &key));
+                let shown = fault.to_string();
+                *self.fault.borrow_mut() = Some(fault);
+                return Err(serde::de::Error::custom(shown));
+            }
+            let v = map.next_value_seed(Strict {
                 at: At::Key(&self.at, &key),
-                found: self.found,
+                fault: self.fault,
             })?;
-            seen.insert(key);
+            out.insert(key, v);
         }
-        Ok(())
+        Ok(Value::Object(out))
+    }
+}
+
+/// Parses text with [`Strict`], starting at `at`.
+fn strict_value(text: &str, at: At<'_>) -> Result<Value> {
+    let fault = RefCell::new(None);
+    let mut de = serde_json::Deserializer::from_str(text);
+    let parsed = serde::de::DeserializeSeed::deserialize(Strict { at, fault: &fault }, &mut de).and_then(|v| {
+        de.end()?;
+        Ok(v)
+    });
+    match (fault.into_inner(), parsed) {
+        (Some(fault), _) => Err(fault),
+        (None, Ok(v)) => Ok(v),
+        (None, Err(e)) => Err(json_error(e)),
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Type sets, and the cache of those read
+// ---------------------------------------------------------------------------------------
+
+/// A document's `types`, validated: each struct's fields, and its
+/// `encodeType` text with that text's hash (the type hash).
+#[derive(Debug)]
+struct TypeSet {
+    fields: BTreeMap<String, Vec<Field>>,
+    encoded: BTreeMap<String, (String, [u8; 32])>,
+    /// Domains read against these types, keyed by their exact text.
+    domains: Mutex<HashMap<Box<str>, Arc<Domain>>>,
+}
+
+/// A domain, validated against `EIP712Domain`: its separator, and what
+/// policy reads of it.
+#[derive(Debug)]
+struct Domain {
+    separator: [u8; 32],
+    name: Option<String>,
+    version: Option<String>,
+    chain_id: Option<String>,
+    verifying_contract: Option<String>,
+}
+
+/// Domains kept per type set (a signer signs for a few contracts), and the
+/// longest domain text kept; as for types, a full cache is emptied.
+const DOMAIN_CACHE_ENTRIES: usize = 64;
+const DOMAIN_CACHE_MAX_TEXT: usize = 4 * 1024;
+
+/// Takes a cache's lock; a panic while it was held left only a map behind.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// `read()` through `cache` under `key`; errors are never kept.
+fn cached<T>(
+    cache: &Mutex<HashMap<Box<str>, Arc<T>>>,
+    limits: (usize, usize),
+    key: &str,
+    read: impl FnOnce() -> Result<T>,
+) -> Result<Arc<T>> {
+    let (entries, max_text) = limits;
+    if key.len() > max_text {
+        return read().map(Arc::new);
+    }
+    if let Some(hit) = lock(cache).get(key) {
+        return Ok(hit.clone());
+    }
+    let value = Arc::new(read()?);
+    let mut map = lock(cache);
+    if map.len() >= entries {
+        map.clear();
+    }
+    map.insert(key.into(), value.clone());
+    Ok(value)
+}
+
+/// Type sets kept, keyed by their exact text: signers send the same few
+/// documents' shapes again and again, and reading and hashing the types
+/// is most of the work of a small document. Full: emptied, so that a
+/// client sending ever new types costs itself the reading and nothing more.
+const TYPE_CACHE_ENTRIES: usize = 256;
+/// Longer `types` texts are read each time and not kept.
+const TYPE_CACHE_MAX_TEXT: usize = 16 * 1024;
+
+fn type_cache() -> &'static Mutex<HashMap<Box<str>, Arc<TypeSet>>> {
+    static CACHE: OnceLock<Mutex<HashMap<Box<str>, Arc<TypeSet>>>> = OnceLock::new();
+    CACHE.get_or_init(|| Mutex::new(HashMap::new()))
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Type sets read (not taken from the cache) on this thread.
+    static TYPE_SETS_READ: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+    /// Domains read (not taken from a cache) on this thread.
+    static DOMAINS_READ: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+impl TypeSet {
+    fn read(v: &Value) -> Result<TypeSet> {
+        #[cfg(test)]
+        TYPE_SETS_READ.with(|n| n.set(n.get() + 1));
+        let fields = parse_types(v)?;
+        let encoded = check_graph_and_hash_types(&fields)?;
+        Ok(TypeSet {
+            fields,
+            encoded,
+            domains: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The set that `text` (the `types` member, as sent) defines.
+    fn of_text(text: &str) -> Result<Arc<TypeSet>> {
+        let limits = (TYPE_CACHE_ENTRIES, TYPE_CACHE_MAX_TEXT);
+        cached(type_cache(), limits, text, || {
+            Self::read(&strict_value(text, At::Root("types"))?)
+        })
+    }
+
+    /// The set that an already parsed `types` value defines.
+    fn of_value(v: &Value) -> Result<Arc<TypeSet>> {
+        let limits = (TYPE_CACHE_ENTRIES, TYPE_CACHE_MAX_TEXT);
+        cached(type_cache(), limits, &v.to_string(), || Self::read(v))
+    }
+
+    /// The domain that `text` (the `domain` member, as sent) holds.
+    fn domain_of_text(&self, text: &str) -> Result<Arc<Domain>> {
+        let limits = (DOMAIN_CACHE_ENTRIES, DOMAIN_CACHE_MAX_TEXT);
+        cached(&self.domains, limits, text, || {
+            self.read_domain(&strict_value(text, At::Root("domain"))?)
+        })
+    }
+
+    /// The domain an already parsed `domain` value holds.
+    fn domain_of_value(&self, v: &Value) -> Result<Arc<Domain>> {
+        let limits = (DOMAIN_CACHE_ENTRIES, DOMAIN_CACHE_MAX_TEXT);
+        cached(&self.domains, limits, &v.to_string(), || self.read_domain(v))
+    }
+
+    fn read_domain(&self, v: &Value) -> Result<Domain> {
+        #[cfg(test)]
+        DOMAINS_READ.with(|n| n.set(n.get() + 1));
+        let separator = Encoder { types: self }.hash_struct(DOMAIN_TYPE, v, &At::Root("domain"), 0)?;
+        // Summaries for display and policy; the values were validated above.
+        let fields = self.fields.get(DOMAIN_TYPE).map(Vec::as_slice).unwrap_or(&[]);
+        let field = |name: &str| -> Option<(&Ty, &Value)> {
+            let f = fields.iter().find(|f| f.name == name)?;
+            Some((&f.ty, v.get(name)?))
+        };
+        let string = |name: &str| match field(name) {
+            Some((Ty::String, Value::String(s))) => Some(s.clone()),
+            _ => None,
+        };
+        let chain_id = match field("chainId") {
+            Some((Ty::Uint(_) | Ty::Int(_), v)) => parse_integer(v, "domain.chainId").ok().map(|(neg, mag)| {
+                if neg && !mag.is_zero() {
+                    format!("-{mag}")
+                } else {
+                    mag.to_string()
+                }
+            }),
+            _ => None,
+        };
+        let verifying_contract = match field("verifyingContract") {
+            Some((Ty::Address, v)) => parse_address(v, "domain.verifyingContract")
+                .ok()
+                .map(|a| format!("0x{}", hex::encode(a))),
+            _ => None,
+        };
+        Ok(Domain {
+            separator,
+            name: string("name"),
+            version: string("version"),
+            chain_id,
+            verifying_contract,
+        })
     }
 }
 
@@ -823,7 +1115,7 @@ fn parse_types(v: &Value) -> Result<BTreeMap<String, Vec<Field>>> {
 }
 
 /// Refuses cycles and too-deep nesting, then computes every struct's type hash.
-fn check_graph_and_hash_types(types: &BTreeMap<String, Vec<Field>>) -> Result<BTreeMap<String, [u8; 32]>> {
+fn check_graph_and_hash_types(types: &BTreeMap<String, Vec<Field>>) -> Result<BTreeMap<String, (String, [u8; 32])>> {
     #[derive(Clone, Copy, PartialEq)]
     enum Mark {
         InProgress,
@@ -903,7 +1195,11 @@ fn check_graph_and_hash_types(types: &BTreeMap<String, Vec<Field>>) -> Result<BT
 
     Ok(types
         .keys()
-        .map(|name| (name.clone(), keccak256(encode_type_string(types, name).as_bytes())))
+        .map(|name| {
+            let encoded = encode_type_string(types, name);
+            let hash = keccak256(encoded.as_bytes());
+            (name.clone(), (encoded, hash))
+        })
         .collect())
 }
 
@@ -943,8 +1239,7 @@ fn encode_type_string(types: &BTreeMap<String, Vec<Field>>, primary: &str) -> St
 // ---------------------------------------------------------------------------------------
 
 struct Encoder<'a> {
-    types: &'a BTreeMap<String, Vec<Field>>,
-    typehashes: &'a BTreeMap<String, [u8; 32]>,
+    types: &'a TypeSet,
 }
 
 impl Encoder<'_> {
@@ -953,8 +1248,8 @@ impl Encoder<'_> {
         if depth >= MAX_DEPTH {
             return Err(too_much(at, format!("struct/array nesting deeper than {MAX_DEPTH}")));
         }
-        let (fields, typehash) = match (self.types.get(name), self.typehashes.get(name)) {
-            (Some(f), Some(h)) => (f, h),
+        let (fields, typehash) = match (self.types.fields.get(name), self.types.encoded.get(name)) {
+            (Some(f), Some((_, h))) => (f, h),
             _ => {
                 return Err(Eip712Error::UnknownType {
                     path: at.render(),
@@ -1935,6 +2230,129 @@ mod tests {
         assert!(TypedData::from_json_str(&dup).unwrap_err().path().starts_with("types."));
         let dup = format!("{{\"message\":{{}},{}", &text[1..]);
         assert_eq!(TypedData::from_json_str(&dup).unwrap_err().path(), "message");
+    }
+
+    /// `types` is read and hashed once per distinct text: a second document
+    /// with the same types reuses the set, still checks its own message
+    /// against it, and hashes to what the types themselves give.
+    #[test]
+    fn types_are_read_once_per_text() {
+        // A type name no other test uses: the process-wide cache starts without it.
+        let name = format!("T{}", uuid::Uuid::new_v4().simple());
+        let doc = |message: Value| {
+            let mut types = Map::new();
+            types.insert(DOMAIN_TYPE.into(), json!([{"name": "name", "type": "string"}]));
+            types.insert(name.clone(), json!([{"name": "n", "type": "uint64"}]));
+            json!({"types": types, "primaryType": name, "domain": {"name": "x"}, "message": message}).to_string()
+        };
+        TYPE_SETS_READ.with(|n| n.set(0));
+        DOMAINS_READ.with(|n| n.set(0));
+        let one = TypedData::from_json_str(&doc(json!({"n": 1}))).expect("valid");
+        let two = TypedData::from_json_str(&doc(json!({"n": 2}))).expect("valid");
+        assert_eq!(TYPE_SETS_READ.with(std::cell::Cell::get), 1);
+        assert_eq!(DOMAINS_READ.with(std::cell::Cell::get), 1);
+        // Another domain is read against the same types; a kept one gives what
+        // reading it gives.
+        let other = doc(json!({"n": 1})).replace(r#""domain":{"name":"x"}"#, r#""domain":{"name":"y"}"#);
+        let other = TypedData::from_json_str(&other).expect("valid");
+        assert_eq!(DOMAINS_READ.with(std::cell::Cell::get), 2);
+        assert_eq!(other.domain_name(), Some("y"));
+        assert_eq!(one.domain_name(), Some("x"));
+        let separator = |name: &str| {
+            let mut pre = keccak256(b"EIP712Domain(string name)").to_vec();
+            pre.extend_from_slice(&keccak256(name.as_bytes()));
+            keccak256(&pre)
+        };
+        assert_eq!(one.domain_separator(), separator("x"));
+        assert_eq!(two.domain_separator(), separator("x"));
+        assert_eq!(other.domain_separator(), separator("y"));
+        for (bad, path) in [
+            (r#""domain":{"name":1}"#, "domain.name"),
+            (r#""domain":{"name":"x","name":"y"}"#, "domain.name"),
+            (r#""domain":{"name":"x","chainId":1}"#, "domain.chainId"),
+        ] {
+            let text = doc(json!({"n": 1})).replace(r#""domain":{"name":"x"}"#, bad);
+            assert_eq!(TypedData::from_json_str(&text).unwrap_err().path(), path, "{bad}");
+        }
+        let typehash = keccak256(format!("{name}(uint64 n)").as_bytes());
+        for (typed, n) in [(&one, 1u8), (&two, 2u8)] {
+            let mut pre = typehash.to_vec();
+            let mut word = [0u8; 32];
+            word[31] = n;
+            pre.extend_from_slice(&word);
+            assert_eq!(typed.struct_hash(), keccak256(&pre));
+        }
+        // The message is checked against the kept set.
+        let err = TypedData::from_json_str(&doc(json!({"n": "x"}))).unwrap_err();
+        assert_eq!(err.path(), "message.n");
+        let err = TypedData::from_json_str(&doc(json!({"n": 1, "m": 2}))).unwrap_err();
+        assert_eq!(
+            err,
+            Eip712Error::UnexpectedField {
+                path: "message.m".into()
+            }
+        );
+        assert_eq!(TYPE_SETS_READ.with(std::cell::Cell::get), 1);
+        // A refused set is never kept: read again each time.
+        let bad = doc(json!({"n": 1})).replace("uint64", "uint65");
+        for _ in 0..2 {
+            assert_eq!(
+                TypedData::from_json_str(&bad).unwrap_err().path(),
+                format!("types.{name}[0].type")
+            );
+        }
+        assert_eq!(TYPE_SETS_READ.with(std::cell::Cell::get), 3);
+    }
+
+    /// The cache stays bounded whatever number of distinct types it sees.
+    #[test]
+    fn the_type_cache_is_bounded() {
+        for i in 0..(TYPE_CACHE_ENTRIES + 10) {
+            let text = format!(
+                r#"{{"types":{{"EIP712Domain":[],"B{i}":[{{"name":"n","type":"uint8"}}]}},"primaryType":"B{i}","domain":{{}},"message":{{"n":{}}}}}"#,
+                i % 256
+            );
+            TypedData::from_json_str(&text).expect("valid");
+            assert!(type_cache().lock().map(|c| c.len()).unwrap_or(0) <= TYPE_CACHE_ENTRIES);
+        }
+    }
+
+    /// The one-pass reader reads what `serde_json::Value` reads, numbers'
+    /// exact text included, and refuses a top level that is not an object.
+    #[test]
+    fn the_one_pass_reader_agrees_with_value() {
+        for (name, text) in FIXTURES {
+            let v: Value = serde_json::from_str(text).expect(name);
+            let doc = v.get("typed_data").unwrap_or(&v);
+            let typed = TypedData::from_json_str(&doc.to_string()).expect(name);
+            assert_eq!(Some(typed.message()), doc.get("message"), "{name}");
+        }
+        let big = "115792089237316195423570985008687907853269984665640564039457584007913129639935";
+        let text = format!(
+            r#"{{"types":{{"EIP712Domain":[],"N":[{{"name":"u","type":"uint256"}}]}},"primaryType":"N","domain":{{}},"message":{{"u":{big}}}}}"#
+        );
+        let typed = TypedData::from_json_str(&text).expect("valid");
+        assert_eq!(typed.message()["u"].to_string(), big);
+        let quoted = text.replace(big, &format!("\"{big}\""));
+        assert_eq!(
+            TypedData::from_json_str(&quoted).expect("valid").struct_hash(),
+            typed.struct_hash()
+        );
+        for top in [
+            "1",
+            "\"x\"",
+            "[]",
+            "null",
+            "true",
+            r#"{"$serde_json::private::Number":"1"}"#,
+        ] {
+            let err = TypedData::from_json_str(top).unwrap_err();
+            assert_eq!(err.path(), "document", "{top}");
+        }
+        assert_eq!(
+            TypedData::from_json_str(&format!("{text} x")).unwrap_err().path(),
+            "document"
+        );
     }
 
     /// Tiny deterministic PRNG for the property tests (no extra dev-dependency).

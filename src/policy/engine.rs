@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::str::FromStr as _;
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
 
 use cedar_policy::{
     ActionConstraint, Authorizer, Entities, Entity, EntityId, EntityTypeName, EntityUid, PolicyId, PolicySet,
@@ -70,6 +70,64 @@ pub struct Policies {
     names: Names,
     authorizer: Authorizer,
     limits: Limits,
+    /// Account entities built for requests, by account id (see [`AccountEntities`]).
+    accounts: AccountEntities,
+}
+
+/// Account entities kept between requests: building one (its attributes
+/// evaluated by Cedar) costs more than cloning it, and an account signs
+/// again and again. An entry is used only while the record still has what
+/// the entity was built from; a full map is emptied.
+#[derive(Debug, Default)]
+struct AccountEntities(Mutex<HashMap<String, (AccountAttrs, Entity)>>);
+
+/// Accounts whose entities are kept.
+const ACCOUNT_ENTITIES: usize = 4096;
+
+/// What an account entity is built from, besides the id.
+#[derive(Debug, PartialEq, Eq)]
+struct AccountAttrs {
+    label: Option<String>,
+    controller: String,
+    created_by: String,
+    allowed: Vec<String>,
+}
+
+impl AccountAttrs {
+    fn of(a: &crate::store::AccountRecord) -> AccountAttrs {
+        AccountAttrs {
+            label: a.label.clone(),
+            controller: a.controller.clone(),
+            created_by: a.created_by.clone(),
+            allowed: a.allowed.clone(),
+        }
+    }
+
+    fn matches(&self, a: &crate::store::AccountRecord) -> bool {
+        self.label == a.label
+            && self.controller == a.controller
+            && self.created_by == a.created_by
+            && self.allowed == a.allowed
+    }
+}
+
+impl AccountEntities {
+    /// The entity of `a`: kept, or built and kept.
+    fn get(&self, n: &Names, a: &crate::store::AccountRecord) -> Result<Entity, PolicyError> {
+        let lock = || self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((attrs, entity)) = lock().get(&a.id) {
+            if attrs.matches(a) {
+                return Ok(entity.clone());
+            }
+        }
+        let entity = account_entity(n, a)?;
+        let mut map = lock();
+        if map.len() >= ACCOUNT_ENTITIES && !map.contains_key(&a.id) {
+            map.clear();
+        }
+        map.insert(a.id.clone(), (AccountAttrs::of(a), entity.clone()));
+        Ok(entity)
+    }
 }
 
 fn type_name(name: &str) -> Result<EntityTypeName, PolicyError> {
@@ -432,6 +490,7 @@ impl Policies {
             names,
             authorizer: Authorizer::new(),
             limits,
+            accounts: AccountEntities::default(),
         })
     }
 
@@ -567,17 +626,26 @@ fn account_entity(n: &Names, a: &crate::store::AccountRecord) -> Result<Entity, 
 
 /// The request's resource: its uid, with its entities (account; session
 /// and its account) pushed to `out`. The service needs none.
-fn resource_entities(n: &Names, resource: &Resource<'_>, out: &mut Vec<Entity>) -> Result<EntityUid, PolicyError> {
+fn resource_entities(
+    n: &Names,
+    accounts: Option<&AccountEntities>,
+    resource: &Resource<'_>,
+    out: &mut Vec<Entity>,
+) -> Result<EntityUid, PolicyError> {
+    let account = |a| match accounts {
+        Some(kept) => kept.get(n, a),
+        None => account_entity(n, a),
+    };
     Ok(match resource {
         Resource::Service => n.service_uid(),
         Resource::Account(a) => {
-            let e = account_entity(n, a)?;
+            let e = account(a)?;
             let id = e.uid();
             out.push(e);
             id
         }
         Resource::Session(s, a) => {
-            let account = account_entity(n, a)?;
+            let account = account(a)?;
             let id = EntityUid::from_type_name_and_id(n.session.clone(), EntityId::new(&s.id));
             let attrs = HashMap::from([
                 (
@@ -613,7 +681,7 @@ fn build<'p>(req: &PolicyRequest<'_>, p: &'p Policies) -> Result<(Request, Entit
     if listed.is_none() {
         extra.push(client_entity(n, req.principal, &ClientInfo::default())?);
     }
-    let resource = resource_entities(n, &req.resource, &mut extra)?;
+    let resource = resource_entities(n, Some(&p.accounts), &req.resource, &mut extra)?;
     let entities = prepared
         .entities
         .clone()
@@ -720,7 +788,7 @@ pub(crate) fn decide_unprepared(req: &PolicyRequest<'_>, p: &Policies) -> Option
             entities.push(Entity::new_no_attrs(r.clone(), HashSet::new()));
         }
         entities.push(client_entity(n, req.principal, &info)?);
-        let resource = resource_entities(n, &req.resource, &mut entities)?;
+        let resource = resource_entities(n, None, &req.resource, &mut entities)?;
         let ctx = context(&req.context, &Reads::EVERYTHING)?;
         let request = Request::new(n.client(req.principal), action.uid(), resource, ctx, Some(&p.schema))
             .map_err(|e| PolicyError::Request(e.to_string()))?;

@@ -324,6 +324,19 @@ fn set(policies: &str) -> Result<Policies, PolicyError> {
     )
 }
 
+/// The decision on a stranger's five-byte message signed by `a`.
+fn stranger_signs(p: &Policies, a: &AccountRecord) -> Decision {
+    decide(
+        &PolicyRequest {
+            principal: STRANGER,
+            action: Action::SignMessage,
+            resource: Resource::Account(a),
+            context: message(5),
+        },
+        p,
+    )
+}
+
 #[test]
 fn a_forbid_overrides_a_permit() {
     let p = set(r#"
@@ -333,17 +346,7 @@ fn a_forbid_overrides_a_permit() {
     "#)
     .expect("valid");
     let mut a = account(&[]);
-    let ask = |a: &AccountRecord| {
-        decide(
-            &PolicyRequest {
-                principal: STRANGER,
-                action: Action::SignMessage,
-                resource: Resource::Account(a),
-                context: message(5),
-            },
-            &p,
-        )
-    };
+    let ask = |a: &AccountRecord| stranger_signs(&p, a);
     let d = ask(&a);
     assert!(d.allowed);
     assert_eq!(d.policy_ids, ["everyone-signs"]);
@@ -352,6 +355,39 @@ fn a_forbid_overrides_a_permit() {
     assert!(!d.allowed);
     assert_eq!(d.policy_ids, ["no-frozen"]);
     assert_eq!(d.decided_by(), "no-frozen");
+}
+
+/// A decision reads the account as it is now: the entity kept for an
+/// account id is not used once the record's operators, controller or
+/// creator changed.
+#[test]
+fn a_kept_account_entity_follows_its_record() {
+    let p = set(r#"
+        @id("operators-sign") permit (principal, action == Keyward::Action::"SignMessage", resource is Keyward::Account)
+        when { principal in resource.allowed || principal == resource.created_by };
+        @id("not-this-controller") forbid (principal, action, resource is Keyward::Account)
+        when { resource.controller == "0x0000000000000000000000000000000000000001" };
+    "#)
+    .expect("valid");
+    let ask = |a: &AccountRecord| stranger_signs(&p, a).allowed;
+    let mut a = account(&[]);
+    assert!(!ask(&a));
+    a.allowed = vec![STRANGER.into()];
+    assert!(ask(&a));
+    a.controller = "0x0000000000000000000000000000000000000001".into();
+    assert!(!ask(&a));
+    a.controller = account(&[]).controller;
+    assert!(ask(&a));
+    a.allowed.clear();
+    assert!(!ask(&a));
+    a.created_by = STRANGER.into();
+    assert!(ask(&a));
+    // Another account with the same attributes is its own entity.
+    let mut b = a.clone();
+    b.id = "5d7c2a4e-1111-4222-8333-777777777777".into();
+    b.created_by = ADMIN.into();
+    assert!(!ask(&b));
+    assert!(ask(&a));
 }
 
 /// The shipped example that allows one contract's one function, uncommented.

@@ -106,9 +106,9 @@ fn amount(v: BigUint) -> Result<u128, ScopeDenied> {
     u128::try_from(&v).map_err(|_| ScopeDenied::TooLarge(v.to_string()))
 }
 
-/// The document's transfer, if it is one keyward recognises. `doc` is the
-/// document `typed` was parsed from (already validated).
-pub fn recognise(typed: &TypedData, doc: &Value) -> Result<Option<Transfer>, ScopeDenied> {
+/// The document's transfer, if it is one keyward recognises (its message
+/// already validated against its types).
+pub fn recognise(typed: &TypedData) -> Result<Option<Transfer>, ScopeDenied> {
     let Ok(encoded) = typed.encode_type(typed.primary_type()) else {
         return Ok(None);
     };
@@ -125,7 +125,7 @@ pub fn recognise(typed: &TypedData, doc: &Value) -> Result<Option<Transfer>, Sco
         .and_then(|c| c.parse::<u64>().ok())
         .filter(|c| *c != 0);
     let contract = typed.domain_verifying_contract().and_then(|c| Address::parse(&c).ok());
-    let msg = doc.get("message").unwrap_or(&Value::Null);
+    let msg = typed.message();
     let token_domain = || -> Result<Asset, ScopeDenied> {
         match (chain_id, contract) {
             (Some(chain_id), Some(token)) => Ok(Asset::Erc20 { chain_id, token }),
@@ -314,8 +314,8 @@ mod tests {
             ),
             ("permit2_single", TransferKind::PermitSingle, 4_000_000, None),
         ] {
-            let (typed, doc) = read(name);
-            let t = recognise(&typed, &doc).expect(name).expect(name);
+            let (typed, _) = read(name);
+            let t = recognise(&typed).expect(name).expect(name);
             assert_eq!(t.kind, kind, "{name}");
             assert_eq!(t.asset, usdc, "{name}");
             assert_eq!(t.amount, amount, "{name}");
@@ -337,7 +337,7 @@ mod tests {
         let (_, mut doc) = read("permit2_transfer_from");
         doc["domain"]["verifyingContract"] = Value::String(USDC_BASE.into());
         let typed = TypedData::from_value(&doc).expect("typed");
-        assert_eq!(recognise(&typed, &doc), Ok(None));
+        assert_eq!(recognise(&typed), Ok(None));
         // A field renamed: another type.
         let (_, mut doc) = read("eip3009_transfer");
         doc["types"]["TransferWithAuthorization"][2]["name"] = Value::String("amount".into());
@@ -347,7 +347,7 @@ mod tests {
             m.remove("value");
         }
         let typed = TypedData::from_value(&doc).expect("typed");
-        assert_eq!(recognise(&typed, &doc), Ok(None));
+        assert_eq!(recognise(&typed), Ok(None));
     }
 
     #[test]
@@ -356,6 +356,6 @@ mod tests {
         doc["message"]["value"] =
             Value::String("115792089237316195423570985008687907853269984665640564039457584007913129639935".into());
         let typed = TypedData::from_value(&doc).expect("typed");
-        assert!(matches!(recognise(&typed, &doc), Err(ScopeDenied::TooLarge(_))));
+        assert!(matches!(recognise(&typed), Err(ScopeDenied::TooLarge(_))));
     }
 }
