@@ -112,8 +112,13 @@ impl AccountAttrs {
 }
 
 impl AccountEntities {
-    /// The entity of `a`: kept, or built and kept.
+    /// The entity of `a`: kept, or built and kept. An account without keys
+    /// (one asked for that does not exist, or a deleted one) is built each
+    /// time: ids a client makes up never take the place of real accounts.
     fn get(&self, n: &Names, a: &crate::store::AccountRecord) -> Result<Entity, PolicyError> {
+        if a.keys.is_empty() {
+            return account_entity(n, a);
+        }
         let lock = || self.0.lock().unwrap_or_else(|e| e.into_inner());
         if let Some((attrs, entity)) = lock().get(&a.id) {
             if attrs.matches(a) {
@@ -805,6 +810,12 @@ pub(crate) fn decide_unprepared(req: &PolicyRequest<'_>, p: &Policies) -> Option
         policy_ids,
         limit: None,
     })
+}
+
+/// How many account entities the set keeps.
+#[cfg(test)]
+pub(crate) fn kept_accounts(p: &Policies) -> usize {
+    p.accounts.0.lock().map(|m| m.len()).unwrap_or(0)
 }
 
 /// How many indexed attributes the slices built so far hold.

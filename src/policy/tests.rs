@@ -370,8 +370,17 @@ fn a_kept_account_entity_follows_its_record() {
     "#)
     .expect("valid");
     let ask = |a: &AccountRecord| stranger_signs(&p, a).allowed;
+    // An account with keys: its entity is kept (a keyless one never is).
     let mut a = account(&[]);
+    a.keys = vec![crate::store::KeyRecord {
+        alg: crate::types::KeyAlg::Ed25519,
+        public_key: vec![1; 32],
+        wrapped: vec![2; 40],
+        kek_version: 1,
+        key_version: 1,
+    }];
     assert!(!ask(&a));
+    assert_eq!(engine::kept_accounts(&p), 1);
     a.allowed = vec![STRANGER.into()];
     assert!(ask(&a));
     a.controller = "0x0000000000000000000000000000000000000001".into();
@@ -388,6 +397,12 @@ fn a_kept_account_entity_follows_its_record() {
     b.created_by = ADMIN.into();
     assert!(!ask(&b));
     assert!(ask(&a));
+    assert_eq!(engine::kept_accounts(&p), 2);
+    // An id a client made up (no keys) is decided, not kept.
+    let mut ghost = account(&[]);
+    ghost.id = "not-there".into();
+    assert!(!ask(&ghost));
+    assert_eq!(engine::kept_accounts(&p), 2);
 }
 
 /// The shipped example that allows one contract's one function, uncommented.
