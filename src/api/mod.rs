@@ -187,8 +187,7 @@ impl Daemon {
             return Err(ApiError::Key(crate::keys::KeyError::Deleted { account, at }));
         }
         if let Some((account, since)) = frozen {
-            crate::audit::context::record_policies(vec![FROZEN_RULE.to_string()]);
-            crate::audit::context::record_account(&account);
+            // Recorded as `account-frozen` by `run`, as every freeze is.
             return Err(ApiError::Key(crate::keys::KeyError::Frozen { account, since }));
         }
         Ok(decision)
@@ -326,9 +325,9 @@ impl Daemon {
             }
         })
         .await;
-        // A freeze the key service saw after the decision (another replica
-        // froze the account meanwhile) is the same refusal as one the
-        // decision saw, and is recorded as one.
+        // A frozen account's refusal names `account-frozen`, whether the
+        // decision saw the freeze or the key service did (another replica
+        // froze the account between the two).
         if let Err(ApiError::Key(crate::keys::KeyError::Frozen { account, .. })) = &result {
             pending.event.policies = vec![FROZEN_RULE.to_string()];
             if pending.event.account.is_empty() {

@@ -770,7 +770,7 @@ struct Domain {
 /// Domains kept per type set (a signer signs for a few contracts), and the
 /// longest domain text kept; as for types, a full cache is emptied.
 const DOMAIN_CACHE_ENTRIES: usize = 64;
-const DOMAIN_CACHE_MAX_TEXT: usize = 4 * 1024;
+const DOMAIN_CACHE_MAX_TEXT: usize = 1024;
 
 /// Takes a cache's lock; a panic while it was held left only a map behind.
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
