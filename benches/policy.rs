@@ -1,6 +1,10 @@
 //! Decision latency against a signature's: the default policy set and a set
 //! of 1,000 policies, next to the k256 sign the decision guards, measured in
 //! the same run. Run: `cargo bench --bench policy`.
+//!
+//! The account below has no keys, so its decisions are never kept: each row
+//! is a whole decision. The "kept" row asks about an account with keys, the
+//! same request each time: what a repeated request costs.
 
 use std::hint::black_box;
 use std::path::PathBuf;
@@ -11,7 +15,7 @@ use keyward::policy::{
     decide, default_policies, Action, MessageFacts, Policies, PolicyRequest, RequestContext, Resource, TypedDataFacts,
     DEFAULT_FILES,
 };
-use keyward::store::AccountRecord;
+use keyward::store::{AccountRecord, KeyRecord};
 
 fn account() -> AccountRecord {
     AccountRecord {
@@ -142,6 +146,26 @@ fn bench(c: &mut Criterion) {
             });
         }
     }
+    let keyed = AccountRecord {
+        keys: vec![KeyRecord {
+            alg: keyward::types::KeyAlg::Ed25519,
+            public_key: vec![1; 32],
+            wrapped: vec![2; 40],
+            kek_version: 1,
+            key_version: 1,
+        }],
+        ..account()
+    };
+    let kept = PolicyRequest {
+        principal: "spiffe://example.org/admin",
+        action: Action::SignTypedData,
+        resource: Resource::Account(&keyed),
+        context: typed.clone(),
+    };
+    assert!(decide(&kept, &sets[0].1).allowed);
+    c.bench_function("decide SignTypedData, decision kept (default set)", |b| {
+        b.iter(|| decide(black_box(&kept), &sets[0].1))
+    });
     let sk = k256::ecdsa::SigningKey::from_slice(&[7u8; 32]).expect("key");
     let digest = keccak256(b"bench");
     c.bench_function("k256 sign_prehash_recoverable", |b| {

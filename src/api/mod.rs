@@ -271,7 +271,10 @@ impl Daemon {
             return Err(Status::unavailable("the daemon is shutting down"));
         };
         let daemon = self.clone();
-        let task = tokio::spawn(
+        // Boxed before it is spawned: the request's future (every handler's
+        // state) is then moved once, into the box, instead of through the
+        // spawn and into the task's cell and back out of it.
+        let task = tokio::spawn(Box::pin(
             async move {
                 let _in_flight = InFlight::new(daemon.metrics.in_flight().clone(), permit);
                 // Counted until its event is written: a group commit waits for it.
@@ -283,7 +286,7 @@ impl Daemon {
                 result
             }
             .instrument(span),
-        );
+        ));
         match task.await {
             Ok(result) => result.map(Response::new),
             Err(e) => {

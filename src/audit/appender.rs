@@ -9,7 +9,7 @@
 //! HSM signature, and makes a final one at shutdown ([`Appender::finish`])
 //! over the events since the last.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -86,6 +86,8 @@ pub struct Appender {
     tx: flume::Sender<Job>,
     /// Requests in flight that will append an event (see [`Appender::enter`]).
     busy: Arc<AtomicUsize>,
+    /// Wakes the writer thread when the group it waits for is complete.
+    wake: Arc<GroupWake>,
     stats: Option<AppenderStats>,
     head: watch::Receiver<u64>,
     checkpoints: Option<Arc<Checkpointer>>,
@@ -115,10 +117,12 @@ impl Appender {
         let (tx, rx) = flume::bounded(settings.queue.max(1));
         let (head_tx, head) = watch::channel(0);
         let busy = Arc::new(AtomicUsize::new(0));
+        let wake = Arc::new(GroupWake::default());
         let group = Grouping {
             max: settings.max_batch.max(1),
             wait: settings.wait,
             busy: busy.clone(),
+            wake: wake.clone(),
         };
         let stats = AppenderStats::new()
             .map_err(|e| tracing::warn!(error = %e, "audit group metrics unavailable"))
@@ -146,6 +150,7 @@ impl Appender {
         Appender {
             tx,
             busy,
+            wake,
             stats,
             head,
             checkpoints,
@@ -160,6 +165,7 @@ impl Appender {
             .send_async(Job::Append { event, done })
             .await
             .map_err(|_| AuditError::Stopped)?;
+        self.wake.queued(self.tx.len(), &self.busy);
         wait.await.map_err(|_| AuditError::Stopped)?
     }
 
@@ -260,6 +266,59 @@ pub(super) struct Grouping {
     pub max: usize,
     pub wait: Duration,
     pub busy: Arc<AtomicUsize>,
+    pub wake: Arc<GroupWake>,
+}
+
+/// How the writer thread waits for the rest of a group without being woken
+/// by every event: it sleeps until the group's deadline, and only the event
+/// that completes the group (every request in flight has queued its own)
+/// wakes it early. Under load a group is cut by its deadline and no event
+/// wakes the thread; a lone request's group is complete at once.
+///
+/// The writer publishes the size of its group and raises `gathering`, then
+/// takes what is queued once more before it sleeps; a request queues its
+/// event, then reads `gathering`. With a full fence between each side's
+/// write and read, either the writer sees the event or the request sees
+/// the flag, so an event that completes a group never goes unnoticed.
+#[derive(Debug, Default)]
+pub(super) struct GroupWake {
+    thread: std::sync::OnceLock<std::thread::Thread>,
+    gathering: AtomicBool,
+    grouped: AtomicUsize,
+    /// Times a request woke the writer.
+    #[cfg(test)]
+    woken: AtomicUsize,
+}
+
+impl GroupWake {
+    /// The writer thread names itself, once, before it first gathers.
+    pub(super) fn set_thread(&self, thread: std::thread::Thread) {
+        let _ = self.thread.set(thread);
+    }
+
+    /// The writer holds `grouped` events and waits for more (`true`) or
+    /// stopped waiting (`false`).
+    pub(super) fn gathering(&self, grouped: usize, on: bool) {
+        self.grouped.store(grouped, Ordering::SeqCst);
+        self.gathering.store(on, Ordering::SeqCst);
+        std::sync::atomic::fence(Ordering::SeqCst);
+    }
+
+    /// A request queued its event (`queued` events wait in the queue now):
+    /// wakes the writer if that completes the group it waits for.
+    fn queued(&self, queued: usize, busy: &AtomicUsize) {
+        std::sync::atomic::fence(Ordering::SeqCst);
+        if !self.gathering.load(Ordering::SeqCst) {
+            return;
+        }
+        if queued + self.grouped.load(Ordering::SeqCst) >= busy.load(Ordering::SeqCst) {
+            if let Some(t) = self.thread.get() {
+                #[cfg(test)]
+                self.woken.fetch_add(1, Ordering::Relaxed);
+                t.unpark();
+            }
+        }
+    }
 }
 
 impl Grouping {
@@ -525,6 +584,67 @@ mod tests {
         appender.append(event(3)).await.expect("appended");
         assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
         assert_eq!(stats.get_sample_count(), 3);
+    }
+
+    /// While a group waits for the requests in flight, their events do not
+    /// wake the writer one by one: only the one that completes the group
+    /// does, and the group is written then, well before its deadline.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn only_the_event_that_completes_a_group_wakes_the_writer() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (url, _store, appender) = sqlite_appender(
+            dir.path(),
+            AppenderSettings {
+                max_batch: 16,
+                wait: Duration::from_secs(5),
+                ..Default::default()
+            },
+        )
+        .await;
+        let stats = appender.stats().expect("stats").group_events.clone();
+        // A first commit held up for 1 s: the next group may wait that long.
+        let mut other = sqlx::SqliteConnection::connect(&url).await.expect("connect");
+        sqlx::query("BEGIN IMMEDIATE").execute(&mut other).await.expect("lock");
+        let first = {
+            let a = appender.clone();
+            tokio::spawn(async move { a.append(event(0)).await })
+        };
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        sqlx::query("ROLLBACK").execute(&mut other).await.expect("unlock");
+        drop(other);
+        first.await.expect("task").expect("appended");
+        assert_eq!(appender.wake.woken.load(Ordering::Relaxed), 0);
+
+        // Four requests in flight, their events 50 ms apart.
+        let guards: Vec<Busy> = (0..4).map(|_| appender.enter()).collect();
+        let started = Instant::now();
+        let mut tasks = Vec::new();
+        for (i, guard) in guards.into_iter().enumerate() {
+            let a = appender.clone();
+            tasks.push(tokio::spawn(async move {
+                let _guard = guard;
+                a.append(event(i + 1)).await
+            }));
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        for t in tasks {
+            t.await.expect("task").expect("appended");
+        }
+        assert_eq!(
+            (stats.get_sample_count(), stats.get_sample_sum() as u64),
+            (2, 5),
+            "the four events in one group"
+        );
+        assert_eq!(
+            appender.wake.woken.load(Ordering::Relaxed),
+            1,
+            "the fourth event woke the writer, the second and third did not"
+        );
+        assert!(
+            started.elapsed() < Duration::from_millis(800),
+            "written when complete, not at the deadline: {:?}",
+            started.elapsed()
+        );
     }
 
     /// `finish` answers after everything queued before it is written,

@@ -183,7 +183,7 @@ pub async fn pending_claims(store: &dyn Store, now: i64) -> Result<Option<Checkp
     let mut next = first;
     while next <= head.seq {
         let last = head.seq.min(next.saturating_add(HASH_PAGE - 1));
-        let page = audit.event_hashes(next, last).await?;
+        let page = hash_page(store, next, last).await?;
         let expected = next;
         for (i, (seq, hash)) in page.iter().enumerate() {
             if *seq != expected + i as u64 {
@@ -206,6 +206,18 @@ pub async fn pending_claims(store: &dyn Store, now: i64) -> Result<Option<Checkp
         last_hash: head.hash,
         iat: now,
     }))
+}
+
+/// The hashes of events `first..=last`: on the embedded store read with a
+/// connection of the call's own, on a blocking thread (see
+/// [`super::writer::event_hashes`]); on a server database, through the pool.
+async fn hash_page(store: &dyn Store, first: u64, last: u64) -> Result<Vec<(u64, [u8; 32])>, AuditError> {
+    match store.direct_audit() {
+        Some(target) => tokio::task::spawn_blocking(move || super::writer::event_hashes(&target.path, first, last))
+            .await
+            .map_err(|_| AuditError::Unavailable("audit hash read task failed".into()))?,
+        None => Ok(store.audit().event_hashes(first, last).await?),
+    }
 }
 
 /// Event hashes read per query when a checkpoint is made.

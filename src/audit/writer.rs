@@ -98,6 +98,7 @@ pub(super) fn spawn(
                 stats,
                 last_commit: Duration::ZERO,
             };
+            group.wake.set_thread(std::thread::current());
             let max = group.max;
             let mut jobs: Vec<Job> = Vec::with_capacity(max);
             let mut events: Vec<NewEvent> = Vec::with_capacity(max);
@@ -107,21 +108,29 @@ pub(super) fn spawn(
                 // what requests still in flight append before the deadline.
                 let deadline = std::time::Instant::now() + group.wait.min(writer.last_commit);
                 jobs.push(first);
-                loop {
+                let take = |jobs: &mut Vec<Job>| {
+                    let before = jobs.len();
                     while jobs.len() < max {
                         match rx.try_recv() {
                             Ok(job) => jobs.push(job),
                             Err(_) => break,
                         }
                     }
-                    if !group.more_coming(jobs.len(), deadline) {
-                        break;
+                    jobs.len() > before
+                };
+                take(&mut jobs);
+                // Sleeps until the deadline unless the event that completes
+                // the group wakes it (see `GroupWake`): the events between
+                // wake nobody.
+                while group.more_coming(jobs.len(), deadline) {
+                    group.wake.gathering(jobs.len(), true);
+                    if take(&mut jobs) {
+                        continue;
                     }
-                    match rx.recv_deadline(deadline) {
-                        Ok(job) => jobs.push(job),
-                        Err(_) => break,
-                    }
+                    std::thread::park_timeout(deadline.saturating_duration_since(std::time::Instant::now()));
+                    take(&mut jobs);
                 }
+                group.wake.gathering(0, false);
                 let mut group = jobs.drain(..);
                 loop {
                     let flush = take_appends(&mut group, &mut events, &mut waiters);
@@ -275,4 +284,35 @@ fn insert_sql() -> &'static str {
 
 fn corrupt(what: &'static str) -> rusqlite::Error {
     rusqlite::Error::ToSqlConversionFailure(what.into())
+}
+
+/// The hashes of the events `first..=last`, in order, read on a read-only
+/// connection of this call's own (a checkpoint reads a thousand at a time:
+/// through sqlx each row would be a hand-off from its worker thread).
+/// Blocking: call it off the runtime.
+pub(crate) fn event_hashes(path: &std::path::Path, first: u64, last: u64) -> Result<Vec<(u64, [u8; 32])>, AuditError> {
+    let unavailable = |e: rusqlite::Error| AuditError::Unavailable(e.to_string());
+    let range = |v: u64| i64::try_from(v).map_err(|_| AuditError::Invalid(format!("audit seq {v} out of range")));
+    let conn = Connection::open_with_flags(
+        path,
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(unavailable)?;
+    conn.busy_timeout(BUSY_TIMEOUT).map_err(unavailable)?;
+    let mut stmt = conn
+        .prepare("SELECT seq, hash FROM audit_events WHERE seq >= ?1 AND seq <= ?2 ORDER BY seq")
+        .map_err(unavailable)?;
+    let mut rows = stmt.query(params![range(first)?, range(last)?]).map_err(unavailable)?;
+    let mut out = Vec::with_capacity(
+        usize::try_from(last.saturating_sub(first).saturating_add(1))
+            .unwrap_or(0)
+            .min(1 << 16),
+    );
+    while let Some(row) = rows.next().map_err(unavailable)? {
+        let seq: i64 = row.get(0).map_err(unavailable)?;
+        let seq = u64::try_from(seq).map_err(|_| AuditError::Invalid(format!("audit seq {seq} is negative")))?;
+        let hash: Vec<u8> = row.get(1).map_err(unavailable)?;
+        out.push((seq, super::store::hash32(&format!("audit event {seq}"), &hash)?));
+    }
+    Ok(out)
 }

@@ -16,6 +16,7 @@ use super::context::{
     account_field, context, context_field, context_top, long, string, strings, to_long, Field, Reads, RECORDS, TOP,
 };
 use super::index::{Attr, Scalar, Slice};
+use super::kept::{self, KeptDecisions};
 use super::limits::{Limits, LIMITS_FILE};
 use super::request::{PolicyRequest, Resource};
 use super::{Action, Decision, PolicyError};
@@ -72,6 +73,8 @@ pub struct Policies {
     limits: Limits,
     /// Account entities built for requests, by account id (see [`AccountEntities`]).
     accounts: AccountEntities,
+    /// Decisions kept by everything Cedar sees of their request (see [`super::kept`]).
+    decisions: KeptDecisions,
 }
 
 /// Account entities kept between requests: building one (its attributes
@@ -496,6 +499,7 @@ impl Policies {
             authorizer: Authorizer::new(),
             limits,
             accounts: AccountEntities::default(),
+            decisions: KeptDecisions::default(),
         })
     }
 
@@ -728,6 +732,11 @@ pub fn decide(req: &PolicyRequest<'_>, p: &Policies) -> Decision {
             limit: None,
         };
     }
+    // The same inputs give the same decision: keep it (see `kept`).
+    let key = p.reads.get(action).and_then(|reads| kept::key(req, reads));
+    if let Some(d) = key.as_deref().and_then(|k| p.decisions.get(k)) {
+        return d;
+    }
     let (request, entities, slice) = match build(req, p) {
         Ok(x) => x,
         Err(e) => {
@@ -753,9 +762,11 @@ pub fn decide(req: &PolicyRequest<'_>, p: &Policies) -> Decision {
         }
     }
     let (mut permits, mut forbids) = (Vec::new(), Vec::new());
+    let mut failed = false;
     for set in sets {
         let response = p.authorizer.is_authorized(&request, set, &entities);
         for e in response.diagnostics().errors() {
+            failed = true;
             tracing::warn!(action, error = %e, "a policy failed to evaluate and was skipped");
         }
         let ids = response.diagnostics().reason().map(|id| id.to_string());
@@ -767,12 +778,16 @@ pub fn decide(req: &PolicyRequest<'_>, p: &Policies) -> Decision {
     let allowed = forbids.is_empty() && !permits.is_empty();
     let mut policy_ids = if allowed { permits } else { forbids };
     policy_ids.sort();
-    Decision {
+    let decision = Decision {
         action,
         allowed,
         policy_ids,
         limit: None,
+    };
+    if let (Some(key), false) = (key, failed) {
+        p.decisions.insert(key, &decision);
     }
+    decision
 }
 
 /// The decision without anything prepared: every entity and the whole
@@ -810,6 +825,12 @@ pub(crate) fn decide_unprepared(req: &PolicyRequest<'_>, p: &Policies) -> Option
         policy_ids,
         limit: None,
     })
+}
+
+/// The set's kept decisions.
+#[cfg(test)]
+pub(crate) fn kept_decisions(p: &Policies) -> &KeptDecisions {
+    &p.decisions
 }
 
 /// How many account entities the set keeps.

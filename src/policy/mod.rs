@@ -12,6 +12,7 @@ mod defaults;
 mod engine;
 mod error;
 mod index;
+mod kept;
 pub mod limits;
 mod point;
 mod request;

@@ -26,6 +26,18 @@ fn account(allowed: &[&str]) -> AccountRecord {
     }
 }
 
+/// The account with a (made-up) stored key: an account that exists.
+fn keyed(mut a: AccountRecord) -> AccountRecord {
+    a.keys = vec![crate::store::KeyRecord {
+        alg: crate::types::KeyAlg::Ed25519,
+        public_key: vec![1; 32],
+        wrapped: vec![2; 40],
+        kek_version: 1,
+        key_version: 1,
+    }];
+    a
+}
+
 fn session(a: &AccountRecord) -> SessionRecord {
     SessionRecord {
         id: "9a7c2a4e-1111-4222-8333-444455556666".into(),
@@ -371,14 +383,7 @@ fn a_kept_account_entity_follows_its_record() {
     .expect("valid");
     let ask = |a: &AccountRecord| stranger_signs(&p, a).allowed;
     // An account with keys: its entity is kept (a keyless one never is).
-    let mut a = account(&[]);
-    a.keys = vec![crate::store::KeyRecord {
-        alg: crate::types::KeyAlg::Ed25519,
-        public_key: vec![1; 32],
-        wrapped: vec![2; 40],
-        kek_version: 1,
-        key_version: 1,
-    }];
+    let mut a = keyed(account(&[]));
     assert!(!ask(&a));
     assert_eq!(engine::kept_accounts(&p), 1);
     a.allowed = vec![STRANGER.into()];
@@ -403,6 +408,151 @@ fn a_kept_account_entity_follows_its_record() {
     ghost.id = "not-there".into();
     assert!(!ask(&ghost));
     assert_eq!(engine::kept_accounts(&p), 2);
+}
+
+/// A decision is kept by everything Cedar sees of its request: asking again
+/// with the same inputs is answered from the kept decision, and a change to
+/// any input a policy reads is decided afresh.
+#[test]
+fn a_kept_decision_follows_every_input_it_was_made_from() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let p = set(r#"
+        @id("operators-sign") permit (principal, action in Keyward::Action::"Sign", resource is Keyward::Account)
+        when { principal in resource.allowed || principal == resource.created_by };
+        @id("not-on-goerli") forbid (principal, action == Keyward::Action::"SignTypedData", resource)
+        when { context.typed_data.chain_id == 5 };
+        @id("not-alice") forbid (principal, action, resource is Keyward::Account)
+        when { resource.label == "alice" && context.typed_data.primary_type == "Permit" };
+        @id("delegates-read") permit (principal, action == Keyward::Action::"GetSession", resource is Keyward::Session)
+        when { principal == resource.delegate && resource.scopes.contains("read") && resource.expires_at > 100 };
+    "#)
+    .expect("valid");
+    let kept = engine::kept_decisions(&p);
+    let hits = || kept.hits.load(Relaxed);
+    let ask = |who: &str, a: &AccountRecord, context: RequestContext| {
+        let req = PolicyRequest {
+            principal: who,
+            action: Action::SignTypedData,
+            resource: Resource::Account(a),
+            context,
+        };
+        let got = decide(&req, &p);
+        assert_eq!(Some(&got), engine::decide_unprepared(&req, &p).as_ref(), "{req:?}");
+        got.allowed
+    };
+    let td = |chain: &str, primary: &str| RequestContext {
+        typed_data: typed(chain, MAIL_DOMAIN).map(|t| TypedDataFacts {
+            primary_type: primary.into(),
+            ..t
+        }),
+        ..RequestContext::default()
+    };
+    let mut a = keyed(account(&[STRANGER]));
+    assert!(ask(STRANGER, &a, td("1", "Mail")));
+    assert_eq!((kept.len(), hits()), (1, 0));
+    assert!(ask(STRANGER, &a, td("1", "Mail")));
+    assert_eq!((kept.len(), hits()), (1, 1), "the same inputs: the kept decision");
+    // A context field no policy of the action reads is not part of the key.
+    let mut unread = td("1", "Mail");
+    unread.message = Some(MessageFacts {
+        alg: "ed25519",
+        length: 3,
+    });
+    if let Some(t) = unread.typed_data.as_mut() {
+        t.name = "Other Mail".into();
+    }
+    assert!(ask(STRANGER, &a, unread));
+    assert_eq!((kept.len(), hits()), (1, 2));
+    // Each input a policy reads changes the decision, and is decided afresh.
+    assert!(!ask(STRANGER, &a, td("5", "Mail")), "context field");
+    assert!(
+        !ask(STRANGER, &a, td("1", "Permit")),
+        "another context field, with the label"
+    );
+    assert!(!ask(MARKETPLACE, &a, td("1", "Mail")), "principal");
+    a.label = Some("bob".into());
+    assert!(ask(STRANGER, &a, td("1", "Permit")), "label");
+    a.allowed.clear();
+    assert!(!ask(STRANGER, &a, td("1", "Mail")), "operators");
+    a.created_by = STRANGER.into();
+    assert!(ask(STRANGER, &a, td("1", "Mail")), "creator");
+    let mut b = a.clone();
+    b.id = "5d7c2a4e-1111-4222-8333-777777777777".into();
+    b.created_by = ADMIN.into();
+    assert!(!ask(STRANGER, &b, td("1", "Mail")), "another account");
+    assert_eq!((kept.len(), hits()), (8, 2), "each of them decided afresh");
+    // A session's decision follows the session's delegate, scopes and expiry.
+    let ask_session = |s: &SessionRecord| {
+        let req = PolicyRequest {
+            principal: MARKETPLACE,
+            action: Action::GetSession,
+            resource: Resource::Session(s, &a),
+            context: RequestContext::default(),
+        };
+        let got = decide(&req, &p);
+        assert_eq!(Some(&got), engine::decide_unprepared(&req, &p).as_ref(), "{req:?}");
+        got.allowed
+    };
+    let mut s = session(&a);
+    s.scopes = vec!["read".into()];
+    assert!(ask_session(&s));
+    assert!(ask_session(&s));
+    s.expires_at = 50;
+    assert!(!ask_session(&s), "expiry");
+    s.expires_at = 3600;
+    s.scopes = vec!["write".into()];
+    assert!(!ask_session(&s), "scopes");
+    s.scopes = vec!["read".into()];
+    s.delegate = GATEWAY.into();
+    assert!(!ask_session(&s), "delegate");
+    assert_eq!((kept.len(), hits()), (12, 3));
+    // An account without keys (an id a client made up) is decided, not kept.
+    let mut ghost = account(&[STRANGER]);
+    ghost.id = "not-there".into();
+    assert!(ask(STRANGER, &ghost, td("1", "Mail")));
+    assert!(ask(STRANGER, &ghost, td("1", "Mail")));
+    assert_eq!((kept.len(), hits()), (12, 3));
+
+    // Policies that read the clock's seconds: nothing is kept.
+    let clock = set(r#"
+        @id("after") permit (principal, action == Keyward::Action::"SignTypedData", resource) when { context.time.now > 10 };
+    "#)
+    .expect("valid");
+    let a = keyed(account(&[]));
+    for now in [5, 20, 20] {
+        let req = PolicyRequest {
+            principal: STRANGER,
+            action: Action::SignTypedData,
+            resource: Resource::Account(&a),
+            context: RequestContext {
+                now,
+                ..RequestContext::default()
+            },
+        };
+        assert_eq!(decide(&req, &clock).allowed, now > 10);
+    }
+    assert_eq!(engine::kept_decisions(&clock).len(), 0);
+}
+
+/// The kept decisions are bounded: a full map is emptied.
+#[test]
+fn kept_decisions_are_bounded() {
+    let p = set(r#"@id("all") permit (principal, action, resource);"#).expect("valid");
+    let mut a = keyed(account(&[]));
+    for i in 0..=kept::KEPT_DECISIONS {
+        a.id = format!("account-{i}");
+        let d = decide(
+            &PolicyRequest {
+                principal: STRANGER,
+                action: Action::SignMessage,
+                resource: Resource::Account(&a),
+                context: message(5),
+            },
+            &p,
+        );
+        assert!(d.allowed);
+    }
+    assert_eq!(engine::kept_decisions(&p).len(), 1, "emptied when full, then one kept");
 }
 
 /// The shipped example that allows one contract's one function, uncommented.
@@ -671,9 +821,18 @@ const SCOPES: &str = r#"
 
 #[test]
 fn prepared_decisions_equal_unprepared_ones() {
+    // A keyless account (decided afresh each time) and one with keys (its
+    // decisions kept): every request below is asked twice.
     let a = account(&[MARKETPLACE]);
+    let k = keyed(account(&[MARKETPLACE]));
     let s = session(&a);
-    let resources = [Resource::Service, Resource::Account(&a), Resource::Session(&s, &a)];
+    let resources = [
+        Resource::Service,
+        Resource::Account(&a),
+        Resource::Session(&s, &a),
+        Resource::Account(&k),
+        Resource::Session(&s, &k),
+    ];
     let mut pay = in_session();
     pay.payment = Some(PaymentFacts {
         amount: 60,
@@ -739,21 +898,31 @@ fn prepared_decisions_equal_unprepared_ones() {
                             resource,
                             context: context.clone(),
                         };
-                        let got = decide(&req, p);
                         let what = format!("{name}: {who} {action:?} {resource:?} {context:?}");
-                        match engine::decide_unprepared(&req, p) {
-                            Some(want) => assert_eq!(got, want, "{what}"),
-                            // Outside the schema: refused, nothing matched.
-                            None => assert!(!got.allowed && got.policy_ids.is_empty(), "{what}"),
+                        let want = engine::decide_unprepared(&req, p);
+                        for _ in 0..2 {
+                            let got = decide(&req, p);
+                            match &want {
+                                Some(want) => assert_eq!(&got, want, "{what}"),
+                                // Outside the schema: refused, nothing matched.
+                                None => assert!(!got.allowed && got.policy_ids.is_empty(), "{what}"),
+                            }
+                            allowed += usize::from(got.allowed);
                         }
-                        allowed += usize::from(got.allowed);
                     }
                 }
             }
         }
     }
-    // The table reaches both outcomes, and the index was in use.
+    // The table reaches both outcomes, the index was in use, and decisions were kept.
     assert!(allowed > 50, "{allowed}");
+    for (name, p) in &sets {
+        let kept = engine::kept_decisions(p);
+        assert!(
+            kept.len() > 0 && kept.hits.load(std::sync::atomic::Ordering::Relaxed) > 0,
+            "{name}"
+        );
+    }
     assert_eq!(
         engine::indexed_attributes(&sets[0].1),
         0,

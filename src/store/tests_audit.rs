@@ -352,6 +352,14 @@ async fn checkpoint_reads(url: &str) {
     let expected: Vec<(u64, [u8; 32])> = events[2..8].iter().map(|e| (e.seq, e.hash)).collect();
     assert_eq!(hashes, expected);
     assert!(store.audit().event_hashes(11, 20).await.unwrap().is_empty());
+    // The embedded store's checkpoints read them on a connection of their own: the same rows.
+    if let Some(target) = store.direct_audit() {
+        let direct = crate::audit::writer::event_hashes(&target.path, 3, 8).unwrap();
+        assert_eq!(direct, expected);
+        assert!(crate::audit::writer::event_hashes(&target.path, 11, 20)
+            .unwrap()
+            .is_empty());
+    }
 
     store
         .audit()

@@ -42,7 +42,11 @@ struct Load {
 /// client cannot know whether it was done, and retries it with its id.
 fn broken_connection(s: &tonic::Status) -> bool {
     matches!(s.code(), Code::Unknown | Code::Cancelled)
-        && std::error::Error::source(s).is_some_and(|e| e.downcast_ref::<tonic::transport::Error>().is_some())
+        && std::error::Error::source(s).is_some_and(|e| {
+            // Broken while connecting or sending (tonic's transport error), or
+            // while the answer's body was read (hyper's own error).
+            e.downcast_ref::<tonic::transport::Error>().is_some() || e.downcast_ref::<hyper::Error>().is_some()
+        })
 }
 
 impl Load {
