@@ -519,14 +519,12 @@ mod tests {
         one_chain(store).await;
     }
 
-    /// A group waits for the event of a request still in flight (one
-    /// transaction for both), for no longer than the previous commit took,
-    /// and never for a request that is not there.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_group_waits_for_requests_in_flight_only() {
-        let dir = tempfile::tempdir().expect("tempdir");
+    /// A SQLite appender that groups up to 16 events and may wait 5 s, whose
+    /// first commit (event 0) another connection holds up for `held`: the
+    /// next group may wait that long for requests in flight.
+    async fn after_a_slow_commit(dir: &std::path::Path, held: Duration) -> Arc<Appender> {
         let (url, _store, appender) = sqlite_appender(
-            dir.path(),
+            dir,
             AppenderSettings {
                 max_batch: 16,
                 wait: Duration::from_secs(5),
@@ -534,20 +532,29 @@ mod tests {
             },
         )
         .await;
-        let stats = appender.stats().expect("stats").group_events.clone();
-
-        // A slow first commit (another connection holds the write lock for
-        // 400 ms) lets the next group wait up to that long.
         let mut other = sqlx::SqliteConnection::connect(&url).await.expect("connect");
         sqlx::query("BEGIN IMMEDIATE").execute(&mut other).await.expect("lock");
         let first = {
             let a = appender.clone();
             tokio::spawn(async move { a.append(event(0)).await })
         };
-        tokio::time::sleep(Duration::from_millis(400)).await;
+        tokio::time::sleep(held).await;
         sqlx::query("ROLLBACK").execute(&mut other).await.expect("unlock");
         drop(other);
         first.await.expect("task").expect("appended");
+        appender
+    }
+
+    /// A group waits for the event of a request still in flight (one
+    /// transaction for both), for no longer than the previous commit took,
+    /// and never for a request that is not there.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_group_waits_for_requests_in_flight_only() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        // A slow first commit (another connection holds the write lock for
+        // 400 ms) lets the next group wait up to that long.
+        let appender = after_a_slow_commit(dir.path(), Duration::from_millis(400)).await;
+        let stats = appender.stats().expect("stats").group_events.clone();
         assert_eq!((stats.get_sample_count(), stats.get_sample_sum() as u64), (1, 1));
 
         // Two requests in flight: the first one's event waits for the second's.
@@ -592,27 +599,9 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn only_the_event_that_completes_a_group_wakes_the_writer() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let (url, _store, appender) = sqlite_appender(
-            dir.path(),
-            AppenderSettings {
-                max_batch: 16,
-                wait: Duration::from_secs(5),
-                ..Default::default()
-            },
-        )
-        .await;
-        let stats = appender.stats().expect("stats").group_events.clone();
         // A first commit held up for 1 s: the next group may wait that long.
-        let mut other = sqlx::SqliteConnection::connect(&url).await.expect("connect");
-        sqlx::query("BEGIN IMMEDIATE").execute(&mut other).await.expect("lock");
-        let first = {
-            let a = appender.clone();
-            tokio::spawn(async move { a.append(event(0)).await })
-        };
-        tokio::time::sleep(Duration::from_millis(1000)).await;
-        sqlx::query("ROLLBACK").execute(&mut other).await.expect("unlock");
-        drop(other);
-        first.await.expect("task").expect("appended");
+        let appender = after_a_slow_commit(dir.path(), Duration::from_millis(1000)).await;
+        let stats = appender.stats().expect("stats").group_events.clone();
         assert_eq!(appender.wake.woken.load(Ordering::Relaxed), 0);
 
         // Four requests in flight, their events 50 ms apart.
