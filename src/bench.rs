@@ -112,6 +112,47 @@ pub(crate) fn percentile(sorted: &[u32], p: f64) -> u64 {
     u64::from(sorted[idx.min(sorted.len() - 1)])
 }
 
+/// One request of the load `op` for `account_id`. A payment is signed in
+/// the session `payment` names (its token, then the request id); without
+/// one, a payment load's request is the Ed25519 load's message.
+async fn request_once(
+    client: &mut SigningServiceClient<Channel>,
+    op: BenchOp,
+    account_id: String,
+    payment: Option<(String, String)>,
+) -> Result<(), tonic::Status> {
+    match (op, payment) {
+        (BenchOp::TypedData, _) => client
+            .sign_typed_data(SignTypedDataRequest {
+                account_id,
+                typed_data_json: MAIL.to_string(),
+                ..Default::default()
+            })
+            .await
+            .map(|_| ()),
+        (BenchOp::Payment, Some((session_token, request_id))) => client
+            .sign_payment(SignPaymentRequest {
+                session_token,
+                amount: "1".into(),
+                currency: "USDC".into(),
+                manifest: BENCH_MANIFEST.into(),
+                license_id: "bench".into(),
+                payee: String::new(),
+                request_id,
+            })
+            .await
+            .map(|_| ()),
+        (BenchOp::Ed25519 | BenchOp::Payment, _) => client
+            .sign_message(SignMessageRequest {
+                account_id,
+                alg: SignatureAlgorithm::Ed25519 as i32,
+                data: MESSAGE.to_vec(),
+            })
+            .await
+            .map(|_| ()),
+    }
+}
+
 /// Drives `op` over `channels` for `duration`.
 async fn drive(
     channels: &[Channel],
@@ -140,36 +181,9 @@ async fn drive(
                 let account_id = accounts[i % accounts.len()].clone();
                 i = i.wrapping_add(concurrency);
                 let t0 = Instant::now();
-                let r = match op {
-                    BenchOp::TypedData => client
-                        .sign_typed_data(SignTypedDataRequest {
-                            account_id,
-                            typed_data_json: MAIL.to_string(),
-                            ..Default::default()
-                        })
-                        .await
-                        .map(|_| ()),
-                    BenchOp::Ed25519 => client
-                        .sign_message(SignMessageRequest {
-                            account_id,
-                            alg: SignatureAlgorithm::Ed25519 as i32,
-                            data: b"keyward bench message".to_vec(),
-                        })
-                        .await
-                        .map(|_| ()),
-                    BenchOp::Payment => client
-                        .sign_payment(SignPaymentRequest {
-                            session_token: token.as_deref().cloned().unwrap_or_default(),
-                            amount: "1".into(),
-                            currency: "USDC".into(),
-                            manifest: BENCH_MANIFEST.into(),
-                            license_id: "bench".into(),
-                            payee: String::new(),
-                            request_id: format!("{run}-{i}"),
-                        })
-                        .await
-                        .map(|_| ()),
-                };
+                let payment = (op == BenchOp::Payment)
+                    .then(|| (token.as_deref().cloned().unwrap_or_default(), format!("{run}-{i}")));
+                let r = request_once(&mut client, op, account_id, payment).await;
                 match r {
                     Ok(()) => lat.push(u32::try_from(t0.elapsed().as_micros()).unwrap_or(u32::MAX)),
                     Err(_) => {
@@ -456,6 +470,9 @@ fn raw_hsm(home: &Path, op: BenchOp, secs: f64) -> anyhow::Result<f64> {
     Ok(total as f64 / secs)
 }
 
+/// The message the Ed25519 load signs.
+const MESSAGE: &[u8] = b"keyward bench message";
+
 /// The license manifest of the payment load's session scope and payments.
 const BENCH_MANIFEST: &str = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08";
 
@@ -642,7 +659,11 @@ pub async fn run(home: &Path, opts: &ClientOpts, args: BenchArgs) -> anyhow::Res
     let (ids, creation) = create_accounts(&chans[0], args.accounts.max(1)).await?;
     let ids = Arc::new(ids);
     let create_secs = t0.elapsed().as_secs_f64();
-    // Warm the daemon's key cache: one signature per account.
+    // Warm the daemon: one request per account, of the kind the load sends
+    // (the same document or message), so that the key cache and the kept
+    // decisions hold what the load asks for. With many accounts a load of a
+    // few seconds touches each account once at most: warmed with another
+    // kind of request, every decision it measured would be a first one.
     let t0 = Instant::now();
     for chunk in ids.chunks(args.concurrency.max(1)) {
         let futs: Vec<_> = chunk
@@ -650,15 +671,10 @@ pub async fn run(home: &Path, opts: &ClientOpts, args: BenchArgs) -> anyhow::Res
             .enumerate()
             .map(|(i, id)| {
                 let mut c = SigningServiceClient::new(chans[i % chans.len()].clone());
-                let id = id.clone();
-                async move {
-                    c.sign_message(SignMessageRequest {
-                        account_id: id,
-                        alg: SignatureAlgorithm::Ed25519 as i32,
-                        data: b"warm".to_vec(),
-                    })
-                    .await
-                }
+                let account_id = id.clone();
+                // A payment signs in its session's one account: without a
+                // session the accounts are warmed with the message load's request.
+                async move { request_once(&mut c, args.op, account_id, None).await }
             })
             .collect();
         for f in futs {

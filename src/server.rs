@@ -225,6 +225,18 @@ pub async fn start_with_clock(config: &Config, clock: Arc<dyn Clock>) -> Result<
     let policy = Arc::new(
         crate::policy::DecisionPoint::load(&config.policy.dir, &metrics, clock.clone())?
             .with_watch_interval(config.policy.watch_seconds)
+            // Every account the key cache holds keeps its decisions (two
+            // each: an account signs more than one kind of request, and
+            // accounts come and go): at 100,000 accounts signing round robin
+            // a smaller map would be emptied before any decision in it was
+            // asked for again.
+            .with_kept_decisions(
+                config
+                    .keys
+                    .cache_capacity
+                    .saturating_mul(2)
+                    .max(crate::policy::KEPT_DECISIONS),
+            )
             .with_store(store.clone()),
     );
     let verifying_contract = match &config.sessions.verifying_contract {

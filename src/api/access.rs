@@ -14,6 +14,8 @@
 //! the caller. Never answers from a resource's attributes before the
 //! decision.
 
+use std::sync::Arc;
+
 use super::{ApiError, Daemon};
 use crate::keys::KeyError;
 use crate::policy::{decide, Action, Decision, PolicyError, PolicyRequest, RequestContext, Resource};
@@ -148,7 +150,7 @@ impl Daemon {
         action: Action,
         id: &str,
         context: RequestContext,
-    ) -> Result<AccountRecord, ApiError> {
+    ) -> Result<Arc<AccountRecord>, ApiError> {
         self.account_as(identity, action, id, id, context).await
     }
 
@@ -161,7 +163,7 @@ impl Daemon {
         id: &str,
         ghost_id: &str,
         context: RequestContext,
-    ) -> Result<AccountRecord, ApiError> {
+    ) -> Result<Arc<AccountRecord>, ApiError> {
         let ghost = ghost_account(ghost_id);
         match self.keys.record(id).await {
             Ok(record) => {
@@ -189,7 +191,7 @@ impl Daemon {
         &self,
         identity: &str,
         challenge_id: &str,
-    ) -> Result<AccountRecord, ApiError> {
+    ) -> Result<Arc<AccountRecord>, ApiError> {
         let (action, context) = (Action::OpenSession, RequestContext::default());
         let account_id = match self.sessions.challenge_account(challenge_id).await {
             Ok(id) => id,
@@ -212,7 +214,7 @@ impl Daemon {
         action: Action,
         id: &str,
         context: RequestContext,
-    ) -> Result<(SessionRecord, AccountRecord), ApiError> {
+    ) -> Result<(SessionRecord, Arc<AccountRecord>), ApiError> {
         let (ghost, ghost_owner) = (ghost_session(id), ghost_account(""));
         let missing = Resource::Session(&ghost, &ghost_owner);
         let session = match self.sessions.get(id).await {

@@ -72,7 +72,7 @@ async fn fresh_account(
     action: Action,
     id: &str,
     context: RequestContext,
-) -> Result<AccountRecord, ApiError> {
+) -> Result<std::sync::Arc<AccountRecord>, ApiError> {
     d.keys.evict(id);
     d.account_for(identity, action, id, context).await
 }
@@ -154,7 +154,8 @@ async fn change(d: &super::Daemon, id: &str, change: AccountChange, digest: Stri
     if !found {
         return Err(KeyError::AccountNotFound(id.to_string()).into());
     }
-    to_proto(&d.keys.record(id).await?)
+    let record = d.keys.record(id).await?;
+    to_proto(&record)
 }
 
 fn to_proto(record: &AccountRecord) -> Result<Account, ApiError> {

@@ -123,7 +123,7 @@ async fn session_decided(
     (
         crate::store::SessionRecord,
         crate::session::Scopes,
-        crate::store::AccountRecord,
+        std::sync::Arc<crate::store::AccountRecord>,
     ),
     ApiError,
 > {
@@ -280,7 +280,7 @@ impl SigningService for SigningApi {
                     return Ok(SignTypedDataResponse {
                         digest: digest.to_vec(),
                         signature: signature.to_vec(),
-                        signer: keys.eth_address().to_checksum(),
+                        signer: keys.eth_checksum().to_string(),
                         remaining: String::new(),
                     });
                 }
@@ -341,7 +341,7 @@ impl SigningService for SigningApi {
                     Ok(SignTypedDataResponse {
                         digest: digest.to_vec(),
                         signature: signature.to_vec(),
-                        signer: keys.eth_address().to_checksum(),
+                        signer: keys.eth_checksum().to_string(),
                         remaining: reserved.remaining.to_string(),
                     })
                 })
@@ -488,7 +488,7 @@ impl SigningService for SigningApi {
                         typed_data_json: doc.to_string(),
                         digest: digest.to_vec(),
                         signature: signature.to_vec(),
-                        signer: keys.eth_address().to_checksum(),
+                        signer: keys.eth_checksum().to_string(),
                         remaining: reserved.remaining.to_string(),
                         nonce: reserved.nonce,
                         request_id: reserved.request_id,

@@ -233,13 +233,14 @@ impl KeyService {
     }
 
     /// The account's record without unwrapping keys.
-    pub async fn record(&self, id: &str) -> Result<AccountRecord, KeyError> {
+    pub async fn record(&self, id: &str) -> Result<Arc<AccountRecord>, KeyError> {
         if let Some(keys) = self.cache.get(id) {
-            return Ok(keys.record().clone());
+            return Ok(keys.shared_record());
         }
         self.store
             .get_account(id)
             .await?
+            .map(Arc::new)
             .ok_or_else(|| KeyError::AccountNotFound(id.to_string()))
     }
 

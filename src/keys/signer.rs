@@ -69,8 +69,11 @@ fn ed_sign(key: &LockedKey, public: &ed25519_dalek::VerifyingKey, msg: &[u8]) ->
 /// An account with both keys usable. Dropping it destroys the HSM session
 /// objects (custody `hsm`) or zeroizes the key bytes (custody `host`).
 pub struct AccountKeys {
-    record: AccountRecord,
+    /// Shared with every request that reads it (never cloned per request).
+    record: Arc<AccountRecord>,
     eth_address: Address,
+    /// `eth_address` in EIP-55 form, as every signing response names it.
+    eth_checksum: String,
     secp_public: VerifyingKey,
     ed_public: ed25519_dalek::VerifyingKey,
     secp: Secp,
@@ -183,9 +186,11 @@ impl AccountKeys {
                 (Secp::Host(secp), Ed::Host(ed))
             }
         };
+        let eth_address = Address::from_public_key(&secp_public);
         Ok(AccountKeys {
-            eth_address: Address::from_public_key(&secp_public),
-            record,
+            eth_checksum: eth_address.to_checksum(),
+            eth_address,
+            record: Arc::new(record),
             secp_public,
             ed_public,
             secp,
@@ -198,9 +203,19 @@ impl AccountKeys {
         &self.record
     }
 
+    /// The stored account, shared.
+    pub fn shared_record(&self) -> Arc<AccountRecord> {
+        self.record.clone()
+    }
+
     /// The account's Ethereum address.
     pub fn eth_address(&self) -> Address {
         self.eth_address
+    }
+
+    /// The account's Ethereum address in EIP-55 checksum form.
+    pub fn eth_checksum(&self) -> &str {
+        &self.eth_checksum
     }
 
     /// secp256k1 public key, compressed SEC1.

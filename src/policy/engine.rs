@@ -503,6 +503,16 @@ impl Policies {
         })
     }
 
+    /// Keeps up to `decisions` decisions from now on (see `kept.rs`).
+    pub fn keep_decisions(&self, decisions: usize) {
+        self.decisions.set_capacity(decisions);
+    }
+
+    /// How many decisions the set keeps at most.
+    pub fn kept_capacity(&self) -> usize {
+        self.decisions.capacity()
+    }
+
     /// Whether the schema declares `action` (one it does not is denied to everyone).
     pub fn declares(&self, action: Action) -> bool {
         self.actions.contains_key(action.name())

@@ -13,9 +13,13 @@
 //! accounts: made-up ids must not push real decisions out), decisions whose
 //! policies read `context.time.now` (a new key every second), and decisions
 //! during which a policy failed to evaluate (its warning is logged each
-//! time). The map is per set (a reload starts empty) and is emptied when full.
+//! time). The map is per set (a reload starts empty) and is emptied when full:
+//! when it holds its capacity of decisions (the daemon sizes it to its key
+//! cache, so every cached account's decisions fit) or `KEPT_KEY_BYTES` of
+//! keys, whichever comes first.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 use super::context::{context_field, context_top, Field, Reads, RECORDS, TOP};
@@ -23,26 +27,60 @@ use super::request::{PolicyRequest, Resource};
 use super::Decision;
 use crate::store::AccountRecord;
 
-/// Decisions kept per set.
-pub(super) const KEPT_DECISIONS: usize = 8192;
+/// Decisions kept per set, unless sized otherwise ([`KeptDecisions::set_capacity`]).
+pub const KEPT_DECISIONS: usize = 8192;
+
+/// Bytes of keys kept per set at most, whatever the capacity: a client that
+/// varies what its policies read (a typed-data domain of up to 1 KiB, say)
+/// fills the map with long keys, and this bounds what that costs.
+pub(super) const KEPT_KEY_BYTES: usize = 64 << 20;
 
 /// The kept decisions of one set.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(super) struct KeptDecisions {
-    map: Mutex<HashMap<Vec<u8>, Decision>>,
+    map: Mutex<Kept>,
+    capacity: AtomicUsize,
     #[cfg(test)]
     pub(super) hits: std::sync::atomic::AtomicUsize,
 }
 
+#[derive(Debug, Default)]
+struct Kept {
+    decisions: HashMap<Vec<u8>, Decision>,
+    /// The keys' bytes.
+    key_bytes: usize,
+}
+
+impl Default for KeptDecisions {
+    fn default() -> Self {
+        KeptDecisions {
+            map: Mutex::default(),
+            capacity: AtomicUsize::new(KEPT_DECISIONS),
+            #[cfg(test)]
+            hits: std::sync::atomic::AtomicUsize::new(0),
+        }
+    }
+}
+
 impl KeptDecisions {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Vec<u8>, Decision>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Kept> {
         // Every update is one insert or clear: a panic elsewhere cannot leave it half done.
         self.map.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
+    /// Keeps up to `decisions` decisions (at least one) from now on.
+    pub(super) fn set_capacity(&self, decisions: usize) {
+        self.capacity.store(decisions.max(1), Ordering::Relaxed);
+    }
+
+    /// How many decisions the set keeps at most.
+    pub(super) fn capacity(&self) -> usize {
+        self.capacity.load(Ordering::Relaxed)
+    }
+
     /// The decision kept under `key`.
     pub(super) fn get(&self, key: &[u8]) -> Option<Decision> {
-        let found = self.lock().get(key).cloned();
+        let found = self.lock().decisions.get(key).cloned();
         #[cfg(test)]
         if found.is_some() {
             self.hits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -52,17 +90,23 @@ impl KeptDecisions {
 
     /// Keeps `decision` under `key`; a full map is emptied first.
     pub(super) fn insert(&self, key: Vec<u8>, decision: &Decision) {
-        let mut map = self.lock();
-        if map.len() >= KEPT_DECISIONS && !map.contains_key(&key) {
-            map.clear();
+        let capacity = self.capacity();
+        let mut kept = self.lock();
+        if kept.decisions.contains_key(&key) {
+            return;
         }
-        map.insert(key, decision.clone());
+        if kept.decisions.len() >= capacity || kept.key_bytes + key.len() > KEPT_KEY_BYTES {
+            kept.decisions.clear();
+            kept.key_bytes = 0;
+        }
+        kept.key_bytes += key.len();
+        kept.decisions.insert(key, decision.clone());
     }
 
     /// How many decisions are kept.
     #[cfg(test)]
     pub(super) fn len(&self) -> usize {
-        self.lock().len()
+        self.lock().decisions.len()
     }
 }
 

@@ -22,6 +22,7 @@ pub use action::Action;
 pub use defaults::{default_policies, install_defaults, DEFAULT_FILES};
 pub use engine::{decide, Policies};
 pub use error::PolicyError;
+pub use kept::KEPT_DECISIONS;
 pub use point::{DecisionPoint, SpendHold};
 pub use request::{
     MessageFacts, PaymentFacts, PolicyRequest, RequestContext, Resource, SessionFacts, TransactionFacts, TypedDataFacts,

@@ -21,6 +21,8 @@ pub struct DecisionPoint {
     decisions: IntCounterVec,
     clock: Arc<dyn Clock>,
     watch_seconds: u64,
+    /// Decisions each set keeps (`with_kept_decisions`).
+    kept_decisions: usize,
     fingerprint: std::sync::Mutex<Option<Fingerprint>>,
     store: Option<Arc<dyn Store>>,
 }
@@ -74,6 +76,7 @@ impl DecisionPoint {
             decisions,
             clock,
             watch_seconds: 0,
+            kept_decisions: super::KEPT_DECISIONS,
             fingerprint: std::sync::Mutex::new(fingerprint(dir)),
             store: None,
         })
@@ -82,6 +85,15 @@ impl DecisionPoint {
     /// Keeps limit counters in `store` (without one, limits are not applied).
     pub fn with_store(mut self, store: Arc<dyn Store>) -> DecisionPoint {
         self.store = Some(store);
+        self
+    }
+
+    /// Keeps up to `decisions` decisions per set, this one and every one
+    /// reloaded (the daemon: one per account its key cache holds, at least
+    /// [`super::KEPT_DECISIONS`]).
+    pub fn with_kept_decisions(mut self, decisions: usize) -> DecisionPoint {
+        self.kept_decisions = decisions;
+        self.current.load().keep_decisions(decisions);
         self
     }
 
@@ -143,6 +155,7 @@ impl DecisionPoint {
     /// otherwise keeps the current set and says why.
     pub fn reload(&self) -> Result<usize, PolicyError> {
         let policies = Policies::load_dir(&self.dir)?;
+        policies.keep_decisions(self.kept_decisions);
         let n = policies.len();
         self.current.store(Arc::new(policies));
         Ok(n)

@@ -534,25 +534,71 @@ fn a_kept_decision_follows_every_input_it_was_made_from() {
     assert_eq!(engine::kept_decisions(&clock).len(), 0);
 }
 
+/// Decides a stranger's `SignMessage` under `p` (a set that allows it) on
+/// the keyed account `account-{i}` for each `i` in `ids`; the last decision.
+fn decide_messages(p: &Policies, ids: std::ops::RangeInclusive<usize>) -> Decision {
+    let mut a = keyed(account(&[]));
+    let mut last = None;
+    for i in ids {
+        a.id = format!("account-{i}");
+        let request = PolicyRequest {
+            principal: STRANGER,
+            action: Action::SignMessage,
+            resource: Resource::Account(&a),
+            context: message(5),
+        };
+        let d = decide(&request, p);
+        assert!(d.allowed);
+        last = Some(d);
+    }
+    last.expect("at least one account")
+}
+
 /// The kept decisions are bounded: a full map is emptied.
 #[test]
 fn kept_decisions_are_bounded() {
     let p = set(r#"@id("all") permit (principal, action, resource);"#).expect("valid");
-    let mut a = keyed(account(&[]));
-    for i in 0..=kept::KEPT_DECISIONS {
-        a.id = format!("account-{i}");
-        let d = decide(
-            &PolicyRequest {
-                principal: STRANGER,
-                action: Action::SignMessage,
-                resource: Resource::Account(&a),
-                context: message(5),
-            },
-            &p,
-        );
-        assert!(d.allowed);
-    }
+    decide_messages(&p, 0..=kept::KEPT_DECISIONS);
     assert_eq!(engine::kept_decisions(&p).len(), 1, "emptied when full, then one kept");
+}
+
+#[test]
+fn kept_decisions_follow_the_capacity_they_are_given() {
+    let p = set(r#"@id("all") permit (principal, action, resource);"#).expect("valid");
+    p.keep_decisions(kept::KEPT_DECISIONS + 10);
+    decide_messages(&p, 0..=kept::KEPT_DECISIONS);
+    // One more than the default holds: with it, the map would have been emptied.
+    assert_eq!(engine::kept_decisions(&p).len(), kept::KEPT_DECISIONS + 1);
+}
+
+#[test]
+fn kept_decisions_are_bounded_in_bytes() {
+    let p = set(r#"@id("all") permit (principal, action, resource);"#).expect("valid");
+    let decision = decide_messages(&p, 0..=0);
+    let kept = kept::KeptDecisions::default();
+    let long = kept::KEPT_KEY_BYTES / 8;
+    for i in 0..8u8 {
+        let mut key = vec![0u8; long];
+        key[0] = i;
+        kept.insert(key, &decision);
+    }
+    assert_eq!(kept.len(), 8, "exactly the budget is kept");
+    kept.insert(vec![9u8; 1], &decision);
+    assert_eq!(kept.len(), 1, "one byte over the budget empties the map");
+}
+
+#[test]
+fn a_reloaded_set_keeps_as_many_decisions_as_the_one_before() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let policies = dir.path().join("policies");
+    install_defaults(&policies).expect("defaults");
+    let metrics = crate::metrics::Metrics::new().expect("metrics");
+    let point = DecisionPoint::load(&policies, &metrics, std::sync::Arc::new(crate::clock::SystemClock))
+        .expect("load")
+        .with_kept_decisions(100_000);
+    assert_eq!(point.current().kept_capacity(), 100_000);
+    point.reload().expect("reload");
+    assert_eq!(point.current().kept_capacity(), 100_000);
 }
 
 /// The shipped example that allows one contract's one function, uncommented.

@@ -116,7 +116,7 @@ fn signed(
         raw_transaction: raw,
         transaction_hash: hash.to_vec(),
         signing_hash: signing_hash.to_vec(),
-        signer: keys.eth_address().to_checksum(),
+        signer: keys.eth_checksum().to_string(),
         remaining,
     })
 }
