@@ -519,11 +519,10 @@ mod tests {
         one_chain(store).await;
     }
 
-    /// A SQLite appender that groups up to 16 events and may wait 5 s, whose
-    /// first commit (event 0) another connection holds up for `held`: the
-    /// next group may wait that long for requests in flight.
-    async fn after_a_slow_commit(dir: &std::path::Path, held: Duration) -> Arc<Appender> {
-        let (url, _store, appender) = sqlite_appender(
+    /// A SQLite appender that groups up to 16 events and may wait 5 s for
+    /// the events of requests in flight.
+    async fn waiting_appender(dir: &std::path::Path) -> Arc<Appender> {
+        let (_url, _store, appender) = sqlite_appender(
             dir,
             AppenderSettings {
                 max_batch: 16,
@@ -532,63 +531,62 @@ mod tests {
             },
         )
         .await;
-        let mut other = sqlx::SqliteConnection::connect(&url).await.expect("connect");
-        sqlx::query("BEGIN IMMEDIATE").execute(&mut other).await.expect("lock");
-        let first = {
-            let a = appender.clone();
-            tokio::spawn(async move { a.append(event(0)).await })
-        };
-        tokio::time::sleep(held).await;
-        sqlx::query("ROLLBACK").execute(&mut other).await.expect("unlock");
-        drop(other);
-        first.await.expect("task").expect("appended");
         appender
     }
 
-    /// A group waits for the event of a request still in flight (one
-    /// transaction for both), for no longer than the previous commit took,
-    /// and never for a request that is not there.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_group_waits_for_requests_in_flight_only() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        // A slow first commit (another connection holds the write lock for
-        // 400 ms) lets the next group wait up to that long.
-        let appender = after_a_slow_commit(dir.path(), Duration::from_millis(400)).await;
-        let stats = appender.stats().expect("stats").group_events.clone();
-        assert_eq!((stats.get_sample_count(), stats.get_sample_sum() as u64), (1, 1));
-
-        // Two requests in flight: the first one's event waits for the second's.
-        let (one, two) = (appender.enter(), appender.enter());
-        let started = Instant::now();
+    /// Two requests in flight, the second's event (`first + 1`) queued
+    /// 100 ms after the first's (`first`): their seqs.
+    async fn two_in_flight(appender: &Arc<Appender>, first: usize) -> (u64, u64) {
+        let guards = (appender.enter(), appender.enter());
         let a = {
             let a = appender.clone();
+            let guard = guards.0;
             tokio::spawn(async move {
-                let _one = one;
-                a.append(event(1)).await
+                let _guard = guard;
+                a.append(event(first)).await
             })
         };
         tokio::time::sleep(Duration::from_millis(100)).await;
-        let b = {
-            let a = appender.clone();
-            tokio::spawn(async move {
-                let _two = two;
-                a.append(event(2)).await
-            })
+        let second = {
+            let _guard = guards.1;
+            appender.append(event(first + 1)).await.expect("second")
         };
-        let (sa, sb) = (a.await.expect("task").expect("a"), b.await.expect("task").expect("b"));
-        assert_eq!((sa, sb), (2, 3));
+        (a.await.expect("task").expect("first"), second)
+    }
+
+    /// A group waits for the event of a request still in flight (one
+    /// transaction for both), up to the configured wait whatever the
+    /// commits before it took (the first group too), and never for a
+    /// request that is not there.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_group_waits_for_requests_in_flight_only() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let appender = waiting_appender(dir.path()).await;
+        let stats = appender.stats().expect("stats").group_events.clone();
+
+        // Two requests in flight: the first one's event waits for the second's.
+        let started = Instant::now();
+        assert_eq!(two_in_flight(&appender, 1).await, (1, 2));
         assert!(started.elapsed() >= Duration::from_millis(100));
         assert_eq!(
             (stats.get_sample_count(), stats.get_sample_sum() as u64),
-            (2, 3),
+            (1, 2),
             "both events in one group"
+        );
+
+        // Fast commits before it do not shorten the next group's wait.
+        assert_eq!(two_in_flight(&appender, 3).await, (3, 4));
+        assert_eq!(
+            (stats.get_sample_count(), stats.get_sample_sum() as u64),
+            (2, 4),
+            "again one group"
         );
 
         // Nobody else in flight: a lone append is not held back, although
         // the configured wait is 5 s.
         let started = Instant::now();
         let _lone = appender.enter();
-        appender.append(event(3)).await.expect("appended");
+        appender.append(event(5)).await.expect("appended");
         assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
         assert_eq!(stats.get_sample_count(), 3);
     }
@@ -599,8 +597,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn only_the_event_that_completes_a_group_wakes_the_writer() {
         let dir = tempfile::tempdir().expect("tempdir");
-        // A first commit held up for 1 s: the next group may wait that long.
-        let appender = after_a_slow_commit(dir.path(), Duration::from_millis(1000)).await;
+        let appender = waiting_appender(dir.path()).await;
         let stats = appender.stats().expect("stats").group_events.clone();
         assert_eq!(appender.wake.woken.load(Ordering::Relaxed), 0);
 
@@ -621,7 +618,7 @@ mod tests {
         }
         assert_eq!(
             (stats.get_sample_count(), stats.get_sample_sum() as u64),
-            (2, 5),
+            (1, 4),
             "the four events in one group"
         );
         assert_eq!(
@@ -630,7 +627,7 @@ mod tests {
             "the fourth event woke the writer, the second and third did not"
         );
         assert!(
-            started.elapsed() < Duration::from_millis(800),
+            started.elapsed() < Duration::from_secs(4),
             "written when complete, not at the deadline: {:?}",
             started.elapsed()
         );
