@@ -89,7 +89,7 @@ impl DecisionPoint {
     }
 
     /// Keeps up to `decisions` decisions per set, this one and every one
-    /// reloaded (the daemon: one per account its key cache holds, at least
+    /// reloaded (the daemon: two per account its key cache holds, at least
     /// [`super::KEPT_DECISIONS`]).
     pub fn with_kept_decisions(mut self, decisions: usize) -> DecisionPoint {
         self.kept_decisions = decisions;
