@@ -12,6 +12,7 @@ mod cache;
 mod error;
 pub mod locked;
 mod signer;
+mod token_threads;
 
 pub use cache::KeyCache;
 pub use error::KeyError;
@@ -32,6 +33,8 @@ use crate::hsm::{Hsm, HsmError};
 use crate::metrics::Metrics;
 use crate::store::{AccountRecord, KeyRecord, Store};
 use crate::types::KeyAlg;
+
+use token_threads::TokenThreads;
 
 /// The key version new accounts get.
 pub const INITIAL_KEY_VERSION: u32 = 1;
@@ -80,11 +83,11 @@ pub struct KeyService {
     cache: Arc<KeyCache>,
     metrics: Arc<Metrics>,
     arena: Arc<SecretArena>,
-    /// One permit per HSM session: a signature waits here, as a task, for
-    /// a session to be free, so that no more blocking threads run token
-    /// calls than the token has sessions for (the others would sleep on
-    /// the pool's condition variable, each a thread switch).
-    hsm_slots: Arc<tokio::sync::Semaphore>,
+    /// One thread per HSM session runs hsm-custody signatures: a signature
+    /// waits in their queue, as a task, for a thread (and so a session) to
+    /// be free. `None` if not one could be started (logged; such
+    /// signatures then fail).
+    token_threads: Option<TokenThreads>,
 }
 
 impl KeyService {
@@ -103,7 +106,9 @@ impl KeyService {
                 tracing::warn!(error = %e, "cannot make the process non-dumpable (PR_SET_DUMPABLE)");
             }
         }
-        let slots = hsm.pool_size().max(1);
+        let token_threads = TokenThreads::start(hsm.pool_size().max(1))
+            .inspect_err(|e| tracing::error!(error = %e, "cannot start the HSM signing threads"))
+            .ok();
         KeyService {
             hsm,
             store,
@@ -111,7 +116,7 @@ impl KeyService {
             cache: Arc::new(KeyCache::new(cache_capacity)),
             metrics,
             arena: SecretArena::new(),
-            hsm_slots: Arc::new(tokio::sync::Semaphore::new(slots)),
+            token_threads,
         }
     }
 
@@ -351,20 +356,16 @@ impl KeyService {
                 let metrics = self.metrics.clone();
                 let k = keys.clone();
                 let op = op.clone();
-                // Waiting for the permit starts nothing; once it is held the
-                // blocking call runs to its end with it, whoever waits.
-                let slot = self
-                    .hsm_slots
-                    .clone()
-                    .acquire_owned()
+                let threads = self
+                    .token_threads
+                    .as_ref()
+                    .ok_or(KeyError::Internal("no HSM signing threads"))?;
+                // Queued, the job starts nothing if the request is dropped;
+                // once a thread takes it, it runs to its end, whoever waits.
+                threads
+                    .run(crate::telemetry::in_span("hsm.sign", move || op(&k, &hsm, &metrics)))
                     .await
-                    .map_err(|_| KeyError::Internal("HSM slots closed"))?;
-                tokio::task::spawn_blocking(crate::telemetry::in_span("hsm.sign", move || {
-                    let _slot = slot;
-                    op(&k, &hsm, &metrics)
-                }))
-                .await
-                .map_err(|_| KeyError::Internal("signing task failed"))?
+                    .map_err(|_| KeyError::Internal("signing task failed"))?
             };
             match result {
                 Ok(v) => return Ok((keys, v)),
